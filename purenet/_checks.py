@@ -1,0 +1,68 @@
+"""Input validation shared by layers, losses and optimizers.
+
+Checks on shapes and dtypes run at trace time. Checks on values (label
+ranges, NaNs, hyperparameters) run only when the value is concrete: inside
+`jit` a traced value cannot be inspected, so those checks are skipped there
+and the callers that own concrete data (for example `fit`) run them up front.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x):
+    """True when `x` holds a value we can look at (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_float_input(x, name="x"):
+    """Require a floating-point array with a non-empty leading batch axis."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array, got dtype {dtype}; "
+            f"convert it first, e.g. {name}.astype(jnp.float32)"
+        )
+    shape = jnp.shape(x)
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have a batch axis, got a scalar")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {shape})")
+
+
+def check_finite_rows(x, name="x"):
+    """Raise naming the first row of `x` that holds a NaN or infinity."""
+    if not is_concrete(x):
+        return
+    bad = ~np.isfinite(np.asarray(x)).reshape(np.shape(x)[0], -1).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(
+            f"{name} has a non-finite value (NaN or inf) in row {row} "
+            f"({int(bad.sum())} bad rows of {len(bad)})"
+        )
+
+
+def check_hyperparameter(name, value, low=None, high=None, low_open=False, high_open=True):
+    """Raise a ValueError naming `name` when a concrete scalar is NaN or out of range.
+
+    The accepted interval is [low, high) by default; `low_open` and
+    `high_open` choose open or closed ends. Traced values pass unchecked.
+    """
+    if value is None or callable(value) or not is_concrete(value):
+        return
+    if np.ndim(value) != 0:
+        return  # per-leaf arrays are the caller's business
+    v = float(value)
+    if math.isnan(v):
+        raise ValueError(f"{name} must be a number, got NaN")
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and (v >= high if high_open else v > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {v}")

@@ -1,0 +1,68 @@
+"""Weight initializers, drawn exactly as `jax.nn.initializers` of the same name.
+
+For a weight of shape (fan_in, fan_out) and a scale s, variance scaling draws
+with variance  s / fan,  where fan is fan_in or (fan_in + fan_out) / 2:
+
+    xavier_uniform  s=1, fan_avg, U(-sqrt(3 var), sqrt(3 var))      Glorot & Bengio, 2010
+    xavier_normal   s=1, fan_avg, truncated normal
+    he_normal       s=2, fan_in,  truncated normal                  He et al., 2015
+    he_uniform      s=2, fan_in,  uniform
+    lecun_normal    s=1, fan_in,  truncated normal                  LeCun et al., 1998
+    normal          N(0, 1) per weight (the "naive" initialisation, for studies)
+    zeros           all zeros
+
+The truncated normal is cut at two standard deviations and rescaled by
+1/0.8796... so that its variance is exactly `var`, as in JAX.
+"""
+import jax
+import jax.numpy as jnp
+
+_TRUNCATED_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+
+
+def _variance_scaling(scale, mode, distribution):
+    def init(key, shape, dtype):
+        fan_in, fan_out = shape[-2], shape[-1]
+        fan = fan_in if mode == "fan_in" else (fan_in + fan_out) / 2
+        variance = jnp.array(scale / max(1.0, fan), dtype=dtype)
+        if distribution == "uniform":
+            return jax.random.uniform(key, shape, dtype, -1) * jnp.sqrt(3 * variance)
+        stddev = jnp.sqrt(variance) / jnp.array(_TRUNCATED_STD, dtype)
+        return jax.random.truncated_normal(key, -2, 2, shape, dtype) * stddev
+
+    return init
+
+
+def _normal(key, shape, dtype):
+    return jax.random.normal(key, shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+INITIALIZERS = {
+    "xavier_uniform": _variance_scaling(1.0, "fan_avg", "uniform"),
+    "xavier_normal": _variance_scaling(1.0, "fan_avg", "truncated_normal"),
+    "he_normal": _variance_scaling(2.0, "fan_in", "truncated_normal"),
+    "he_uniform": _variance_scaling(2.0, "fan_in", "uniform"),
+    "lecun_normal": _variance_scaling(1.0, "fan_in", "truncated_normal"),
+    "normal": _normal,
+    "zeros": _zeros,
+}
+
+
+def get(name):
+    """The initializer `(key, shape, dtype) -> array` called `name`."""
+    try:
+        return INITIALIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown initializer {name!r}; choose one of {sorted(INITIALIZERS)}"
+        ) from None
+
+
+def default_float():
+    """JAX's default float dtype: float64 under jax_enable_x64, else float32."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)

@@ -1,0 +1,99 @@
+"""Batch normalisation (Ioffe & Szegedy, 2015)."""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from purenet._checks import check_hyperparameter
+from purenet.initializers import default_float
+
+
+class _BatchStatsCache(NamedTuple):
+    xhat: jnp.ndarray
+    inv_std: jnp.ndarray
+
+
+class _RunningStatsCache(NamedTuple):
+    xhat: jnp.ndarray
+    inv_std: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm:
+    """Normalise each feature over the batch, then scale and shift.
+
+    params {"gamma": ones(d), "beta": zeros(d)}; state {"mean": zeros(d), "var": ones(d)}.
+
+    Training, over the N rows of the batch (two-pass, biased variance):
+
+        mu = mean(x),  var = mean((x - mu)^2),  s = 1 / sqrt(var + eps)
+        xhat = (x - mu) s,   y = gamma xhat + beta
+        running = momentum * running + (1 - momentum) * batch statistic
+
+    Evaluation uses the running mean and variance instead and leaves state alone.
+
+    Backward in training goes through mu and var too (g = dL/dy):
+
+        dL/dgamma = sum(g xhat),  dL/dbeta = sum(g)
+        dL/dxhat  = g gamma
+        dL/dx     = s (dL/dxhat - mean(dL/dxhat) - xhat mean(dL/dxhat xhat))
+
+    (the mean term is the path through mu; the xhat term, through var).
+    In evaluation the statistics are constants: dL/dx = s dL/dxhat.
+    A training batch of one example has no variance and is an error.
+    """
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        check_hyperparameter("BatchNorm momentum", self.momentum, 0.0, 1.0, high_open=False)
+        check_hyperparameter("BatchNorm eps", self.eps, 0.0, low_open=True, high=None)
+
+    def init(self, key, in_dim, dtype=None):
+        del key
+        dtype = dtype or default_float()
+        params = {"gamma": jnp.ones((in_dim,), dtype), "beta": jnp.zeros((in_dim,), dtype)}
+        state = {"mean": jnp.zeros((in_dim,), dtype), "var": jnp.ones((in_dim,), dtype)}
+        return params, state, in_dim
+
+    def forward(self, params, state, x, train=False, key=None):
+        del key
+        axes = tuple(range(jnp.ndim(x) - 1))
+        if train:
+            n = math.prod(jnp.shape(x)[:-1])
+            if n < 2:
+                raise ValueError(
+                    f"BatchNorm in training needs at least 2 examples to estimate a variance, "
+                    f"got a batch of shape {jnp.shape(x)}"
+                )
+            mean = jnp.mean(x, axis=axes)
+            centered = x - mean
+            var = jnp.mean(centered * centered, axis=axes)
+            inv_std = 1.0 / jnp.sqrt(var + self.eps)
+            xhat = centered * inv_std
+            m = self.momentum
+            state = {
+                "mean": m * state["mean"] + (1 - m) * mean,
+                "var": m * state["var"] + (1 - m) * var,
+            }
+            cache = _BatchStatsCache(xhat, inv_std)
+        else:
+            inv_std = 1.0 / jnp.sqrt(state["var"] + self.eps)
+            xhat = (x - state["mean"]) * inv_std
+            cache = _RunningStatsCache(xhat, inv_std)
+        return params["gamma"] * xhat + params["beta"], state, cache
+
+    def backward(self, params, cache, dy):
+        axes = tuple(range(jnp.ndim(dy) - 1))
+        grads = {"gamma": jnp.sum(dy * cache.xhat, axis=axes), "beta": jnp.sum(dy, axis=axes)}
+        dxhat = dy * params["gamma"]
+        if isinstance(cache, _RunningStatsCache):
+            return grads, dxhat * cache.inv_std
+        dx = cache.inv_std * (
+            dxhat
+            - jnp.mean(dxhat, axis=axes)
+            - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=axes)
+        )
+        return grads, dx

@@ -1,0 +1,50 @@
+"""Inverted dropout."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from purenet._checks import check_hyperparameter, is_concrete
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    """Inverted dropout: in training each unit is dropped with probability `rate`.
+
+    With a mask m_i ~ Bernoulli(1 - rate) drawn from the key,
+
+        y_i = m_i x_i / (1 - rate)          dL/dx_i = m_i dL/dy_i / (1 - rate)
+
+    so E[y] = x and evaluation (train=False) is the identity. `rate` is the
+    probability of *dropping* (stax had it backwards: jax#849). Training needs
+    an explicit `key`; each Dropout layer in a Sequential draws from its own
+    key (folded in by position), so masks are independent across layers.
+    """
+
+    rate: float
+
+    def __post_init__(self):
+        check_hyperparameter("Dropout rate", self.rate, 0.0, 1.0)
+
+    def init(self, key, in_dim, dtype=None):
+        del key, dtype
+        return {}, {}, in_dim
+
+    def forward(self, params, state, x, train=False, key=None):
+        del params
+        if not train or (is_concrete(self.rate) and self.rate == 0):
+            return x, state, None
+        if key is None:
+            raise ValueError(
+                "Dropout in training needs a random key: pass key=jax.random.key(...) "
+                "to pn.forward / pn.loss / pn.value_and_grad (or train=False to evaluate)"
+            )
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(key, keep, jnp.shape(x))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x)), state, mask
+
+    def backward(self, params, mask, dy):
+        del params
+        if mask is None:
+            return {}, dy
+        return {}, jnp.where(mask, dy / (1.0 - self.rate), jnp.zeros_like(dy))

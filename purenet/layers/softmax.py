@@ -1,0 +1,28 @@
+"""The softmax output layer."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from purenet.layers.base import Elementwise
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax(Elementwise):
+    """y_k = exp(a_k) / sum_j exp(a_j) over the last axis (computed stably).
+
+    The Jacobian is dy_k/da_j = y_k (delta_kj - y_j), so its vector product is
+
+        dL/da = y * (dL/dy - sum_k dL/dy_k y_k),
+
+    which holds for any loss on the probabilities (the lecture puts squared
+    error on them). Followed by cross-entropy, the network functions skip
+    this and use the fused, stable form dL/da = (y - t) / N instead.
+    """
+
+    def apply(self, x):
+        y = jax.nn.softmax(x, axis=-1)
+        return y, y
+
+    def grad(self, y, dy):
+        return y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True))

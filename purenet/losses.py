@@ -1,0 +1,185 @@
+"""Losses, each beside its handwritten backward dL/d(output).
+
+All losses average over the N examples of the batch (axis 0) and sum over
+the outputs of an example:
+
+    mse                    L = 1/N sum_n sum_k (y_nk - t_nk)^2          dL/dy = 2 (y - t) / N
+    cross_entropy          L = -1/N sum_n sum_k t_nk log y_nk           dL/dy = -t / (N y)
+    binary_cross_entropy   L = -1/N sum [t log y + (1-t) log(1-y)]      dL/dy = (y - t) / (N y (1-y))
+
+After a Softmax (or Sigmoid) output the network functions use the fused
+forms on the logits z instead, which are stable at any magnitude:
+
+    softmax_cross_entropy  L = -1/N sum t * log_softmax(z)              dL/dz = (softmax(z) - t) / N
+    sigmoid_binary_cross_entropy
+                           L = 1/N sum [max(z,0) - t z + log1p(exp(-|z|))]   dL/dz = (sigmoid(z) - t) / N
+
+Cross-entropy targets are integer labels of shape (N,) or distributions of
+the output's shape; other targets must match the output's shape exactly.
+"""
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import xlog1py, xlogy
+
+from purenet._checks import is_concrete
+
+
+class Loss(NamedTuple):
+    """A loss as a pair of pure functions of (output, target)."""
+
+    value: Callable
+    backward: Callable
+
+
+def _batch_size(y):
+    return jnp.shape(y)[0]
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _check_same_shape(name, out, target):
+    if jnp.shape(target) != jnp.shape(out):
+        raise ValueError(
+            f"{name}: target shape {jnp.shape(target)} does not match the network output "
+            f"shape {jnp.shape(out)}"
+        )
+
+
+def _as_float(target, out):
+    return jnp.asarray(target).astype(jnp.result_type(out))
+
+
+def class_targets(name, out, target):
+    """Integer labels (N,) -> one-hot rows; distributions (N, k) pass through checked."""
+    target = jnp.asarray(target)
+    k = jnp.shape(out)[-1]
+    if target.ndim == jnp.ndim(out) - 1:
+        if not jnp.issubdtype(target.dtype, jnp.integer):
+            raise TypeError(
+                f"{name}: labels of shape {target.shape} must be integer class indices, "
+                f"got dtype {target.dtype} (pass distributions of shape {jnp.shape(out)} "
+                f"for soft targets)"
+            )
+        if target.shape != jnp.shape(out)[:-1]:
+            raise ValueError(
+                f"{name}: labels of shape {target.shape} do not match the batch of the "
+                f"output shape {jnp.shape(out)}"
+            )
+        if is_concrete(target) and target.size:
+            lo, hi = int(np.min(target)), int(np.max(target))
+            if lo < 0 or hi >= k:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{name}: label {bad} is out of range for {k} classes [0, {k})")
+        return jax.nn.one_hot(target, k, dtype=jnp.result_type(out))
+    _check_same_shape(name, out, target)
+    return _as_float(target, out)
+
+
+def value_targets(name, out, target):
+    """Targets for mse / binary cross-entropy: the output's exact shape."""
+    _check_same_shape(name, out, target)
+    return _as_float(target, out)
+
+
+# ---------------------------------------------------------------- losses on outputs
+
+
+def mse(y, t):
+    t = value_targets("mse", y, t)
+    return jnp.sum((y - t) ** 2) / _batch_size(y)
+
+
+def mse_backward(y, t):
+    t = value_targets("mse", y, t)
+    return 2 * (y - t) / _batch_size(y)
+
+
+def cross_entropy(y, t):
+    t = class_targets("cross_entropy", y, t)
+    return -jnp.sum(xlogy(t, y)) / _batch_size(y)
+
+
+def cross_entropy_backward(y, t):
+    t = class_targets("cross_entropy", y, t)
+    return -jnp.where(t == 0, 0.0, t / y) / _batch_size(y)
+
+
+def binary_cross_entropy(y, t):
+    t = value_targets("binary_cross_entropy", y, t)
+    return -jnp.sum(xlogy(t, y) + xlog1py(1 - t, -y)) / _batch_size(y)
+
+
+def binary_cross_entropy_backward(y, t):
+    t = value_targets("binary_cross_entropy", y, t)
+    pos = jnp.where(t == 0, 0.0, t / y)
+    neg = jnp.where(t == 1, 0.0, (1 - t) / (1 - y))
+    return (neg - pos) / _batch_size(y)
+
+
+# ---------------------------------------------------------------- fused forms on logits
+
+
+def softmax_cross_entropy(z, t):
+    t = class_targets("cross_entropy", z, t)
+    return -jnp.sum(t * jax.nn.log_softmax(z, axis=-1)) / _batch_size(z)
+
+
+def softmax_cross_entropy_backward(z, t):
+    t = class_targets("cross_entropy", z, t)
+    return (jax.nn.softmax(z, axis=-1) - t) / _batch_size(z)
+
+
+def sigmoid_binary_cross_entropy(z, t):
+    t = value_targets("binary_cross_entropy", z, t)
+    per = jnp.maximum(z, 0) - t * z + jnp.log1p(jnp.exp(-jnp.abs(z)))
+    return jnp.sum(per) / _batch_size(z)
+
+
+def sigmoid_binary_cross_entropy_backward(z, t):
+    t = value_targets("binary_cross_entropy", z, t)
+    return (jax.nn.sigmoid(z) - t) / _batch_size(z)
+
+
+LOSSES = {
+    "mse": Loss(mse, mse_backward),
+    "cross_entropy": Loss(cross_entropy, cross_entropy_backward),
+    "binary_cross_entropy": Loss(binary_cross_entropy, binary_cross_entropy_backward),
+}
+# The same losses computed from the logits of the output activation they follow.
+LOSSES_FROM_LOGITS = {
+    "cross_entropy": Loss(softmax_cross_entropy, softmax_cross_entropy_backward),
+    "binary_cross_entropy": Loss(sigmoid_binary_cross_entropy, sigmoid_binary_cross_entropy_backward),
+}
+
+
+def get(name):
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+
+
+# ---------------------------------------------------------------- L2
+
+
+def _is_weight(path):
+    last = path[-1] if path else None
+    return isinstance(last, jax.tree_util.DictKey) and last.key == "W"
+
+
+def l2_penalty(params, l2):
+    """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum((jnp.sum(w * w) for path, w in leaves if _is_weight(path)), start=0.0)
+    return 0.5 * l2 * total
+
+
+def l2_backward(params, l2):
+    """d(l2 penalty)/dparams: l2 * W for weights, zero elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, w: l2 * w if _is_weight(path) else jnp.zeros_like(w), params
+    )

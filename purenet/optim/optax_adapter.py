@@ -1,0 +1,39 @@
+"""Bridges to optax, which stays optional: imported only when these are called.
+
+    tx = to_optax(pn.optim.adam(1e-3))      # a purenet optimizer as an optax GradientTransformation
+    opt = from_optax(optax.lion(1e-4))      # an optax transformation as a purenet optimizer
+"""
+from purenet.optim import tree
+from purenet.optim.base import Optimizer, Transform
+
+
+def to_optax(opt):
+    """Wrap a purenet optimizer as an optax GradientTransformation.
+
+    The optax state is purenet's OptState; `update` steps from the params it
+    is given and returns the difference as the updates.
+    """
+    import optax
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("to_optax(...).update needs params (purenet steps from them)")
+        new = opt.step(state._replace(params=params), grads)
+        return tree.map(lambda n, p: n - p, new.params, params), new
+
+    return optax.GradientTransformation(opt.init, update)
+
+
+def from_optax(tx):
+    """Wrap an optax GradientTransformation as a purenet optimizer.
+
+    optax's updates already carry the learning rate and sign, so the purenet
+    rate is 1 and the direction is minus optax's updates; the state's
+    `learning_rate` then reads 1.0.
+    """
+
+    def update(g, slots, params, count):
+        updates, slots = tx.update(g, slots, params)
+        return tree.map(lambda u: -u, updates), slots
+
+    return Optimizer((Transform(tx.init, update),), 1.0)

@@ -1,0 +1,126 @@
+"""Learning-rate schedules: pure functions step -> rate.
+
+Pass one as `learning_rate` to any optimizer; step t = 0 is the first step.
+Those optax also has give its values exactly (tested at steps 0..1000).
+"""
+import jax.numpy as jnp
+
+
+def constant(value):
+    """lr_t = value."""
+    return lambda step: value
+
+
+def piecewise_constant(init_value, boundaries_and_scales=None):
+    """Step decay: lr_t = init_value * prod of the scales whose boundary b <= t.
+
+    boundaries_and_scales: {step: scale}, e.g. {1000: 0.1, 2000: 0.1}.
+    """
+    items = sorted((boundaries_and_scales or {}).items())
+    if any(scale < 0 for _, scale in items):
+        raise ValueError("piecewise_constant scales must be non-negative")
+
+    def schedule(step):
+        v = init_value
+        for boundary, scale in items:
+            past = jnp.maximum(0.0, jnp.sign(boundary - step))
+            v = v * past + (1 - past) * scale * v
+        return v
+
+    return schedule
+
+
+def exponential_decay(init_value, transition_steps, decay_rate, transition_begin=0,
+                      staircase=False, end_value=None):
+    """lr_t = init_value * decay_rate ** ((t - begin) / transition_steps), held at
+    init_value before `transition_begin`; the exponent is floored with `staircase`;
+    `end_value` bounds the decay (a floor when decay_rate < 1, else a ceiling)."""
+    if transition_steps <= 0 or decay_rate == 0:
+        return constant(init_value)
+    transition_begin = max(transition_begin, 0)
+
+    def schedule(step):
+        since = step - transition_begin
+        p = since / transition_steps
+        if staircase:
+            p = jnp.floor(p)
+        value = jnp.where(since <= 0, init_value, init_value * jnp.power(decay_rate, p))
+        if end_value is not None:
+            value = (jnp.maximum if decay_rate < 1 else jnp.minimum)(value, end_value)
+        return value
+
+    return schedule
+
+
+def inverse_time_decay(init_value, decay_steps, decay_rate, staircase=False):
+    """lr_t = init_value / (1 + decay_rate * t / decay_steps)  (t / decay_steps floored with staircase)."""
+    if decay_steps <= 0:
+        raise ValueError(f"inverse_time_decay needs decay_steps > 0, got {decay_steps}")
+
+    def schedule(step):
+        p = step / decay_steps
+        if staircase:
+            p = jnp.floor(p)
+        return init_value / (1 + decay_rate * p)
+
+    return schedule
+
+
+def polynomial_decay(init_value, end_value, power, transition_steps, transition_begin=0):
+    """lr_t = (init - end) * (1 - s / T) ** power + end, with s = clip(t - begin, 0, T)."""
+    if transition_steps <= 0:
+        return constant(init_value)
+    transition_begin = max(transition_begin, 0)
+
+    def schedule(step):
+        s = jnp.clip(step - transition_begin, 0, transition_steps)
+        return (init_value - end_value) * ((1 - s / transition_steps) ** power) + end_value
+
+    return schedule
+
+
+def linear(init_value, end_value, transition_steps, transition_begin=0):
+    """polynomial_decay with power 1."""
+    return polynomial_decay(init_value, end_value, 1, transition_steps, transition_begin)
+
+
+def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0):
+    """SGDR's cosine annealing (Loshchilov & Hutter, 2017), for s = min(t, T):
+
+        lr_t = init_value * ((1 - alpha) * (0.5 (1 + cos(pi s / T))) ** exponent + alpha)
+    """
+    if not decay_steps > 0:
+        raise ValueError(f"cosine_decay needs decay_steps > 0, got {decay_steps}")
+    decay_steps = float(decay_steps)
+
+    def schedule(step):
+        s = jnp.minimum(float(step) if isinstance(step, int) else step, decay_steps)
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * s / decay_steps))
+        return init_value * ((1 - alpha) * cosine**exponent + alpha)
+
+    return schedule
+
+
+def join(schedules, boundaries):
+    """Run schedules[i] from boundaries[i-1] on, each seeing steps counted from its boundary."""
+    if len(boundaries) != len(schedules) - 1:
+        raise ValueError("join needs exactly one boundary fewer than schedules")
+
+    def schedule(step):
+        value = schedules[0](step)
+        for boundary, next_schedule in zip(boundaries, schedules[1:]):
+            value = jnp.where(step < boundary, value, next_schedule(step - boundary))
+        return value
+
+    return schedule
+
+
+def warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0, exponent=1.0):
+    """Linear warm-up from init_value to peak_value over warmup_steps, then cosine
+    decay to end_value, reached at step decay_steps (counted from 0, warm-up included)."""
+    alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
+    return join(
+        [linear(init_value, peak_value, warmup_steps),
+         cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent)],
+        [warmup_steps],
+    )

@@ -1,0 +1,123 @@
+"""Composable gradient transforms: gradient -> update direction, with slots.
+
+Each is the math of one idea; the optimizers in `alias` are chains of these.
+Conventions follow optax, so trajectories match its aliases exactly.
+"""
+import jax.numpy as jnp
+
+from purenet._checks import check_hyperparameter
+from purenet.optim import tree
+from purenet.optim.base import Transform
+
+
+def _stateless(fn):
+    return Transform(init=lambda params: (), update=fn)
+
+
+def scale_by_momentum(momentum=0.9, nesterov=False):
+    """Heavy-ball velocity (Polyak, 1964) or Nesterov's look-ahead (Nesterov, 1983; Sutskever et al., 2013).
+
+        v <- g + momentum * v
+        d  = v                       (momentum)
+        d  = g + momentum * v        (nesterov, with the new v)
+
+    Velocity starts at zero. This is optax.sgd(..., momentum, nesterov).
+    """
+    check_hyperparameter("momentum", momentum, 0.0, 1.0)
+
+    def update(g, v, params, count):
+        v = tree.map(lambda g, v: g + momentum * v, g, v)
+        d = tree.map(lambda g, v: g + momentum * v, g, v) if nesterov else v
+        return d, v
+
+    return Transform(init=tree.zeros_like, update=update)
+
+
+def scale_by_rss(initial_accumulator_value=0.1, eps=1e-7):
+    """AdaGrad's scaling (Duchi et al., 2011): divide by the root of the summed squares.
+
+        G <- G + g^2              (G starts at initial_accumulator_value)
+        d  = g / sqrt(G + eps)    (0 where G = 0)
+    """
+    check_hyperparameter("initial_accumulator_value", initial_accumulator_value, 0.0, None)
+    check_hyperparameter("eps", eps, 0.0, None)
+
+    def update(g, acc, params, count):
+        acc = tree.map(lambda g, a: g * g + a, g, acc)
+        d = tree.map(lambda g, a: jnp.where(a > 0, 1.0 / jnp.sqrt(a + eps), 0.0) * g, g, acc)
+        return d, acc
+
+    return Transform(init=lambda p: tree.zeros_like(p, initial_accumulator_value), update=update)
+
+
+def scale_by_rms(decay=0.9, eps=1e-8):
+    """RMSProp's scaling (Tieleman & Hinton, 2012): a running mean of squares.
+
+        s <- decay * s + (1 - decay) * g^2     (s starts at 0)
+        d  = g / sqrt(s + eps)                 (eps inside the root, as optax)
+    """
+    check_hyperparameter("decay", decay, 0.0, 1.0)
+    check_hyperparameter("eps", eps, 0.0, None)
+
+    def update(g, s, params, count):
+        s = tree.map(lambda g, s: (1 - decay) * g**2 + decay * s, g, s)
+        return tree.map(lambda g, s: g / jnp.sqrt(s + eps), g, s), s
+
+    return Transform(init=tree.zeros_like, update=update)
+
+
+def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8):
+    """Adam's scaling (Kingma & Ba, 2015), for step t = count + 1:
+
+        m <- b1 m + (1 - b1) g          mhat = m / (1 - b1^t)
+        v <- b2 v + (1 - b2) g^2        vhat = v / (1 - b2^t)
+        d  = mhat / (sqrt(vhat) + eps)  (eps outside the root)
+    """
+    check_hyperparameter("b1", b1, 0.0, 1.0)
+    check_hyperparameter("b2", b2, 0.0, 1.0)
+    check_hyperparameter("eps", eps, 0.0, None)
+
+    def init(params):
+        return {"m": tree.zeros_like(params), "v": tree.zeros_like(params)}
+
+    def update(g, slots, params, count):
+        m = tree.map(lambda g, m: (1 - b1) * g + b1 * m, g, slots["m"])
+        v = tree.map(lambda g, v: (1 - b2) * g**2 + b2 * v, g, slots["v"])
+        t = count + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        d = tree.map(
+            lambda m, v: (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps), m, v
+        )
+        return d, {"m": m, "v": v}
+
+    return Transform(init=init, update=update)
+
+
+def add_decayed_weights(weight_decay=1e-4, mask=None):
+    """Decoupled weight decay (Loshchilov & Hutter, 2019): d <- d + weight_decay * params.
+
+    Chained before the learning rate, the step becomes w <- w - lr (d + wd w).
+    `mask(params)`, if given, returns a tree of booleans: True where to decay.
+    """
+    check_hyperparameter("weight_decay", weight_decay, 0.0, None)
+
+    def update(d, slots, params, count):
+        which = mask(params) if mask is not None else tree.map(lambda p: True, params)
+        return tree.map(lambda d, p, m: d + weight_decay * p if m else d, d, params, which), slots
+
+    return _stateless(update)
+
+
+def clip_by_global_norm(max_norm):
+    """Rescale the whole gradient when its global norm exceeds max_norm:
+
+        d = g                          if ||g|| < max_norm
+        d = g * max_norm / ||g||       otherwise
+    """
+    check_hyperparameter("max_norm", max_norm, 0.0, None, low_open=True)
+
+    def update(g, slots, params, count):
+        norm = tree.global_norm(g)
+        return tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), g), slots
+
+    return _stateless(update)
