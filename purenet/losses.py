@@ -12,7 +12,7 @@ forms on the logits z instead, which are stable at any magnitude:
 
     softmax_cross_entropy  L = -1/N sum t * log_softmax(z)              dL/dz = (softmax(z) - t) / N
     sigmoid_binary_cross_entropy
-                           L = 1/N sum [max(z,0) - t z + log1p(exp(-|z|))]   dL/dz = (sigmoid(z) - t) / N
+                           L = 1/N sum [softplus(z) - t z]   dL/dz = (sigmoid(z) - t) / N
 
 Cross-entropy targets are integer labels of shape (N,) or distributions of
 the output's shape; other targets must match the output's shape exactly.
@@ -135,8 +135,9 @@ def softmax_cross_entropy_backward(z, t):
 
 def sigmoid_binary_cross_entropy(z, t):
     t = value_targets("binary_cross_entropy", z, t)
-    per = jnp.maximum(z, 0) - t * z + jnp.log1p(jnp.exp(-jnp.abs(z)))
-    return jnp.sum(per) / _batch_size(z)
+    # softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), via logaddexp,
+    # whose derivative is exact at z = 0 (max and abs are kinked there).
+    return jnp.sum(jnp.logaddexp(0.0, z) - t * z) / _batch_size(z)
 
 
 def sigmoid_binary_cross_entropy_backward(z, t):

@@ -167,7 +167,7 @@ class NetCase:
         """(params, state, x, y) for this case, from its seed."""
         kp, kx, ky = jax.random.split(jax.random.key(self.seed), 3)
         params, state, out_dim = self.net.init(kp, self.in_dim, dtype=dtype)
-        x = jax.random.normal(kx, (self.batch, self.in_dim), dtype) * 2
+        x = jax.random.normal(kx, (self.batch, self.in_dim), dtype)
         if self.loss == "cross_entropy" and not self.soft_targets:
             y = jax.random.randint(ky, (self.batch,), 0, out_dim)
         elif self.loss == "cross_entropy":
@@ -179,9 +179,14 @@ class NetCase:
         return params, state, x, y
 
 
-def net_cases(max_depth=3, max_width=6, max_batch=5, dropout=False, batchnorm=False):
-    """A hypothesis strategy of NetCase: random depth, widths (from 1), batch
-    (from 1, or 2 with batch norm), hidden activation, output/loss pair, l2 on/off."""
+def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, batchnorm=False):
+    """A hypothesis strategy of NetCase: random depth, widths, batch size
+    (batch norm skips sizes below 2), hidden activation, initializer,
+    output/loss pair, target kind and l2 on/off.
+
+    Widths and batch sizes come from small sets (1 included) because each new
+    shape costs JAX a compile; values are drawn freely from the seed.
+    """
     from hypothesis import strategies as st
 
     from purenet.layers import mlp
@@ -189,14 +194,14 @@ def net_cases(max_depth=3, max_width=6, max_batch=5, dropout=False, batchnorm=Fa
     @st.composite
     def draw(draw):
         depth = draw(st.integers(0, max_depth))
-        sizes = draw(st.lists(st.integers(1, max_width), min_size=depth + 2, max_size=depth + 2))
+        sizes = draw(st.lists(st.sampled_from(widths), min_size=depth + 2, max_size=depth + 2))
         hidden = draw(st.sampled_from(ACTIVATIONS))
         output, loss = draw(st.sampled_from(OUTPUT_LOSSES))
         if output == "softmax" and sizes[-1] == 1 and loss == "cross_entropy":
             sizes[-1] = 2
         rate = draw(st.sampled_from([0.0, 0.25, 0.5])) if dropout else 0.0
         bn = draw(st.booleans()) if batchnorm else False
-        batch = draw(st.integers(2 if bn else 1, max_batch))
+        batch = draw(st.sampled_from([b for b in batches if b >= 2] if bn else batches))
         init = draw(st.sampled_from(["xavier_normal", "he_normal", "lecun_normal", "he_uniform"]))
         net = mlp(sizes, hidden=hidden, output=output, init=init, dropout=rate, batchnorm=bn)
         return NetCase(

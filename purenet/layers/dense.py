@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax.numpy as jnp
+from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
@@ -55,9 +56,14 @@ class Dense:
         return y, state, x
 
     def backward(self, params, x, dy):
+        # The contractions are spelled as XLA's own transposes of x @ W, so the
+        # result rounds exactly as autodiff's does (this matters after a
+        # saturated softmax, where dL/dh is a small difference of large terms).
         x2 = jnp.reshape(x, (-1, x.shape[-1]))
         dy2 = jnp.reshape(dy, (-1, dy.shape[-1]))
-        grads = {"W": x2.T @ dy2}
+        dW = lax.dot_general(dy2, x2, (((0,), (0,)), ((), ()))).T  # (h^T dy)
+        dx = lax.dot_general(dy, params["W"], (((dy.ndim - 1,), (1,)), ((), ())))  # dy W^T
+        grads = {"W": dW}
         if self.use_bias:
             grads["b"] = jnp.sum(dy2, axis=0)
-        return grads, dy @ params["W"].T
+        return grads, dx

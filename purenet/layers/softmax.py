@@ -25,4 +25,8 @@ class Softmax(Elementwise):
         return y, y
 
     def grad(self, y, dy):
-        return y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True))
+        # Evaluated as u - y sum(u) with u = y dy: the same rounding as jax's
+        # own softmax rule, which matters when a saturated y makes the result
+        # a small difference of large terms.
+        u = y * dy
+        return u - y * jnp.sum(u, axis=-1, keepdims=True)

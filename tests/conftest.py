@@ -1,0 +1,21 @@
+"""Shared test setup: float64 on, hypothesis profiles.
+
+Profiles (choose with PURENET_HYPOTHESIS_PROFILE): "ci" (default, sized for a
+few minutes on 2 cores) and "slow" (many more examples).
+"""
+import os
+
+import jax
+from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "slow", max_examples=2000, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("PURENET_HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,34 @@
+"""Examples run in their fast mode so they cannot rot."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name, *args, tmp_path=None):
+    env = dict(os.environ, PURENET_FAST="1", MPLBACKEND="Agg")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path or ROOT, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_backprop_walkthrough_prints_the_true_numbers():
+    out = run_example("backprop_walkthrough.py")
+    assert "a1 = W1 x        = [2.9, 1.4, 2.1, 2.3]" in out
+    assert "L = sum (y_hat - y)^2 = 0.105491" in out
+    assert "dL/dw131 = +0.00315936" in out
+    assert "sum over 4 paths" in out
+    out = run_example("backprop_walkthrough.py", "--weight", "w212")
+    assert "dL/dw212 = -0.13037671" in out
+
+
+def test_backprop_walkthrough_rejects_unknown_weights():
+    with pytest.raises(AssertionError, match="no weight w155"):
+        run_example("backprop_walkthrough.py", "--weight", "w155")
