@@ -1,0 +1,255 @@
+"""Optimizers: trajectories equal optax's aliases; pure, jittable, vmappable."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import purenet as pn
+from purenet.testing import compare_trees
+
+
+def objective(p):
+    """A non-quadratic function of a nested pytree."""
+    return (jnp.sum(jnp.sin(p["a"]) ** 2 + 0.1 * p["a"] ** 4)
+            + jnp.sum(jnp.cosh(0.5 * p["b"]["c"])) + jnp.sum(jnp.log1p(p["b"]["d"] ** 2)))
+
+
+def start(dtype):
+    return {"a": jnp.linspace(-2, 2, 5, dtype=dtype),
+            "b": {"c": jnp.arange(6, dtype=dtype).reshape(2, 3) - 2, "d": jnp.array([0.7, -1.3], dtype)}}
+
+
+PAIRS = {
+    "sgd": (lambda lr: pn.optim.sgd(lr), lambda lr: optax.sgd(lr)),
+    "momentum": (lambda lr: pn.optim.momentum(lr, 0.8), lambda lr: optax.sgd(lr, momentum=0.8)),
+    "nesterov": (lambda lr: pn.optim.nesterov(lr, 0.8), lambda lr: optax.sgd(lr, momentum=0.8, nesterov=True)),
+    "adagrad": (lambda lr: pn.optim.adagrad(lr, 0.2, 1e-6), lambda lr: optax.adagrad(lr, 0.2, 1e-6)),
+    "rmsprop": (lambda lr: pn.optim.rmsprop(lr, 0.95, 1e-7), lambda lr: optax.rmsprop(lr, 0.95, 1e-7)),
+    "adam": (lambda lr: pn.optim.adam(lr, 0.85, 0.99, 1e-7), lambda lr: optax.adam(lr, 0.85, 0.99, 1e-7)),
+    "adamw": (lambda lr: pn.optim.adamw(lr, weight_decay=0.05), lambda lr: optax.adamw(lr, weight_decay=0.05)),
+}
+RATES = {
+    "constant": lambda: 0.03,
+    "schedule": lambda: pn.schedules.warmup_cosine_decay(0.0, 0.05, 10, 100, 0.001),
+}
+
+
+@pytest.mark.parametrize("rate", sorted(RATES))
+@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-10), (jnp.float32, 1e-5)])
+def test_trajectory_equals_optax(name, rate, dtype, rtol):
+    ours, theirs = PAIRS[name]
+    lr = RATES[rate]()
+    opt, tx = ours(lr), theirs(lr)
+    grad = jax.jit(jax.grad(objective))
+
+    @jax.jit
+    def both(state, p, tx_state):
+        state = opt.step(state, grad(state.params))
+        updates, tx_state = tx.update(grad(p), tx_state, p)
+        return state, optax.apply_updates(p, updates), tx_state
+
+    p0 = start(dtype)
+    state, p, tx_state = opt.init(p0), p0, tx.init(p0)
+    for _ in range(100):
+        state, p, tx_state = both(state, p, tx_state)
+        assert max(compare_trees(state.params, p).values()) <= rtol
+    assert int(state.count) == 100
+    chex.assert_trees_all_equal_shapes_and_dtypes(state.params, p0)
+    assert not np.allclose(state.params["a"], p0["a"])
+
+
+def test_learning_rate_in_state_is_the_rate_used():
+    sched = pn.schedules.exponential_decay(0.1, 1, 0.5)
+    opt = pn.optim.sgd(sched)
+    state = opt.init({"w": jnp.ones(2)})
+    np.testing.assert_allclose(state.learning_rate, 0.1)
+    rates = []
+    for _ in range(4):
+        before = state.params["w"]
+        state = opt.step(state, {"w": jnp.ones(2)})
+        rates.append(float(state.learning_rate))
+        np.testing.assert_allclose(before - state.params["w"], state.learning_rate, rtol=1e-12)
+    np.testing.assert_allclose(rates, [0.1, 0.05, 0.025, 0.0125])
+
+
+def test_vmap_over_learning_rates_equals_separate_runs():
+    rates = jnp.array([0.01, 0.03, 0.1])
+
+    def run(lr):
+        opt = pn.optim.adam(lr)
+        state = opt.init(start(jnp.float64))
+
+        def body(s, _):
+            return opt.step(s, jax.grad(objective)(s.params)), None
+
+        return jax.lax.scan(body, state, None, length=30)[0].params
+
+    batched = jax.jit(jax.vmap(run))(rates)
+    for i, lr in enumerate(rates):
+        single = run(float(lr))
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda v: v[i], batched), single, rtol=1e-12)
+
+
+def test_jit_compiles_step_once():
+    opt = pn.optim.rmsprop(0.01)
+    traces = []
+
+    @jax.jit
+    def step(state, grads):
+        traces.append(1)
+        return opt.step(state, grads)
+
+    state = opt.init(start(jnp.float64))
+    for _ in range(5):
+        state = step(state, jax.grad(objective)(state.params))
+    assert len(traces) == 1
+
+
+def test_opt_state_round_trips_through_tree_util():
+    opt = pn.optim.chain(pn.optim.clip_by_global_norm(1.0), pn.optim.adamw(0.01))
+    state = opt.init(start(jnp.float64))
+    state = opt.step(state, jax.grad(objective)(state.params))
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(again, pn.optim.OptState)
+    chex.assert_trees_all_equal(again, state)
+
+
+def test_clip_by_global_norm_and_weight_decay_equal_optax_chains():
+    opt = pn.optim.chain(pn.optim.clip_by_global_norm(0.5), pn.optim.momentum(0.02),
+                         pn.optim.add_decayed_weights(0.01))
+    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.trace(0.9),
+                     optax.add_decayed_weights(0.01), optax.scale(-0.02))
+    p = start(jnp.float64)
+    state, tx_state = opt.init(p), tx.init(p)
+    for _ in range(50):
+        state = opt.step(state, jax.grad(objective)(state.params))
+        u, tx_state = tx.update(jax.grad(objective)(p), tx_state, p)
+        p = optax.apply_updates(p, u)
+    assert max(compare_trees(state.params, p).values()) <= 1e-10
+
+
+def test_clipping_bounds_the_step():
+    opt = pn.optim.chain(pn.optim.clip_by_global_norm(1.0), pn.optim.sgd(1.0))
+    state = opt.step(opt.init({"w": jnp.zeros(2)}), {"w": jnp.array([30.0, 40.0])})
+    np.testing.assert_allclose(state.params["w"], [-0.6, -0.8], rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad", "adamw", "momentum"])
+def test_float16_params_with_zero_gradients_stay_finite(name):
+    opt = getattr(pn.optim, name)(1e-3)
+    params = {"w": jnp.ones(4, jnp.float16)}
+    state = opt.init(params)
+    for _ in range(3):
+        state = opt.step(state, {"w": jnp.zeros(4, jnp.float16)})
+    assert state.params["w"].dtype == jnp.float16
+    assert bool(jnp.all(jnp.isfinite(state.params["w"])))
+
+
+@pytest.mark.parametrize("make,argument", [
+    (lambda: pn.optim.sgd(-0.1), "learning_rate"),
+    (lambda: pn.optim.adam(float("nan")), "learning_rate"),
+    (lambda: pn.optim.adam(0.1, b1=1.0), "b1"),
+    (lambda: pn.optim.adam(0.1, b2=-0.1), "b2"),
+    (lambda: pn.optim.adam(0.1, eps=-1e-8), "eps"),
+    (lambda: pn.optim.rmsprop(0.1, decay=1.5), "decay"),
+    (lambda: pn.optim.momentum(0.1, momentum=1.0), "momentum"),
+    (lambda: pn.optim.nesterov(0.1, momentum=float("nan")), "momentum"),
+    (lambda: pn.optim.adagrad(0.1, initial_accumulator_value=-1), "initial_accumulator_value"),
+    (lambda: pn.optim.adamw(0.1, weight_decay=-1), "weight_decay"),
+])
+def test_invalid_hyperparameters_name_the_argument(make, argument):
+    with pytest.raises(ValueError, match=argument):
+        make()
+
+
+def test_grads_that_do_not_match_params_name_the_key_path():
+    opt = pn.optim.adam(0.1)
+    state = opt.init({"layer": {"W": jnp.ones((2, 3)), "b": jnp.ones(3)}})
+    with pytest.raises(ValueError, match=r"missing key paths \[\"\['layer'\]\['b'\]\"\]"):
+        opt.step(state, {"layer": {"W": jnp.ones((2, 3))}})
+    with pytest.raises(ValueError, match=r"\['layer'\]\['W'\] has shape \(3, 2\)"):
+        opt.step(state, {"layer": {"W": jnp.ones((3, 2)), "b": jnp.ones(3)}})
+
+
+def test_apply_if_finite_skips_or_raises():
+    opt = pn.optim.apply_if_finite(pn.optim.adam(0.1), policy="skip")
+    state = opt.init({"w": jnp.ones(2)})
+    bad = {"w": jnp.array([1.0, jnp.nan])}
+    skipped = jax.jit(opt.step)(state, bad)
+    chex.assert_trees_all_equal(skipped.params, state.params)
+    assert int(skipped.count) == 1
+    good = opt.step(skipped, {"w": jnp.ones(2)})
+    assert bool(jnp.all(good.params["w"] < 1))
+    raising = pn.optim.apply_if_finite(pn.optim.adam(0.1), policy="raise")
+    with pytest.raises(ValueError, match=r"non-finite gradient .* \['w'\]"):
+        raising.step(state, bad)
+
+
+def test_optax_adapter_both_ways():
+    p = start(jnp.float64)
+    tx = pn.optim.to_optax(pn.optim.adam(0.01))
+    ours = pn.optim.adam(0.01)
+    tx_state, state, q = tx.init(p), ours.init(p), p
+    for _ in range(20):
+        u, tx_state = tx.update(jax.grad(objective)(q), tx_state, q)
+        q = optax.apply_updates(q, u)
+        state = ours.step(state, jax.grad(objective)(state.params))
+    assert max(compare_trees(q, state.params).values()) <= 1e-12
+    wrapped = pn.optim.from_optax(optax.adam(0.01))
+    state2 = wrapped.init(p)
+    for _ in range(20):
+        state2 = wrapped.step(state2, jax.grad(objective)(state2.params))
+    assert max(compare_trees(state2.params, state.params).values()) <= 1e-10
+
+
+# ------------------------------------------------------------------ convergence
+
+
+def rosenbrock(p):
+    x, y = p["xy"][0], p["xy"][1]
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+
+CONVERGENCE = {  # optimizer, steps: stated budgets that each one meets
+    "sgd": (lambda: pn.optim.sgd(1e-3), 20000),
+    "momentum": (lambda: pn.optim.momentum(2e-4, 0.9), 20000),
+    "nesterov": (lambda: pn.optim.nesterov(2e-4, 0.9), 20000),
+    "adagrad": (lambda: pn.optim.adagrad(0.5), 20000),
+    "rmsprop": (lambda: pn.optim.chain(pn.optim.scale_by_rms(0.9), learning_rate=pn.schedules.exponential_decay(1e-2, 1000, 0.5)), 20000),
+    "adam": (lambda: pn.optim.adam(2e-2), 20000),
+    "adamw": (lambda: pn.optim.adamw(2e-2, weight_decay=0.0), 20000),
+}
+
+
+def _run(opt, f, params, steps):
+    def body(s, _):
+        return opt.step(s, jax.grad(f)(s.params)), None
+
+    return jax.lax.scan(body, opt.init(params), None, length=steps)[0]
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGENCE))
+def test_reaches_rosenbrock_minimum(name):
+    make, steps = CONVERGENCE[name]
+    final = jax.jit(lambda p: _run(make(), rosenbrock, p, steps))({"xy": jnp.array([-1.2, 1.0])})
+    np.testing.assert_allclose(final.params["xy"], [1.0, 1.0], atol=2e-2)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGENCE))
+def test_fits_the_lecture_example(name):
+    from tests.test_network import LECTURE_NET, lecture_problem
+
+    params, state, x, y = lecture_problem()
+
+    def f(p):
+        return pn.loss(LECTURE_NET, p, state, x, y, loss="mse")[0]
+
+    make, _ = CONVERGENCE[name]
+    opt = make() if name not in ("sgd", "momentum", "nesterov") else {
+        "sgd": pn.optim.sgd(1.0), "momentum": pn.optim.momentum(0.5), "nesterov": pn.optim.nesterov(0.5)}[name]
+    final = jax.jit(lambda p: _run(opt, f, p, 2000))(params)
+    assert float(f(final.params)) < 1e-3 < float(f(params))
