@@ -81,6 +81,9 @@ def mlp(sizes, hidden="relu", output="softmax", init=None, dropout=0.0, batchnor
 
     Each hidden layer is Dense -> BatchNorm (if batchnorm) -> activation ->
     Dropout (if dropout > 0); the output layer is Dense -> output activation.
+    A Dense followed by BatchNorm has no bias: BatchNorm subtracts the mean,
+    so a bias there would do nothing (its gradient is exactly zero) and beta
+    takes its place.
     `init=None` picks He (he_normal) for relu-type hidden units and Xavier
     (xavier_normal) for the others, as the lecture advises.
     """
@@ -94,7 +97,7 @@ def mlp(sizes, hidden="relu", output="softmax", init=None, dropout=0.0, batchnor
     init = init or _DEFAULT_INIT.get(hidden, "xavier_normal")
     layers = []
     for width in sizes[1:-1]:
-        layers.append(Dense(width, init=init))
+        layers.append(Dense(width, init=init, use_bias=not batchnorm))
         if batchnorm:
             layers.append(BatchNorm())
         layers.append(_HIDDEN[hidden]())
