@@ -1,12 +1,12 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import initializers, losses
+from purenet import augment, datasets, initializers, losses, metrics, optim
 from purenet.layers import (
     BatchNorm, Dense, Dropout, Elementwise, Identity, LeakyReLU, ReLU,
     Sequential, Sigmoid, Softmax, Tanh, mlp,
 )
 from purenet.network import forward, init, loss, value_and_grad
+from purenet.optim import schedules
 from purenet.testing import check_grads
+from purenet.train import EarlyStopping, FitResult, SweepResult, TrainState, fit, sweep, train, train_epoch
 
 __version__ = "0.1.0"
-from purenet import optim
-from purenet.optim import schedules

@@ -70,7 +70,8 @@ def class_targets(name, out, target):
                 f"output shape {jnp.shape(out)}"
             )
         if is_concrete(target) and target.size:
-            lo, hi = int(np.min(target)), int(np.max(target))
+            values = np.asarray(target)
+            lo, hi = int(values.min()), int(values.max())
             if lo < 0 or hi >= k:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"{name}: label {bad} is out of range for {k} classes [0, {k})")

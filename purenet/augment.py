@@ -1,0 +1,84 @@
+"""Data augmentation as pure functions  augment(key, x, y) -> (x, y).
+
+They act on a batch and are applied per mini-batch inside the training scan.
+Labels pass through unchanged except for mixup, which is why every
+augmentation takes and returns both. `compose` chains them, each drawing
+from its own key.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from purenet._checks import check_hyperparameter
+
+
+def gaussian_noise(std):
+    """x + std * N(0, 1) noise, elementwise."""
+    check_hyperparameter("gaussian_noise std", std, 0.0, None)
+
+    def augment(key, x, y):
+        return x + std * jax.random.normal(key, x.shape, x.dtype), y
+
+    return augment
+
+
+def random_translation(image_shape, max_shift):
+    """Shift each image by (dy, dx), integers drawn uniformly from [-max_shift, max_shift].
+
+    Rows of x are flattened images of `image_shape` ((H, W) or (H, W, C)).
+    Pixel (i, j) moves to (i + dy, j + dx); pixels shifted in are zero.
+    """
+    image_shape = tuple(image_shape)
+    m = int(max_shift)
+    if m < 0:
+        raise ValueError(f"random_translation max_shift must be >= 0, got {max_shift}")
+
+    def shift_one(image, dy, dx):
+        pad = [(m, m), (m, m)] + [(0, 0)] * (image.ndim - 2)
+        padded = jnp.pad(image, pad)
+        start = (m - dy, m - dx) + (0,) * (image.ndim - 2)
+        return jax.lax.dynamic_slice(padded, start, image.shape)
+
+    def augment(key, x, y):
+        n = x.shape[0]
+        if x.shape[1:] not in ((math.prod(image_shape),), image_shape):
+            raise ValueError(f"random_translation: rows of shape {x.shape[1:]} are not images of shape {image_shape}")
+        shifts = jax.random.randint(key, (n, 2), -m, m + 1)
+        images = x.reshape((n,) + image_shape)
+        moved = jax.vmap(shift_one)(images, shifts[:, 0], shifts[:, 1])
+        return moved.reshape(x.shape), y
+
+    return augment
+
+
+def mixup(alpha, num_classes):
+    """Mixup (Zhang et al., 2018): with lam ~ Beta(alpha, alpha) per batch and a
+    random pairing perm of the batch,
+
+        x <- lam x + (1 - lam) x[perm],   y <- lam t + (1 - lam) t[perm],
+
+    where t is y as one-hot distributions over `num_classes` (integer labels
+    are converted). Use it with loss="cross_entropy".
+    """
+    check_hyperparameter("mixup alpha", alpha, 0.0, None, low_open=True)
+
+    def augment(key, x, y):
+        k_lam, k_perm = jax.random.split(key)
+        lam = jax.random.beta(k_lam, alpha, alpha).astype(x.dtype)
+        perm = jax.random.permutation(k_perm, x.shape[0])
+        t = jax.nn.one_hot(y, num_classes, dtype=x.dtype) if jnp.ndim(y) == 1 else jnp.asarray(y, x.dtype)
+        return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
+
+    return augment
+
+
+def compose(*augments):
+    """Apply augmentations in order, each with its own key."""
+
+    def augment(key, x, y):
+        for i, aug in enumerate(augments):
+            x, y = aug(jax.random.fold_in(key, i), x, y)
+        return x, y
+
+    return augment

@@ -1,0 +1,134 @@
+"""Real data sets that need no download.
+
+- `digits()`: scikit-learn's embedded 8x8 handwritten digits (1,797 images).
+- `mnist(path)`: a reader for MNIST's IDX files (gzip or raw), checked
+  field by field; point it at a folder holding the files.
+"""
+import gzip
+import os
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Split(NamedTuple):
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def standardize(x_train, x_test, eps=1e-8):
+    """Scale features by the mean and std of the *training* part only."""
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std = np.where(std < eps, 1.0, std)
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def split(x, y, test_fraction=0.2, seed=0):
+    """A fixed shuffled split: permutation of np.random.default_rng(seed)."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return Split(x[train], y[train], x[test], y[test])
+
+
+def digits(test_fraction=0.2, seed=0, standardized=True, dtype=np.float32):
+    """scikit-learn's 8x8 digits as float rows of 64 pixels and int32 labels 0..9.
+
+    The split is fixed: a permutation from np.random.default_rng(seed), the
+    first 20% (359 images) for testing and the remaining 1,438 for training.
+    With `standardized`, features are standardised with training statistics.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("digits() needs scikit-learn: pip install 'purenet[examples]'") from e
+    data = load_digits()
+    parts = split(data.data.astype(np.float64), data.target.astype(np.int32), test_fraction, seed)
+    x_train, x_test = parts.x_train, parts.x_test
+    if standardized:
+        x_train, x_test = standardize(x_train, x_test)
+    else:
+        x_train, x_test = x_train / 16.0, x_test / 16.0
+    return Split(x_train.astype(dtype), parts.y_train, x_test.astype(dtype), parts.y_test)
+
+
+# ---------------------------------------------------------------- MNIST IDX
+
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+MNIST_FILES = {
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+}
+
+
+class IDXError(ValueError):
+    """A file that is not a valid MNIST IDX file, with the reason."""
+
+
+def _read_bytes(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise IDXError(f"{path}: corrupt or truncated gzip data ({e})") from e
+    return raw
+
+
+def read_idx(path, expected_magic):
+    """Read one IDX file of unsigned bytes: images (magic 2051) or labels (2049)."""
+    raw = _read_bytes(path)
+    if len(raw) < 8:
+        raise IDXError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+    magic = struct.unpack(">i", raw[:4])[0]
+    if magic != expected_magic:
+        raise IDXError(f"{path}: magic number {magic}, expected {expected_magic}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise IDXError(f"{path}: truncated header ({len(raw)} bytes, {header} needed)")
+    dims = struct.unpack(">" + "i" * ndim, raw[4:header])
+    if any(d <= 0 for d in dims):
+        raise IDXError(f"{path}: invalid dimensions {dims}")
+    size = int(np.prod(dims))
+    if len(raw) - header != size:
+        raise IDXError(f"{path}: holds {len(raw) - header} data bytes, dimensions {dims} need {size}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _find(folder, stem):
+    for name in (stem + ".gz", stem):
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"no {stem}(.gz) in {folder!r}: point mnist(path=...) at a folder with the MNIST IDX files"
+    )
+
+
+def mnist(path, part="test", dtype=np.float32):
+    """MNIST images as float rows of 784 pixels in [0, 1] and int32 labels.
+
+    `path` is a folder with the IDX files (gzip or raw); part is "test"
+    (t10k-*) or "train". Magic numbers, dimensions, lengths and label
+    values are checked; a bad file raises IDXError naming the problem.
+    """
+    if part not in MNIST_FILES:
+        raise ValueError(f"part must be one of {sorted(MNIST_FILES)}, got {part!r}")
+    images_stem, labels_stem = MNIST_FILES[part]
+    images = read_idx(_find(path, images_stem), IMAGES_MAGIC)
+    labels = read_idx(_find(path, labels_stem), LABELS_MAGIC)
+    if images.ndim != 3:
+        raise IDXError(f"images must be 3-D (count, rows, cols), got dimensions {images.shape}")
+    if labels.ndim != 1:
+        raise IDXError(f"labels must be 1-D, got dimensions {labels.shape}")
+    if len(images) != len(labels):
+        raise IDXError(f"{len(images)} images but {len(labels)} labels")
+    if labels.max(initial=0) > 9:
+        raise IDXError(f"label {int(labels.max())} is not a digit 0-9")
+    x = images.reshape(len(images), -1).astype(dtype) / 255.0
+    return x, labels.astype(np.int32)

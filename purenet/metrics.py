@@ -1,0 +1,50 @@
+"""Evaluation metrics, computed in fixed-size chunks so that a large
+evaluation set never needs one huge forward pass."""
+import jax
+import jax.numpy as jnp
+
+from purenet._checks import check_float_input
+
+
+def predict(net, params, state, x, batch_size=1024):
+    """The network's outputs on x (evaluation mode), `batch_size` rows at a time."""
+    check_float_input(x)
+    n = x.shape[0]
+    size = min(batch_size, n)
+    chunks = -(-n // size)
+    padded = jnp.concatenate([x, jnp.zeros((chunks * size - n,) + x.shape[1:], x.dtype)])
+
+    def one(xb):
+        return net.forward(params, state, xb, train=False)[0]
+
+    out = jax.lax.map(one, padded.reshape((chunks, size) + x.shape[1:]))
+    return out.reshape((chunks * size,) + out.shape[2:])[:n]
+
+
+def _labels(y):
+    y = jnp.asarray(y)
+    return jnp.argmax(y, axis=-1) if y.ndim == 2 else y
+
+
+def predicted_classes(net, params, state, x, batch_size=1024):
+    out = predict(net, params, state, x, batch_size)
+    if out.shape[-1] == 1:  # a single sigmoid unit: class 1 when p > 1/2
+        return (out[:, 0] > 0.5).astype(jnp.int32)
+    return jnp.argmax(out, axis=-1)
+
+
+def accuracy(net, params, state, x, y, batch_size=1024):
+    """Fraction of rows whose most probable class is the label (labels or distributions)."""
+    return jnp.mean(predicted_classes(net, params, state, x, batch_size) == _labels(y))
+
+
+def confusion_matrix(net, params, state, x, y, num_classes, batch_size=1024):
+    """C[i, j] = number of examples of class i predicted as class j."""
+    pred = predicted_classes(net, params, state, x, batch_size)
+    return jnp.zeros((num_classes, num_classes), jnp.int32).at[_labels(y), pred].add(1)
+
+
+def per_class_accuracy(confusion):
+    """Recall of each class from a confusion matrix (NaN for a class with no examples)."""
+    totals = jnp.sum(confusion, axis=1)
+    return jnp.diagonal(confusion) / jnp.where(totals == 0, jnp.nan, totals)

@@ -1,0 +1,348 @@
+"""Training: the lecture's loop (compute y_hat, compute L, update, till satisfied),
+as pure functions that run whole epochs on device.
+
+- `train_epoch`  one epoch: a fresh permutation from the key, then a
+                 `lax.scan` of (value_and_grad, opt.step) over its mini-batches.
+- `train`        a whole run, all epochs in one `lax.scan`: jittable and
+                 vmappable (that is what `sweep` does).
+- `fit`          the convenient front door: checks the data, runs epoch by
+                 epoch (each a jitted scan) with a progress bar, validation
+                 and early stopping, and returns a FitResult.
+
+Batches: batch_size=None is full-batch gradient descent, 1 is stochastic
+gradient descent, anything else mini-batch. Each epoch uses n // batch_size
+full batches of a fresh permutation; the n mod batch_size examples left at
+the end of that permutation wait for the next epoch. Since the permutation
+is new every epoch, no example is left out for good (each is skipped in an
+epoch with probability (n mod batch_size) / n). A batch_size above n is n.
+
+Keys: a run's key k gives the initial params from fold_in(k, 0) (when none
+are passed) and epoch e draws from fold_in(fold_in(k, 1), e): the same key
+gives bit-identical results, and nothing reads global random state.
+"""
+import dataclasses
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purenet import losses, metrics, network
+from purenet._checks import check_finite_rows, check_float_input
+
+
+class TrainState(NamedTuple):
+    """What a run carries between epochs: optimizer state (with params), model state, epochs done."""
+
+    opt_state: Any
+    model_state: Any
+    epoch: jnp.ndarray
+
+
+# ---------------------------------------------------------------- early stopping
+
+
+class EarlyStoppingState(NamedTuple):
+    best: jnp.ndarray
+    best_epoch: jnp.ndarray
+    wait: jnp.ndarray
+    stopped: jnp.ndarray
+    best_params: Any
+    best_model_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs.
+
+    A pure state machine: `init(params, model_state)`, then once per epoch
+    `update(es_state, value, epoch, params, model_state)`. `stopped` becomes
+    True after `patience` epochs without improvement; with restore_best the
+    best params seen are kept in the state (fit returns them).
+    mode="min" for losses, "max" for accuracies.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    monitor: str = "val_loss"
+    mode: str = "min"
+    restore_best: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {self.mode!r}")
+        if self.patience < 1:
+            raise ValueError(f"EarlyStopping patience must be >= 1, got {self.patience}")
+        if self.min_delta < 0:
+            raise ValueError(f"EarlyStopping min_delta must be >= 0, got {self.min_delta}")
+
+    def init(self, params, model_state):
+        worst = jnp.inf if self.mode == "min" else -jnp.inf
+        return EarlyStoppingState(
+            jnp.asarray(worst, jnp.float32), jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32),
+            jnp.asarray(False), params, model_state,
+        )
+
+    def update(self, es, value, epoch, params, model_state):
+        value = jnp.asarray(value, jnp.float32)
+        if self.mode == "min":
+            improved = value < es.best - self.min_delta
+        else:
+            improved = value > es.best + self.min_delta
+        improved = improved & ~es.stopped
+        wait = jnp.where(improved, 0, es.wait + jnp.where(es.stopped, 0, 1))
+
+        def keep(new, old):
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(improved, n, o), new, old)
+
+        return EarlyStoppingState(
+            best=jnp.where(improved, value, es.best),
+            best_epoch=jnp.where(improved, jnp.asarray(epoch, jnp.int32), es.best_epoch),
+            wait=wait,
+            stopped=es.stopped | (wait >= self.patience),
+            best_params=keep(params, es.best_params) if self.restore_best else es.best_params,
+            best_model_state=keep(model_state, es.best_model_state) if self.restore_best else es.best_model_state,
+        )
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def _batch_size(n, batch_size):
+    return n if batch_size is None else max(1, min(int(batch_size), n))
+
+
+def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
+                l2=0.0, augment=None):
+    """One epoch over (x, y): returns (train_state, mean training loss of its batches)."""
+    n = x.shape[0]
+    bs = _batch_size(n, batch_size)
+    steps = n // bs
+    key = jax.random.fold_in(key, train_state.epoch)
+    order = jnp.arange(n) if bs == n else jax.random.permutation(jax.random.fold_in(key, 0), n)
+    batches = order[: steps * bs].reshape(steps, bs)
+
+    def step(carry, inputs):
+        opt_state, model_state = carry
+        index, i = inputs
+        k_drop, k_aug = jax.random.split(jax.random.fold_in(key, i + 1))
+        xb, yb = x[index], y[index]
+        if augment is not None:
+            xb, yb = augment(k_aug, xb, yb)
+        value, grads, model_state = network.value_and_grad(
+            net, opt_state.params, model_state, xb, yb, loss=loss, l2=l2, train=True, key=k_drop)
+        return (opt.step(opt_state, grads), model_state), value
+
+    (opt_state, model_state), values = jax.lax.scan(
+        step, (train_state.opt_state, train_state.model_state), (batches, jnp.arange(steps)))
+    return TrainState(opt_state, model_state, train_state.epoch + 1), jnp.mean(values)
+
+
+def _evaluate(net, params, model_state, validation, loss):
+    xv, yv = validation
+    value, _ = network.loss(net, params, model_state, xv, yv, loss=loss)
+    return {"val_loss": value, "val_accuracy": metrics.accuracy(net, params, model_state, xv, yv)}
+
+
+def _epoch_with_metrics(net, opt, x, y, key, *, batch_size, loss, l2, augment, validation,
+                        early_stopping):
+    """(train_state, es_state) -> ((train_state, es_state), record of this epoch)."""
+
+    def run(carry):
+        train_state, es = carry
+        epoch = train_state.epoch
+        train_state, mean_loss = train_epoch(net, opt, train_state, x, y, key, batch_size=batch_size,
+                                             loss=loss, l2=l2, augment=augment)
+        record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate}
+        if validation is not None:
+            record.update(_evaluate(net, train_state.opt_state.params, train_state.model_state,
+                                    validation, loss))
+        if early_stopping is not None:
+            es = early_stopping.update(es, record[early_stopping.monitor], epoch,
+                                       train_state.opt_state.params, train_state.model_state)
+        return (train_state, es), record
+
+    return run
+
+
+def _init_run(net, opt, x, key, params, state):
+    if params is None:
+        params, init_state = network.init(net, jax.random.fold_in(key, 0), in_dim=x.shape[-1],
+                                          dtype=x.dtype)
+        state = init_state if state is None else state
+    if state is None:
+        raise ValueError("pass the model state together with params (pn.init returns both)")
+    return TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
+
+
+def _check_monitor(early_stopping, validation):
+    if early_stopping is not None and early_stopping.monitor != "loss" and validation is None:
+        raise ValueError(f"EarlyStopping monitors {early_stopping.monitor!r}, which needs validation data")
+    if early_stopping is not None and early_stopping.monitor not in ("loss", "val_loss", "val_accuracy"):
+        raise ValueError(f"EarlyStopping monitor must be 'loss', 'val_loss' or 'val_accuracy', "
+                         f"got {early_stopping.monitor!r}")
+
+
+def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
+          params=None, state=None, validation=None, early_stopping=None, augment=None):
+    """A whole training run, every epoch inside one `lax.scan`: pure, jittable, vmappable.
+
+    Returns (train_state, history, es_state): history maps each metric to an
+    array over epochs; once early stopping fires, later epochs are skipped
+    (their history entries are NaN). Use `fit` for the same with checks,
+    progress and best-params restoring done for you.
+    """
+    x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
+    if validation is not None:
+        validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
+    _check_monitor(early_stopping, validation)
+    train_state = _init_run(net, opt, x, key, params, state)
+    es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
+    run = _epoch_with_metrics(net, opt, x, y, jax.random.fold_in(key, 1), batch_size=batch_size,
+                              loss=loss, l2=l2, augment=augment, validation=validation,
+                              early_stopping=early_stopping)
+    record_shape = jax.eval_shape(run, (train_state, es))[1]
+
+    def body(carry, _):
+        if early_stopping is None:
+            return run(carry)
+        skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), record_shape)
+        return jax.lax.cond(carry[1].stopped, lambda c: (c, skipped), run, carry)
+
+    (train_state, es), history = jax.lax.scan(body, (train_state, es), None, length=epochs)
+    return train_state, history, es
+
+
+# ---------------------------------------------------------------- fit
+
+
+class FitResult(NamedTuple):
+    params: Any
+    state: Any
+    opt_state: Any
+    history: dict
+    stopped_epoch: Any = None  # the epoch early stopping fired at (None if it did not)
+
+
+def check_data(net, x, y, loss, params, state, name="x"):
+    """Eager checks fit runs before training: dtypes, shapes, finiteness, label ranges."""
+    check_float_input(x, name)
+    if jnp.shape(y)[0] != jnp.shape(x)[0]:
+        raise ValueError(f"{name} has {jnp.shape(x)[0]} rows but its targets have {jnp.shape(y)[0]}")
+    check_finite_rows(x, name)
+    out = jax.eval_shape(lambda: network.forward(net, params, state, x)[0])
+    losses.get(loss)
+    target_check = losses.class_targets if loss == "cross_entropy" else losses.value_targets
+    target_check(loss, jnp.zeros(out.shape, out.dtype), y)
+
+
+def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
+        params=None, state=None, validation=None, early_stopping=None, augment=None,
+        progress=False):
+    """Train `net` with `opt` on data = (x, y); see the module docstring for batching and keys.
+
+    validation=(x_val, y_val) adds val_loss and val_accuracy to the history
+    each epoch; early_stopping=pn.EarlyStopping(...) stops the run (and, with
+    restore_best, returns the best params); augment=(key, x, y) -> (x, y) is
+    applied to every training batch; progress=True shows a tqdm bar.
+    Returns FitResult(params, state, opt_state, history, stopped_epoch), with
+    history a dict of numpy arrays over the epochs run.
+    """
+    x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
+    _check_monitor(early_stopping, validation)
+    train_state = _init_run(net, opt, x, key, params, state)
+    check_data(net, x, y, loss, train_state.opt_state.params, train_state.model_state)
+    if validation is not None:
+        validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
+        check_data(net, *validation, loss, train_state.opt_state.params, train_state.model_state,
+                   name="validation x")
+    es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
+    run = jax.jit(_epoch_with_metrics(net, opt, x, y, jax.random.fold_in(key, 1), batch_size=batch_size,
+                                      loss=loss, l2=l2, augment=augment, validation=validation,
+                                      early_stopping=early_stopping))
+    records, stopped_epoch = [], None
+    bar = _progress(epochs) if progress else None
+    for epoch in range(epochs):
+        (train_state, es), record = run((train_state, es))
+        records.append(jax.device_get(record))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{float(v):.4g}" for k, v in records[-1].items() if k != "learning_rate"})
+        if es is not None and bool(es.stopped):
+            stopped_epoch = epoch
+            break
+    if bar is not None:
+        bar.close()
+    history = {k: np.array([r[k] for r in records]) for k in records[0]} if records else {}
+    params, model_state = train_state.opt_state.params, train_state.model_state
+    if es is not None and early_stopping.restore_best and int(es.best_epoch) >= 0:
+        params, model_state = es.best_params, es.best_model_state
+    return FitResult(params, model_state, train_state.opt_state, history, stopped_epoch)
+
+
+def _progress(total):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:  # pragma: no cover - tqdm is in the examples extra
+        raise ImportError("progress=True needs tqdm: pip install 'purenet[examples]'") from e
+    return tqdm(total=total, unit="epoch")
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Stacked results of a sweep: member i used the config {name: configs[name][i]}."""
+
+    configs: dict
+    params: Any
+    state: Any
+    history: dict
+
+    def __len__(self):
+        return len(next(iter(self.configs.values())))
+
+    def config(self, i):
+        return {name: values[i].item() for name, values in self.configs.items()}
+
+    def member(self, i):
+        """(params, state) of member i."""
+        take = lambda t: jax.tree_util.tree_map(lambda v: v[i], t)  # noqa: E731
+        return take(self.params), take(self.state)
+
+    def best(self, metric="val_accuracy", mode="max"):
+        """Index of the member with the best final value of `metric`."""
+        final = np.asarray(self.history[metric])[:, -1]
+        return int(np.nanargmax(final) if mode == "max" else np.nanargmin(final))
+
+
+def sweep(build, data, *, grid, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
+          validation=None, augment=None):
+    """Train one model per point of the Cartesian product of `grid`, all at once (vmapped).
+
+    build(hp) -> (net, opt) receives a dict with one traced value per grid
+    entry (e.g. hp["learning_rate"], hp["dropout"]); the network's structure
+    must not depend on them. "seed" (required) gives member i the key
+    jax.random.key(seed), exactly as `train(..., key=jax.random.key(seed))`
+    would use; "l2", if in the grid, overrides `l2`. Batch size cannot be
+    swept (it sets the shapes). Returns a SweepResult.
+    """
+    if "seed" not in grid:
+        raise ValueError("sweep grid needs a 'seed' entry (a list of integer seeds)")
+    if "batch_size" in grid:
+        raise ValueError("batch_size cannot be swept in one vmapped call: it sets the array shapes")
+    names = list(grid)
+    points = list(itertools.product(*(list(grid[n]) for n in names)))
+    configs = {n: np.array([p[i] for p in points]) for i, n in enumerate(names)}
+
+    def member(hp):
+        net, opt = build(hp)
+        train_state, history, _ = train(net, opt, data, key=jax.random.key(hp["seed"]), epochs=epochs,
+                                        batch_size=batch_size, loss=loss, l2=hp.get("l2", l2),
+                                        validation=validation, augment=augment)
+        return train_state.opt_state.params, train_state.model_state, history
+
+    params, state, history = jax.jit(jax.vmap(member))({n: jnp.asarray(v) for n, v in configs.items()})
+    return SweepResult(configs, params, state, jax.device_get(history))
