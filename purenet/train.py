@@ -167,6 +167,7 @@ def _epoch_with_metrics(net, opt, x, y, key, *, batch_size, loss, l2, augment, v
 
 
 def _init_run(net, opt, x, key, params, state):
+    check_float_input(x)
     if params is None:
         params, init_state = network.init(net, jax.random.fold_in(key, 0), in_dim=x.shape[-1],
                                           dtype=x.dtype)

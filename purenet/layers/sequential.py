@@ -3,6 +3,7 @@ import dataclasses
 
 import jax
 
+from purenet._checks import is_concrete
 from purenet.layers.activations import Identity, LeakyReLU, ReLU, Sigmoid, Tanh
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
@@ -101,7 +102,7 @@ def mlp(sizes, hidden="relu", output="softmax", init=None, dropout=0.0, batchnor
         if batchnorm:
             layers.append(BatchNorm())
         layers.append(_HIDDEN[hidden]())
-        if dropout:
+        if not (is_concrete(dropout) and dropout == 0):  # a traced rate (a sweep) keeps the layer
             layers.append(Dropout(dropout))
     layers += [Dense(sizes[-1], init=init), _OUTPUT[output]()]
     return Sequential(layers, in_dim=sizes[0])
