@@ -32,3 +32,14 @@ def test_backprop_walkthrough_prints_the_true_numbers():
 def test_backprop_walkthrough_rejects_unknown_weights():
     with pytest.raises(AssertionError, match="no weight w155"):
         run_example("backprop_walkthrough.py", "--weight", "w155")
+
+
+@pytest.mark.parametrize("script,png,expect", [
+    ("train_digits.py", "digits_curves.png", "test accuracy:"),
+    ("sweep_lr_seed.py", "sweep_lr_seed.png", "best learning rate"),
+    ("regularization_study.py", "regularization_study.png", "batch norm"),
+])
+def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
+    out = run_example(script, "--out", str(tmp_path / png), tmp_path=tmp_path)
+    assert expect in out
+    assert (tmp_path / png).stat().st_size > 10_000
