@@ -1,9 +1,11 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import augment, datasets, initializers, losses, metrics, optim
+from purenet import augment, checkpoint, datasets, initializers, losses, metrics, optim
+from purenet.checkpoint import CheckpointError, load, save
 from purenet.layers import (
     BatchNorm, Dense, Dropout, Elementwise, Identity, LeakyReLU, ReLU,
     Sequential, Sigmoid, Softmax, Tanh, mlp,
 )
+from purenet._checks import check_finite_rows
 from purenet.network import forward, init, loss, value_and_grad
 from purenet.optim import schedules
 from purenet.testing import check_grads

@@ -14,6 +14,8 @@ forms on the logits z instead, which are stable at any magnitude:
     sigmoid_binary_cross_entropy
                            L = 1/N sum [softplus(z) - t z]   dL/dz = (sigmoid(z) - t) / N
 
+Infinite logits are clipped to a quarter of the largest float (see finite_logits).
+
 Cross-entropy targets are integer labels of shape (N,) or distributions of
 the output's shape; other targets must match the output's shape exactly.
 """
@@ -124,20 +126,33 @@ def binary_cross_entropy_backward(y, t):
 # ---------------------------------------------------------------- fused forms on logits
 
 
+def finite_logits(z):
+    """Clip logits to +-(largest float / 4), so +-inf become finite (NaN stays NaN).
+
+    An infinite logit is then the certainty it stands for: the loss is 0 when
+    it is the target and huge but finite otherwise, and the gradient is the
+    finite p - t, instead of inf - inf = NaN. A quarter of the largest float
+    keeps differences of two clipped logits finite too.
+    """
+    big = jnp.finfo(jnp.result_type(z)).max / 4
+    return jnp.clip(z, -big, big)
+
+
 def softmax_cross_entropy(z, t):
     t = class_targets("cross_entropy", z, t)
-    return -jnp.sum(t * jax.nn.log_softmax(z, axis=-1)) / _batch_size(z)
+    return -jnp.sum(t * jax.nn.log_softmax(finite_logits(z), axis=-1)) / _batch_size(z)
 
 
 def softmax_cross_entropy_backward(z, t):
     t = class_targets("cross_entropy", z, t)
-    return (jax.nn.softmax(z, axis=-1) - t) / _batch_size(z)
+    return (jax.nn.softmax(finite_logits(z), axis=-1) - t) / _batch_size(z)
 
 
 def sigmoid_binary_cross_entropy(z, t):
     t = value_targets("binary_cross_entropy", z, t)
     # softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), via logaddexp,
     # whose derivative is exact at z = 0 (max and abs are kinked there).
+    z = finite_logits(z)
     return jnp.sum(jnp.logaddexp(0.0, z) - t * z) / _batch_size(z)
 
 

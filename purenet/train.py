@@ -22,6 +22,7 @@ gives bit-identical results, and nothing reads global random state.
 """
 import dataclasses
 import itertools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -240,13 +241,20 @@ def check_data(net, x, y, loss, params, state, name="x"):
 
 def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
         params=None, state=None, validation=None, early_stopping=None, augment=None,
-        progress=False):
+        progress=False, checkpoint=None, checkpoint_every=1, resume=False):
     """Train `net` with `opt` on data = (x, y); see the module docstring for batching and keys.
 
     validation=(x_val, y_val) adds val_loss and val_accuracy to the history
     each epoch; early_stopping=pn.EarlyStopping(...) stops the run (and, with
     restore_best, returns the best params); augment=(key, x, y) -> (x, y) is
     applied to every training batch; progress=True shows a tqdm bar.
+
+    checkpoint=path saves the whole run (optimizer and model state, epoch,
+    early stopping, history, key) every `checkpoint_every` epochs and at the
+    end, atomically (see purenet.checkpoint). With resume=True a run whose
+    checkpoint exists continues from it, bit-identical to a run that was
+    never interrupted; without the file it starts fresh.
+
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
     """
@@ -259,27 +267,64 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
         check_data(net, *validation, loss, train_state.opt_state.params, train_state.model_state,
                    name="validation x")
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
+    records = []
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        train_state, es, records = _resume(checkpoint, key, train_state, es)
     run = jax.jit(_epoch_with_metrics(net, opt, x, y, jax.random.fold_in(key, 1), batch_size=batch_size,
                                       loss=loss, l2=l2, augment=augment, validation=validation,
                                       early_stopping=early_stopping))
-    records, stopped_epoch = [], None
+    stopped_epoch = None
+    if es is not None and bool(es.stopped):
+        stopped_epoch = int(train_state.epoch) - 1
     bar = _progress(epochs) if progress else None
-    for epoch in range(epochs):
+    if bar is not None:
+        bar.update(int(train_state.epoch))
+    while stopped_epoch is None and int(train_state.epoch) < epochs:
         (train_state, es), record = run((train_state, es))
         records.append(jax.device_get(record))
+        done = int(train_state.epoch)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{float(v):.4g}" for k, v in records[-1].items() if k != "learning_rate"})
         if es is not None and bool(es.stopped):
-            stopped_epoch = epoch
-            break
+            stopped_epoch = done - 1
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs or stopped_epoch is not None):
+            _save_run(checkpoint, key, train_state, es, records)
     if bar is not None:
         bar.close()
-    history = {k: np.array([r[k] for r in records]) for k in records[0]} if records else {}
+    history = _stack(records)
     params, model_state = train_state.opt_state.params, train_state.model_state
     if es is not None and early_stopping.restore_best and int(es.best_epoch) >= 0:
         params, model_state = es.best_params, es.best_model_state
     return FitResult(params, model_state, train_state.opt_state, history, stopped_epoch)
+
+
+def _stack(records):
+    return {k: np.array([r[k] for r in records]) for k in records[0]} if records else {}
+
+
+def _save_run(path, key, train_state, es, records):
+    from purenet import checkpoint
+
+    checkpoint.save(path, {"train_state": train_state, "early_stopping": es,
+                           "history": _stack(records), "key": key})
+
+
+def _resume(path, key, train_state, es):
+    from purenet import checkpoint
+
+    saved = checkpoint.load(path)
+    if not np.array_equal(jax.random.key_data(saved["key"]), jax.random.key_data(key)):
+        raise checkpoint.CheckpointError(f"{path} was written by a run with a different key; "
+                                         f"resume with the same key (or use another checkpoint path)")
+    train_state = checkpoint.conform(saved["train_state"], train_state, where=f"{path} train_state")
+    if es is not None:
+        if saved["early_stopping"] is None:
+            raise checkpoint.CheckpointError(f"{path} was written by a run without early stopping")
+        es = checkpoint.conform(saved["early_stopping"], es, where=f"{path} early_stopping")
+    history = {k: np.asarray(v) for k, v in saved["history"].items()}
+    records = [{k: v[i] for k, v in history.items()} for i in range(int(train_state.epoch))]
+    return train_state, es, records
 
 
 def _progress(total):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from purenet.layers.base import Elementwise
+from purenet.losses import finite_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Softmax(Elementwise):
     """
 
     def apply(self, x):
-        y = jax.nn.softmax(x, axis=-1)
+        y = jax.nn.softmax(finite_logits(x), axis=-1)  # +inf logits give probability 1, not NaN
         return y, y
 
     def grad(self, y, dy):
