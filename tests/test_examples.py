@@ -38,8 +38,26 @@ def test_backprop_walkthrough_rejects_unknown_weights():
     ("train_digits.py", "digits_curves.png", "test accuracy:"),
     ("sweep_lr_seed.py", "sweep_lr_seed.png", "best learning rate"),
     ("regularization_study.py", "regularization_study.png", "batch norm"),
+    ("compare_optimizers.py", "optimizers.png", "Nesterov"),
+    ("init_activation_study.py", "init_activation.png", "leaky_relu"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
     out = run_example(script, "--out", str(tmp_path / png), tmp_path=tmp_path)
     assert expect in out
     assert (tmp_path / png).stat().st_size > 10_000
+
+
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def test_mnist_example_in_fast_mode(tmp_path):
+    if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"the shared MNIST files are not at {MNIST}")
+    out = run_example("mnist_mlp.py", "--data", str(MNIST), "--out", str(tmp_path / "m.png"), tmp_path=tmp_path)
+    assert "held-out accuracy" in out
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+def test_mnist_example_says_how_to_point_it_at_data(tmp_path):
+    with pytest.raises(AssertionError, match="pass --data FOLDER"):
+        run_example("mnist_mlp.py", "--data", str(tmp_path), tmp_path=tmp_path)
