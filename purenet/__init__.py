@@ -1,5 +1,5 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import augment, checkpoint, datasets, initializers, losses, metrics, optim
+from purenet import augment, checkpoint, datasets, distributed, initializers, losses, metrics, optim
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.layers import (
     BatchNorm, Dense, Dropout, Elementwise, Identity, LeakyReLU, ReLU,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purenet import losses, metrics, network
+from purenet import distributed, losses, metrics, network
 from purenet._checks import check_finite_rows, check_float_input
 
 
@@ -115,8 +115,12 @@ def _batch_size(n, batch_size):
 
 
 def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
-                l2=0.0, augment=None):
-    """One epoch over (x, y): returns (train_state, mean training loss of its batches)."""
+                l2=0.0, augment=None, mesh=None):
+    """One epoch over (x, y): returns (train_state, mean training loss of its batches).
+
+    With a `mesh` (see purenet.distributed) every batch is split over its
+    devices and XLA reduces the gradients across them.
+    """
     n = x.shape[0]
     bs = _batch_size(n, batch_size)
     steps = n // bs
@@ -129,6 +133,8 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
         index, i = inputs
         k_drop, k_aug = jax.random.split(jax.random.fold_in(key, i + 1))
         xb, yb = x[index], y[index]
+        if mesh is not None:
+            xb, yb = (jax.lax.with_sharding_constraint(v, distributed.batch_sharding(mesh)) for v in (xb, yb))
         if augment is not None:
             xb, yb = augment(k_aug, xb, yb)
         value, grads, model_state = network.value_and_grad(
@@ -146,15 +152,18 @@ def _evaluate(net, params, model_state, validation, loss):
     return {"val_loss": value, "val_accuracy": metrics.accuracy(net, params, model_state, xv, yv)}
 
 
-def _epoch_with_metrics(net, opt, x, y, key, *, batch_size, loss, l2, augment, validation,
-                        early_stopping):
-    """(train_state, es_state) -> ((train_state, es_state), record of this epoch)."""
+def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stopping, mesh=None):
+    """run((train_state, es), (x, y, validation, key)) -> ((train_state, es), record of this epoch).
 
-    def run(carry):
-        train_state, es = carry
+    The data are arguments, not closed-over constants, so a jitted `run`
+    neither bakes the data set into the program nor recompiles for new data.
+    """
+
+    def run(carry, data):
+        (train_state, es), (x, y, validation, key) = carry, data
         epoch = train_state.epoch
         train_state, mean_loss = train_epoch(net, opt, train_state, x, y, key, batch_size=batch_size,
-                                             loss=loss, l2=l2, augment=augment)
+                                             loss=loss, l2=l2, augment=augment, mesh=mesh)
         record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate}
         if validation is not None:
             record.update(_evaluate(net, train_state.opt_state.params, train_state.model_state,
@@ -178,6 +187,14 @@ def _init_run(net, opt, x, key, params, state):
     return TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
 
 
+def _place(mesh, data, batch_size, train_state, es):
+    """With a mesh: check the batch divides over it; replicate data and state on it."""
+    if mesh is None:
+        return data, train_state, es
+    distributed.check_divisible(_batch_size(data[0].shape[0], batch_size), mesh)
+    return distributed.replicate((data, train_state, es), mesh)
+
+
 def _check_monitor(early_stopping, validation):
     if early_stopping is not None and early_stopping.monitor != "loss" and validation is None:
         raise ValueError(f"EarlyStopping monitors {early_stopping.monitor!r}, which needs validation data")
@@ -187,7 +204,7 @@ def _check_monitor(early_stopping, validation):
 
 
 def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
-          params=None, state=None, validation=None, early_stopping=None, augment=None):
+          params=None, state=None, validation=None, early_stopping=None, augment=None, mesh=None):
     """A whole training run, every epoch inside one `lax.scan`: pure, jittable, vmappable.
 
     Returns (train_state, history, es_state): history maps each metric to an
@@ -201,9 +218,12 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
     _check_monitor(early_stopping, validation)
     train_state = _init_run(net, opt, x, key, params, state)
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
-    run = _epoch_with_metrics(net, opt, x, y, jax.random.fold_in(key, 1), batch_size=batch_size,
-                              loss=loss, l2=l2, augment=augment, validation=validation,
-                              early_stopping=early_stopping)
+    if mesh is not None:
+        distributed.check_divisible(_batch_size(x.shape[0], batch_size), mesh)
+    epoch_fn = _epoch_with_metrics(net, opt, batch_size=batch_size, loss=loss, l2=l2, augment=augment,
+                                   early_stopping=early_stopping, mesh=mesh)
+    data = (x, y, validation, jax.random.fold_in(key, 1))
+    run = lambda carry: epoch_fn(carry, data)  # noqa: E731
     record_shape = jax.eval_shape(run, (train_state, es))[1]
 
     def body(carry, _):
@@ -241,7 +261,7 @@ def check_data(net, x, y, loss, params, state, name="x"):
 
 def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
         params=None, state=None, validation=None, early_stopping=None, augment=None,
-        progress=False, checkpoint=None, checkpoint_every=1, resume=False):
+        progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None):
     """Train `net` with `opt` on data = (x, y); see the module docstring for batching and keys.
 
     validation=(x_val, y_val) adds val_loss and val_accuracy to the history
@@ -254,6 +274,11 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     end, atomically (see purenet.checkpoint). With resume=True a run whose
     checkpoint exists continues from it, bit-identical to a run that was
     never interrupted; without the file it starts fresh.
+
+    mesh=pn.distributed.data_mesh() trains data-parallel: each batch is split
+    over the mesh's devices (batch_size must divide evenly), params and
+    state are replicated, and XLA reduces gradients and batch-norm
+    statistics over the global batch.
 
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
@@ -270,9 +295,10 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     records = []
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         train_state, es, records = _resume(checkpoint, key, train_state, es)
-    run = jax.jit(_epoch_with_metrics(net, opt, x, y, jax.random.fold_in(key, 1), batch_size=batch_size,
-                                      loss=loss, l2=l2, augment=augment, validation=validation,
-                                      early_stopping=early_stopping))
+    data, train_state, es = _place(mesh, (x, y, validation, jax.random.fold_in(key, 1)), batch_size,
+                                   train_state, es)
+    run = jax.jit(_epoch_with_metrics(net, opt, batch_size=batch_size, loss=loss, l2=l2, augment=augment,
+                                      early_stopping=early_stopping, mesh=mesh))
     stopped_epoch = None
     if es is not None and bool(es.stopped):
         stopped_epoch = int(train_state.epoch) - 1
@@ -280,7 +306,7 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     if bar is not None:
         bar.update(int(train_state.epoch))
     while stopped_epoch is None and int(train_state.epoch) < epochs:
-        (train_state, es), record = run((train_state, es))
+        (train_state, es), record = run((train_state, es), data)
         records.append(jax.device_get(record))
         done = int(train_state.epoch)
         if bar is not None:

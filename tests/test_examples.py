@@ -61,3 +61,12 @@ def test_mnist_example_in_fast_mode(tmp_path):
 def test_mnist_example_says_how_to_point_it_at_data(tmp_path):
     with pytest.raises(AssertionError, match="pass --data FOLDER"):
         run_example("mnist_mlp.py", "--data", str(tmp_path), tmp_path=tmp_path)
+
+
+def test_data_parallel_example_on_8_fake_devices_and_as_a_multihost_dry_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    out = run_example("data_parallel.py", tmp_path=tmp_path)
+    assert "mesh: 8 devices" in out and "8 rows per device" in out and "params replicated: True" in out
+    monkeypatch.delenv("XLA_FLAGS")
+    out = run_example("data_parallel.py", "--multihost-dry-run", tmp_path=tmp_path)
+    assert "process 0 of 1" in out
