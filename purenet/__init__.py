@@ -1,5 +1,5 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import augment, checkpoint, datasets, distributed, initializers, losses, metrics, optim
+from purenet import augment, checkpoint, datasets, diagnostics, distributed, initializers, losses, metrics, optim
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.layers import (
     BatchNorm, Dense, Dropout, Elementwise, Identity, LeakyReLU, ReLU,
@@ -8,6 +8,7 @@ from purenet.layers import (
 from purenet._checks import check_finite_rows
 from purenet.network import forward, init, loss, value_and_grad
 from purenet.optim import schedules
+from purenet.per_example import DPSGD, clipped_value_and_grad, per_example_grad_norms, per_example_grads
 from purenet.testing import check_grads
 from purenet.train import EarlyStopping, FitResult, SweepResult, TrainState, fit, sweep, train, train_epoch
 

@@ -10,6 +10,8 @@ When a network ends in Softmax and the loss is cross-entropy (or Sigmoid and
 binary cross-entropy), both functions stop before that activation and use
 the fused loss on the logits, which is exact and finite at any magnitude.
 """
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -78,18 +80,43 @@ def _prepare(net, loss):
     return body, fused, chosen[loss]
 
 
+class LossPass(NamedTuple):
+    """What the forward part of a loss leaves for a backward pass."""
+
+    body: Any          # the network without a fused output activation
+    fused: bool        # True when the loss is computed from logits
+    body_params: Any
+    out: Any           # the body's output (logits when fused)
+    cache: Any
+    state: Any         # the whole network's new state
+    loss_fn: losses.Loss
+
+    def grads(self, net, body_grads):
+        """Body gradients placed into the structure of the whole network's params."""
+        return _full_trees(net, self.fused, body_grads, {})
+
+
+def loss_pass(net, params, state, x, loss, train=False, key=None):
+    """Run the network forward for `loss`, keeping the caches (shared by every backward)."""
+    check_float_input(x)
+    body, fused, chosen = _prepare(net, loss)
+    bparams, bstate = _body_trees(net, fused, params, state)
+    out, new_bstate, cache = body.forward(bparams, bstate, x, train=train, key=key)
+    head_state = state[-1] if fused and isinstance(net, Sequential) else state
+    return LossPass(body, fused, bparams, out, cache, _full_trees(net, fused, new_bstate, head_state), chosen)
+
+
+def _has_l2(l2):
+    return not isinstance(l2, (int, float)) or l2 != 0
+
+
 def loss(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
     """The loss of the network on (x, y) plus l2/2 sum W^2: returns (value, state).
 
     Plain JAX and differentiable: jax.grad of it is the reference gradient.
     """
-    check_float_input(x)
-    body, fused, chosen = _prepare(net, loss)
-    bparams, bstate = _body_trees(net, fused, params, state)
-    out, new_bstate, _ = body.forward(bparams, bstate, x, train=train, key=key)
-    value = chosen.value(out, y) + losses.l2_penalty(params, l2)
-    head_state = state[-1] if fused and isinstance(net, Sequential) else state
-    return value, _full_trees(net, fused, new_bstate, head_state)
+    p = loss_pass(net, params, state, x, loss, train, key)
+    return p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2), p.state
 
 
 def value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
@@ -97,15 +124,10 @@ def value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, train
 
     grads has the structure of params; no autodiff is involved.
     """
-    check_float_input(x)
-    body, fused, chosen = _prepare(net, loss)
-    bparams, bstate = _body_trees(net, fused, params, state)
-    out, new_bstate, cache = body.forward(bparams, bstate, x, train=train, key=key)
-    value = chosen.value(out, y) + losses.l2_penalty(params, l2)
-    bgrads, _ = body.backward(bparams, cache, chosen.backward(out, y))
-    grads = _full_trees(net, fused, bgrads, {})
-    if not isinstance(l2, (int, float)) or l2 != 0:
-        l2_grads = losses.l2_backward(params, l2)
-        grads = jax.tree_util.tree_map(jnp.add, grads, l2_grads)
-    head_state = state[-1] if fused and isinstance(net, Sequential) else state
-    return value, grads, _full_trees(net, fused, new_bstate, head_state)
+    p = loss_pass(net, params, state, x, loss, train, key)
+    value = p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2)
+    body_grads, _ = p.body.backward(p.body_params, p.cache, p.loss_fn.backward(p.out, y))
+    grads = p.grads(net, body_grads)
+    if _has_l2(l2):
+        grads = jax.tree_util.tree_map(jnp.add, grads, losses.l2_backward(params, l2))
+    return value, grads, p.state

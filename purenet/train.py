@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purenet import distributed, losses, metrics, network
+from purenet import diagnostics, distributed, losses, metrics, network, per_example
 from purenet._checks import check_finite_rows, check_float_input
 
 
@@ -115,11 +115,12 @@ def _batch_size(n, batch_size):
 
 
 def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
-                l2=0.0, augment=None, mesh=None):
+                l2=0.0, augment=None, mesh=None, dp=None):
     """One epoch over (x, y): returns (train_state, mean training loss of its batches).
 
     With a `mesh` (see purenet.distributed) every batch is split over its
-    devices and XLA reduces the gradients across them.
+    devices and XLA reduces the gradients across them. With dp=pn.DPSGD(...)
+    each step uses DP-SGD's clipped, noised gradient.
     """
     n = x.shape[0]
     bs = _batch_size(n, batch_size)
@@ -131,14 +132,21 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
     def step(carry, inputs):
         opt_state, model_state = carry
         index, i = inputs
-        k_drop, k_aug = jax.random.split(jax.random.fold_in(key, i + 1))
+        step_key = jax.random.fold_in(key, i + 1)
+        k_drop, k_aug = jax.random.split(step_key)
         xb, yb = x[index], y[index]
         if mesh is not None:
             xb, yb = (jax.lax.with_sharding_constraint(v, distributed.batch_sharding(mesh)) for v in (xb, yb))
         if augment is not None:
             xb, yb = augment(k_aug, xb, yb)
-        value, grads, model_state = network.value_and_grad(
-            net, opt_state.params, model_state, xb, yb, loss=loss, l2=l2, train=True, key=k_drop)
+        if dp is None:
+            value, grads, model_state = network.value_and_grad(
+                net, opt_state.params, model_state, xb, yb, loss=loss, l2=l2, train=True, key=k_drop)
+        else:
+            value, grads, model_state = per_example.clipped_value_and_grad(
+                net, opt_state.params, model_state, xb, yb, clip_norm=dp.clip_norm,
+                noise_multiplier=dp.noise_multiplier, noise_key=jax.random.fold_in(step_key, 2),
+                loss=loss, l2=l2, train=True, key=k_drop)
         return (opt.step(opt_state, grads), model_state), value
 
     (opt_state, model_state), values = jax.lax.scan(
@@ -152,7 +160,7 @@ def _evaluate(net, params, model_state, validation, loss):
     return {"val_loss": value, "val_accuracy": metrics.accuracy(net, params, model_state, xv, yv)}
 
 
-def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stopping, mesh=None):
+def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stopping, mesh=None, dp=None):
     """run((train_state, es), (x, y, validation, key)) -> ((train_state, es), record of this epoch).
 
     The data are arguments, not closed-over constants, so a jitted `run`
@@ -160,14 +168,19 @@ def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stoppi
     """
 
     def run(carry, data):
-        (train_state, es), (x, y, validation, key) = carry, data
+        (train_state, es), (x, y, validation, key, probe) = carry, data
         epoch = train_state.epoch
+        before = train_state.opt_state.params
         train_state, mean_loss = train_epoch(net, opt, train_state, x, y, key, batch_size=batch_size,
-                                             loss=loss, l2=l2, augment=augment, mesh=mesh)
+                                             loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp)
         record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate}
         if validation is not None:
             record.update(_evaluate(net, train_state.opt_state.params, train_state.model_state,
                                     validation, loss))
+        if probe is not None:
+            after = train_state.opt_state.params
+            record.update(diagnostics.gradient_flow(net, after, train_state.model_state, *probe, loss=loss, l2=l2))
+            record["update_ratio"] = diagnostics.update_ratio(net, before, after)
         if early_stopping is not None:
             es = early_stopping.update(es, record[early_stopping.monitor], epoch,
                                        train_state.opt_state.params, train_state.model_state)
@@ -204,7 +217,7 @@ def _check_monitor(early_stopping, validation):
 
 
 def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
-          params=None, state=None, validation=None, early_stopping=None, augment=None, mesh=None):
+          params=None, state=None, validation=None, early_stopping=None, augment=None, mesh=None, dp=None):
     """A whole training run, every epoch inside one `lax.scan`: pure, jittable, vmappable.
 
     Returns (train_state, history, es_state): history maps each metric to an
@@ -221,8 +234,8 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
     if mesh is not None:
         distributed.check_divisible(_batch_size(x.shape[0], batch_size), mesh)
     epoch_fn = _epoch_with_metrics(net, opt, batch_size=batch_size, loss=loss, l2=l2, augment=augment,
-                                   early_stopping=early_stopping, mesh=mesh)
-    data = (x, y, validation, jax.random.fold_in(key, 1))
+                                   early_stopping=early_stopping, mesh=mesh, dp=dp)
+    data = (x, y, validation, jax.random.fold_in(key, 1), None)
     run = lambda carry: epoch_fn(carry, data)  # noqa: E731
     record_shape = jax.eval_shape(run, (train_state, es))[1]
 
@@ -261,7 +274,8 @@ def check_data(net, x, y, loss, params, state, name="x"):
 
 def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
         params=None, state=None, validation=None, early_stopping=None, augment=None,
-        progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None):
+        progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None, dp=None,
+        diagnostics=None):
     """Train `net` with `opt` on data = (x, y); see the module docstring for batching and keys.
 
     validation=(x_val, y_val) adds val_loss and val_accuracy to the history
@@ -278,7 +292,11 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     mesh=pn.distributed.data_mesh() trains data-parallel: each batch is split
     over the mesh's devices (batch_size must divide evenly), params and
     state are replicated, and XLA reduces gradients and batch-norm
-    statistics over the global batch.
+    statistics over the global batch. dp=pn.DPSGD(clip_norm, noise_multiplier)
+    trains with DP-SGD's per-example clipping and Gaussian noise.
+    diagnostics=(x_probe, y_probe) records purenet.diagnostics.gradient_flow
+    on that batch and each Dense layer's update_ratio every epoch (arrays of
+    shape (epochs, layers) in the history); it does not change training.
 
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
@@ -295,10 +313,11 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     records = []
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         train_state, es, records = _resume(checkpoint, key, train_state, es)
-    data, train_state, es = _place(mesh, (x, y, validation, jax.random.fold_in(key, 1)), batch_size,
+    probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
+    data, train_state, es = _place(mesh, (x, y, validation, jax.random.fold_in(key, 1), probe), batch_size,
                                    train_state, es)
     run = jax.jit(_epoch_with_metrics(net, opt, batch_size=batch_size, loss=loss, l2=l2, augment=augment,
-                                      early_stopping=early_stopping, mesh=mesh))
+                                      early_stopping=early_stopping, mesh=mesh, dp=dp))
     stopped_epoch = None
     if es is not None and bool(es.stopped):
         stopped_epoch = int(train_state.epoch) - 1
@@ -311,7 +330,8 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
         done = int(train_state.epoch)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix({k: f"{float(v):.4g}" for k, v in records[-1].items() if k != "learning_rate"})
+            bar.set_postfix({k: f"{float(v):.4g}" for k, v in records[-1].items()
+                             if k != "learning_rate" and np.ndim(v) == 0})
         if es is not None and bool(es.stopped):
             stopped_epoch = done - 1
         if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs or stopped_epoch is not None):

@@ -40,6 +40,7 @@ def test_backprop_walkthrough_rejects_unknown_weights():
     ("regularization_study.py", "regularization_study.png", "batch norm"),
     ("compare_optimizers.py", "optimizers.png", "Nesterov"),
     ("init_activation_study.py", "init_activation.png", "leaky_relu"),
+    ("vanishing_gradients.py", "vanishing_gradients.png", "first/last layer gradient norm"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
     out = run_example(script, "--out", str(tmp_path / png), tmp_path=tmp_path)

@@ -10,7 +10,7 @@ import purenet as pn
 from purenet.testing import net_cases
 
 
-@settings(max_examples=150)
+@settings(max_examples=100)
 @given(net_cases(dropout=True, batchnorm=True))
 def test_value_and_grad_with_dropout_and_batchnorm_matches_autodiff(case):
     params, state, x, y = case.data()

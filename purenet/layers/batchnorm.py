@@ -97,3 +97,19 @@ class BatchNorm:
             - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=axes)
         )
         return grads, dx
+
+    def _per_example(self, params, cache, dy):
+        if isinstance(cache, _BatchStatsCache):
+            raise ValueError(
+                "per-example gradients are undefined through BatchNorm in training mode: the batch "
+                "mean and variance couple the examples (evaluate with train=False, or drop BatchNorm)"
+            )
+        return {"gamma": dy * cache.xhat, "beta": dy}, dy * params["gamma"] * cache.inv_std
+
+    def per_example_backward(self, params, cache, dy):
+        """In evaluation mode: dgamma_i = dy_i xhat_i, dbeta_i = dy_i."""
+        return self._per_example(params, cache, dy)
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        grads, dx = self._per_example(params, cache, dy)
+        return jnp.sum(grads["gamma"] ** 2 + grads["beta"] ** 2, axis=-1), dx

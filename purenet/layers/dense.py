@@ -62,8 +62,40 @@ class Dense:
         x2 = jnp.reshape(x, (-1, x.shape[-1]))
         dy2 = jnp.reshape(dy, (-1, dy.shape[-1]))
         dW = lax.dot_general(dy2, x2, (((0,), (0,)), ((), ()))).T  # (h^T dy)
-        dx = lax.dot_general(dy, params["W"], (((dy.ndim - 1,), (1,)), ((), ())))  # dy W^T
+        dx = self._dx(params, dy)  # dy W^T
         grads = {"W": dW}
         if self.use_bias:
             grads["b"] = jnp.sum(dy2, axis=0)
         return grads, dx
+
+    def _dx(self, params, dy):
+        return lax.dot_general(dy, params["W"], (((dy.ndim - 1,), (1,)), ((), ())))
+
+    def per_example_backward(self, params, x, dy):
+        """Example i's gradients: dW_i = h_i dy_i^T (an outer product), db_i = dy_i."""
+        _check_rows(x)
+        grads = {"W": jnp.einsum("bi,bj->bij", x, dy)}
+        if self.use_bias:
+            grads["b"] = dy
+        return grads, self._dx(params, dy)
+
+    def per_example_sq_norms(self, params, x, dy, l2=0.0):
+        """||dW_i + l2 W||^2 + ||db_i||^2 without forming dW_i (Goodfellow, 2015):
+
+            ||h_i dy_i^T||^2 = ||h_i||^2 ||dy_i||^2,   <h_i dy_i^T, W> = h_i^T W dy_i.
+
+        Memory O(batch (in + out)) instead of O(batch in out).
+        """
+        _check_rows(x)
+        dy_sq = jnp.sum(dy * dy, axis=-1)
+        sq = jnp.sum(x * x, axis=-1) * dy_sq
+        if self.use_bias:
+            sq = sq + dy_sq
+        W = params["W"]
+        sq = sq + 2 * l2 * jnp.sum((x @ W) * dy, axis=-1) + l2 * l2 * jnp.sum(W * W)
+        return sq, self._dx(params, dy)
+
+
+def _check_rows(x):
+    if x.ndim != 2:
+        raise ValueError(f"per-example gradients need inputs of shape (batch, features), got {x.shape}")

@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import Identity, LeakyReLU, ReLU, Sigmoid, Tanh
@@ -67,6 +68,19 @@ class Sequential:
         for i in reversed(range(len(self.layers))):
             grads[i], dy = self.layers[i].backward(params[i], cache[i], dy)
         return tuple(grads), dy
+
+    def per_example_backward(self, params, cache, dy):
+        grads = [None] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            grads[i], dy = self.layers[i].per_example_backward(params[i], cache[i], dy)
+        return tuple(grads), dy
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        total = jnp.zeros(dy.shape[:1], dy.dtype)
+        for i in reversed(range(len(self.layers))):
+            sq, dy = self.layers[i].per_example_sq_norms(params[i], cache[i], dy, l2)
+            total = total + sq
+        return total, dy
 
 
 _HIDDEN = {

@@ -1,0 +1,111 @@
+"""Per-example gradients, their norms, and DP-SGD clipping, from the handwritten backward.
+
+Owning the backward pass makes these cheap: the loss is a mean over the
+batch, so row i of N * dL/d(output) is the gradient of example i's own loss
+L_i, and every layer can keep examples apart on the way back instead of
+summing over the batch. No vmap of a gradient is involved.
+
+    values, grads = pn.per_example_grads(net, params, state, x, y)      # leaves (batch, ...)
+    norms = pn.per_example_grad_norms(net, params, state, x, y)        # (batch,), no per-example grads formed
+    value, grads, state = pn.clipped_value_and_grad(net, params, state, x, y,
+                                                    clip_norm=1.0, noise_multiplier=1.1, noise_key=k)
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from purenet import losses
+from purenet._checks import check_hyperparameter
+from purenet.network import _has_l2, loss_pass
+
+
+def _per_example_dout(p, y):
+    n = p.out.shape[0]
+    return p.loss_fn.backward(p.out, y) * n
+
+
+def _per_example_values(p, y):
+    return jax.vmap(lambda o, t: p.loss_fn.value(o[None], t[None]))(p.out, jnp.asarray(y))
+
+
+def per_example_grads(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+    """(values, grads): each example's own loss L_i (+ l2 penalty) and its gradient.
+
+    grads has params' structure with a leading batch axis on every leaf; its
+    mean over the batch is pn.value_and_grad's gradient.
+    """
+    p = loss_pass(net, params, state, x, loss, train, key)
+    body_grads, _ = p.body.per_example_backward(p.body_params, p.cache, _per_example_dout(p, y))
+    grads = p.grads(net, body_grads)
+    n = p.out.shape[0]
+    if _has_l2(l2):
+        decay = losses.l2_backward(params, l2)
+        grads = jax.tree_util.tree_map(lambda g, d: g + d[None], grads, decay)
+    values = _per_example_values(p, y) + losses.l2_penalty(params, l2)
+    return values, jax.tree_util.tree_map(lambda g: jnp.broadcast_to(g, (n,) + g.shape[1:]), grads)
+
+
+def _sq_norms(p, y, l2):
+    sq, _ = p.body.per_example_sq_norms(p.body_params, p.cache, _per_example_dout(p, y), l2)
+    return sq
+
+
+def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+    """||grad of L_i|| for every example i, without forming the per-example gradients.
+
+    Dense layers use ||h_i dy_i^T|| = ||h_i|| ||dy_i|| (Goodfellow, 2015), so
+    memory is O(batch x (in + out)) rather than O(batch x params).
+    """
+    p = loss_pass(net, params, state, x, loss, train, key)
+    return jnp.sqrt(jnp.maximum(_sq_norms(p, y, l2), 0.0))
+
+
+def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multiplier=0.0, noise_key=None,
+                           loss="cross_entropy", l2=0.0, train=False, key=None):
+    """DP-SGD's gradient (Abadi et al., 2016): clip each example, sum, add noise, average.
+
+        g = (1/N) [ sum_i g_i min(1, C / ||g_i||) + sigma C z ],   z ~ N(0, I)
+
+    with C = clip_norm and sigma = noise_multiplier. Each g_i is linear in
+    row i of dL/d(output), so scaling that row by its clip factor and running
+    the ordinary backward once gives the clipped sum (norms come from
+    `per_example_grad_norms`, so no per-example gradient is ever formed).
+    The l2 term is added after clipping, unclipped. Returns (value, grads, state).
+    """
+    check_hyperparameter("clip_norm", clip_norm, 0.0, None, low_open=True)
+    check_hyperparameter("noise_multiplier", noise_multiplier, 0.0, None)
+    p = loss_pass(net, params, state, x, loss, train, key)
+    norms = jnp.sqrt(jnp.maximum(_sq_norms(p, y, 0.0), 0.0))
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
+    dout = p.loss_fn.backward(p.out, y)
+    scaled = dout * scale.reshape((-1,) + (1,) * (dout.ndim - 1)).astype(dout.dtype)
+    body_grads, _ = p.body.backward(p.body_params, p.cache, scaled)
+    grads = p.grads(net, body_grads)
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
+        if noise_key is None:
+            raise ValueError("clipped_value_and_grad with noise_multiplier > 0 needs a noise_key")
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        keys = jax.random.split(noise_key, len(leaves))
+        n = p.out.shape[0]
+        leaves = [g + noise_multiplier * clip_norm / n * jax.random.normal(k, g.shape, g.dtype)
+                  for g, k in zip(leaves, keys)]
+        grads = jax.tree_util.tree_unflatten(treedef, leaves)
+    if _has_l2(l2):
+        grads = jax.tree_util.tree_map(jnp.add, grads, losses.l2_backward(params, l2))
+    value = p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2)
+    return value, grads, p.state
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGD:
+    """A training option for `fit`/`train`: per-example clipping to `clip_norm`
+    and Gaussian noise of std noise_multiplier * clip_norm, as in
+    `clipped_value_and_grad`."""
+
+    clip_norm: float
+    noise_multiplier: float = 0.0
+
+    def __post_init__(self):
+        check_hyperparameter("clip_norm", self.clip_norm, 0.0, None, low_open=True)
+        check_hyperparameter("noise_multiplier", self.noise_multiplier, 0.0, None)

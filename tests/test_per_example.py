@@ -1,0 +1,88 @@
+"""Per-example gradients and norms from the handwritten backward, and DP-SGD clipping."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import purenet as pn
+from purenet.testing import compare_trees, net_cases
+
+
+def reference_per_example(case, params, state, x, y):
+    """jax.vmap(jax.grad) of the loss on one example at a time."""
+    def one(xi, yi):
+        return jax.grad(lambda p: pn.loss(case.net, p, state, xi[None], yi[None], loss=case.loss,
+                                          l2=case.l2)[0])(params)
+
+    return jax.vmap(one)(x, y)
+
+
+@settings(max_examples=30)
+@given(net_cases(max_depth=2))
+def test_per_example_grads_equal_vmap_of_grad(case):
+    params, state, x, y = case.data()
+    values, grads = pn.per_example_grads(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
+    ref = reference_per_example(case, params, state, x, y)
+    assert max(compare_trees(grads, ref).values()) <= 1e-10
+    _, batch_grads, _ = pn.value_and_grad(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
+    mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+    assert max(compare_trees(mean, batch_grads).values()) <= 1e-10
+    whole, _ = pn.loss(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
+    np.testing.assert_allclose(jnp.mean(values), whole, rtol=1e-10)
+    norms = pn.per_example_grad_norms(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
+    explicit = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(ref)))
+    np.testing.assert_allclose(norms, explicit, rtol=1e-8, atol=1e-12)
+
+
+def test_clipping_bounds_every_example_and_equals_the_explicit_computation():
+    net = pn.mlp([5, 8, 3])
+    params, state = pn.init(net, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (16, 5)) * 3
+    y = jnp.arange(16) % 3
+    _, per = pn.per_example_grads(net, params, state, x, y)
+    norms = pn.per_example_grad_norms(net, params, state, x, y)
+    clip = float(jnp.median(norms))
+    scale = jnp.minimum(1.0, clip / norms)
+    clipped = jax.tree_util.tree_map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), per)
+    contributions = jnp.sqrt(sum(jnp.sum(g.reshape(16, -1) ** 2, 1) for g in jax.tree_util.tree_leaves(clipped)))
+    assert float(jnp.max(contributions)) <= clip * (1 + 1e-10)
+    _, grads, _ = pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=clip)
+    expected = jax.tree_util.tree_map(lambda g: jnp.mean(g, 0), clipped)
+    assert max(compare_trees(grads, expected).values()) <= 1e-10
+
+
+def test_noise_has_the_stated_scale_and_needs_a_key():
+    net = pn.mlp([4, 3])
+    params, state = pn.init(net, jax.random.key(0))
+    x, y = jnp.ones((8, 4)), jnp.zeros(8, jnp.int32)
+    _, clean, _ = pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0)
+    draws = jnp.stack([
+        pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0, noise_multiplier=2.0,
+                                  noise_key=jax.random.key(i))[1][0]["W"] - clean[0]["W"]
+        for i in range(200)])
+    np.testing.assert_allclose(jnp.std(draws), 2.0 * 1.0 / 8, rtol=0.05)
+    with pytest.raises(ValueError, match="noise_key"):
+        pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0, noise_multiplier=1.0)
+
+
+def test_batchnorm_in_training_has_no_per_example_gradients():
+    net = pn.mlp([3, 4, 2], batchnorm=True)
+    params, state = pn.init(net, jax.random.key(0))
+    with pytest.raises(ValueError, match="undefined through BatchNorm in training"):
+        pn.per_example_grads(net, params, state, jnp.ones((4, 3)), jnp.zeros(4, jnp.int32), train=True)
+    values, grads = pn.per_example_grads(net, params, state, jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))
+    chex.assert_shape(grads[1]["gamma"], (4, 4))
+
+
+def test_fit_with_dp_sgd_trains_and_is_deterministic():
+    data = pn.datasets.digits()
+    net = pn.mlp([64, 32, 10])
+    run = lambda: pn.fit(net, pn.optim.sgd(0.5), (data.x_train[:512], data.y_train[:512]),  # noqa: E731
+                         key=jax.random.key(0), epochs=4, batch_size=64, dp=pn.DPSGD(1.0, 0.5))
+    a, b = run(), run()
+    chex.assert_trees_all_equal(a.params, b.params)
+    assert a.history["loss"][-1] < a.history["loss"][0]
+    acc = pn.metrics.accuracy(net, a.params, a.state, data.x_test, data.y_test)
+    assert float(acc) > 0.5
