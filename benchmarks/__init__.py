@@ -1,0 +1,1 @@
+"""purenet's benchmarks: `python -m benchmarks --help`."""

@@ -1,0 +1,284 @@
+"""Benchmark runner: `python -m benchmarks [--smoke] [--repeats 7] [--json results.json]`.
+
+Every comparison runs in this one process, interleaved repeat by repeat, so
+a noisy machine slows all contenders alike; the reported numbers are medians
+(with min-max) of per-step times after warm-up, compile time separately, and
+ratios taken within the same run. --smoke runs every case tiny and once: it
+checks that each runs, not how fast.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import purenet as pn
+from benchmarks import steps as S
+
+SIZES = {"digits": [64, 128, 128, 10], "mnist": [784, 1024, 1024, 10]}
+CASES = [("digits", 64), ("mnist", 128), ("mnist", 1024)]
+SMOKE_SIZES, SMOKE_BATCH = [8, 16, 16, 4], 8
+
+
+def clock(fn, n):
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def summary(times):
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+# ---------------------------------------------------------------- train steps
+
+
+def train_steps(sizes, batch, repeats, n, names):
+    built, compile_s = {}, {}
+    for name in names:
+        try:
+            step, state, data = S.STEPS[name](sizes, batch)
+            start = time.perf_counter()
+            state = S.sync(step(state, data))
+            compile_s[name] = time.perf_counter() - start
+            built[name] = [step, state, data]
+        except Exception as e:  # a missing peer or an offline torch.compile
+            print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    times, counts = {name: [] for name in built}, {}
+    for name, entry in built.items():  # steps per timed block: ~0.3 s of work, at most n
+        start = time.perf_counter()
+        entry[1] = S.sync(entry[0](entry[1], entry[2]))
+        counts[name] = int(min(n, max(2, 0.3 / (time.perf_counter() - start))))
+    for _ in range(repeats):
+        for name, entry in built.items():
+            step, state, data = entry
+
+            def run():
+                entry[1] = step(entry[1], data)
+
+            run()
+            S.sync(entry[1])
+            start = time.perf_counter()
+            for _ in range(counts[name]):
+                run()
+            S.sync(entry[1])
+            times[name].append((time.perf_counter() - start) / counts[name])
+    flops = S.flops_per_step(sizes, batch)
+    return {name: {**summary(t), "compile_s": compile_s[name], "gflops": flops / statistics.median(t) / 1e9}
+            for name, t in times.items()}
+
+
+def matmul_peak(n=2048, repeats=5):
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, a).block_until_ready()
+    jax_t = min(clock(lambda: f(a, a).block_until_ready(), 5) for _ in range(repeats))
+    peaks = {"jax": 2 * n**3 / jax_t / 1e9}
+    try:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        t = torch.ones(n, n)
+        torch.mm(t, t)
+        peaks["torch"] = 2 * n**3 / min(clock(lambda: torch.mm(t, t), 5) for _ in range(repeats)) / 1e9
+    except ImportError:
+        pass
+    return peaks
+
+
+# ---------------------------------------------------------------- scan vs loop, vmapped models
+
+
+def epoch_scan_vs_loop(repeats, smoke):
+    data = pn.datasets.digits()
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    sizes = SMOKE_SIZES[:1] + [16, 10] if smoke else SIZES["digits"]
+    sizes = [64] + sizes[1:]
+    net, opt = pn.mlp(sizes), pn.optim.adam(S.LR)
+    params, state = pn.init(net, jax.random.key(0))
+    ts = pn.TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
+    batch = 64
+    epoch = jax.jit(lambda ts: pn.train_epoch(net, opt, ts, x, y, jax.random.key(1), batch_size=batch))
+    step_fn = jax.jit(lambda ts, xb, yb: pn.train_epoch(net, opt, ts, xb, yb, jax.random.key(1), batch_size=batch))
+    order = np.asarray(jax.random.permutation(jax.random.key(2), len(x)))[: len(x) // batch * batch]
+    batches = [(x[i], y[i]) for i in order.reshape(-1, batch)]
+
+    def loop():
+        t = ts
+        for xb, yb in batches:
+            t, _ = step_fn(t, xb, yb)
+        return jax.block_until_ready(t)
+
+    jax.block_until_ready(epoch(ts))
+    loop()
+    scan_t, loop_t = [], []
+    for _ in range(repeats):
+        scan_t.append(clock(lambda: jax.block_until_ready(epoch(ts)), 3))
+        loop_t.append(clock(loop, 3))
+    return {"scan": summary(scan_t), "python loop of jitted steps": summary(loop_t),
+            "steps_per_epoch": len(batches)}
+
+
+def vmapped_models(repeats, smoke, models=32):
+    data = pn.datasets.digits()
+    xy = (jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+    net = pn.mlp([64, 16, 10] if smoke else SIZES["digits"])
+    models = 2 if smoke else models
+
+    def run(seed):
+        ts, _, _ = pn.train(net, pn.optim.adam(S.LR), xy, key=jax.random.key(seed), epochs=1, batch_size=64)
+        return ts.opt_state.params
+
+    many = jax.jit(jax.vmap(run))
+    one = jax.jit(run)
+    seeds = jnp.arange(models)
+    jax.block_until_ready(many(seeds))
+    jax.block_until_ready(one(0))
+    vm, seq = [], []
+    for _ in range(repeats):
+        vm.append(clock(lambda: jax.block_until_ready(many(seeds)), 1))
+        seq.append(clock(lambda: [jax.block_until_ready(one(s)) for s in range(models)], 1))
+    return {"models": models, "vmapped": summary(vm), "sequential": summary(seq)}
+
+
+# ---------------------------------------------------------------- time to 97% on digits
+
+
+def time_to_accuracy(target, max_epochs, smoke):
+    data = pn.datasets.digits()
+    x, y, xt, yt = (jnp.asarray(a) for a in data)
+    sizes, batch = [64, 128, 64, 10], 32
+    out = {}
+    net, opt = pn.mlp(sizes), pn.optim.adam(S.LR)
+    params, state = pn.init(net, jax.random.key(0))
+    ts = pn.TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
+    epoch = jax.jit(lambda ts: pn.train_epoch(net, opt, ts, x, y, jax.random.key(1), batch_size=batch)[0])
+    acc = jax.jit(lambda ts: pn.metrics.accuracy(net, ts.opt_state.params, ts.model_state, xt, yt))
+    start = time.perf_counter()
+    compiled = epoch.lower(ts).compile(), acc.lower(ts).compile()
+    compile_s = time.perf_counter() - start
+    start, reached, epochs = time.perf_counter(), 0.0, 0
+    while reached < target and epochs < max_epochs:
+        ts = compiled[0](ts)
+        reached, epochs = float(compiled[1](ts)), epochs + 1
+    out["purenet"] = {"train_s": time.perf_counter() - start, "compile_s": compile_s, "epochs": epochs,
+                      "accuracy": reached}
+    try:
+        import torch
+    except ImportError:
+        return out
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    topt = torch.optim.Adam(model.parameters(), lr=S.LR)
+    tx, ty = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()
+    txt, tyt = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test).long()
+    gen = torch.Generator().manual_seed(0)
+    start, reached, epochs = time.perf_counter(), 0.0, 0
+    while reached < target and epochs < max_epochs:
+        perm = torch.randperm(len(tx), generator=gen)
+        for i in range(len(tx) // batch):
+            idx = perm[i * batch:(i + 1) * batch]
+            topt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(tx[idx]), ty[idx]).backward()
+            topt.step()
+        with torch.no_grad():
+            reached = float((model(txt).argmax(1) == tyt).float().mean())
+        epochs += 1
+    out["pytorch eager"] = {"train_s": time.perf_counter() - start, "epochs": epochs, "accuracy": reached}
+    return out
+
+
+# ---------------------------------------------------------------- per-example gradient norms
+
+
+def per_example_norms(repeats, smoke):
+    sizes, batch = ([16, 32, 32, 4], 16) if smoke else (SIZES["mnist"], 1024)
+    net = pn.mlp(sizes)
+    params, state = pn.init(net, jax.random.key(0))
+    x, y = (jnp.asarray(a) for a in S._data(sizes, batch))
+    ours = jax.jit(lambda p, x, y: pn.per_example_grad_norms(net, p, state, x, y))
+
+    def vmap_grad(p, x, y):
+        g = jax.vmap(lambda xi, yi: jax.grad(lambda q: pn.loss(net, q, state, xi[None], yi[None])[0])(p))(x, y)
+        return jnp.sqrt(sum(jnp.sum(v.reshape(batch, -1) ** 2, 1) for v in jax.tree_util.tree_leaves(g)))
+
+    ref = jax.jit(vmap_grad)
+    np.testing.assert_allclose(ours(params, x, y), ref(params, x, y), rtol=1e-3)
+    result = {}
+    for name, fn in (("purenet per_example_grad_norms", ours), ("vmap(jax.grad)", ref)):
+        mem = fn.lower(params, x, y).compile().memory_analysis()
+        times = [clock(lambda: fn(params, x, y).block_until_ready(), 3) for _ in range(repeats)]
+        result[name] = {**summary(times), "temp_MiB": mem.temp_size_in_bytes / 2**20 if mem else None}
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every case tiny and once (CI)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=50, help="train steps timed per repeat")
+    parser.add_argument("--frameworks", nargs="*", default=list(S.STEPS))
+    parser.add_argument("--json", default="benchmark_results.json")
+    args = parser.parse_args()
+    repeats, n = (1, 2) if args.smoke else (args.repeats, args.steps)
+    if args.smoke:  # torch.compile alone takes ~40 s to compile: not for a smoke run
+        args.frameworks = [f for f in args.frameworks if f != "torch.compile"]
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
+               "train_step": {}}
+
+    results["matmul_peak_gflops"] = matmul_peak(256 if args.smoke else 2048, 1 if args.smoke else 5)
+    print(f"float32 matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in results["matmul_peak_gflops"].items()))
+    cases = [("smoke", SMOKE_BATCH)] if args.smoke else CASES
+    for size_name, batch in cases:
+        sizes = SMOKE_SIZES if args.smoke else SIZES[size_name]
+        key = f"{'-'.join(map(str, sizes))} @ batch {batch}"
+        print(f"train step {key}")
+        res = train_steps(sizes, batch, repeats, n, args.frameworks)
+        results["train_step"][key] = res
+        base = res.get("purenet", {}).get("median_s")
+        peak = results["matmul_peak_gflops"]["jax"]
+        rows = [[name, f"{r['median_s'] * 1e6:.0f}", f"{r['min_s'] * 1e6:.0f}-{r['max_s'] * 1e6:.0f}",
+                 f"{r['compile_s']:.2f}", f"{r['median_s'] / base:.2f}x" if base else "-",
+                 f"{r['gflops']:.1f} ({100 * r['gflops'] / peak:.0f}%)"] for name, r in res.items()]
+        print(table(rows, ["framework", "median us", "min-max us", "compile s", "purenet speedup",
+                           "GFLOP/s (% of jax peak)"]))
+    results["epoch_scan_vs_loop"] = r = epoch_scan_vs_loop(repeats, args.smoke)
+    print(f"epoch ({r['steps_per_epoch']} steps): scan {r['scan']['median_s'] * 1e3:.1f} ms, python loop "
+          f"{r['python loop of jitted steps']['median_s'] * 1e3:.1f} ms "
+          f"({r['python loop of jitted steps']['median_s'] / r['scan']['median_s']:.2f}x)")
+    results["vmapped_models"] = r = vmapped_models(repeats, args.smoke)
+    print(f"{r['models']} models, 1 epoch: vmapped {r['vmapped']['median_s']:.2f} s, sequential "
+          f"{r['sequential']['median_s']:.2f} s ({r['sequential']['median_s'] / r['vmapped']['median_s']:.2f}x)")
+    results["time_to_97"] = r = time_to_accuracy(0.97, 1 if args.smoke else 60, args.smoke)
+    for name, v in r.items():
+        print(f"digits to 97%: {name}: {v['train_s']:.2f} s training"
+              + (f" + {v['compile_s']:.2f} s compile" if "compile_s" in v else "")
+              + f", {v['epochs']} epochs, accuracy {v['accuracy']:.4f}")
+    results["per_example_norms"] = r = per_example_norms(repeats, args.smoke)
+    for name, v in r.items():
+        print(f"per-example grad norms: {name}: {v['median_s'] * 1e3:.1f} ms, temp {v['temp_MiB']:.1f} MiB")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""One MLP train step (forward, backward, Adam update) per framework, all on the same math.
+
+Each builder takes (sizes, batch, seed) and returns (step, state, data): calling
+state = step(state, data) runs one training step; `sync(state)` waits for it.
+Peers are imported lazily and skipped when missing.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import purenet as pn
+
+LR = 1e-3
+
+
+def _data(sizes, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], batch).astype(np.int32)
+    return x, y
+
+
+def flops_per_step(sizes, batch):
+    """Matmul FLOPs of forward (2 b i o) and backward (4 b i o) per Dense layer."""
+    return 6 * batch * sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
+
+
+def sync(state):
+    if hasattr(state, "block_until_ready") or isinstance(state, (tuple, list, dict)):
+        jax.block_until_ready(state)
+    return state
+
+
+def purenet_step(sizes, batch, seed=0, dtype=jnp.float32):
+    net = pn.mlp(list(sizes))
+    params, state = pn.init(net, jax.random.key(seed), dtype=dtype)
+    opt = pn.optim.adam(LR)
+
+    @jax.jit
+    def step(carry, data):
+        opt_state, model_state = carry
+        x, y = data
+        _, grads, model_state = pn.value_and_grad(net, opt_state.params, model_state, x, y)
+        return opt.step(opt_state, grads), model_state
+
+    x, y = _data(sizes, batch, seed)
+    return step, (opt.init(params), state), (jnp.asarray(x, dtype), jnp.asarray(y))
+
+
+def autodiff_purenet_opt_step(sizes, batch, seed=0):
+    """The same loss through jax.value_and_grad: isolates the cost of the backward."""
+    net = pn.mlp(list(sizes))
+    params, state = pn.init(net, jax.random.key(seed), dtype=jnp.float32)
+    opt = pn.optim.adam(LR)
+
+    @jax.jit
+    def step(carry, data):
+        opt_state, model_state = carry
+        x, y = data
+        grads = jax.grad(lambda p: pn.loss(net, p, model_state, x, y)[0])(opt_state.params)
+        return opt.step(opt_state, grads), model_state
+
+    x, y = _data(sizes, batch, seed)
+    return step, (opt.init(params), state), (jnp.asarray(x), jnp.asarray(y))
+
+
+def jax_optax_step(sizes, batch, seed=0):
+    import optax
+
+    keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
+    params = [(jax.nn.initializers.he_normal()(k, (i, o), jnp.float32), jnp.zeros(o, jnp.float32))
+              for k, i, o in zip(keys, sizes[:-1], sizes[1:])]
+
+    def loss(params, x, y):
+        for W, b in params[:-1]:
+            x = jax.nn.relu(x @ W + b)
+        W, b = params[-1]
+        return optax.softmax_cross_entropy_with_integer_labels(x @ W + b, y).mean()
+
+    tx = optax.adam(LR)
+
+    @jax.jit
+    def step(carry, data):
+        params, opt_state = carry
+        grads = jax.grad(loss)(params, *data)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    x, y = _data(sizes, batch, seed)
+    return step, (params, tx.init(params)), (jnp.asarray(x), jnp.asarray(y))
+
+
+def flax_nnx_step(sizes, batch, seed=0):
+    import optax
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(i, o, rngs=rngs) for i, o in zip(sizes[:-1], sizes[1:])])
+
+        def __call__(self, x):
+            for layer in self.layers[:-1]:
+                x = nnx.relu(layer(x))
+            return self.layers[-1](x)
+
+    model = MLP(nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, optax.adam(LR), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        grads = nnx.grad(loss_fn)(model)
+        optimizer.update(model, grads)
+
+    def step(carry, data):
+        train_step(*carry, *data)
+        return carry
+
+    x, y = _data(sizes, batch, seed)
+    return step, (model, optimizer), (jnp.asarray(x), jnp.asarray(y))
+
+
+def equinox_step(sizes, batch, seed=0):
+    import equinox as eqx
+    import optax
+
+    model = eqx.nn.MLP(sizes[0], sizes[-1], sizes[1], len(sizes) - 2, activation=jax.nn.relu,
+                       key=jax.random.key(seed))
+    assert [layer.weight.shape for layer in model.layers] == [(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+    tx = optax.adam(LR)
+
+    def loss(model, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model)(x), y).mean()
+
+    @eqx.filter_jit
+    def step(carry, data):
+        model, opt_state = carry
+        grads = eqx.filter_grad(loss)(model, *data)
+        updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state
+
+    x, y = _data(sizes, batch, seed)
+    return step, (model, tx.init(eqx.filter(model, eqx.is_array))), (jnp.asarray(x), jnp.asarray(y))
+
+
+def torch_step(sizes, batch, seed=0, compile=False):
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(seed)
+    layers = []
+    for i, o in zip(sizes[:-2], sizes[1:-1]):
+        layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1]))
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train_step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    if compile:
+        train_step = torch.compile(train_step)
+
+    def step(carry, data):
+        train_step(*data)
+        return carry
+
+    x, y = _data(sizes, batch, seed)
+    return step, None, (torch.from_numpy(x), torch.from_numpy(y).long())
+
+
+STEPS = {
+    "purenet": purenet_step,
+    "jax.grad + purenet adam": autodiff_purenet_opt_step,
+    "jax.grad + optax": jax_optax_step,
+    "flax nnx + optax": flax_nnx_step,
+    "equinox + optax": equinox_step,
+    "pytorch eager": torch_step,
+    "torch.compile": lambda s, b, seed=0: torch_step(s, b, seed, compile=True),
+}

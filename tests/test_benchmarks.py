@@ -1,0 +1,20 @@
+"""The benchmark runner's smoke mode: every case runs (speed is not asserted here)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_mode_runs_every_case(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--json", str(tmp_path / "r.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    step = results["train_step"]["8-16-16-4 @ batch 8"]
+    for name in ("purenet", "jax.grad + purenet adam", "jax.grad + optax"):
+        assert step[name]["median_s"] > 0
+    for section in ("epoch_scan_vs_loop", "vmapped_models", "time_to_97", "per_example_norms"):
+        assert results[section]
+    assert results["matmul_peak_gflops"]["jax"] > 0
