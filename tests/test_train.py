@@ -305,3 +305,11 @@ def test_digits_reaches_97_percent(digits, record_property):
     record_property("digits", f"{acc:.4f} test accuracy, {len(result.history['loss'])} epochs, {seconds:.1f} s")
     print(f"digits: {acc:.4f} test accuracy, {len(result.history['loss'])} epochs, {seconds:.1f} s")
     assert acc >= 0.97
+
+
+def test_progress_bar_shows_the_metrics(small, capsys):
+    x, y = small
+    pn.fit(NET, pn.optim.sgd(0.1), (x, y), key=jax.random.key(0), epochs=2, batch_size=64,
+           validation=(x[:40], y[:40]), progress=True)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "val_accuracy=" in err and "loss=" in err
