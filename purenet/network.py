@@ -3,7 +3,7 @@
     value_and_grad:  x -> layer forwards (caches) -> loss and dL/d(output)
                        -> layer backwards in reverse -> grads (+ l2 W)
 
-`loss` is the same computation in plain JAX, with no backward: `jax.grad` of
+`loss` is the same computation in plain JAX, with no backward: autodiff of
 it is the reference that `value_and_grad` is tested against.
 
 When a network ends in Softmax and the loss is cross-entropy (or Sigmoid and
@@ -113,7 +113,7 @@ def _has_l2(l2):
 def loss(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
     """The loss of the network on (x, y) plus l2/2 sum W^2: returns (value, state).
 
-    Plain JAX and differentiable: jax.grad of it is the reference gradient.
+    Plain JAX and differentiable: its autodiff gradient is the reference.
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     return p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2), p.state

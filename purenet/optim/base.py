@@ -113,10 +113,10 @@ def apply_if_finite(opt, policy="skip"):
         raise ValueError(f"apply_if_finite policy must be 'skip' or 'raise', got {policy!r}")
 
     def step(state, grads):
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         if policy == "raise":
             _raise_if_not_finite(grads)
             return opt.step(state, grads)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         new = opt.step(state, grads)
         kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
         return kept._replace(count=new.count, learning_rate=new.learning_rate)
