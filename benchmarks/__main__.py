@@ -1,16 +1,23 @@
-"""Benchmark runner: `python -m benchmarks [--smoke] [--repeats 7] [--json results.json]`.
+"""Benchmark runner: `python -m benchmarks [--smoke] [--gpu] [--repeats 7] [--json results.json]`.
 
 Every comparison runs in this one process, interleaved repeat by repeat, so
 a noisy machine slows all contenders alike; the reported numbers are medians
 (with min-max) of per-step times after warm-up, compile time separately, and
 ratios taken within the same run. --smoke runs every case tiny and once: it
-checks that each runs, not how fast.
+checks that each runs, not how fast. --gpu adds a 4096-wide network at batch
+4096 and runs every train step in float32 and bfloat16, each against the
+device's own matmul peak in that dtype.
 """
 import argparse
+import importlib.util
+import itertools
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -19,9 +26,11 @@ import numpy as np
 
 import purenet as pn
 from benchmarks import steps as S
+from benchmarks import to97
 
-SIZES = {"digits": [64, 128, 128, 10], "mnist": [784, 1024, 1024, 10]}
+SIZES = {"digits": [64, 128, 128, 10], "mnist": [784, 1024, 1024, 10], "wide": [4096, 4096, 4096, 10]}
 CASES = [("digits", 64), ("mnist", 128), ("mnist", 1024)]
+GPU_CASES = [("digits", 64), ("mnist", 1024), ("wide", 4096)]
 SMOKE_SIZES, SMOKE_BATCH = [8, 16, 16, 4], 8
 
 
@@ -39,11 +48,11 @@ def summary(times):
 # ---------------------------------------------------------------- train steps
 
 
-def train_steps(sizes, batch, repeats, n, names):
+def train_steps(sizes, batch, repeats, n, names, dtype="float32"):
     built, compile_s = {}, {}
     for name in names:
         try:
-            step, state, data = S.STEPS[name](sizes, batch)
+            step, state, data = S.STEPS[name](sizes, batch, dtype=dtype)
             start = time.perf_counter()
             state = S.sync(step(state, data))
             compile_s[name] = time.perf_counter() - start
@@ -74,8 +83,9 @@ def train_steps(sizes, batch, repeats, n, names):
             for name, t in times.items()}
 
 
-def matmul_peak(n=2048, repeats=5):
-    a = jnp.ones((n, n), jnp.float32)
+def matmul_peak(n=2048, repeats=5, dtype="float32"):
+    """The best GFLOP/s of an n x n matmul in JAX and in PyTorch (each framework's own ceiling)."""
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a, b: a @ b)
     f(a, a).block_until_ready()
     jax_t = min(clock(lambda: f(a, a).block_until_ready(), 5) for _ in range(repeats))
@@ -84,9 +94,13 @@ def matmul_peak(n=2048, repeats=5):
         import torch
 
         torch.set_num_threads(os.cpu_count())
-        t = torch.ones(n, n)
+        torch.set_float32_matmul_precision("high")  # as in benchmarks.steps
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t = torch.ones(n, n, dtype=getattr(torch, dtype), device=device)
+        sync = S.TorchSync().block_until_ready
         torch.mm(t, t)
-        peaks["torch"] = 2 * n**3 / min(clock(lambda: torch.mm(t, t), 5) for _ in range(repeats)) / 1e9
+        sync()
+        peaks["torch"] = 2 * n**3 / min(clock(lambda: (torch.mm(t, t), sync()), 5) for _ in range(repeats)) / 1e9
     except ImportError:
         pass
     return peaks
@@ -150,50 +164,38 @@ def vmapped_models(repeats, smoke, models=32):
 # ---------------------------------------------------------------- time to 97% on digits
 
 
-def time_to_accuracy(target, max_epochs, smoke):
-    data = pn.datasets.digits()
-    x, y, xt, yt = (jnp.asarray(a) for a in data)
-    sizes, batch = [64, 128, 64, 10], 32
-    out = {}
-    net, opt = pn.mlp(sizes), pn.optim.adam(S.LR)
-    params, state = pn.init(net, jax.random.key(0))
-    ts = pn.TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
-    epoch = jax.jit(lambda ts: pn.train_epoch(net, opt, ts, x, y, jax.random.key(1), batch_size=batch)[0])
-    acc = jax.jit(lambda ts: pn.metrics.accuracy(net, ts.opt_state.params, ts.model_state, xt, yt))
-    start = time.perf_counter()
-    compiled = epoch.lower(ts).compile(), acc.lower(ts).compile()
-    compile_s = time.perf_counter() - start
-    start, reached, epochs = time.perf_counter(), 0.0, 0
-    while reached < target and epochs < max_epochs:
-        ts = compiled[0](ts)
-        reached, epochs = float(compiled[1](ts)), epochs + 1
-    out["purenet"] = {"train_s": time.perf_counter() - start, "compile_s": compile_s, "epochs": epochs,
-                      "accuracy": reached}
+def time_to_accuracy(target, max_epochs):
+    """Training time and compile time to `target` digits test accuracy, in this process."""
+    out = {"purenet": to97.purenet_run(target, max_epochs)}
     try:
-        import torch
+        out["pytorch eager"] = to97.torch_run(target, max_epochs)
     except ImportError:
-        return out
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count())
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
-                                torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    topt = torch.optim.Adam(model.parameters(), lr=S.LR)
-    tx, ty = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()
-    txt, tyt = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test).long()
-    gen = torch.Generator().manual_seed(0)
-    start, reached, epochs = time.perf_counter(), 0.0, 0
-    while reached < target and epochs < max_epochs:
-        perm = torch.randperm(len(tx), generator=gen)
-        for i in range(len(tx) // batch):
-            idx = perm[i * batch:(i + 1) * batch]
-            topt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(tx[idx]), ty[idx]).backward()
-            topt.step()
-        with torch.no_grad():
-            reached = float((model(txt).argmax(1) == tyt).float().mean())
-        epochs += 1
-    out["pytorch eager"] = {"train_s": time.perf_counter() - start, "epochs": epochs, "accuracy": reached}
+        pass
     return out
+
+
+def whole_run_wall(target, max_epochs, repeats):
+    """Wall time of whole processes (python -m benchmarks.to97 ...): imports, data, compile, training.
+
+    purenet without a cache, purenet's second run with pn.enable_compilation_cache
+    (a first run fills a fresh cache), and PyTorch eager; medians over repeats.
+    """
+    def wall(*args):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "benchmarks.to97", *args, "--target", str(target),
+                        "--max-epochs", str(max_epochs)], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    runs = {"purenet, no cache": [], "purenet, second run with cache": [], "pytorch eager": []}
+    has_torch = importlib.util.find_spec("torch") is not None
+    with tempfile.TemporaryDirectory() as cache:
+        wall("purenet", "--cache", cache)
+        for _ in range(repeats):
+            runs["purenet, no cache"].append(wall("purenet"))
+            runs["purenet, second run with cache"].append(wall("purenet", "--cache", cache))
+            if has_torch:
+                runs["pytorch eager"].append(wall("pytorch"))
+    return {name: summary(t) for name, t in runs.items() if t}
 
 
 # ---------------------------------------------------------------- per-example gradient norms
@@ -232,6 +234,7 @@ def table(rows, header):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every case tiny and once (CI)")
+    parser.add_argument("--gpu", action="store_true", help="add the 4096-wide case; float32 and bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50, help="train steps timed per repeat")
     parser.add_argument("--frameworks", nargs="*", default=list(S.STEPS))
@@ -240,26 +243,29 @@ def main():
     repeats, n = (1, 2) if args.smoke else (args.repeats, args.steps)
     if args.smoke:  # torch.compile alone takes ~40 s to compile: not for a smoke run
         args.frameworks = [f for f in args.frameworks if f != "torch.compile"]
+    dtypes = ["float32", "bfloat16"] if args.gpu else ["float32"]
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
-               "train_step": {}}
+               "command": " ".join(sys.argv), "matmul_peak_gflops": {}, "train_step": {}}
 
-    results["matmul_peak_gflops"] = matmul_peak(256 if args.smoke else 2048, 1 if args.smoke else 5)
-    print(f"float32 matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in results["matmul_peak_gflops"].items()))
-    cases = [("smoke", SMOKE_BATCH)] if args.smoke else CASES
-    for size_name, batch in cases:
+    peak_n = 256 if args.smoke else 8192 if args.gpu else 2048
+    for dtype in dtypes:
+        results["matmul_peak_gflops"][dtype] = peaks = matmul_peak(peak_n, 1 if args.smoke else 5, dtype)
+        print(f"{dtype} matmul peak ({peak_n}^2): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    cases = [("smoke", SMOKE_BATCH)] if args.smoke else GPU_CASES if args.gpu else CASES
+    for (size_name, batch), dtype in itertools.product(cases, dtypes):
         sizes = SMOKE_SIZES if args.smoke else SIZES[size_name]
-        key = f"{'-'.join(map(str, sizes))} @ batch {batch}"
+        key = f"{'-'.join(map(str, sizes))} @ batch {batch}" + ("" if dtype == "float32" else f" {dtype}")
         print(f"train step {key}")
-        res = train_steps(sizes, batch, repeats, n, args.frameworks)
+        res = train_steps(sizes, batch, repeats, n, args.frameworks, dtype)
         results["train_step"][key] = res
         base = res.get("purenet", {}).get("median_s")
-        peak = results["matmul_peak_gflops"]["jax"]
+        peak = results["matmul_peak_gflops"][dtype]["jax"]
         rows = [[name, f"{r['median_s'] * 1e6:.0f}", f"{r['min_s'] * 1e6:.0f}-{r['max_s'] * 1e6:.0f}",
                  f"{r['compile_s']:.2f}", f"{r['median_s'] / base:.2f}x" if base else "-",
                  f"{r['gflops']:.1f} ({100 * r['gflops'] / peak:.0f}%)"] for name, r in res.items()]
         print(table(rows, ["framework", "median us", "min-max us", "compile s", "purenet speedup",
-                           "GFLOP/s (% of jax peak)"]))
+                           f"GFLOP/s (% of jax {dtype} peak)"]))
     results["epoch_scan_vs_loop"] = r = epoch_scan_vs_loop(repeats, args.smoke)
     print(f"epoch ({r['steps_per_epoch']} steps): scan {r['scan']['median_s'] * 1e3:.1f} ms, python loop "
           f"{r['python loop of jitted steps']['median_s'] * 1e3:.1f} ms "
@@ -267,11 +273,16 @@ def main():
     results["vmapped_models"] = r = vmapped_models(repeats, args.smoke)
     print(f"{r['models']} models, 1 epoch: vmapped {r['vmapped']['median_s']:.2f} s, sequential "
           f"{r['sequential']['median_s']:.2f} s ({r['sequential']['median_s'] / r['vmapped']['median_s']:.2f}x)")
-    results["time_to_97"] = r = time_to_accuracy(0.97, 1 if args.smoke else 60, args.smoke)
+    target, max_epochs = (1.01, 1) if args.smoke else (0.97, 60)  # smoke: exactly one epoch
+    results["time_to_97"] = r = time_to_accuracy(target, max_epochs)
     for name, v in r.items():
-        print(f"digits to 97%: {name}: {v['train_s']:.2f} s training"
+        print(f"digits to {target:.0%}: {name}: {v['train_s']:.2f} s training"
               + (f" + {v['compile_s']:.2f} s compile" if "compile_s" in v else "")
               + f", {v['epochs']} epochs, accuracy {v['accuracy']:.4f}")
+    results["whole_run_wall"] = r = whole_run_wall(target, max_epochs, repeats)
+    for name, v in r.items():
+        print(f"digits to {target:.0%}, whole process: {name}: {v['median_s']:.2f} s "
+              f"({v['min_s']:.2f}-{v['max_s']:.2f})")
     results["per_example_norms"] = r = per_example_norms(repeats, args.smoke)
     for name, v in r.items():
         print(f"per-example grad norms: {name}: {v['median_s'] * 1e3:.1f} ms, temp {v['temp_MiB']:.1f} MiB")

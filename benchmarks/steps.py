@@ -1,8 +1,11 @@
 """One MLP train step (forward, backward, Adam update) per framework, all on the same math.
 
-Each builder takes (sizes, batch, seed) and returns (step, state, data): calling
-state = step(state, data) runs one training step; `sync(state)` waits for it.
-Peers are imported lazily and skipped when missing.
+Each builder takes (sizes, batch, seed, dtype) and returns (step, state, data):
+calling state = step(state, data) runs one training step; `sync(state)` waits
+for it (on a GPU too). dtype is the compute and parameter dtype, "float32" or
+"bfloat16" (purenet keeps its Adam slots of bfloat16 params in float32; the
+peers keep theirs in the param dtype). Peers are imported lazily and skipped
+when missing; PyTorch runs on CUDA when it has it.
 """
 import jax
 import jax.numpy as jnp
@@ -13,10 +16,10 @@ import purenet as pn
 LR = 1e-3
 
 
-def _data(sizes, batch, seed=0):
+def _data(sizes, batch, seed=0, dtype="float32"):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-    y = rng.integers(0, sizes[-1], batch).astype(np.int32)
+    x = jnp.asarray(rng.standard_normal((batch, sizes[0])), dtype)
+    y = jnp.asarray(rng.integers(0, sizes[-1], batch), jnp.int32)
     return x, y
 
 
@@ -26,12 +29,14 @@ def flops_per_step(sizes, batch):
 
 
 def sync(state):
-    if hasattr(state, "block_until_ready") or isinstance(state, (tuple, list, dict)):
+    if isinstance(state, TorchSync):
+        state.block_until_ready()
+    elif hasattr(state, "block_until_ready") or isinstance(state, (tuple, list, dict)):
         jax.block_until_ready(state)
     return state
 
 
-def purenet_step(sizes, batch, seed=0, dtype=jnp.float32):
+def purenet_step(sizes, batch, seed=0, dtype="float32"):
     net = pn.mlp(list(sizes))
     params, state = pn.init(net, jax.random.key(seed), dtype=dtype)
     opt = pn.optim.adam(LR)
@@ -43,14 +48,13 @@ def purenet_step(sizes, batch, seed=0, dtype=jnp.float32):
         _, grads, model_state = pn.value_and_grad(net, opt_state.params, model_state, x, y)
         return opt.step(opt_state, grads), model_state
 
-    x, y = _data(sizes, batch, seed)
-    return step, (opt.init(params), state), (jnp.asarray(x, dtype), jnp.asarray(y))
+    return step, (opt.init(params), state), _data(sizes, batch, seed, dtype)
 
 
-def autodiff_purenet_opt_step(sizes, batch, seed=0):
+def autodiff_purenet_opt_step(sizes, batch, seed=0, dtype="float32"):
     """The same loss through jax.value_and_grad: isolates the cost of the backward."""
     net = pn.mlp(list(sizes))
-    params, state = pn.init(net, jax.random.key(seed), dtype=jnp.float32)
+    params, state = pn.init(net, jax.random.key(seed), dtype=dtype)
     opt = pn.optim.adam(LR)
 
     @jax.jit
@@ -60,22 +64,21 @@ def autodiff_purenet_opt_step(sizes, batch, seed=0):
         grads = jax.grad(lambda p: pn.loss(net, p, model_state, x, y)[0])(opt_state.params)
         return opt.step(opt_state, grads), model_state
 
-    x, y = _data(sizes, batch, seed)
-    return step, (opt.init(params), state), (jnp.asarray(x), jnp.asarray(y))
+    return step, (opt.init(params), state), _data(sizes, batch, seed, dtype)
 
 
-def jax_optax_step(sizes, batch, seed=0):
+def jax_optax_step(sizes, batch, seed=0, dtype="float32"):
     import optax
 
     keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
-    params = [(jax.nn.initializers.he_normal()(k, (i, o), jnp.float32), jnp.zeros(o, jnp.float32))
+    params = [(jax.nn.initializers.he_normal()(k, (i, o), dtype), jnp.zeros(o, dtype))
               for k, i, o in zip(keys, sizes[:-1], sizes[1:])]
 
     def loss(params, x, y):
         for W, b in params[:-1]:
             x = jax.nn.relu(x @ W + b)
         W, b = params[-1]
-        return optax.softmax_cross_entropy_with_integer_labels(x @ W + b, y).mean()
+        return optax.softmax_cross_entropy_with_integer_labels((x @ W + b).astype(jnp.float32), y).mean()
 
     tx = optax.adam(LR)
 
@@ -86,17 +89,17 @@ def jax_optax_step(sizes, batch, seed=0):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    x, y = _data(sizes, batch, seed)
-    return step, (params, tx.init(params)), (jnp.asarray(x), jnp.asarray(y))
+    return step, (params, tx.init(params)), _data(sizes, batch, seed, dtype)
 
 
-def flax_nnx_step(sizes, batch, seed=0):
+def flax_nnx_step(sizes, batch, seed=0, dtype="float32"):
     import optax
     from flax import nnx
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
-            self.layers = nnx.List([nnx.Linear(i, o, rngs=rngs) for i, o in zip(sizes[:-1], sizes[1:])])
+            self.layers = nnx.List([nnx.Linear(i, o, dtype=dtype, param_dtype=dtype, rngs=rngs)
+                                    for i, o in zip(sizes[:-1], sizes[1:])])
 
         def __call__(self, x):
             for layer in self.layers[:-1]:
@@ -109,7 +112,7 @@ def flax_nnx_step(sizes, batch, seed=0):
     @nnx.jit
     def train_step(model, optimizer, x, y):
         def loss_fn(model):
-            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(model(x).astype(jnp.float32), y).mean()
 
         grads = nnx.grad(loss_fn)(model)
         optimizer.update(model, grads)
@@ -118,21 +121,20 @@ def flax_nnx_step(sizes, batch, seed=0):
         train_step(*carry, *data)
         return carry
 
-    x, y = _data(sizes, batch, seed)
-    return step, (model, optimizer), (jnp.asarray(x), jnp.asarray(y))
+    return step, (model, optimizer), _data(sizes, batch, seed, dtype)
 
 
-def equinox_step(sizes, batch, seed=0):
+def equinox_step(sizes, batch, seed=0, dtype="float32"):
     import equinox as eqx
     import optax
 
     model = eqx.nn.MLP(sizes[0], sizes[-1], sizes[1], len(sizes) - 2, activation=jax.nn.relu,
-                       key=jax.random.key(seed))
+                       key=jax.random.key(seed), dtype=jnp.dtype(dtype))
     assert [layer.weight.shape for layer in model.layers] == [(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
     tx = optax.adam(LR)
 
     def loss(model, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model)(x), y).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model)(x).astype(jnp.float32), y).mean()
 
     @eqx.filter_jit
     def step(carry, data):
@@ -141,27 +143,40 @@ def equinox_step(sizes, batch, seed=0):
         updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), opt_state
 
-    x, y = _data(sizes, batch, seed)
-    return step, (model, tx.init(eqx.filter(model, eqx.is_array))), (jnp.asarray(x), jnp.asarray(y))
+    return step, (model, tx.init(eqx.filter(model, eqx.is_array))), _data(sizes, batch, seed, dtype)
 
 
-def torch_step(sizes, batch, seed=0, compile=False):
+class TorchSync:
+    """Stands in for a PyTorch step's state: block_until_ready waits for CUDA's queue."""
+
+    def block_until_ready(self):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return self
+
+
+def torch_step(sizes, batch, seed=0, dtype="float32", compile=False):
     import os
 
     import torch
 
     torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs, as JAX's default precision is
     torch.manual_seed(seed)
     layers = []
     for i, o in zip(sizes[:-2], sizes[1:-1]):
         layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1]))
+    tdtype = getattr(torch, dtype)
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1])).to(device, tdtype)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def train_step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x).float(), y)
         loss.backward()
         opt.step()
 
@@ -172,8 +187,8 @@ def torch_step(sizes, batch, seed=0, compile=False):
         train_step(*data)
         return carry
 
-    x, y = _data(sizes, batch, seed)
-    return step, None, (torch.from_numpy(x), torch.from_numpy(y).long())
+    x, y = (np.array(v.astype(jnp.float32)) for v in _data(sizes, batch, seed, dtype))
+    return step, TorchSync(), (torch.from_numpy(x).to(device, tdtype), torch.from_numpy(y.astype(np.int64)).to(device))
 
 
 STEPS = {
@@ -183,5 +198,5 @@ STEPS = {
     "flax nnx + optax": flax_nnx_step,
     "equinox + optax": equinox_step,
     "pytorch eager": torch_step,
-    "torch.compile": lambda s, b, seed=0: torch_step(s, b, seed, compile=True),
+    "torch.compile": lambda s, b, seed=0, dtype="float32": torch_step(s, b, seed, dtype, compile=True),
 }

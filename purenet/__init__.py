@@ -1,6 +1,8 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import augment, checkpoint, datasets, diagnostics, distributed, initializers, losses, metrics, optim
+from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, losses,
+                     metrics, optim, shuffle)
 from purenet.checkpoint import CheckpointError, load, save
+from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
     BatchNorm, Dense, Dropout, Elementwise, Identity, LeakyReLU, ReLU,
     Sequential, Sigmoid, Softmax, Tanh, mlp,

@@ -4,13 +4,16 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_float_input
+from purenet.layers import Sequential, Sigmoid, Softmax
 
 
 def predict(net, params, state, x, batch_size=1024):
     """The network's outputs on x (evaluation mode), `batch_size` rows at a time."""
     check_float_input(x)
     n = x.shape[0]
-    size = min(batch_size, n)
+    if n <= batch_size:  # one chunk: no loop, no padding
+        return net.forward(params, state, x, train=False)[0]
+    size = batch_size
     chunks = -(-n // size)
     padded = jnp.concatenate([x, jnp.zeros((chunks * size - n,) + x.shape[1:], x.dtype)])
 
@@ -27,9 +30,17 @@ def _labels(y):
 
 
 def predicted_classes(net, params, state, x, batch_size=1024):
+    """The most probable class of each row: argmax of the outputs, or for a
+    single output unit, class 1 when p > 1/2. A final Softmax or Sigmoid is
+    monotone, so it is skipped and the logits decide (argmax z, or z > 0):
+    the same classes without the exponentials, and no ties from rounding."""
+    threshold = 0.5
+    if isinstance(net, Sequential) and net.layers and isinstance(net.layers[-1], (Softmax, Sigmoid)):
+        net, params, state = Sequential(net.layers[:-1], in_dim=net.in_dim), params[:-1], state[:-1]
+        threshold = 0.0
     out = predict(net, params, state, x, batch_size)
-    if out.shape[-1] == 1:  # a single sigmoid unit: class 1 when p > 1/2
-        return (out[:, 0] > 0.5).astype(jnp.int32)
+    if out.shape[-1] == 1:
+        return (out[:, 0] > threshold).astype(jnp.int32)
     return jnp.argmax(out, axis=-1)
 
 

@@ -17,8 +17,9 @@ is new every epoch, no example is left out for good (each is skipped in an
 epoch with probability (n mod batch_size) / n). A batch_size above n is n.
 
 Keys: a run's key k gives the initial params from fold_in(k, 0) (when none
-are passed) and epoch e draws from fold_in(fold_in(k, 1), e): the same key
-gives bit-identical results, and nothing reads global random state.
+are passed); epoch e shuffles with purenet.shuffle.permutation(k1, n, salt=e)
+and its dropout and augmentation draw from fold_in(k1, e), k1 = fold_in(k, 1).
+The same key gives bit-identical results; nothing reads global random state.
 """
 import dataclasses
 import itertools
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purenet import diagnostics, distributed, losses, metrics, network, per_example
+from purenet import diagnostics, distributed, losses, metrics, network, per_example, shuffle
 from purenet._checks import check_finite_rows, check_float_input
 
 
@@ -125,8 +126,8 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
     n = x.shape[0]
     bs = _batch_size(n, batch_size)
     steps = n // bs
+    order = jnp.arange(n) if bs == n else shuffle.permutation(key, n, salt=train_state.epoch)
     key = jax.random.fold_in(key, train_state.epoch)
-    order = jnp.arange(n) if bs == n else jax.random.permutation(jax.random.fold_in(key, 0), n)
     batches = order[: steps * bs].reshape(steps, bs)
 
     def step(carry, inputs):

@@ -1,6 +1,8 @@
 """Data sets: the digits split and the MNIST IDX reader (real files and broken ones)."""
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,20 @@ def test_digits_split_is_fixed_and_standardised_with_training_statistics():
     np.testing.assert_allclose(a.x_train.mean(axis=0), 0.0, atol=1e-5)
     assert abs(float(a.x_test.mean())) > 1e-4  # test statistics were not used
     assert set(np.unique(a.y_test)) == set(range(10))
+
+
+def test_digits_are_exactly_scikit_learns_without_importing_it():
+    """digits() reads the CSV scikit-learn ships (no ~1.5 s import); it must be load_digits, pixel for pixel."""
+    code = "import sys, purenet; purenet.datasets.digits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    pixels, labels = pn.datasets._load_digits()
+    np.testing.assert_array_equal(pixels, reference.data)
+    np.testing.assert_array_equal(labels, reference.target)
+    assert labels.dtype == np.int32
 
 
 @pytest.mark.parametrize("compress", [True, False])

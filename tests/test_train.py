@@ -64,8 +64,7 @@ def test_every_example_is_used_despite_a_partial_last_batch():
     for epoch in range(12):
         ts = train_state._replace(epoch=jnp.asarray(epoch, jnp.int32))
         n, bs = 10, 4
-        key = jax.random.fold_in(jax.random.key(0), epoch)
-        order = jax.random.permutation(jax.random.fold_in(key, 0), n)[: (n // bs) * bs]
+        order = pn.shuffle.permutation(jax.random.key(0), n, salt=epoch)[: (n // bs) * bs]
         seen |= set(np.asarray(order).tolist())
         _, loss = pn.train_epoch(net, pn.optim.sgd(0.0), ts, x, x, jax.random.key(0), batch_size=bs, loss="mse")
         np.testing.assert_allclose(loss, jnp.mean(x[order] ** 2), rtol=1e-12)
@@ -224,6 +223,23 @@ def test_batched_metrics_equal_one_pass(small):
     assert int(cm.sum()) == len(x) and int(jnp.trace(cm)) == int(round(float(acc) * len(x)))
     np.testing.assert_allclose(pn.metrics.per_class_accuracy(cm)[3],
                                np.mean(np.argmax(out, 1)[y == 3] == 3))
+
+
+def test_predicted_classes_come_from_the_logits():
+    """A final Softmax/Sigmoid is skipped: same classes as the probabilities, and logits break their ties."""
+    x = jnp.array([[800.0, 790.0, 0.0], [0.0, 1.0, 2.0], [-3.0, 5.0, 5.5]])
+    net = pn.Sequential([pn.Identity(), pn.Softmax()])
+    params, state = pn.init(net, jax.random.key(0), in_dim=3)
+    probs, _ = pn.forward(net, params, state, x)
+    np.testing.assert_array_equal(pn.metrics.predicted_classes(net, params, state, x), np.argmax(x, 1))
+    np.testing.assert_array_equal(np.argmax(probs[1:], 1), [2, 2])
+    z = jnp.array([[-40.0], [1e-9], [0.0], [3.0]], jnp.float32)  # sigmoid(1e-9) rounds to 1/2
+    binary = pn.Sequential([pn.Identity(), pn.Sigmoid()])
+    params, state = pn.init(binary, jax.random.key(0), in_dim=1)
+    assert float(pn.forward(binary, params, state, z)[0][1, 0]) == 0.5
+    np.testing.assert_array_equal(pn.metrics.predicted_classes(binary, params, state, z), [0, 1, 0, 1])
+    no_head = pn.Sequential([pn.Identity()])
+    np.testing.assert_array_equal(pn.metrics.predicted_classes(no_head, ((),), ((),), z * 0 + 0.7), [1] * 4)
 
 
 def test_confusion_matrix_by_hand():
