@@ -164,7 +164,8 @@ def torch_step(sizes, batch, seed=0, dtype="float32", compile=False):
 
     torch.set_num_threads(os.cpu_count())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_float32_matmul_precision("high")  # TF32 on GPUs, as JAX's default precision is
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 dots in TF32, as JAX's default precision on GPUs
     torch.manual_seed(seed)
     layers = []
     for i, o in zip(sizes[:-2], sizes[1:-1]):

@@ -11,6 +11,7 @@ JSON record; the runner times the whole process from outside, so imports,
 data loading and (re)compilation all count.
 """
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -49,15 +50,22 @@ def purenet_run(target, max_epochs, cache=None):
             "epochs": epochs, "accuracy": reached}
 
 
+def _datasets_without_jax():
+    """purenet/datasets.py (numpy only) loaded on its own: the same digits split without importing JAX."""
+    folder = importlib.util.find_spec("purenet").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("purenet_datasets", os.path.join(folder, "datasets.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torch_run(target, max_epochs):
     start = time.perf_counter()
     import torch
 
-    import purenet as pn  # only for the same digits split (numpy); no JAX program runs
-
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    data = pn.datasets.digits()
+    data = _datasets_without_jax().digits()
     layers = []
     for i, o in zip(SIZES[:-2], SIZES[1:-1]):
         layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]

@@ -19,3 +19,4 @@ def test_benchmark_smoke_mode_runs_every_case(tmp_path):
         assert results[section]
     assert results["whole_run_wall"]["purenet, second run with cache"]["median_s"] > 0
     assert results["matmul_peak_gflops"]["float32"]["jax"] > 0
+    assert 0 < step["purenet"]["fraction_of_own_peak"]

@@ -43,9 +43,12 @@ def test_backprop_walkthrough_rejects_unknown_weights():
     ("vanishing_gradients.py", "vanishing_gradients.png", "first/last layer gradient norm"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
-    out = run_example(script, "--out", str(tmp_path / png), tmp_path=tmp_path)
+    cache = ["--cache", str(tmp_path / "xla")] if script == "train_digits.py" else []  # the main job's option
+    out = run_example(script, "--out", str(tmp_path / png), *cache, tmp_path=tmp_path)
     assert expect in out
     assert (tmp_path / png).stat().st_size > 10_000
+    if cache:
+        assert any(name.startswith("jit_") for name in os.listdir(tmp_path / "xla"))
 
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
