@@ -79,7 +79,10 @@ def train_steps(sizes, batch, repeats, n, names, dtype="float32"):
             S.sync(entry[1])
             times[name].append((time.perf_counter() - start) / counts[name])
     flops = S.flops_per_step(sizes, batch)
-    return {name: {**summary(t), "compile_s": compile_s[name], "gflops": flops / statistics.median(t) / 1e9}
+    base = times.get("purenet")
+    return {name: {**summary(t), "compile_s": compile_s[name], "gflops": flops / statistics.median(t) / 1e9,
+                   # blocks of one repeat run back to back: their ratio cancels the machine's slow drifts
+                   **({"paired_speedup": statistics.median(a / b for a, b in zip(t, base))} if base else {})}
             for name, t in times.items()}
 
 
@@ -255,6 +258,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="train steps timed per repeat")
     parser.add_argument("--frameworks", nargs="*", default=list(S.STEPS))
     parser.add_argument("--json", default="benchmark_results.json")
+    parser.add_argument("--steps-only", action="store_true", help="only the train-step cases (an A/B run)")
     args = parser.parse_args()
     repeats, n = (1, 2) if args.smoke else (args.repeats, args.steps)
     if args.smoke:  # torch.compile alone takes ~40 s to compile: not for a smoke run
@@ -262,7 +266,7 @@ def main():
     dtypes = ["float32", "bfloat16"] if args.gpu else ["float32"]
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
-               "command": " ".join(sys.argv), "matmul_peak_gflops": {}, "train_step": {}}
+               "command": " ".join(["python -m benchmarks", *sys.argv[1:]]), "matmul_peak_gflops": {}, "train_step": {}}
 
     # the ceiling: each framework's best matmul throughput, measured before and after every case
     # (a noisy moment can slow one measurement; the best of all of them is the machine's peak)
@@ -294,10 +298,13 @@ def main():
             r["fraction_of_own_peak"] = r["gflops"] / peaks["torch" if "torch" in name else "jax"]
         rows = [[name, f"{r['median_s'] * 1e6:.0f}", f"{r['min_s'] * 1e6:.0f}-{r['max_s'] * 1e6:.0f}",
                  f"{r['compile_s']:.2f}", f"{r['median_s'] / base:.2f}x" if base else "-",
+                 f"{r['paired_speedup']:.2f}x" if "paired_speedup" in r else "-",
                  f"{r['gflops']:.1f} ({100 * r['fraction_of_own_peak']:.0f}%)"] for name, r in res.items()]
         print(f"train step {key}")
         print(table(rows, ["framework", "median us", "min-max us", "compile s", "purenet speedup",
-                           f"GFLOP/s (% of own {dtype} matmul peak)"]))
+                           "paired", f"GFLOP/s (% of own {dtype} matmul peak)"]))
+    if args.steps_only:
+        return save(results, args.json)
     results["epoch_scan_vs_loop"] = r = epoch_scan_vs_loop(repeats, args.smoke)
     scan = r["scan"]["median_s"]
     print(f"epoch ({r['steps_per_epoch']} steps): " + ", ".join(
@@ -320,9 +327,13 @@ def main():
     results["per_example_norms"] = r = per_example_norms(repeats, args.smoke)
     for name, v in r.items():
         print(f"per-example grad norms: {name}: {v['median_s'] * 1e3:.1f} ms, temp {v['temp_MiB']:.1f} MiB")
-    with open(args.json, "w") as f:
+    save(results, args.json)
+
+
+def save(results, path):
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"wrote {args.json}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
