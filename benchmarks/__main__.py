@@ -303,37 +303,65 @@ def main():
         print(f"train step {key}")
         print(table(rows, ["framework", "median us", "min-max us", "compile s", "purenet speedup",
                            "paired", f"GFLOP/s (% of own {dtype} matmul peak)"]))
+    save(results, args.json)  # after every section: a run cut short keeps what it measured
     if args.steps_only:
-        return save(results, args.json)
-    results["epoch_scan_vs_loop"] = r = epoch_scan_vs_loop(repeats, args.smoke)
+        return
+    target, max_epochs = (1.01, 1) if args.smoke else (0.97, 60)  # smoke: exactly one epoch
+    sections = [
+        ("epoch_scan_vs_loop", lambda: epoch_scan_vs_loop(repeats, args.smoke), report_epoch),
+        ("vmapped_models", lambda: vmapped_models(repeats, args.smoke), report_vmapped),
+        ("time_to_97", lambda: time_to_accuracy(target, max_epochs), report_time_to(target)),
+        ("whole_run_wall", lambda: whole_run_wall(target, max_epochs, repeats), report_whole_run(target)),
+        ("per_example_norms", lambda: per_example_norms(repeats, args.smoke), report_per_example),
+    ]
+    for name, run, report in sections:
+        results[name] = run()
+        report(results[name])
+        save(results, args.json)
+
+
+def report_epoch(r):
     scan = r["scan"]["median_s"]
     print(f"epoch ({r['steps_per_epoch']} steps): " + ", ".join(
         f"{name} {v['median_s'] * 1e3:.1f} ms ({v['median_s'] / scan:.2f}x the scan)"
         for name, v in r.items() if name != "steps_per_epoch"))
-    results["vmapped_models"] = r = vmapped_models(repeats, args.smoke)
+
+
+def report_vmapped(r):
     print(f"{r['models']} models, 1 epoch: vmapped {r['vmapped']['median_s']:.2f} s, sequential "
           f"{r['sequential']['median_s']:.2f} s ({r['sequential']['median_s'] / r['vmapped']['median_s']:.2f}x)")
-    target, max_epochs = (1.01, 1) if args.smoke else (0.97, 60)  # smoke: exactly one epoch
-    results["time_to_97"] = r = time_to_accuracy(target, max_epochs)
-    for name, v in r.items():
-        print(f"digits to {target:.0%}: {name}: {v['train_s']:.2f} s training"
-              + (f" + {v['compile_s']:.2f} s compile" if "compile_s" in v else "")
-              + f", {v['epochs']} epochs, accuracy {v['accuracy']:.4f}")
-    results["whole_run_wall"] = r = whole_run_wall(target, max_epochs, repeats)
-    for name, v in r.items():
-        print(f"digits to {target:.0%}, whole process: {name}: {v['median_s']:.2f} s "
-              f"({v['min_s']:.2f}-{v['max_s']:.2f})"
-              + (f", of which compile {v['median_compile_s']:.2f} s" if "median_compile_s" in v else ""))
-    results["per_example_norms"] = r = per_example_norms(repeats, args.smoke)
+
+
+def report_time_to(target):
+    def report(r):
+        for name, v in r.items():
+            print(f"digits to {target:.0%}: {name}: {v['train_s']:.2f} s training"
+                  + (f" + {v['compile_s']:.2f} s compile" if "compile_s" in v else "")
+                  + f", {v['epochs']} epochs, accuracy {v['accuracy']:.4f}")
+
+    return report
+
+
+def report_whole_run(target):
+    def report(r):
+        for name, v in r.items():
+            print(f"digits to {target:.0%}, whole process: {name}: {v['median_s']:.2f} s "
+                  f"({v['min_s']:.2f}-{v['max_s']:.2f})"
+                  + (f", of which compile {v['median_compile_s']:.2f} s" if "median_compile_s" in v else ""))
+
+    return report
+
+
+def report_per_example(r):
     for name, v in r.items():
         print(f"per-example grad norms: {name}: {v['median_s'] * 1e3:.1f} ms, temp {v['temp_MiB']:.1f} MiB")
-    save(results, args.json)
 
 
 def save(results, path):
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
-    print(f"wrote {path}")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

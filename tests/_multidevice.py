@@ -9,7 +9,6 @@ assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS",
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
-import chex  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402

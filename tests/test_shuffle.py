@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import purenet as pn
 from purenet.shuffle import permutation
 
 
