@@ -4,7 +4,8 @@
     python -m benchmarks.to97 pytorch
 
 Both train 64-128-64-10 (ReLU, Adam 1e-3, batch 32) epoch by epoch and stop
-at the first epoch whose test accuracy reaches the target. purenet runs each
+at the first epoch whose test accuracy reaches the target, on a GPU when
+there is one (JAX's default device; PyTorch's CUDA). purenet runs each
 epoch and its test accuracy as one jitted program; with --cache it switches
 on purenet's persistent compilation cache first. The last line printed is a
 JSON record; the runner times the whole process from outside, so imports,
@@ -65,19 +66,20 @@ def torch_run(target, max_epochs):
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where JAX runs too
     data = _datasets_without_jax().digits()
     layers = []
     for i, o in zip(SIZES[:-2], SIZES[1:-1]):
         layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(SIZES[-2], SIZES[-1]))
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(SIZES[-2], SIZES[-1])).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    tx, ty = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()
-    txt, tyt = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test).long()
+    tx, ty, txt, tyt = (torch.from_numpy(a).to(device) for a in data)
+    ty, tyt = ty.long(), tyt.long()
     gen = torch.Generator().manual_seed(0)
     setup_s = time.perf_counter() - start
     start, reached, epochs = time.perf_counter(), 0.0, 0
     while reached < target and epochs < max_epochs:
-        perm = torch.randperm(len(tx), generator=gen)
+        perm = torch.randperm(len(tx), generator=gen).to(device)
         for i in range(len(tx) // BATCH):
             idx = perm[i * BATCH:(i + 1) * BATCH]
             opt.zero_grad(set_to_none=True)

@@ -34,14 +34,15 @@ def predicted_classes(net, params, state, x, batch_size=1024):
     single output unit, class 1 when p > 1/2. A final Softmax or Sigmoid is
     monotone, so it is skipped and the logits decide (argmax z, or z > 0):
     the same classes without the exponentials, and no ties from rounding."""
-    threshold = 0.5
-    if isinstance(net, Sequential) and net.layers and isinstance(net.layers[-1], (Softmax, Sigmoid)):
+    head = net.layers[-1] if isinstance(net, Sequential) and net.layers else None
+    if isinstance(head, (Softmax, Sigmoid)):
         net, params, state = Sequential(net.layers[:-1], in_dim=net.in_dim), params[:-1], state[:-1]
-        threshold = 0.0
     out = predict(net, params, state, x, batch_size)
-    if out.shape[-1] == 1:
-        return (out[:, 0] > threshold).astype(jnp.int32)
-    return jnp.argmax(out, axis=-1)
+    if out.shape[-1] > 1:
+        return jnp.argmax(out, axis=-1)
+    if isinstance(head, Softmax):  # a softmax over one unit is 1 everywhere
+        return jnp.ones(out.shape[0], jnp.int32)
+    return (out[:, 0] > (0.0 if isinstance(head, Sigmoid) else 0.5)).astype(jnp.int32)
 
 
 def accuracy(net, params, state, x, y, batch_size=1024):

@@ -20,6 +20,7 @@ and every key bit and salt bit moves every output position.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _mix(h):
@@ -30,12 +31,14 @@ def _mix(h):
 
 
 def key_words(key):
-    """The key's raw 32-bit words (typed keys of any impl, or legacy uint32 keys)."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    if key.dtype != jnp.uint32:
+    """One key's raw 32-bit words (a typed key of any impl, or a legacy uint32 key)."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not typed and key.dtype != jnp.uint32:
         raise TypeError(f"expected a PRNG key (jax.random.key), got an array of dtype {key.dtype}")
-    return jnp.ravel(key)
+    if key.ndim != (0 if typed else 1):
+        raise ValueError(f"expected one PRNG key, got an array of {key.shape} keys: "
+                         "vmap over keys for one permutation each")
+    return jax.random.key_data(key) if typed else key
 
 
 def permutation(key, n, salt=0):
@@ -49,5 +52,7 @@ def permutation(key, n, salt=0):
     h = jnp.arange(n, dtype=jnp.uint32)
     for word in key_words(key):
         h = _mix(h ^ word)
+    if isinstance(salt, int):  # any Python int, as its value mod 2^32
+        salt = np.uint32(salt % 2**32)
     h = _mix(h ^ jnp.asarray(salt).astype(jnp.uint32))
     return jnp.argsort(h).astype(jnp.int32)

@@ -20,3 +20,16 @@ def test_benchmark_smoke_mode_runs_every_case(tmp_path):
     assert results["whole_run_wall"]["purenet, second run with cache"]["median_s"] > 0
     assert results["matmul_peak_gflops"]["float32"]["jax"] > 0
     assert 0 < step["purenet"]["fraction_of_own_peak"]
+
+
+def test_gpu_mode_runs_its_bfloat16_steps_on_the_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--gpu", "--steps-only", "--frameworks",
+                          "purenet", "jax.grad + purenet adam", "jax.grad + optax", "--json", str(tmp_path / "g.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "g.json").read_text())
+    assert set(results["matmul_peak_gflops"]) == {"float32", "bfloat16"}
+    for key in ("8-16-16-4 @ batch 8", "8-16-16-4 @ batch 8 bfloat16"):
+        assert set(results["train_step"][key]) == {"purenet", "jax.grad + purenet adam", "jax.grad + optax"}
+        assert results["train_step"][key]["purenet"]["paired_speedup"] == 1.0
+    assert "epoch_scan_vs_loop" not in results  # --steps-only

@@ -12,15 +12,19 @@ import pytest
 import purenet as pn
 
 SCRIPT = """
-import json, sys, jax, jax.numpy as jnp
+import collections, json, sys, jax, jax.numpy as jnp
 import purenet as pn
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.update([name]))
 directory = pn.enable_compilation_cache(sys.argv[1])
 net, opt = pn.mlp([4, 8, 3]), pn.optim.adam(1e-2)
 params, state = pn.init(net, jax.random.key(0))
 ts = pn.TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
 x, y = jnp.linspace(-1, 1, 80).reshape(20, 4), jnp.arange(20) % 3
 ts, loss = jax.jit(lambda ts: pn.train_epoch(net, opt, ts, x, y, jax.random.key(1), batch_size=4))(ts)
-print(json.dumps({"directory": directory, "loss": float(loss)}))
+print(json.dumps({"directory": directory, "loss": float(loss),
+                  "requests": events["/jax/compilation_cache/compile_requests_use_cache"],
+                  "hits": events["/jax/compilation_cache/cache_hits"]}))
 """
 
 
@@ -37,8 +41,10 @@ def test_second_run_compiles_nothing_new(tmp_path):
     assert first["directory"] == str(cache)
     entries = set(os.listdir(cache))
     assert any(name.startswith("jit_") for name in entries)  # the epoch program, not just eager ops
+    assert first["requests"] > 0 and first["hits"] == 0
     second = run(cache)
-    assert set(os.listdir(cache)) == entries  # every program was a cache hit
+    assert second["hits"] == second["requests"] == first["requests"]  # every program loaded, none compiled
+    assert set(os.listdir(cache)) == entries
     assert second["loss"] == first["loss"]
 
 

@@ -49,6 +49,26 @@ def test_rejects_what_is_not_a_key():
         permutation(jnp.zeros(2, jnp.float32), 5)
     with pytest.raises(ValueError, match="length"):
         permutation(jax.random.key(0), -1)
+    with pytest.raises(ValueError, match=r"one PRNG key, got an array of \(3,\) keys"):
+        permutation(jax.random.split(jax.random.key(0), 3), 5)
+
+
+def test_any_python_int_salt():
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(permutation(key, 50, salt=2**32 + 7), permutation(key, 50, salt=7))
+    np.testing.assert_array_equal(permutation(key, 50, salt=-1), permutation(key, 50, salt=2**32 - 1))
+    assert not np.array_equal(permutation(key, 50, salt=2**31), permutation(key, 50, salt=0))
+
+
+def test_consecutive_epochs_are_uncorrelated_at_a_real_size():
+    """Digits-size n: the rank correlation of an element's position between epochs e and e+1 is ~N(0, 1/n)."""
+    n, epochs = 1438, 200
+    orders = np.asarray(jax.vmap(lambda s: permutation(jax.random.key(0), n, s))(jnp.arange(epochs)))
+    positions = np.argsort(orders, axis=1)  # where each element lands, per epoch
+    centred = positions - (n - 1) / 2
+    rho = (centred[:-1] * centred[1:]).sum(1) / (centred[0] ** 2).sum()
+    z = rho * np.sqrt(n - 1)
+    assert abs(z.mean()) < 4 / np.sqrt(len(z)) and 0.75 < z.std() < 1.25, (z.mean(), z.std())
 
 
 def test_draws_no_random_bits():

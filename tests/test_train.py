@@ -238,6 +238,8 @@ def test_predicted_classes_come_from_the_logits():
     params, state = pn.init(binary, jax.random.key(0), in_dim=1)
     assert float(pn.forward(binary, params, state, z)[0][1, 0]) == 0.5
     np.testing.assert_array_equal(pn.metrics.predicted_classes(binary, params, state, z), [0, 1, 0, 1])
+    one_unit_softmax = pn.Sequential([pn.Identity(), pn.Softmax()])  # probability 1: always class 1
+    np.testing.assert_array_equal(pn.metrics.predicted_classes(one_unit_softmax, ({}, {}), ({}, {}), z), [1] * 4)
     no_head = pn.Sequential([pn.Identity()])
     np.testing.assert_array_equal(pn.metrics.predicted_classes(no_head, ((),), ((),), z * 0 + 0.7), [1] * 4)
 
