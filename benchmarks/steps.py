@@ -36,7 +36,8 @@ def sync(state):
     return state
 
 
-def purenet_step(sizes, batch, seed=0, dtype="float32"):
+def _purenet_adam_step(gradients, sizes, batch, seed, dtype):
+    """A jitted (forward, backward, Adam) step of pn.mlp(sizes); gradients(net, params, state, x, y) -> grads."""
     net = pn.mlp(list(sizes))
     params, state = pn.init(net, jax.random.key(seed), dtype=dtype)
     opt = pn.optim.adam(LR)
@@ -44,27 +45,21 @@ def purenet_step(sizes, batch, seed=0, dtype="float32"):
     @jax.jit
     def step(carry, data):
         opt_state, model_state = carry
-        x, y = data
-        _, grads, model_state = pn.value_and_grad(net, opt_state.params, model_state, x, y)
-        return opt.step(opt_state, grads), model_state
+        return opt.step(opt_state, gradients(net, opt_state.params, model_state, *data)), model_state
 
     return step, (opt.init(params), state), _data(sizes, batch, seed, dtype)
+
+
+def purenet_step(sizes, batch, seed=0, dtype="float32"):
+    """purenet's handwritten backward."""
+    return _purenet_adam_step(lambda net, p, s, x, y: pn.value_and_grad(net, p, s, x, y)[1],
+                              sizes, batch, seed, dtype)
 
 
 def autodiff_purenet_opt_step(sizes, batch, seed=0, dtype="float32"):
-    """The same loss through jax.value_and_grad: isolates the cost of the backward."""
-    net = pn.mlp(list(sizes))
-    params, state = pn.init(net, jax.random.key(seed), dtype=dtype)
-    opt = pn.optim.adam(LR)
-
-    @jax.jit
-    def step(carry, data):
-        opt_state, model_state = carry
-        x, y = data
-        grads = jax.grad(lambda p: pn.loss(net, p, model_state, x, y)[0])(opt_state.params)
-        return opt.step(opt_state, grads), model_state
-
-    return step, (opt.init(params), state), _data(sizes, batch, seed, dtype)
+    """The same loss through jax.grad: isolates the cost of the backward."""
+    return _purenet_adam_step(lambda net, p, s, x, y: jax.grad(lambda q: pn.loss(net, q, s, x, y)[0])(p),
+                              sizes, batch, seed, dtype)
 
 
 def jax_optax_step(sizes, batch, seed=0, dtype="float32"):
