@@ -4,9 +4,10 @@ from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, 
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
-    BatchNorm, Dense, Dropout, Elementwise, Identity, LeakyReLU, ReLU,
-    Sequential, Sigmoid, Softmax, Tanh, mlp,
+    ELU, GELU, BatchNorm, Dense, Dropout, Elementwise, Flatten, Identity, LayerNorm, LeakyReLU, Parallel, ReLU,
+    Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax, Softplus, Tanh, mlp,
 )
+from purenet.losses import Loss
 from purenet._checks import check_finite_rows
 from purenet.network import forward, init, loss, value_and_grad
 from purenet.optim import schedules

@@ -1,7 +1,8 @@
 """Gradient-flow diagnostics per layer, from one forward and handwritten backward pass.
 
-For a Sequential network on a probe batch, `gradient_flow` returns, for the
-L Dense layers in order (arrays of length L):
+For a network on a probe batch, `gradient_flow` returns, for its L Dense
+layers in forward order, found at any depth inside Sequential, Residual and
+Parallel (arrays of length L):
 
     grad_norm       ||dL/dW||
     weight_norm     ||W||
@@ -19,29 +20,35 @@ gives ||W_new - W_old|| / ||W_old|| per Dense layer. `fit(..., diagnostics=
 """
 import jax.numpy as jnp
 
-from purenet.layers import Dense, LeakyReLU, ReLU, Sequential, Sigmoid, Tanh
+from purenet.layers import Dense, LeakyReLU, ReLU, Sigmoid, Tanh
 from purenet.network import value_and_grad
 
 _ACTIVATIONS = (ReLU, LeakyReLU, Sigmoid, Tanh)
 
 
-def _layers(net):
-    if not isinstance(net, Sequential):
-        raise ValueError(f"gradient diagnostics need a Sequential network, got {type(net).__name__}")
-    dense = [i for i, layer in enumerate(net.layers) if isinstance(layer, Dense)]
-    acts = [i for i, layer in enumerate(net.layers) if isinstance(layer, _ACTIVATIONS)]
-    return dense, acts
+def leaf_layers(net, params, grads=None, cache=None):
+    """[(layer, params, grads, cache)] for every layer without children, in forward order.
+
+    Containers (Sequential, Residual, Parallel) say through `children` how
+    their params and cache split among their layers; grads split like params.
+    """
+    if not hasattr(net, "children"):
+        return [(net, params, grads, cache)]
+    kids = net.children(params, cache)
+    kid_grads = [g for _, g, _ in net.children(grads)] if grads is not None else [None] * len(kids)
+    return [leaf for (layer, p, c), g in zip(kids, kid_grads) for leaf in leaf_layers(layer, p, g, c)]
 
 
 def gradient_flow(net, params, state, x, y, loss="cross_entropy", l2=0.0):
     """Per-layer gradient and activation statistics on (x, y); see the module docstring."""
-    dense, acts = _layers(net)
     _, grads, _ = value_and_grad(net, params, state, x, y, loss=loss, l2=l2)
     _, _, caches = net.forward(params, state, x, train=False)
+    leaves = leaf_layers(net, params, grads, caches)
+    dense = [leaf for leaf in leaves if isinstance(leaf[0], Dense)]
+    acts = [leaf for leaf in leaves if isinstance(leaf[0], _ACTIVATIONS)]
     nan = jnp.asarray(jnp.nan, x.dtype)
     dead, saturated = [], []
-    for i in acts:
-        layer, cache = net.layers[i], caches[i]
+    for layer, _, _, cache in acts:
         if isinstance(layer, (ReLU, LeakyReLU)):  # cache: where the pre-activation is > 0 (>= 0 for leaky)
             dead.append(jnp.mean(~jnp.any(cache, axis=0)))
             saturated.append(nan)
@@ -50,9 +57,9 @@ def gradient_flow(net, params, state, x, y, loss="cross_entropy", l2=0.0):
             dead.append(nan)
             saturated.append(jnp.mean(limit))
     return {
-        "grad_norm": jnp.stack([jnp.linalg.norm(grads[i]["W"]) for i in dense]),
-        "weight_norm": jnp.stack([jnp.linalg.norm(params[i]["W"]) for i in dense]),
-        "input_rms": jnp.stack([jnp.sqrt(jnp.mean(caches[i] ** 2)) for i in dense]),
+        "grad_norm": jnp.stack([jnp.linalg.norm(g["W"]) for _, _, g, _ in dense]),
+        "weight_norm": jnp.stack([jnp.linalg.norm(p["W"]) for _, p, _, _ in dense]),
+        "input_rms": jnp.stack([jnp.sqrt(jnp.mean(c ** 2)) for _, _, _, c in dense]),
         "dead_fraction": jnp.stack(dead).astype(x.dtype) if dead else jnp.zeros((0,), x.dtype),
         "saturated_fraction": jnp.stack(saturated).astype(x.dtype) if saturated else jnp.zeros((0,), x.dtype),
     }
@@ -60,9 +67,9 @@ def gradient_flow(net, params, state, x, y, loss="cross_entropy", l2=0.0):
 
 def update_ratio(net, old_params, new_params):
     """||W_new - W_old|| / ||W_old|| for each Dense layer."""
-    dense, _ = _layers(net)
-    return jnp.stack([jnp.linalg.norm(new_params[i]["W"] - old_params[i]["W"])
-                      / jnp.linalg.norm(old_params[i]["W"]) for i in dense])
+    pairs = [(old["W"], new["W"]) for layer, old, new, _ in leaf_layers(net, old_params, new_params)
+             if isinstance(layer, Dense)]
+    return jnp.stack([jnp.linalg.norm(new - old) / jnp.linalg.norm(old) for old, new in pairs])
 
 
 def plot_gradient_flow(history, ax=None, label=None, epoch=0, key="grad_norm"):

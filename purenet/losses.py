@@ -1,7 +1,8 @@
 """Losses, each beside its handwritten backward dL/d(output).
 
 All losses average over the N examples of the batch (axis 0) and sum over
-the outputs of an example:
+the outputs of an example (the last axis); an output with extra axes, such
+as (N, T, k) for a sequence, averages over every position (N = N T):
 
     mse                    L = 1/N sum_n sum_k (y_nk - t_nk)^2          dL/dy = 2 (y - t) / N
     cross_entropy          L = -1/N sum_n sum_k t_nk log y_nk           dL/dy = -t / (N y)
@@ -16,10 +17,15 @@ forms on the logits z instead, which are stable at any magnitude:
 
 Infinite logits are clipped to a quarter of the largest float (see finite_logits).
 
-Cross-entropy targets are integer labels of shape (N,) or distributions of
-the output's shape; other targets must match the output's shape exactly.
+Cross-entropy targets are integer labels of the output's shape without its
+last axis ((N,), or (N, T) for a sequence) or distributions of the output's
+shape; other targets must match the output's shape exactly.
+
+Your own loss is a `Loss(value, backward)`; it is accepted wherever a loss
+name is. `LOSSES` is the one registry of names.
 """
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,17 +33,47 @@ import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 
 from purenet._checks import is_concrete
+from purenet.layers.base import positions
 
 
-class Loss(NamedTuple):
-    """A loss as a pair of pure functions of (output, target)."""
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A loss as a pair of pure functions of (output, target):
+
+        value(out, y)    -> the scalar loss, a mean over the batch
+        backward(out, y) -> dL/dout, of out's shape (the handwritten derivative)
+
+    For example the Huber loss, written with its derivative:
+
+        def huber(out, y):
+            r = jnp.abs(out - y)
+            return jnp.sum(jnp.where(r < 1, r**2 / 2, r - 1 / 2)) / out.shape[0]
+
+        def huber_backward(out, y):
+            return jnp.clip(out - y, -1, 1) / out.shape[0]
+
+        pn.Loss(huber, huber_backward)
+
+    `pn.check_grads(net, x, y, loss=pn.Loss(...))` checks the backward
+    against jax.grad of the value. Per-example functions take example i's
+    loss as value(out[i:i+1], y[i:i+1]), so value must average over axis 0.
+    """
 
     value: Callable
     backward: Callable
+    name: str | None = None
+
+    def __post_init__(self):
+        if not (callable(self.value) and callable(self.backward)):
+            raise TypeError(f"Loss(value, backward) needs two functions, got {self.value!r} and {self.backward!r}")
+
+    def __str__(self):
+        return self.name or getattr(self.value, "__name__", repr(self.value))
 
 
 def _batch_size(y):
-    return jnp.shape(y)[0]
+    """The number of positions a loss averages over: the batch, times any extra axes."""
+    return positions(jnp.shape(y))
 
 
 # ---------------------------------------------------------------- targets
@@ -173,11 +209,34 @@ LOSSES_FROM_LOGITS = {
 }
 
 
-def get(name):
+def get(loss):
+    """The Loss for a registered name, or `loss` itself when it is a Loss."""
+    if isinstance(loss, Loss):
+        return loss
     try:
-        return LOSSES[name]
+        return LOSSES[loss]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} "
+                         f"or pass your own pn.Loss(value, backward)") from None
+
+
+def checked(loss):
+    """`loss` with its results' shapes checked (at trace time) on every call, naming the loss."""
+
+    def value(out, y):
+        v = loss.value(out, y)
+        if jnp.ndim(v) != 0:
+            raise ValueError(f"loss {loss}: value returned shape {jnp.shape(v)}, but a loss must be a scalar")
+        return v
+
+    def backward(out, y):
+        d = loss.backward(out, y)
+        if jnp.shape(d) != jnp.shape(out):
+            raise ValueError(f"loss {loss}: backward returned shape {jnp.shape(d)}, but dL/dout must have "
+                             f"the output's shape {jnp.shape(out)}")
+        return d
+
+    return Loss(value, backward, name=str(loss))
 
 
 # ---------------------------------------------------------------- L2

@@ -36,7 +36,7 @@ def predicted_classes(net, params, state, x, batch_size=1024):
     the same classes without the exponentials, and no ties from rounding."""
     head = net.layers[-1] if isinstance(net, Sequential) and net.layers else None
     if isinstance(head, (Softmax, Sigmoid)):
-        net, params, state = Sequential(net.layers[:-1], in_dim=net.in_dim), params[:-1], state[:-1]
+        net, params, state = Sequential(net.layers[:-1], in_shape=net.in_shape), params[:-1], state[:-1]
     out = predict(net, params, state, x, batch_size)
     if out.shape[-1] > 1:
         return jnp.argmax(out, axis=-1)

@@ -30,7 +30,7 @@ def _identity_layer():
 def _split_head(net, loss):
     """(body, fused): body is `net` without its final activation when that fuses with `loss`."""
     if isinstance(net, Sequential) and net.layers and _FUSED.get(type(net.layers[-1])) == loss:
-        return Sequential(net.layers[:-1], in_dim=net.in_dim), True
+        return Sequential(net.layers[:-1], in_shape=net.in_shape), True
     if _FUSED.get(type(net)) == loss:
         return _identity_layer(), True
     return net, False
@@ -52,17 +52,21 @@ def _full_trees(net, fused, body_tree, head_tree):
     return head_tree
 
 
-def init(net, key, in_dim=None, dtype=None):
+def init(net, key, in_shape=None, dtype=None, *, in_dim=None):
     """Initialise a network: returns (params, state).
 
-    `in_dim` may be omitted for a Sequential that knows it (e.g. from `mlp`).
+    `in_shape` is one example's shape (an int n means (n,); `in_dim=n` is an
+    alias). It may be omitted for a Sequential that knows it (e.g. from `mlp`).
     `dtype` defaults to JAX's default float (float64 under jax_enable_x64).
     """
-    if in_dim is None and isinstance(net, Sequential):
-        in_dim = net.in_dim
-    if in_dim is None:
-        raise ValueError(f"pn.init needs in_dim for {type(net).__name__} (the width of the input rows)")
-    params, state, _ = net.init(key, in_dim, dtype=dtype)
+    if in_shape is None:
+        in_shape = in_dim
+    if in_shape is None and isinstance(net, Sequential):
+        in_shape = net.in_shape
+    if in_shape is None:
+        raise ValueError(f"pn.init needs in_dim or in_shape for {type(net).__name__} "
+                         f"(the shape of one example, e.g. the width of the input rows)")
+    params, state, _ = net.init(key, in_shape, dtype=dtype)
     return params, state
 
 
@@ -74,10 +78,11 @@ def forward(net, params, state, x, train=False, key=None):
 
 
 def _prepare(net, loss):
-    losses.get(loss)  # unknown names raise here
+    chosen = losses.get(loss)  # unknown names raise here
+    if isinstance(loss, losses.Loss):
+        return net, False, losses.checked(chosen)
     body, fused = _split_head(net, loss)
-    chosen = losses.LOSSES_FROM_LOGITS if fused else losses.LOSSES
-    return body, fused, chosen[loss]
+    return body, fused, losses.LOSSES_FROM_LOGITS[loss] if fused else chosen
 
 
 class LossPass(NamedTuple):

@@ -102,7 +102,7 @@ def check_grads(model, x, y=None, *, loss=None, params=None, state=None, key=Non
     with jax.enable_x64(True):
         x = _to_f64(jnp.asarray(x))
         if params is None:
-            params, init_state, _ = model.init(init_key, x.shape[-1], dtype=jnp.float64)
+            params, init_state, _ = model.init(init_key, x.shape[1:], dtype=jnp.float64)
             state = init_state if state is None else state
         params, state = _to_f64(params), _to_f64(state if state is not None else {})
         if loss is None:
@@ -141,7 +141,8 @@ def _check_network(network, net, params, state, x, y, loss, l2, train, fwd_key, 
 
 # ---------------------------------------------------------------- hypothesis strategies
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity")
+# Every hidden activation by name (purenet.layers.ACTIVATIONS, less the alias "linear").
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity", "gelu", "silu", "elu", "softplus")
 # (output activation, loss) pairs the library supports.
 OUTPUT_LOSSES = (
     ("softmax", "cross_entropy"), ("softmax", "mse"),
@@ -155,7 +156,7 @@ class NetCase:
     """A random network problem drawn by `net_cases`."""
 
     net: Any
-    in_dim: int
+    in_shape: tuple
     batch: int
     output: str
     loss: str
@@ -163,26 +164,42 @@ class NetCase:
     seed: int
     soft_targets: bool = False
 
+    @property
+    def in_dim(self):
+        return self.in_shape[-1]
+
     def data(self, dtype=jnp.float64):
-        """(params, state, x, y) for this case, from its seed."""
+        """(params, state, x, y) for this case, from its seed.
+
+        Targets have the output's shape, or without its last axis for labels.
+        """
         kp, kx, ky = jax.random.split(jax.random.key(self.seed), 3)
-        params, state, out_dim = self.net.init(kp, self.in_dim, dtype=dtype)
-        x = jax.random.normal(kx, (self.batch, self.in_dim), dtype)
+        params, state, out_shape = self.net.init(kp, self.in_shape, dtype=dtype)
+        x = jax.random.normal(kx, (self.batch, *self.in_shape), dtype)
+        out_shape = (self.batch, *out_shape)
         if self.loss == "cross_entropy" and not self.soft_targets:
-            y = jax.random.randint(ky, (self.batch,), 0, out_dim)
+            y = jax.random.randint(ky, out_shape[:-1], 0, out_shape[-1])
         elif self.loss == "cross_entropy":
-            y = jax.nn.softmax(jax.random.normal(ky, (self.batch, out_dim), dtype))
+            y = jax.nn.softmax(jax.random.normal(ky, out_shape, dtype))
         elif self.loss == "binary_cross_entropy":
-            y = jax.random.uniform(ky, (self.batch, out_dim), dtype)
+            y = jax.random.uniform(ky, out_shape, dtype)
         else:
-            y = jax.random.normal(ky, (self.batch, out_dim), dtype)
+            y = jax.random.normal(ky, out_shape, dtype)
         return params, state, x, y
 
 
-def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, batchnorm=False):
+def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, batchnorm=False,
+              compose=False, sequences=False):
     """A hypothesis strategy of NetCase: random depth, widths, batch size
     (batch norm skips sizes below 2), hidden activation, initializer,
     output/loss pair, target kind and l2 on/off.
+
+    compose=True draws, instead of an mlp, a chain of random blocks: Dense +
+    activation, Residual blocks (optionally pre-normalised), Parallel
+    branches merged by concat or sum, LayerNorm, RMSNorm; any activation,
+    GELU in both forms. sequences=True (with compose) also gives inputs of
+    shape (3, width): every layer then acts on each of the 3 positions, the
+    loss averages over them, and some nets Flatten them first.
 
     Widths and batch sizes come from small sets (1 included) because each new
     shape costs JAX a compile; values are drawn freely from the seed.
@@ -192,6 +209,7 @@ def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, b
     single-input Dense before batch norm is scale-invariant, so the true
     gradient upstream is zero (up to eps) and any two implementations
     differ only in rounding noise, where a relative error means nothing.
+    Layer and RMS norms likewise only normalise widths of 3 or more.
     """
     from hypothesis import strategies as st
 
@@ -202,20 +220,78 @@ def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, b
         depth = draw(st.integers(0, max_depth))
         bn = draw(st.booleans()) if batchnorm else False
         inner = [w for w in widths if w >= 2] if bn else widths
-        sizes = draw(st.lists(st.sampled_from(inner), min_size=depth + 1, max_size=depth + 1))
-        sizes.append(draw(st.sampled_from(widths)))
-        hidden = draw(st.sampled_from(ACTIVATIONS))
         output, loss = draw(st.sampled_from(OUTPUT_LOSSES))
-        if output == "softmax" and sizes[-1] == 1 and loss == "cross_entropy":
-            sizes[-1] = 2
-        rate = draw(st.sampled_from([0.0, 0.25, 0.5])) if dropout else 0.0
-        batch = draw(st.sampled_from([b for b in batches if b >= 3] if bn else batches))
         init = draw(st.sampled_from(["xavier_normal", "he_normal", "lecun_normal", "he_uniform"]))
-        net = mlp(sizes, hidden=hidden, output=output, init=init, dropout=rate, batchnorm=bn)
+        out_width = draw(st.sampled_from(widths))
+        if output == "softmax" and out_width == 1 and loss == "cross_entropy":
+            out_width = 2
+        if compose:
+            net, in_shape = draw(_composed_nets(depth, widths, out_width, output, init, sequences))
+        else:
+            sizes = draw(st.lists(st.sampled_from(inner), min_size=depth + 1, max_size=depth + 1))
+            sizes.append(out_width)
+            hidden = draw(st.sampled_from(ACTIVATIONS))
+            rate = draw(st.sampled_from([0.0, 0.25, 0.5])) if dropout else 0.0
+            net, in_shape = mlp(sizes, hidden=hidden, output=output, init=init, dropout=rate, batchnorm=bn), \
+                (sizes[0],)
+        batch = draw(st.sampled_from([b for b in batches if b >= 3] if bn else batches))
         return NetCase(
-            net=net, in_dim=sizes[0], batch=batch, output=output, loss=loss,
+            net=net, in_shape=in_shape, batch=batch, output=output, loss=loss,
             l2=draw(st.sampled_from([0.0, 0.1])), seed=draw(st.integers(0, 2**31 - 1)),
             soft_targets=draw(st.booleans()),
         )
+
+    return draw()
+
+
+def _composed_nets(depth, widths, out_width, output, init, sequences):
+    """(net, in_shape): `depth` random blocks, then Dense(out_width) and the output activation."""
+    from hypothesis import strategies as st
+
+    from purenet import layers as L
+
+    def activation(draw):
+        name = draw(st.sampled_from(ACTIVATIONS))
+        if name == "gelu":
+            return L.GELU(approximate=draw(st.booleans()))
+        return L.ACTIVATIONS[name]()
+
+    def dense(draw, width):
+        return L.Dense(width, init=init, use_bias=draw(st.booleans()))
+
+    def norm(draw, width):
+        if width < 3:
+            return None
+        return draw(st.sampled_from([L.LayerNorm(), L.LayerNorm(use_bias=False), L.RMSNorm()]))
+
+    @st.composite
+    def draw(draw):
+        width = draw(st.sampled_from(widths))
+        in_shape = (3, width) if sequences and draw(st.booleans()) else (width,)
+        layers = []
+        for _ in range(depth):
+            kind = draw(st.sampled_from(["dense", "residual", "parallel", "norm"]))
+            if kind == "dense":
+                width = draw(st.sampled_from(widths))
+                layers += [dense(draw, width), activation(draw)]
+            elif kind == "residual":
+                inside = [n for n in [norm(draw, width)] if n is not None and draw(st.booleans())]
+                hidden = draw(st.sampled_from(widths))
+                inside += [dense(draw, hidden), activation(draw), dense(draw, width)]
+                layers.append(L.Residual(L.Sequential(inside)))
+            elif kind == "parallel":
+                merge = draw(st.sampled_from(["concat", "sum"]))
+                w1 = draw(st.sampled_from(widths))
+                w2 = w1 if merge == "sum" else draw(st.sampled_from(widths))
+                branches = [L.Sequential([dense(draw, w1), activation(draw)]), dense(draw, w2)]
+                layers.append(L.Parallel(branches, merge=merge))
+                width = w1 if merge == "sum" else w1 + w2
+            else:
+                layers += [n for n in [norm(draw, width)] if n is not None]
+        if len(in_shape) > 1 and draw(st.booleans()):
+            layers.append(L.Flatten())
+        output_layer = {"softmax": L.Softmax, "sigmoid": L.Sigmoid, "identity": L.Identity}[output]()
+        layers += [L.Dense(out_width, init=init), output_layer]
+        return L.Sequential(layers, in_shape=in_shape), in_shape
 
     return draw()

@@ -193,7 +193,7 @@ def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stoppi
 def _init_run(net, opt, x, key, params, state):
     check_float_input(x)
     if params is None:
-        params, init_state = network.init(net, jax.random.fold_in(key, 0), in_dim=x.shape[-1],
+        params, init_state = network.init(net, jax.random.fold_in(key, 0), in_shape=x.shape[1:],
                                           dtype=x.dtype)
         state = init_state if state is None else state
     if state is None:

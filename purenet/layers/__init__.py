@@ -1,13 +1,16 @@
 """Layers: frozen configs with pure init / forward / backward."""
-from purenet.layers.activations import Identity, LeakyReLU, ReLU, Sigmoid, Tanh
+from purenet.layers.activations import ACTIVATIONS, ELU, GELU, Identity, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh
 from purenet.layers.base import Elementwise
 from purenet.layers.batchnorm import BatchNorm
+from purenet.layers.compose import Flatten, Parallel, Residual
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
+from purenet.layers.norm import LayerNorm, RMSNorm
 from purenet.layers.sequential import Sequential, mlp
 from purenet.layers.softmax import Softmax
 
 __all__ = [
-    "BatchNorm", "Dense", "Dropout", "Elementwise", "Identity", "LeakyReLU",
-    "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh", "mlp",
+    "ACTIVATIONS", "BatchNorm", "Dense", "Dropout", "ELU", "Elementwise", "Flatten", "GELU", "Identity",
+    "LayerNorm", "LeakyReLU", "Parallel", "RMSNorm", "ReLU", "Residual", "Sequential", "SiLU", "Sigmoid",
+    "Softmax", "Softplus", "Tanh", "mlp",
 ]

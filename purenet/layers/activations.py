@@ -1,10 +1,16 @@
 """Hidden-layer activations h = g(a), each with its local derivative g'(a).
 
 Each forward caches the least the backward needs (the output for sigmoid and
-tanh, a mask for relu), and the backward is dL/da = dL/dh * g'(a).
-At the kinks we follow `jax.nn`: relu'(0) = 0 and leaky_relu'(0) = 1.
+tanh, a mask for relu, the input for the smooth modern ones), and the
+backward is dL/da = dL/dh * g'(a). Definitions are `jax.nn`'s (PyTorch's
+agree); at the kinks we follow `jax.nn`: relu'(0) = 0, leaky_relu'(0) = 1,
+elu'(0) = alpha.
+
+`ACTIVATIONS` maps each name (as `pn.mlp(hidden=...)` takes it) to its
+class: adding an activation means adding its class and one entry there.
 """
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -82,3 +88,80 @@ class Identity(Elementwise):
 
     def grad(self, cache, dy):
         return dy
+
+
+@dataclasses.dataclass(frozen=True)
+class GELU(Elementwise):
+    """Gaussian error linear unit (Hendrycks & Gimpel, 2016).
+
+    Exact:  h = a Phi(a) = a/2 erfc(-a/sqrt 2),   h' = Phi(a) + a phi(a),
+    with Phi, phi the standard normal's distribution and density.
+    approximate=True, the tanh form:  h = a c,  c = (1 + t)/2,
+    t = tanh(k (a + 0.044715 a^3)), k = sqrt(2/pi),
+    h' = c + a/2 (1 - t^2) k (1 + 3 * 0.044715 a^2).
+    """
+
+    approximate: bool = False
+
+    def apply(self, x):
+        return jax.nn.gelu(x, approximate=self.approximate), x
+
+    def grad(self, x, dy):
+        if self.approximate:
+            k = math.sqrt(2 / math.pi)
+            t = jnp.tanh(k * (x + 0.044715 * x**3))
+            slope = 0.5 * (1 + t) + 0.5 * x * ((1 - t) * (1 + t)) * k * (1 + 3 * 0.044715 * x**2)
+        else:
+            cdf = 0.5 * jax.lax.erfc(-x * math.sqrt(0.5))
+            slope = cdf + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return dy * slope
+
+
+@dataclasses.dataclass(frozen=True)
+class SiLU(Elementwise):
+    """Sigmoid linear unit (swish):  h = a s,  s = sigmoid(a),  h' = s + a s (1 - s)."""
+
+    def apply(self, x):
+        return jax.nn.silu(x), x
+
+    def grad(self, x, dy):
+        s = jax.nn.sigmoid(x)
+        return dy * (s + x * s * (1 - s))
+
+
+@dataclasses.dataclass(frozen=True)
+class ELU(Elementwise):
+    """Exponential linear unit (Clevert et al., 2015):
+
+        h = a if a > 0 else alpha (e^a - 1),   h' = 1 if a > 0 else alpha e^a.
+    """
+
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        check_hyperparameter("ELU alpha", self.alpha)
+
+    def apply(self, x):
+        return jax.nn.elu(x, self.alpha), x
+
+    def grad(self, x, dy):
+        positive = x > 0
+        return jnp.where(positive, dy, dy * self.alpha * jnp.exp(jnp.where(positive, 0.0, x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Softplus(Elementwise):
+    """h = log(1 + e^a) (computed as logaddexp(a, 0): no overflow),  h' = sigmoid(a)."""
+
+    def apply(self, x):
+        return jax.nn.softplus(x), x
+
+    def grad(self, x, dy):
+        return dy * jax.nn.sigmoid(x)
+
+
+ACTIVATIONS = {
+    "sigmoid": Sigmoid, "tanh": Tanh, "relu": ReLU, "leaky_relu": LeakyReLU,
+    "identity": Identity, "linear": Identity,
+    "gelu": GELU, "silu": SiLU, "elu": ELU, "softplus": Softplus,
+}

@@ -1,24 +1,66 @@
-"""The layer protocol, and a base for layers without parameters.
+"""The layer protocol, shapes, and a base for layers without parameters.
 
 A layer is a frozen, hashable configuration with three pure methods:
 
-    params, state, out_dim = layer.init(key, in_dim, dtype=None)
-    y, state, cache        = layer.forward(params, state, x, train=False, key=None)
-    dparams, dx            = layer.backward(params, cache, dy)
+    params, state, out_shape = layer.init(key, in_shape, dtype=None)
+    y, state, cache          = layer.forward(params, state, x, train=False, key=None)
+    dparams, dx              = layer.backward(params, cache, dy)
 
-`cache` holds exactly what `backward` needs from the forward pass. `backward`
-returns the vector-Jacobian product: given dy = dL/dy it returns dL/dparams
-(same structure as params) and dL/dx. It is linear in dy.
+`in_shape` is the shape of one example (a tuple; an int n means (n,)); inputs
+carry a leading batch axis. `cache` holds exactly what `backward` needs from
+the forward pass, as a pytree of arrays (no Python numbers: a cache may cross
+`lax.scan` or `jax.custom_vjp` boundaries; static sizes travel as the shape
+of an empty array, see `shape_token`). `backward` returns the vector-Jacobian
+product: given dy = dL/dy it returns dL/dparams (same structure as params)
+and dL/dx. It is linear in dy.
 
-Two optional methods give per-example gradient information for a batch of
-rows, where row i of dy is the gradient of example i's own loss:
+Two optional methods give per-example gradient information for a batch,
+where example i of dy (its leading-axis slice) is the gradient of example
+i's own loss:
 
     grads_i, dx = layer.per_example_backward(params, cache, dy)   # leading batch axis
     sq, dx      = layer.per_example_sq_norms(params, cache, dy, l2) # ||grad_i + l2 W||^2, (batch,)
+
+Layers made of layers (Sequential, Residual, Parallel) also define
+`children(params, cache=None)`: a tuple of (layer, params, cache) triples,
+in forward order, that tools such as `pn.diagnostics` walk.
 """
 import dataclasses
+import math
 
 import jax.numpy as jnp
+
+
+def as_shape(shape, what="in_shape"):
+    """One example's shape as a tuple of positive ints; an int n means (n,)."""
+    if isinstance(shape, (int,)) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{what} must be an int or a tuple of ints, got {shape!r}") from None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"{what} must be a non-empty tuple of positive ints, got {shape!r}")
+    return shape
+
+
+def shape_token(shape):
+    """An empty array whose shape after the first axis is `shape`: a static size a cache can carry."""
+    return jnp.zeros((0, *shape), jnp.int8)
+
+
+def token_shape(token):
+    return token.shape[1:]
+
+
+def per_example_sum(t):
+    """Sum over the axes between the batch axis and the last one: (batch, ..., d) -> (batch, d)."""
+    return jnp.sum(t, axis=tuple(range(1, t.ndim - 1))) if t.ndim > 2 else t
+
+
+def positions(shape):
+    """How many positions an output of this batched shape has (every axis but the last)."""
+    return math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +71,9 @@ class Elementwise:
     the three protocol methods come from here.
     """
 
-    def init(self, key, in_dim, dtype=None):
+    def init(self, key, in_shape, dtype=None):
         del key, dtype
-        return {}, {}, in_dim
+        return {}, {}, as_shape(in_shape)
 
     def forward(self, params, state, x, train=False, key=None):
         del params, train, key

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
+from purenet.layers.base import as_shape, per_example_sum
 
 
 class _BatchStatsCache(NamedTuple):
@@ -22,6 +23,9 @@ class _RunningStatsCache(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class BatchNorm:
     """Normalise each feature over the batch, then scale and shift.
+
+    Features are the last axis; the statistics run over every other axis
+    (the batch, and for images (N, H, W, C) every pixel: per channel).
 
     params {"gamma": ones(d), "beta": zeros(d)}; state {"mean": zeros(d), "var": ones(d)}.
 
@@ -51,12 +55,13 @@ class BatchNorm:
         check_hyperparameter("BatchNorm momentum", self.momentum, 0.0, 1.0, high_open=False)
         check_hyperparameter("BatchNorm eps", self.eps, 0.0, low_open=True, high=None)
 
-    def init(self, key, in_dim, dtype=None):
+    def init(self, key, in_shape, dtype=None):
         del key
-        dtype = dtype or default_float()
-        params = {"gamma": jnp.ones((in_dim,), dtype), "beta": jnp.zeros((in_dim,), dtype)}
-        state = {"mean": jnp.zeros((in_dim,), dtype), "var": jnp.ones((in_dim,), dtype)}
-        return params, state, in_dim
+        in_shape, dtype = as_shape(in_shape), dtype or default_float()
+        d = in_shape[-1]
+        params = {"gamma": jnp.ones((d,), dtype), "beta": jnp.zeros((d,), dtype)}
+        state = {"mean": jnp.zeros((d,), dtype), "var": jnp.ones((d,), dtype)}
+        return params, state, in_shape
 
     def forward(self, params, state, x, train=False, key=None):
         del key
@@ -104,7 +109,8 @@ class BatchNorm:
                 "per-example gradients are undefined through BatchNorm in training mode: the batch "
                 "mean and variance couple the examples (evaluate with train=False, or drop BatchNorm)"
             )
-        return {"gamma": dy * cache.xhat, "beta": dy}, dy * params["gamma"] * cache.inv_std
+        grads = {"gamma": per_example_sum(dy * cache.xhat), "beta": per_example_sum(dy)}
+        return grads, dy * params["gamma"] * cache.inv_std
 
     def per_example_backward(self, params, cache, dy):
         """In evaluation mode: dgamma_i = dy_i xhat_i, dbeta_i = dy_i."""

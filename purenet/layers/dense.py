@@ -6,6 +6,7 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
+from purenet.layers.base import as_shape
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -18,7 +19,7 @@ class Dense:
     `init` is the protocol method.
 
     Backward, for dL/da = dy:
-        dL/dW = h^T dy        (summed over the batch)
+        dL/dW = h^T dy        (summed over the batch and every position)
         dL/db = sum_batch dy
         dL/dh = dy W^T
     """
@@ -35,12 +36,12 @@ class Dense:
         object.__setattr__(self, "initializer", init)
         object.__setattr__(self, "use_bias", bool(use_bias))
 
-    def init(self, key, in_dim, dtype=None):
-        dtype = dtype or default_float()
-        params = {"W": initializers.get(self.initializer)(key, (in_dim, self.features), dtype)}
+    def init(self, key, in_shape, dtype=None):
+        in_shape, dtype = as_shape(in_shape), dtype or default_float()
+        params = {"W": initializers.get(self.initializer)(key, (in_shape[-1], self.features), dtype)}
         if self.use_bias:
             params["b"] = jnp.zeros((self.features,), dtype)
-        return params, {}, self.features
+        return params, {}, in_shape[:-1] + (self.features,)
 
     def forward(self, params, state, x, train=False, key=None):
         del train, key
@@ -72,30 +73,47 @@ class Dense:
         return lax.dot_general(dy, params["W"], (((dy.ndim - 1,), (1,)), ((), ())))
 
     def per_example_backward(self, params, x, dy):
-        """Example i's gradients: dW_i = h_i dy_i^T (an outer product), db_i = dy_i."""
-        _check_rows(x)
-        grads = {"W": jnp.einsum("bi,bj->bij", x, dy)}
+        """Example i's gradients: dW_i = sum_t h_it dy_it^T (an outer product per position t),
+        db_i = sum_t dy_it; for rows (no positions) dW_i = h_i dy_i^T, db_i = dy_i."""
+        x3, dy3 = _positions(x), _positions(dy)
+        grads = {"W": jnp.einsum("bti,btj->bij", x3, dy3)}
         if self.use_bias:
-            grads["b"] = dy
+            grads["b"] = jnp.sum(dy3, axis=1)
         return grads, self._dx(params, dy)
 
     def per_example_sq_norms(self, params, x, dy, l2=0.0):
-        """||dW_i + l2 W||^2 + ||db_i||^2 without forming dW_i (Goodfellow, 2015):
+        """||dW_i + l2 W||^2 + ||db_i||^2 without forming dW_i where an identity is cheaper.
 
-            ||h_i dy_i^T||^2 = ||h_i||^2 ||dy_i||^2,   <h_i dy_i^T, W> = h_i^T W dy_i.
+        Rows (batch, in) (Goodfellow, 2015):  ||h_i dy_i^T||^2 = ||h_i||^2 ||dy_i||^2.
+        T positions (batch, T, in), the ghost norm over positions:
 
-        Memory O(batch (in + out)) instead of O(batch in out).
+            ||sum_t h_t dy_t^T||^2 = sum_{t,t'} (h_t . h_t') (dy_t . dy_t'),
+
+        memory O(batch T^2), used when T^2 <= in * out; otherwise dW_i is
+        formed (memory O(batch in out)), whichever is smaller. The l2 cross
+        term is  <dW_i, W> = sum_t h_t^T W dy_t  either way.
         """
-        _check_rows(x)
-        dy_sq = jnp.sum(dy * dy, axis=-1)
-        sq = jnp.sum(x * x, axis=-1) * dy_sq
-        if self.use_bias:
-            sq = sq + dy_sq
         W = params["W"]
-        sq = sq + 2 * l2 * jnp.sum((x @ W) * dy, axis=-1) + l2 * l2 * jnp.sum(W * W)
+        dy_sq = jnp.sum(dy * dy, axis=-1)
+        if x.ndim == 2:
+            sq = jnp.sum(x * x, axis=-1) * dy_sq
+            if self.use_bias:
+                sq = sq + dy_sq
+        else:
+            x3, dy3 = _positions(x), _positions(dy)
+            t = x3.shape[1]
+            if t * t <= W.size:
+                sq = jnp.sum(jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("btj,bsj->bts", dy3, dy3),
+                             axis=(1, 2))
+            else:
+                sq = jnp.sum(jnp.einsum("bti,btj->bij", x3, dy3) ** 2, axis=(1, 2))
+            if self.use_bias:
+                sq = sq + jnp.sum(jnp.sum(dy3, axis=1) ** 2, axis=-1)
+        cross = jnp.sum(jnp.reshape((x @ W) * dy, (x.shape[0], -1)), axis=-1)
+        sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
         return sq, self._dx(params, dy)
 
 
-def _check_rows(x):
-    if x.ndim != 2:
-        raise ValueError(f"per-example gradients need inputs of shape (batch, features), got {x.shape}")
+def _positions(t):
+    """(batch, ..., d) -> (batch, positions, d)."""
+    return jnp.reshape(t, (t.shape[0], -1, t.shape[-1]))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter, is_concrete
+from purenet.layers.base import as_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +27,9 @@ class Dropout:
     def __post_init__(self):
         check_hyperparameter("Dropout rate", self.rate, 0.0, 1.0)
 
-    def init(self, key, in_dim, dtype=None):
+    def init(self, key, in_shape, dtype=None):
         del key, dtype
-        return {}, {}, in_dim
+        return {}, {}, as_shape(in_shape)
 
     def forward(self, params, state, x, train=False, key=None):
         del params

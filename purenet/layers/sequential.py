@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import is_concrete
-from purenet.layers.activations import Identity, LeakyReLU, ReLU, Sigmoid, Tanh
+from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid
+from purenet.layers.base import as_shape
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
@@ -20,26 +21,37 @@ class Sequential:
     layers in reverse, each turning dL/dh_i into dL/dparams_i and dL/dh_{i-1}:
     the chain rule, with the sum over paths done by each layer's matrix products.
     Layer i draws its randomness from fold_in(key, i).
-    `in_dim`, when given, lets `pn.init` omit the input width.
+    `in_shape` (one example's shape; `in_dim=n` means (n,)), when given, lets
+    `pn.init` omit it.
     """
 
     layers: tuple
-    in_dim: int | None
+    in_shape: tuple | None
 
-    def __init__(self, layers, in_dim=None):
+    def __init__(self, layers, in_shape=None, *, in_dim=None):
+        shape = in_shape if in_shape is not None else in_dim
         object.__setattr__(self, "layers", tuple(layers))
-        object.__setattr__(self, "in_dim", in_dim)
+        object.__setattr__(self, "in_shape", None if shape is None else as_shape(shape))
 
-    def init(self, key, in_dim=None, dtype=None):
-        dim = self.in_dim if in_dim is None else in_dim
-        if dim is None:
-            raise ValueError("Sequential.init needs in_dim (the width of the input rows)")
+    @property
+    def in_dim(self):
+        """The width of the input's last axis, when the input shape is known."""
+        return None if self.in_shape is None else self.in_shape[-1]
+
+    def init(self, key, in_shape=None, dtype=None):
+        shape = self.in_shape if in_shape is None else as_shape(in_shape)
+        if shape is None:
+            raise ValueError("Sequential.init needs in_shape (the shape of one example, e.g. its width)")
         params, states = [], []
-        for layer, k in zip(self.layers, jax.random.split(key, max(len(self.layers), 1))):
-            p, s, dim = layer.init(k, dim, dtype=dtype)
+        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, max(len(self.layers), 1)))):
+            try:
+                p, s, shape = layer.init(k, shape, dtype=dtype)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"layer {i} ({type(layer).__name__}): {e}") from e
+            shape = as_shape(shape, "out_shape")
             params.append(p)
             states.append(s)
-        return tuple(params), tuple(states), dim
+        return tuple(params), tuple(states), shape
 
     def _check(self, tree, what):
         if not isinstance(tree, (tuple, list)) or len(tree) != len(self.layers):
@@ -82,13 +94,13 @@ class Sequential:
             total = total + sq
         return total, dy
 
+    def children(self, params, cache=None):
+        return tuple(zip(self.layers, params, cache or (None,) * len(self.layers)))
 
-_HIDDEN = {
-    "relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh,
-    "sigmoid": Sigmoid, "identity": Identity, "linear": Identity,
-}
+
 _OUTPUT = {"softmax": Softmax, "sigmoid": Sigmoid, "identity": Identity, "linear": Identity}
-_DEFAULT_INIT = {"relu": "he_normal", "leaky_relu": "he_normal"}  # others: Xavier
+# He for the relu family (zero or small below 0, linear above), Xavier for the others.
+_RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "silu", "softplus")
 
 
 def mlp(sizes, hidden="relu", output="softmax", init=None, dropout=0.0, batchnorm=False):
@@ -99,24 +111,26 @@ def mlp(sizes, hidden="relu", output="softmax", init=None, dropout=0.0, batchnor
     A Dense followed by BatchNorm has no bias: BatchNorm subtracts the mean,
     so a bias there would do nothing (its gradient is exactly zero) and beta
     takes its place.
-    `init=None` picks He (he_normal) for relu-type hidden units and Xavier
-    (xavier_normal) for the others, as the lecture advises.
+    `hidden` names any activation in `pn.layers.ACTIVATIONS`.
+    `init=None` picks He (he_normal) for relu-type hidden units (relu, leaky
+    relu, elu, gelu, silu, softplus) and Xavier (xavier_normal) for the
+    others, as the lecture advises.
     """
     sizes = list(sizes)
     if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise ValueError(f"mlp sizes must be >= 2 positive integers [in, hidden..., out], got {sizes}")
-    if hidden not in _HIDDEN:
-        raise ValueError(f"unknown hidden activation {hidden!r}; choose one of {sorted(_HIDDEN)}")
+    if hidden not in ACTIVATIONS:
+        raise ValueError(f"unknown hidden activation {hidden!r}; choose one of {sorted(ACTIVATIONS)}")
     if output not in _OUTPUT:
         raise ValueError(f"unknown output activation {output!r}; choose one of {sorted(_OUTPUT)}")
-    init = init or _DEFAULT_INIT.get(hidden, "xavier_normal")
+    init = init or ("he_normal" if hidden in _RELU_LIKE else "xavier_normal")
     layers = []
     for width in sizes[1:-1]:
         layers.append(Dense(width, init=init, use_bias=not batchnorm))
         if batchnorm:
             layers.append(BatchNorm())
-        layers.append(_HIDDEN[hidden]())
+        layers.append(ACTIVATIONS[hidden]())
         if not (is_concrete(dropout) and dropout == 0):  # a traced rate (a sweep) keeps the layer
             layers.append(Dropout(dropout))
     layers += [Dense(sizes[-1], init=init), _OUTPUT[output]()]
-    return Sequential(layers, in_dim=sizes[0])
+    return Sequential(layers, in_shape=sizes[0])

@@ -1,0 +1,183 @@
+"""Layers made of layers, beyond the chain: Residual, Parallel, and Flatten.
+
+Backpropagation sums the gradient over every path from the loss to a
+quantity (the lecture's point). A chain has one path per unit; here paths
+fork and join:
+
+    Residual   y = x + block(x)            dL/dx = dy + block's dL/dx
+    Parallel   y = merge(b_1(x), ..., b_k(x))   dL/dx = sum_i b_i's dL/dx
+
+Both check at `init` that the shapes fit and say which layer and which
+shapes when they do not.
+"""
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from purenet.layers.base import as_shape, shape_token, token_shape
+
+
+def _sum(arrays):
+    total = arrays[0]
+    for a in arrays[1:]:
+        total = total + a
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual:
+    """A skip connection around `block` (He et al., 2016):  y = x + block(x).
+
+    params and state are the block's own. Backward: the identity path passes
+    dy straight through and the block's path adds its own input gradient,
+
+        dL/dparams = block's dL/dparams,   dL/dx = dy + block's dL/dx.
+
+    The block must keep the shape of its input.
+    """
+
+    block: object
+
+    def init(self, key, in_shape, dtype=None):
+        in_shape = as_shape(in_shape)
+        params, state, out_shape = self.block.init(key, in_shape, dtype=dtype)
+        out_shape = as_shape(out_shape, "out_shape")
+        if out_shape != in_shape:
+            raise ValueError(f"Residual({type(self.block).__name__}): the block maps shape {in_shape} to "
+                             f"{out_shape}, but y = x + block(x) needs both shapes equal")
+        return params, state, in_shape
+
+    def forward(self, params, state, x, train=False, key=None):
+        h, state, cache = self.block.forward(params, state, x, train=train, key=key)
+        return x + h, state, cache
+
+    def backward(self, params, cache, dy):
+        grads, dx = self.block.backward(params, cache, dy)
+        return grads, dy + dx
+
+    def per_example_backward(self, params, cache, dy):
+        grads, dx = self.block.per_example_backward(params, cache, dy)
+        return grads, dy + dx
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        sq, dx = self.block.per_example_sq_norms(params, cache, dy, l2)
+        return sq, dy + dx
+
+    def children(self, params, cache=None):
+        return ((self.block, params, cache),)
+
+
+_MERGES = ("concat", "sum")
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Parallel:
+    """Branches that all read the same x, merged:  y = merge(b_1(x), ..., b_k(x)).
+
+    merge="concat" joins the outputs along the last axis (their other axes
+    must agree); merge="sum" adds them (their shapes must be equal). params
+    and state are tuples with one entry per branch; branch i draws its
+    randomness from fold_in(key, i).
+
+    Backward: each branch receives its part of dy (its slice of the last
+    axis for concat, all of dy for sum), and x fans out to every branch, so
+    its gradient is the sum over the branches (the chain rule summed over
+    every path):  dL/dx = sum_i b_i's dL/dx.
+    """
+
+    branches: tuple
+    merge: str
+
+    def __init__(self, branches, merge="concat"):
+        branches = tuple(branches)
+        if not branches:
+            raise ValueError("Parallel needs at least one branch")
+        if merge not in _MERGES:
+            raise ValueError(f"Parallel merge must be one of {_MERGES}, got {merge!r}")
+        object.__setattr__(self, "branches", branches)
+        object.__setattr__(self, "merge", merge)
+
+    def init(self, key, in_shape, dtype=None):
+        in_shape = as_shape(in_shape)
+        params, states, shapes = [], [], []
+        for branch, k in zip(self.branches, jax.random.split(key, len(self.branches))):
+            p, s, out = branch.init(k, in_shape, dtype=dtype)
+            params.append(p), states.append(s), shapes.append(as_shape(out, "out_shape"))
+        if self.merge == "sum" and len(set(shapes)) > 1:
+            raise ValueError(f"Parallel(merge='sum'): branch outputs have shapes {shapes}; a sum needs them "
+                             f"all equal")
+        if self.merge == "concat" and len({s[:-1] for s in shapes}) > 1:
+            raise ValueError(f"Parallel(merge='concat'): branch outputs have shapes {shapes}; concatenating "
+                             f"on the last axis needs every other axis equal")
+        out = shapes[0] if self.merge == "sum" else shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+        return tuple(params), tuple(states), out
+
+    def _check(self, tree, what):
+        if not isinstance(tree, (tuple, list)) or len(tree) != len(self.branches):
+            raise ValueError(f"Parallel with {len(self.branches)} branches needs {what} as a tuple of "
+                             f"{len(self.branches)} entries, got {type(tree).__name__}")
+
+    def forward(self, params, state, x, train=False, key=None):
+        self._check(params, "params")
+        self._check(state, "state")
+        outs, states, caches = [], [], []
+        for i, branch in enumerate(self.branches):
+            k = None if key is None else jax.random.fold_in(key, i)
+            y, s, c = branch.forward(params[i], state[i], x, train=train, key=k)
+            outs.append(y), states.append(s), caches.append(c)
+        if self.merge == "sum":
+            return _sum(outs), tuple(states), (tuple(caches), None)
+        widths = shape_token(tuple(y.shape[-1] for y in outs))  # where to split dy on the way back
+        return jnp.concatenate(outs, axis=-1), tuple(states), (tuple(caches), widths)
+
+    def _branch_dys(self, cache, dy):
+        _, widths = cache
+        if widths is None:
+            return [dy] * len(self.branches)
+        splits = list(itertools.accumulate(token_shape(widths)))[:-1]
+        return jnp.split(dy, splits, axis=-1)
+
+    def _walk_back(self, method, params, cache, dy, *extra):
+        results = [getattr(branch, method)(params[i], cache[0][i], dyi, *extra)
+                   for i, (branch, dyi) in enumerate(zip(self.branches, self._branch_dys(cache, dy)))]
+        return [r[0] for r in results], _sum([r[1] for r in results])
+
+    def backward(self, params, cache, dy):
+        grads, dx = self._walk_back("backward", params, cache, dy)
+        return tuple(grads), dx
+
+    def per_example_backward(self, params, cache, dy):
+        grads, dx = self._walk_back("per_example_backward", params, cache, dy)
+        return tuple(grads), dx
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        sqs, dx = self._walk_back("per_example_sq_norms", params, cache, dy, l2)
+        return _sum(sqs), dx
+
+    def children(self, params, cache=None):
+        caches = (None,) * len(self.branches) if cache is None else cache[0]
+        return tuple(zip(self.branches, params, caches))
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten:
+    """(batch, *shape) -> (batch, prod(shape)); backward reshapes dy back."""
+
+    def init(self, key, in_shape, dtype=None):
+        del key, dtype
+        return {}, {}, (math.prod(as_shape(in_shape)),)
+
+    def forward(self, params, state, x, train=False, key=None):
+        del params, train, key
+        return jnp.reshape(x, (x.shape[0], -1)), state, shape_token(x.shape[1:])
+
+    def backward(self, params, cache, dy):
+        return {}, jnp.reshape(dy, (dy.shape[0], *token_shape(cache)))
+
+    per_example_backward = backward
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        return jnp.zeros(dy.shape[:1], dy.dtype), self.backward(params, cache, dy)[1]

@@ -1,0 +1,142 @@
+"""Normalisation over the features of each example: LayerNorm and RMSNorm.
+
+Unlike BatchNorm, these normalise every position of every example on its
+own (over the last axis), so examples never interact: per-example gradients
+are well defined, and training and evaluation compute the same function.
+"""
+import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from purenet._checks import check_hyperparameter
+from purenet.initializers import default_float
+from purenet.layers.base import as_shape, per_example_sum
+
+
+class _NormCache(NamedTuple):
+    xhat: jnp.ndarray
+    inv: jnp.ndarray  # 1 / sqrt(var + eps) or 1 / sqrt(mean(x^2) + eps), one per position
+
+
+def _leading_axes(t):
+    return tuple(range(t.ndim - 1))
+
+
+def _gamma_grads(params, cache, dy, per_example):
+    """dL/dgamma = sum g xhat, dL/dbeta = sum g: over the whole batch, or per example."""
+    reduce = per_example_sum if per_example else (lambda t: jnp.sum(t, axis=_leading_axes(t)))
+    grads = {"gamma": reduce(dy * cache.xhat)}
+    if "beta" in params:
+        grads["beta"] = reduce(dy)
+    return grads
+
+
+class _FeatureNorm:
+    """The parts LayerNorm and RMSNorm share: params, the protocol, per-example gradients."""
+
+    def init(self, key, in_shape, dtype=None):
+        del key
+        in_shape, dtype = as_shape(in_shape), dtype or default_float()
+        d = in_shape[-1]
+        params = {"gamma": jnp.ones((d,), dtype)}
+        if self._has_beta:
+            params["beta"] = jnp.zeros((d,), dtype)
+        return params, {}, in_shape
+
+    def forward(self, params, state, x, train=False, key=None):
+        del train, key
+        d = params["gamma"].shape[0]
+        if jnp.shape(x)[-1] != d:
+            raise ValueError(f"{self} expects inputs with {d} features on the last axis, got x of shape "
+                             f"{jnp.shape(x)}")
+        xhat, inv = self._normalise(x)
+        y = params["gamma"] * xhat
+        if "beta" in params:
+            y = y + params["beta"]
+        return y, state, _NormCache(xhat, inv)
+
+    def backward(self, params, cache, dy):
+        return _gamma_grads(params, cache, dy, False), self._dx(params, cache, dy)
+
+    def per_example_backward(self, params, cache, dy):
+        """Example i's gradients: its own sums of g xhat and g over its positions."""
+        return _gamma_grads(params, cache, dy, True), self._dx(params, cache, dy)
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        grads, dx = self.per_example_backward(params, cache, dy)
+        return sum(jnp.sum(g * g, axis=-1) for g in grads.values()), dx
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNorm(_FeatureNorm):
+    """Layer normalisation (Ba et al., 2016) over the last axis of each position.
+
+    params {"gamma": ones(d), "beta": zeros(d)} ("beta" absent when use_bias=False).
+    With the mean and the (biased) variance over the d features:
+
+        mu = mean(x),  var = mean((x - mu)^2),  s = 1 / sqrt(var + eps)
+        xhat = (x - mu) s,   y = gamma xhat + beta
+
+    Backward, g = dL/dy (the same algebra as BatchNorm's, over features
+    instead of the batch):
+
+        dL/dgamma = sum_positions g xhat,   dL/dbeta = sum_positions g
+        dL/dxhat  = g gamma
+        dL/dx     = s (dL/dxhat - mean(dL/dxhat) - xhat mean(dL/dxhat xhat))
+
+    The mean term is the path through mu: d mu/dx_k = 1/d. The xhat term is
+    the path through var: d s/dx_k = -s^3 (x_k - mu) / d = -s^2 xhat_k / d.
+    """
+
+    eps: float = 1e-5
+    use_bias: bool = True
+
+    def __post_init__(self):
+        check_hyperparameter("LayerNorm eps", self.eps, 0.0, None, low_open=True)
+
+    @property
+    def _has_beta(self):
+        return self.use_bias
+
+    def _normalise(self, x):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        centered = x - mean
+        var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        inv = 1.0 / jnp.sqrt(var + self.eps)
+        return centered * inv, inv
+
+    def _dx(self, params, cache, dy):
+        dxhat = dy * params["gamma"]
+        return cache.inv * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                            - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNorm(_FeatureNorm):
+    """Root-mean-square normalisation (Zhang & Sennrich, 2019) over the last axis.
+
+    params {"gamma": ones(d)}. No centering and no shift:
+
+        r = 1 / sqrt(mean(x^2) + eps),   xhat = x r,   y = gamma xhat
+
+    Backward, g = dL/dy: dL/dgamma = sum_positions g xhat, and since
+    d r/dx_k = -r^3 x_k / d = -r^2 xhat_k / d,
+
+        dL/dx = r (dL/dxhat - xhat mean(dL/dxhat xhat)),   dL/dxhat = g gamma.
+    """
+
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        check_hyperparameter("RMSNorm eps", self.eps, 0.0, None, low_open=True)
+
+    _has_beta = False
+
+    def _normalise(self, x):
+        inv = 1.0 / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * inv, inv
+
+    def _dx(self, params, cache, dy):
+        dxhat = dy * params["gamma"]
+        return cache.inv * (dxhat - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))
