@@ -4,7 +4,7 @@ from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, 
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
-    ELU, GELU, BatchNorm, Dense, Dropout, Elementwise, Flatten, Identity, LayerNorm, LeakyReLU, Parallel, ReLU,
+    ELU, GELU, AvgPool2D, BatchNorm, Conv2D, Dense, GlobalAvgPool2D, MaxPool2D, Dropout, Elementwise, Flatten, Identity, LayerNorm, LeakyReLU, Parallel, ReLU,
     Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax, Softplus, Tanh, mlp,
 )
 from purenet.losses import Loss

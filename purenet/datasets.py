@@ -125,15 +125,19 @@ def _find(folder, stem):
     )
 
 
-def mnist(path, part="test", dtype=np.float32):
-    """MNIST images as float rows of 784 pixels in [0, 1] and int32 labels.
+def mnist(path, part="test", dtype=np.float32, shape="rows"):
+    """MNIST images as floats in [0, 1] and int32 labels.
 
     `path` is a folder with the IDX files (gzip or raw); part is "test"
-    (t10k-*) or "train". Magic numbers, dimensions, lengths and label
-    values are checked; a bad file raises IDXError naming the problem.
+    (t10k-*) or "train". shape="rows" gives rows of 784 pixels, "image"
+    gives (n, 28, 28, 1) NHWC images for convolutions. Magic numbers,
+    dimensions, lengths and label values are checked; a bad file raises
+    IDXError naming the problem.
     """
     if part not in MNIST_FILES:
         raise ValueError(f"part must be one of {sorted(MNIST_FILES)}, got {part!r}")
+    if shape not in ("rows", "image"):
+        raise ValueError(f"shape must be 'rows' or 'image', got {shape!r}")
     images_stem, labels_stem = MNIST_FILES[part]
     images = read_idx(_find(path, images_stem), IMAGES_MAGIC)
     labels = read_idx(_find(path, labels_stem), LABELS_MAGIC)
@@ -145,5 +149,5 @@ def mnist(path, part="test", dtype=np.float32):
         raise IDXError(f"{len(images)} images but {len(labels)} labels")
     if labels.max(initial=0) > 9:
         raise IDXError(f"label {int(labels.max())} is not a digit 0-9")
-    x = images.reshape(len(images), -1).astype(dtype) / 255.0
-    return x, labels.astype(np.int32)
+    x = images.reshape(len(images), -1) if shape == "rows" else images[..., None]
+    return x.astype(dtype) / 255.0, labels.astype(np.int32)

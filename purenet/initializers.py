@@ -1,7 +1,9 @@
 """Weight initializers, drawn exactly as `jax.nn.initializers` of the same name.
 
 For a weight of shape (fan_in, fan_out) and a scale s, variance scaling draws
-with variance  s / fan,  where fan is fan_in or (fan_in + fan_out) / 2:
+with variance  s / fan,  where fan is fan_in or (fan_in + fan_out) / 2. A
+convolution kernel (kh, kw, in, out) has a receptive field of kh kw inputs
+per channel: fan_in = kh kw in, fan_out = kh kw out, as in JAX.
 
     xavier_uniform  s=1, fan_avg, U(-sqrt(3 var), sqrt(3 var))      Glorot & Bengio, 2010
     xavier_normal   s=1, fan_avg, truncated normal
@@ -14,6 +16,8 @@ with variance  s / fan,  where fan is fan_in or (fan_in + fan_out) / 2:
 The truncated normal is cut at two standard deviations and rescaled by
 1/0.8796... so that its variance is exactly `var`, as in JAX.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -22,7 +26,8 @@ _TRUNCATED_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2
 
 def _variance_scaling(scale, mode, distribution):
     def init(key, shape, dtype):
-        fan_in, fan_out = shape[-2], shape[-1]
+        receptive = math.prod(shape[:-2])
+        fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
         fan = fan_in if mode == "fan_in" else (fan_in + fan_out) / 2
         variance = jnp.array(scale / max(1.0, fan), dtype=dtype)
         if distribution == "uniform":

@@ -189,7 +189,7 @@ class NetCase:
 
 
 def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, batchnorm=False,
-              compose=False, sequences=False):
+              compose=False, sequences=False, images=False):
     """A hypothesis strategy of NetCase: random depth, widths, batch size
     (batch norm skips sizes below 2), hidden activation, initializer,
     output/loss pair, target kind and l2 on/off.
@@ -200,6 +200,11 @@ def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, b
     GELU in both forms. sequences=True (with compose) also gives inputs of
     shape (3, width): every layer then acts on each of the 3 positions, the
     loss averages over them, and some nets Flatten them first.
+
+    images=True draws small CNNs on (5, 6, channels) images instead: Conv2D
+    with random kernels, strides, paddings, dilations and either
+    implementation, max and average pools, BatchNorm (with batchnorm=True),
+    residual conv blocks, then Flatten or a global average pool, and Dense.
 
     Widths and batch sizes come from small sets (1 included) because each new
     shape costs JAX a compile; values are drawn freely from the seed.
@@ -225,7 +230,9 @@ def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, b
         out_width = draw(st.sampled_from(widths))
         if output == "softmax" and out_width == 1 and loss == "cross_entropy":
             out_width = 2
-        if compose:
+        if images:
+            net, in_shape = draw(_conv_nets(depth, out_width, output, init, bn))
+        elif compose:
             net, in_shape = draw(_composed_nets(depth, widths, out_width, output, init, sequences))
         else:
             sizes = draw(st.lists(st.sampled_from(inner), min_size=depth + 1, max_size=depth + 1))
@@ -290,6 +297,48 @@ def _composed_nets(depth, widths, out_width, output, init, sequences):
                 layers += [n for n in [norm(draw, width)] if n is not None]
         if len(in_shape) > 1 and draw(st.booleans()):
             layers.append(L.Flatten())
+        output_layer = {"softmax": L.Softmax, "sigmoid": L.Sigmoid, "identity": L.Identity}[output]()
+        layers += [L.Dense(out_width, init=init), output_layer]
+        return L.Sequential(layers, in_shape=in_shape), in_shape
+
+    return draw()
+
+
+def _conv_nets(depth, out_width, output, init, batchnorm):
+    """(net, in_shape): up to `depth` conv / pool blocks on (5, 6, c) images, then a Dense head."""
+    from hypothesis import strategies as st
+
+    from purenet import layers as L
+    from purenet.layers.base import as_shape
+
+    @st.composite
+    def draw(draw):
+        in_shape = (5, 6, draw(st.sampled_from([1, 3])))
+        layers, shape = [], in_shape
+        for _ in range(max(depth, 1)):
+            kind = draw(st.sampled_from(["conv", "conv", "pool", "residual"]))
+            impl = draw(st.sampled_from(["im2col", "xla"]))
+            if kind == "conv":
+                layer = L.Conv2D(draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 3, (2, 3)])),
+                                 strides=draw(st.sampled_from([1, 2])),
+                                 padding=draw(st.sampled_from(["SAME", "VALID", ((1, 0), (0, 1))])),
+                                 dilation=draw(st.sampled_from([1, 1, 2])), init=init,
+                                 use_bias=draw(st.booleans()), implementation=impl)
+                block = [layer, *([L.BatchNorm()] if batchnorm and draw(st.booleans()) else []),
+                         L.ACTIVATIONS[draw(st.sampled_from(ACTIVATIONS))]()]
+            elif kind == "pool":
+                pool = draw(st.sampled_from([L.MaxPool2D, L.AvgPool2D]))
+                block = [pool(draw(st.sampled_from([2, (1, 2)])), strides=draw(st.sampled_from([None, 1])),
+                              padding=draw(st.sampled_from(["VALID", "SAME"])))]
+            else:
+                block = [L.Residual(L.Sequential([L.Conv2D(shape[-1], 3, init=init, implementation=impl), L.Tanh()]))]
+            try:  # a window that no longer fits the shrunken image: skip the block
+                shape = as_shape(L.Sequential(block).init(jax.random.key(0), shape)[2])
+            except ValueError:
+                continue
+            layers += block
+        head = draw(st.sampled_from(["flatten", "global"]))
+        layers.append(L.Flatten() if head == "flatten" else L.GlobalAvgPool2D())
         output_layer = {"softmax": L.Softmax, "sigmoid": L.Sigmoid, "identity": L.Identity}[output]()
         layers += [L.Dense(out_width, init=init), output_layer]
         return L.Sequential(layers, in_shape=in_shape), in_shape

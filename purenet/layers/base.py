@@ -64,16 +64,20 @@ def positions(shape):
 
 
 @dataclasses.dataclass(frozen=True)
-class Elementwise:
-    """A parameter-free layer h = g(a) applied element by element.
+class ParameterFree:
+    """A layer without parameters or state.
 
-    Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`;
-    the three protocol methods come from here.
+    Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`,
+    and `out_shape(in_shape)` when the shape changes (checking it); the
+    protocol methods come from here.
     """
+
+    def out_shape(self, in_shape):
+        return in_shape
 
     def init(self, key, in_shape, dtype=None):
         del key, dtype
-        return {}, {}, as_shape(in_shape)
+        return {}, {}, self.out_shape(as_shape(in_shape))
 
     def forward(self, params, state, x, train=False, key=None):
         del params, train, key
@@ -97,3 +101,11 @@ class Elementwise:
 
     def grad(self, cache, dy):  # pragma: no cover - interface
         raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Elementwise(ParameterFree):
+    """A parameter-free layer h = g(a) applied element by element.
+
+    Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`.
+    """

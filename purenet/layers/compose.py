@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import as_shape, shape_token, token_shape
+from purenet.layers.base import ParameterFree, as_shape, shape_token, token_shape
 
 
 def _sum(arrays):
@@ -163,21 +163,14 @@ class Parallel:
 
 
 @dataclasses.dataclass(frozen=True)
-class Flatten:
+class Flatten(ParameterFree):
     """(batch, *shape) -> (batch, prod(shape)); backward reshapes dy back."""
 
-    def init(self, key, in_shape, dtype=None):
-        del key, dtype
-        return {}, {}, (math.prod(as_shape(in_shape)),)
+    def out_shape(self, in_shape):
+        return (math.prod(in_shape),)
 
-    def forward(self, params, state, x, train=False, key=None):
-        del params, train, key
-        return jnp.reshape(x, (x.shape[0], -1)), state, shape_token(x.shape[1:])
+    def apply(self, x):
+        return jnp.reshape(x, (x.shape[0], -1)), shape_token(x.shape[1:])
 
-    def backward(self, params, cache, dy):
-        return {}, jnp.reshape(dy, (dy.shape[0], *token_shape(cache)))
-
-    per_example_backward = backward
-
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        return jnp.zeros(dy.shape[:1], dy.dtype), self.backward(params, cache, dy)[1]
+    def grad(self, shape, dy):
+        return jnp.reshape(dy, (dy.shape[0], *token_shape(shape)))

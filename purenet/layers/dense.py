@@ -75,43 +75,53 @@ class Dense:
     def per_example_backward(self, params, x, dy):
         """Example i's gradients: dW_i = sum_t h_it dy_it^T (an outer product per position t),
         db_i = sum_t dy_it; for rows (no positions) dW_i = h_i dy_i^T, db_i = dy_i."""
-        x3, dy3 = _positions(x), _positions(dy)
-        grads = {"W": jnp.einsum("bti,btj->bij", x3, dy3)}
-        if self.use_bias:
-            grads["b"] = jnp.sum(dy3, axis=1)
-        return grads, self._dx(params, dy)
+        return per_example_grads(x, dy, self.use_bias), self._dx(params, dy)
 
     def per_example_sq_norms(self, params, x, dy, l2=0.0):
-        """||dW_i + l2 W||^2 + ||db_i||^2 without forming dW_i where an identity is cheaper.
+        """||dW_i + l2 W||^2 + ||db_i||^2, without forming dW_i where an identity is cheaper
+        (see `per_example_sq_norms`)."""
+        return per_example_sq_norms(x, dy, params["W"], self.use_bias, l2), self._dx(params, dy)
 
-        Rows (batch, in) (Goodfellow, 2015):  ||h_i dy_i^T||^2 = ||h_i||^2 ||dy_i||^2.
-        T positions (batch, T, in), the ghost norm over positions:
 
-            ||sum_t h_t dy_t^T||^2 = sum_{t,t'} (h_t . h_t') (dy_t . dy_t'),
+def per_example_grads(x, dy, use_bias):
+    """{"W": (batch, in, out), "b": (batch, out)}: each example's sum over its positions."""
+    x3, dy3 = _positions(x), _positions(dy)
+    grads = {"W": jnp.einsum("bti,btj->bij", x3, dy3)}
+    if use_bias:
+        grads["b"] = jnp.sum(dy3, axis=1)
+    return grads
 
-        memory O(batch T^2), used when T^2 <= in * out; otherwise dW_i is
-        formed (memory O(batch in out)), whichever is smaller. The l2 cross
-        term is  <dW_i, W> = sum_t h_t^T W dy_t  either way.
-        """
-        W = params["W"]
-        dy_sq = jnp.sum(dy * dy, axis=-1)
-        if x.ndim == 2:
-            sq = jnp.sum(x * x, axis=-1) * dy_sq
-            if self.use_bias:
-                sq = sq + dy_sq
+
+def per_example_sq_norms(x, dy, W, use_bias, l2=0.0):
+    """||dW_i + l2 W||^2 + ||db_i||^2 for y = x W + b, each example's sum over its positions.
+
+    Rows (batch, in) (Goodfellow, 2015):  ||h_i dy_i^T||^2 = ||h_i||^2 ||dy_i||^2.
+    T positions (batch, ..., in), the ghost norm over positions:
+
+        ||sum_t h_t dy_t^T||^2 = sum_{t,t'} (h_t . h_t') (dy_t . dy_t'),
+
+    memory O(batch T^2), used when T^2 <= in * out; otherwise dW_i is
+    formed (memory O(batch in out)), whichever is smaller. The l2 cross
+    term is  <dW_i, W> = sum_t h_t^T W dy_t  either way.
+    """
+    dy_sq = jnp.sum(dy * dy, axis=-1)
+    if x.ndim == 2:
+        sq = jnp.sum(x * x, axis=-1) * dy_sq
+        if use_bias:
+            sq = sq + dy_sq
+    else:
+        x3, dy3 = _positions(x), _positions(dy)
+        t = x3.shape[1]
+        if t * t <= W.size:
+            sq = jnp.sum(jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("btj,bsj->bts", dy3, dy3), axis=(1, 2))
         else:
-            x3, dy3 = _positions(x), _positions(dy)
-            t = x3.shape[1]
-            if t * t <= W.size:
-                sq = jnp.sum(jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("btj,bsj->bts", dy3, dy3),
-                             axis=(1, 2))
-            else:
-                sq = jnp.sum(jnp.einsum("bti,btj->bij", x3, dy3) ** 2, axis=(1, 2))
-            if self.use_bias:
-                sq = sq + jnp.sum(jnp.sum(dy3, axis=1) ** 2, axis=-1)
-        cross = jnp.sum(jnp.reshape((x @ W) * dy, (x.shape[0], -1)), axis=-1)
-        sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
-        return sq, self._dx(params, dy)
+            sq = jnp.sum(jnp.einsum("bti,btj->bij", x3, dy3) ** 2, axis=(1, 2))
+        if use_bias:
+            sq = sq + jnp.sum(jnp.sum(dy3, axis=1) ** 2, axis=-1)
+    if isinstance(l2, (int, float)) and l2 == 0:
+        return sq
+    cross = jnp.sum(jnp.reshape((x @ W) * dy, (x.shape[0], -1)), axis=-1)
+    return sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
 
 
 def _positions(t):

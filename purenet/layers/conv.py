@@ -1,0 +1,405 @@
+"""Convolution and pooling on NHWC images, each with its backward written out.
+
+Shapes: x (N, H, W, C); a kernel of kh x kw taps with strides (sh, sw),
+dilation (dh, dw) and padding (lo, hi) per spatial axis gives
+
+    Ho = (H + lo + hi - ((kh - 1) dh + 1)) // sh + 1     (likewise Wo)
+
+"SAME" pads so that Ho = ceil(H / sh), the odd pixel going to the high side;
+"VALID" pads nothing; explicit padding is ((lo, hi), (lo, hi)) or an int.
+
+Window view. Tap (i, j) of output pixel (p, q) reads the padded input at
+(p sh + i dh, q sw + j dw). Stacking, for each tap, the strided slice of
+the padded input it reads gives the patches P (N, Ho, Wo, kh kw C) (im2col):
+a convolution is then one matrix product, y = P W2 with W2 = W reshaped to
+(kh kw C, F), and every gradient is a Dense layer's gradient on P. Going
+back, each tap's slice of dL/dP is put back where it was read (a pad with
+interior zeros, the transpose of a strided slice) and the taps are summed
+(col2im): the chain rule summed over every window a pixel belongs to.
+"""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from purenet import initializers
+from purenet.initializers import default_float
+from purenet.layers.base import ParameterFree, as_shape, shape_token, token_shape
+from purenet.layers.dense import per_example_grads, per_example_sq_norms
+
+IMPLEMENTATIONS = ("auto", "im2col", "xla")
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _pair(value, name):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    value = tuple(value) if isinstance(value, (tuple, list)) else value
+    if not (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return value
+
+
+def _padding_config(padding):
+    """'SAME', 'VALID', or explicit ((lo, hi), (lo, hi)) from an int or pairs."""
+    if padding in ("SAME", "VALID"):
+        return padding
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        padding = ((padding, padding), (padding, padding))
+    try:
+        pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    except (TypeError, ValueError):
+        pads = None
+    if pads is None or len(pads) != 2 or any(len(p) != 2 or min(p) < 0 for p in pads):
+        raise ValueError(f"padding must be 'SAME', 'VALID', a non-negative int or ((lo, hi), (lo, hi)), "
+                         f"got {padding!r}")
+    return pads
+
+
+class Geometry(NamedTuple):
+    """Everything static about one windowed operation on an (H, W) input."""
+
+    window: tuple
+    strides: tuple
+    dilation: tuple
+    pads: tuple      # ((lo, hi), (lo, hi))
+    in_hw: tuple
+    out_hw: tuple
+
+    @property
+    def padded_hw(self):
+        return tuple(n + lo + hi for n, (lo, hi) in zip(self.in_hw, self.pads))
+
+    def taps(self):
+        """(i, j) for every tap of the window, in row-major order."""
+        return [(i, j) for i in range(self.window[0]) for j in range(self.window[1])]
+
+
+def geometry(in_hw, window, strides, dilation, padding, owner):
+    span = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+    if padding == "VALID":
+        pads = ((0, 0), (0, 0))
+    elif padding == "SAME":
+        pads = []
+        for n, s, k in zip(in_hw, strides, span):
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+        pads = tuple(pads)
+    else:
+        pads = padding
+    out_hw = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(in_hw, pads, span, strides))
+    if min(out_hw) < 1:
+        raise ValueError(f"{owner}: a window spanning {tuple(span)} pixels does not fit the input of "
+                         f"{tuple(in_hw)} pixels padded by {pads}")
+    return Geometry(window, strides, dilation, pads, tuple(in_hw), out_hw)
+
+
+def _pad(x, g, value=0.0):
+    (hl, hh), (wl, wh) = g.pads
+    return lax.pad(x, jnp.asarray(value, x.dtype), ((0, 0, 0), (hl, hh, 0), (wl, wh, 0), (0, 0, 0)))
+
+
+def tap_slices(xp, g):
+    """For each tap (i, j), the strided slice of the padded input xp it reads: (N, Ho, Wo, C) each."""
+    (sh, sw), (dh, dw), (ho, wo) = g.strides, g.dilation, g.out_hw
+    n, c = xp.shape[0], xp.shape[-1]
+    return [lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+                      (1, sh, sw, 1)) for i, j in g.taps()]
+
+
+def untap(pieces, g):
+    """The transpose of `tap_slices` followed by cropping the padding: each tap's
+    (N, Ho, Wo, C) piece goes back where it was read, and overlaps add up."""
+    (sh, sw), (dh, dw), (ho, wo) = g.strides, g.dilation, g.out_hw
+    hp, wp = g.padded_hw
+    total = None
+    for (i, j), piece in zip(g.taps(), pieces):
+        placed = lax.pad(piece, jnp.zeros((), piece.dtype),
+                         ((0, 0, 0), (i * dh, hp - i * dh - (ho - 1) * sh - 1, sh - 1),
+                          (j * dw, wp - j * dw - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+        total = placed if total is None else total + placed
+    (hl, _), (wl, _) = g.pads
+    return lax.slice(total, (0, hl, wl, 0), (total.shape[0], hl + g.in_hw[0], wl + g.in_hw[1], total.shape[-1]))
+
+
+def patches(x, g):
+    """im2col: (N, H, W, C) -> (N, Ho, Wo, kh kw C), taps major, channels minor (W's row order)."""
+    slices = tap_slices(_pad(x, g), g)
+    return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+
+
+def _image_shape(owner, in_shape):
+    in_shape = as_shape(in_shape)
+    if len(in_shape) != 3:
+        raise ValueError(f"{owner} expects images: an example shape (height, width, channels), got {in_shape}")
+    return in_shape
+
+
+def _check_images(owner, x):
+    if jnp.ndim(x) != 4:
+        raise ValueError(f"{owner} expects images of shape (batch, height, width, channels), "
+                         f"got x of shape {jnp.shape(x)}")
+
+
+# ---------------------------------------------------------------- XLA's own transposes
+
+
+def _dilated(n, d):
+    return 0 if n == 0 else 1 + d * (n - 1)
+
+
+def _dx_pads(g):
+    """Padding of dy's convolution with the flipped kernel that gives dL/dx (XLA's rule)."""
+    pads = []
+    for n, k, s, d, o, (lo, _) in zip(g.in_hw, g.window, g.strides, g.dilation, g.out_hw, g.pads):
+        before = _dilated(k, d) - lo - 1
+        pads.append((before, n + _dilated(k, d) - 1 - _dilated(o, s) - before))
+    return pads
+
+
+def _dw_pads(g):
+    """Padding of x's convolution with dy that gives dL/dW (XLA's rule)."""
+    return [(lo, _dilated(o, s) - n + _dilated(k, d) - lo - 1)
+            for n, k, s, d, o, (lo, _) in zip(g.in_hw, g.window, g.strides, g.dilation, g.out_hw, g.pads)]
+
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+# dx: dy (NHWC) with the kernel read as (kh, kw, out, in); dW: x and dy with batch and channels swapped.
+_DX = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1), out_spec=(0, 3, 1, 2))
+_DW = lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2), out_spec=(2, 3, 0, 1))
+
+
+# ---------------------------------------------------------------- Conv2D
+
+
+class _ConvCache(NamedTuple):
+    inputs: jnp.ndarray   # the patches P (im2col), or x itself (xla)
+    in_hw: jnp.ndarray    # a shape token: the input's (H, W)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Conv2D:
+    """2-D convolution (cross-correlation, as lax.conv_general_dilated and PyTorch compute it) on NHWC.
+
+    params {"W": (kh, kw, in_channels, features), "b": (features,)} ("b" absent
+    when use_bias=False); fans for the initializer count the receptive field.
+
+        y[n, p, q, f] = b[f] + sum_{i, j, c} x_pad[n, p sh + i dh, q sw + j dw, c] W[i, j, c, f]
+                      = (P W2)[n, p, q, f]          (P: the patches, see the module docstring)
+
+    Backward, for dL/dy = g:
+
+        dL/dW = P^T g                 (summed over the batch and every output pixel)
+        dL/db = sum g
+        dL/dx = col2im(g W2^T)        (each pixel collects from every window it falls in)
+
+    Two formulations compute these, chosen per backend by `implementation`:
+    "im2col" (the products above: dot kernels, which XLA runs near the
+    machine's matmul peak on a CPU) and "xla" (lax.conv_general_dilated, and
+    for the backward XLA's own transposes: dx is dy, dilated by the strides,
+    convolved with the spatially flipped kernel; dW is x convolved with dy,
+    batch and channels swapped; fast where XLA's convolutions are, e.g.
+    cuDNN on GPUs). "auto" (the default) takes im2col on the CPU and xla
+    elsewhere. Both are tested against jax.grad and PyTorch.
+    """
+
+    features: int
+    kernel_size: tuple
+    strides: tuple
+    padding: object
+    dilation: tuple
+    initializer: str
+    use_bias: bool
+    implementation: str
+
+    def __init__(self, features, kernel_size, strides=1, padding="SAME", dilation=1, init="he_normal",
+                 use_bias=True, implementation="auto"):
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"Conv2D features must be a positive integer, got {features!r}")
+        initializers.get(init)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"Conv2D implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        for name, value in (("features", features), ("kernel_size", _pair(kernel_size, "Conv2D kernel_size")),
+                            ("strides", _pair(strides, "Conv2D strides")), ("padding", _padding_config(padding)),
+                            ("dilation", _pair(dilation, "Conv2D dilation")), ("initializer", init),
+                            ("use_bias", bool(use_bias)), ("implementation", implementation)):
+            object.__setattr__(self, name, value)
+
+    def _geometry(self, in_hw):
+        return geometry(in_hw, self.kernel_size, self.strides, self.dilation, self.padding, self)
+
+    def _impl(self):
+        if self.implementation != "auto":
+            return self.implementation
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+
+    def init(self, key, in_shape, dtype=None):
+        h, w, c = _image_shape(self, in_shape)
+        g = self._geometry((h, w))
+        dtype = dtype or default_float()
+        params = {"W": initializers.get(self.initializer)(key, (*self.kernel_size, c, self.features), dtype)}
+        if self.use_bias:
+            params["b"] = jnp.zeros((self.features,), dtype)
+        return params, {}, (*g.out_hw, self.features)
+
+    def forward(self, params, state, x, train=False, key=None):
+        del train, key
+        W = params["W"]
+        _check_images(self, x)
+        if x.shape[-1] != W.shape[2]:
+            raise ValueError(f"{self} expects {W.shape[2]} input channels (W has shape {W.shape}), "
+                             f"got x of shape {x.shape}")
+        g = self._geometry(x.shape[1:3])
+        if self._impl() == "xla":
+            y = lax.conv_general_dilated(x, W, g.strides, g.pads, rhs_dilation=g.dilation, dimension_numbers=_NHWC)
+            inputs = x
+        else:
+            inputs = patches(x, g)
+            y = inputs @ W.reshape(-1, W.shape[-1])
+        if self.use_bias:
+            y = y + params["b"]
+        return y, state, _ConvCache(inputs, shape_token(x.shape[1:3]))
+
+    def backward(self, params, cache, dy):
+        W = params["W"]
+        g = self._geometry(token_shape(cache.in_hw))
+        if self._impl() == "xla":
+            x = cache.inputs
+            dW = lax.conv_general_dilated(x, dy, g.dilation, _dw_pads(g), rhs_dilation=g.strides,
+                                          dimension_numbers=_DW)
+        else:
+            p2, dy2 = cache.inputs.reshape(-1, cache.inputs.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            dW = lax.dot_general(dy2, p2, (((0,), (0,)), ((), ()))).T.reshape(W.shape)  # P^T g, as Dense
+        grads = {"W": dW}
+        if self.use_bias:
+            grads["b"] = jnp.sum(dy, axis=(0, 1, 2))
+        return grads, self._dx(W, cache, dy, g)
+
+    def _dx(self, W, cache, dy, g):
+        if self._impl() == "xla":
+            return lax.conv_general_dilated(dy, lax.rev(W, (0, 1)), (1, 1), _dx_pads(g), lhs_dilation=g.strides,
+                                            rhs_dilation=g.dilation, dimension_numbers=_DX)
+        dp = lax.dot_general(dy, W.reshape(-1, W.shape[-1]), (((3,), (1,)), ((), ())))  # g W2^T
+        c = W.shape[2]
+        return untap([dp[..., t * c:(t + 1) * c] for t in range(len(g.taps()))], g)
+
+    def _patches(self, cache):
+        if self._impl() == "xla":
+            return patches(cache.inputs, self._geometry(token_shape(cache.in_hw)))
+        return cache.inputs
+
+    def per_example_backward(self, params, cache, dy):
+        """Example i's gradients: dW_i = P_i^T g_i (summed over its output pixels), db_i = sum g_i."""
+        W = params["W"]
+        grads = per_example_grads(self._patches(cache), dy, self.use_bias)
+        grads["W"] = grads["W"].reshape(dy.shape[0], *W.shape)
+        return grads, self._dx(W, cache, dy, self._geometry(token_shape(cache.in_hw)))
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        """||dW_i + l2 W||^2 + ||db_i||^2 on the patches, as a Dense layer's over positions:
+        the ghost norm over the T = Ho Wo output pixels when T^2 <= kh kw C F, else
+        dW_i formed, whichever takes less memory (see `dense.per_example_sq_norms`)."""
+        W = params["W"]
+        sq = per_example_sq_norms(self._patches(cache), dy, W.reshape(-1, W.shape[-1]), self.use_bias, l2)
+        return sq, self._dx(W, cache, dy, self._geometry(token_shape(cache.in_hw)))
+
+
+# ---------------------------------------------------------------- pooling
+
+
+class _Pool(ParameterFree):
+    """Shared by the window pools: window, strides (default: the window), padding."""
+
+    def __init__(self, window, strides=None, padding="VALID"):
+        name = type(self).__name__
+        object.__setattr__(self, "window", _pair(window, f"{name} window"))
+        object.__setattr__(self, "strides", self.window if strides is None else _pair(strides, f"{name} strides"))
+        object.__setattr__(self, "padding", _padding_config(padding))
+
+    def _geometry(self, in_hw):
+        return geometry(in_hw, self.window, self.strides, (1, 1), self.padding, self)
+
+    def out_shape(self, in_shape):
+        h, w, c = _image_shape(self, in_shape)
+        return (*self._geometry((h, w)).out_hw, c)
+
+    def _reduce(self, x, init, op):
+        g = self._geometry(x.shape[1:3])
+        # a numpy init value: concrete even under jit, so XLA (and autodiff) see a max / sum pool
+        y = lax.reduce_window(x, np.asarray(init, x.dtype), op, (1, *g.window, 1), (1, *g.strides, 1),
+                              ((0, 0), *g.pads, (0, 0)))
+        return y, g
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class MaxPool2D(_Pool):
+    """y = the largest input in each window (padding counts as -inf).
+
+    Backward: each window's dy goes to the input it took the maximum from,
+    and inputs that win several overlapping windows collect from each. When
+    a window holds the maximum more than once, the first in row-major order
+    takes it, as XLA's select-and-scatter (reduce_window's autodiff) does.
+    """
+
+    window: tuple
+    strides: tuple
+    padding: object
+
+    def apply(self, x):
+        _check_images(self, x)
+        y, g = self._reduce(x, -jnp.inf, lax.max)
+        # which tap each output took: the first that equals the max (scanning the taps backwards)
+        taps = tap_slices(_pad(x, g, -jnp.inf), g)
+        chosen = jnp.full(y.shape, len(taps), jnp.int32)
+        for t in reversed(range(len(taps))):
+            chosen = jnp.where(taps[t] == y, t, chosen)
+        return y, (chosen, shape_token(x.shape[1:3]))
+
+    def grad(self, cache, dy):
+        chosen, in_hw = cache
+        g = self._geometry(token_shape(in_hw))
+        zero = jnp.zeros_like(dy)
+        return untap([jnp.where(chosen == t, dy, zero) for t in range(len(g.taps()))], g)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class AvgPool2D(_Pool):
+    """y = the mean of each window: its sum over kh kw (padding counts as zeros, as
+    PyTorch's count_include_pad=True). Backward: dy / (kh kw) to every input of the window."""
+
+    window: tuple
+    strides: tuple
+    padding: object
+
+    def apply(self, x):
+        _check_images(self, x)
+        y, g = self._reduce(x, 0.0, lax.add)
+        return y / math.prod(g.window), shape_token(x.shape[1:3])
+
+    def grad(self, in_hw, dy):
+        g = self._geometry(token_shape(in_hw))
+        share = dy / math.prod(g.window)
+        return untap([share] * len(g.taps()), g)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalAvgPool2D(ParameterFree):
+    """(N, H, W, C) -> (N, C): y = the mean over every pixel;  dL/dx = dy / (H W) at every pixel."""
+
+    def out_shape(self, in_shape):
+        return (_image_shape(self, in_shape)[-1],)
+
+    def apply(self, x):
+        _check_images(self, x)
+        return jnp.mean(x, axis=(1, 2)), shape_token(x.shape[1:3])
+
+    def grad(self, in_hw, dy):
+        h, w = token_shape(in_hw)
+        return jnp.broadcast_to(dy[:, None, None, :] / (h * w), (dy.shape[0], h, w, dy.shape[-1]))
