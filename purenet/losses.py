@@ -188,11 +188,32 @@ def _is_weight(path):
     return isinstance(last, jax.tree_util.DictKey) and last.key == "W"
 
 
+def _half_sum_of_squares(w, l2):
+    """l2/2 * sum(w**2) without overflow: in at least float32, with w scaled by a power of two.
+
+    w = s * u with s = 2**e near max|w| (exact), so sum(u**2) is <= 4 * size;
+    the result (l2/2 * sum(u**2)) * s * s overflows only when the penalty itself
+    does, and a (traced) zero l2 gives 0, never 0 * inf = NaN. Cast back to w's dtype.
+    """
+    dtype = jnp.promote_types(w.dtype, jnp.float32)
+    u = w.astype(dtype)
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(u), initial=0))
+    _, e = jnp.frexp(peak)  # peak = m 2**e, m in [0.5, 1)
+    s = jnp.maximum(jnp.ldexp(jnp.ones((), dtype), e - 1), jnp.finfo(dtype).tiny)
+    u = u / s
+    return ((0.5 * l2 * jnp.sum(u * u)) * s * s).astype(w.dtype)
+
+
 def l2_penalty(params, l2):
-    """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases)."""
+    """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases).
+
+    A concrete l2 of zero adds nothing (not even 0 * sum W^2, which is NaN
+    once the sum overflows).
+    """
+    if is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0:
+        return 0.0
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    total = sum((jnp.sum(w * w) for path, w in leaves if _is_weight(path)), start=0.0)
-    return 0.5 * l2 * total
+    return sum((_half_sum_of_squares(w, l2) for path, w in leaves if _is_weight(path)), start=0.0)
 
 
 def l2_backward(params, l2):
