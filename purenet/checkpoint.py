@@ -55,6 +55,7 @@ from jax.tree_util import DictKey, GetAttrKey, SequenceKey, keystr
 
 MAGIC = b"PURENETCKPT1\n"
 _HEADER = len(MAGIC) + 8 + 32
+_MAX_MANIFEST = 1 << 28  # 256 MiB: about a million leaves; a larger claim is not a file of ours
 
 # The named tuples `load` rebuilds without `like`: purenet's own state types,
 # by the name the manifest records -> where the class lives. Nothing outside
@@ -253,6 +254,9 @@ def _read_manifest(path, f, size):
     (length,) = struct.unpack("<Q", header[len(MAGIC): len(MAGIC) + 8])
     if length > size - _HEADER:
         raise CheckpointError(f"{path}: truncated inside the manifest")
+    if length > _MAX_MANIFEST:
+        raise CheckpointError(f"{path}: the header claims a manifest of {length} bytes, "
+                              f"more than the {_MAX_MANIFEST} this reader accepts")
     manifest = f.read(length)
     if hashlib.sha256(manifest).digest() != header[len(MAGIC) + 8:]:
         raise CheckpointError(f"{path}: manifest checksum mismatch (the file is corrupted)")
