@@ -189,17 +189,15 @@ def _is_weight(path):
 
 
 def _half_sum_of_squares(w, l2):
-    """l2/2 * sum(w**2) without overflow: in at least float32, with w scaled by a power of two.
+    """l2/2 * sum(w**2) without overflow: in at least float32, with w scaled by s = max|w|.
 
-    w = s * u with s = 2**e near max|w| (exact), so sum(u**2) is <= 4 * size;
-    the result (l2/2 * sum(u**2)) * s * s overflows only when the penalty itself
-    does, and a (traced) zero l2 gives 0, never 0 * inf = NaN. Cast back to w's dtype.
+    sum((w/s)**2) <= size, and (l2/2 * sum((w/s)**2)) * s * s overflows only
+    when the penalty itself does; a (traced) zero l2 gives 0, never 0 * inf = NaN.
+    The result has w's dtype.
     """
-    dtype = jnp.promote_types(w.dtype, jnp.float32)
-    u = w.astype(dtype)
+    u = w.astype(jnp.promote_types(w.dtype, jnp.float32))
     peak = jax.lax.stop_gradient(jnp.max(jnp.abs(u), initial=0))
-    _, e = jnp.frexp(peak)  # peak = m 2**e, m in [0.5, 1)
-    s = jnp.maximum(jnp.ldexp(jnp.ones((), dtype), e - 1), jnp.finfo(dtype).tiny)
+    s = jnp.where(peak > 0, peak, 1)
     u = u / s
     return ((0.5 * l2 * jnp.sum(u * u)) * s * s).astype(w.dtype)
 
