@@ -413,6 +413,31 @@ def load(path, like=None):
     Leaves JAX cannot hold exactly (float64/int64/uint64 without
     jax_enable_x64, strings) come back as numpy arrays of the saved dtype.
     """
+    structure, labels, leaves = _read(path)
+    if like is None:
+        return _decode(structure, leaves)
+    return _conform_leaves(list(zip(labels, leaves)), like, where=os.fspath(path))
+
+
+def load_entries(path, likes):
+    """Load a checkpoint whose root is a dict: the entries named in `likes` as load(like=likes[name])
+    would give them (an entry saved as None stays None), the others as load() would."""
+    path = os.fspath(path)
+    structure, _, leaves = _read(path)
+    if structure["t"] != "dict":
+        raise CheckpointError(f"{path}: expected a dict at the root, got a {structure['t']}")
+    out = {}
+    for name, node in zip(structure["keys"], structure["items"]):
+        if name not in likes or node["t"] == "none":
+            out[name] = _decode(node, leaves)
+        else:
+            pairs = [(keystr(key_path), leaves[i]) for key_path, i in _walk(path, node)]
+            out[name] = _conform_leaves(pairs, likes[name], where=f"{path} {name}")
+    return out
+
+
+def _read(path):
+    """(structure, each leaf's key path, leaves) of a verified checkpoint."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -422,9 +447,7 @@ def load(path, like=None):
         except RecursionError:
             raise CheckpointError(f"{path}: malformed manifest (nested too deeply)") from None
         leaves = [_read_leaf(path, f, start, r, d, label) for r, d, label in zip(records, dtypes, labels)]
-    if like is None:
-        return _decode(structure, leaves)
-    return _conform_leaves(list(zip(labels, leaves)), like, where=path)
+    return structure, labels, leaves
 
 
 def _dtype(x):

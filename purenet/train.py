@@ -253,8 +253,9 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
 
     Returns (train_state, history, es_state): history maps each metric to an
     array over epochs; once early stopping fires, later epochs are skipped
-    (their history entries are NaN). Use `fit` for the same with checks,
-    progress and best-params restoring done for you.
+    (their history entries are NaN). The data are checked as `fit` checks
+    them (value checks need concrete data: under jit only shapes and dtypes).
+    Use `fit` for the same with progress and best-params restoring done for you.
     """
     _check_arguments(epochs, batch_size, l2)
     x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
@@ -334,7 +335,10 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     early stopping, history, key) every `checkpoint_every` epochs and at the
     end, atomically (see purenet.checkpoint). With resume=True a run whose
     checkpoint exists continues from it, bit-identical to a run that was
-    never interrupted; without the file it starts fresh.
+    never interrupted; without the file it starts fresh. The path is checked
+    writable before training; a save that fails later warns and training goes
+    on. Resuming with other data, validation or diagnostics data than the run
+    that wrote the file is a CheckpointError naming which.
 
     mesh=pn.distributed.data_mesh() trains data-parallel: each batch is split
     over the mesh's devices (batch_size must divide evenly), params and
@@ -452,19 +456,20 @@ def _check_same_inputs(path, saved, inputs):
 def _resume(path, key, train_state, es, inputs, metrics):
     from purenet import checkpoint
 
-    saved = checkpoint.load(path)
-    if not isinstance(saved, dict) or not {"train_state", "early_stopping", "history", "key"} <= set(saved):
+    likes = {"train_state": train_state} if es is None else {"train_state": train_state, "early_stopping": es}
+    saved = checkpoint.load_entries(path, likes)  # structure from this run's state: field names must match
+    if not {"train_state", "early_stopping", "history", "key"} <= set(saved):
         raise checkpoint.CheckpointError(f"{path} is not a checkpoint of a fit run")
     if isinstance(saved.get("inputs"), dict):  # absent in checkpoints of older versions
         _check_same_inputs(path, saved["inputs"], inputs)
     if not np.array_equal(jax.random.key_data(saved["key"]), jax.random.key_data(key)):
         raise checkpoint.CheckpointError(f"{path} was written by a run with a different key; "
                                          f"resume with the same key (or use another checkpoint path)")
-    train_state = checkpoint.conform(saved["train_state"], train_state, where=f"{path} train_state")
+    train_state = saved["train_state"]
     if es is not None:
         if saved["early_stopping"] is None:
             raise checkpoint.CheckpointError(f"{path} was written by a run without early stopping")
-        es = checkpoint.conform(saved["early_stopping"], es, where=f"{path} early_stopping")
+        es = saved["early_stopping"]
     history = {k: np.asarray(v) for k, v in saved["history"].items()}
     if history and set(history) != metrics:
         raise checkpoint.CheckpointError(f"{path} records the metrics {sorted(history)}, this run records "

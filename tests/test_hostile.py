@@ -428,3 +428,12 @@ def test_sweep_checks_every_grid_point_before_training():
                           ({**good, "dropout": []}, "'dropout' is empty")]:
         with pytest.raises(ValueError, match=message):
             pn.sweep(build, (X, LABELS), grid=grid, epochs=1)
+
+
+def test_a_fit_checkpoint_holding_a_user_named_tuple_resumes_by_field_name(tmp_path):
+    from purenet.checkpoint import load_entries
+
+    path = pn.save(tmp_path / "run.ckpt", {"train_state": AB(jnp.zeros(2), jnp.ones(2)), "history": {}})
+    loaded = load_entries(path, {"train_state": BA(jnp.zeros(2), jnp.zeros(2))})
+    assert type(loaded["train_state"]) is BA and float(loaded["train_state"].b[0]) == 1.0
+    assert loaded["history"] == {}
