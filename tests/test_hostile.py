@@ -5,7 +5,10 @@ Here: input width, label range (>= k, -1), float labels, target shapes
 (mse (N,1) vs (N,) and others), empty batch, integer input, unknown loss,
 params of another architecture, NaN rows, +-1e4 and +inf logits, sigmoid
 at +-1000, binary cross-entropy at logit 100, and the gradient checker
-catching wrong backward passes. Elsewhere, by topic: batch norm with one
+catching wrong backward passes; hostile checkpoint files (code named by
+the file is never imported or called, malformed manifests, exact values
+without x64, header-first reads), l2 overflow and run/sweep arguments.
+Elsewhere, by topic: batch norm with one
 training example and a constant feature, dropout rates and missing keys
 (test_regularizers); invalid optimizer hyperparameters, float16 Adam /
 RMSProp with zero gradients, grads that do not match the optimizer state,
