@@ -49,7 +49,8 @@ def check_hyperparameter(name, value, low=None, high=None, low_open=False, high_
     """Raise a ValueError naming `name` when a concrete scalar is NaN or out of range.
 
     The accepted interval is [low, high) by default; `low_open` and
-    `high_open` choose open or closed ends. Traced values pass unchecked.
+    `high_open` choose open or closed ends. A missing bound is an open
+    infinite end: values must be finite. Traced values pass unchecked.
     """
     if value is None or callable(value) or not is_concrete(value):
         return
@@ -58,11 +59,11 @@ def check_hyperparameter(name, value, low=None, high=None, low_open=False, high_
     v = float(value)
     if math.isnan(v):
         raise ValueError(f"{name} must be a number, got NaN")
-    too_low = low is not None and (v <= low if low_open else v < low)
-    too_high = high is not None and (v >= high if high_open else v > high)
+    low_open, high_open = low_open or low is None, high_open or high is None
+    low, high = -math.inf if low is None else low, math.inf if high is None else high
+    too_low = v <= low if low_open else v < low
+    too_high = v >= high if high_open else v > high
     if too_low or too_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {v}")
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {v}")

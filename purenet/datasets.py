@@ -6,8 +6,10 @@
 """
 import gzip
 import importlib.util
+import math
 import os
 import struct
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -83,36 +85,66 @@ class IDXError(ValueError):
     """A file that is not a valid MNIST IDX file, with the reason."""
 
 
-def _read_bytes(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise IDXError(f"{path}: corrupt or truncated gzip data ({e})") from e
-    return raw
+# deflate expands at most 1032:1, so a gzip file of c bytes holds at most this many times c
+_DEFLATE_MAX_RATIO = 1032
+_CHUNK = 1 << 20
+
+
+def _read_at_most(f, n):
+    """Up to n bytes from f, read in chunks (never an n-byte buffer up front)."""
+    parts, left = [], n
+    while left > 0:
+        part = f.read(min(left, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _read_idx(path, f, limit, expected_magic):
+    head = _read_at_most(f, 8)  # magic (its last byte: the number of dimensions) and the first dimension
+    if len(head) < 8:
+        raise IDXError(f"{path}: {len(head)} bytes is too short for an IDX header")
+    magic = struct.unpack(">i", head[:4])[0]
+    if magic != expected_magic:
+        raise IDXError(f"{path}: magic number {magic}, expected {expected_magic}")
+    ndim = head[3]
+    if ndim == 0:
+        raise IDXError(f"{path}: invalid dimensions () (an IDX file needs at least one)")
+    raw_dims = head[4:] + _read_at_most(f, 4 * ndim - 4)
+    if len(raw_dims) < 4 * ndim:
+        raise IDXError(f"{path}: truncated header ({4 + len(raw_dims)} bytes, {4 + 4 * ndim} needed)")
+    dims = struct.unpack(">" + "i" * ndim, raw_dims)
+    if any(d <= 0 for d in dims):
+        raise IDXError(f"{path}: invalid dimensions {dims}")
+    size = math.prod(dims)  # a Python int: no overflow
+    if size > limit:
+        raise IDXError(f"{path}: dimensions {dims} need {size} data bytes, more than the file can hold")
+    data = _read_at_most(f, size + 1)  # one more than declared: decompression stops there
+    if len(data) != size:
+        held = len(data) if len(data) < size else f"more than {size}"
+        raise IDXError(f"{path}: holds {held} data bytes, dimensions {dims} need {size}")
+    return np.frombuffer(data, np.uint8).reshape(dims)
 
 
 def read_idx(path, expected_magic):
-    """Read one IDX file of unsigned bytes: images (magic 2051) or labels (2049)."""
-    raw = _read_bytes(path)
-    if len(raw) < 8:
-        raise IDXError(f"{path}: {len(raw)} bytes is too short for an IDX header")
-    magic = struct.unpack(">i", raw[:4])[0]
-    if magic != expected_magic:
-        raise IDXError(f"{path}: magic number {magic}, expected {expected_magic}")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise IDXError(f"{path}: truncated header ({len(raw)} bytes, {header} needed)")
-    dims = struct.unpack(">" + "i" * ndim, raw[4:header])
-    if any(d <= 0 for d in dims):
-        raise IDXError(f"{path}: invalid dimensions {dims}")
-    size = int(np.prod(dims))
-    if len(raw) - header != size:
-        raise IDXError(f"{path}: holds {len(raw) - header} data bytes, dimensions {dims} need {size}")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    """Read one IDX file of unsigned bytes: images (magic 2051) or labels (2049).
+
+    The header is read first; a gzip file is decompressed only up to the
+    size its header declares (plus one byte, to detect extra data).
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(2) != b"\x1f\x8b":
+            f.seek(0)
+            return _read_idx(path, f, size, expected_magic)
+        f.seek(0)
+        try:
+            with gzip.GzipFile(fileobj=f) as g:
+                return _read_idx(path, g, size * _DEFLATE_MAX_RATIO, expected_magic)
+        except (OSError, EOFError, zlib.error) as e:
+            raise IDXError(f"{path}: corrupt or truncated gzip data ({e})") from e
 
 
 def _find(folder, stem):

@@ -247,11 +247,30 @@ def _is_weight(path):
     return isinstance(last, jax.tree_util.DictKey) and last.key == "W"
 
 
+def _half_sum_of_squares(w, l2):
+    """l2/2 * sum(w**2) without overflow: in at least float32, with w scaled by s = max|w|.
+
+    sum((w/s)**2) <= size, and (l2/2 * sum((w/s)**2)) * s * s overflows only
+    when the penalty itself does; a (traced) zero l2 gives 0, never 0 * inf = NaN.
+    The result has w's dtype.
+    """
+    u = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(u), initial=0))
+    s = jnp.where(peak > 0, peak, 1)
+    u = u / s
+    return ((0.5 * l2 * jnp.sum(u * u)) * s * s).astype(w.dtype)
+
+
 def l2_penalty(params, l2):
-    """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases)."""
+    """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases).
+
+    A concrete l2 of zero adds nothing (not even 0 * sum W^2, which is NaN
+    once the sum overflows).
+    """
+    if is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0:
+        return 0.0
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    total = sum((jnp.sum(w * w) for path, w in leaves if _is_weight(path)), start=0.0)
-    return 0.5 * l2 * total
+    return sum((_half_sum_of_squares(w, l2) for path, w in leaves if _is_weight(path)), start=0.0)
 
 
 def l2_backward(params, l2):

@@ -22,16 +22,18 @@ and its dropout and augmentation draw from fold_in(k1, e), k1 = fold_in(k, 1).
 The same key gives bit-identical results; nothing reads global random state.
 """
 import dataclasses
+import hashlib
 import itertools
 import os
-from typing import Any, NamedTuple
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from purenet import diagnostics, distributed, losses, metrics, network, per_example, shuffle
-from purenet._checks import check_finite_rows, check_float_input
+from purenet._checks import check_finite_rows, check_float_input, check_hyperparameter
 
 
 class TrainState(NamedTuple):
@@ -54,6 +56,10 @@ class EarlyStoppingState(NamedTuple):
     best_model_state: Any
 
 
+# What early stopping can monitor, and which way is better.
+MONITOR_MODES = {"loss": "min", "val_loss": "min", "val_accuracy": "max"}
+
+
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
     """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs.
@@ -62,16 +68,21 @@ class EarlyStopping:
     `update(es_state, value, epoch, params, model_state)`. `stopped` becomes
     True after `patience` epochs without improvement; with restore_best the
     best params seen are kept in the state (fit returns them).
-    mode="min" for losses, "max" for accuracies.
+    monitor is "loss", "val_loss" or "val_accuracy"; mode (None: from the
+    monitor, "min" for losses and "max" for accuracy) says which way is better.
     """
 
     patience: int
     min_delta: float = 0.0
     monitor: str = "val_loss"
-    mode: str = "min"
+    mode: Optional[str] = None
     restore_best: bool = True
 
     def __post_init__(self):
+        if self.monitor not in MONITOR_MODES:
+            raise ValueError(f"EarlyStopping monitor must be one of {sorted(MONITOR_MODES)}, got {self.monitor!r}")
+        if self.mode is None:
+            object.__setattr__(self, "mode", MONITOR_MODES[self.monitor])
         if self.mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {self.mode!r}")
         if self.patience < 1:
@@ -111,8 +122,26 @@ class EarlyStopping:
 # ---------------------------------------------------------------- one epoch
 
 
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _batch_size(n, batch_size):
-    return n if batch_size is None else max(1, min(int(batch_size), n))
+    if batch_size is None:
+        return n
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None (full batch), got {batch_size!r}")
+    return min(int(batch_size), n)
+
+
+def _check_arguments(epochs, batch_size, l2, checkpoint_every=1):
+    """Eager checks of the run's arguments, each error naming the argument."""
+    if not _is_int(epochs) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    _batch_size(1, batch_size)
+    check_hyperparameter("l2", l2, 0.0, None)
+    if not _is_int(checkpoint_every) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer (epochs), got {checkpoint_every!r}")
 
 
 def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
@@ -192,6 +221,10 @@ def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stoppi
 
 def _init_run(net, opt, x, key, params, state):
     check_float_input(x)
+    declared = getattr(net, "in_dim", None)
+    if params is None and declared is not None and declared != x.shape[-1]:
+        raise ValueError(f"the network is declared for inputs of width {declared} (its in_dim), "
+                         f"got x of shape {x.shape}; build it for width {x.shape[-1]} or pass matching data")
     if params is None:
         params, init_state = network.init(net, jax.random.fold_in(key, 0), in_shape=x.shape[1:],
                                           dtype=x.dtype)
@@ -212,9 +245,6 @@ def _place(mesh, data, batch_size, train_state, es):
 def _check_monitor(early_stopping, validation):
     if early_stopping is not None and early_stopping.monitor != "loss" and validation is None:
         raise ValueError(f"EarlyStopping monitors {early_stopping.monitor!r}, which needs validation data")
-    if early_stopping is not None and early_stopping.monitor not in ("loss", "val_loss", "val_accuracy"):
-        raise ValueError(f"EarlyStopping monitor must be 'loss', 'val_loss' or 'val_accuracy', "
-                         f"got {early_stopping.monitor!r}")
 
 
 def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
@@ -223,14 +253,17 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
 
     Returns (train_state, history, es_state): history maps each metric to an
     array over epochs; once early stopping fires, later epochs are skipped
-    (their history entries are NaN). Use `fit` for the same with checks,
-    progress and best-params restoring done for you.
+    (their history entries are NaN). The data are checked as `fit` checks
+    them (value checks need concrete data: under jit only shapes and dtypes).
+    Use `fit` for the same with progress and best-params restoring done for you.
     """
+    _check_arguments(epochs, batch_size, l2)
     x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
     if validation is not None:
         validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
     _check_monitor(early_stopping, validation)
     train_state = _init_run(net, opt, x, key, params, state)
+    _check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     if mesh is not None:
         distributed.check_divisible(_batch_size(x.shape[0], batch_size), mesh)
@@ -262,15 +295,29 @@ class FitResult(NamedTuple):
 
 
 def check_data(net, x, y, loss, params, state, name="x"):
-    """Eager checks fit runs before training: dtypes, shapes, finiteness, label ranges."""
+    """Eager checks every entry point runs before training: dtypes, shapes, finiteness, label ranges.
+
+    params and state may be abstract (jax.ShapeDtypeStruct); value checks
+    run when x and y are concrete.
+    """
     check_float_input(x, name)
+    if jnp.ndim(y) == 0:
+        raise ValueError(f"{name}'s targets must have a batch axis, got a scalar")
     if jnp.shape(y)[0] != jnp.shape(x)[0]:
         raise ValueError(f"{name} has {jnp.shape(x)[0]} rows but its targets have {jnp.shape(y)[0]}")
     check_finite_rows(x, name)
-    out = jax.eval_shape(lambda: network.forward(net, params, state, x)[0])
+    out = jax.eval_shape(lambda p, s, x: network.forward(net, p, s, x)[0], params, state,
+                         jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
     losses.get(loss)
     target_check = losses.class_targets if loss == "cross_entropy" else losses.value_targets
     target_check(loss, jnp.zeros(out.shape, out.dtype), y)
+
+
+def _check_inputs(net, x, y, validation, loss, params, state):
+    """check_data on the training data and the validation data, if any."""
+    check_data(net, x, y, loss, params, state)
+    if validation is not None:
+        check_data(net, *validation, loss, params, state, name="validation x")
 
 
 def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
@@ -288,7 +335,10 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     early stopping, history, key) every `checkpoint_every` epochs and at the
     end, atomically (see purenet.checkpoint). With resume=True a run whose
     checkpoint exists continues from it, bit-identical to a run that was
-    never interrupted; without the file it starts fresh.
+    never interrupted; without the file it starts fresh. The path is checked
+    writable before training; a save that fails later warns and training goes
+    on. Resuming with other data, validation or diagnostics data than the run
+    that wrote the file is a CheckpointError naming which.
 
     mesh=pn.distributed.data_mesh() trains data-parallel: each batch is split
     over the mesh's devices (batch_size must divide evenly), params and
@@ -302,23 +352,27 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
     """
+    _check_arguments(epochs, batch_size, l2, checkpoint_every)
     x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
-    _check_monitor(early_stopping, validation)
-    train_state = _init_run(net, opt, x, key, params, state)
-    check_data(net, x, y, loss, train_state.opt_state.params, train_state.model_state)
     if validation is not None:
         validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
-        check_data(net, *validation, loss, train_state.opt_state.params, train_state.model_state,
-                   name="validation x")
+    _check_monitor(early_stopping, validation)
+    train_state = _init_run(net, opt, x, key, params, state)
+    _check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
+    if checkpoint is not None:
+        from purenet.checkpoint import check_writable
+
+        check_writable(checkpoint)  # fail now, not after the last epoch
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
-    records = []
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
-        train_state, es, records = _resume(checkpoint, key, train_state, es)
     probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
-    data, train_state, es = _place(mesh, (x, y, validation, jax.random.fold_in(key, 1), probe), batch_size,
-                                   train_state, es)
+    data = (x, y, validation, jax.random.fold_in(key, 1), probe)
     run = jax.jit(_epoch_with_metrics(net, opt, batch_size=batch_size, loss=loss, l2=l2, augment=augment,
                                       early_stopping=early_stopping, mesh=mesh, dp=dp))
+    records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe)
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        metrics = set(jax.eval_shape(run, (train_state, es), data)[1])
+        train_state, es, records = _resume(checkpoint, key, train_state, es, inputs, metrics)
+    data, train_state, es = _place(mesh, data, batch_size, train_state, es)
     stopped_epoch = None
     if es is not None and bool(es.stopped):
         stopped_epoch = int(train_state.epoch) - 1
@@ -336,7 +390,7 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
         if es is not None and bool(es.stopped):
             stopped_epoch = done - 1
         if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs or stopped_epoch is not None):
-            _save_run(checkpoint, key, train_state, es, records)
+            _save_run(checkpoint, key, train_state, es, records, inputs)
     if bar is not None:
         bar.close()
     history = _stack(records)
@@ -350,26 +404,76 @@ def _stack(records):
     return {k: np.array([r[k] for r in records]) for k in records[0]} if records else {}
 
 
-def _save_run(path, key, train_state, es, records):
+def _fingerprints(x, y, validation, probe):
+    """SHA-256 of each input that shapes a run's history (None where absent), to check a resume against."""
+    def digest(arrays):
+        if arrays is None:
+            return None
+        h = hashlib.sha256()
+        for a in map(np.asarray, arrays):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return np.frombuffer(h.digest(), np.uint8)
+
+    return {"data": digest((x, y)), "validation": digest(validation), "diagnostics": digest(probe)}
+
+
+# What each fingerprint is, and the argument that passes it.
+_INPUTS = {"data": ("training data", "data"), "validation": ("validation data", "validation="),
+           "diagnostics": ("diagnostics probe", "diagnostics=")}
+
+
+def _save_run(path, key, train_state, es, records, inputs):
+    """Save the run; a failed save warns and training goes on (the result is never lost)."""
     from purenet import checkpoint
 
-    checkpoint.save(path, {"train_state": train_state, "early_stopping": es,
-                           "history": _stack(records), "key": key})
+    try:
+        checkpoint.save(path, {"train_state": train_state, "early_stopping": es,
+                               "history": _stack(records), "key": key, "inputs": inputs})
+    except OSError as e:
+        warnings.warn(f"could not save checkpoint {path} after epoch {int(train_state.epoch)} ({e}); "
+                      f"training goes on and fit still returns its result", RuntimeWarning, stacklevel=3)
 
 
-def _resume(path, key, train_state, es):
+def _check_same_inputs(path, saved, inputs):
+    """Raise naming the input that differs from the run that wrote the checkpoint."""
+    from purenet.checkpoint import CheckpointError
+
+    for name, (what, argument) in _INPUTS.items():
+        old, new = saved.get(name), inputs[name]
+        if old is None and new is None:
+            continue
+        if old is None:
+            raise CheckpointError(f"{path} was written by a run without {what}; resume without {argument} "
+                                  f"(or use another checkpoint path)")
+        if new is None:
+            raise CheckpointError(f"{path} was written by a run with {what}; pass the same {argument} to resume")
+        if not np.array_equal(np.asarray(old), new):
+            raise CheckpointError(f"{path} was written with different {what} (shape, dtype or values); "
+                                  f"resume with the original {argument} (or use another checkpoint path)")
+
+
+def _resume(path, key, train_state, es, inputs, metrics):
     from purenet import checkpoint
 
-    saved = checkpoint.load(path)
+    likes = {"train_state": train_state} if es is None else {"train_state": train_state, "early_stopping": es}
+    saved = checkpoint.load_entries(path, likes)  # structure from this run's state: field names must match
+    if not {"train_state", "early_stopping", "history", "key"} <= set(saved):
+        raise checkpoint.CheckpointError(f"{path} is not a checkpoint of a fit run")
+    if isinstance(saved.get("inputs"), dict):  # absent in checkpoints of older versions
+        _check_same_inputs(path, saved["inputs"], inputs)
     if not np.array_equal(jax.random.key_data(saved["key"]), jax.random.key_data(key)):
         raise checkpoint.CheckpointError(f"{path} was written by a run with a different key; "
                                          f"resume with the same key (or use another checkpoint path)")
-    train_state = checkpoint.conform(saved["train_state"], train_state, where=f"{path} train_state")
+    train_state = saved["train_state"]
     if es is not None:
         if saved["early_stopping"] is None:
             raise checkpoint.CheckpointError(f"{path} was written by a run without early stopping")
-        es = checkpoint.conform(saved["early_stopping"], es, where=f"{path} early_stopping")
+        es = saved["early_stopping"]
     history = {k: np.asarray(v) for k, v in saved["history"].items()}
+    if history and set(history) != metrics:
+        raise checkpoint.CheckpointError(f"{path} records the metrics {sorted(history)}, this run records "
+                                         f"{sorted(metrics)}; resume with the same validation= and diagnostics=")
     records = [{k: v[i] for k, v in history.items()} for i in range(int(train_state.epoch))]
     return train_state, es, records
 
@@ -421,14 +525,25 @@ def sweep(build, data, *, grid, epochs, batch_size=64, loss="cross_entropy", l2=
     jax.random.key(seed), exactly as `train(..., key=jax.random.key(seed))`
     would use; "l2", if in the grid, overrides `l2`. Batch size cannot be
     swept (it sets the shapes). Returns a SweepResult.
+
+    Before training, build runs once per grid point with concrete values,
+    so the constructors check each one (a negative learning rate, a dropout
+    rate of 1), and the data are checked as `fit` checks them.
     """
     if "seed" not in grid:
         raise ValueError("sweep grid needs a 'seed' entry (a list of integer seeds)")
     if "batch_size" in grid:
         raise ValueError("batch_size cannot be swept in one vmapped call: it sets the array shapes")
+    _check_arguments(epochs, batch_size, l2)
     names = list(grid)
+    for n in names:
+        if len(list(grid[n])) == 0:
+            raise ValueError(f"sweep grid entry {n!r} is empty")
     points = list(itertools.product(*(list(grid[n]) for n in names)))
     configs = {n: np.array([p[i] for p in points]) for i, n in enumerate(names)}
+    if not np.issubdtype(configs["seed"].dtype, np.integer):
+        raise ValueError(f"sweep grid 'seed' values must be integers, got {list(grid['seed'])}")
+    _check_grid(build, data, configs, loss, validation)
 
     def member(hp):
         net, opt = build(hp)
@@ -439,3 +554,21 @@ def sweep(build, data, *, grid, epochs, batch_size=64, loss="cross_entropy", l2=
 
     params, state, history = jax.jit(jax.vmap(member))({n: jnp.asarray(v) for n, v in configs.items()})
     return SweepResult(configs, params, state, jax.device_get(history))
+
+
+def _check_grid(build, data, configs, loss, validation):
+    """Eager checks of every grid point (by building it with concrete values) and of the data."""
+    for i in range(len(next(iter(configs.values())))):
+        point = {n: v[i].item() for n, v in configs.items()}
+        try:
+            if "l2" in point:
+                check_hyperparameter("l2", point["l2"], 0.0, None)
+            net, opt = build({n: jnp.asarray(v[i]) for n, v in configs.items()})
+        except ValueError as e:
+            raise ValueError(f"sweep grid point {point}: {e}") from e
+    x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
+    if validation is not None:
+        validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
+    key = jax.random.key(int(configs["seed"][0]))
+    abstract = jax.eval_shape(lambda k: _init_run(net, opt, x, k, None, None), key)
+    _check_inputs(net, x, y, validation, loss, abstract.opt_state.params, abstract.model_state)

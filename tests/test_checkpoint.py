@@ -1,7 +1,9 @@
 """Checkpoints: round trips, verification, atomic writes, resumable training, crash safety."""
+import collections
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -112,6 +114,45 @@ def test_not_a_checkpoint(tmp_path):
         pn.load(path)
 
 
+def test_strings_round_trip_and_other_dtypes_are_refused_at_save(tmp_path):
+    tree = {"names": np.array(["digits", "ünïcode", ""]), "raw": np.array([b"x", b"yz"]), "title": "run 7",
+            "big_endian": np.arange(3, dtype=">i4")}
+    loaded = pn.load(pn.save(tmp_path / "s.ckpt", tree))
+    for k in ("names", "raw"):
+        assert loaded[k].dtype == tree[k].dtype
+        np.testing.assert_array_equal(loaded[k], tree[k])
+    assert str(loaded["title"]) == "run 7"
+    np.testing.assert_array_equal(loaded["big_endian"], [0, 1, 2])
+    with pytest.raises(TypeError, match=r"leaf \['t'\] has dtype datetime64\[D\], which checkpoints do not store"):
+        pn.save(tmp_path / "d.ckpt", {"t": np.array(["2024-01-01"], "datetime64[D]")})
+
+
+def test_file_modes_follow_the_umask_and_are_kept_on_replace(tmp_path):
+    path = tmp_path / "m.ckpt"
+    old = os.umask(0o022)
+    try:
+        pn.save(path, {"w": jnp.ones(2)})
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # as open(path, "w") would make it
+        os.chmod(path, 0o640)
+        pn.save(path, {"w": jnp.zeros(2)})
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_ordered_dict_leaves_are_named_by_their_key(tmp_path):
+    tree = collections.OrderedDict([("b", jnp.ones(2)), ("a", jnp.arange(4.0))])  # insertion order is not sorted
+    path = pn.save(tmp_path / "o.ckpt", tree)
+    raw = bytearray(Path(path).read_bytes())
+    raw[-3] ^= 0x01  # inside the last leaf in the file: "b" (keys are stored sorted)
+    Path(path).write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in leaf \['b'\]"):
+        pn.load(path)
+    path = pn.save(tmp_path / "p.ckpt", tree)
+    with pytest.raises(CheckpointError, match=r"leaf \['a'\] has shape \(4,\), expected \(3,\)"):
+        pn.load(path, like=collections.OrderedDict([("b", jnp.ones(2)), ("a", jnp.ones(3))]))
+
+
 # ------------------------------------------------------------------ resumable training
 
 
@@ -139,6 +180,54 @@ def test_interrupted_and_resumed_fit_is_bit_identical(tmp_path):
         pn.fit(net, pn.optim.adam(1e-2), (d.x_train[:400], d.y_train[:400]), key=jax.random.key(6),
                epochs=6, checkpoint=path, resume=True, early_stopping=pn.EarlyStopping(20),
                validation=(d.x_test, d.y_test))
+
+
+SMALL = pn.mlp([64, 16, 10])
+
+
+@pytest.fixture(scope="module")
+def small():
+    d = pn.datasets.digits(dtype=np.float32)
+    return (d.x_train[:120], d.y_train[:120]), (d.x_test[:60], d.y_test[:60])
+
+
+def fit_small(data, epochs, **kw):
+    return pn.fit(SMALL, pn.optim.sgd(0.1), data, key=jax.random.key(0), epochs=epochs, batch_size=40, **kw)
+
+
+def test_fit_checks_the_checkpoint_path_before_training(tmp_path, small, monkeypatch):
+    monkeypatch.setattr(sys.modules["purenet.train"], "_epoch_with_metrics", None)  # no training: it would fail
+    with pytest.raises(CheckpointError, match="the directory .*missing does not exist"):
+        fit_small(small[0], 2, checkpoint=tmp_path / "missing" / "run.ckpt", checkpoint_every=10)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        fit_small(small[0], 2, checkpoint=tmp_path)
+
+
+def test_a_failed_save_warns_and_fit_still_returns_its_result(tmp_path, small, monkeypatch):
+    def full_disk(path, tree):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pn.checkpoint, "save", full_disk)
+    with pytest.warns(RuntimeWarning, match="could not save checkpoint .* after epoch 2 .*No space left"):
+        result = fit_small(small[0], 2, checkpoint=tmp_path / "run.ckpt", checkpoint_every=10)
+    assert len(result.history["loss"]) == 2 and result.params is not None
+
+
+def test_resume_says_which_input_differs(tmp_path, small):
+    (x, y), validation = small
+    path = tmp_path / "run.ckpt"
+    fit_small((x, y), 1, checkpoint=path, validation=validation)
+    with pytest.raises(CheckpointError, match="written by a run with validation data; pass the same validation="):
+        fit_small((x, y), 2, checkpoint=path, resume=True)
+    with pytest.raises(CheckpointError, match="written with different validation data"):
+        fit_small((x, y), 2, checkpoint=path, resume=True, validation=(validation[0][:30], validation[1][:30]))
+    with pytest.raises(CheckpointError, match="written with different training data"):
+        fit_small((x[:100], y[:100]), 2, checkpoint=path, resume=True, validation=validation)
+    assert len(fit_small((x, y), 2, checkpoint=path, resume=True, validation=validation).history["loss"]) == 2
+    path = tmp_path / "plain.ckpt"
+    fit_small((x, y), 1, checkpoint=path)
+    with pytest.raises(CheckpointError, match="written by a run without validation data"):
+        fit_small((x, y), 2, checkpoint=path, resume=True, validation=validation)
 
 
 # ------------------------------------------------------------------ crash safety

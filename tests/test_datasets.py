@@ -115,3 +115,22 @@ def test_mnist_reader_rejects_mismatched_counts_and_bad_labels(tmp_path):
 def test_mnist_reader_says_where_to_point_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="point mnist"):
         pn.datasets.mnist(tmp_path)
+
+
+def test_a_gzip_bomb_is_cut_at_the_size_its_header_declares(tmp_path, monkeypatch):
+    header = struct.pack(">iiii", 2051, 10, 28, 28)  # declares 7,840 bytes
+    bomb = gzip.compress(header + bytes(64 << 20), compresslevel=1)  # holds 64 MiB of zeros
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(bomb)
+    read = []
+    real = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, n=-1: read.append(n) or real(self, n))
+    with pytest.raises(IDXError, match="holds more than 7840 data bytes, dimensions .* need 7840"):
+        pn.datasets.read_idx(tmp_path / "t10k-images-idx3-ubyte.gz", 2051)
+    assert 0 < sum(read) <= 8 + 8 + 7841  # header, dims, data + 1: never the whole stream
+
+
+def test_dimension_products_do_not_overflow(tmp_path):
+    path = tmp_path / "huge"
+    path.write_bytes(struct.pack(">iiiii", 2051 + 1, 2**31 - 1, 2**31 - 1, 2**31 - 1, 8) + bytes(16))
+    with pytest.raises(IDXError, match=f"need {(2**31 - 1) ** 3 * 8} data bytes, more than the file"):
+        pn.datasets.read_idx(path, 2052)

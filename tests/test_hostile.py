@@ -5,7 +5,10 @@ Here: input width, label range (>= k, -1), float labels, target shapes
 (mse (N,1) vs (N,) and others), empty batch, integer input, unknown loss,
 params of another architecture, NaN rows, +-1e4 and +inf logits, sigmoid
 at +-1000, binary cross-entropy at logit 100, and the gradient checker
-catching wrong backward passes. Elsewhere, by topic: batch norm with one
+catching wrong backward passes; hostile checkpoint files (code named by
+the file is never imported or called, malformed manifests, exact values
+without x64, header-first reads), l2 overflow and run/sweep arguments.
+Elsewhere, by topic: batch norm with one
 training example and a constant feature, dropout rates and missing keys
 (test_regularizers); invalid optimizer hyperparameters, float16 Adam /
 RMSProp with zero gradients, grads that do not match the optimizer state,
@@ -13,6 +16,14 @@ the NaN/inf gradient policy (test_optim); truncated, flipped-byte,
 other-architecture and missing/extra-leaf checkpoints (test_checkpoint).
 """
 import dataclasses
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +31,7 @@ import numpy as np
 import pytest
 
 import purenet as pn
+from purenet.checkpoint import MAGIC, CheckpointError
 
 NET = pn.mlp([4, 5, 3])
 
@@ -178,3 +190,253 @@ def test_check_grads_names_the_failing_leaf_of_a_network():
     assert set(report.failures()) == {"['params'][2]['b']"}
     assert report.errors["['params'][2]['b']"] == pytest.approx(1.0)
     assert "['params'][2]['b']" in str(report) and "FAIL" in str(report)
+
+
+# ------------------------------------------------------------------ hostile checkpoint files
+
+def write_checkpoint(path, manifest, data=b""):
+    """A checkpoint with any manifest, and checksums that pass (as anyone can write)."""
+    raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+    Path(path).write_bytes(MAGIC + struct.pack("<Q", len(raw)) + hashlib.sha256(raw).digest() + raw + data)
+    return path
+
+
+def leaf(array, offset=0):
+    array = np.asarray(array)
+    data = array.tobytes()
+    return {"path": "", "shape": list(array.shape), "dtype": array.dtype.str if array.dtype.kind in "US"
+            else array.dtype.name, "nbytes": len(data), "offset": offset,
+            "sha256": hashlib.sha256(data).hexdigest()}, data
+
+
+EVIL_MODULE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+class Thing(tuple):
+    _fields = ("a",)
+    def __new__(cls, *args):
+        pathlib.Path({marker!r}).write_text("called")
+        return tuple.__new__(cls, args)
+"""
+
+
+def test_load_never_imports_or_calls_what_the_file_names(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    source = f"import builtins, pathlib; builtins.PURENET_PWNED = 1; pathlib.Path({str(marker)!r}).write_text('x')"
+    (tmp_path / "purenet_evil_module.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, code_bytes = leaf(np.array(source.encode()))
+    one, one_bytes = leaf(np.ones(2, np.float32), offset=code["nbytes"])
+    node = lambda cls, index: {"t": "namedtuple", "class": cls, "fields": ["a"],  # noqa: E731
+                               "items": [{"t": "leaf", "index": index}]}
+    manifest = {"format": "purenet-checkpoint", "version": 1, "leaves": [code, one],
+                "structure": {"t": "dict", "keys": ["exec", "import"],
+                              "items": [node("builtins:exec", 0), node("purenet_evil_module:Thing", 1)]}}
+    path = write_checkpoint(tmp_path / "evil.ckpt", manifest, code_bytes + one_bytes)
+    for loaded in (pn.load(path), pn.load(path)):
+        assert loaded["exec"]["a"] == source.encode()  # plain data: a dict of the fields
+        np.testing.assert_array_equal(loaded["import"]["a"], 1.0)
+    assert not marker.exists() and not hasattr(__import__("builtins"), "PURENET_PWNED")
+    assert "purenet_evil_module" not in sys.modules
+    # a purenet state type whose fields do not match is a dict too (never a positional construction)
+    manifest["structure"]["items"][1]["class"] = "purenet.train:TrainState"
+    loaded = pn.load(write_checkpoint(tmp_path / "fields.ckpt", manifest, code_bytes + one_bytes))
+    assert type(loaded["import"]) is dict
+
+
+class AB(NamedTuple):
+    a: jnp.ndarray
+    b: jnp.ndarray
+
+
+class BA(NamedTuple):
+    b: jnp.ndarray
+    a: jnp.ndarray
+
+
+def test_like_takes_the_structure_and_matches_fields_by_name(tmp_path):
+    path = pn.save(tmp_path / "ab.ckpt", AB(jnp.zeros(2), jnp.ones(2)))
+    plain = pn.load(path)  # not a purenet type: a dict of its fields
+    assert type(plain) is dict and float(plain["b"][0]) == 1.0
+    loaded = pn.load(path, like=BA(jnp.zeros(2), jnp.zeros(2)))  # fields reordered: values follow the names
+    assert type(loaded) is BA and float(loaded.a[0]) == 0.0 and float(loaded.b[0]) == 1.0
+    with pytest.raises(CheckpointError, match=r"missing leaves \['.c'\], extra leaves \['.b'\]"):
+        pn.load(path, like=NamedTuple("AC", [("a", Any), ("c", Any)])(jnp.zeros(2), jnp.zeros(2)))
+    state = pn.optim.sgd(0.1).init({"W": jnp.ones(2)})
+    assert type(pn.load(pn.save(tmp_path / "opt.ckpt", state))) is pn.optim.OptState  # on the allowlist
+
+
+X64_OFF = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+import purenet as pn
+assert not jax.config.jax_enable_x64
+tree = {"f": np.array([1e300, -2.5]), "i": np.array([2**40 + 1, -3]), "u": np.array([3_000_000_000], np.uint64),
+        "c": np.array([1e300 + 1j]), "small": jnp.arange(3.0)}
+path = pn.save(sys.argv[1], tree)
+out = pn.load(path)
+for k in ("f", "i", "u", "c"):
+    assert type(out[k]) is np.ndarray and out[k].dtype == tree[k].dtype, (k, type(out[k]), out[k].dtype)
+    np.testing.assert_array_equal(out[k], tree[k])
+assert isinstance(out["small"], jax.Array) and out["small"].dtype == jnp.float32
+exact = pn.load(path, like={k: np.zeros_like(v) for k, v in tree.items()})
+np.testing.assert_array_equal(exact["i"], tree["i"])
+try:
+    pn.load(path, like={k: jnp.zeros(np.shape(v)) if k == "f" else v for k, v in tree.items()})
+except pn.CheckpointError as e:
+    assert "leaf ['f'] has dtype float64, expected float32" in str(e), e
+else:
+    raise AssertionError("like= accepted float64 for float32")
+print("exact")
+"""
+
+
+def test_values_load_exactly_without_x64(tmp_path):
+    env = {**os.environ, "JAX_ENABLE_X64": "0", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", X64_OFF, str(tmp_path / "x.ckpt")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr
+
+
+def _valid(tmp_path):
+    path = pn.save(tmp_path / "ok.ckpt", {"w": jnp.ones(3, jnp.float32), "k": jax.random.key(0)})
+    raw = Path(path).read_bytes()
+    (length,) = struct.unpack("<Q", raw[len(MAGIC): len(MAGIC) + 8])
+    start = len(MAGIC) + 40
+    return json.loads(raw[start: start + length]), raw[start + length:]
+
+
+def _set(manifest, where, value):
+    *keys, last = where
+    target = manifest
+    for k in keys:
+        target = target[k]
+    if value is DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return manifest
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("where,value,message", [
+    (("leaves", 1, "dtype"), "str160", "unknown dtype 'str160'"),
+    (("leaves", 1, "dtype"), "O", "unknown dtype 'O'"),
+    (("leaves", 1, "dtype"), ["f4"], "unknown dtype"),
+    (("leaves", 1, "shape"), [-3], "has shape"),
+    (("leaves", 1, "shape"), [2**62, 2**62], "nbytes"),
+    (("leaves", 1, "offset"), 4, "offset"),
+    (("leaves", 1, "sha256"), 7, "sha256"),
+    (("leaves", 0, "key_impl"), "builtins:exec", "not a valid PRNG key"),
+    (("leaves",), DELETE, "'leaves' must be a list"),
+    (("structure", "t"), "set", "unknown container 'set'"),
+    (("structure", "keys"), [1, 2], "distinct string names"),
+    (("structure", "keys"), ["w", "w"], "distinct string names"),
+    (("structure", "items", 0, "index"), 1, "each used once"),
+    (("structure", "items", 0, "index"), "0", "integer index"),
+    (("structure",), DELETE, "unknown container None"),
+    (("version",), 2, "format version 2"),
+    ((), None, "not a purenet-checkpoint manifest"),
+])
+def test_every_malformed_manifest_is_a_checkpoint_error(tmp_path, where, value, message):
+    manifest, data = _valid(tmp_path)
+    manifest = _set(manifest, where, value) if where else value
+    path = write_checkpoint(tmp_path / "bad.ckpt", manifest, data)
+    with pytest.raises(CheckpointError, match=message):
+        pn.load(path)
+
+
+def test_manifests_that_are_not_json_or_nest_too_deeply(tmp_path):
+    for raw, message in [(b"\xff\xfe", "not JSON"), (b"{", "not JSON"),
+                         (b'{"format": "purenet-checkpoint", "version": 1, "structure": '
+                          + b'{"t": "list", "items": [' * 5000 + b"]}" * 5000 + b', "leaves": []}', "malformed")]:
+        with pytest.raises(CheckpointError, match=message):
+            pn.load(write_checkpoint(tmp_path / "bad.ckpt", raw))
+
+
+def test_files_are_judged_by_their_header_not_read_whole(tmp_path):
+    path = tmp_path / "huge.bin"
+    try:
+        with open(path, "wb") as f:
+            f.write(b"not a checkpoint")
+            f.truncate(1 << 40)  # 1 TB, sparse: reading it whole would fail
+    except OSError:
+        pytest.skip("no sparse files here")
+    with pytest.raises(CheckpointError, match="not a purenet checkpoint"):
+        pn.load(path)
+    with open(path, "r+b") as f:  # a header that promises a 1 TB manifest
+        f.write(MAGIC + struct.pack("<Q", 1 << 39) + bytes(32))
+    with pytest.raises(CheckpointError, match="claims a manifest of 549755813888 bytes"):
+        pn.load(path)
+    (tmp_path / "short").write_bytes(b"PK")  # shorter than the header, and not ours
+    with pytest.raises(CheckpointError, match="not a purenet checkpoint"):
+        pn.load(tmp_path / "short")
+
+
+# ------------------------------------------------------------------ l2 and argument checks
+
+
+def test_l2_zero_never_makes_the_loss_nan_and_l2_does_not_overflow():
+    net = pn.mlp([4, 3], output="softmax")
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float16)
+    params = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 300.0), params)  # sum W^2 overflows float16
+    x, y = jnp.ones((2, 4), jnp.float16), jnp.array([0, 1])
+    traced = jax.jit(lambda l2: pn.loss(net, params, state, x, y, l2=l2)[0])
+    for value in (pn.loss(net, params, state, x, y, l2=0.0)[0], traced(0.0),
+                  pn.value_and_grad(net, params, state, x, y, l2=0)[0]):
+        assert np.isfinite(float(value))
+    big = ({"W": jnp.full((4, 3), 1e20, jnp.float32), "b": jnp.zeros(3, jnp.float32)},)
+    penalty = pn.losses.l2_penalty(big, 1e-4)  # 12e40 overflows float32; the penalty 6e36 does not
+    np.testing.assert_allclose(float(penalty), 0.5 * 1e-4 * 12 * 1e40, rtol=1e-6)
+    assert float(pn.losses.l2_penalty(big, jnp.float32(0))) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 0}, "batch_size must be a positive integer or None"),
+    ({"batch_size": -4}, "batch_size must be a positive integer or None"),
+    ({"batch_size": 2.5}, "batch_size must be a positive integer or None"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be a positive integer"),
+    ({"epochs": -1}, "epochs must be a non-negative integer"),
+    ({"l2": -1e-3}, r"l2 must be in \[0.0, inf\)"),
+    ({"l2": float("inf")}, r"l2 must be in \[0.0, inf\)"),
+])
+def test_invalid_run_arguments_name_the_argument(kwargs, message):
+    args = {"key": jax.random.key(0), "epochs": 1, **kwargs}
+    for run in (pn.fit, pn.train):
+        if "checkpoint_every" in kwargs and run is pn.train:
+            continue
+        with pytest.raises(ValueError, match=message):
+            run(NET, pn.optim.sgd(0.1), (X, LABELS), **args)
+
+
+def test_a_network_declared_for_another_width_is_not_rebuilt():
+    for run in (pn.fit, pn.train):
+        with pytest.raises(ValueError, match=r"declared for inputs of width 32 .* got x of shape \(6, 4\)"):
+            run(pn.mlp([32, 5, 3]), pn.optim.sgd(0.1), (X, LABELS), key=jax.random.key(0), epochs=1)
+
+
+def test_sweep_checks_every_grid_point_before_training():
+    def build(hp):
+        net = pn.Sequential([pn.Dense(5), pn.Dropout(hp["dropout"]), pn.Dense(3), pn.Softmax()])
+        return net, pn.optim.sgd(hp["learning_rate"])
+
+    good = {"learning_rate": [0.1], "dropout": [0.0], "seed": [0]}
+    for grid, message in [({**good, "learning_rate": [0.1, -0.1]}, r"learning_rate': -0.1.*learning_rate must"),
+                          ({**good, "learning_rate": [float("inf")]}, "learning_rate must be in"),
+                          ({**good, "dropout": [0.5, 1.0]}, "Dropout rate must be in"),
+                          ({**good, "l2": [-1.0]}, "l2 must be in"),
+                          ({**good, "seed": [0.5]}, "'seed' values must be integers"),
+                          ({**good, "dropout": []}, "'dropout' is empty")]:
+        with pytest.raises(ValueError, match=message):
+            pn.sweep(build, (X, LABELS), grid=grid, epochs=1)
+
+
+def test_a_fit_checkpoint_holding_a_user_named_tuple_resumes_by_field_name(tmp_path):
+    from purenet.checkpoint import load_entries
+
+    path = pn.save(tmp_path / "run.ckpt", {"train_state": AB(jnp.zeros(2), jnp.ones(2)), "history": {}})
+    loaded = load_entries(path, {"train_state": BA(jnp.zeros(2), jnp.zeros(2))})
+    assert type(loaded["train_state"]) is BA and float(loaded["train_state"].b[0]) == 1.0
+    assert loaded["history"] == {}

@@ -152,6 +152,7 @@ def test_float16_params_with_zero_gradients_stay_finite(name):
 @pytest.mark.parametrize("make,argument", [
     (lambda: pn.optim.sgd(-0.1), "learning_rate"),
     (lambda: pn.optim.adam(float("nan")), "learning_rate"),
+    (lambda: pn.optim.adam(float("inf")), r"learning_rate must be in \[0.0, inf\), got inf"),
     (lambda: pn.optim.adam(0.1, b1=1.0), "b1"),
     (lambda: pn.optim.adam(0.1, b2=-0.1), "b2"),
     (lambda: pn.optim.adam(0.1, eps=-1e-8), "eps"),

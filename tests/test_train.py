@@ -113,6 +113,18 @@ def test_early_stopping_state_machine_on_a_scripted_sequence():
     assert float(es.best_params["w"]) == 1.0  # the later 0.5 came after the stop and is ignored
 
 
+def test_early_stopping_mode_follows_the_monitor():
+    assert pn.EarlyStopping(2).mode == "min" and pn.EarlyStopping(2, monitor="loss").mode == "min"
+    es_config = pn.EarlyStopping(patience=1, monitor="val_accuracy")
+    assert es_config.mode == "max"
+    es = es_config.init({"w": jnp.zeros(())}, {})
+    for epoch, v in enumerate([0.5, 0.7, 0.6]):
+        es = es_config.update(es, v, epoch, {"w": jnp.asarray(float(epoch))}, {})
+    assert int(es.best_epoch) == 1 and float(es.best_params["w"]) == 1.0  # the best accuracy, not the worst
+    with pytest.raises(ValueError, match="EarlyStopping monitor must be one of .* got 'val_acc'"):
+        pn.EarlyStopping(2, monitor="val_acc")
+
+
 def test_early_stopping_max_mode():
     es_config = pn.EarlyStopping(patience=1, monitor="val_accuracy", mode="max")
     es = es_config.init({}, {})
@@ -304,6 +316,22 @@ def test_fit_names_bad_data(small):
         pn.fit(NET, pn.optim.sgd(0.1), (x.astype(np.int32), y), key=jax.random.key(0), epochs=1)
     with pytest.raises(ValueError, match="validation x has a non-finite value"):
         pn.fit(NET, pn.optim.sgd(0.1), (x, y), key=jax.random.key(0), epochs=1, validation=(bad, y))
+
+
+def test_train_and_sweep_check_data_like_fit(small):
+    x, y = small
+    build = lambda hp: (NET, pn.optim.sgd(hp["learning_rate"]))  # noqa: E731
+    grid = {"learning_rate": [0.1], "seed": [0]}
+    for bad_y, message in [(y[:-1], "240 rows but its targets have 239"),
+                           (np.where(y == 3, 10, y), "label 10 is out of range for 10 classes")]:
+        with pytest.raises(ValueError, match=message):
+            pn.train(NET, pn.optim.sgd(0.1), (x, bad_y), key=jax.random.key(0), epochs=1)
+        with pytest.raises(ValueError, match=message):
+            pn.sweep(build, (x, bad_y), grid=grid, epochs=1)
+    bad = np.array(x)
+    bad[5, 0] = np.nan
+    with pytest.raises(ValueError, match="validation x has a non-finite value .* row 5"):
+        pn.sweep(build, (x, y), grid=grid, epochs=1, validation=(bad, y))
 
 
 # ------------------------------------------------------------------ the real task
