@@ -221,10 +221,11 @@ def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stoppi
 
 def _init_run(net, opt, x, key, params, state):
     check_float_input(x)
-    declared = getattr(net, "in_dim", None)
-    if params is None and declared is not None and declared != x.shape[-1]:
-        raise ValueError(f"the network is declared for inputs of width {declared} (its in_dim), "
-                         f"got x of shape {x.shape}; build it for width {x.shape[-1]} or pass matching data")
+    declared = getattr(net, "in_shape", None)
+    if params is None and declared is not None and tuple(declared) != tuple(x.shape[1:]):
+        what = f"inputs of width {declared[0]}" if len(declared) == 1 else f"examples of shape {declared}"
+        raise ValueError(f"the network is declared for {what} (its in_shape), got x of shape {x.shape}; "
+                         f"build it for {x.shape[1:]} or pass matching data")
     if params is None:
         params, init_state = network.init(net, jax.random.fold_in(key, 0), in_shape=x.shape[1:],
                                           dtype=x.dtype)
@@ -308,7 +309,10 @@ def check_data(net, x, y, loss, params, state, name="x"):
     check_finite_rows(x, name)
     out = jax.eval_shape(lambda p, s, x: network.forward(net, p, s, x)[0], params, state,
                          jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
-    losses.get(loss)
+    loss_fn = losses.get(loss)
+    if isinstance(loss, losses.Loss):  # a user's loss judges its own targets (and its shapes are checked)
+        jax.eval_shape(losses.checked(loss_fn).backward, out, jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)))
+        return
     target_check = losses.class_targets if loss == "cross_entropy" else losses.value_targets
     target_check(loss, jnp.zeros(out.shape, out.dtype), y)
 
