@@ -8,7 +8,8 @@ def epochs(default, fast=2):
     return fast if FAST else default
 
 
-def save(fig, path):
-    fig.tight_layout()
+def save(fig, path, tight=True):
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import purenet as pn
+from tests.conftest import scaled
 from purenet.testing import compare_trees, net_cases
 
 WIDTHS = st.sampled_from([1, 2, 5])
@@ -45,7 +46,7 @@ def _input(name, data):
 
 
 @pytest.mark.parametrize("name", sorted(NEW_LAYERS))
-@settings(max_examples=40)
+@settings(max_examples=scaled(25))
 @given(data=st.data())
 def test_new_layer_backward_matches_autodiff(name, data):
     layer = NEW_LAYERS[name](data)
@@ -54,7 +55,7 @@ def test_new_layer_backward_matches_autodiff(name, data):
     assert report.ok, str(report)
 
 
-@settings(max_examples=100)
+@settings(max_examples=scaled(60))
 @given(net_cases(compose=True, sequences=True))
 def test_composed_networks_match_autodiff(case):
     params, state, x, y = case.data()
@@ -62,7 +63,7 @@ def test_composed_networks_match_autodiff(case):
     assert report.ok, f"{case}\n{report}"
 
 
-@settings(max_examples=25)
+@settings(max_examples=scaled(15))
 @given(net_cases(max_depth=2, compose=True, sequences=True))
 def test_composed_per_example_grads_and_norms_equal_vmap_of_grad(case):
     params, state, x, y = case.data()

@@ -63,6 +63,14 @@ def test_mnist_example_in_fast_mode(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 10_000
 
 
+def test_mnist_cnn_example_in_fast_mode(tmp_path):
+    if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"the shared MNIST files are not at {MNIST}")
+    out = run_example("mnist_cnn.py", "--data", str(MNIST), "--out", str(tmp_path / "c.png"), tmp_path=tmp_path)
+    assert "images of shape (28, 28, 1)" in out and "held-out accuracy" in out
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
 def test_mnist_example_says_how_to_point_it_at_data(tmp_path):
     with pytest.raises(AssertionError, match="pass --data FOLDER"):
         run_example("mnist_mlp.py", "--data", str(tmp_path), tmp_path=tmp_path)
