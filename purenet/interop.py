@@ -1,7 +1,7 @@
 """purenet inside any JAX program: a differentiable bridge, and curvature products.
 
-This is the one library module allowed to use JAX's transformations of
-derivatives, and only two of them (DESIGN.md's house rule):
+This is the one library module allowed any of JAX's autodiff machinery, and
+only two pieces of it (DESIGN.md's house rule):
 
 - `as_function` wraps a network in `jax.custom_vjp`. Its forward pass keeps
   the layers' caches as residuals and its backward pass calls the layers'
@@ -126,7 +126,8 @@ def hvp(net, params, state, x, y, v, loss="cross_entropy", l2=0.0, train=False, 
     is the forward-mode derivative (`jax.jvp`) of the handwritten gradient
     `pn.value_and_grad` along v. That gradient is plain JAX code, so its
     forward-mode derivative is exact; no reverse-mode autodiff of the loss is
-    involved. Costs about three backward passes. `v` has params' structure
+    involved, and no Hessian is formed (it costs a small multiple of one
+    `value_and_grad`: the primal and its tangent together). `v` has params' structure
     and shapes; state, x, y, train and key are held fixed (as in
     `pn.value_and_grad`, e.g. batch statistics are functions of params in
     training mode).

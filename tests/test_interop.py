@@ -53,9 +53,9 @@ def bridge_and_reference_grads(net, params, state, x, train=False, key=None, jit
     return jitted_pair(ours, ref, params, x) if jit else (ours(params, x), ref(params, x))
 
 
-def assert_bridge_matches_autodiff(case, train=False, key=None, jit=True):
+def assert_bridge_matches_autodiff(case, train=False, key=None):
     params, state, x, _ = case.data()
-    assert_trees_close(*bridge_and_reference_grads(case.net, params, state, x, train, key, jit))
+    assert_trees_close(*bridge_and_reference_grads(case.net, params, state, x, train, key))
 
 
 # ---------------------------------------------------------------- as_function
