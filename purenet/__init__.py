@@ -1,6 +1,6 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, losses,
-                     metrics, optim, shuffle)
+from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, interop,
+                     losses, metrics, optim, shuffle)
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
@@ -9,7 +9,8 @@ from purenet.layers import (
 )
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
-from purenet.network import forward, init, loss, value_and_grad
+from purenet.interop import as_function, ggn_vp, hvp
+from purenet.network import forward, init, input_grad, loss, value_and_grad
 from purenet.optim import schedules
 from purenet.per_example import DPSGD, clipped_value_and_grad, per_example_grad_norms, per_example_grads
 from purenet.testing import check_grads

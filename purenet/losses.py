@@ -55,7 +55,7 @@ class Loss:
         pn.Loss(huber, huber_backward)
 
     `pn.check_grads(net, x, y, loss=pn.Loss(...))` checks the backward
-    against jax.grad of the value. Per-example functions take example i's
+    against autodiff of the value. Per-example functions take example i's
     loss as value(out[i:i+1], y[i:i+1]), so value must average over axis 0.
     """
 

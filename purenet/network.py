@@ -136,3 +136,15 @@ def value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, train
     if _has_l2(l2):
         grads = jax.tree_util.tree_map(jnp.add, grads, losses.l2_backward(params, l2))
     return value, grads, p.state
+
+
+def input_grad(net, params, state, x, y, loss="cross_entropy", train=False, key=None):
+    """dL/dx, the gradient of the loss with respect to the input, by the handwritten backward.
+
+    The same forward and backward as `value_and_grad`, whose last step
+    returns dL/dx beside the weights' gradients (the l2 term does not depend
+    on x). Has x's shape; the basis of input attacks (FGSM, PGD) and saliency.
+    """
+    p = loss_pass(net, params, state, x, loss, train, key)
+    _, dx = p.body.backward(p.body_params, p.cache, p.loss_fn.backward(p.out, y))
+    return dx

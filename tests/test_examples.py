@@ -42,6 +42,8 @@ def test_backprop_walkthrough_rejects_unknown_weights():
     ("init_activation_study.py", "init_activation.png", "leaky_relu"),
     ("vanishing_gradients.py", "vanishing_gradients.png", "first/last layer gradient norm"),
     ("deep_residual.py", "deep_residual.png", "residual relu"),
+    ("adversarial_digits.py", "adversarial_digits.png", "input_grad vs autodiff through pn.as_function"),
+    ("hessian_spectrum.py", "hessian_spectrum.png", "sharpness at the end"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
     cache = ["--cache", str(tmp_path / "xla")] if script == "train_digits.py" else []  # the main job's option

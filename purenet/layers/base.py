@@ -9,7 +9,7 @@ A layer is a frozen, hashable configuration with three pure methods:
 `in_shape` is the shape of one example (a tuple; an int n means (n,)); inputs
 carry a leading batch axis. `cache` holds exactly what `backward` needs from
 the forward pass, as a pytree of arrays (no Python numbers: a cache may cross
-`lax.scan` or `jax.custom_vjp` boundaries; static sizes travel as the shape
+`lax.scan` or custom-VJP boundaries (see `purenet.interop`); static sizes travel as the shape
 of an empty array, see `shape_token`). `backward` returns the vector-Jacobian
 product: given dy = dL/dy it returns dL/dparams (same structure as params)
 and dL/dx. It is linear in dy.

@@ -207,7 +207,7 @@ class Conv2D:
     convolved with the spatially flipped kernel; dW is x convolved with dy,
     batch and channels swapped; fast where XLA's convolutions are, e.g.
     cuDNN on GPUs). "auto" (the default) takes im2col on the CPU and xla
-    elsewhere. Both are tested against jax.grad and PyTorch.
+    elsewhere. Both are tested against autodiff and PyTorch.
     """
 
     features: int
