@@ -6,6 +6,7 @@ from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
     ELU, GELU, AvgPool2D, BatchNorm, Conv2D, Dense, GlobalAvgPool2D, MaxPool2D, Dropout, Elementwise, Flatten, Identity, LayerNorm, LeakyReLU, Parallel, ReLU,
     Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax, Softplus, Tanh, mlp,
+    GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt,
 )
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows

@@ -17,10 +17,28 @@ def is_concrete(x):
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_float_input(x, name="x"):
-    """Require a floating-point array with a non-empty leading batch axis."""
+def check_float_input(x, name="x", ids=None):
+    """Require a floating-point array with a non-empty leading batch axis.
+
+    `ids`, when given, is the layer that reads the input as integer token
+    ids (an Embedding first, see `purenet.layers.base.id_layer`): then x
+    must be integers in [0, ids.num_embeddings) instead (the range is
+    checked when x is concrete).
+    """
     dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if ids is not None:
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"{name} must be integer token ids (the network starts with {ids}), got dtype {dtype}; "
+                f"convert it first, e.g. {name}.astype(jnp.int32)"
+            )
+        if is_concrete(x) and jnp.size(x):
+            values = np.asarray(x)
+            lo, hi, n = int(values.min()), int(values.max()), ids.num_embeddings
+            if lo < 0 or hi >= n:
+                raise ValueError(f"{name}: token id {lo if lo < 0 else hi} is out of range for {n} "
+                                 f"embeddings [0, {n})")
+    elif not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{name} must be a floating-point array, got dtype {dtype}; "
             f"convert it first, e.g. {name}.astype(jnp.float32)"

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from purenet import losses
 from purenet._checks import check_float_input
+from purenet.layers.base import id_layer
 from purenet.network import _body_trees, _full_trees, _has_l2, _prepare, value_and_grad
 
 
@@ -72,7 +73,7 @@ def as_function(net):
 
     def apply(params, state, x, train=False, key=None):
         """y, new_state: pn.forward of the network, differentiated by its handwritten backward."""
-        check_float_input(x)
+        check_float_input(x, ids=id_layer(net))
         return bridge(params, state, x, _static_bool(train), key)
 
     apply.net = net
@@ -157,7 +158,7 @@ def ggn_vp(net, params, state, x, y, v, loss="cross_entropy", l2=0.0, train=Fals
         J^T (...)    the layers' handwritten backward, with the forward's caches
     """
     v = _tangent(params, v)
-    check_float_input(x)
+    check_float_input(x, ids=id_layer(net))
     body, fused, loss_fn = _prepare(net, loss)
     body_params, body_state = _body_trees(net, fused, params, state)
     body_v, _ = _body_trees(net, fused, v, state)

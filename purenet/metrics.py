@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_float_input
+from purenet.layers.base import id_layer
 from purenet.layers import Sequential, Sigmoid, Softmax
 
 
 def predict(net, params, state, x, batch_size=1024):
     """The network's outputs on x (evaluation mode), `batch_size` rows at a time."""
-    check_float_input(x)
+    check_float_input(x, ids=id_layer(net))
     n = x.shape[0]
     if n <= batch_size:  # one chunk: no loop, no padding
         return net.forward(params, state, x, train=False)[0]

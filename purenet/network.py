@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from purenet import losses
 from purenet._checks import check_float_input
 from purenet.layers import Sequential, Sigmoid, Softmax
+from purenet.layers.base import id_layer
 
 # Output activation -> the loss it fuses with.
 _FUSED = {Softmax: "cross_entropy", Sigmoid: "binary_cross_entropy"}
@@ -72,7 +73,7 @@ def init(net, key, in_shape=None, dtype=None, *, in_dim=None):
 
 def forward(net, params, state, x, train=False, key=None):
     """The network's output: returns (y, state); state changes only in training."""
-    check_float_input(x)
+    check_float_input(x, ids=id_layer(net))
     y, state, _ = net.forward(params, state, x, train=train, key=key)
     return y, state
 
@@ -103,7 +104,7 @@ class LossPass(NamedTuple):
 
 def loss_pass(net, params, state, x, loss, train=False, key=None):
     """Run the network forward for `loss`, keeping the caches (shared by every backward)."""
-    check_float_input(x)
+    check_float_input(x, ids=id_layer(net))
     body, fused, chosen = _prepare(net, loss)
     bparams, bstate = _body_trees(net, fused, params, state)
     out, new_bstate, cache = body.forward(bparams, bstate, x, train=train, key=key)

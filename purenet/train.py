@@ -34,6 +34,7 @@ import numpy as np
 
 from purenet import diagnostics, distributed, losses, metrics, network, per_example, shuffle
 from purenet._checks import check_finite_rows, check_float_input, check_hyperparameter
+from purenet.layers.base import id_layer
 
 
 class TrainState(NamedTuple):
@@ -220,7 +221,7 @@ def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stoppi
 
 
 def _init_run(net, opt, x, key, params, state):
-    check_float_input(x)
+    check_float_input(x, ids=id_layer(net))
     declared = getattr(net, "in_shape", None)
     if params is None and declared is not None and tuple(declared) != tuple(x.shape[1:]):
         what = f"inputs of width {declared[0]}" if len(declared) == 1 else f"examples of shape {declared}"
@@ -228,7 +229,7 @@ def _init_run(net, opt, x, key, params, state):
                          f"build it for {x.shape[1:]} or pass matching data")
     if params is None:
         params, init_state = network.init(net, jax.random.fold_in(key, 0), in_shape=x.shape[1:],
-                                          dtype=x.dtype)
+                                          dtype=x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else None)
         state = init_state if state is None else state
     if state is None:
         raise ValueError("pass the model state together with params (pn.init returns both)")
@@ -301,7 +302,7 @@ def check_data(net, x, y, loss, params, state, name="x"):
     params and state may be abstract (jax.ShapeDtypeStruct); value checks
     run when x and y are concrete.
     """
-    check_float_input(x, name)
+    check_float_input(x, name, ids=id_layer(net))
     if jnp.ndim(y) == 0:
         raise ValueError(f"{name}'s targets must have a batch axis, got a scalar")
     if jnp.shape(y)[0] != jnp.shape(x)[0]:

@@ -1,4 +1,5 @@
 """Layers: frozen configs with pure init / forward / backward."""
+from purenet.layers.attention import MultiHeadAttention
 from purenet.layers.activations import ACTIVATIONS, ELU, GELU, Identity, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh
 from purenet.layers.base import Elementwise
 from purenet.layers.batchnorm import BatchNorm
@@ -6,6 +7,8 @@ from purenet.layers.compose import Flatten, Parallel, Residual
 from purenet.layers.conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
+from purenet.layers.embedding import Embedding, PositionalEmbedding
+from purenet.layers.gpt import GPT, gpt
 from purenet.layers.norm import LayerNorm, RMSNorm
 from purenet.layers.sequential import Sequential, mlp
 from purenet.layers.softmax import Softmax
@@ -13,5 +16,5 @@ from purenet.layers.softmax import Softmax
 __all__ = [
     "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "GlobalAvgPool2D", "MaxPool2D", "Dense", "Dropout", "ELU", "Elementwise", "Flatten", "GELU", "Identity",
     "LayerNorm", "LeakyReLU", "Parallel", "RMSNorm", "ReLU", "Residual", "Sequential", "SiLU", "Sigmoid",
-    "Softmax", "Softplus", "Tanh", "mlp",
+    "Softmax", "Softplus", "Tanh", "mlp", "Embedding", "PositionalEmbedding", "MultiHeadAttention", "GPT", "gpt",
 ]

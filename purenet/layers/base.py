@@ -53,6 +53,20 @@ def token_shape(token):
     return token.shape[1:]
 
 
+def id_layer(layer):
+    """The layer that reads a network's input as integer ids (an Embedding first), or None.
+
+    A layer says so with the class attribute `accepts_ids = True`; a
+    Sequential takes ids when its first layer does.
+    """
+    if getattr(layer, "accepts_ids", False):
+        return layer
+    inner = getattr(layer, "layers", None)
+    if isinstance(inner, tuple) and inner:
+        return id_layer(inner[0])
+    return None
+
+
 def per_example_sum(t):
     """Sum over the axes between the batch axis and the last one: (batch, ..., d) -> (batch, d)."""
     return jnp.sum(t, axis=tuple(range(1, t.ndim - 1))) if t.ndim > 2 else t

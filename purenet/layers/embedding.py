@@ -1,0 +1,154 @@
+"""Embeddings: token ids -> vectors (Embedding), and learned positions (PositionalEmbedding).
+
+    Embedding            ids (batch, T) int   -> E[ids]  (batch, T, features)
+    PositionalEmbedding  x (batch, T, d)      -> x + P[:T]
+
+The backward of a lookup is a scatter-add: row r of dL/dE is the sum of dy
+over every position whose id is r (zero for ids not used). Ids are not
+differentiable, so an Embedding's dL/dx is None: it is the first layer of
+a network.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purenet._checks import is_concrete
+from purenet.initializers import default_float
+from purenet.layers.base import as_shape
+
+
+def check_ids(ids, num_embeddings, what="Embedding"):
+    """Integer ids in [0, num_embeddings): the dtype at trace time, the values when concrete."""
+    dtype = jnp.result_type(ids)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{what} takes integer token ids, got dtype {dtype}; "
+                        f"convert them first, e.g. ids.astype(jnp.int32)")
+    if is_concrete(ids) and jnp.size(ids):
+        values = np.asarray(ids)
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= num_embeddings:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what}: token id {bad} is out of range for {num_embeddings} embeddings "
+                             f"[0, {num_embeddings})")
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """A lookup table: integer ids (batch, ...) -> rows of E, (batch, ..., features).
+
+    params {"E": (num_embeddings, features)}, drawn from N(0, stddev^2)
+    (stddev=1.0 as torch.nn.Embedding; GPT-2 uses 0.02).
+
+    Backward, for dy = dL/dy:  dL/dE[r] = sum over positions p with ids[p] = r of dy[p]
+    (a scatter-add of dy into the rows used). The ids get no gradient (dx is None).
+
+    Ids must be integers in [0, num_embeddings); the range is checked
+    eagerly when the ids are concrete (inside `jit` an out-of-range id is
+    clamped by XLA's gather, so check data before tracing, as `fit` does).
+    """
+
+    num_embeddings: int
+    features: int
+    stddev: float = 1.0
+
+    accepts_ids = True  # a network whose first layer this is takes integer inputs
+
+    def __post_init__(self):
+        _check_positive("Embedding num_embeddings", self.num_embeddings)
+        _check_positive("Embedding features", self.features)
+
+    def init(self, key, in_shape, dtype=None):
+        in_shape, dtype = as_shape(in_shape), dtype or default_float()
+        E = self.stddev * jax.random.normal(key, (self.num_embeddings, self.features), dtype)
+        return {"E": E}, {}, in_shape + (self.features,)
+
+    def forward(self, params, state, x, train=False, key=None):
+        del train, key
+        check_ids(x, params["E"].shape[0], str(self))
+        return jnp.take(params["E"], x, axis=0), state, x
+
+    def backward(self, params, ids, dy):
+        return {"E": scatter_rows(params["E"].shape[0], ids, dy)}, None
+
+    def per_example_backward(self, params, ids, dy):
+        """Example i's dE_i: its own dy rows scattered into a (V, features) table, (batch, V, features)."""
+        return {"E": per_example_scatter(params["E"].shape[0], ids, dy)}, None
+
+    def per_example_sq_norms(self, params, ids, dy, l2=0.0):
+        """||dE_i||^2 without forming dE_i (E is not a weight named W: no l2 term)."""
+        return sq_norm_of_scatter(ids, dy), None
+
+
+def scatter_rows(num_rows, ids, dy):
+    """sum_p onehot(ids[p]) dy[p]^T: (num_rows, d), the transpose of a row gather."""
+    d = dy.shape[-1]
+    return jnp.zeros((num_rows, d), dy.dtype).at[jnp.reshape(ids, (-1,))].add(jnp.reshape(dy, (-1, d)))
+
+
+def per_example_scatter(num_rows, ids, dy):
+    b, d = dy.shape[0], dy.shape[-1]
+    ids2, dy3 = jnp.reshape(ids, (b, -1)), jnp.reshape(dy, (b, -1, d))
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids2.shape)
+    return jnp.zeros((b, num_rows, d), dy.dtype).at[rows, ids2].add(dy3)
+
+
+def sq_norm_of_scatter(ids, dy):
+    """||dE_i||^2 = sum_{t,t'} [ids_t = ids_t'] dy_t . dy_t'  (a T x T Gram masked by equal ids)."""
+    b, d = dy.shape[0], dy.shape[-1]
+    ids2, dy3 = jnp.reshape(ids, (b, -1)), jnp.reshape(dy, (b, -1, d))
+    same = ids2[:, :, None] == ids2[:, None, :]
+    gram = jnp.einsum("btd,bsd->bts", dy3, dy3)
+    return jnp.sum(jnp.where(same, gram, 0.0), axis=(1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionalEmbedding:
+    """Learned positions: x (batch, T, d) -> x + P[:T], for T <= context.
+
+    params {"P": (context, d)}, drawn from N(0, stddev^2). Backward:
+    dL/dP[t] = sum_batch dy[:, t] for t < T (zero for the unused positions),
+    dL/dx = dy.
+    """
+
+    context: int
+    stddev: float = 1.0
+
+    def __post_init__(self):
+        _check_positive("PositionalEmbedding context", self.context)
+
+    def init(self, key, in_shape, dtype=None):
+        in_shape, dtype = as_shape(in_shape), dtype or default_float()
+        if len(in_shape) != 2 or in_shape[0] > self.context:
+            raise ValueError(f"{self} takes examples of shape (T, features) with T <= {self.context}, "
+                             f"got {in_shape}")
+        return {"P": self.stddev * jax.random.normal(key, (self.context, in_shape[1]), dtype)}, {}, in_shape
+
+    def forward(self, params, state, x, train=False, key=None):
+        del train, key
+        P = params["P"]
+        if jnp.ndim(x) != 3 or x.shape[1] > P.shape[0] or x.shape[2] != P.shape[1]:
+            raise ValueError(f"{self} expects x of shape (batch, T <= {P.shape[0]}, {P.shape[1]}), "
+                             f"got {jnp.shape(x)}")
+        return x + P[: x.shape[1]], state, jnp.zeros((0, P.shape[0] - x.shape[1]), jnp.int8)
+
+    @staticmethod
+    def _pad(g, unused):
+        pad = [(0, 0)] * g.ndim
+        pad[-2] = (0, unused.shape[1])
+        return jnp.pad(g, pad)
+
+    def backward(self, params, unused, dy):
+        return {"P": self._pad(jnp.sum(dy, axis=0), unused)}, dy
+
+    def per_example_backward(self, params, unused, dy):
+        return {"P": self._pad(dy, unused)}, dy
+
+    def per_example_sq_norms(self, params, unused, dy, l2=0.0):
+        return jnp.sum(jnp.reshape(dy * dy, (dy.shape[0], -1)), axis=-1), dy
