@@ -10,6 +10,7 @@ from purenet.layers import (
 )
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
+from purenet.generate import generate
 from purenet.interop import as_function, ggn_vp, hvp
 from purenet.network import forward, init, input_grad, loss, value_and_grad
 from purenet.optim import schedules

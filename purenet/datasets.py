@@ -3,6 +3,8 @@
 - `digits()`: scikit-learn's embedded 8x8 handwritten digits (1,797 images).
 - `mnist(path)`: a reader for MNIST's IDX files (gzip or raw), checked
   field by field; point it at a folder holding the files.
+- `text(path)`: a character-level corpus (e.g. tiny Shakespeare) as ids,
+  with its vocabulary and a 90/10 split; `windows` samples training batches.
 """
 import gzip
 import importlib.util
@@ -183,3 +185,71 @@ def mnist(path, part="test", dtype=np.float32, shape="rows"):
         raise IDXError(f"label {int(labels.max())} is not a digit 0-9")
     x = images.reshape(len(images), -1) if shape == "rows" else images[..., None]
     return x.astype(dtype) / 255.0, labels.astype(np.int32)
+
+
+# ---------------------------------------------------------------- character-level text
+
+
+class Text(NamedTuple):
+    """A character-level corpus: int32 ids of the first 90% (train) and the last 10% (val)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab: str  # the sorted distinct characters; id i is vocab[i]
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def encode(self, s):
+        """A string -> int32 ids (every character must be in the vocabulary)."""
+        index = {c: i for i, c in enumerate(self.vocab)}
+        missing = sorted(set(s) - set(index))
+        if missing:
+            raise ValueError(f"characters {missing!r} are not in the vocabulary of {len(self.vocab)}")
+        return np.array([index[c] for c in s], np.int32)
+
+    def decode(self, ids):
+        """Ids -> the string they spell."""
+        return "".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
+
+
+def text(path, val_fraction=0.1):
+    """Read a UTF-8 text file as characters -> ids (the vocabulary is its sorted
+    distinct characters) and split it: the first 90% for training, the last 10%
+    for validation (nanoGPT's shakespeare_char preparation).
+
+        data = pn.datasets.text("input.txt")
+        x, y = pn.datasets.windows(data.train, key, batch_size=12, context=64)
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    with open(path, encoding="utf-8") as f:
+        corpus = f.read()
+    if len(corpus) < 2:
+        raise ValueError(f"{path!r} holds {len(corpus)} characters; a corpus needs at least 2")
+    vocab = "".join(sorted(set(corpus)))
+    lookup = np.zeros(max(map(ord, vocab)) + 1, np.int32)
+    lookup[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=np.int32)
+    ids = lookup[np.frombuffer(corpus.encode("utf-32-le"), np.uint32)]
+    n = int(len(ids) * (1 - val_fraction))
+    return Text(ids[:n], ids[n:], vocab)
+
+
+def windows(ids, key, batch_size, context):
+    """`batch_size` random windows of a 1-D id array: x = ids[s:s+context], y = ids[s+1:s+context+1].
+
+    Pure and jittable (`key` is a jax.random key; batch_size and context are
+    static), so a training loop can draw its batches inside `lax.scan` from
+    the whole array on the device. Starts are uniform over [0, len - context).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = jnp.shape(ids)[0]
+    if n <= context:
+        raise ValueError(f"windows of {context} ids (+1 for the targets) need more than {context} ids, got {n}")
+    starts = jax.random.randint(key, (batch_size,), 0, n - context)
+    idx = starts[:, None] + jnp.arange(context)[None, :]
+    ids = jnp.asarray(ids)
+    return ids[idx], ids[idx + 1]

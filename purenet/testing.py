@@ -122,6 +122,11 @@ def _check_layer(layer, params, state, x, train, fwd_key, cot_key, rtol):
     def probe(p, xx):
         return jnp.sum(layer.forward(p, state, xx, train=train, key=fwd_key)[0] * cot)
 
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # integer ids (an Embedding): no input gradient
+        if dx is not None:
+            raise AssertionError(f"{layer} takes integer inputs, so its dx must be None, got {type(dx)}")
+        errors = compare_trees({"params": dparams}, {"params": jax.grad(probe)(params, x)})
+        return GradCheckReport(errors, rtol)
     ref_params, ref_x = jax.grad(probe, argnums=(0, 1))(params, x)
     errors = compare_trees({"params": dparams, "x": dx}, {"params": ref_params, "x": ref_x})
     return GradCheckReport(errors, rtol)
@@ -344,3 +349,75 @@ def _conv_nets(depth, out_width, output, init, batchnorm):
         return L.Sequential(layers, in_shape=in_shape), in_shape
 
     return draw()
+
+
+# ---------------------------------------------------------------- transformers
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerCase:
+    """A random sequence problem drawn by `transformer_cases`: a GPT on ids, or blocks on floats."""
+
+    net: Any
+    kind: str           # "gpt" (integer ids in, next-token labels) or "blocks" (floats in, mse)
+    batch: int
+    length: int
+    vocab: int
+    features: int
+    seed: int
+    train: bool = False  # dropout active (with the key from the seed)
+
+    @property
+    def loss(self):
+        return "cross_entropy" if self.kind == "gpt" else "mse"
+
+    def data(self, dtype=jnp.float64):
+        """(params, state, x, y): ids and labels for a GPT, floats and targets for blocks."""
+        kp, kx, ky = jax.random.split(jax.random.key(self.seed), 3)
+        in_shape = (self.length,) if self.kind == "gpt" else (self.length, self.features)
+        params, state, out_shape = self.net.init(kp, in_shape, dtype=dtype)
+        if self.kind == "gpt":
+            x = jax.random.randint(kx, (self.batch, self.length), 0, self.vocab)
+            y = jax.random.randint(ky, (self.batch, self.length), 0, self.vocab)
+        else:
+            x = jax.random.normal(kx, (self.batch, *in_shape), dtype)
+            y = jax.random.normal(ky, (self.batch, *out_shape), dtype)
+        return params, state, x, y
+
+
+def transformer_block(features, heads, causal=True, use_bias=True, dropout=0.0):
+    """A pre-LayerNorm transformer block (attention, then a 4x GELU MLP, both residual)."""
+    from purenet import layers as L
+
+    extra = [L.Dropout(dropout)] if dropout else []
+    return L.Sequential([
+        L.Residual(L.Sequential([L.LayerNorm(), L.MultiHeadAttention(heads, causal=causal, use_bias=use_bias),
+                                 *extra])),
+        L.Residual(L.Sequential([L.LayerNorm(), L.Dense(4 * features), L.GELU(), L.Dense(features), *extra])),
+    ])
+
+
+def transformer_cases(lengths=(1, 3), features=(4, 8), heads=(1, 2), batches=(1, 2), vocab=5, max_layers=2,
+                      dropout=False):
+    """A hypothesis strategy of TransformerCase: a whole `pn.gpt` (tied or not) or a
+    stack of random transformer blocks (causal or not, with or without biases),
+    tiny sizes, optionally with dropout in training mode."""
+    from hypothesis import strategies as st
+    from purenet import layers as L
+
+    @st.composite
+    def case(draw):
+        kind = draw(st.sampled_from(["gpt", "blocks"]))
+        t, f, h, b = (draw(st.sampled_from(v)) for v in (lengths, features, heads, batches))
+        n = draw(st.integers(1, max_layers))
+        rate = draw(st.sampled_from([0.0, 0.3])) if dropout else 0.0
+        seed = draw(st.integers(0, 2**31 - 1))
+        if kind == "gpt":
+            context = draw(st.sampled_from([t, t + 2]))
+            net = L.gpt(vocab, context, n, h, f, dropout=rate, tie_embeddings=draw(st.booleans()))
+        else:
+            net = L.Sequential([transformer_block(f, h, draw(st.booleans()), draw(st.booleans()), rate)
+                                for _ in range(n)])
+        return TransformerCase(net, kind, b, t, vocab, f, seed, train=rate > 0)
+
+    return case()
