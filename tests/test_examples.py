@@ -73,6 +73,18 @@ def test_mnist_cnn_example_in_fast_mode(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def test_shakespeare_gpt_example_in_fast_mode(tmp_path):
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"the tiny Shakespeare corpus is not at {SHAKESPEARE}")
+    out = run_example("shakespeare_gpt.py", "--data", str(SHAKESPEARE), "--out", str(tmp_path / "g.png"),
+                      tmp_path=tmp_path)
+    assert "vocabulary 65" in out and "validation loss" in out and "sample (temperature 0.8)" in out
+    assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
 def test_mnist_example_says_how_to_point_it_at_data(tmp_path):
     with pytest.raises(AssertionError, match="pass --data FOLDER"):
         run_example("mnist_mlp.py", "--data", str(tmp_path), tmp_path=tmp_path)
