@@ -292,8 +292,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--contenders", nargs="*", default=list(CONTENDERS))
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own; on an oversubscribed machine "
+                             "torch's spinning OpenMP pool can be 10x slower than one thread)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     c = SMOKE if args.smoke else CONFIG
     repeats, n = (1, 2) if args.smoke else (args.repeats, args.steps)
 
@@ -333,7 +339,8 @@ def main(argv=None):
               f"{compile_s[name]:9.2f} {paired:7.2f} {mib:>9}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": c, "repeats": repeats, "steps": n, "results": results}, f, indent=1)
+            json.dump({"config": c, "repeats": repeats, "steps": n, "torch_threads": args.torch_threads,
+                       "results": results}, f, indent=1)
     return results
 
 

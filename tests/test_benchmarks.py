@@ -33,3 +33,13 @@ def test_gpu_mode_runs_its_bfloat16_steps_on_the_cpu(tmp_path):
         assert set(results["train_step"][key]) == {"purenet", "jax.grad + purenet adam", "jax.grad + optax"}
         assert results["train_step"][key]["purenet"]["paired_speedup"] == 1.0
     assert "epoch_scan_vs_loop" not in results  # --steps-only
+
+
+def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpt", "--smoke", "--json", str(tmp_path / "g.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert results["purenet"]["paired_time_over_purenet"] == 1.0
+    for name in ("purenet", "jax.grad"):
+        assert results[name]["median_s"] > 0 and results[name]["temp_bytes"] > 0
