@@ -65,7 +65,7 @@ def test_embedding_backward_is_a_scatter_add_equal_to_autodiff(batch, t, d, head
     np.testing.assert_allclose(grads["E"], expected, rtol=1e-12, atol=1e-15)
 
 
-@settings(max_examples=scaled(12))
+@settings(max_examples=scaled(10))
 @given(**SIZES, causal=st.booleans(), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_attention_backward_matches_autodiff(batch, t, d, heads, causal, use_bias, seed):
     layer = pn.MultiHeadAttention(heads, causal=causal, use_bias=use_bias)
@@ -105,7 +105,7 @@ def _handwritten_and_autodiff(net, params, state, x, y, key, loss, train):
     return (value, grads), jax.value_and_grad(reference)(params)
 
 
-@settings(max_examples=scaled(10))
+@settings(max_examples=scaled(8))
 @given(transformer_cases(dropout=True))
 def test_transformer_networks_match_autodiff(case):
     params, state, x, y = case.data()
