@@ -33,3 +33,18 @@ def test_gpu_mode_runs_its_bfloat16_steps_on_the_cpu(tmp_path):
         assert set(results["train_step"][key]) == {"purenet", "jax.grad + purenet adam", "jax.grad + optax"}
         assert results["train_step"][key]["purenet"]["paired_speedup"] == 1.0
     assert "epoch_scan_vs_loop" not in results  # --steps-only
+
+
+def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--smoke", "--json", str(tmp_path / "c.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "c.json").read_text())
+    step = results["train_step"]["lenet @ batch 8"]
+    for name in ("purenet (xla)", "purenet (im2col)", "jax.grad (xla)", "jax.grad (im2col)", "pytorch eager"):
+        assert step[name]["median_s"] > 0
+    assert step["purenet (xla)"]["paired_vs_first"] == 1.0
+    assert set(results["temp_memory_MiB"]) == {"purenet (xla)", "jax.grad (xla)", "purenet (im2col)",
+                                               "jax.grad (im2col)"}
+    assert results["epoch"]["purenet scan"]["median_s"] > 0
+    assert results["per_example_norms"]["vmap(jax.grad)"]["temp_MiB"] > 0
