@@ -140,7 +140,6 @@ def equinox_lenet(batch, c1, c2, hidden):
 
 
 def torch_model(kind, c1=16, c2=32, hidden=128, width=16):
-    import torch
     from torch import nn
 
     if kind == "lenet":
