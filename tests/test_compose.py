@@ -279,3 +279,22 @@ def test_composed_params_round_trip_through_checkpoints(tmp_path):
     pn.save(tmp_path / "c.ckpt", {"params": params, "state": state})
     loaded = pn.load(tmp_path / "c.ckpt", like={"params": params, "state": state})
     chex.assert_trees_all_equal(loaded["params"], params)
+
+
+def test_train_sweep_and_dp_sgd_run_composed_nets_with_a_user_loss():
+    x = jax.random.normal(jax.random.key(0), (32, 3))
+    y = 3 * jax.random.normal(jax.random.key(1), (32, 2))
+    _, history, _ = pn.train(NET, pn.optim.adam(1e-2), (x, y), key=jax.random.key(2), epochs=3, batch_size=8,
+                             loss=HUBER)
+    assert history["loss"][-1] < history["loss"][0]
+    result = pn.sweep(lambda hp: (NET, pn.optim.adam(hp["learning_rate"])), (x, y),
+                      grid={"seed": [0, 1], "learning_rate": [1e-3, 1e-2]}, epochs=2, batch_size=8, loss=HUBER)
+    assert np.asarray(result.history["loss"]).shape == (4, 2)
+    params, state = pn.init(NET, jax.random.key(3), 3)
+    _, per = pn.per_example_grads(NET, params, state, x, y, loss=HUBER)
+    norms = pn.per_example_grad_norms(NET, params, state, x, y, loss=HUBER)
+    clip = float(jnp.median(norms))
+    _, clipped, _ = pn.clipped_value_and_grad(NET, params, state, x, y, clip_norm=clip, loss=HUBER)
+    scale = jnp.minimum(1.0, clip / norms)
+    expected = jax.tree_util.tree_map(lambda g: jnp.mean(g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0), per)
+    assert max(compare_trees(clipped, expected).values()) <= 1e-10
