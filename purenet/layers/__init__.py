@@ -2,7 +2,7 @@
 from purenet.layers.activations import ACTIVATIONS, ELU, GELU, Identity, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh
 from purenet.layers.base import Elementwise
 from purenet.layers.batchnorm import BatchNorm
-from purenet.layers.compose import Flatten, Parallel, Residual
+from purenet.layers.compose import Flatten, Frozen, Parallel, Remat, Residual
 from purenet.layers.conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
@@ -11,7 +11,7 @@ from purenet.layers.sequential import Sequential, mlp
 from purenet.layers.softmax import Softmax
 
 __all__ = [
-    "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "GlobalAvgPool2D", "MaxPool2D", "Dense", "Dropout", "ELU", "Elementwise", "Flatten", "GELU", "Identity",
-    "LayerNorm", "LeakyReLU", "Parallel", "RMSNorm", "ReLU", "Residual", "Sequential", "SiLU", "Sigmoid",
+    "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "GlobalAvgPool2D", "MaxPool2D", "Dense", "Dropout", "ELU", "Elementwise", "Flatten", "Frozen", "GELU", "Identity",
+    "LayerNorm", "LeakyReLU", "Parallel", "RMSNorm", "ReLU", "Remat", "Residual", "Sequential", "SiLU", "Sigmoid",
     "Softmax", "Softplus", "Tanh", "mlp",
 ]

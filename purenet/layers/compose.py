@@ -13,6 +13,7 @@ shapes when they do not.
 import dataclasses
 import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +175,87 @@ class Flatten(ParameterFree):
 
     def grad(self, shape, dy):
         return jnp.reshape(dy, (dy.shape[0], *token_shape(shape)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """`block` with its parameters held fixed: the same forward, and a backward that
+    passes dL/dx through but returns zero parameter gradients.
+
+    No parameter gradient is computed at all: under jit, XLA drops the
+    block's dL/dW products, whose results nothing uses (a frozen Dense costs
+    one matrix product in the backward instead of two). params and state are
+    the block's own, so a checkpoint of the unfrozen network loads as is.
+    Pair with `pn.optim.masked` when weight decay must not move them either.
+    """
+
+    block: object
+
+    def init(self, key, in_shape, dtype=None):
+        return self.block.init(key, in_shape, dtype=dtype)
+
+    def forward(self, params, state, x, train=False, key=None):
+        return self.block.forward(params, state, x, train=train, key=key)
+
+    def backward(self, params, cache, dy):
+        _, dx = self.block.backward(params, cache, dy)
+        return jax.tree_util.tree_map(jnp.zeros_like, params), dx
+
+    def per_example_backward(self, params, cache, dy):
+        _, dx = self.block.backward(params, cache, dy)
+        return jax.tree_util.tree_map(lambda p: jnp.zeros((dy.shape[0], *p.shape), p.dtype), params), dx
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        _, dx = self.block.backward(params, cache, dy)
+        return jnp.zeros(dy.shape[:1], dy.dtype), dx
+
+    def children(self, params, cache=None):
+        return ((self.block, params, cache),)
+
+
+class _RematCache(NamedTuple):
+    x: jnp.ndarray
+    state: object
+    key: object
+    train: jnp.ndarray  # a shape token: (0, 1) in training, (0, 0) in evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Remat:
+    """`block` rematerialised: the forward keeps only its input, and the backward
+    runs the block's forward again (same params, state and key, so dropout masks
+    agree) to rebuild the cache it needs, then the block's backward.
+
+    Memory for time: the activations inside the block are not held between
+    the forward and the backward pass. The recomputation reads its inputs
+    through `lax.optimization_barrier`, so XLA cannot merge it with the
+    original forward (which would keep the activations alive again).
+    Gradients are exactly the plain block's.
+    """
+
+    block: object
+
+    def init(self, key, in_shape, dtype=None):
+        return self.block.init(key, in_shape, dtype=dtype)
+
+    def forward(self, params, state, x, train=False, key=None):
+        y, new_state, _ = self.block.forward(params, state, x, train=train, key=key)
+        return y, new_state, _RematCache(x, state, key, shape_token((int(bool(train)),)))
+
+    def _cache(self, params, cache):
+        x, params = jax.lax.optimization_barrier((cache.x, params))
+        _, _, inner = self.block.forward(params, cache.state, x, train=bool(token_shape(cache.train)[0]),
+                                         key=cache.key)
+        return inner
+
+    def backward(self, params, cache, dy):
+        return self.block.backward(params, self._cache(params, cache), dy)
+
+    def per_example_backward(self, params, cache, dy):
+        return self.block.per_example_backward(params, self._cache(params, cache), dy)
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        return self.block.per_example_sq_norms(params, self._cache(params, cache), dy, l2)
+
+    def children(self, params, cache=None):
+        return ((self.block, params, None if cache is None else self._cache(params, cache)),)
