@@ -298,3 +298,14 @@ def test_train_sweep_and_dp_sgd_run_composed_nets_with_a_user_loss():
     scale = jnp.minimum(1.0, clip / norms)
     expected = jax.tree_util.tree_map(lambda g: jnp.mean(g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0), per)
     assert max(compare_trees(clipped, expected).values()) <= 1e-10
+
+
+def test_errors_of_other_types_keep_their_type_and_name_the_layer_in_a_note():
+    class Picky(pn.Identity):
+        def apply(self, x):
+            raise jax.errors.ConcretizationTypeError(x, "a picky layer")  # a JAX error: its own constructor
+
+    with pytest.raises(jax.errors.ConcretizationTypeError) as info:
+        jax.jit(lambda x: pn.forward(pn.Sequential([pn.Dense(2), Picky()]), *pn.init(
+            pn.Sequential([pn.Dense(2), Picky()]), jax.random.key(0), 3), x))(jnp.ones((1, 3)))
+    assert "in layer 1 (Picky)" in info.value.__notes__
