@@ -261,13 +261,18 @@ def _half_sum_of_squares(w, l2):
     return ((0.5 * l2 * jnp.sum(u * u)) * s * s).astype(w.dtype)
 
 
+def has_l2(l2):
+    """False only for a concrete zero: then the l2 terms are skipped, not added as zeros."""
+    return not (is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0)
+
+
 def l2_penalty(params, l2):
     """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases).
 
     A concrete l2 of zero adds nothing (not even 0 * sum W^2, which is NaN
     once the sum overflows).
     """
-    if is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0:
+    if not has_l2(l2):
         return 0.0
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return sum((_half_sum_of_squares(w, l2) for path, w in leaves if _is_weight(path)), start=0.0)
@@ -278,3 +283,14 @@ def l2_backward(params, l2):
     return jax.tree_util.tree_map_with_path(
         lambda path, w: l2 * w if _is_weight(path) else jnp.zeros_like(w), params
     )
+
+
+def add_l2_gradient(grads, params, l2):
+    """grads + l2 W on every weight: the one place the penalty's gradient is added.
+
+    grads may carry a leading batch axis (per-example gradients): l2 W
+    broadcasts over it, as each example's loss carries the whole penalty.
+    """
+    if not has_l2(l2):
+        return grads
+    return jax.tree_util.tree_map(jnp.add, grads, l2_backward(params, l2))

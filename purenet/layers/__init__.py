@@ -1,6 +1,6 @@
 """Layers: frozen configs with pure init / forward / backward."""
 from purenet.layers.activations import ACTIVATIONS, ELU, GELU, Identity, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh
-from purenet.layers.base import Elementwise
+from purenet.layers.base import Elementwise, Layer, ParameterFree
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.compose import Flatten, Frozen, Parallel, Remat, Residual
 from purenet.layers.conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
@@ -12,6 +12,6 @@ from purenet.layers.softmax import Softmax
 
 __all__ = [
     "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "GlobalAvgPool2D", "MaxPool2D", "Dense", "Dropout", "ELU", "Elementwise", "Flatten", "Frozen", "GELU", "Identity",
-    "LayerNorm", "LeakyReLU", "Parallel", "RMSNorm", "ReLU", "Remat", "Residual", "Sequential", "SiLU", "Sigmoid",
+    "Layer", "LayerNorm", "LeakyReLU", "ParameterFree", "Parallel", "RMSNorm", "ReLU", "Remat", "Residual", "Sequential", "SiLU", "Sigmoid",
     "Softmax", "Softplus", "Tanh", "mlp",
 ]

@@ -27,6 +27,7 @@ in forward order, that tools such as `pn.diagnostics` walk.
 """
 import dataclasses
 import math
+from typing import Protocol, runtime_checkable
 
 import jax.numpy as jnp
 
@@ -109,3 +110,14 @@ class Elementwise(ParameterFree):
 
     Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`.
     """
+
+
+@runtime_checkable
+class Layer(Protocol):
+    """What every layer is (a structural type: subclassing is not needed)."""
+
+    def init(self, key, in_shape, dtype=None): ...
+
+    def forward(self, params, state, x, train=False, key=None): ...
+
+    def backward(self, params, cache, dy): ...

@@ -224,9 +224,10 @@ class Conv2D:
     implementation: str
 
     def __init__(self, features, kernel_size, strides=1, padding="SAME", dilation=1, init="he_normal",
-                 use_bias=True, implementation="auto"):
+                 use_bias=True, implementation="auto", *, initializer=None):
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"Conv2D features must be a positive integer, got {features!r}")
+        init = initializer or init  # the field's name, as dataclasses.replace passes it
         initializers.get(init)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Conv2D implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -235,6 +236,11 @@ class Conv2D:
                             ("dilation", _pair(dilation, "Conv2D dilation")), ("initializer", init),
                             ("use_bias", bool(use_bias)), ("implementation", implementation)):
             object.__setattr__(self, name, value)
+
+    def __repr__(self):
+        return (f"Conv2D(features={self.features}, kernel_size={self.kernel_size}, strides={self.strides}, "
+                f"padding={self.padding!r}, dilation={self.dilation}, init={self.initializer!r}, "
+                f"use_bias={self.use_bias}, implementation={self.implementation!r})")
 
     def _geometry(self, in_hw):
         return geometry(in_hw, self.kernel_size, self.strides, self.dilation, self.padding, self)

@@ -13,10 +13,13 @@ from purenet.layers.base import as_shape
 class Dense:
     """Pre-activation  a = h W + b  for a batch of rows h (the lecture's a = W h + b, transposed).
 
-    params: {"W": (in_dim, features), "b": (features,)} ("b" absent when use_bias=False).
+    Acts on the last axis: an input (batch, ..., in) gives (batch, ..., features),
+    the same W at every position.
+    params: {"W": (in, features), "b": (features,)} ("b" absent when use_bias=False).
     Biases start at zero; W is drawn by the initializer named by `init`
-    (see `purenet.initializers`), stored as the field `initializer` because
-    `init` is the protocol method.
+    (see `purenet.initializers`). The field holding that name is called
+    `initializer` (`init` is the protocol method); the constructor takes
+    either name, so the repr is a constructor call and dataclasses.replace works.
 
     Backward, for dL/da = dy:
         dL/dW = h^T dy        (summed over the batch and every position)
@@ -28,13 +31,17 @@ class Dense:
     initializer: str
     use_bias: bool
 
-    def __init__(self, features, init="he_normal", use_bias=True):
+    def __init__(self, features, init="he_normal", use_bias=True, *, initializer=None):
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"Dense features must be a positive integer, got {features!r}")
+        init = initializer or init
         initializers.get(init)  # fail early on an unknown name
         object.__setattr__(self, "features", features)
         object.__setattr__(self, "initializer", init)
         object.__setattr__(self, "use_bias", bool(use_bias))
+
+    def __repr__(self):
+        return f"Dense(features={self.features}, init={self.initializer!r}, use_bias={self.use_bias})"
 
     def init(self, key, in_shape, dtype=None):
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
