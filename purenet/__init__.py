@@ -15,7 +15,7 @@ from purenet.optim import schedules
 from purenet.per_example import DPSGD, clipped_value_and_grad, per_example_grad_norms, per_example_grads
 from purenet.testing import check_grads
 from purenet import training
-from purenet.training import (EarlyStopping, FitResult, SweepResult, TrainState, accumulate, fit, grad_fn, make_step,
-                              sweep, train, train_epoch)
+from purenet.training import (EarlyStopping, FitResult, Precision, SweepResult, TrainState, accumulate, fit, grad_fn,
+                              make_step, sweep, train, train_epoch)
 
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 
 from purenet._checks import is_concrete
-from purenet.layers.base import positions
+from purenet.layers.base import positions, wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,27 +174,36 @@ def finite_logits(z):
     return jnp.clip(z, -big, big)
 
 
+def _wide_logits(z):
+    """Logits for the log-sum-exp: clipped in their own dtype, then at least float32 (so
+    bfloat16 / float16 logits get float32 statistics; float32 and float64 are untouched)."""
+    return wide(finite_logits(z))
+
+
 def softmax_cross_entropy(z, t):
+    z = _wide_logits(z)
     t = class_targets("cross_entropy", z, t)
-    return -jnp.sum(t * jax.nn.log_softmax(finite_logits(z), axis=-1)) / _batch_size(z)
+    return -jnp.sum(t * jax.nn.log_softmax(z, axis=-1)) / _batch_size(z)
 
 
 def softmax_cross_entropy_backward(z, t):
-    t = class_targets("cross_entropy", z, t)
-    return (jax.nn.softmax(finite_logits(z), axis=-1) - t) / _batch_size(z)
+    zw = _wide_logits(z)
+    t = class_targets("cross_entropy", zw, t)
+    return ((jax.nn.softmax(zw, axis=-1) - t) / _batch_size(z)).astype(jnp.result_type(z))
 
 
 def sigmoid_binary_cross_entropy(z, t):
-    t = value_targets("binary_cross_entropy", z, t)
     # softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), via logaddexp,
     # whose derivative is exact at z = 0 (max and abs are kinked there).
-    z = finite_logits(z)
+    z = _wide_logits(z)
+    t = value_targets("binary_cross_entropy", z, t)
     return jnp.sum(jnp.logaddexp(0.0, z) - t * z) / _batch_size(z)
 
 
 def sigmoid_binary_cross_entropy_backward(z, t):
-    t = value_targets("binary_cross_entropy", z, t)
-    return (jax.nn.sigmoid(z) - t) / _batch_size(z)
+    zw = _wide_logits(z)
+    t = value_targets("binary_cross_entropy", zw, t)
+    return ((jax.nn.sigmoid(zw) - t) / _batch_size(z)).astype(jnp.result_type(z))
 
 
 LOSSES = {

@@ -157,3 +157,47 @@ def test_sweep_takes_every_option_of_train():
                       validation=(x, y), early_stopping=pn.EarlyStopping(patience=1), accumulate=2,
                       dp=pn.DPSGD(clip_norm=1.0))
     assert np.asarray(result.history["val_loss"]).shape == (2, 4)
+
+
+DIGITS_NET = pn.Sequential([pn.Dense(128), pn.LayerNorm(), pn.ReLU(), pn.Dense(128), pn.BatchNorm(), pn.ReLU(),
+                            pn.Dense(10), pn.Softmax()], in_shape=64)
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_reaches_float32_accuracy_on_digits():
+    data = pn.datasets.digits()
+    runs = {}
+    for precision in (None, pn.Precision(compute="bfloat16")):
+        runs[precision] = pn.fit(DIGITS_NET, pn.optim.adam(1e-3), (data.x_train, data.y_train), key=jax.random.key(0),
+                                 epochs=15, batch_size=32, validation=(data.x_test, data.y_test), precision=precision)
+    full, half = runs.values()
+    assert jax.tree_util.tree_leaves(half.params)[0].dtype == jnp.float32  # float32 master params
+    assert not np.allclose(half.history["loss"], full.history["loss"], rtol=1e-4)  # it did compute in bfloat16
+    assert half.history["val_accuracy"][-1] >= full.history["val_accuracy"][-1] - 0.005
+    assert full.history["val_accuracy"][-1] >= 0.97
+
+
+def test_mixed_precision_step_computes_in_the_compute_dtype():
+    x, y = _data()
+    x = x.astype(jnp.float32)
+    params, state = pn.init(NET, jax.random.key(1), 5, dtype=jnp.float32)
+    fn = pn.training.mixed_precision(NET, pn.Precision(compute="bfloat16"), l2=0.1)
+    value, grads, _ = fn(params, state, x, y, jax.random.key(2))
+    ref_value, ref_grads, _ = pn.training.grad_fn(NET, l2=0.1)(params, state, x, y, jax.random.key(2))
+    chex.assert_trees_all_equal_dtypes(grads, params)
+    assert value.dtype == jnp.float32
+    assert 0 < max(compare_trees(grads, ref_grads).values()) < 0.05  # bfloat16's rounding, no more
+    jaxpr = str(jax.make_jaxpr(fn)(params, state, x, y, jax.random.key(2)))
+    assert "bf16[64,8]" in jaxpr and "dot_general" in jaxpr
+
+
+def test_float16_with_loss_scaling_skips_an_overflow_and_keeps_params_finite():
+    x, y = _data()
+    x = x.at[7].set(1e5)  # finite in float32, inf in float16: the batch holding it overflows
+    precision = pn.Precision(compute="float16", loss_scale=2.0**8)
+    opt = pn.optim.apply_if_finite(pn.optim.adam(1e-2), "skip")
+    result = pn.fit(NET, opt, (x, y), key=jax.random.key(3), epochs=3, batch_size=16, precision=precision)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
+    assert int(result.opt_state.count) == 12  # every step counted, the overflowing ones skipped
+    with pytest.raises(ValueError, match="Precision compute must be a floating dtype"):
+        pn.Precision(compute="int8")

@@ -59,6 +59,12 @@ def per_example_sum(t):
     return jnp.sum(t, axis=tuple(range(1, t.ndim - 1))) if t.ndim > 2 else t
 
 
+def wide(t):
+    """`t` in at least float32: bfloat16 / float16 activations get float32 statistics and sums
+    (mixed precision); float32 and float64 pass through unchanged."""
+    return t.astype(jnp.promote_types(jnp.result_type(t), jnp.float32))
+
+
 def positions(shape):
     """How many positions an output of this batched shape has (every axis but the last)."""
     return math.prod(shape[:-1]) if len(shape) > 1 else shape[0]

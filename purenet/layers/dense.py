@@ -6,7 +6,7 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import as_shape
+from purenet.layers.base import as_shape, wide
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -69,7 +69,9 @@ class Dense:
         # saturated softmax, where dL/dh is a small difference of large terms).
         x2 = jnp.reshape(x, (-1, x.shape[-1]))
         dy2 = jnp.reshape(dy, (-1, dy.shape[-1]))
-        dW = lax.dot_general(dy2, x2, (((0,), (0,)), ((), ()))).T  # (h^T dy)
+        # h^T dy, accumulated in at least float32 (bfloat16 activations sum over many rows)
+        dW = lax.dot_general(dy2, x2, (((0,), (0,)), ((), ())), preferred_element_type=wide(dy2).dtype).T
+        dW = dW.astype(params["W"].dtype)
         dx = self._dx(params, dy)  # dy W^T
         grads = {"W": dW}
         if self.use_bias:

@@ -2,6 +2,7 @@
 
     grad_fn(net, loss, l2)            (params, state, x, y, key) -> (loss, grads, state)
       dp_sgd(net, dp, ...), accumulate(fn, k)        wrappers of the same signature
+      mixed_precision(net, pn.Precision(...), ...)   bfloat16 / float16 compute, float32 master params
     make_step(grad_fn, opt, augment, mesh)           one pure update
     run_epoch(step, ...)                             a lax.scan of the step over an epoch's batches
     train(...)                                       every epoch in one scan: jittable, vmappable
@@ -17,10 +18,11 @@ from purenet.training.early_stopping import EarlyStopping, EarlyStoppingState
 from purenet.training.fit import FitResult, fit
 from purenet.training.gradients import accumulate, dp_sgd, grad_fn
 from purenet.training.loop import TrainState, run_epoch, train, train_epoch
+from purenet.training.precision import Precision, mixed_precision
 from purenet.training.step import make_step
 from purenet.training.sweep import SweepResult, sweep
 
 __all__ = [
-    "EarlyStopping", "EarlyStoppingState", "FitResult", "SweepResult", "TrainState", "accumulate", "check_data",
-    "dp_sgd", "fit", "grad_fn", "make_step", "run_epoch", "sweep", "train", "train_epoch",
+    "EarlyStopping", "EarlyStoppingState", "FitResult", "Precision", "SweepResult", "TrainState", "accumulate", "check_data",
+    "dp_sgd", "fit", "grad_fn", "make_step", "mixed_precision", "run_epoch", "sweep", "train", "train_epoch",
 ]

@@ -28,7 +28,7 @@ class FitResult(NamedTuple):
 def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
         params=None, state=None, validation=None, early_stopping=None, augment=None,
         progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None, dp=None,
-        diagnostics=None, accumulate=1, evaluate_with_ema=False):
+        diagnostics=None, accumulate=1, evaluate_with_ema=False, precision=None):
     """Train `net` with `opt` on data = (x, y); see `purenet.training.loop` for batching and keys.
 
     validation=(x_val, y_val) adds val_loss and val_accuracy to the history
@@ -58,6 +58,9 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     working set (BatchNorm then normalises per micro-batch).
     evaluate_with_ema=True (with an optimizer from `pn.optim.ema`) validates,
     early-stops on and returns the parameter average instead of the params.
+    precision=pn.Precision(compute="bfloat16") trains in mixed precision:
+    float32 params and optimizer, bfloat16 activations and matmuls (see
+    `purenet.training.precision`; float16 with loss_scale and apply_if_finite).
 
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
@@ -65,7 +68,7 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     check_arguments(epochs, batch_size, l2, checkpoint_every, accumulate)
     x, y, validation = as_arrays(data, validation)
     check_monitor(early_stopping, validation)
-    train_state = init_run(net, opt, x, key, params, state)
+    train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     if checkpoint is not None:
         from purenet.checkpoint import check_writable
@@ -74,7 +77,8 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
     data = (x, y, validation, jax.random.fold_in(key, 1), probe)
-    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate)
+    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
+                      precision=precision)
     run = jax.jit(epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2,
                                      early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema))
     records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe)

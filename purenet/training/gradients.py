@@ -74,7 +74,14 @@ def accumulate(fn, micro_batches):
     return accumulated
 
 
-def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1):
+def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None):
     """The gradient function `fit` and `train` build from their options."""
-    fn = grad_fn(net, loss, l2) if dp is None else dp_sgd(net, dp, loss, l2)
+    from purenet.training.precision import mixed_precision
+
+    if dp is not None and precision is not None:
+        raise ValueError("dp= and precision= do not combine yet: DP-SGD computes in the params' dtype")
+    if precision is not None:
+        fn = mixed_precision(net, precision, loss, l2)
+    else:
+        fn = grad_fn(net, loss, l2) if dp is None else dp_sgd(net, dp, loss, l2)
     return accumulate(fn, accumulate_steps)

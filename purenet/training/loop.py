@@ -57,21 +57,24 @@ def run_epoch(step, train_state, x, y, key, batch_size=64):
     return TrainState(opt_state, model_state, train_state.epoch + 1), jnp.mean(values)
 
 
-def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=None, dp=None, accumulate=1):
+def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=None, dp=None, accumulate=1,
+               precision=None):
     """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...)."""
-    return make_step(gradients(net, loss, l2, dp, accumulate), opt, augment=augment, mesh=mesh)
+    return make_step(gradients(net, loss, l2, dp, accumulate, precision), opt, augment=augment, mesh=mesh)
 
 
 def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
-                l2=0.0, augment=None, mesh=None, dp=None, accumulate=1):
+                l2=0.0, augment=None, mesh=None, dp=None, accumulate=1, precision=None):
     """One epoch over (x, y): returns (train_state, mean training loss of its batches).
 
     With a `mesh` (see purenet.distributed) every batch is split over its
     devices and XLA reduces the gradients across them. With dp=pn.DPSGD(...)
     each step uses DP-SGD's clipped, noised gradient; with accumulate=k each
-    batch runs as k micro-batches (see `purenet.training.gradients.accumulate`).
+    batch runs as k micro-batches (see `purenet.training.gradients.accumulate`);
+    with precision=pn.Precision(...) in mixed precision (see `purenet.training.precision`).
     """
-    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate)
+    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
+                      precision=precision)
     return run_epoch(step, train_state, x, y, key, batch_size)
 
 
@@ -110,7 +113,7 @@ def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evalu
     return run
 
 
-def init_run(net, opt, x, key, params, state):
+def init_run(net, opt, x, key, params, state, dtype=None):
     check_float_input(x)
     declared = getattr(net, "in_shape", None)
     if params is None and declared is not None and tuple(declared) != tuple(x.shape[1:]):
@@ -118,7 +121,7 @@ def init_run(net, opt, x, key, params, state):
         raise ValueError(f"the network is declared for {what} (its in_shape), got x of shape {x.shape}; "
                          f"build it for {x.shape[1:]} or pass matching data")
     if params is None:
-        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else default_float()
+        dtype = dtype or (x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else default_float())
         params, init_state = network.init(net, jax.random.fold_in(key, 0), in_shape=x.shape[1:], dtype=dtype)
         state = init_state if state is None else state
     if state is None:
@@ -135,7 +138,7 @@ def as_arrays(data, validation):
 
 def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
           params=None, state=None, validation=None, early_stopping=None, augment=None, mesh=None, dp=None,
-          accumulate=1, evaluate_with_ema=False):
+          accumulate=1, evaluate_with_ema=False, precision=None):
     """A whole training run, every epoch inside one `lax.scan`: pure, jittable, vmappable.
 
     Returns (train_state, history, es_state): history maps each metric to an
@@ -147,11 +150,12 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
     check_arguments(epochs, batch_size, l2, accumulate=accumulate)
     x, y, validation = as_arrays(data, validation)
     check_monitor(early_stopping, validation)
-    train_state = init_run(net, opt, x, key, params, state)
+    train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     check_divisible(mesh, x.shape[0], batch_size)
-    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate)
+    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
+                      precision=precision)
     epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
                                   evaluate_with_ema=evaluate_with_ema)
     data = (x, y, validation, jax.random.fold_in(key, 1), None)
