@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purenet import diagnostics, distributed, losses, metrics, network, per_example, shuffle
+from purenet import diagnostics, distributed, losses, metrics, network, per_example, shuffle, stats
 from purenet._checks import check_finite_rows, check_float_input, check_hyperparameter
+from purenet.optim import KFAC
 
 
 class TrainState(NamedTuple):
@@ -150,8 +151,11 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
 
     With a `mesh` (see purenet.distributed) every batch is split over its
     devices and XLA reduces the gradients across them. With dp=pn.DPSGD(...)
-    each step uses DP-SGD's clipped, noised gradient.
+    each step uses DP-SGD's clipped, noised gradient. With a K-FAC optimizer
+    (pn.optim.kfac) each step also computes the batch's K-FAC factors.
     """
+    if dp is not None and isinstance(opt, KFAC):
+        raise ValueError("dp= (DP-SGD) and a K-FAC optimizer cannot be combined")
     n = x.shape[0]
     bs = _batch_size(n, batch_size)
     steps = n // bs
@@ -169,6 +173,10 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
             xb, yb = (jax.lax.with_sharding_constraint(v, distributed.batch_sharding(mesh)) for v in (xb, yb))
         if augment is not None:
             xb, yb = augment(k_aug, xb, yb)
+        if isinstance(opt, KFAC):  # K-FAC's factors come from the same forward and backward
+            value, grads, factors, model_state = stats.kfac_value_and_grad(
+                net, opt_state.params, model_state, xb, yb, loss=loss, l2=l2, train=True, key=k_drop)
+            return (opt.step(opt_state, grads, factors), model_state), value
         if dp is None:
             value, grads, model_state = network.value_and_grad(
                 net, opt_state.params, model_state, xb, yb, loss=loss, l2=l2, train=True, key=k_drop)
@@ -198,7 +206,7 @@ def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stoppi
     """
 
     def run(carry, data):
-        (train_state, es), (x, y, validation, key, probe) = carry, data
+        (train_state, es), (x, y, validation, key, probe, stats_probe) = carry, data
         epoch = train_state.epoch
         before = train_state.opt_state.params
         train_state, mean_loss = train_epoch(net, opt, train_state, x, y, key, batch_size=batch_size,
@@ -211,6 +219,11 @@ def _epoch_with_metrics(net, opt, *, batch_size, loss, l2, augment, early_stoppi
             after = train_state.opt_state.params
             record.update(diagnostics.gradient_flow(net, after, train_state.model_state, *probe, loss=loss, l2=l2))
             record["update_ratio"] = diagnostics.update_ratio(net, before, after)
+        if stats_probe is not None:
+            noise = stats.gradient_noise(net, train_state.opt_state.params, train_state.model_state, *stats_probe,
+                                         loss=loss, l2=l2)
+            record.update(noise_scale=noise.b_simple, trace_cov=noise.trace_cov, grad_sq_norm=noise.grad_sq_norm,
+                          fisher_trace=noise.mean_sq_norm)
         if early_stopping is not None:
             es = early_stopping.update(es, record[early_stopping.monitor], epoch,
                                        train_state.opt_state.params, train_state.model_state)
@@ -270,7 +283,7 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
         distributed.check_divisible(_batch_size(x.shape[0], batch_size), mesh)
     epoch_fn = _epoch_with_metrics(net, opt, batch_size=batch_size, loss=loss, l2=l2, augment=augment,
                                    early_stopping=early_stopping, mesh=mesh, dp=dp)
-    data = (x, y, validation, jax.random.fold_in(key, 1), None)
+    data = (x, y, validation, jax.random.fold_in(key, 1), None, None)
     run = lambda carry: epoch_fn(carry, data)  # noqa: E731
     record_shape = jax.eval_shape(run, (train_state, es))[1]
 
@@ -327,7 +340,7 @@ def _check_inputs(net, x, y, validation, loss, params, state):
 def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
         params=None, state=None, validation=None, early_stopping=None, augment=None,
         progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None, dp=None,
-        diagnostics=None):
+        diagnostics=None, statistics=None):
     """Train `net` with `opt` on data = (x, y); see the module docstring for batching and keys.
 
     validation=(x_val, y_val) adds val_loss and val_accuracy to the history
@@ -352,6 +365,9 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     diagnostics=(x_probe, y_probe) records purenet.diagnostics.gradient_flow
     on that batch and each Dense layer's update_ratio every epoch (arrays of
     shape (epochs, layers) in the history); it does not change training.
+    statistics=(x_probe, y_probe) records pn.stats.gradient_noise on that
+    batch every epoch: noise_scale (B_simple), trace_cov, grad_sq_norm and
+    fisher_trace (the empirical Fisher's trace, mean_i |g_i|^2).
 
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
@@ -369,10 +385,11 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
         check_writable(checkpoint)  # fail now, not after the last epoch
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
-    data = (x, y, validation, jax.random.fold_in(key, 1), probe)
+    stats_probe = None if statistics is None else (jnp.asarray(statistics[0]), jnp.asarray(statistics[1]))
+    data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     run = jax.jit(_epoch_with_metrics(net, opt, batch_size=batch_size, loss=loss, l2=l2, augment=augment,
                                       early_stopping=early_stopping, mesh=mesh, dp=dp))
-    records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe)
+    records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe, stats_probe)
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         metrics = set(jax.eval_shape(run, (train_state, es), data)[1])
         train_state, es, records = _resume(checkpoint, key, train_state, es, inputs, metrics)
@@ -408,7 +425,7 @@ def _stack(records):
     return {k: np.array([r[k] for r in records]) for k in records[0]} if records else {}
 
 
-def _fingerprints(x, y, validation, probe):
+def _fingerprints(x, y, validation, probe, stats_probe=None):
     """SHA-256 of each input that shapes a run's history (None where absent), to check a resume against."""
     def digest(arrays):
         if arrays is None:
@@ -419,12 +436,14 @@ def _fingerprints(x, y, validation, probe):
             h.update(np.ascontiguousarray(a).tobytes())
         return np.frombuffer(h.digest(), np.uint8)
 
-    return {"data": digest((x, y)), "validation": digest(validation), "diagnostics": digest(probe)}
+    return {"data": digest((x, y)), "validation": digest(validation), "diagnostics": digest(probe),
+            "statistics": digest(stats_probe)}
 
 
 # What each fingerprint is, and the argument that passes it.
 _INPUTS = {"data": ("training data", "data"), "validation": ("validation data", "validation="),
-           "diagnostics": ("diagnostics probe", "diagnostics=")}
+           "diagnostics": ("diagnostics probe", "diagnostics="),
+           "statistics": ("statistics probe", "statistics=")}
 
 
 def _save_run(path, key, train_state, es, records, inputs):
@@ -477,7 +496,8 @@ def _resume(path, key, train_state, es, inputs, metrics):
     history = {k: np.asarray(v) for k, v in saved["history"].items()}
     if history and set(history) != metrics:
         raise checkpoint.CheckpointError(f"{path} records the metrics {sorted(history)}, this run records "
-                                         f"{sorted(metrics)}; resume with the same validation= and diagnostics=")
+                                         f"{sorted(metrics)}; resume with the same validation=, diagnostics= "
+                                         f"and statistics=")
     records = [{k: v[i] for k, v in history.items()} for i in range(int(train_state.epoch))]
     return train_state, es, records
 
