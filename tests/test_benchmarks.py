@@ -33,3 +33,14 @@ def test_gpu_mode_runs_its_bfloat16_steps_on_the_cpu(tmp_path):
         assert set(results["train_step"][key]) == {"purenet", "jax.grad + purenet adam", "jax.grad + optax"}
         assert results["train_step"][key]["purenet"]["paired_speedup"] == 1.0
     assert "epoch_scan_vs_loop" not in results  # --steps-only
+
+
+def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.stats", "--smoke", "--json", str(tmp_path / "s.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert set(results["cases"]) == {"Fisher diagonal", "gradient noise scale", "gradient Gram matrix", "K-FAC factors"}
+    for row in results["cases"].values():
+        assert row["max_relative_difference"] <= 1e-4
+        assert row["purenet"]["median_s"] > 0 and row["vmap(jax.grad)"]["median_s"] > 0
