@@ -37,10 +37,6 @@ def per_example(net, state):
     return grads
 
 
-def flat(g, n):
-    return jnp.concatenate([v.reshape(n, -1) for v in jax.tree_util.tree_leaves(g)], axis=1)
-
-
 def cases(net, state):
     """name -> (purenet function, vmap(jax.grad) function, comparison of the results), all f(params, x, y)."""
     pe = per_example(net, state)
@@ -57,8 +53,8 @@ def cases(net, state):
         return n / (n - 1) * (mean_sq - g2) / g2
 
     def gram_ref(p, x, y):
-        f = flat(pe(p, x, y), x.shape[0])
-        return f @ f.T
+        n = x.shape[0]
+        return sum(g.reshape(n, -1) @ g.reshape(n, -1).T for g in jax.tree_util.tree_leaves(pe(p, x, y)))
 
     def kfac_ref(p, x, y):
         g = pe(p, x, y)
@@ -92,7 +88,7 @@ def close(a, b):
                for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def run(smoke=False, repeats=3):
+def run(smoke=False, repeats=3, max_gib=9.0):
     sizes, batch = ([16, 32, 32, 4], 16) if smoke else ([784, 1024, 1024, 10], 1024)
     net = pn.mlp(sizes)
     params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
@@ -104,6 +100,9 @@ def run(smoke=False, repeats=3):
         for who, fn in (("purenet", ours), ("vmap(jax.grad)", ref)):
             compiled = jax.jit(fn).lower(params, x, y).compile()
             mem = compiled.memory_analysis()
+            if mem is not None and mem.temp_size_in_bytes > max_gib * 2**30:
+                raise SystemExit(f"{name} by {who} needs {mem.temp_size_in_bytes / 2**30:.1f} GiB of temporary "
+                                 f"memory, above --max-gib {max_gib}")
             outputs[who] = jax.block_until_ready(compiled(params, x, y))  # warm-up
             times = []
             for _ in range(1 if smoke else repeats):
@@ -130,9 +129,11 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="a tiny network, once (CI)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--max-gib", type=float, default=12.0, help="refuse to run a program needing more "
+                        "temporary memory than this")
     args = parser.parse_args()
     print(f"JAX {jax.__version__} on {jax.default_backend()}")
-    results = run(args.smoke, args.repeats)
+    results = run(args.smoke, args.repeats, args.max_gib)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

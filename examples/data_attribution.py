@@ -12,7 +12,7 @@ which never forms a per-example gradient: for each Dense layer it is
 (H1 H2^T) * (D1 D2^T) from the layer's inputs and output gradients.
 
 For every misclassified test digit (at most --show of them) the PNG shows
-its strongest proponents and opponents among the 1,437 training images.
+its strongest proponents and opponents among the training images.
 
     python examples/data_attribution.py [--epochs 30] [--checkpoints 5] [--out data_attribution.png]
 """

@@ -94,13 +94,13 @@ def plot(args, h):
     a2.semilogy(epochs_axis, h["loss"], marker=".", ls=":", label="training loss")
     a2.set_xlabel("epoch"), a2.set_title("signal and noise of the gradient"), a2.legend()
     b = np.logspace(0, 4.5, 100)
-    for e, color in ((0, "tab:blue"), (len(h["loss"]) - 1, "tab:red")):
-        noise = float(h["noise_scale"][e])
-        a3.loglog(1 + noise / b, 1 + b / noise, color=color, label=f"epoch {e + 1}: B_noise ~ {noise:.0f}")
-        a3.scatter([2], [2], color=color, zorder=3)
-    a3.set_xlabel("steps / S_min"), a3.set_ylabel("examples / E_min")
-    a3.set_title("steps against examples as the batch grows\n(dot: B = B_noise)", fontsize=10)
-    a3.legend()
+    noise = float(h["noise_scale"][-1])
+    a3.loglog(b, 1 + noise / b, label="steps / S_min = 1 + B_noise / B")
+    a3.loglog(b, 1 + b / noise, label="examples / E_min = 1 + B / B_noise")
+    a3.axvline(noise, ls=":", color="gray", label=f"B_noise ~ B_simple = {noise:.0f} (last epoch)")
+    a3.axvline(args.batch_size, ls="--", color="gray", label=f"batch size {args.batch_size}")
+    a3.set_xlabel("batch size B"), a3.set_title("the predicted trade-off (McCandlish et al.)", fontsize=10)
+    a3.legend(fontsize=7)
     save(fig, args.out)
 
 
