@@ -35,7 +35,7 @@ from purenet.layers.base import KFACFactors, map_backward
 from purenet.network import _full_trees, _has_l2, loss_pass
 
 __all__ = ["KFACFactors", "NoiseScale", "fisher_diagonal", "gradient_gram", "gradient_noise",
-           "gradient_noise_scale", "kfac_factors", "kfac_value_and_grad"]
+           "gradient_noise_scale", "kfac_factors", "kfac_value_and_grad", "kfac_zeros"]
 
 
 def _per_example_dout(p, y):
