@@ -48,3 +48,14 @@ def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
                                                "jax.grad (im2col)"}
     assert results["epoch"]["purenet scan"]["median_s"] > 0
     assert results["per_example_norms"]["vmap(jax.grad)"]["temp_MiB"] > 0
+
+
+def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.stats", "--smoke", "--json", str(tmp_path / "s.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert set(results["cases"]) == {"Fisher diagonal", "gradient noise scale", "gradient Gram matrix", "K-FAC factors"}
+    for row in results["cases"].values():
+        assert row["max_relative_difference"] <= 1e-4
+        assert row["purenet"]["median_s"] > 0 and row["vmap(jax.grad)"]["median_s"] > 0

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import ParameterFree, as_shape, shape_token, token_shape
+from purenet.layers.base import ParameterFree, as_shape, map_backward, shape_token, token_shape
 
 
 def _sum(arrays):
@@ -66,6 +66,10 @@ class Residual:
     def per_example_sq_norms(self, params, cache, dy, l2=0.0):
         sq, dx = self.block.per_example_sq_norms(params, cache, dy, l2)
         return sq, dy + dx
+
+    def map_backward(self, fn, params, caches, dys):
+        outs, dxs = map_backward(self.block, fn, params, caches, dys)
+        return outs, tuple(dy + dx for dy, dx in zip(dys, dxs))
 
     def children(self, params, cache=None):
         return ((self.block, params, cache),)
@@ -157,6 +161,15 @@ class Parallel:
     def per_example_sq_norms(self, params, cache, dy, l2=0.0):
         sqs, dx = self._walk_back("per_example_sq_norms", params, cache, dy, l2)
         return _sum(sqs), dx
+
+    def map_backward(self, fn, params, caches, dys):
+        split = [self._branch_dys(c, dy) for c, dy in zip(caches, dys)]  # per stream, per branch
+        outs, dxs = [], []
+        for i, branch in enumerate(self.branches):
+            out, dx = map_backward(branch, fn, params[i], tuple(c[0][i] for c in caches),
+                                   tuple(s[i] for s in split))
+            outs.append(out), dxs.append(dx)
+        return tuple(outs), tuple(_sum([dx[k] for dx in dxs]) for k in range(len(dys)))
 
     def children(self, params, cache=None):
         caches = (None,) * len(self.branches) if cache is None else cache[0]

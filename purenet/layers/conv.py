@@ -29,6 +29,7 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers.base import ParameterFree, as_shape, shape_token, token_shape
+from purenet.layers import dense
 from purenet.layers.dense import per_example_grads, per_example_sq_norms
 
 IMPLEMENTATIONS = ("auto", "im2col", "xla")
@@ -319,6 +320,29 @@ class Conv2D:
         W = params["W"]
         sq = per_example_sq_norms(self._patches(cache), dy, W.reshape(-1, W.shape[-1]), self.use_bias, l2)
         return sq, self._dx(W, cache, dy, self._geometry(token_shape(cache.in_hw)))
+
+    def _dx_of(self, params, cache, dy):
+        return self._dx(params["W"], cache, dy, self._geometry(token_shape(cache.in_hw)))
+
+    def per_example_sq(self, params, cache, dy):
+        """sum_i dW_i**2, sum_i db_i**2: Dense's `per_example_sq` on the patches (T = Ho Wo positions)."""
+        sq = dense.per_example_sq(self._patches(cache), dy, self.use_bias)
+        sq["W"] = sq["W"].reshape(params["W"].shape)
+        return sq, self._dx_of(params, cache, dy)
+
+    def per_example_gram(self, params, cache_a, dya, cache_b, dyb):
+        """<grad_i, grad_j>: Dense's `per_example_gram` on the patches."""
+        gram = dense.per_example_gram(self._patches(cache_a), dya, self._patches(cache_b), dyb, self.use_bias)
+        return gram, self._dx_of(params, cache_a, dya), self._dx_of(params, cache_b, dyb)
+
+    def kfac_factors(self, params, cache, dy):
+        """K-FAC factors on the patches (KFC, Grosse & Martens, 2016): A over every output pixel's
+        patch [p, 1], G summed over the Ho Wo pixels; W2 = W reshaped to (kh kw C, F) is the matrix."""
+        return dense.kfac_factors(self._patches(cache), dy, self.use_bias), self._dx_of(params, cache, dy)
+
+    def kfac_dims(self, params):
+        W = params["W"]
+        return W.shape[0] * W.shape[1] * W.shape[2] + self.use_bias, W.shape[3]
 
 
 # ---------------------------------------------------------------- pooling

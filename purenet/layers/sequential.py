@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid
-from purenet.layers.base import as_shape
+from purenet.layers.base import as_shape, map_backward
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
@@ -93,6 +93,13 @@ class Sequential:
             sq, dy = self.layers[i].per_example_sq_norms(params[i], cache[i], dy, l2)
             total = total + sq
         return total, dy
+
+    def map_backward(self, fn, params, caches, dys):
+        """The per-example walk back with fn at each leaf (see `purenet.layers.base`)."""
+        outs = [None] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            outs[i], dys = map_backward(self.layers[i], fn, params[i], tuple(c[i] for c in caches), dys)
+        return tuple(outs), dys
 
     def children(self, params, cache=None):
         return tuple(zip(self.layers, params, cache or (None,) * len(self.layers)))

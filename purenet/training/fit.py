@@ -28,7 +28,7 @@ class FitResult(NamedTuple):
 def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
         params=None, state=None, validation=None, early_stopping=None, augment=None,
         progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None, dp=None,
-        diagnostics=None, accumulate=1, evaluate_with_ema=False, precision=None):
+        diagnostics=None, statistics=None, accumulate=1, evaluate_with_ema=False, precision=None):
     """Train `net` with `opt` on data = (x, y); see `purenet.training.loop` for batching and keys.
 
     validation=(x_val, y_val) adds val_loss and val_accuracy to the history
@@ -53,6 +53,10 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     diagnostics=(x_probe, y_probe) records purenet.diagnostics.gradient_flow
     on that batch and each Dense layer's update_ratio every epoch (arrays of
     shape (epochs, layers) in the history); it does not change training.
+    statistics=(x_probe, y_probe) records pn.stats.gradient_noise on that
+    batch every epoch: noise_scale (B_simple), trace_cov, grad_sq_norm and
+    fisher_trace (the empirical Fisher's trace, mean_i |g_i|^2). With a
+    K-FAC optimizer (pn.optim.kfac) each step computes the batch's factors.
     accumulate=k runs each batch as k micro-batches in a scan and averages
     their gradients: the update of the whole batch with a k-times smaller
     working set (BatchNorm then normalises per micro-batch).
@@ -76,12 +80,13 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
         check_writable(checkpoint)  # fail now, not after the last epoch
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
-    data = (x, y, validation, jax.random.fold_in(key, 1), probe)
+    stats_probe = None if statistics is None else (jnp.asarray(statistics[0]), jnp.asarray(statistics[1]))
+    data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision)
     run = jax.jit(epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2,
                                      early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema))
-    records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe)
+    records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe, stats_probe)
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         metrics = set(jax.eval_shape(run, (train_state, es), data)[1])
         train_state, es, records = _resume(checkpoint, key, train_state, es, inputs, metrics)
@@ -119,7 +124,7 @@ def _stack(records):
     return {k: np.array([r[k] for r in records]) for k in records[0]} if records else {}
 
 
-def _fingerprints(x, y, validation, probe):
+def _fingerprints(x, y, validation, probe, stats_probe):
     """SHA-256 of each input that shapes a run's history (None where absent), to check a resume against."""
     def digest(arrays):
         if arrays is None:
@@ -130,12 +135,14 @@ def _fingerprints(x, y, validation, probe):
             h.update(np.ascontiguousarray(a).tobytes())
         return np.frombuffer(h.digest(), np.uint8)
 
-    return {"data": digest((x, y)), "validation": digest(validation), "diagnostics": digest(probe)}
+    return {"data": digest((x, y)), "validation": digest(validation), "diagnostics": digest(probe),
+            "statistics": digest(stats_probe)}
 
 
 # What each fingerprint is, and the argument that passes it.
 _INPUTS = {"data": ("training data", "data"), "validation": ("validation data", "validation="),
-           "diagnostics": ("diagnostics probe", "diagnostics=")}
+           "diagnostics": ("diagnostics probe", "diagnostics="),
+           "statistics": ("statistics probe", "statistics=")}
 
 
 def _save_run(path, key, train_state, es, records, inputs):
@@ -188,7 +195,8 @@ def _resume(path, key, train_state, es, inputs, metrics):
     history = {k: np.asarray(v) for k, v in saved["history"].items()}
     if history and set(history) != metrics:
         raise checkpoint.CheckpointError(f"{path} records the metrics {sorted(history)}, this run records "
-                                         f"{sorted(metrics)}; resume with the same validation= and diagnostics=")
+                                         f"{sorted(metrics)}; resume with the same validation=, diagnostics= "
+                                         f"and statistics=")
     records = [{k: v[i] for k, v in history.items()} for i in range(int(train_state.epoch))]
     return train_state, es, records
 

@@ -74,6 +74,19 @@ def accumulate(fn, micro_batches):
     return accumulated
 
 
+def kfac(net, loss="cross_entropy", l2=0.0):
+    """The gradient and the batch's K-FAC factors from one pass (`pn.stats.kfac_value_and_grad`):
+    (params, state, x, y, key) -> (loss, (grads, factors), state), for a `pn.optim.kfac` optimizer."""
+    from purenet import stats
+
+    def fn(params, state, x, y, key):
+        value, grads, factors, state = stats.kfac_value_and_grad(net, params, state, x, y, loss=loss, l2=l2,
+                                                                  train=True, key=key)
+        return value, (grads, factors), state
+
+    return fn
+
+
 def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None):
     """The gradient function `fit` and `train` build from their options."""
     from purenet.training.precision import mixed_precision

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 from purenet import diagnostics, metrics, network, shuffle
 from purenet._checks import check_float_input
 from purenet.initializers import default_float
-from purenet.optim import ema_params
+from purenet import stats
+from purenet.optim import KFAC, ema_params
 from purenet.training.checks import (batch_size_of, check_arguments, check_divisible, check_inputs,
                                      check_monitor)
-from purenet.training.gradients import gradients
+from purenet.training.gradients import gradients, kfac
 from purenet.training.step import make_step
 
 
@@ -59,7 +60,14 @@ def run_epoch(step, train_state, x, y, key, batch_size=64):
 
 def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=None, dp=None, accumulate=1,
                precision=None):
-    """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...)."""
+    """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...).
+
+    A K-FAC optimizer (pn.optim.kfac) gets the batch's factors from the same pass.
+    """
+    if isinstance(opt, KFAC):
+        if dp is not None or accumulate != 1 or precision is not None:
+            raise ValueError("a K-FAC optimizer does not combine with dp=, accumulate= or precision=")
+        return make_step(kfac(net, loss, l2), opt, augment=augment, mesh=mesh, with_factors=True)
     return make_step(gradients(net, loss, l2, dp, accumulate, precision), opt, augment=augment, mesh=mesh)
 
 
@@ -85,7 +93,7 @@ def evaluate(net, params, model_state, validation, loss):
 
 
 def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evaluate_with_ema=False):
-    """run((train_state, es), (x, y, validation, key, probe)) -> ((train_state, es), record of this epoch).
+    """run((train_state, es), (x, y, validation, key, probe, stats_probe)) -> ((train_state, es), record).
 
     The data are arguments, not closed-over constants, so a jitted `run`
     neither bakes the data set into the program nor recompiles for new data.
@@ -94,7 +102,7 @@ def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evalu
     """
 
     def run(carry, data):
-        (train_state, es), (x, y, validation, key, probe) = carry, data
+        (train_state, es), (x, y, validation, key, probe, stats_probe) = carry, data
         epoch = train_state.epoch
         before = train_state.opt_state.params
         train_state, mean_loss = run_epoch(step, train_state, x, y, key, batch_size)
@@ -106,6 +114,11 @@ def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evalu
             after = train_state.opt_state.params
             record.update(diagnostics.gradient_flow(net, after, train_state.model_state, *probe, loss=loss, l2=l2))
             record["update_ratio"] = diagnostics.update_ratio(net, before, after)
+        if stats_probe is not None:
+            noise = stats.gradient_noise(net, train_state.opt_state.params, train_state.model_state, *stats_probe,
+                                         loss=loss, l2=l2)
+            record.update(noise_scale=noise.b_simple, trace_cov=noise.trace_cov, grad_sq_norm=noise.grad_sq_norm,
+                          fisher_trace=noise.mean_sq_norm)
         if early_stopping is not None:
             es = early_stopping.update(es, record[early_stopping.monitor], epoch, params, train_state.model_state)
         return (train_state, es), record
@@ -158,7 +171,7 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
                       precision=precision)
     epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
                                   evaluate_with_ema=evaluate_with_ema)
-    data = (x, y, validation, jax.random.fold_in(key, 1), None)
+    data = (x, y, validation, jax.random.fold_in(key, 1), None, None)
     run = lambda carry: epoch_fn(carry, data)  # noqa: E731
     record_shape = jax.eval_shape(run, (train_state, es))[1]
 

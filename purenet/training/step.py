@@ -4,7 +4,7 @@ import jax
 from purenet import distributed
 
 
-def make_step(grad_fn, opt, augment=None, mesh=None):
+def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
     """A training step from a gradient function (see `purenet.training.gradients`) and an optimizer.
 
     The step's key splits in two: dropout (and DP noise) draw from the
@@ -22,6 +22,6 @@ def make_step(grad_fn, opt, augment=None, mesh=None):
         if augment is not None:
             x, y = augment(k_aug, x, y)
         value, grads, model_state = grad_fn(opt_state.params, model_state, x, y, k_grad)
-        return (opt.step(opt_state, grads), model_state), value
+        return (opt.step(opt_state, *grads) if with_factors else opt.step(opt_state, grads), model_state), value
 
     return step
