@@ -1,12 +1,12 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
 from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, interop,
-                     losses, metrics, optim, shuffle)
+                     losses, metrics, optim, shuffle, stats)
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
-    ELU, GELU, AvgPool2D, BatchNorm, Conv2D, Dense, GlobalAvgPool2D, MaxPool2D, Dropout, Elementwise, Flatten, Identity, LayerNorm, LeakyReLU, Parallel, ReLU,
-    Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax, Softplus, Tanh, mlp,
-    GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt,
+    ELU, GELU, AvgPool2D, BatchNorm, Conv2D, Dense, Frozen, GlobalAvgPool2D, MaxPool2D, Dropout, Elementwise, Flatten,
+    Identity, LayerNorm, LeakyReLU, Parallel, ReLU, Remat, Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax,
+    Softplus, Tanh, mlp, GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt,
 )
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
@@ -16,6 +16,8 @@ from purenet.network import forward, init, input_grad, loss, value_and_grad
 from purenet.optim import schedules
 from purenet.per_example import DPSGD, clipped_value_and_grad, per_example_grad_norms, per_example_grads
 from purenet.testing import check_grads
-from purenet.train import EarlyStopping, FitResult, SweepResult, TrainState, fit, sweep, train, train_epoch
+from purenet import training
+from purenet.training import (EarlyStopping, FitResult, Precision, SweepResult, TrainState, accumulate, fit, grad_fn,
+                              make_step, sweep, train, train_epoch)
 
 __version__ = "0.1.0"

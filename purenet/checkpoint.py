@@ -61,9 +61,13 @@ _MAX_MANIFEST = 1 << 28  # 256 MiB: about a million leaves; a larger claim is no
 # by the name the manifest records -> where the class lives. Nothing outside
 # this table is ever imported; any other named tuple loads as a dict.
 _NAMED_TUPLES = {
-    "purenet.train:TrainState": ("purenet.train", "TrainState"),
-    "purenet.train:EarlyStoppingState": ("purenet.train", "EarlyStoppingState"),
-    "purenet.train:FitResult": ("purenet.train", "FitResult"),
+    "purenet.training.loop:TrainState": ("purenet.training.loop", "TrainState"),
+    "purenet.training.early_stopping:EarlyStoppingState": ("purenet.training.early_stopping", "EarlyStoppingState"),
+    "purenet.training.fit:FitResult": ("purenet.training.fit", "FitResult"),
+    # the names checkpoints written before the training package record
+    "purenet.train:TrainState": ("purenet.training.loop", "TrainState"),
+    "purenet.train:EarlyStoppingState": ("purenet.training.early_stopping", "EarlyStoppingState"),
+    "purenet.train:FitResult": ("purenet.training.fit", "FitResult"),
     "purenet.optim.base:OptState": ("purenet.optim.base", "OptState"),
     "purenet.datasets:Split": ("purenet.datasets", "Split"),
 }

@@ -33,7 +33,7 @@ import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 
 from purenet._checks import is_concrete
-from purenet.layers.base import positions
+from purenet.layers.base import positions, wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,27 +174,36 @@ def finite_logits(z):
     return jnp.clip(z, -big, big)
 
 
+def _wide_logits(z):
+    """Logits for the log-sum-exp: clipped in their own dtype, then at least float32 (so
+    bfloat16 / float16 logits get float32 statistics; float32 and float64 are untouched)."""
+    return wide(finite_logits(z))
+
+
 def softmax_cross_entropy(z, t):
+    z = _wide_logits(z)
     t = class_targets("cross_entropy", z, t)
-    return -jnp.sum(t * jax.nn.log_softmax(finite_logits(z), axis=-1)) / _batch_size(z)
+    return -jnp.sum(t * jax.nn.log_softmax(z, axis=-1)) / _batch_size(z)
 
 
 def softmax_cross_entropy_backward(z, t):
-    t = class_targets("cross_entropy", z, t)
-    return (jax.nn.softmax(finite_logits(z), axis=-1) - t) / _batch_size(z)
+    zw = _wide_logits(z)
+    t = class_targets("cross_entropy", zw, t)
+    return ((jax.nn.softmax(zw, axis=-1) - t) / _batch_size(z)).astype(jnp.result_type(z))
 
 
 def sigmoid_binary_cross_entropy(z, t):
-    t = value_targets("binary_cross_entropy", z, t)
     # softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), via logaddexp,
     # whose derivative is exact at z = 0 (max and abs are kinked there).
-    z = finite_logits(z)
+    z = _wide_logits(z)
+    t = value_targets("binary_cross_entropy", z, t)
     return jnp.sum(jnp.logaddexp(0.0, z) - t * z) / _batch_size(z)
 
 
 def sigmoid_binary_cross_entropy_backward(z, t):
-    t = value_targets("binary_cross_entropy", z, t)
-    return (jax.nn.sigmoid(z) - t) / _batch_size(z)
+    zw = _wide_logits(z)
+    t = value_targets("binary_cross_entropy", zw, t)
+    return ((jax.nn.sigmoid(zw) - t) / _batch_size(z)).astype(jnp.result_type(z))
 
 
 LOSSES = {
@@ -261,13 +270,18 @@ def _half_sum_of_squares(w, l2):
     return ((0.5 * l2 * jnp.sum(u * u)) * s * s).astype(w.dtype)
 
 
+def has_l2(l2):
+    """False only for a concrete zero: then the l2 terms are skipped, not added as zeros."""
+    return not (is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0)
+
+
 def l2_penalty(params, l2):
     """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases).
 
     A concrete l2 of zero adds nothing (not even 0 * sum W^2, which is NaN
     once the sum overflows).
     """
-    if is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0:
+    if not has_l2(l2):
         return 0.0
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return sum((_half_sum_of_squares(w, l2) for path, w in leaves if _is_weight(path)), start=0.0)
@@ -278,3 +292,14 @@ def l2_backward(params, l2):
     return jax.tree_util.tree_map_with_path(
         lambda path, w: l2 * w if _is_weight(path) else jnp.zeros_like(w), params
     )
+
+
+def add_l2_gradient(grads, params, l2):
+    """grads + l2 W on every weight: the one place the penalty's gradient is added.
+
+    grads may carry a leading batch axis (per-example gradients): l2 W
+    broadcasts over it, as each example's loss carries the whole penalty.
+    """
+    if not has_l2(l2):
+        return grads
+    return jax.tree_util.tree_map(jnp.add, grads, l2_backward(params, l2))

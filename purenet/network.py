@@ -12,9 +12,6 @@ the fused loss on the logits, which is exact and finite at any magnitude.
 """
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-
 from purenet import losses
 from purenet._checks import check_float_input
 from purenet.layers import Sequential, Sigmoid, Softmax
@@ -112,10 +109,6 @@ def loss_pass(net, params, state, x, loss, train=False, key=None):
     return LossPass(body, fused, bparams, out, cache, _full_trees(net, fused, new_bstate, head_state), chosen)
 
 
-def _has_l2(l2):
-    return not isinstance(l2, (int, float)) or l2 != 0
-
-
 def loss(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
     """The loss of the network on (x, y) plus l2/2 sum W^2: returns (value, state).
 
@@ -133,10 +126,7 @@ def value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, train
     p = loss_pass(net, params, state, x, loss, train, key)
     value = p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2)
     body_grads, _ = p.body.backward(p.body_params, p.cache, p.loss_fn.backward(p.out, y))
-    grads = p.grads(net, body_grads)
-    if _has_l2(l2):
-        grads = jax.tree_util.tree_map(jnp.add, grads, losses.l2_backward(params, l2))
-    return value, grads, p.state
+    return value, losses.add_l2_gradient(p.grads(net, body_grads), params, l2), p.state
 
 
 def input_grad(net, params, state, x, y, loss="cross_entropy", train=False, key=None):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from purenet import losses
 from purenet._checks import check_hyperparameter
-from purenet.network import _has_l2, loss_pass
+from purenet.network import loss_pass
 
 
 def _per_example_dout(p, y):
@@ -37,11 +37,8 @@ def per_example_grads(net, params, state, x, y, loss="cross_entropy", l2=0.0, tr
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     body_grads, _ = p.body.per_example_backward(p.body_params, p.cache, _per_example_dout(p, y))
-    grads = p.grads(net, body_grads)
+    grads = losses.add_l2_gradient(p.grads(net, body_grads), params, l2)
     n = p.out.shape[0]
-    if _has_l2(l2):
-        decay = losses.l2_backward(params, l2)
-        grads = jax.tree_util.tree_map(lambda g, d: g + d[None], grads, decay)
     values = _per_example_values(p, y) + losses.l2_penalty(params, l2)
     return values, jax.tree_util.tree_map(lambda g: jnp.broadcast_to(g, (n,) + g.shape[1:]), grads)
 
@@ -91,8 +88,7 @@ def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multipl
         leaves = [g + noise_multiplier * clip_norm / n * jax.random.normal(k, g.shape, g.dtype)
                   for g, k in zip(leaves, keys)]
         grads = jax.tree_util.tree_unflatten(treedef, leaves)
-    if _has_l2(l2):
-        grads = jax.tree_util.tree_map(jnp.add, grads, losses.l2_backward(params, l2))
+    grads = losses.add_l2_gradient(grads, params, l2)
     value = p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2)
     return value, grads, p.state
 

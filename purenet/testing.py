@@ -144,6 +144,30 @@ def _check_network(network, net, params, state, x, y, loss, l2, train, fwd_key, 
     return GradCheckReport(errors, rtol, relative_error(value, ref_value))
 
 
+def check_per_example(net, x, y, *, loss, params, state, l2=0.0, rtol=1e-10):
+    """Per-example gradients and their norms against `jax.vmap(jax.grad)` of each example's loss.
+
+    Raises AssertionError naming the leaf when `pn.per_example_grads` differs
+    by more than rtol (relative, per leaf), or when `pn.per_example_grad_norms`
+    differs from the norms of the reference gradients by more than 1e-8.
+    """
+    from purenet import network, per_example
+
+    def one(xi, yi):
+        return jax.grad(lambda p: network.loss(net, p, state, xi[None], yi[None], loss=loss, l2=l2)[0])(params)
+
+    reference = jax.vmap(one)(x, y)
+    _, grads = per_example.per_example_grads(net, params, state, x, y, loss=loss, l2=l2)
+    errors = compare_trees(grads, reference)
+    bad = {path: e for path, e in errors.items() if not e <= rtol}
+    if bad:
+        raise AssertionError(f"per-example gradients differ from vmap of jax.grad: {bad}")
+    norms = per_example.per_example_grad_norms(net, params, state, x, y, loss=loss, l2=l2)
+    explicit = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree_util.tree_leaves(reference)))
+    np.testing.assert_allclose(norms, explicit, rtol=1e-8, atol=1e-12, err_msg="per-example gradient norms")
+    return errors
+
+
 # ---------------------------------------------------------------- hypothesis strategies
 
 # Every hidden activation by name (purenet.layers.ACTIVATIONS, less the alias "linear").

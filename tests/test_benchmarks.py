@@ -43,3 +43,29 @@ def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
     assert results["purenet"]["paired_time_over_purenet"] == 1.0
     for name in ("purenet", "jax.grad"):
         assert results[name]["median_s"] > 0 and results[name]["temp_bytes"] > 0
+
+
+def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--smoke", "--json", str(tmp_path / "c.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "c.json").read_text())
+    step = results["train_step"]["lenet @ batch 8"]
+    for name in ("purenet (xla)", "purenet (im2col)", "jax.grad (xla)", "jax.grad (im2col)", "pytorch eager"):
+        assert step[name]["median_s"] > 0
+    assert step["purenet (xla)"]["paired_vs_first"] == 1.0
+    assert set(results["temp_memory_MiB"]) == {"purenet (xla)", "jax.grad (xla)", "purenet (im2col)",
+                                               "jax.grad (im2col)"}
+    assert results["epoch"]["purenet scan"]["median_s"] > 0
+    assert results["per_example_norms"]["vmap(jax.grad)"]["temp_MiB"] > 0
+
+
+def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.stats", "--smoke", "--json", str(tmp_path / "s.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert set(results["cases"]) == {"Fisher diagonal", "gradient noise scale", "gradient Gram matrix", "K-FAC factors"}
+    for row in results["cases"].values():
+        assert row["max_relative_difference"] <= 1e-4
+        assert row["purenet"]["median_s"] > 0 and row["vmap(jax.grad)"]["median_s"] > 0

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import purenet as pn
 from tests.conftest import scaled
-from purenet.testing import compare_trees, net_cases
+from purenet.testing import check_per_example, compare_trees, net_cases
 
 WIDTHS = st.sampled_from([1, 2, 5])
 SHAPES = st.sampled_from([(1, 2), (2, 5), (5, 5), (2, 3, 5), (1, 3, 2)])  # (batch, ..., width)
@@ -67,17 +67,7 @@ def test_composed_networks_match_autodiff(case):
 @given(net_cases(max_depth=2, compose=True, sequences=True))
 def test_composed_per_example_grads_and_norms_equal_vmap_of_grad(case):
     params, state, x, y = case.data()
-
-    def one(xi, yi):
-        return jax.grad(lambda p: pn.loss(case.net, p, state, xi[None], yi[None], loss=case.loss,
-                                          l2=case.l2)[0])(params)
-
-    ref = jax.vmap(one)(x, y)
-    _, grads = pn.per_example_grads(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
-    assert max(compare_trees(grads, ref).values(), default=0.0) <= 1e-10
-    norms = pn.per_example_grad_norms(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
-    explicit = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree_util.tree_leaves(ref)))
-    np.testing.assert_allclose(norms, explicit, rtol=1e-8, atol=1e-12)
+    check_per_example(case.net, x, y, loss=case.loss, params=params, state=state, l2=case.l2)
 
 
 def test_net_cases_draw_every_block_kind():
@@ -289,3 +279,33 @@ def test_composed_params_round_trip_through_checkpoints(tmp_path):
     pn.save(tmp_path / "c.ckpt", {"params": params, "state": state})
     loaded = pn.load(tmp_path / "c.ckpt", like={"params": params, "state": state})
     chex.assert_trees_all_equal(loaded["params"], params)
+
+
+def test_train_sweep_and_dp_sgd_run_composed_nets_with_a_user_loss():
+    x = jax.random.normal(jax.random.key(0), (32, 3))
+    y = 3 * jax.random.normal(jax.random.key(1), (32, 2))
+    _, history, _ = pn.train(NET, pn.optim.adam(1e-2), (x, y), key=jax.random.key(2), epochs=3, batch_size=8,
+                             loss=HUBER)
+    assert history["loss"][-1] < history["loss"][0]
+    result = pn.sweep(lambda hp: (NET, pn.optim.adam(hp["learning_rate"])), (x, y),
+                      grid={"seed": [0, 1], "learning_rate": [1e-3, 1e-2]}, epochs=2, batch_size=8, loss=HUBER)
+    assert np.asarray(result.history["loss"]).shape == (4, 2)
+    params, state = pn.init(NET, jax.random.key(3), 3)
+    _, per = pn.per_example_grads(NET, params, state, x, y, loss=HUBER)
+    norms = pn.per_example_grad_norms(NET, params, state, x, y, loss=HUBER)
+    clip = float(jnp.median(norms))
+    _, clipped, _ = pn.clipped_value_and_grad(NET, params, state, x, y, clip_norm=clip, loss=HUBER)
+    scale = jnp.minimum(1.0, clip / norms)
+    expected = jax.tree_util.tree_map(lambda g: jnp.mean(g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0), per)
+    assert max(compare_trees(clipped, expected).values()) <= 1e-10
+
+
+def test_errors_of_other_types_keep_their_type_and_name_the_layer_in_a_note():
+    class Picky(pn.Identity):
+        def apply(self, x):
+            raise jax.errors.ConcretizationTypeError(x, "a picky layer")  # a JAX error: its own constructor
+
+    with pytest.raises(jax.errors.ConcretizationTypeError) as info:
+        jax.jit(lambda x: pn.forward(pn.Sequential([pn.Dense(2), Picky()]), *pn.init(
+            pn.Sequential([pn.Dense(2), Picky()]), jax.random.key(0), 3), x))(jnp.ones((1, 3)))
+    assert "in layer 1 (Picky)" in info.value.__notes__

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import purenet as pn
 from tests.conftest import scaled
-from purenet.testing import compare_trees, net_cases
+from purenet.testing import check_per_example, net_cases
 
 IMPLS = ["im2col", "xla"]
 KERNELS = st.sampled_from([1, 2, 3, (2, 3), (3, 1)])
@@ -70,17 +70,7 @@ def test_cnns_match_autodiff(case):
 @given(net_cases(max_depth=2, images=True))
 def test_cnn_per_example_grads_and_norms_equal_vmap_of_grad(case):
     params, state, x, y = case.data()
-
-    def one(xi, yi):
-        return jax.grad(lambda p: pn.loss(case.net, p, state, xi[None], yi[None], loss=case.loss,
-                                          l2=case.l2)[0])(params)
-
-    ref = jax.vmap(one)(x, y)
-    _, grads = pn.per_example_grads(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
-    assert max(compare_trees(grads, ref).values(), default=0.0) <= 1e-10
-    norms = pn.per_example_grad_norms(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
-    explicit = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree_util.tree_leaves(ref)))
-    np.testing.assert_allclose(norms, explicit, rtol=1e-8, atol=1e-12)
+    check_per_example(case.net, x, y, loss=case.loss, params=params, state=state, l2=case.l2)
 
 
 @pytest.mark.parametrize("out_channels", [2, 40])  # T^2 <= kh kw C F picks the ghost norm; above it, dW_i

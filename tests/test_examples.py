@@ -44,6 +44,7 @@ def test_backprop_walkthrough_rejects_unknown_weights():
     ("deep_residual.py", "deep_residual.png", "residual relu"),
     ("adversarial_digits.py", "adversarial_digits.png", "input_grad vs autodiff through pn.as_function"),
     ("hessian_spectrum.py", "hessian_spectrum.png", "sharpness at the end"),
+    ("data_attribution.py", "data_attribution.png", "top proponents labelled with the true digit"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
     cache = ["--cache", str(tmp_path / "xla")] if script == "train_digits.py" else []  # the main job's option
@@ -83,6 +84,14 @@ def test_shakespeare_gpt_example_in_fast_mode(tmp_path):
                       tmp_path=tmp_path)
     assert "vocabulary 65" in out and "validation loss" in out and "sample (temperature 0.8)" in out
     assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
+def test_noise_scale_example_in_fast_mode(tmp_path):
+    if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"the shared MNIST files are not at {MNIST}")
+    out = run_example("noise_scale.py", "--data", str(MNIST), "--out", str(tmp_path / "n.png"), tmp_path=tmp_path)
+    assert "B_simple" in out and "x the minimum steps" in out
+    assert (tmp_path / "n.png").stat().st_size > 10_000
 
 
 def test_mnist_example_says_how_to_point_it_at_data(tmp_path):

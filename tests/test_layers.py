@@ -136,3 +136,13 @@ def test_unknown_names_are_clear_errors():
         pn.mlp([2, 2, 2], hidden="swish")
     with pytest.raises(ValueError, match="positive integer"):
         pn.Dense(0)
+
+
+def test_layer_reprs_are_constructor_calls_and_replace_works():
+    import dataclasses
+
+    for layer in (pn.Dense(3, init="xavier_uniform", use_bias=False),
+                  pn.Conv2D(4, (3, 2), strides=2, padding="VALID", init="lecun_normal", implementation="im2col")):
+        assert eval(repr(layer), {"Dense": pn.Dense, "Conv2D": pn.Conv2D}) == layer
+        wider = dataclasses.replace(layer, features=7)
+        assert wider.features == 7 and wider.initializer == layer.initializer

@@ -57,3 +57,20 @@ def test_train_step_compiles_to_no_more_kernels_than_jax_grad(hidden):
     assert mine["fusion"] <= theirs["fusion"] and mine["copy"] <= theirs["copy"], (mine, theirs)
     # 3 forward, 3 weight gradients, 2 input gradients: none is spent on the gradient of the data
     assert mine["dot"] == theirs["dot"] and mine["all dots"] == theirs["all dots"] == 8, (mine, theirs)
+
+
+def test_the_composed_training_step_compiles_to_the_hand_written_one():
+    """make_step(grad_fn(net), opt) is the same program as opt.step(value_and_grad(...)): the pieces cost nothing."""
+    net = pn.mlp([64, 128, 128, 10])
+    opt = pn.optim.adam(1e-3)
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+    x, y = jnp.ones((64, 64), jnp.float32), jnp.zeros(64, jnp.int32)
+    step = pn.make_step(pn.grad_fn(net), opt)
+
+    def composed(opt_state):
+        return step((opt_state, state), (x, y, jax.random.key(1)))[0][0]
+
+    def by_hand(opt_state):
+        return opt.step(opt_state, pn.value_and_grad(net, opt_state.params, state, x, y, train=True)[1])
+
+    assert kernels(composed, opt.init(params)) == kernels(by_hand, opt.init(params))

@@ -1,9 +1,9 @@
 """Layers: frozen configs with pure init / forward / backward."""
 from purenet.layers.attention import MultiHeadAttention
 from purenet.layers.activations import ACTIVATIONS, ELU, GELU, Identity, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh
-from purenet.layers.base import Elementwise
+from purenet.layers.base import Elementwise, Layer, ParameterFree
 from purenet.layers.batchnorm import BatchNorm
-from purenet.layers.compose import Flatten, Parallel, Residual
+from purenet.layers.compose import Flatten, Frozen, Parallel, Remat, Residual
 from purenet.layers.conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
@@ -14,7 +14,8 @@ from purenet.layers.sequential import Sequential, mlp
 from purenet.layers.softmax import Softmax
 
 __all__ = [
-    "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "GlobalAvgPool2D", "MaxPool2D", "Dense", "Dropout", "ELU", "Elementwise", "Flatten", "GELU", "Identity",
-    "LayerNorm", "LeakyReLU", "Parallel", "RMSNorm", "ReLU", "Residual", "Sequential", "SiLU", "Sigmoid",
-    "Softmax", "Softplus", "Tanh", "mlp", "Embedding", "PositionalEmbedding", "MultiHeadAttention", "GPT", "gpt",
+    "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "Dense", "Dropout", "ELU", "Elementwise", "Embedding",
+    "Flatten", "Frozen", "GELU", "GPT", "GlobalAvgPool2D", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
+    "MultiHeadAttention", "ParameterFree", "Parallel", "PositionalEmbedding", "RMSNorm", "ReLU", "Remat", "Residual",
+    "Sequential", "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "gpt", "mlp",
 ]

@@ -24,9 +24,25 @@ i's own loss:
 Layers made of layers (Sequential, Residual, Parallel) also define
 `children(params, cache=None)`: a tuple of (layer, params, cache) triples,
 in forward order, that tools such as `pn.diagnostics` walk.
+
+Gradient statistics (`pn.stats`) come from three more optional methods,
+each faster or leaner than its fallback on `per_example_backward`
+(layers without them still work; Dense and Conv2D have them):
+
+    sq, dx         = layer.per_example_sq(params, cache, dy)   # sum_i grad_i**2, like params
+    gram, dxa, dxb = layer.per_example_gram(params, cache_a, dy_a, cache_b, dy_b)  # (na, nb) <grad_i, grad_j>
+    factors, dx    = layer.kfac_factors(params, cache, dy)     # KFACFactors(A, G); with layer.kfac_dims(params)
+
+Containers define `map_backward(fn, params, caches, dys)` instead: the walk
+of `per_example_backward` with a function `fn(layer, params, caches, dys) ->
+(out, dxs)` applied at every leaf layer, for any number of streams (a tuple
+of caches and a tuple of output gradients, one per batch: the Gram matrix
+walks two batches at once, a walk of zero streams visits the parameters
+only). It returns (outs, dxs), outs shaped like params.
 """
 import dataclasses
 import math
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import jax.numpy as jnp
 
@@ -67,9 +83,29 @@ def id_layer(layer):
     return None
 
 
+class KFACFactors(NamedTuple):
+    """K-FAC's Kronecker factors of one layer: F_W ~ A (x) G (see `pn.stats.kfac_factors`)."""
+
+    A: jnp.ndarray  # (in + bias, in + bias): E over examples and positions of a a^T, a = [h, 1]
+    G: jnp.ndarray  # (out, out): E over examples of sum over positions of dy dy^T
+
+
+def map_backward(layer, fn, params, caches, dys):
+    """`layer.map_backward` for containers; fn(layer, ...) at a leaf layer. Returns (outs, dxs)."""
+    if hasattr(layer, "map_backward"):
+        return layer.map_backward(fn, params, caches, dys)
+    return fn(layer, params, caches, dys)
+
+
 def per_example_sum(t):
     """Sum over the axes between the batch axis and the last one: (batch, ..., d) -> (batch, d)."""
     return jnp.sum(t, axis=tuple(range(1, t.ndim - 1))) if t.ndim > 2 else t
+
+
+def wide(t):
+    """`t` in at least float32: bfloat16 / float16 activations get float32 statistics and sums
+    (mixed precision); float32 and float64 pass through unchanged."""
+    return t.astype(jnp.promote_types(jnp.result_type(t), jnp.float32))
 
 
 def positions(shape):
@@ -123,3 +159,14 @@ class Elementwise(ParameterFree):
 
     Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`.
     """
+
+
+@runtime_checkable
+class Layer(Protocol):
+    """What every layer is (a structural type: subclassing is not needed)."""
+
+    def init(self, key, in_shape, dtype=None): ...
+
+    def forward(self, params, state, x, train=False, key=None): ...
+
+    def backward(self, params, cache, dy): ...

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
-from purenet.layers.base import as_shape, per_example_sum
+from purenet.layers.base import as_shape, per_example_sum, wide
 
 
 class _BatchStatsCache(NamedTuple):
@@ -65,6 +65,7 @@ class BatchNorm:
 
     def forward(self, params, state, x, train=False, key=None):
         del key
+        dtype, x = jnp.result_type(x), wide(x)  # statistics in at least float32 (mixed precision)
         axes = tuple(range(jnp.ndim(x) - 1))
         if train:
             n = math.prod(jnp.shape(x)[:-1])
@@ -80,28 +81,31 @@ class BatchNorm:
             xhat = centered * inv_std
             m = self.momentum
             state = {
-                "mean": m * state["mean"] + (1 - m) * mean,
-                "var": m * state["var"] + (1 - m) * var,
+                "mean": (m * state["mean"] + (1 - m) * mean).astype(state["mean"].dtype),
+                "var": (m * state["var"] + (1 - m) * var).astype(state["var"].dtype),
             }
             cache = _BatchStatsCache(xhat, inv_std)
         else:
             inv_std = 1.0 / jnp.sqrt(state["var"] + self.eps)
             xhat = (x - state["mean"]) * inv_std
             cache = _RunningStatsCache(xhat, inv_std)
-        return params["gamma"] * xhat + params["beta"], state, cache
+        return (params["gamma"] * xhat + params["beta"]).astype(dtype), state, cache
 
     def backward(self, params, cache, dy):
+        dtype, dy = jnp.result_type(dy), wide(dy)
         axes = tuple(range(jnp.ndim(dy) - 1))
-        grads = {"gamma": jnp.sum(dy * cache.xhat, axis=axes), "beta": jnp.sum(dy, axis=axes)}
+        pdtype = params["gamma"].dtype
+        grads = {"gamma": jnp.sum(dy * cache.xhat, axis=axes).astype(pdtype),
+                 "beta": jnp.sum(dy, axis=axes).astype(pdtype)}
         dxhat = dy * params["gamma"]
         if isinstance(cache, _RunningStatsCache):
-            return grads, dxhat * cache.inv_std
+            return grads, (dxhat * cache.inv_std).astype(dtype)
         dx = cache.inv_std * (
             dxhat
             - jnp.mean(dxhat, axis=axes)
             - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=axes)
         )
-        return grads, dx
+        return grads, dx.astype(dtype)
 
     def _per_example(self, params, cache, dy):
         if isinstance(cache, _BatchStatsCache):

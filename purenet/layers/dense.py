@@ -6,17 +6,20 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import as_shape
+from purenet.layers.base import KFACFactors, as_shape, wide
 
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Dense:
     """Pre-activation  a = h W + b  for a batch of rows h (the lecture's a = W h + b, transposed).
 
-    params: {"W": (in_dim, features), "b": (features,)} ("b" absent when use_bias=False).
+    Acts on the last axis: an input (batch, ..., in) gives (batch, ..., features),
+    the same W at every position.
+    params: {"W": (in, features), "b": (features,)} ("b" absent when use_bias=False).
     Biases start at zero; W is drawn by the initializer named by `init`
-    (see `purenet.initializers`), stored as the field `initializer` because
-    `init` is the protocol method.
+    (see `purenet.initializers`). The field holding that name is called
+    `initializer` (`init` is the protocol method); the constructor takes
+    either name, so the repr is a constructor call and dataclasses.replace works.
 
     Backward, for dL/da = dy:
         dL/dW = h^T dy        (summed over the batch and every position)
@@ -28,13 +31,17 @@ class Dense:
     initializer: str
     use_bias: bool
 
-    def __init__(self, features, init="he_normal", use_bias=True):
+    def __init__(self, features, init="he_normal", use_bias=True, *, initializer=None):
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"Dense features must be a positive integer, got {features!r}")
+        init = initializer or init
         initializers.get(init)  # fail early on an unknown name
         object.__setattr__(self, "features", features)
         object.__setattr__(self, "initializer", init)
         object.__setattr__(self, "use_bias", bool(use_bias))
+
+    def __repr__(self):
+        return f"Dense(features={self.features}, init={self.initializer!r}, use_bias={self.use_bias})"
 
     def init(self, key, in_shape, dtype=None):
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
@@ -62,7 +69,9 @@ class Dense:
         # saturated softmax, where dL/dh is a small difference of large terms).
         x2 = jnp.reshape(x, (-1, x.shape[-1]))
         dy2 = jnp.reshape(dy, (-1, dy.shape[-1]))
-        dW = lax.dot_general(dy2, x2, (((0,), (0,)), ((), ()))).T  # (h^T dy)
+        # h^T dy, accumulated in at least float32 (bfloat16 activations sum over many rows)
+        dW = lax.dot_general(dy2, x2, (((0,), (0,)), ((), ())), preferred_element_type=wide(dy2).dtype).T
+        dW = dW.astype(params["W"].dtype)
         dx = self._dx(params, dy)  # dy W^T
         grads = {"W": dW}
         if self.use_bias:
@@ -81,6 +90,24 @@ class Dense:
         """||dW_i + l2 W||^2 + ||db_i||^2, without forming dW_i where an identity is cheaper
         (see `per_example_sq_norms`)."""
         return per_example_sq_norms(x, dy, params["W"], self.use_bias, l2), self._dx(params, dy)
+
+    def per_example_sq(self, params, x, dy):
+        """sum_i dW_i**2 and sum_i db_i**2 (elementwise) without forming dW_i for rows:
+        (h**2)^T (dy**2), one matmul (see `per_example_sq`)."""
+        return per_example_sq(x, dy, self.use_bias), self._dx(params, dy)
+
+    def per_example_gram(self, params, xa, dya, xb, dyb):
+        """<grad_i, grad_j> for i in batch a, j in batch b: (Ha Hb^T) * (Da Db^T) (+ Da Db^T for
+        the bias) for rows, without forming any grad_i (see `per_example_gram`)."""
+        return per_example_gram(xa, dya, xb, dyb, self.use_bias), self._dx(params, dya), self._dx(params, dyb)
+
+    def kfac_factors(self, params, x, dy):
+        """K-FAC's A = E[a a^T] (a = [h, 1] with a bias) and G = E_i[sum_t dy_t dy_t^T]."""
+        return kfac_factors(x, dy, self.use_bias), self._dx(params, dy)
+
+    def kfac_dims(self, params):
+        """The sizes of A and G."""
+        return params["W"].shape[0] + self.use_bias, params["W"].shape[1]
 
 
 def per_example_grads(x, dy, use_bias):
@@ -122,6 +149,82 @@ def per_example_sq_norms(x, dy, W, use_bias, l2=0.0):
         return sq
     cross = jnp.sum(jnp.reshape((x @ W) * dy, (x.shape[0], -1)), axis=-1)
     return sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
+
+
+def per_example_sq(x, dy, use_bias):
+    """{"W": sum_i dW_i**2, "b": sum_i db_i**2} (elementwise squares) for y = x W + b.
+
+    Rows: dW_i = h_i dy_i^T, so dW_i**2 = (h_i**2)(dy_i**2)^T and the sum over
+    examples is one matmul, (h**2)^T (dy**2): no dW_i is formed.
+    T positions: dW_i[a, b] = sum_t h_ta dy_tb, so
+
+        dW_i[a, b]**2 = sum_{t,t'} (h_ta h_t'a) (dy_tb dy_t'b),
+
+    again one matmul over the (example, t, t') pairs, memory O(batch T^2 (in +
+    out)); used when T^2 (in + out) <= in out, else dW_i is formed and squared
+    (memory O(batch in out)), whichever is smaller.
+    """
+    if x.ndim == 2:
+        sq = {"W": lax.dot_general(x * x, dy * dy, (((0,), (0,)), ((), ())))}
+        if use_bias:
+            sq["b"] = jnp.sum(dy * dy, axis=0)
+        return sq
+    x3, dy3 = _positions(x), _positions(dy)
+    n, t, i, o = x3.shape[0], x3.shape[1], x3.shape[2], dy3.shape[2]
+    if t * t * (i + o) <= i * o:
+        hh = (x3[:, :, None, :] * x3[:, None, :, :]).reshape(n * t * t, i)
+        dd = (dy3[:, :, None, :] * dy3[:, None, :, :]).reshape(n * t * t, o)
+        w = lax.dot_general(hh, dd, (((0,), (0,)), ((), ())))
+    else:
+        w = jnp.sum(jnp.einsum("bti,btj->bij", x3, dy3) ** 2, axis=0)
+    sq = {"W": w}
+    if use_bias:
+        sq["b"] = jnp.sum(jnp.sum(dy3, axis=1) ** 2, axis=0)
+    return sq
+
+
+def per_example_gram(xa, dya, xb, dyb, use_bias):
+    """(na, nb) matrix of <grad_i, grad_j> for y = x W + b, i from batch a and j from batch b.
+
+    Rows: <h_i dy_i^T, h_j dy_j^T> = (h_i . h_j)(dy_i . dy_j), so the matrix
+    is (Ha Hb^T) * (Da Db^T), plus Da Db^T for the bias: no grad_i is formed.
+    T positions: <sum_t h_t dy_t^T, sum_s h_s dy_s^T> = sum_{t,s} (h_t . h_s)(dy_t . dy_s),
+    memory O(na nb T^2); when that exceeds (na + nb) in out, each dW_i is
+    formed instead and the products taken.
+    """
+    if xa.ndim == 2:
+        dd = dya @ dyb.T
+        gram = (xa @ xb.T) * dd
+        return gram + dd if use_bias else gram
+    xa3, dya3, xb3, dyb3 = _positions(xa), _positions(dya), _positions(xb), _positions(dyb)
+    na, nb, ta, tb = xa3.shape[0], xb3.shape[0], xa3.shape[1], xb3.shape[1]
+    if na * nb * ta * tb <= (na + nb) * xa3.shape[2] * dya3.shape[2]:
+        gram = jnp.sum(jnp.einsum("ati,bsi->abts", xa3, xb3) * jnp.einsum("atj,bsj->abts", dya3, dyb3), axis=(2, 3))
+    else:
+        wa, wb = jnp.einsum("bti,btj->bij", xa3, dya3), jnp.einsum("bti,btj->bij", xb3, dyb3)
+        gram = wa.reshape(na, -1) @ wb.reshape(nb, -1).T
+    if use_bias:
+        gram = gram + jnp.sum(dya3, axis=1) @ jnp.sum(dyb3, axis=1).T
+    return gram
+
+
+def kfac_factors(x, dy, use_bias):
+    """KFACFactors(A, G) for y = x W + b with per-example output gradients dy.
+
+        A = 1/(N T) sum_{i,t} a_it a_it^T,   a = [h, 1] (the 1 only with a bias)
+        G = 1/N     sum_{i,t} dy_it dy_it^T
+
+    N examples of T positions each (T = 1 for rows). The empirical Fisher of
+    the weights [W; b] is then approximated as A (x) G (Martens & Grosse,
+    2015; for positions, the KFC approximation of Grosse & Martens, 2016,
+    which takes positions as uncorrelated: F ~ T E[a a^T] (x) E[dy dy^T]).
+    """
+    x2, dy2 = jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
+    if use_bias:
+        x2 = jnp.concatenate([x2, jnp.ones((x2.shape[0], 1), x2.dtype)], axis=1)
+    a = lax.dot_general(x2, x2, (((0,), (0,)), ((), ()))) / x2.shape[0]
+    g = lax.dot_general(dy2, dy2, (((0,), (0,)), ((), ()))) / dy.shape[0]
+    return KFACFactors(a, g)
 
 
 def _positions(t):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
-from purenet.layers.base import as_shape, per_example_sum
+from purenet.layers.base import as_shape, per_example_sum, wide
 
 
 class _NormCache(NamedTuple):
@@ -26,9 +26,10 @@ def _leading_axes(t):
 def _gamma_grads(params, cache, dy, per_example):
     """dL/dgamma = sum g xhat, dL/dbeta = sum g: over the whole batch, or per example."""
     reduce = per_example_sum if per_example else (lambda t: jnp.sum(t, axis=_leading_axes(t)))
-    grads = {"gamma": reduce(dy * cache.xhat)}
+    dtype = params["gamma"].dtype
+    grads = {"gamma": reduce(dy * cache.xhat).astype(dtype)}
     if "beta" in params:
-        grads["beta"] = reduce(dy)
+        grads["beta"] = reduce(dy).astype(dtype)
     return grads
 
 
@@ -50,8 +51,8 @@ class _FeatureNorm:
         if jnp.shape(x)[-1] != d:
             raise ValueError(f"{self} expects inputs with {d} features on the last axis, got x of shape "
                              f"{jnp.shape(x)}")
-        xhat, inv = self._normalise(x)
-        y = params["gamma"] * xhat
+        xhat, inv = self._normalise(x)  # statistics in at least float32 (mixed precision)
+        y = params["gamma"] * xhat.astype(x.dtype)
         if "beta" in params:
             y = y + params["beta"]
         return y, state, _NormCache(xhat, inv)
@@ -100,6 +101,7 @@ class LayerNorm(_FeatureNorm):
         return self.use_bias
 
     def _normalise(self, x):
+        x = wide(x)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         centered = x - mean
         var = jnp.mean(centered * centered, axis=-1, keepdims=True)
@@ -107,9 +109,10 @@ class LayerNorm(_FeatureNorm):
         return centered * inv, inv
 
     def _dx(self, params, cache, dy):
-        dxhat = dy * params["gamma"]
-        return cache.inv * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-                            - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))
+        dxhat = wide(dy * params["gamma"])
+        dx = cache.inv * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                          - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))
+        return dx.astype(dy.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +137,10 @@ class RMSNorm(_FeatureNorm):
     _has_beta = False
 
     def _normalise(self, x):
+        x = wide(x)
         inv = 1.0 / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return x * inv, inv
 
     def _dx(self, params, cache, dy):
-        dxhat = dy * params["gamma"]
-        return cache.inv * (dxhat - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))
+        dxhat = wide(dy * params["gamma"])
+        return (cache.inv * (dxhat - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))).astype(dy.dtype)

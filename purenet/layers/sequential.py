@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid
-from purenet.layers.base import as_shape
+from purenet.layers.base import as_shape, map_backward
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
@@ -47,7 +47,7 @@ class Sequential:
             try:
                 p, s, shape = layer.init(k, shape, dtype=dtype)
             except (ValueError, TypeError) as e:
-                raise type(e)(f"layer {i} ({type(layer).__name__}): {e}") from e
+                _reraise_in_layer(e, i, layer)
             shape = as_shape(shape, "out_shape")
             params.append(p)
             states.append(s)
@@ -70,7 +70,7 @@ class Sequential:
             try:
                 x, s, c = layer.forward(params[i], state[i], x, train=train, key=k)
             except (ValueError, TypeError) as e:
-                raise type(e)(f"layer {i} ({type(layer).__name__}): {e}") from e
+                _reraise_in_layer(e, i, layer)
             new_state.append(s)
             caches.append(c)
         return x, tuple(new_state), tuple(caches)
@@ -94,8 +94,25 @@ class Sequential:
             total = total + sq
         return total, dy
 
+    def map_backward(self, fn, params, caches, dys):
+        """The per-example walk back with fn at each leaf (see `purenet.layers.base`)."""
+        outs = [None] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            outs[i], dys = map_backward(self.layers[i], fn, params[i], tuple(c[i] for c in caches), dys)
+        return tuple(outs), dys
+
     def children(self, params, cache=None):
         return tuple(zip(self.layers, params, cache or (None,) * len(self.layers)))
+
+
+def _reraise_in_layer(error, i, layer):
+    """Raise `error` saying where it happened: a plain ValueError / TypeError gets the layer in front
+    of its message; any other type (JAX's own errors have other constructors) gets it as a note."""
+    where = f"layer {i} ({type(layer).__name__})"
+    if type(error) in (ValueError, TypeError):
+        raise type(error)(f"{where}: {error}") from error
+    error.add_note(f"in {where}")
+    raise error
 
 
 _OUTPUT = {"softmax": Softmax, "sigmoid": Sigmoid, "identity": Identity, "linear": Identity}

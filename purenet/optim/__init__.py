@@ -2,7 +2,9 @@
 from purenet.optim import schedules
 from purenet.optim.alias import adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd
 from purenet.optim.base import OptState, Optimizer, Transform, apply_if_finite, chain
+from purenet.optim.kfac import KFAC, KFACState, kfac
 from purenet.optim.optax_adapter import from_optax, to_optax
+from purenet.optim.wrappers import ema, ema_params, masked
 from purenet.optim.transforms import (
     add_decayed_weights, clip_by_global_norm, scale_by_adam, scale_by_momentum,
     scale_by_rms, scale_by_rss,

@@ -36,10 +36,15 @@ class OptState(NamedTuple):
 
 
 class Transform(NamedTuple):
-    """init(params) -> slots;  update(grads, slots, params, count) -> (direction, slots)."""
+    """init(params) -> slots;  update(grads, slots, params, count) -> (direction, slots).
+
+    `after(slots, new_params, count) -> slots`, when given, runs once the
+    step has moved the params (a parameter average keeps its slot this way).
+    """
 
     init: Callable
     update: Callable
+    after: Callable | None = None
 
 
 def _rate(learning_rate, count):
@@ -49,13 +54,20 @@ def _rate(learning_rate, count):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Optimizer:
-    """A chain of transforms and a learning rate (a float, a traced scalar or a schedule)."""
+    """A chain of transforms and a learning rate (a float, a traced scalar or a schedule).
+
+    `guard` ("skip" or "raise", see `apply_if_finite`) decides what a step
+    with NaN/inf gradients does; None trusts the gradients.
+    """
 
     transforms: tuple
     learning_rate: Any
+    guard: str | None = None
 
     def __post_init__(self):
         check_hyperparameter("learning_rate", self.learning_rate, 0.0, None)
+        if self.guard not in (None, "skip", "raise"):
+            raise ValueError(f"apply_if_finite policy must be 'skip' or 'raise', got {self.guard!r}")
 
     def init(self, params):
         slots = tuple(t.init(params) for t in self.transforms)
@@ -64,6 +76,8 @@ class Optimizer:
 
     def step(self, state, grads):
         tree.check_matching(state.params, grads)
+        if self.guard == "raise":
+            _raise_if_not_finite(grads)
         direction = tree.upcast(grads)
         slots = []
         for transform, slot in zip(self.transforms, state.slots):
@@ -74,7 +88,14 @@ class Optimizer:
             lambda p, d: (p - rate.astype(d.dtype) * d).astype(jnp.result_type(p)),
             state.params, direction,
         )
-        return OptState(params, state.count + 1, tuple(slots), rate)
+        slots = tuple(slot if t.after is None else t.after(slot, params, state.count)
+                      for t, slot in zip(self.transforms, slots))
+        new = OptState(params, state.count + 1, slots, rate)
+        if self.guard != "skip":
+            return new
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return kept._replace(count=new.count, learning_rate=new.learning_rate)  # schedules stay aligned
 
 
 def chain(*parts, learning_rate=None):
@@ -83,11 +104,12 @@ def chain(*parts, learning_rate=None):
         pn.optim.chain(pn.optim.clip_by_global_norm(1.0), pn.optim.adam(1e-3))
         pn.optim.chain(pn.optim.scale_by_adam(), learning_rate=1e-3)
     """
-    transforms, rates = [], []
+    transforms, rates, guards = [], [], set()
     for part in parts:
         if isinstance(part, Optimizer):
             transforms.extend(part.transforms)
             rates.append(part.learning_rate)
+            guards.add(part.guard)
         elif isinstance(part, Transform):
             transforms.append(part)
         else:
@@ -98,11 +120,12 @@ def chain(*parts, learning_rate=None):
         raise ValueError(
             f"chain needs exactly one learning rate (from one Optimizer or learning_rate=), got {len(rates)}"
         )
-    return Optimizer(tuple(transforms), rates[0])
+    guard = "raise" if "raise" in guards else "skip" if "skip" in guards else None
+    return Optimizer(tuple(transforms), rates[0], guard)
 
 
 def apply_if_finite(opt, policy="skip"):
-    """Guard an optimizer against NaN/inf gradients.
+    """Guard an optimizer against NaN/inf gradients (an Optimizer again: `chain` accepts it).
 
     policy="skip": a step whose gradients are not all finite leaves params and
     slots unchanged (the count still advances, so schedules stay aligned).
@@ -111,29 +134,7 @@ def apply_if_finite(opt, policy="skip"):
     """
     if policy not in ("skip", "raise"):
         raise ValueError(f"apply_if_finite policy must be 'skip' or 'raise', got {policy!r}")
-
-    def step(state, grads):
-        if policy == "raise":
-            _raise_if_not_finite(grads)
-            return opt.step(state, grads)
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-        new = opt.step(state, grads)
-        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-        return kept._replace(count=new.count, learning_rate=new.learning_rate)
-
-    return _Guarded(opt, step)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Guarded:
-    inner: Optimizer
-    _step: Callable
-
-    def init(self, params):
-        return self.inner.init(params)
-
-    def step(self, state, grads):
-        return self._step(state, grads)
+    return dataclasses.replace(opt, guard=policy)
 
 
 def _raise_if_not_finite(grads):

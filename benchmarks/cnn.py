@@ -1,0 +1,346 @@
+"""CNN benchmarks: `python -m benchmarks.cnn [--smoke] [--repeats 7] [--json cnn_results.json]`.
+
+Cases, every contender interleaved repeat by repeat in this one process
+(medians, min-max, and paired ratios against purenet's step):
+
+- train step (forward, backward, Adam) of the LeNet of examples/mnist_cnn.py at
+  batch 64 and 128, and of a small ResNet with BatchNorm on 32x32x3 images at
+  batch 64: purenet with each Conv2D formulation, the same loss through jax.grad
+  (both formulations), flax nnx, equinox (LeNet), PyTorch eager and torch.compile;
+- compiled temporary memory of the purenet step against jax.grad's, per formulation;
+- one epoch of 8,000 images at batch 64: purenet's jitted scan against PyTorch's loop;
+- per-example conv gradient norms at batch 256 against vmap(jax.grad): time and memory.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import purenet as pn
+from benchmarks import steps as S
+
+LR = 1e-3
+LENET = dict(c1=16, c2=32, hidden=128)
+
+
+def lenet(impl="auto", c1=16, c2=32, hidden=128, size=28, channels=1):
+    return pn.Sequential([pn.Conv2D(c1, 5, implementation=impl), pn.ReLU(), pn.MaxPool2D(2),
+                          pn.Conv2D(c2, 5, implementation=impl), pn.ReLU(), pn.MaxPool2D(2),
+                          pn.Flatten(), pn.Dense(hidden), pn.ReLU(), pn.Dense(10), pn.Softmax()],
+                         in_shape=(size, size, channels))
+
+
+def resnet(impl="auto", width=16, size=32):
+    def conv(c, k=3):
+        return pn.Conv2D(c, k, use_bias=False, implementation=impl)
+
+    def block(c):
+        return pn.Residual(pn.Sequential([conv(c), pn.BatchNorm(), pn.ReLU(), conv(c), pn.BatchNorm()]))
+
+    return pn.Sequential([conv(width), pn.BatchNorm(), pn.ReLU(), block(width), pn.ReLU(), pn.MaxPool2D(2),
+                          conv(2 * width), pn.BatchNorm(), pn.ReLU(), block(2 * width), pn.ReLU(),
+                          pn.GlobalAvgPool2D(), pn.Dense(10), pn.Softmax()], in_shape=(size, size, 3))
+
+
+def _images(batch, size, channels, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
+            jnp.asarray(rng.integers(0, 10, batch), jnp.int32))
+
+
+def purenet_step(net, batch, gradients):
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+    opt = pn.optim.adam(LR)
+
+    @jax.jit
+    def step(carry, data):
+        opt_state, model_state = carry
+        grads, model_state = gradients(net, opt_state.params, model_state, *data)
+        return opt.step(opt_state, grads), model_state
+
+    return step, (opt.init(params), state), _images(batch, *net.in_shape[1:])
+
+
+def handwritten(net, p, s, x, y):
+    _, grads, s = pn.value_and_grad(net, p, s, x, y, train=True)
+    return grads, s
+
+
+def autodiff(net, p, s, x, y):
+    grads, s = jax.grad(lambda q: pn.loss(net, q, s, x, y, train=True), has_aux=True)(p)
+    return grads, s
+
+
+def flax_lenet(batch, c1, c2, hidden):
+    import optax
+    from flax import nnx
+
+    class LeNet(nnx.Module):
+        def __init__(self, rngs):
+            self.c1 = nnx.Conv(1, c1, (5, 5), padding="SAME", rngs=rngs)
+            self.c2 = nnx.Conv(c1, c2, (5, 5), padding="SAME", rngs=rngs)
+            self.d1 = nnx.Linear(7 * 7 * c2, hidden, rngs=rngs)
+            self.d2 = nnx.Linear(hidden, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.max_pool(nnx.relu(self.c1(x)), (2, 2), (2, 2))
+            x = nnx.max_pool(nnx.relu(self.c2(x)), (2, 2), (2, 2))
+            return self.d2(nnx.relu(self.d1(x.reshape(x.shape[0], -1))))
+
+    model = LeNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(LR), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
+        optimizer.update(model, grads)
+
+    def step(carry, data):
+        train_step(*carry, *data)
+        return carry
+
+    return step, (model, optimizer), _images(batch, 28, 1)
+
+
+def equinox_lenet(batch, c1, c2, hidden):
+    import equinox as eqx
+    import optax
+
+    k = jax.random.split(jax.random.key(0), 4)
+    layers = [eqx.nn.Conv2d(1, c1, 5, padding="SAME", key=k[0]), eqx.nn.Conv2d(c1, c2, 5, padding="SAME", key=k[1]),
+              eqx.nn.Linear(7 * 7 * c2, hidden, key=k[2]), eqx.nn.Linear(hidden, 10, key=k[3])]
+    pool = eqx.nn.MaxPool2d(2, 2)
+
+    def forward(model, x):  # one CHW image
+        x = pool(jax.nn.relu(model[0](x)))
+        x = pool(jax.nn.relu(model[1](x)))
+        return model[3](jax.nn.relu(model[2](x.reshape(-1))))
+
+    tx = optax.adam(LR)
+
+    def loss(model, x, y):
+        logits = jax.vmap(forward, (None, 0))(model, jnp.transpose(x, (0, 3, 1, 2)))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @eqx.filter_jit
+    def step(carry, data):
+        model, opt_state = carry
+        grads = eqx.filter_grad(loss)(model, *data)
+        updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state
+
+    return step, (layers, tx.init(eqx.filter(layers, eqx.is_array))), _images(batch, 28, 1)
+
+
+def torch_model(kind, c1=16, c2=32, hidden=128, width=16):
+    from torch import nn
+
+    if kind == "lenet":
+        return nn.Sequential(nn.Conv2d(1, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(7 * 7 * c2, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c, momentum=0.1),
+                                      nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         Block(width), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+                         Block(2 * width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10))
+
+
+def torch_step(kind, batch, size, channels, compile=False, **sizes):
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    model = torch_model(kind, **sizes)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train_step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    if compile:
+        train_step = torch.compile(train_step)
+
+    def step(carry, data):
+        train_step(*data)
+        return carry
+
+    x, y = (np.asarray(v) for v in _images(batch, size, channels))
+    return step, S.TorchSync(), (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y.astype(np.int64)))
+
+
+def contenders(case, batch, smoke):
+    sizes = dict(c1=4, c2=8, hidden=16) if smoke else LENET
+    if case == "lenet":
+        made = {f"purenet ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, handwritten)
+                for impl in ("xla", "im2col")}
+        made.update({f"jax.grad ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, autodiff)
+                     for impl in ("xla", "im2col")})
+        made["flax nnx + optax"] = lambda: flax_lenet(batch, **sizes)
+        made["equinox + optax"] = lambda: equinox_lenet(batch, **sizes)
+        made["pytorch eager"] = lambda: torch_step("lenet", batch, 28, 1, **sizes)
+        made["torch.compile"] = lambda: torch_step("lenet", batch, 28, 1, compile=True, **sizes)
+    else:
+        width, size = (4, 8) if smoke else (16, 32)
+        made = {f"purenet ({impl})": lambda impl=impl: purenet_step(resnet(impl, width, size), batch, handwritten)
+                for impl in ("xla", "im2col")}
+        made["jax.grad (xla)"] = lambda: purenet_step(resnet("xla", width, size), batch, autodiff)
+        made["pytorch eager"] = lambda: torch_step("resnet", batch, size, 3, width=width)
+        made["torch.compile"] = lambda: torch_step("resnet", batch, size, 3, compile=True, width=width)
+    if smoke:
+        made.pop("torch.compile")
+    return made
+
+
+def train_steps(made, repeats, n):
+    """Interleaved timing of every contender; paired ratios against the first one."""
+    built, compile_s = {}, {}
+    for name, build in made.items():
+        try:
+            step, state, data = build()
+            start = time.perf_counter()
+            state = S.sync(step(state, data))
+            compile_s[name] = time.perf_counter() - start
+            built[name] = [step, state, data]
+        except Exception as e:  # a missing peer
+            print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    times = {name: [] for name in built}
+    for _ in range(repeats):
+        for name, entry in built.items():
+            step, _, data = entry
+            entry[1] = S.sync(step(entry[1], data))
+            start = time.perf_counter()
+            for _ in range(n):
+                entry[1] = step(entry[1], data)
+            S.sync(entry[1])
+            times[name].append((time.perf_counter() - start) / n)
+    base = times[next(iter(times))]
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "compile_s": compile_s[name],
+                   "paired_vs_first": statistics.median(a / b for a, b in zip(t, base))} for name, t in times.items()}
+
+
+def temp_memory(smoke):
+    sizes = dict(c1=4, c2=8, hidden=16) if smoke else LENET
+    result = {}
+    for impl in ("xla", "im2col"):
+        net = lenet(impl, **sizes)
+        params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+        x, y = _images(64, 28, 1)
+        for name, fn in (("purenet", lambda p: handwritten(net, p, state, x, y)[0]),
+                         ("jax.grad", lambda p: autodiff(net, p, state, x, y)[0])):
+            analysis = jax.jit(fn).lower(params).compile().memory_analysis()
+            result[f"{name} ({impl})"] = analysis.temp_size_in_bytes / 2**20 if analysis else None
+    return result
+
+
+def epoch(repeats, smoke):
+    """One epoch of n images at batch 64: pn.train_epoch (one scan) against PyTorch's Python loop."""
+    import torch
+
+    n, sizes = (256, dict(c1=4, c2=8, hidden=16)) if smoke else (8000, LENET)
+    x, y = _images(n, 28, 1)
+    net, opt = lenet(**sizes), pn.optim.adam(LR)
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+    ts = pn.TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
+    run = jax.jit(lambda ts, key: pn.train_epoch(net, opt, ts, x, y, key, batch_size=64)[0])
+    jax.block_until_ready(run(ts, jax.random.key(1)))
+    step, carry, _ = torch_step("lenet", 64, 28, 1, **sizes)
+    xt, yt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()), torch.from_numpy(np.asarray(y, np.int64))
+
+    def torch_epoch():
+        order = torch.randperm(n)
+        for i in range(n // 64):
+            index = order[i * 64:(i + 1) * 64]
+            step(carry, (xt[index], yt[index]))
+
+    torch_epoch()
+    times = {"purenet scan": [], "pytorch eager loop": []}
+    for r in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(ts, jax.random.key(r)))
+        times["purenet scan"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch_epoch()
+        times["pytorch eager loop"].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for name, t in times.items()}
+
+
+def per_example_norms(repeats, smoke):
+    sizes, batch = (dict(c1=4, c2=8, hidden=16), 16) if smoke else (LENET, 256)
+    net = lenet(**sizes)
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+    x, y = _images(batch, 28, 1)
+    ours = jax.jit(lambda p, x, y: pn.per_example_grad_norms(net, p, state, x, y))
+
+    def vmap_grad(p, x, y):
+        g = jax.vmap(lambda xi, yi: jax.grad(lambda q: pn.loss(net, q, state, xi[None], yi[None])[0])(p))(x, y)
+        return jnp.sqrt(sum(jnp.sum(v.reshape(batch, -1) ** 2, 1) for v in jax.tree_util.tree_leaves(g)))
+
+    ref = jax.jit(vmap_grad)
+    np.testing.assert_allclose(ours(params, x, y), ref(params, x, y), rtol=1e-3)
+    result = {}
+    for name, fn in (("purenet per_example_grad_norms", ours), ("vmap(jax.grad)", ref)):
+        analysis = fn.lower(params, x, y).compile().memory_analysis()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(params, x, y).block_until_ready()
+            times.append(time.perf_counter() - start)
+        result[name] = {"median_s": statistics.median(times),
+                        "temp_MiB": analysis.temp_size_in_bytes / 2**20 if analysis else None}
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every case tiny and once (CI)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20, help="train steps timed per repeat")
+    parser.add_argument("--json", default="cnn_results.json")
+    args = parser.parse_args()
+    repeats, n = (1, 2) if args.smoke else (args.repeats, args.steps)
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
+               "command": " ".join(["python -m benchmarks.cnn", *sys.argv[1:]]), "train_step": {}}
+    cases = [("lenet", 8)] if args.smoke else [("lenet", 64), ("lenet", 128), ("resnet", 64)]
+    for case, batch in cases:
+        key = f"{case} @ batch {batch}"
+        print(f"train step {key}", flush=True)
+        res = results["train_step"][key] = train_steps(contenders(case, batch, args.smoke), repeats, n)
+        for name, r in res.items():
+            print(f"  {name:<20} {r['median_s'] * 1e3:8.2f} ms  ({r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f})  "
+                  f"paired {r['paired_vs_first']:.2f}x purenet (xla)  compile {r['compile_s']:.1f} s")
+        _save(results, args.json)
+    sections = [("temp_memory_MiB", lambda: temp_memory(args.smoke)), ("epoch", lambda: epoch(repeats, args.smoke)),
+                ("per_example_norms", lambda: per_example_norms(repeats, args.smoke))]
+    for name, run in sections:
+        results[name] = run()
+        print(f"{name}: {json.dumps(results[name], indent=1)}", flush=True)
+        _save(results, args.json)
+
+
+def _save(results, path):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

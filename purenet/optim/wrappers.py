@@ -1,0 +1,64 @@
+"""Optimizers around optimizers: freezing parameters, and a moving average of them.
+
+    opt = pn.optim.masked(pn.optim.adamw(1e-3), trainable)   # trainable: a tree of bools like params
+    opt = pn.optim.ema(pn.optim.adam(1e-3), decay=0.999)     # evaluate with pn.optim.ema_params(opt_state)
+"""
+import jax
+import jax.numpy as jnp
+
+from purenet._checks import check_hyperparameter
+from purenet.optim import tree
+from purenet.optim.base import Optimizer, Transform
+
+
+def _leaf_mask(params, trainable):
+    """`trainable` (a tree of bools, or a function of params returning one) checked against params."""
+    mask = trainable(params) if callable(trainable) else trainable
+    tree.check_matching(params, jax.tree_util.tree_map(lambda p, m: jnp.zeros_like(p), params, mask),
+                        what="the trainable mask")
+    return mask
+
+
+def masked(opt, trainable):
+    """Train only the leaves where `trainable` is True; the others stay bit-identical.
+
+    The frozen leaves' gradients are zeroed before the chain (so global-norm
+    clipping sees the trainable ones alone) and their update directions after
+    it (so weight decay or momentum cannot move them): the trainable leaves
+    follow exactly the trajectory of `opt` on the trainable subset.
+    `trainable` is a tree of Python bools shaped like params (e.g. built
+    with jax.tree_util.tree_map_with_path) or a function params -> that tree.
+    A frozen layer's weight gradient is still computed by `value_and_grad`;
+    wrap the layer in `pn.Frozen` to skip it.
+    """
+
+    def zero_frozen(d, slots, params, count):
+        mask = _leaf_mask(params, trainable)
+        return tree.map(lambda d, m: d if m else jnp.zeros_like(d), d, mask), slots
+
+    freeze = Transform(init=lambda params: (), update=zero_frozen)
+    return Optimizer((freeze, *opt.transforms, freeze), opt.learning_rate, opt.guard)
+
+
+def ema(opt, decay=0.999):
+    """Keep an exponential moving average of the params (Polyak averaging) in the optimizer state:
+
+        avg_0 = params_0,   avg_t = decay avg_{t-1} + (1 - decay) params_t   after step t.
+
+    The average sits in the last slot; `ema_params(opt_state)` reads it. It
+    does not change training. `fit(..., evaluate_with_ema=True)` validates
+    (and returns) the averaged params.
+    """
+    check_hyperparameter("ema decay", decay, 0.0, 1.0)
+
+    def after(average, params, count):
+        return tree.map(lambda a, p: (decay * a + (1 - decay) * p).astype(a.dtype), average, params)
+
+    average = Transform(init=lambda params: tree.map(jnp.asarray, params),
+                        update=lambda d, slots, params, count: (d, slots), after=after)
+    return Optimizer((*opt.transforms, average), opt.learning_rate, opt.guard)
+
+
+def ema_params(opt_state):
+    """The moving average of the params kept by `ema` (its last slot)."""
+    return opt_state.slots[-1]

@@ -1,0 +1,28 @@
+"""Training as composed pure pieces (the lecture's loop: compute y_hat, compute L, update, till satisfied).
+
+    grad_fn(net, loss, l2)            (params, state, x, y, key) -> (loss, grads, state)
+      dp_sgd(net, dp, ...), accumulate(fn, k)        wrappers of the same signature
+      mixed_precision(net, pn.Precision(...), ...)   bfloat16 / float16 compute, float32 master params
+    make_step(grad_fn, opt, augment, mesh)           one pure update
+    run_epoch(step, ...)                             a lax.scan of the step over an epoch's batches
+    train(...)                                       every epoch in one scan: jittable, vmappable
+    fit(...)                                         the thin driver: checks, progress, checkpoints
+    sweep(...)                                       a grid of `train` runs, vmapped
+    EarlyStopping                                    a pure state machine over epochs
+
+Each option of `fit` and `train` builds one piece; none is threaded
+through the others.
+"""
+from purenet.training.checks import check_data
+from purenet.training.early_stopping import EarlyStopping, EarlyStoppingState
+from purenet.training.fit import FitResult, fit
+from purenet.training.gradients import accumulate, dp_sgd, grad_fn
+from purenet.training.loop import TrainState, run_epoch, train, train_epoch
+from purenet.training.precision import Precision, mixed_precision
+from purenet.training.step import make_step
+from purenet.training.sweep import SweepResult, sweep
+
+__all__ = [
+    "EarlyStopping", "EarlyStoppingState", "FitResult", "Precision", "SweepResult", "TrainState", "accumulate", "check_data",
+    "dp_sgd", "fit", "grad_fn", "make_step", "mixed_precision", "run_epoch", "sweep", "train", "train_epoch",
+]

@@ -1,0 +1,71 @@
+"""Eager checks every entry point (fit, train, sweep) runs before training."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purenet import distributed, losses, network
+from purenet._checks import check_finite_rows, check_float_input, check_hyperparameter
+from purenet.layers.base import id_layer
+
+
+def is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def batch_size_of(n, batch_size):
+    if batch_size is None:
+        return n
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None (full batch), got {batch_size!r}")
+    return min(int(batch_size), n)
+
+
+def check_arguments(epochs, batch_size, l2, checkpoint_every=1, accumulate=1):
+    """Eager checks of the run's arguments, each error naming the argument."""
+    if not is_int(accumulate) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {accumulate!r}")
+    if not is_int(epochs) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    batch_size_of(1, batch_size)
+    check_hyperparameter("l2", l2, 0.0, None)
+    if not is_int(checkpoint_every) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer (epochs), got {checkpoint_every!r}")
+
+
+def check_data(net, x, y, loss, params, state, name="x"):
+    """Eager checks every entry point runs before training: dtypes, shapes, finiteness, label ranges.
+
+    params and state may be abstract (jax.ShapeDtypeStruct); value checks
+    run when x and y are concrete.
+    """
+    check_float_input(x, name, ids=id_layer(net))
+    if jnp.ndim(y) == 0:
+        raise ValueError(f"{name}'s targets must have a batch axis, got a scalar")
+    if jnp.shape(y)[0] != jnp.shape(x)[0]:
+        raise ValueError(f"{name} has {jnp.shape(x)[0]} rows but its targets have {jnp.shape(y)[0]}")
+    check_finite_rows(x, name)
+    out = jax.eval_shape(lambda p, s, x: network.forward(net, p, s, x)[0], params, state,
+                         jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+    loss_fn = losses.get(loss)
+    if isinstance(loss, losses.Loss):  # a user's loss judges its own targets (and its shapes are checked)
+        jax.eval_shape(losses.checked(loss_fn).backward, out, jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)))
+        return
+    target_check = losses.class_targets if loss == "cross_entropy" else losses.value_targets
+    target_check(loss, jnp.zeros(out.shape, out.dtype), y)
+
+
+def check_inputs(net, x, y, validation, loss, params, state):
+    """check_data on the training data and the validation data, if any."""
+    check_data(net, x, y, loss, params, state)
+    if validation is not None:
+        check_data(net, *validation, loss, params, state, name="validation x")
+
+
+def check_monitor(early_stopping, validation):
+    if early_stopping is not None and early_stopping.monitor != "loss" and validation is None:
+        raise ValueError(f"EarlyStopping monitors {early_stopping.monitor!r}, which needs validation data")
+
+
+def check_divisible(mesh, n, batch_size):
+    if mesh is not None:
+        distributed.check_divisible(batch_size_of(n, batch_size), mesh)

@@ -1,0 +1,217 @@
+"""`fit`: the thin driver around `train`'s pieces: checks, a jitted epoch at a time,
+progress bar, validation, early stopping (restoring the best params), and
+checkpoints that resume bit-identically.
+"""
+import hashlib
+import os
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purenet import distributed
+from purenet.optim import ema_params
+from purenet.training.checks import check_arguments, check_divisible, check_inputs, check_monitor
+from purenet.training.loop import as_arrays, build_step, epoch_with_metrics, init_run
+
+
+class FitResult(NamedTuple):
+    params: Any
+    state: Any
+    opt_state: Any
+    history: dict
+    stopped_epoch: Any = None  # the epoch early stopping fired at (None if it did not)
+
+
+def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
+        params=None, state=None, validation=None, early_stopping=None, augment=None,
+        progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None, dp=None,
+        diagnostics=None, statistics=None, accumulate=1, evaluate_with_ema=False, precision=None):
+    """Train `net` with `opt` on data = (x, y); see `purenet.training.loop` for batching and keys.
+
+    validation=(x_val, y_val) adds val_loss and val_accuracy to the history
+    each epoch; early_stopping=pn.EarlyStopping(...) stops the run (and, with
+    restore_best, returns the best params); augment=(key, x, y) -> (x, y) is
+    applied to every training batch; progress=True shows a tqdm bar.
+
+    checkpoint=path saves the whole run (optimizer and model state, epoch,
+    early stopping, history, key) every `checkpoint_every` epochs and at the
+    end, atomically (see purenet.checkpoint). With resume=True a run whose
+    checkpoint exists continues from it, bit-identical to a run that was
+    never interrupted; without the file it starts fresh. The path is checked
+    writable before training; a save that fails later warns and training goes
+    on. Resuming with other data, validation or diagnostics data than the run
+    that wrote the file is a CheckpointError naming which.
+
+    mesh=pn.distributed.data_mesh() trains data-parallel: each batch is split
+    over the mesh's devices (batch_size must divide evenly), params and
+    state are replicated, and XLA reduces gradients and batch-norm
+    statistics over the global batch. dp=pn.DPSGD(clip_norm, noise_multiplier)
+    trains with DP-SGD's per-example clipping and Gaussian noise.
+    diagnostics=(x_probe, y_probe) records purenet.diagnostics.gradient_flow
+    on that batch and each Dense layer's update_ratio every epoch (arrays of
+    shape (epochs, layers) in the history); it does not change training.
+    statistics=(x_probe, y_probe) records pn.stats.gradient_noise on that
+    batch every epoch: noise_scale (B_simple), trace_cov, grad_sq_norm and
+    fisher_trace (the empirical Fisher's trace, mean_i |g_i|^2). With a
+    K-FAC optimizer (pn.optim.kfac) each step computes the batch's factors.
+    accumulate=k runs each batch as k micro-batches in a scan and averages
+    their gradients: the update of the whole batch with a k-times smaller
+    working set (BatchNorm then normalises per micro-batch).
+    evaluate_with_ema=True (with an optimizer from `pn.optim.ema`) validates,
+    early-stops on and returns the parameter average instead of the params.
+    precision=pn.Precision(compute="bfloat16") trains in mixed precision:
+    float32 params and optimizer, bfloat16 activations and matmuls (see
+    `purenet.training.precision`; float16 with loss_scale and apply_if_finite).
+
+    Returns FitResult(params, state, opt_state, history, stopped_epoch), with
+    history a dict of numpy arrays over the epochs run.
+    """
+    check_arguments(epochs, batch_size, l2, checkpoint_every, accumulate)
+    x, y, validation = as_arrays(data, validation)
+    check_monitor(early_stopping, validation)
+    train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
+    check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
+    if checkpoint is not None:
+        from purenet.checkpoint import check_writable
+
+        check_writable(checkpoint)  # fail now, not after the last epoch
+    es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
+    probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
+    stats_probe = None if statistics is None else (jnp.asarray(statistics[0]), jnp.asarray(statistics[1]))
+    data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
+    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
+                      precision=precision)
+    run = jax.jit(epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2,
+                                     early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema))
+    records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe, stats_probe)
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        metrics = set(jax.eval_shape(run, (train_state, es), data)[1])
+        train_state, es, records = _resume(checkpoint, key, train_state, es, inputs, metrics)
+    data, train_state, es = place(mesh, data, batch_size, train_state, es)
+    stopped_epoch = None
+    if es is not None and bool(es.stopped):
+        stopped_epoch = int(train_state.epoch) - 1
+    bar = _progress(epochs) if progress else None
+    if bar is not None:
+        bar.update(int(train_state.epoch))
+    while stopped_epoch is None and int(train_state.epoch) < epochs:
+        (train_state, es), record = run((train_state, es), data)
+        records.append(jax.device_get(record))
+        done = int(train_state.epoch)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{float(v):.4g}" for k, v in records[-1].items()
+                             if k != "learning_rate" and np.ndim(v) == 0})
+        if es is not None and bool(es.stopped):
+            stopped_epoch = done - 1
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs or stopped_epoch is not None):
+            _save_run(checkpoint, key, train_state, es, records, inputs)
+    if bar is not None:
+        bar.close()
+    history = _stack(records)
+    params, model_state = train_state.opt_state.params, train_state.model_state
+    if evaluate_with_ema:
+        params = ema_params(train_state.opt_state)
+    if es is not None and early_stopping.restore_best and int(es.best_epoch) >= 0:
+        params, model_state = es.best_params, es.best_model_state
+    return FitResult(params, model_state, train_state.opt_state, history, stopped_epoch)
+
+
+def _stack(records):
+    return {k: np.array([r[k] for r in records]) for k in records[0]} if records else {}
+
+
+def _fingerprints(x, y, validation, probe, stats_probe):
+    """SHA-256 of each input that shapes a run's history (None where absent), to check a resume against."""
+    def digest(arrays):
+        if arrays is None:
+            return None
+        h = hashlib.sha256()
+        for a in map(np.asarray, arrays):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return np.frombuffer(h.digest(), np.uint8)
+
+    return {"data": digest((x, y)), "validation": digest(validation), "diagnostics": digest(probe),
+            "statistics": digest(stats_probe)}
+
+
+# What each fingerprint is, and the argument that passes it.
+_INPUTS = {"data": ("training data", "data"), "validation": ("validation data", "validation="),
+           "diagnostics": ("diagnostics probe", "diagnostics="),
+           "statistics": ("statistics probe", "statistics=")}
+
+
+def _save_run(path, key, train_state, es, records, inputs):
+    """Save the run; a failed save warns and training goes on (the result is never lost)."""
+    from purenet import checkpoint
+
+    try:
+        checkpoint.save(path, {"train_state": train_state, "early_stopping": es,
+                               "history": _stack(records), "key": key, "inputs": inputs})
+    except OSError as e:
+        warnings.warn(f"could not save checkpoint {path} after epoch {int(train_state.epoch)} ({e}); "
+                      f"training goes on and fit still returns its result", RuntimeWarning, stacklevel=3)
+
+
+def _check_same_inputs(path, saved, inputs):
+    """Raise naming the input that differs from the run that wrote the checkpoint."""
+    from purenet.checkpoint import CheckpointError
+
+    for name, (what, argument) in _INPUTS.items():
+        old, new = saved.get(name), inputs[name]
+        if old is None and new is None:
+            continue
+        if old is None:
+            raise CheckpointError(f"{path} was written by a run without {what}; resume without {argument} "
+                                  f"(or use another checkpoint path)")
+        if new is None:
+            raise CheckpointError(f"{path} was written by a run with {what}; pass the same {argument} to resume")
+        if not np.array_equal(np.asarray(old), new):
+            raise CheckpointError(f"{path} was written with different {what} (shape, dtype or values); "
+                                  f"resume with the original {argument} (or use another checkpoint path)")
+
+
+def _resume(path, key, train_state, es, inputs, metrics):
+    from purenet import checkpoint
+
+    likes = {"train_state": train_state} if es is None else {"train_state": train_state, "early_stopping": es}
+    saved = checkpoint.load_entries(path, likes)  # structure from this run's state: field names must match
+    if not {"train_state", "early_stopping", "history", "key"} <= set(saved):
+        raise checkpoint.CheckpointError(f"{path} is not a checkpoint of a fit run")
+    if isinstance(saved.get("inputs"), dict):  # absent in checkpoints of older versions
+        _check_same_inputs(path, saved["inputs"], inputs)
+    if not np.array_equal(jax.random.key_data(saved["key"]), jax.random.key_data(key)):
+        raise checkpoint.CheckpointError(f"{path} was written by a run with a different key; "
+                                         f"resume with the same key (or use another checkpoint path)")
+    train_state = saved["train_state"]
+    if es is not None:
+        if saved["early_stopping"] is None:
+            raise checkpoint.CheckpointError(f"{path} was written by a run without early stopping")
+        es = saved["early_stopping"]
+    history = {k: np.asarray(v) for k, v in saved["history"].items()}
+    if history and set(history) != metrics:
+        raise checkpoint.CheckpointError(f"{path} records the metrics {sorted(history)}, this run records "
+                                         f"{sorted(metrics)}; resume with the same validation=, diagnostics= "
+                                         f"and statistics=")
+    records = [{k: v[i] for k, v in history.items()} for i in range(int(train_state.epoch))]
+    return train_state, es, records
+
+
+def _progress(total):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:  # pragma: no cover - tqdm is in the examples extra
+        raise ImportError("progress=True needs tqdm: pip install 'purenet[examples]'") from e
+    return tqdm(total=total, unit="epoch")
+
+
+def place(mesh, data, batch_size, train_state, es):
+    """With a mesh: check the batch divides over it; replicate data and state on it."""
+    if mesh is None:
+        return data, train_state, es
+    check_divisible(mesh, data[0].shape[0], batch_size)
+    return distributed.replicate((data, train_state, es), mesh)

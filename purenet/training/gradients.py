@@ -1,0 +1,100 @@
+"""A gradient function is a value: grad_fn(params, state, x, y, key) -> (loss, grads, state).
+
+`grad_fn(net, loss, l2)` is the handwritten `value_and_grad` in training
+mode; the others wrap a gradient function or a network and return a
+function of the same signature, so a training step composes them:
+
+    fn = accumulate(dp_sgd(net, pn.DPSGD(1.0, 1.1)), micro_batches=4)
+
+`key` is the step's randomness (dropout masks; DP-SGD's noise).
+"""
+import jax
+import jax.numpy as jnp
+
+from purenet import network, per_example
+
+
+def grad_fn(net, loss="cross_entropy", l2=0.0):
+    """The loss and its handwritten gradient on one batch, in training mode."""
+
+    def fn(params, state, x, y, key):
+        return network.value_and_grad(net, params, state, x, y, loss=loss, l2=l2, train=True, key=key)
+
+    return fn
+
+
+def dp_sgd(net, dp, loss="cross_entropy", l2=0.0):
+    """DP-SGD's clipped, noised gradient (`pn.clipped_value_and_grad`) for dp = pn.DPSGD(...).
+
+    Dropout draws from `key`, the noise from fold_in(key, 2).
+    """
+
+    def fn(params, state, x, y, key):
+        return per_example.clipped_value_and_grad(
+            net, params, state, x, y, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
+            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key)
+
+    return fn
+
+
+def accumulate(fn, micro_batches):
+    """Run each batch as `micro_batches` equal micro-batches in a `lax.scan` and average.
+
+    The loss is a mean over examples, so the mean of the micro-batches'
+    losses and gradients is the whole batch's (to rounding): the same update
+    with a k-times smaller working set. Model state threads through the
+    micro-batches in order, so BatchNorm normalises each micro-batch by its
+    own statistics and updates its running statistics k times; micro-batch
+    i draws its randomness from fold_in(key, i).
+    """
+    k = int(micro_batches)
+    if k < 1 or k != micro_batches:
+        raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {micro_batches!r}")
+    if k == 1:
+        return fn
+
+    def accumulated(params, state, x, y, key):
+        n = x.shape[0]
+        if n % k:
+            raise ValueError(f"a batch of {n} examples does not split into {k} equal micro-batches "
+                             f"(accumulate={k}); choose a batch_size that is a multiple of {k}")
+        split = lambda a: jnp.reshape(a, (k, n // k, *a.shape[1:]))  # noqa: E731
+
+        def micro(carry, inputs):
+            state, total, grads = carry
+            i, xb, yb = inputs
+            value, g, state = fn(params, state, xb, yb, jax.random.fold_in(key, i))
+            return (state, total + value, jax.tree_util.tree_map(jnp.add, grads, g)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        start = (state, jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(params), jnp.float32)), zeros)
+        (state, total, grads), _ = jax.lax.scan(micro, start, (jnp.arange(k), split(x), split(y)))
+        return total / k, jax.tree_util.tree_map(lambda g: g / k, grads), state
+
+    return accumulated
+
+
+def kfac(net, loss="cross_entropy", l2=0.0):
+    """The gradient and the batch's K-FAC factors from one pass (`pn.stats.kfac_value_and_grad`):
+    (params, state, x, y, key) -> (loss, (grads, factors), state), for a `pn.optim.kfac` optimizer."""
+    from purenet import stats
+
+    def fn(params, state, x, y, key):
+        value, grads, factors, state = stats.kfac_value_and_grad(net, params, state, x, y, loss=loss, l2=l2,
+                                                                  train=True, key=key)
+        return value, (grads, factors), state
+
+    return fn
+
+
+def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None):
+    """The gradient function `fit` and `train` build from their options."""
+    from purenet.training.precision import mixed_precision
+
+    if dp is not None and precision is not None:
+        raise ValueError("dp= and precision= do not combine yet: DP-SGD computes in the params' dtype")
+    if precision is not None:
+        fn = mixed_precision(net, precision, loss, l2)
+    else:
+        fn = grad_fn(net, loss, l2) if dp is None else dp_sgd(net, dp, loss, l2)
+    return accumulate(fn, accumulate_steps)

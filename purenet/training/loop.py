@@ -1,0 +1,186 @@
+"""Epochs and whole runs as scans of a training step.
+
+    run_epoch(step, train_state, x, y, key, batch_size)   one epoch: a scan of `step` over its batches
+    train_epoch(net, opt, train_state, x, y, key, ...)    the same, with the step built from options
+    train(net, opt, data, key=..., epochs=...)            every epoch in one scan: jittable, vmappable
+
+Batches: batch_size=None is full-batch gradient descent, 1 is stochastic
+gradient descent, anything else mini-batch. Each epoch uses n // batch_size
+full batches of a fresh permutation; the n mod batch_size examples left at
+the end of that permutation wait for the next epoch. Since the permutation
+is new every epoch, no example is left out for good (each is skipped in an
+epoch with probability (n mod batch_size) / n). A batch_size above n is n.
+
+Keys: a run's key k gives the initial params from fold_in(k, 0) (when none
+are passed); epoch e shuffles with purenet.shuffle.permutation(k1, n, salt=e),
+k1 = fold_in(k, 1), and step i of epoch e draws from fold_in(fold_in(k1, e), i + 1).
+The same key gives bit-identical results; nothing reads global random state.
+"""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from purenet import diagnostics, metrics, network, shuffle
+from purenet._checks import check_float_input
+from purenet.initializers import default_float
+from purenet.layers.base import id_layer
+from purenet import stats
+from purenet.optim import KFAC, ema_params
+from purenet.training.checks import (batch_size_of, check_arguments, check_divisible, check_inputs,
+                                     check_monitor)
+from purenet.training.gradients import gradients, kfac
+from purenet.training.step import make_step
+
+
+class TrainState(NamedTuple):
+    """What a run carries between epochs: optimizer state (with params), model state, epochs done."""
+
+    opt_state: Any
+    model_state: Any
+    epoch: jnp.ndarray
+
+
+def run_epoch(step, train_state, x, y, key, batch_size=64):
+    """One epoch of `step` (see `make_step`) over (x, y): returns (train_state, mean loss of its batches)."""
+    n = x.shape[0]
+    bs = batch_size_of(n, batch_size)
+    steps = n // bs
+    order = jnp.arange(n) if bs == n else shuffle.permutation(key, n, salt=train_state.epoch)
+    key = jax.random.fold_in(key, train_state.epoch)
+    batches = order[: steps * bs].reshape(steps, bs)
+
+    def body(carry, inputs):
+        index, i = inputs
+        return step(carry, (x[index], y[index], jax.random.fold_in(key, i + 1)))
+
+    (opt_state, model_state), values = jax.lax.scan(
+        body, (train_state.opt_state, train_state.model_state), (batches, jnp.arange(steps)))
+    return TrainState(opt_state, model_state, train_state.epoch + 1), jnp.mean(values)
+
+
+def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=None, dp=None, accumulate=1,
+               precision=None):
+    """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...).
+
+    A K-FAC optimizer (pn.optim.kfac) gets the batch's factors from the same pass.
+    """
+    if isinstance(opt, KFAC):
+        if dp is not None or accumulate != 1 or precision is not None:
+            raise ValueError("a K-FAC optimizer does not combine with dp=, accumulate= or precision=")
+        return make_step(kfac(net, loss, l2), opt, augment=augment, mesh=mesh, with_factors=True)
+    return make_step(gradients(net, loss, l2, dp, accumulate, precision), opt, augment=augment, mesh=mesh)
+
+
+def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
+                l2=0.0, augment=None, mesh=None, dp=None, accumulate=1, precision=None):
+    """One epoch over (x, y): returns (train_state, mean training loss of its batches).
+
+    With a `mesh` (see purenet.distributed) every batch is split over its
+    devices and XLA reduces the gradients across them. With dp=pn.DPSGD(...)
+    each step uses DP-SGD's clipped, noised gradient; with accumulate=k each
+    batch runs as k micro-batches (see `purenet.training.gradients.accumulate`);
+    with precision=pn.Precision(...) in mixed precision (see `purenet.training.precision`).
+    """
+    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
+                      precision=precision)
+    return run_epoch(step, train_state, x, y, key, batch_size)
+
+
+def evaluate(net, params, model_state, validation, loss):
+    xv, yv = validation
+    value, _ = network.loss(net, params, model_state, xv, yv, loss=loss)
+    return {"val_loss": value, "val_accuracy": metrics.accuracy(net, params, model_state, xv, yv)}
+
+
+def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evaluate_with_ema=False):
+    """run((train_state, es), (x, y, validation, key, probe, stats_probe)) -> ((train_state, es), record).
+
+    The data are arguments, not closed-over constants, so a jitted `run`
+    neither bakes the data set into the program nor recompiles for new data.
+    With evaluate_with_ema the validation metrics and early stopping read the
+    parameter average that `pn.optim.ema` keeps.
+    """
+
+    def run(carry, data):
+        (train_state, es), (x, y, validation, key, probe, stats_probe) = carry, data
+        epoch = train_state.epoch
+        before = train_state.opt_state.params
+        train_state, mean_loss = run_epoch(step, train_state, x, y, key, batch_size)
+        record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate}
+        params = ema_params(train_state.opt_state) if evaluate_with_ema else train_state.opt_state.params
+        if validation is not None:
+            record.update(evaluate(net, params, train_state.model_state, validation, loss))
+        if probe is not None:
+            after = train_state.opt_state.params
+            record.update(diagnostics.gradient_flow(net, after, train_state.model_state, *probe, loss=loss, l2=l2))
+            record["update_ratio"] = diagnostics.update_ratio(net, before, after)
+        if stats_probe is not None:
+            noise = stats.gradient_noise(net, train_state.opt_state.params, train_state.model_state, *stats_probe,
+                                         loss=loss, l2=l2)
+            record.update(noise_scale=noise.b_simple, trace_cov=noise.trace_cov, grad_sq_norm=noise.grad_sq_norm,
+                          fisher_trace=noise.mean_sq_norm)
+        if early_stopping is not None:
+            es = early_stopping.update(es, record[early_stopping.monitor], epoch, params, train_state.model_state)
+        return (train_state, es), record
+
+    return run
+
+
+def init_run(net, opt, x, key, params, state, dtype=None):
+    check_float_input(x, ids=id_layer(net))
+    declared = getattr(net, "in_shape", None)
+    if params is None and declared is not None and tuple(declared) != tuple(x.shape[1:]):
+        what = f"inputs of width {declared[0]}" if len(declared) == 1 else f"examples of shape {declared}"
+        raise ValueError(f"the network is declared for {what} (its in_shape), got x of shape {x.shape}; "
+                         f"build it for {x.shape[1:]} or pass matching data")
+    if params is None:
+        dtype = dtype or (x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else default_float())
+        params, init_state = network.init(net, jax.random.fold_in(key, 0), in_shape=x.shape[1:], dtype=dtype)
+        state = init_state if state is None else state
+    if state is None:
+        raise ValueError("pass the model state together with params (pn.init returns both)")
+    return TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
+
+
+def as_arrays(data, validation):
+    x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
+    if validation is not None:
+        validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
+    return x, y, validation
+
+
+def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
+          params=None, state=None, validation=None, early_stopping=None, augment=None, mesh=None, dp=None,
+          accumulate=1, evaluate_with_ema=False, precision=None):
+    """A whole training run, every epoch inside one `lax.scan`: pure, jittable, vmappable.
+
+    Returns (train_state, history, es_state): history maps each metric to an
+    array over epochs; once early stopping fires, later epochs are skipped
+    (their history entries are NaN). The data are checked as `fit` checks
+    them (value checks need concrete data: under jit only shapes and dtypes).
+    Use `fit` for the same with progress and best-params restoring done for you.
+    """
+    check_arguments(epochs, batch_size, l2, accumulate=accumulate)
+    x, y, validation = as_arrays(data, validation)
+    check_monitor(early_stopping, validation)
+    train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
+    check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
+    es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
+    check_divisible(mesh, x.shape[0], batch_size)
+    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
+                      precision=precision)
+    epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
+                                  evaluate_with_ema=evaluate_with_ema)
+    data = (x, y, validation, jax.random.fold_in(key, 1), None, None)
+    run = lambda carry: epoch_fn(carry, data)  # noqa: E731
+    record_shape = jax.eval_shape(run, (train_state, es))[1]
+
+    def body(carry, _):
+        if early_stopping is None:
+            return run(carry)
+        skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), record_shape)
+        return jax.lax.cond(carry[1].stopped, lambda c: (c, skipped), run, carry)
+
+    (train_state, es), history = jax.lax.scan(body, (train_state, es), None, length=epochs)
+    return train_state, history, es
