@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, save
+from _common import epochs, save
 
 
 def main():
