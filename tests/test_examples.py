@@ -58,40 +58,22 @@ def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, ex
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
-def test_mnist_example_in_fast_mode(tmp_path):
-    if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"the shared MNIST files are not at {MNIST}")
-    out = run_example("mnist_mlp.py", "--data", str(MNIST), "--out", str(tmp_path / "m.png"), tmp_path=tmp_path)
-    assert "held-out accuracy" in out
-    assert (tmp_path / "m.png").stat().st_size > 10_000
-
-
-def test_mnist_cnn_example_in_fast_mode(tmp_path):
-    if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"the shared MNIST files are not at {MNIST}")
-    out = run_example("mnist_cnn.py", "--data", str(MNIST), "--out", str(tmp_path / "c.png"), tmp_path=tmp_path)
-    assert "images of shape (28, 28, 1)" in out and "held-out accuracy" in out
-    assert (tmp_path / "c.png").stat().st_size > 10_000
-
-
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def test_shakespeare_gpt_example_in_fast_mode(tmp_path):
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"the tiny Shakespeare corpus is not at {SHAKESPEARE}")
-    out = run_example("shakespeare_gpt.py", "--data", str(SHAKESPEARE), "--out", str(tmp_path / "g.png"),
-                      tmp_path=tmp_path)
-    assert "vocabulary 65" in out and "validation loss" in out and "sample (temperature 0.8)" in out
-    assert (tmp_path / "g.png").stat().st_size > 10_000
-
-
-def test_noise_scale_example_in_fast_mode(tmp_path):
-    if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"the shared MNIST files are not at {MNIST}")
-    out = run_example("noise_scale.py", "--data", str(MNIST), "--out", str(tmp_path / "n.png"), tmp_path=tmp_path)
-    assert "B_simple" in out and "x the minimum steps" in out
-    assert (tmp_path / "n.png").stat().st_size > 10_000
+@pytest.mark.parametrize("script,data,expect", [
+    ("mnist_mlp.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out accuracy"]),
+    ("mnist_cnn.py", MNIST / "t10k-images-idx3-ubyte.gz", ["images of shape (28, 28, 1)", "held-out accuracy"]),
+    ("noise_scale.py", MNIST / "t10k-images-idx3-ubyte.gz", ["B_simple", "x the minimum steps"]),
+    ("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
+])
+def test_example_on_shared_data_in_fast_mode(tmp_path, script, data, expect):
+    if not data.exists():
+        pytest.skip(f"the shared data file {data} is not there")
+    folder = data if data.suffix == ".txt" else data.parent
+    out = run_example(script, "--data", str(folder), "--out", str(tmp_path / "plot.png"), tmp_path=tmp_path)
+    assert all(line in out for line in expect), out
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
 def test_mnist_example_says_how_to_point_it_at_data(tmp_path):
