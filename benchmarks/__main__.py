@@ -228,20 +228,7 @@ def per_example_norms(repeats, smoke):
     net = pn.mlp(sizes)
     params, state = pn.init(net, jax.random.key(0))
     x, y = (jnp.asarray(a) for a in S._data(sizes, batch))
-    ours = jax.jit(lambda p, x, y: pn.per_example_grad_norms(net, p, state, x, y))
-
-    def vmap_grad(p, x, y):
-        g = jax.vmap(lambda xi, yi: jax.grad(lambda q: pn.loss(net, q, state, xi[None], yi[None])[0])(p))(x, y)
-        return jnp.sqrt(sum(jnp.sum(v.reshape(batch, -1) ** 2, 1) for v in jax.tree_util.tree_leaves(g)))
-
-    ref = jax.jit(vmap_grad)
-    np.testing.assert_allclose(ours(params, x, y), ref(params, x, y), rtol=1e-3)
-    result = {}
-    for name, fn in (("purenet per_example_grad_norms", ours), ("vmap(jax.grad)", ref)):
-        mem = fn.lower(params, x, y).compile().memory_analysis()
-        times = [clock(lambda: fn(params, x, y).block_until_ready(), 1) for _ in range(min(repeats, 3))]
-        result[name] = {**summary(times), "temp_MiB": mem.temp_size_in_bytes / 2**20 if mem else None}
-    return result
+    return S.per_example_norms_against_vmap(net, params, state, x, y, min(repeats, 3))
 
 
 # ---------------------------------------------------------------- report

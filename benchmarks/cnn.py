@@ -167,24 +167,9 @@ def torch_step(kind, batch, size, channels, compile=False, **sizes):
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    model = torch_model(kind, **sizes)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def train_step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-
-    if compile:
-        train_step = torch.compile(train_step)
-
-    def step(carry, data):
-        train_step(*data)
-        return carry
-
     x, y = (np.asarray(v) for v in _images(batch, size, channels))
-    return step, S.TorchSync(), (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y.astype(np.int64)))
+    return S.torch_adam_step(torch_model(kind, **sizes), torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                             torch.from_numpy(y.astype(np.int64)), compile)
 
 
 def contenders(case, batch, smoke):
@@ -288,25 +273,7 @@ def per_example_norms(repeats, smoke):
     net = lenet(**sizes)
     params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
     x, y = _images(batch, 28, 1)
-    ours = jax.jit(lambda p, x, y: pn.per_example_grad_norms(net, p, state, x, y))
-
-    def vmap_grad(p, x, y):
-        g = jax.vmap(lambda xi, yi: jax.grad(lambda q: pn.loss(net, q, state, xi[None], yi[None])[0])(p))(x, y)
-        return jnp.sqrt(sum(jnp.sum(v.reshape(batch, -1) ** 2, 1) for v in jax.tree_util.tree_leaves(g)))
-
-    ref = jax.jit(vmap_grad)
-    np.testing.assert_allclose(ours(params, x, y), ref(params, x, y), rtol=1e-3)
-    result = {}
-    for name, fn in (("purenet per_example_grad_norms", ours), ("vmap(jax.grad)", ref)):
-        analysis = fn.lower(params, x, y).compile().memory_analysis()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(params, x, y).block_until_ready()
-            times.append(time.perf_counter() - start)
-        result[name] = {"median_s": statistics.median(times),
-                        "temp_MiB": analysis.temp_size_in_bytes / 2**20 if analysis else None}
-    return result
+    return S.per_example_norms_against_vmap(net, params, state, x, y, repeats)
 
 
 def main():

@@ -167,13 +167,21 @@ def torch_step(sizes, batch, seed=0, dtype="float32", compile=False):
         layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
     tdtype = getattr(torch, dtype)
     model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1])).to(device, tdtype)
+    x, y = (np.array(v.astype(jnp.float32)) for v in _data(sizes, batch, seed, dtype))
+    return torch_adam_step(model, torch.from_numpy(x).to(device, tdtype), torch.from_numpy(y.astype(np.int64)).to(device),
+                           compile)
+
+
+def torch_adam_step(model, x, y, compile=False):
+    """(step, state, data) of one PyTorch train step (forward, cross-entropy, backward, Adam) on (x, y)."""
+    import torch
+
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def train_step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x).float(), y)
-        loss.backward()
+        loss_fn(model(x).float(), y).backward()
         opt.step()
 
     if compile:
@@ -183,8 +191,34 @@ def torch_step(sizes, batch, seed=0, dtype="float32", compile=False):
         train_step(*data)
         return carry
 
-    x, y = (np.array(v.astype(jnp.float32)) for v in _data(sizes, batch, seed, dtype))
-    return step, TorchSync(), (torch.from_numpy(x).to(device, tdtype), torch.from_numpy(y.astype(np.int64)).to(device))
+    return step, TorchSync(), (x, y)
+
+
+def per_example_norms_against_vmap(net, params, state, x, y, repeats):
+    """Time and temporary memory of pn.per_example_grad_norms against the vmap(jax.grad) construction."""
+    import statistics
+    import time
+
+    batch = x.shape[0]
+    ours = jax.jit(lambda p, x, y: pn.per_example_grad_norms(net, p, state, x, y))
+
+    def vmap_grad(p, x, y):
+        g = jax.vmap(lambda xi, yi: jax.grad(lambda q: pn.loss(net, q, state, xi[None], yi[None])[0])(p))(x, y)
+        return jnp.sqrt(sum(jnp.sum(v.reshape(batch, -1) ** 2, 1) for v in jax.tree_util.tree_leaves(g)))
+
+    ref = jax.jit(vmap_grad)
+    np.testing.assert_allclose(ours(params, x, y), ref(params, x, y), rtol=1e-3)
+    result = {}
+    for name, fn in (("purenet per_example_grad_norms", ours), ("vmap(jax.grad)", ref)):
+        analysis = fn.lower(params, x, y).compile().memory_analysis()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(params, x, y).block_until_ready()
+            times.append(time.perf_counter() - start)
+        result[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                        "temp_MiB": analysis.temp_size_in_bytes / 2**20 if analysis else None}
+    return result
 
 
 STEPS = {
