@@ -73,9 +73,10 @@ def test_cnn_per_example_grads_and_norms_equal_vmap_of_grad(case):
     check_per_example(case.net, x, y, loss=case.loss, params=params, state=state, l2=case.l2)
 
 
-@pytest.mark.parametrize("out_channels", [2, 40])  # T^2 <= kh kw C F picks the ghost norm; above it, dW_i
-def test_conv_per_example_norms_both_ways(out_channels):
-    layer = pn.Conv2D(out_channels, 3, padding="VALID")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("out_channels", [2, 40])  # T (K + F) < K F picks the ghost norm (40); else dW_i (2)
+def test_conv_per_example_norms_both_ways(out_channels, impl):
+    layer = pn.Conv2D(out_channels, 3, padding="VALID", implementation=impl)
     params, _, _ = layer.init(jax.random.key(0), (5, 5, 3))  # T = 9 output pixels
     x = jax.random.normal(jax.random.key(1), (4, 5, 5, 3))
     _, _, cache = layer.forward(params, {}, x)

@@ -30,11 +30,10 @@ from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers.base import ParameterFree, as_shape, shape_token, token_shape
 from purenet.layers import dense
-from purenet.layers.dense import per_example_grads, per_example_sq_norms
 
 IMPLEMENTATIONS = ("auto", "im2col", "xla")
 # What Conv2D(implementation="auto") runs, per backend, from benchmarks/cnn.py (see Conv2D's docstring).
-_FASTEST = {"cpu": "im2col", "gpu": "xla", "tpu": "xla"}
+_FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 
 
 # ---------------------------------------------------------------- geometry
@@ -151,6 +150,16 @@ def _check_images(owner, x):
                          f"got x of shape {jnp.shape(x)}")
 
 
+def _tap_dot(s, w):
+    """One tap's share of the output: S_tap (N, Ho, Wo, C) times W_tap (C, F)."""
+    return lax.dot_general(s, w, (((3,), (0,)), ((), ())))
+
+
+def _per_example_tap_grad(s, dy):
+    """S_tap,i^T g_i for every example i: (N, C, F)."""
+    return lax.dot_general(s, dy, (((1, 2), (1, 2)), ((0,), (0,))))
+
+
 # ---------------------------------------------------------------- XLA's own transposes
 
 
@@ -174,9 +183,28 @@ def _dw_pads(g):
 
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-# dx: dy (NHWC) with the kernel read as (kh, kw, out, in); dW: x and dy with batch and channels swapped.
-_DX = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1), out_spec=(0, 3, 1, 2))
-_DW = lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2), out_spec=(2, 3, 0, 1))
+
+
+def _conv(lhs, rhs, strides, pads, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
+    """lax.conv_general_dilated on NHWC / HWIO operands. Every convolution here, the
+    backward's included, is spelled in this one layout: XLA:CPU runs it on its fast
+    path inside loops too, where the layouts autodiff emits for the transposes fall
+    to a ~50x slower one (jax-ml/jax#12868), and fit's epochs are loops."""
+    return lax.conv_general_dilated(lhs, rhs, strides, pads, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                    dimension_numbers=_NHWC)
+
+
+def _conv_dx(dy, W, g):
+    """dL/dx: dy, dilated by the strides, convolved with the flipped kernel read as (kh, kw, F, C)."""
+    return _conv(dy, jnp.transpose(lax.rev(W, (0, 1)), (0, 1, 3, 2)), (1, 1), _dx_pads(g), g.strides, g.dilation)
+
+
+def _conv_dw(x, dy, g):
+    """dL/dW: x with batch and channels swapped (C, H, W, N) convolved with dy read as a
+    (Ho, Wo, N, F) kernel dilated by the strides; (C, kh, kw, F) back to (kh, kw, C, F)."""
+    dw = _conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), g.dilation, _dw_pads(g),
+               rhs_dilation=g.strides)
+    return jnp.transpose(dw, (1, 2, 0, 3))
 
 
 # ---------------------------------------------------------------- Conv2D
@@ -270,7 +298,7 @@ class Conv2D:
                              f"got x of shape {x.shape}")
         g = self._geometry(x.shape[1:3])
         if self._impl() == "xla":
-            y = lax.conv_general_dilated(x, W, g.strides, g.pads, rhs_dilation=g.dilation, dimension_numbers=_NHWC)
+            y = _conv(x, W, g.strides, g.pads, rhs_dilation=g.dilation)
             inputs = x
         else:
             inputs = patches(x, g)
@@ -283,9 +311,7 @@ class Conv2D:
         W = params["W"]
         g = self._geometry(token_shape(cache.in_hw))
         if self._impl() == "xla":
-            x = cache.inputs
-            dW = lax.conv_general_dilated(x, dy, g.dilation, _dw_pads(g), rhs_dilation=g.strides,
-                                          dimension_numbers=_DW)
+            dW = _conv_dw(cache.inputs, dy, g)
         else:
             p2, dy2 = cache.inputs.reshape(-1, cache.inputs.shape[-1]), dy.reshape(-1, dy.shape[-1])
             dW = lax.dot_general(dy2, p2, (((0,), (0,)), ((), ()))).T.reshape(W.shape)  # P^T g, as Dense
@@ -296,45 +322,89 @@ class Conv2D:
 
     def _dx(self, W, cache, dy, g):
         if self._impl() == "xla":
-            return lax.conv_general_dilated(dy, lax.rev(W, (0, 1)), (1, 1), _dx_pads(g), lhs_dilation=g.strides,
-                                            rhs_dilation=g.dilation, dimension_numbers=_DX)
+            return _conv_dx(dy, W, g)
         dp = lax.dot_general(dy, W.reshape(-1, W.shape[-1]), (((3,), (1,)), ((), ())))  # g W2^T
         c = W.shape[2]
         return untap([dp[..., t * c:(t + 1) * c] for t in range(len(g.taps()))], g)
 
+    def _taps(self, cache, g):
+        """Each tap's (N, Ho, Wo, C) input slice: cut from the cached patches (im2col), else from x."""
+        if self._impl() == "im2col":
+            p, n = cache.inputs, len(g.taps())
+            c = p.shape[-1] // n
+            return [p[..., t * c:(t + 1) * c] for t in range(n)]
+        return tap_slices(_pad(cache.inputs, g), g)
+
     def _patches(self, cache):
-        if self._impl() == "xla":
-            return patches(cache.inputs, self._geometry(token_shape(cache.in_hw)))
-        return cache.inputs
-
-    def per_example_backward(self, params, cache, dy):
-        """Example i's gradients: dW_i = P_i^T g_i (summed over its output pixels), db_i = sum g_i."""
-        W = params["W"]
-        grads = per_example_grads(self._patches(cache), dy, self.use_bias)
-        grads["W"] = grads["W"].reshape(dy.shape[0], *W.shape)
-        return grads, self._dx(W, cache, dy, self._geometry(token_shape(cache.in_hw)))
-
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        """||dW_i + l2 W||^2 + ||db_i||^2 on the patches, as a Dense layer's over positions:
-        the ghost norm over the T = Ho Wo output pixels when T^2 <= kh kw C F, else
-        dW_i formed, whichever takes less memory (see `dense.per_example_sq_norms`)."""
-        W = params["W"]
-        sq = per_example_sq_norms(self._patches(cache), dy, W.reshape(-1, W.shape[-1]), self.use_bias, l2)
-        return sq, self._dx(W, cache, dy, self._geometry(token_shape(cache.in_hw)))
+        if self._impl() == "im2col":
+            return cache.inputs
+        return patches(cache.inputs, self._geometry(token_shape(cache.in_hw)))
 
     def _dx_of(self, params, cache, dy):
         return self._dx(params["W"], cache, dy, self._geometry(token_shape(cache.in_hw)))
 
+    def _per_example_taps(self, cache, dy):
+        """Example i's weight gradient one tap at a time: dW_i[tap] = S_tap,i^T g_i, (N, C, F) each,
+        S_tap the input slice the tap reads. No patches are formed: the working set is one tap's."""
+        g = self._geometry(token_shape(cache.in_hw))
+        return [_per_example_tap_grad(s, dy) for s in self._taps(cache, g)], g
+
+    def per_example_backward(self, params, cache, dy):
+        """Example i's gradients: dW_i[tap] = S_tap,i^T g_i (summed over its output pixels), db_i = sum g_i."""
+        W = params["W"]
+        taps, g = self._per_example_taps(cache, dy)
+        grads = {"W": jnp.stack(taps, axis=1).reshape(dy.shape[0], *W.shape)}
+        if self.use_bias:
+            grads["b"] = jnp.sum(dy, axis=(1, 2))
+        return grads, self._dx(W, cache, dy, g)
+
+    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+        """||dW_i + l2 W||^2 + ||db_i||^2 without forming patches, whichever of two ways costs fewer flops.
+
+        Formed, one tap at a time:  sum_tap ||S_tap,i^T g_i + l2 W_tap||^2, O(N T K F) flops.
+        Ghost norm over the T = Ho Wo output pixels (K = kh kw C, the patch length):
+
+            ||sum_t p_t g_t^T||^2 = sum_{t,t'} (p_t . p_t') (g_t . g_t'),
+            p_t . p_t' = sum_tap S_tap,t . S_tap,t'   (accumulated tap by tap),
+
+        O(N T^2 (K + F)) flops and O(N T^2) memory, used when T (K + F) < K F:
+        small late feature maps with wide kernels. The l2 cross term is
+        <dW_i, W> = sum_t (p_t W2) . g_t = sum_t (y_t - b) . g_t, read off the forward.
+        """
+        W = params["W"]
+        g = self._geometry(token_shape(cache.in_hw))
+        n, t, k, f = dy.shape[0], math.prod(g.out_hw), W.size // W.shape[-1], W.shape[-1]
+        taps = self._taps(cache, g)
+        if t * (k + f) < k * f:
+            s3 = [s.reshape(n, t, -1) for s in taps]
+            pp = sum(jnp.einsum("btc,bsc->bts", s, s) for s in s3)
+            dy3 = dy.reshape(n, t, f)
+            sq = jnp.sum(pp * jnp.einsum("btj,bsj->bts", dy3, dy3), axis=(1, 2))
+            if not (isinstance(l2, (int, float)) and l2 == 0):
+                cross = sum(jnp.sum(_tap_dot(s, W[i, j]) * dy, axis=(1, 2, 3)) for (i, j), s in zip(g.taps(), taps))
+                sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
+        else:
+            sq = sum(jnp.sum((_per_example_tap_grad(s, dy) + l2 * W[i, j]) ** 2, axis=(1, 2))
+                     for (i, j), s in zip(g.taps(), taps))
+        if self.use_bias:
+            sq = sq + jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=-1)
+        return sq, self._dx(W, cache, dy, g)
+
     def per_example_sq(self, params, cache, dy):
-        """sum_i dW_i**2, sum_i db_i**2: Dense's `per_example_sq` on the patches (T = Ho Wo positions)."""
-        sq = dense.per_example_sq(self._patches(cache), dy, self.use_bias)
-        sq["W"] = sq["W"].reshape(params["W"].shape)
-        return sq, self._dx_of(params, cache, dy)
+        """sum_i dW_i**2, sum_i db_i**2, dW_i formed one tap at a time."""
+        taps, g = self._per_example_taps(cache, dy)
+        sq = {"W": jnp.stack([jnp.sum(d * d, axis=0) for d in taps]).reshape(params["W"].shape)}
+        if self.use_bias:
+            sq["b"] = jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=0)
+        return sq, self._dx(params["W"], cache, dy, g)
 
     def per_example_gram(self, params, cache_a, dya, cache_b, dyb):
-        """<grad_i, grad_j>: Dense's `per_example_gram` on the patches."""
-        gram = dense.per_example_gram(self._patches(cache_a), dya, self._patches(cache_b), dyb, self.use_bias)
-        return gram, self._dx_of(params, cache_a, dya), self._dx_of(params, cache_b, dyb)
+        """<grad_i, grad_j> = sum_tap <dW_i[tap], dW_j[tap]> (+ <db_i, db_j>), one tap at a time."""
+        (ta, g), (tb, _) = self._per_example_taps(cache_a, dya), self._per_example_taps(cache_b, dyb)
+        gram = sum(lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb))
+        if self.use_bias:
+            gram = gram + jnp.sum(dya, axis=(1, 2)) @ jnp.sum(dyb, axis=(1, 2)).T
+        return gram, self._dx(params["W"], cache_a, dya, g), self._dx(params["W"], cache_b, dyb, g)
 
     def kfac_factors(self, params, cache, dy):
         """K-FAC factors on the patches (KFC, Grosse & Martens, 2016): A over every output pixel's
