@@ -273,7 +273,7 @@ def per_example_norms(repeats, smoke):
     net = lenet(**sizes)
     params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
     x, y = _images(batch, 28, 1)
-    return S.per_example_norms_against_vmap(net, params, state, x, y, repeats)
+    return S.per_example_norms_against_vmap(net, params, state, x, y, repeats, chunk_sizes=(4,) if smoke else (16, 32))
 
 
 def main():

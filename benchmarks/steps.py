@@ -194,31 +194,38 @@ def torch_adam_step(model, x, y, compile=False):
     return step, TorchSync(), (x, y)
 
 
-def per_example_norms_against_vmap(net, params, state, x, y, repeats):
-    """Time and temporary memory of pn.per_example_grad_norms against the vmap(jax.grad) construction."""
+def per_example_norms_against_vmap(net, params, state, x, y, repeats, chunk_sizes=()):
+    """Time and temporary memory of pn.per_example_grad_norms (whole batch, and in each of
+    `chunk_sizes`) against the vmap(jax.grad) construction."""
     import statistics
     import time
 
     batch = x.shape[0]
-    ours = jax.jit(lambda p, x, y: pn.per_example_grad_norms(net, p, state, x, y))
+    contenders = {"purenet per_example_grad_norms": jax.jit(
+        lambda p, x, y: pn.per_example_grad_norms(net, p, state, x, y))}
+    for c in chunk_sizes:
+        contenders[f"purenet per_example_grad_norms (chunk_size={c})"] = jax.jit(
+            lambda p, x, y, c=c: pn.per_example_grad_norms(net, p, state, x, y, chunk_size=c))
 
     def vmap_grad(p, x, y):
         g = jax.vmap(lambda xi, yi: jax.grad(lambda q: pn.loss(net, q, state, xi[None], yi[None])[0])(p))(x, y)
         return jnp.sqrt(sum(jnp.sum(v.reshape(batch, -1) ** 2, 1) for v in jax.tree_util.tree_leaves(g)))
 
-    ref = jax.jit(vmap_grad)
-    np.testing.assert_allclose(ours(params, x, y), ref(params, x, y), rtol=1e-3)
-    result = {}
-    for name, fn in (("purenet per_example_grad_norms", ours), ("vmap(jax.grad)", ref)):
-        analysis = fn.lower(params, x, y).compile().memory_analysis()
-        times = []
-        for _ in range(repeats):
+    contenders["vmap(jax.grad)"] = ref = jax.jit(vmap_grad)
+    expected = ref(params, x, y)
+    analyses = {}
+    for name, fn in contenders.items():
+        np.testing.assert_allclose(fn(params, x, y), expected, rtol=1e-3, err_msg=name)
+        analyses[name] = fn.lower(params, x, y).compile().memory_analysis()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):  # interleaved: every contender once per repeat
+        for name, fn in contenders.items():
             start = time.perf_counter()
             fn(params, x, y).block_until_ready()
-            times.append(time.perf_counter() - start)
-        result[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                        "temp_MiB": analysis.temp_size_in_bytes / 2**20 if analysis else None}
-    return result
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                   "temp_MiB": analyses[name].temp_size_in_bytes / 2**20 if analyses[name] else None}
+            for name, t in times.items()}
 
 
 STEPS = {

@@ -48,18 +48,38 @@ def _sq_norms(p, y, l2):
     return sq
 
 
-def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None,
+                           chunk_size=None):
     """||grad of L_i|| for every example i, without forming the per-example gradients.
 
     Dense layers use ||h_i dy_i^T|| = ||h_i|| ||dy_i|| (Goodfellow, 2015), so
-    memory is O(batch x (in + out)) rather than O(batch x params).
+    memory is O(batch x (in + out)) rather than O(batch x params); Conv2D
+    forms dW_i one kernel tap at a time, or takes the ghost norm.
+
+    chunk_size=k runs the batch k examples at a time, one chunk after
+    another (see `in_chunks`): the working set (activations, their
+    gradients) shrinks by batch / k and the norms are the same.
     """
+    def norms(x, y, key):
+        p = loss_pass(net, params, state, x, loss, train, key)
+        return jnp.sqrt(jnp.maximum(_sq_norms(p, y, l2), 0.0))
+
+    return in_chunks(norms, chunk_size, x, y, key)
+
+
+def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key):
+    """(mean loss, mean of the clipped per-example gradients, state) over one batch."""
     p = loss_pass(net, params, state, x, loss, train, key)
-    return jnp.sqrt(jnp.maximum(_sq_norms(p, y, l2), 0.0))
+    norms = jnp.sqrt(jnp.maximum(_sq_norms(p, y, 0.0), 0.0))
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
+    dout = p.loss_fn.backward(p.out, y)
+    scaled = dout * scale.reshape((-1,) + (1,) * (dout.ndim - 1)).astype(dout.dtype)
+    body_grads, _ = p.body.backward(p.body_params, p.cache, scaled)
+    return p.loss_fn.value(p.out, y), p.grads(net, body_grads), p.state
 
 
 def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multiplier=0.0, noise_key=None,
-                           loss="cross_entropy", l2=0.0, train=False, key=None):
+                           loss="cross_entropy", l2=0.0, train=False, key=None, chunk_size=None):
     """DP-SGD's gradient (Abadi et al., 2016): clip each example, sum, add noise, average.
 
         g = (1/N) [ sum_i g_i min(1, C / ||g_i||) + sigma C z ],   z ~ N(0, I)
@@ -69,39 +89,113 @@ def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multipl
     the ordinary backward once gives the clipped sum (norms come from
     `per_example_grad_norms`, so no per-example gradient is ever formed).
     The l2 term is added after clipping, unclipped. Returns (value, grads, state).
+
+    chunk_size=k clips and sums k examples at a time (`mean_in_chunks`) and
+    adds the noise once, to the whole batch's sum: the same gradient with a
+    working set of k examples (model state threads through the chunks, so
+    BatchNorm in training mode normalises each chunk by its own statistics).
     """
     check_hyperparameter("clip_norm", clip_norm, 0.0, None, low_open=True)
     check_hyperparameter("noise_multiplier", noise_multiplier, 0.0, None)
-    p = loss_pass(net, params, state, x, loss, train, key)
-    norms = jnp.sqrt(jnp.maximum(_sq_norms(p, y, 0.0), 0.0))
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
-    dout = p.loss_fn.backward(p.out, y)
-    scaled = dout * scale.reshape((-1,) + (1,) * (dout.ndim - 1)).astype(dout.dtype)
-    body_grads, _ = p.body.backward(p.body_params, p.cache, scaled)
-    grads = p.grads(net, body_grads)
+
+    def clipped(state, x, y, key):
+        return _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key)
+
+    value, grads, state = mean_in_chunks(clipped, chunk_size, state, x, y, key)
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
         if noise_key is None:
             raise ValueError("clipped_value_and_grad with noise_multiplier > 0 needs a noise_key")
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         keys = jax.random.split(noise_key, len(leaves))
-        n = p.out.shape[0]
+        n = x.shape[0]
         leaves = [g + noise_multiplier * clip_norm / n * jax.random.normal(k, g.shape, g.dtype)
                   for g, k in zip(leaves, keys)]
         grads = jax.tree_util.tree_unflatten(treedef, leaves)
     grads = losses.add_l2_gradient(grads, params, l2)
-    value = p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2)
-    return value, grads, p.state
+    return value + losses.l2_penalty(params, l2), grads, state
+
+
+# ---------------------------------------------------------------- chunks of a batch
+
+
+def _chunks(chunk_size, n):
+    """(chunk, number of full chunks); chunk_size=None (or >= n) is one chunk of n."""
+    if chunk_size is None:
+        return n, 1
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (examples per chunk) or None, got {chunk_size!r}")
+    chunk = min(chunk_size, n)
+    return chunk, n // chunk
+
+
+def _split(a, chunk, m):
+    return a[:chunk * m].reshape(m, chunk, *a.shape[1:])
+
+
+def _key(key, i):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+def in_chunks(fn, chunk_size, x, y, key=None):
+    """fn(x, y, key) -> rows (a tree of (n, ...) arrays), run `chunk_size` examples at a time.
+
+    The full chunks run one after another in a `lax.map` (chunk i draws its
+    randomness from fold_in(key, i)); the remainder, if the batch does not
+    divide, runs after them. Only one chunk's working set is live at a time.
+    """
+    n = x.shape[0]
+    chunk, m = _chunks(chunk_size, n)
+    if m == 1 and chunk == n:
+        return fn(x, y, key)
+    rows = jax.lax.map(lambda a: fn(a[0], a[1], _key(key, a[2])), (_split(x, chunk, m), _split(y, chunk, m),
+                                                                    jnp.arange(m)))
+    rows = jax.tree_util.tree_map(lambda r: r.reshape(chunk * m, *r.shape[2:]), rows)
+    if chunk * m == n:
+        return rows
+    rest = fn(x[chunk * m:], y[chunk * m:], _key(key, m))
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows, rest)
+
+
+def mean_in_chunks(fn, chunk_size, state, x, y, key=None):
+    """fn(state, x, y, key) -> (means, state) over the batch, `chunk_size` examples at a time.
+
+    `means` (a tree) are means over a chunk's examples; the batch's mean is
+    their average weighted by chunk sizes. State threads through the chunks
+    in order (a `lax.scan`), chunk i draws from fold_in(key, i).
+    """
+    n = x.shape[0]
+    chunk, m = _chunks(chunk_size, n)
+    if m == 1 and chunk == n:
+        *means, state = fn(state, x, y, key)
+        return (*means, state)
+
+    def step(carry, a):
+        state, total = carry
+        *means, state = fn(state, a[0], a[1], _key(key, a[2]))
+        return (state, jax.tree_util.tree_map(jnp.add, total, tuple(means))), None
+
+    first = jax.eval_shape(lambda: fn(state, x[:chunk], y[:chunk], _key(key, 0))[:-1])
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    (state, total), _ = jax.lax.scan(step, (state, zeros), (_split(x, chunk, m), _split(y, chunk, m), jnp.arange(m)))
+    total = jax.tree_util.tree_map(lambda t: t * chunk, total)
+    if chunk * m < n:
+        *means, state = fn(state, x[chunk * m:], y[chunk * m:], _key(key, m))
+        total = jax.tree_util.tree_map(lambda t, r: t + r * (n - chunk * m), total, tuple(means))
+    return (*jax.tree_util.tree_map(lambda t: t / n, total), state)
 
 
 @dataclasses.dataclass(frozen=True)
 class DPSGD:
     """A training option for `fit`/`train`: per-example clipping to `clip_norm`
     and Gaussian noise of std noise_multiplier * clip_norm, as in
-    `clipped_value_and_grad`."""
+    `clipped_value_and_grad`; `chunk_size` clips that many examples at a
+    time (the same gradient, a smaller working set)."""
 
     clip_norm: float
     noise_multiplier: float = 0.0
+    chunk_size: int | None = None
 
     def __post_init__(self):
         check_hyperparameter("clip_norm", self.clip_norm, 0.0, None, low_open=True)
         check_hyperparameter("noise_multiplier", self.noise_multiplier, 0.0, None)
+        _chunks(self.chunk_size, 1)

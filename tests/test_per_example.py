@@ -86,3 +86,50 @@ def test_fit_with_dp_sgd_trains_and_is_deterministic():
     assert a.history["loss"][-1] < a.history["loss"][0]
     acc = pn.metrics.accuracy(net, a.params, a.state, data.x_test, data.y_test)
     assert float(acc) > 0.5
+
+
+CNN = pn.Sequential([pn.Conv2D(3, 3, implementation="im2col"), pn.ReLU(), pn.MaxPool2D(2),
+                     pn.Conv2D(4, 3, strides=2, implementation="xla"), pn.Tanh(), pn.Flatten(), pn.Dense(3),
+                     pn.Softmax()], in_shape=(6, 6, 2))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 8, 100])
+def test_chunks_give_the_whole_batch_norms_and_clipped_gradient(chunk_size):
+    params, state = pn.init(CNN, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 6, 6, 2))
+    y = jnp.arange(8) % 3
+    whole = pn.per_example_grad_norms(CNN, params, state, x, y, l2=0.01)
+    chunked = jax.jit(lambda p, x, y: pn.per_example_grad_norms(CNN, p, state, x, y, l2=0.01, chunk_size=chunk_size))
+    np.testing.assert_allclose(chunked(params, x, y), whole, rtol=1e-12)
+    clip = float(jnp.median(whole))
+    kwargs = dict(clip_norm=clip, noise_multiplier=0.5, noise_key=jax.random.key(2), l2=0.01)
+    value, grads, _ = pn.clipped_value_and_grad(CNN, params, state, x, y, **kwargs)
+    value_c, grads_c, _ = pn.clipped_value_and_grad(CNN, params, state, x, y, chunk_size=chunk_size, **kwargs)
+    np.testing.assert_allclose(value_c, value, rtol=1e-12)
+    assert max(compare_trees(grads_c, grads).values()) <= 1e-12  # one draw of noise, on the batch's sum
+
+
+def test_chunks_shrink_the_working_set_and_bad_sizes_are_named():
+    params, state = pn.init(CNN, jax.random.key(0))
+    x, y = jnp.ones((64, 6, 6, 2)), jnp.zeros(64, jnp.int32)
+
+    def temp(chunk_size):
+        fn = jax.jit(lambda p, x, y: pn.per_example_grad_norms(CNN, p, state, x, y, chunk_size=chunk_size))
+        return fn.lower(params, x, y).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(8) < temp(None) / 4
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            pn.per_example_grad_norms(CNN, params, state, x, y, chunk_size=bad)
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            pn.DPSGD(1.0, chunk_size=bad)
+
+
+def test_fit_with_chunked_dp_sgd_equals_the_whole_batch():
+    data = pn.datasets.digits()
+    net = pn.mlp([64, 16, 10])
+    x = jnp.asarray(data.x_train[:192], jnp.float64)
+    runs = [pn.fit(net, pn.optim.sgd(0.5), (x, data.y_train[:192]), key=jax.random.key(0),
+                   epochs=2, batch_size=64, dp=pn.DPSGD(1.0, 0.5, chunk_size=k)) for k in (None, 16, 24)]
+    for run in runs[1:]:
+        assert max(compare_trees(run.params, runs[0].params).values()) <= 1e-9

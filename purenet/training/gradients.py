@@ -32,7 +32,7 @@ def dp_sgd(net, dp, loss="cross_entropy", l2=0.0):
     def fn(params, state, x, y, key):
         return per_example.clipped_value_and_grad(
             net, params, state, x, y, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
-            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key)
+            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key, chunk_size=dp.chunk_size)
 
     return fn
 
