@@ -71,6 +71,7 @@ _NAMED_TUPLES = {
     "purenet.train:EarlyStoppingState": ("purenet.training.early_stopping", "EarlyStoppingState"),
     "purenet.train:FitResult": ("purenet.training.fit", "FitResult"),
     "purenet.optim.base:OptState": ("purenet.optim.base", "OptState"),
+    "purenet.optim.loss_scale:LossScale": ("purenet.optim.loss_scale", "LossScale"),
     "purenet.datasets:Split": ("purenet.datasets", "Split"),
 }
 

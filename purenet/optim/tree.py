@@ -33,6 +33,11 @@ def global_norm(tree):
     return jnp.sqrt(sum((jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(tree)), start=0.0))
 
 
+def all_finite(tree):
+    """True (a bool scalar) when no leaf holds a NaN or an inf."""
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(tree)]))
+
+
 def check_matching(params, grads, what="grads"):
     """Raise a ValueError naming the key path where `grads` and params differ."""
     m = _trees.first_mismatch(_trees.by_path(grads), _trees.by_path(params))
