@@ -104,11 +104,10 @@ class Optimizer:
         if self.guard != "skip":
             return new
         finite = tree.all_finite(grads)
-        pick = lambda n, o: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), n, o)  # noqa: E731
-        slots = tuple(pick(n, o if t.on_skip is None else t.on_skip(o))
+        slots = tuple(tree.where(finite, n, o if t.on_skip is None else t.on_skip(o))
                       for t, n, o in zip(self.transforms, new.slots, state.slots))
         # a skipped step keeps params and slots (bit-identical); count and rate advance (schedules stay aligned)
-        return new._replace(params=pick(new.params, state.params), slots=slots)
+        return new._replace(params=tree.where(finite, new.params, state.params), slots=slots)
 
 
 def chain(*parts, learning_rate=None):

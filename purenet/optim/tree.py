@@ -38,6 +38,11 @@ def all_finite(tree):
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(tree)]))
 
 
+def where(condition, new, old):
+    """`new` where the scalar `condition` holds, else `old`, leaf by leaf (bit-identical either way)."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
 def check_matching(params, grads, what="grads"):
     """Raise a ValueError naming the key path where `grads` and params differ."""
     m = _trees.first_mismatch(_trees.by_path(grads), _trees.by_path(params))

@@ -1,6 +1,5 @@
 """One training step, pure: step((opt_state, model_state), (x, y, key)) -> ((opt_state, model_state), loss)."""
 import jax
-import jax.numpy as jnp
 
 from purenet import distributed
 from purenet.optim import current_loss_scale, tree
@@ -32,7 +31,7 @@ def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
         value, grads, new_state = grad_fn(opt_state.params, model_state, x, y, k_grad,
                                           **_scale_for(grad_fn, opt_state))
         if getattr(opt, "guard", None) == "skip":  # a skipped step keeps the model state too (BatchNorm's)
-            new_state = _keep_if_not_finite(grads, new_state, model_state)
+            new_state = tree.where(tree.all_finite(grads), new_state, model_state)
         return (opt.step(opt_state, *grads) if with_factors else opt.step(opt_state, grads), new_state), value
 
     return step
@@ -49,8 +48,3 @@ def _scale_for(grad_fn, opt_state):
                          "precision=pn.Precision(compute='float16') (pn.training.mixed_precision)")
     return {"loss_scale": scale}
 
-
-def _keep_if_not_finite(grads, new, old):
-    """`new` where every gradient is finite, else `old` (leaf by leaf, bit-identical)."""
-    finite = tree.all_finite(grads)
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
