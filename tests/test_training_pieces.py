@@ -278,7 +278,8 @@ def test_float16_step_with_dynamic_scale_skips_an_overflow_keeping_params_slots_
         good, _ = run(start, (x32, y, jax.random.key(2)))
         bad, value = run(good, (x32.at[3].set(1e5), y, jax.random.key(3)))  # 1e5 is inf in float16
         assert not np.isfinite(value)
-        chex.assert_trees_all_equal((bad[0].params, bad[0].slots[1:], bad[1]), (good[0].params, good[0].slots[1:], good[1]))
+        chex.assert_trees_all_equal((bad[0].params, bad[0].slots[1:], bad[1]),
+                                    (good[0].params, good[0].slots[1:], good[1]))
         assert float(good[0].slots[0].scale) == 2.0 ** 15 and int(good[0].slots[0].good_steps) == 1
         assert float(bad[0].slots[0].scale) == 2.0 ** 14 and int(bad[0].count) == 2
         ran[jit] = good
@@ -334,9 +335,11 @@ def test_dynamic_scale_state_round_trips_checkpoints_and_fit_resumes_bit_identic
 def test_float16_with_dynamic_scaling_survives_overflows_on_digits_and_reaches_float32_accuracy():
     data = pn.datasets.digits()
     x_bad = jnp.asarray(data.x_train).at[5].set(1e5)  # inf in float16: its batch overflows, once an epoch
-    fit = lambda x, precision: pn.fit(DIGITS_NET, pn.optim.adam(1e-3), (x, data.y_train), key=jax.random.key(0),  # noqa: E731
-                                      epochs=15, batch_size=32, validation=(data.x_test, data.y_test),
-                                      precision=precision)
+
+    def fit(x, precision):
+        return pn.fit(DIGITS_NET, pn.optim.adam(1e-3), (x, data.y_train), key=jax.random.key(0), epochs=15,
+                      batch_size=32, validation=(data.x_test, data.y_test), precision=precision)
+
     full = fit(data.x_train, None)
     half = fit(x_bad, pn.Precision(compute="float16", loss_scale="dynamic"))
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves((half.params, half.state)))
