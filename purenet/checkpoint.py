@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey, keystr
 
+from purenet import _trees
+
 MAGIC = b"PURENETCKPT1\n"
 _HEADER = len(MAGIC) + 8 + 32
 _MAX_MANIFEST = 1 << 28  # 256 MiB: about a million leaves; a larger claim is not a file of ours
@@ -69,6 +71,7 @@ _NAMED_TUPLES = {
     "purenet.train:EarlyStoppingState": ("purenet.training.early_stopping", "EarlyStoppingState"),
     "purenet.train:FitResult": ("purenet.training.fit", "FitResult"),
     "purenet.optim.base:OptState": ("purenet.optim.base", "OptState"),
+    "purenet.optim.loss_scale:LossScale": ("purenet.optim.loss_scale", "LossScale"),
     "purenet.datasets:Split": ("purenet.datasets", "Split"),
 }
 
@@ -461,20 +464,14 @@ def _dtype(x):
 
 def _conform_leaves(pairs, like, where):
     """The leaves of `pairs` ((key path, leaf), ...) placed into like's structure, checked."""
-    by_path = dict(pairs)
-    wanted = {keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(like)}
-    missing, extra = sorted(set(wanted) - set(by_path)), sorted(set(by_path) - set(wanted))
-    if missing or extra:
-        raise CheckpointError(f"{where} does not match the expected structure: missing leaves {missing}, "
-                              f"extra leaves {extra}")
-    out = []
-    for key, want in wanted.items():
-        got = by_path[key]
-        if jnp.shape(got) != jnp.shape(want):
-            raise CheckpointError(f"{where}: leaf {key} has shape {jnp.shape(got)}, expected {jnp.shape(want)}")
-        if _dtype(got) != _dtype(want):
-            raise CheckpointError(f"{where}: leaf {key} has dtype {_dtype(got)}, expected {_dtype(want)}")
-        out.append(got)
+    by_path, wanted = dict(pairs), _trees.by_path(like)
+    m = _trees.first_mismatch(by_path, wanted, dtype=_dtype)
+    if m is not None and m.kind == "paths":
+        raise CheckpointError(f"{where} does not match the expected structure: missing leaves {m.missing}, "
+                              f"extra leaves {m.extra}")
+    if m is not None:
+        raise CheckpointError(f"{where}: leaf {m.path} has {m.kind} {m.actual}, expected {m.expected}")
+    out = [by_path[key] for key in wanted]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out)
 
 

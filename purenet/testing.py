@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purenet import _trees
+
 
 @dataclasses.dataclass
 class GradCheckReport:
@@ -59,20 +61,11 @@ def relative_error(actual, expected):
 
 def compare_trees(actual, expected):
     """Per-leaf relative errors, keyed by path; raises naming structure mismatches."""
-    a_leaves = jax.tree_util.tree_leaves_with_path(actual)
-    e_leaves = jax.tree_util.tree_leaves_with_path(expected)
-    a_paths = {jax.tree_util.keystr(p) for p, _ in a_leaves}
-    e_paths = {jax.tree_util.keystr(p) for p, _ in e_leaves}
-    if a_paths != e_paths:
-        raise AssertionError(
-            f"gradient structure differs from params: missing {sorted(e_paths - a_paths)}, "
-            f"extra {sorted(a_paths - e_paths)}"
-        )
-    expected_by_path = {jax.tree_util.keystr(p): v for p, v in e_leaves}
-    return {
-        jax.tree_util.keystr(p): relative_error(v, expected_by_path[jax.tree_util.keystr(p)])
-        for p, v in a_leaves
-    }
+    a, e = _trees.by_path(actual), _trees.by_path(expected)
+    m = _trees.first_mismatch(a, e, shape=False)
+    if m is not None:
+        raise AssertionError(f"gradient structure differs from params: missing {m.missing}, extra {m.extra}")
+    return {path: relative_error(v, e[path]) for path, v in a.items()}
 
 
 def _to_f64(tree):

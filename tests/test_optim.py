@@ -176,6 +176,30 @@ def test_grads_that_do_not_match_params_name_the_key_path():
         opt.step(state, {"layer": {"W": jnp.ones((3, 2)), "b": jnp.ones(3)}})
 
 
+def test_optimizer_checkpoint_and_gradient_checker_report_one_mismatch_the_same_way():
+    """The three tree comparers share one walk (purenet._trees): the same first mismatch for each."""
+    from purenet import _trees, checkpoint
+
+    params = {"layer": {"W": jnp.ones((2, 3), jnp.float32), "b": jnp.ones(3)}, "z": jnp.zeros(2)}
+    wrong = {"layer": {"W": params["layer"]["W"], "b": jnp.ones(4)}, "z": jnp.zeros((1, 2))}
+    m = _trees.first_mismatch(_trees.by_path(wrong), _trees.by_path(params))
+    assert m == _trees.Mismatch("shape", "['layer']['b']", (4,), (3,))  # the first in params' order
+    with pytest.raises(ValueError, match=r"grads leaf \['layer'\]\['b'\] has shape \(4,\), but the param"):
+        pn.optim.sgd(0.1).step(pn.optim.sgd(0.1).init(params), wrong)
+    with pytest.raises(pn.CheckpointError, match=r"leaf \['layer'\]\['b'\] has shape \(4,\), expected \(3,\)"):
+        checkpoint.conform(wrong, params)
+    other = {"layer": {"W": jnp.ones((2, 3)), "c": jnp.ones(3)}, "z": jnp.zeros(2)}
+    missing, extra = ["['layer']['b']"], ["['layer']['c']"]
+    assert _trees.first_mismatch(_trees.by_path(other), _trees.by_path(params)) == _trees.Mismatch(
+        "paths", missing=missing, extra=extra)
+    with pytest.raises(AssertionError, match=rf"missing {missing}, extra {extra}".replace("[", r"\[")):
+        compare_trees(other, params)
+    halves = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), params)
+    assert _trees.first_mismatch(_trees.by_path(halves), _trees.by_path(params), dtype=lambda a: a.dtype) == (
+        _trees.Mismatch("dtype", "['layer']['W']", jnp.float16, jnp.float32))
+    assert _trees.first_mismatch(_trees.by_path(halves), _trees.by_path(params)) is None  # dtypes only when asked
+
+
 def test_apply_if_finite_skips_or_raises():
     opt = pn.optim.apply_if_finite(pn.optim.adam(0.1), policy="skip")
     state = opt.init({"w": jnp.ones(2)})

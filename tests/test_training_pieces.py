@@ -201,3 +201,151 @@ def test_float16_with_loss_scaling_skips_an_overflow_and_keeps_params_finite():
     assert int(result.opt_state.count) == 12  # every step counted, the overflowing ones skipped
     with pytest.raises(ValueError, match="Precision compute must be a floating dtype"):
         pn.Precision(compute="int8")
+
+
+BN_NET = pn.Sequential([pn.Dense(8), pn.BatchNorm(), pn.ReLU(), pn.Dense(3), pn.Softmax()])
+
+
+def _scale_reference(finite, initial, growth_interval, factor, minimum):
+    """The dynamic loss scale by its definition, one step at a time: [(S, n) after each step]."""
+    scale, good, out = initial, 0, []
+    for ok in finite:
+        if not ok:
+            scale, good = max(scale / factor, minimum), 0
+        else:
+            good += 1
+            if good == growth_interval:
+                scale, good = scale * factor, 0
+        out.append((scale, good))
+    return out
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dynamic_loss_scale_equals_its_definition_and_a_skipped_step_keeps_params_and_slots(jit):
+    opt = pn.optim.chain(pn.optim.dynamic_loss_scale(initial=8.0, growth_interval=3, factor=2.0, minimum=2.0),
+                         pn.optim.adam(0.1))
+    assert opt.guard == "skip"
+    params = {"W": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32).reshape(2, 3), "b": jnp.ones(3, jnp.float32)}
+    finite = [True, True, True, True, False, True, False, False, False, True, True, True, True, True, True, True]
+    step = jax.jit(opt.step) if jit else opt.step
+    s, seen = opt.init(params), []
+    for i, ok in enumerate(finite):
+        g = jax.tree_util.tree_map(lambda p: jnp.cos(p + i), params)
+        if not ok:
+            g = {**g, "b": g["b"].at[i % 3].set(jnp.inf if i % 2 else jnp.nan)}
+        before, s = s, step(s, g)
+        seen.append((float(s.slots[0].scale), int(s.slots[0].good_steps)))
+        if not ok:  # params and the Adam moments bit-identical; the count advances
+            chex.assert_trees_all_equal((s.params, s.slots[1:]), (before.params, before.slots[1:]))
+            assert int(s.count) == int(before.count) + 1
+        else:
+            assert not np.array_equal(s.params["W"], before.params["W"])
+    assert seen == _scale_reference(finite, 8.0, 3, 2.0, 2.0)
+    assert s.slots[0].scale.dtype == jnp.float32 and s.slots[0].good_steps.dtype == jnp.int32
+    assert pn.optim.current_loss_scale(s) == s.slots[0].scale
+
+
+def test_dynamic_loss_scale_needs_the_skip_guard_and_never_grows_to_inf():
+    scale = pn.optim.dynamic_loss_scale()
+    with pytest.raises(ValueError, match=r"needs apply_if_finite\(opt, 'skip'\), got guard 'raise'"):
+        pn.optim.apply_if_finite(pn.optim.chain(scale, pn.optim.sgd(0.1)), "raise")
+    with pytest.raises(ValueError, match="got guard None"):
+        pn.optim.Optimizer((scale,), 0.1)
+    with pytest.raises(ValueError, match="growth_interval must be a positive integer"):
+        pn.optim.dynamic_loss_scale(growth_interval=0)
+    with pytest.raises(ValueError, match="loss scale factor"):
+        pn.optim.dynamic_loss_scale(factor=1.0)
+    top = pn.optim.chain(pn.optim.dynamic_loss_scale(initial=2.0 ** 127, growth_interval=1), pn.optim.sgd(0.1))
+    s = top.step(top.init({"w": jnp.ones(2)}), {"w": jnp.ones(2)})
+    assert float(s.slots[0].scale) == 2.0 ** 127  # 2^128 is inf in float32: S stays
+    twice = pn.optim.chain(scale, pn.optim.sgd(0.1), scale)
+    with pytest.raises(ValueError, match="keeps 2 dynamic loss scales"):
+        pn.optim.current_loss_scale(twice.init({"w": jnp.ones(2)}))
+
+
+def test_float16_step_with_dynamic_scale_skips_an_overflow_keeping_params_slots_and_model_state():
+    x, y = _data()
+    x32 = x.astype(jnp.float32)
+    precision = pn.Precision(compute="float16", loss_scale="dynamic")
+    opt = precision.optimizer(pn.optim.adam(1e-2))
+    params, state = pn.init(BN_NET, jax.random.key(1), 5, dtype=jnp.float32)
+    fn = pn.accumulate(pn.training.mixed_precision(BN_NET, precision), 2)
+    step = pn.make_step(fn, opt)
+    start = (opt.init(params), state)
+    ran = {}
+    for jit in (False, True):
+        run = jax.jit(step) if jit else step
+        good, _ = run(start, (x32, y, jax.random.key(2)))
+        bad, value = run(good, (x32.at[3].set(1e5), y, jax.random.key(3)))  # 1e5 is inf in float16
+        assert not np.isfinite(value)
+        chex.assert_trees_all_equal((bad[0].params, bad[0].slots[1:], bad[1]),
+                                    (good[0].params, good[0].slots[1:], good[1]))
+        assert float(good[0].slots[0].scale) == 2.0 ** 15 and int(good[0].slots[0].good_steps) == 1
+        assert float(bad[0].slots[0].scale) == 2.0 ** 14 and int(bad[0].count) == 2
+        ran[jit] = good
+    # eager and jit may round float16 apart; one Adam step moves a param by at most lr = 1e-2,
+    # and float16 rounding (2^-10 relative) moves that step by no more than lr * 2^-10
+    chex.assert_trees_all_close(ran[False], ran[True], rtol=0, atol=1e-2 * 2.0 ** -10)
+    with pytest.raises(ValueError, match=r"build the state with precision.optimizer\(opt\)"):
+        pn.training.mixed_precision(BN_NET, precision)(params, state, x32, y, jax.random.key(2))
+    with pytest.raises(ValueError, match=r"build the state with precision.optimizer\(opt\)"):
+        step((pn.optim.adam(1e-2).init(params), state), (x32, y, jax.random.key(2)))  # a state without the scale
+    with pytest.raises(ValueError, match="gradient function takes no loss_scale="):
+        pn.make_step(pn.accumulate(pn.grad_fn(BN_NET), 2), opt)(start, (x32, y, jax.random.key(2)))
+    with pytest.raises(ValueError, match="Precision loss_scale must be a positive number or 'dynamic'"):
+        pn.Precision(compute="float16", loss_scale="auto")
+    with pytest.raises(ValueError, match="initialise the state with this optimizer's init"):
+        opt.step(pn.optim.adam(1e-2).init(params), params)
+
+
+def test_the_step_hands_the_state_scale_to_the_gradient_function():
+    x, y = _data()
+    x32 = x.astype(jnp.float32)
+    params, state = pn.init(NET, jax.random.key(1), 5, dtype=jnp.float32)
+    fn = pn.accumulate(pn.training.mixed_precision(NET, pn.Precision(compute="float16")), 2)
+    for initial, finite in ((1.0, True), (2.0 ** 40, False)):  # 2^40 overflows float16's seed
+        opt = pn.optim.chain(pn.optim.dynamic_loss_scale(initial=initial), pn.optim.sgd(0.1))
+        (s, _), _ = pn.make_step(fn, opt)((opt.init(params), state), (x32, y, jax.random.key(2)))
+        assert bool(jnp.all(s.params[0]["W"] != params[0]["W"])) == finite
+        assert float(s.slots[0].scale) == (initial if finite else initial / 2)
+
+
+def test_dynamic_scale_state_round_trips_checkpoints_and_fit_resumes_bit_identically(tmp_path):
+    x, y = _data()
+    x32 = x.astype(jnp.float32)
+    precision = pn.Precision(compute="float16", loss_scale="dynamic")
+    opt = pn.optim.adam(1e-2)
+    run = lambda epochs, **kw: pn.fit(BN_NET, opt, (x32, y), key=jax.random.key(3), epochs=epochs,  # noqa: E731
+                                      batch_size=16, precision=precision, **kw)
+    whole = run(4)
+    assert isinstance(whole.opt_state.slots[0], pn.optim.LossScale)
+    np.testing.assert_array_equal(whole.history["loss_scale"], np.full(4, 2.0 ** 15, np.float32))
+    pn.save(tmp_path / "state", whole.opt_state)
+    loaded = pn.load(tmp_path / "state")  # no `like`: the named tuples come back as purenet's own
+    assert type(loaded) is pn.optim.OptState and type(loaded.slots[0]) is pn.optim.LossScale
+    chex.assert_trees_all_equal(loaded, whole.opt_state)
+    path = tmp_path / "run"
+    run(2, checkpoint=path)
+    resumed = run(4, checkpoint=path, resume=True)
+    chex.assert_trees_all_equal(resumed.opt_state, whole.opt_state)
+    np.testing.assert_array_equal(resumed.history["loss_scale"], whole.history["loss_scale"])
+
+
+@pytest.mark.slow
+def test_float16_with_dynamic_scaling_survives_overflows_on_digits_and_reaches_float32_accuracy():
+    data = pn.datasets.digits()
+    x_bad = jnp.asarray(data.x_train).at[5].set(1e5)  # inf in float16: its batch overflows, once an epoch
+
+    def fit(x, precision):
+        return pn.fit(DIGITS_NET, pn.optim.adam(1e-3), (x, data.y_train), key=jax.random.key(0), epochs=15,
+                      batch_size=32, validation=(data.x_test, data.y_test), precision=precision)
+
+    full = fit(data.x_train, None)
+    half = fit(x_bad, pn.Precision(compute="float16", loss_scale="dynamic"))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves((half.params, half.state)))
+    scales = half.history["loss_scale"]
+    print("float16 loss scale after each epoch:", scales)
+    assert scales[0] == 2.0 ** 14 and np.all(np.diff(scales) <= 0) and scales[-1] < 2.0 ** 4  # halved per overflow
+    assert int(half.opt_state.count) == 15 * (1438 // 32)  # every step counted, the overflowing ones skipped
+    print("val accuracy float32, float16:", full.history["val_accuracy"][-1], half.history["val_accuracy"][-1])
+    assert half.history["val_accuracy"][-1] >= full.history["val_accuracy"][-1] - 0.01

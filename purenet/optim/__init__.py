@@ -3,6 +3,7 @@ from purenet.optim import schedules
 from purenet.optim.alias import adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd
 from purenet.optim.base import OptState, Optimizer, Transform, apply_if_finite, chain
 from purenet.optim.kfac import KFAC, KFACState, kfac
+from purenet.optim.loss_scale import LossScale, current_loss_scale, dynamic_loss_scale
 from purenet.optim.optax_adapter import from_optax, to_optax
 from purenet.optim.wrappers import ema, ema_params, masked
 from purenet.optim.transforms import (

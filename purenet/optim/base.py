@@ -40,11 +40,15 @@ class Transform(NamedTuple):
 
     `after(slots, new_params, count) -> slots`, when given, runs once the
     step has moved the params (a parameter average keeps its slot this way).
+    `on_skip(slots) -> slots`, when given, is the slot after a step that the
+    "skip" guard skipped (instead of the unchanged slot): the dynamic loss
+    scale shrinks this way. Such a transform needs guard "skip".
     """
 
     init: Callable
     update: Callable
     after: Callable | None = None
+    on_skip: Callable | None = None
 
 
 def _rate(learning_rate, count):
@@ -68,6 +72,9 @@ class Optimizer:
         check_hyperparameter("learning_rate", self.learning_rate, 0.0, None)
         if self.guard not in (None, "skip", "raise"):
             raise ValueError(f"apply_if_finite policy must be 'skip' or 'raise', got {self.guard!r}")
+        if self.guard != "skip" and any(t.on_skip is not None for t in self.transforms):
+            raise ValueError(f"a transform that acts on skipped steps (pn.optim.dynamic_loss_scale) needs "
+                             f"apply_if_finite(opt, 'skip'), got guard {self.guard!r}")
 
     def init(self, params):
         slots = tuple(t.init(params) for t in self.transforms)
@@ -76,6 +83,9 @@ class Optimizer:
 
     def step(self, state, grads):
         tree.check_matching(state.params, grads)
+        if len(state.slots) != len(self.transforms):
+            raise ValueError(f"the optimizer state has {len(state.slots)} slots, this optimizer "
+                             f"{len(self.transforms)} transforms: initialise the state with this optimizer's init")
         if self.guard == "raise":
             _raise_if_not_finite(grads)
         direction = tree.upcast(grads)
@@ -93,9 +103,11 @@ class Optimizer:
         new = OptState(params, state.count + 1, slots, rate)
         if self.guard != "skip":
             return new
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-        return kept._replace(count=new.count, learning_rate=new.learning_rate)  # schedules stay aligned
+        finite = tree.all_finite(grads)
+        slots = tuple(tree.where(finite, n, o if t.on_skip is None else t.on_skip(o))
+                      for t, n, o in zip(self.transforms, new.slots, state.slots))
+        # a skipped step keeps params and slots (bit-identical); count and rate advance (schedules stay aligned)
+        return new._replace(params=tree.where(finite, new.params, state.params), slots=slots)
 
 
 def chain(*parts, learning_rate=None):
@@ -103,6 +115,9 @@ def chain(*parts, learning_rate=None):
 
         pn.optim.chain(pn.optim.clip_by_global_norm(1.0), pn.optim.adam(1e-3))
         pn.optim.chain(pn.optim.scale_by_adam(), learning_rate=1e-3)
+
+    The guard is the strictest of the parts' ("raise", then "skip"); a
+    transform with `on_skip` (pn.optim.dynamic_loss_scale) implies "skip".
     """
     transforms, rates, guards = [], [], set()
     for part in parts:
@@ -120,6 +135,8 @@ def chain(*parts, learning_rate=None):
         raise ValueError(
             f"chain needs exactly one learning rate (from one Optimizer or learning_rate=), got {len(rates)}"
         )
+    if any(t.on_skip is not None for t in transforms) and "raise" not in guards:
+        guards.add("skip")  # a dynamic loss scale shrinks on the steps the skip guard skips
     guard = "raise" if "raise" in guards else "skip" if "skip" in guards else None
     return Optimizer(tuple(transforms), rates[0], guard)
 

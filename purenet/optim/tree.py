@@ -2,6 +2,8 @@
 import jax
 import jax.numpy as jnp
 
+from purenet import _trees
+
 
 def compute_dtype(x):
     """The dtype slot arithmetic runs in: at least float32.
@@ -31,23 +33,26 @@ def global_norm(tree):
     return jnp.sqrt(sum((jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(tree)), start=0.0))
 
 
+def all_finite(tree):
+    """True (a bool scalar) when no leaf holds a NaN or an inf."""
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(tree)]))
+
+
+def where(condition, new, old):
+    """`new` where the scalar `condition` holds, else `old`, leaf by leaf (bit-identical either way)."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
 def check_matching(params, grads, what="grads"):
     """Raise a ValueError naming the key path where `grads` and params differ."""
-    p_leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    g_leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(grads)}
-    missing = sorted(set(p_leaves) - set(g_leaves))
-    extra = sorted(set(g_leaves) - set(p_leaves))
-    if missing or extra:
+    m = _trees.first_mismatch(_trees.by_path(grads), _trees.by_path(params))
+    if m is not None and m.kind == "paths":
         raise ValueError(
-            f"{what} do not match the optimizer's params: missing key paths {missing}, "
-            f"extra key paths {extra}"
+            f"{what} do not match the optimizer's params: missing key paths {m.missing}, "
+            f"extra key paths {m.extra}"
         )
-    for path, p in p_leaves.items():
-        if jnp.shape(g_leaves[path]) != jnp.shape(p):
-            raise ValueError(
-                f"{what} leaf {path} has shape {jnp.shape(g_leaves[path])}, "
-                f"but the param has shape {jnp.shape(p)}"
-            )
+    if m is not None:
+        raise ValueError(f"{what} leaf {m.path} has shape {m.actual}, but the param has shape {m.expected}")
     if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(grads):
         raise ValueError(
             f"{what} have the same key paths as params but a different container structure: "

@@ -2,8 +2,10 @@
 
     grad_fn(net, loss, l2)            (params, state, x, y, key) -> (loss, grads, state)
       dp_sgd(net, dp, ...), accumulate(fn, k)        wrappers of the same signature
-      mixed_precision(net, pn.Precision(...), ...)   bfloat16 / float16 compute, float32 master params
-    make_step(grad_fn, opt, augment, mesh)           one pure update
+      mixed_precision(net, pn.Precision(...), ...)   bfloat16 / float16 compute, float32 master params;
+                                                     fn(..., loss_scale=S) for a dynamic float16 scale
+    make_step(grad_fn, opt, augment, mesh)           one pure update (reads a dynamic loss scale from
+                                                     the optimizer state and passes it to grad_fn)
     run_epoch(step, ...)                             a lax.scan of the step over an epoch's batches
     train(...)                                       every epoch in one scan: jittable, vmappable
     fit(...)                                         the thin driver: checks, progress, checkpoints

@@ -15,6 +15,7 @@ from purenet import distributed
 from purenet.optim import ema_params
 from purenet.training.checks import check_arguments, check_divisible, check_inputs, check_monitor
 from purenet.training.loop import as_arrays, build_step, epoch_with_metrics, init_run
+from purenet.training.precision import optimizer_for
 
 
 class FitResult(NamedTuple):
@@ -64,7 +65,9 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     early-stops on and returns the parameter average instead of the params.
     precision=pn.Precision(compute="bfloat16") trains in mixed precision:
     float32 params and optimizer, bfloat16 activations and matmuls (see
-    `purenet.training.precision`; float16 with loss_scale and apply_if_finite).
+    `purenet.training.precision`). float16 wants loss_scale="dynamic": the
+    scale then lives in opt_state, halves and skips the step on an overflow,
+    and is recorded each epoch as history["loss_scale"].
 
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
@@ -72,6 +75,7 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     check_arguments(epochs, batch_size, l2, checkpoint_every, accumulate)
     x, y, validation = as_arrays(data, validation)
     check_monitor(early_stopping, validation)
+    opt = optimizer_for(opt, precision)
     train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     if checkpoint is not None:

@@ -6,8 +6,13 @@ function of the same signature, so a training step composes them:
 
     fn = accumulate(dp_sgd(net, pn.DPSGD(1.0, 1.1)), micro_batches=4)
 
-`key` is the step's randomness (dropout masks; DP-SGD's noise).
+`key` is the step's randomness (dropout masks; DP-SGD's noise). A
+gradient function that scales the seed gradient (`mixed_precision`) also
+takes `loss_scale=`; `accumulate` forwards it, and `make_step` passes the
+dynamic scale kept in the optimizer state to functions that take it.
 """
+import inspect
+
 import jax
 import jax.numpy as jnp
 
@@ -53,7 +58,8 @@ def accumulate(fn, micro_batches):
     if k == 1:
         return fn
 
-    def accumulated(params, state, x, y, key):
+    def accumulated(params, state, x, y, key, loss_scale=None):
+        scaled = {} if loss_scale is None else {"loss_scale": loss_scale}
         n = x.shape[0]
         if n % k:
             raise ValueError(f"a batch of {n} examples does not split into {k} equal micro-batches "
@@ -63,7 +69,7 @@ def accumulate(fn, micro_batches):
         def micro(carry, inputs):
             state, total, grads = carry
             i, xb, yb = inputs
-            value, g, state = fn(params, state, xb, yb, jax.random.fold_in(key, i))
+            value, g, state = fn(params, state, xb, yb, jax.random.fold_in(key, i), **scaled)
             return (state, total + value, jax.tree_util.tree_map(jnp.add, grads, g)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -71,7 +77,17 @@ def accumulate(fn, micro_batches):
         (state, total, grads), _ = jax.lax.scan(micro, start, (jnp.arange(k), split(x), split(y)))
         return total / k, jax.tree_util.tree_map(lambda g: g / k, grads), state
 
-    return accumulated
+    if takes_loss_scale(fn):
+        return accumulated
+    return lambda params, state, x, y, key: accumulated(params, state, x, y, key)
+
+
+def takes_loss_scale(fn):
+    """Whether the gradient function `fn` takes a `loss_scale=` keyword (it scales its seed gradient)."""
+    try:
+        return "loss_scale" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
 
 
 def kfac(net, loss="cross_entropy", l2=0.0):

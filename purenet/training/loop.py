@@ -26,10 +26,11 @@ from purenet._checks import check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import id_layer
 from purenet import stats
-from purenet.optim import KFAC, ema_params
+from purenet.optim import KFAC, current_loss_scale, ema_params
 from purenet.training.checks import (batch_size_of, check_arguments, check_divisible, check_inputs,
                                      check_monitor)
 from purenet.training.gradients import gradients, kfac
+from purenet.training.precision import optimizer_for
 from purenet.training.step import make_step
 
 
@@ -63,6 +64,9 @@ def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=Non
                precision=None):
     """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...).
 
+    `opt` is the optimizer as the state was built with (precision.optimizer(opt), see
+    `purenet.training.precision`).
+
     A K-FAC optimizer (pn.optim.kfac) gets the batch's factors from the same pass.
     """
     if isinstance(opt, KFAC):
@@ -80,8 +84,10 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
     devices and XLA reduces the gradients across them. With dp=pn.DPSGD(...)
     each step uses DP-SGD's clipped, noised gradient; with accumulate=k each
     batch runs as k micro-batches (see `purenet.training.gradients.accumulate`);
-    with precision=pn.Precision(...) in mixed precision (see `purenet.training.precision`).
+    with precision=pn.Precision(...) in mixed precision (see `purenet.training.precision`;
+    with loss_scale="dynamic" initialise the state with precision.optimizer(opt)).
     """
+    opt = optimizer_for(opt, precision)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision)
     return run_epoch(step, train_state, x, y, key, batch_size)
@@ -108,6 +114,9 @@ def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evalu
         before = train_state.opt_state.params
         train_state, mean_loss = run_epoch(step, train_state, x, y, key, batch_size)
         record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate}
+        scale = current_loss_scale(train_state.opt_state)
+        if scale is not None:
+            record["loss_scale"] = scale
         params = ema_params(train_state.opt_state) if evaluate_with_ema else train_state.opt_state.params
         if validation is not None:
             record.update(evaluate(net, params, train_state.model_state, validation, loss))
@@ -164,6 +173,7 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
     check_arguments(epochs, batch_size, l2, accumulate=accumulate)
     x, y, validation = as_arrays(data, validation)
     check_monitor(early_stopping, validation)
+    opt = optimizer_for(opt, precision)
     train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None

@@ -1,6 +1,7 @@
 """Mixed precision: float32 master parameters, lower-precision activations and matmuls.
 
     fit(..., precision=pn.Precision(compute="bfloat16"))
+    fit(..., precision=pn.Precision(compute="float16", loss_scale="dynamic"))
 
 Each step casts the float32 params and the inputs to `compute`, runs the
 forward and the handwritten backward there, and casts the gradients back:
@@ -10,35 +11,74 @@ in float32, LayerNorm / RMSNorm / BatchNorm take their statistics in float32
 (BatchNorm's running statistics stay float32), and softmax cross-entropy
 takes its log-sum-exp in float32.
 
-float16's range is narrow (6e-5 to 65504): `loss_scale` multiplies the
-seed gradient dL/dout before the backward (so small gradients do not flush
-to zero) and divides the gradients after it; pair it with
-`pn.optim.apply_if_finite(opt, "skip")` so a step that overflows is skipped.
+float16's range is narrow (6e-5 to 65504). A loss scale S multiplies the
+seed gradient dL/dout before the backward (every gradient is linear in the
+seed: small gradients are S times larger and do not flush to zero) and
+divides the gradients, in float32, after it:
+
+    seed = S * dL/dout  (in compute),    grads = backward(seed) / S  (in params' dtype)
+
+loss_scale=S (a float) is static: pair it with `pn.optim.apply_if_finite(opt,
+"skip")` so a step that overflows is skipped. loss_scale="dynamic" puts
+`pn.optim.dynamic_loss_scale()` first in the optimizer (`Precision.optimizer`):
+S lives in the optimizer state, starts at 2^15, halves (and the step is
+skipped, params and slots bit-identical) whenever a gradient overflows,
+and doubles after 2000 finite steps in a row. The step reads S from the
+state (`pn.optim.current_loss_scale`) and passes it as `loss_scale=` to the
+gradient function; a loss-scale slot, from either route, replaces the
+static factor. For other settings chain `pn.optim.dynamic_loss_scale(...)`
+into the optimizer yourself and keep the static factor at 1. `fit` and
+`train` record S after each epoch as the history's "loss_scale".
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from purenet import losses, network
+from purenet import losses, network, optim
 from purenet._checks import check_hyperparameter
 
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """compute: the dtype of activations and matmuls; params: the master dtype (params and
-    optimizer slots); loss_scale: the factor on the seed gradient (float16 needs it)."""
+    optimizer slots); loss_scale: the factor on the seed gradient (float16 needs one), a
+    positive float or "dynamic" (see the module docstring)."""
 
     compute: str = "bfloat16"
     params: str = "float32"
-    loss_scale: float = 1.0
+    loss_scale: float | str = 1.0
 
     def __post_init__(self):
         for name in ("compute", "params"):
             dtype = jnp.dtype(getattr(self, name))
             if not jnp.issubdtype(dtype, jnp.floating):
                 raise ValueError(f"Precision {name} must be a floating dtype, got {dtype}")
-        check_hyperparameter("loss_scale", self.loss_scale, 0.0, None, low_open=True)
+        if isinstance(self.loss_scale, str):
+            if self.loss_scale != "dynamic":
+                raise ValueError(f"Precision loss_scale must be a positive number or 'dynamic', "
+                                 f"got {self.loss_scale!r}")
+        else:
+            check_hyperparameter("loss_scale", self.loss_scale, 0.0, None, low_open=True)
+
+    @property
+    def dynamic(self):
+        return isinstance(self.loss_scale, str)
+
+    def optimizer(self, opt):
+        """The optimizer training in this precision uses: `opt`, or with loss_scale="dynamic"
+        chain(pn.optim.dynamic_loss_scale(), opt) (guard "skip"). Initialise its state from it."""
+        if not self.dynamic:
+            return opt
+        if not isinstance(opt, optim.Optimizer):
+            raise ValueError(f"Precision(loss_scale='dynamic') keeps its scale in a chain of transforms "
+                             f"(pn.optim.Optimizer), got {type(opt).__name__}")
+        return optim.chain(optim.dynamic_loss_scale(), opt)
+
+
+def optimizer_for(opt, precision):
+    """`precision.optimizer(opt)`, and `opt` itself without a precision."""
+    return opt if precision is None else precision.optimizer(opt)
 
 
 def _cast(tree, dtype):
@@ -49,18 +89,33 @@ def _cast(tree, dtype):
 def mixed_precision(net, precision, loss="cross_entropy", l2=0.0):
     """A gradient function (see `purenet.training.gradients`) that computes in precision.compute.
 
+    fn(params, state, x, y, key, loss_scale=None): `loss_scale` (a scalar,
+    e.g. the dynamic scale the training step reads from the optimizer state)
+    replaces precision.loss_scale; with loss_scale="dynamic" it is required.
     The loss value comes back in float32 (at least), the gradients in the
-    params' dtype, the l2 term added in that dtype after unscaling.
+    params' dtype (unscaled in float32 at least), the l2 term added in that
+    dtype after unscaling.
     """
-    compute, scale = jnp.dtype(precision.compute), precision.loss_scale
+    compute = jnp.dtype(precision.compute)
 
-    def fn(params, state, x, y, key):
+    def fn(params, state, x, y, key, loss_scale=None):
+        if loss_scale is None and precision.dynamic:
+            raise ValueError("Precision(loss_scale='dynamic') keeps the scale in the optimizer state: build "
+                             "the state with precision.optimizer(opt) (make_step then passes loss_scale=), or "
+                             "pass loss_scale=pn.optim.current_loss_scale(opt_state)")
+        scale = precision.loss_scale if loss_scale is None else loss_scale
         p = network.loss_pass(net, _cast(params, compute), state, _cast(x, compute), loss, train=True, key=key)
         value = p.loss_fn.value(p.out, y)
         seed = (p.loss_fn.backward(p.out, y) * scale).astype(compute)
         body_grads, _ = p.body.backward(p.body_params, p.cache, seed)
-        grads = jax.tree_util.tree_map(lambda g, w: g.astype(w.dtype) / scale, p.grads(net, body_grads), params)
+        grads = jax.tree_util.tree_map(lambda g, w: _unscale(g, scale, w.dtype), p.grads(net, body_grads), params)
         value = value.astype(jnp.promote_types(value.dtype, jnp.float32)) + losses.l2_penalty(params, l2)
         return value, losses.add_l2_gradient(grads, params, l2), p.state
 
     return fn
+
+
+def _unscale(g, scale, dtype):
+    """g / scale in at least float32, then in `dtype` (NaN and inf stay so: the step is skipped)."""
+    wide = jnp.promote_types(dtype, jnp.float32)
+    return (g.astype(wide) / jnp.asarray(scale, wide)).astype(dtype)

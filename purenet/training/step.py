@@ -2,6 +2,8 @@
 import jax
 
 from purenet import distributed
+from purenet.optim import current_loss_scale, tree
+from purenet.training.gradients import takes_loss_scale
 
 
 def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
@@ -10,7 +12,12 @@ def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
     The step's key splits in two: dropout (and DP noise) draw from the
     first, `augment(key, x, y) -> (x, y)` from the second. With a `mesh`
     (see purenet.distributed) the batch is split over its devices and XLA
-    reduces the gradients across them.
+    reduces the gradients across them. With an optimizer guarded by
+    apply_if_finite(..., "skip"), a step whose gradients are not finite
+    leaves the model state (BatchNorm's running statistics) as it was, as
+    the optimizer leaves params and slots. When the optimizer state keeps a
+    dynamic loss scale (pn.optim.dynamic_loss_scale) the step passes it to
+    grad_fn as `loss_scale=`; a grad_fn that does not take it is an error.
     """
 
     def step(carry, batch):
@@ -21,7 +28,23 @@ def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
             x, y = (jax.lax.with_sharding_constraint(v, distributed.batch_sharding(mesh)) for v in (x, y))
         if augment is not None:
             x, y = augment(k_aug, x, y)
-        value, grads, model_state = grad_fn(opt_state.params, model_state, x, y, k_grad)
-        return (opt.step(opt_state, *grads) if with_factors else opt.step(opt_state, grads), model_state), value
+        value, grads, new_state = grad_fn(opt_state.params, model_state, x, y, k_grad,
+                                          **_scale_for(grad_fn, opt_state))
+        if getattr(opt, "guard", None) == "skip":  # a skipped step keeps the model state too (BatchNorm's)
+            new_state = tree.where(tree.all_finite(grads), new_state, model_state)
+        return (opt.step(opt_state, *grads) if with_factors else opt.step(opt_state, grads), new_state), value
 
     return step
+
+
+def _scale_for(grad_fn, opt_state):
+    """{"loss_scale": S} when opt_state keeps a dynamic loss scale S, else {}."""
+    scale = current_loss_scale(opt_state)
+    if scale is None:
+        return {}
+    if not takes_loss_scale(grad_fn):
+        raise ValueError("the optimizer keeps a dynamic loss scale (pn.optim.dynamic_loss_scale), but the "
+                         "gradient function takes no loss_scale=: train in float16 with "
+                         "precision=pn.Precision(compute='float16') (pn.training.mixed_precision)")
+    return {"loss_scale": scale}
+
