@@ -31,6 +31,18 @@ def test_accumulated_micro_batches_give_the_big_batch_update():
         small(params, state, x[:10], y[:10], jax.random.key(2))
 
 
+def test_accumulated_dp_sgd_draws_the_noise_once():
+    x, y = _data()
+    params, state = pn.init(NET, jax.random.key(1), 5)
+    dp = pn.training.dp_sgd(NET, pn.DPSGD(0.5, noise_multiplier=2.0), l2=0.1)
+    v1, g1, _ = dp(params, state, x, y, jax.random.key(2))
+    v4, g4, _ = pn.accumulate(dp, 4)(params, state, x, y, jax.random.key(2))
+    np.testing.assert_allclose(v4, v1, rtol=1e-12)
+    assert max(compare_trees(g4, g1).values()) <= 1e-12  # not the mean of four noised gradients
+    with pytest.raises(ValueError, match="does not split into 4 equal micro-batches"):
+        pn.accumulate(dp, 4)(params, state, x[:10], y[:10], jax.random.key(2))
+
+
 @pytest.mark.parametrize("run", ["fit", "train"])
 def test_fit_and_train_with_accumulate_equal_the_big_batch(run):
     x, y = _data()

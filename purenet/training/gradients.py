@@ -28,18 +28,30 @@ def grad_fn(net, loss="cross_entropy", l2=0.0):
     return fn
 
 
-def dp_sgd(net, dp, loss="cross_entropy", l2=0.0):
+def dp_sgd(net, dp, loss="cross_entropy", l2=0.0, micro_batches=1):
     """DP-SGD's clipped, noised gradient (`pn.clipped_value_and_grad`) for dp = pn.DPSGD(...).
 
-    Dropout draws from `key`, the noise from fold_in(key, 2).
+    Dropout draws from `key`, the noise from fold_in(key, 2). Accumulated
+    (`accumulate(fn, k)`), the batch is clipped k micro-batches at a time and
+    the noise is drawn once, for the whole batch's sum: averaging k noised
+    micro-batch gradients would add sqrt(k) times the noise DP-SGD asks for.
     """
 
     def fn(params, state, x, y, key):
+        chunk = dp.chunk_size if micro_batches == 1 else _micro_batch_size(x.shape[0], micro_batches)
         return per_example.clipped_value_and_grad(
             net, params, state, x, y, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
-            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key, chunk_size=dp.chunk_size)
+            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key, chunk_size=chunk)
 
+    fn.micro_batched = lambda k: dp_sgd(net, dp, loss, l2, micro_batches=k)
     return fn
+
+
+def _micro_batch_size(n, k):
+    if n % k:
+        raise ValueError(f"a batch of {n} examples does not split into {k} equal micro-batches "
+                         f"(accumulate={k}); choose a batch_size that is a multiple of {k}")
+    return n // k
 
 
 def accumulate(fn, micro_batches):
@@ -50,21 +62,22 @@ def accumulate(fn, micro_batches):
     with a k-times smaller working set. Model state threads through the
     micro-batches in order, so BatchNorm normalises each micro-batch by its
     own statistics and updates its running statistics k times; micro-batch
-    i draws its randomness from fold_in(key, i).
+    i draws its randomness from fold_in(key, i). A gradient function with a
+    `micro_batched(k)` method (DP-SGD's) accumulates itself.
     """
     k = int(micro_batches)
     if k < 1 or k != micro_batches:
         raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {micro_batches!r}")
     if k == 1:
         return fn
+    if hasattr(fn, "micro_batched"):
+        return fn.micro_batched(k)
 
     def accumulated(params, state, x, y, key, loss_scale=None):
         scaled = {} if loss_scale is None else {"loss_scale": loss_scale}
         n = x.shape[0]
-        if n % k:
-            raise ValueError(f"a batch of {n} examples does not split into {k} equal micro-batches "
-                             f"(accumulate={k}); choose a batch_size that is a multiple of {k}")
-        split = lambda a: jnp.reshape(a, (k, n // k, *a.shape[1:]))  # noqa: E731
+        size = _micro_batch_size(n, k)
+        split = lambda a: jnp.reshape(a, (k, size, *a.shape[1:]))  # noqa: E731
 
         def micro(carry, inputs):
             state, total, grads = carry
