@@ -235,13 +235,13 @@ class Conv2D:
     "xla" (lax.conv_general_dilated, and for the backward XLA's own
     transposes: dx is dy, dilated by the strides, convolved with the
     spatially flipped kernel; dW is x convolved with dy, batch and channels
-    swapped) and "im2col" (the products above on explicit patches). "auto"
-    (the default) picks per backend what measured fastest where training
-    runs, inside `lax.scan` (benchmarks/cnn.py): im2col on the CPU, xla
-    (cuDNN) elsewhere. On the 2-core CPU with jax 0.10 a LeNet step (batch
-    64) alone takes 11.3 ms with xla and 33.5 ms with im2col, but inside the
-    scan of an epoch XLA's CPU convolution falls to ~250 ms a step while
-    im2col's dots keep ~19 ms.
+    swapped; all three spelled in NHWC / HWIO, see `_conv`) and "im2col"
+    (the products above on explicit patches). "auto" (the default) picks
+    per backend what measured fastest (benchmarks/cnn.py): xla everywhere
+    today. On the 2-core CPU (jax 0.10) a LeNet step at batch 64 takes
+    11 ms with xla and 33 ms with im2col. Autodiff's layouts for the two
+    transposes run ~50x slower inside a `lax.scan` on XLA:CPU; spelled in
+    the forward's layout they do not, so a scanned epoch keeps the step's speed.
     """
 
     features: int
