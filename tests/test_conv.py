@@ -96,6 +96,12 @@ def test_both_formulations_agree_and_auto_picks_one():
     np.testing.assert_allclose(yc, yb, rtol=1e-12)
     dy = jax.random.normal(jax.random.key(2), ya.shape)
     chex.assert_trees_all_close(a.backward(params, ca, dy), b.backward(params, cb, dy), rtol=1e-12)
+    if jax.default_backend() == "cpu":  # auto: im2col (patches cached) for <= 3 channels, xla (x cached) above
+        _, _, rgb = auto.forward(params, {}, x)
+        assert rgb.inputs.shape == (2, 5, 4, 27)
+        x4 = jnp.concatenate([x, x[..., :1]], axis=-1)
+        p4, _, _ = auto.init(jax.random.key(1), x4.shape[1:])
+        assert auto.forward(p4, {}, x4)[2].inputs.shape == x4.shape
 
 
 def test_conv_initializers_count_the_receptive_field_as_jax_does():

@@ -237,9 +237,11 @@ class Conv2D:
     spatially flipped kernel; dW is x convolved with dy, batch and channels
     swapped; all three spelled in NHWC / HWIO, see `_conv`) and "im2col"
     (the products above on explicit patches). "auto" (the default) picks
-    per backend what measured fastest (benchmarks/cnn.py): xla everywhere
-    today. On the 2-core CPU (jax 0.10) a LeNet step at batch 64 takes
-    11 ms with xla and 33 ms with im2col. Autodiff's layouts for the two
+    per backend what measured fastest (benchmarks/cnn.py): xla, except on
+    the CPU for inputs of at most 3 channels, where im2col's patches are
+    small and XLA's convolution of few channels slow (a 5x5 conv of 28x28x1
+    images to 16 channels, batch 64: 2.3 against 3.3 ms; of 14x14x16 to 32:
+    10.0 against 5.1 ms). Autodiff's layouts for the two
     transposes run ~50x slower inside a `lax.scan` on XLA:CPU; spelled in
     the forward's layout they do not, so a scanned epoch keeps the step's speed.
     """
@@ -275,10 +277,16 @@ class Conv2D:
     def _geometry(self, in_hw):
         return geometry(in_hw, self.kernel_size, self.strides, self.dilation, self.padding, self)
 
-    def _impl(self):
+    def _impl(self, W):
+        """The formulation this layer runs: its own, or for "auto" `_FASTEST` on this backend,
+        except im2col on the CPU for inputs of at most 3 channels (images), where the patches
+        are small and XLA's convolution slow (benchmarks/cnn.py)."""
         if self.implementation != "auto":
             return self.implementation
-        return _FASTEST.get(jax.default_backend(), "xla")
+        backend = jax.default_backend()
+        if backend == "cpu" and W.shape[2] <= 3:
+            return "im2col"
+        return _FASTEST.get(backend, "xla")
 
     def init(self, key, in_shape, dtype=None):
         h, w, c = _image_shape(self, in_shape)
@@ -297,7 +305,7 @@ class Conv2D:
             raise ValueError(f"{self} expects {W.shape[2]} input channels (W has shape {W.shape}), "
                              f"got x of shape {x.shape}")
         g = self._geometry(x.shape[1:3])
-        if self._impl() == "xla":
+        if self._impl(W) == "xla":
             y = _conv(x, W, g.strides, g.pads, rhs_dilation=g.dilation)
             inputs = x
         else:
@@ -310,7 +318,7 @@ class Conv2D:
     def backward(self, params, cache, dy):
         W = params["W"]
         g = self._geometry(token_shape(cache.in_hw))
-        if self._impl() == "xla":
+        if self._impl(W) == "xla":
             dW = _conv_dw(cache.inputs, dy, g)
         else:
             p2, dy2 = cache.inputs.reshape(-1, cache.inputs.shape[-1]), dy.reshape(-1, dy.shape[-1])
@@ -321,38 +329,38 @@ class Conv2D:
         return grads, self._dx(W, cache, dy, g)
 
     def _dx(self, W, cache, dy, g):
-        if self._impl() == "xla":
+        if self._impl(W) == "xla":
             return _conv_dx(dy, W, g)
         dp = lax.dot_general(dy, W.reshape(-1, W.shape[-1]), (((3,), (1,)), ((), ())))  # g W2^T
         c = W.shape[2]
         return untap([dp[..., t * c:(t + 1) * c] for t in range(len(g.taps()))], g)
 
-    def _taps(self, cache, g):
+    def _taps(self, W, cache, g):
         """Each tap's (N, Ho, Wo, C) input slice: cut from the cached patches (im2col), else from x."""
-        if self._impl() == "im2col":
+        if self._impl(W) == "im2col":
             p, n = cache.inputs, len(g.taps())
             c = p.shape[-1] // n
             return [p[..., t * c:(t + 1) * c] for t in range(n)]
         return tap_slices(_pad(cache.inputs, g), g)
 
-    def _patches(self, cache):
-        if self._impl() == "im2col":
+    def _patches(self, W, cache):
+        if self._impl(W) == "im2col":
             return cache.inputs
         return patches(cache.inputs, self._geometry(token_shape(cache.in_hw)))
 
     def _dx_of(self, params, cache, dy):
         return self._dx(params["W"], cache, dy, self._geometry(token_shape(cache.in_hw)))
 
-    def _per_example_taps(self, cache, dy):
+    def _per_example_taps(self, W, cache, dy):
         """Example i's weight gradient one tap at a time: dW_i[tap] = S_tap,i^T g_i, (N, C, F) each,
         S_tap the input slice the tap reads. No patches are formed: the working set is one tap's."""
         g = self._geometry(token_shape(cache.in_hw))
-        return [_per_example_tap_grad(s, dy) for s in self._taps(cache, g)], g
+        return [_per_example_tap_grad(s, dy) for s in self._taps(W, cache, g)], g
 
     def per_example_backward(self, params, cache, dy):
         """Example i's gradients: dW_i[tap] = S_tap,i^T g_i (summed over its output pixels), db_i = sum g_i."""
         W = params["W"]
-        taps, g = self._per_example_taps(cache, dy)
+        taps, g = self._per_example_taps(params["W"], cache, dy)
         grads = {"W": jnp.stack(taps, axis=1).reshape(dy.shape[0], *W.shape)}
         if self.use_bias:
             grads["b"] = jnp.sum(dy, axis=(1, 2))
@@ -374,7 +382,7 @@ class Conv2D:
         W = params["W"]
         g = self._geometry(token_shape(cache.in_hw))
         n, t, k, f = dy.shape[0], math.prod(g.out_hw), W.size // W.shape[-1], W.shape[-1]
-        taps = self._taps(cache, g)
+        taps = self._taps(W, cache, g)
         if t * (k + f) < k * f:
             s3 = [s.reshape(n, t, -1) for s in taps]
             pp = sum(jnp.einsum("btc,bsc->bts", s, s) for s in s3)
@@ -392,7 +400,7 @@ class Conv2D:
 
     def per_example_sq(self, params, cache, dy):
         """sum_i dW_i**2, sum_i db_i**2, dW_i formed one tap at a time."""
-        taps, g = self._per_example_taps(cache, dy)
+        taps, g = self._per_example_taps(params["W"], cache, dy)
         sq = {"W": jnp.stack([jnp.sum(d * d, axis=0) for d in taps]).reshape(params["W"].shape)}
         if self.use_bias:
             sq["b"] = jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=0)
@@ -400,7 +408,8 @@ class Conv2D:
 
     def per_example_gram(self, params, cache_a, dya, cache_b, dyb):
         """<grad_i, grad_j> = sum_tap <dW_i[tap], dW_j[tap]> (+ <db_i, db_j>), one tap at a time."""
-        (ta, g), (tb, _) = self._per_example_taps(cache_a, dya), self._per_example_taps(cache_b, dyb)
+        W = params["W"]
+        (ta, g), (tb, _) = self._per_example_taps(W, cache_a, dya), self._per_example_taps(W, cache_b, dyb)
         gram = sum(lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb))
         if self.use_bias:
             gram = gram + jnp.sum(dya, axis=(1, 2)) @ jnp.sum(dyb, axis=(1, 2)).T
@@ -409,7 +418,7 @@ class Conv2D:
     def kfac_factors(self, params, cache, dy):
         """K-FAC factors on the patches (KFC, Grosse & Martens, 2016): A over every output pixel's
         patch [p, 1], G summed over the Ho Wo pixels; W2 = W reshaped to (kh kw C, F) is the matrix."""
-        return dense.kfac_factors(self._patches(cache), dy, self.use_bias), self._dx_of(params, cache, dy)
+        return dense.kfac_factors(self._patches(params["W"], cache), dy, self.use_bias), self._dx_of(params, cache, dy)
 
     def kfac_dims(self, params):
         W = params["W"]
