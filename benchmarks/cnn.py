@@ -1,17 +1,21 @@
-"""CNN benchmarks: `python -m benchmarks.cnn [--smoke] [--repeats 7] [--json cnn_results.json]`.
+"""CNN benchmarks: `python -m benchmarks.cnn [--smoke] [--gpu] [--repeats 7] [--json cnn_results.json]`.
 
 Cases, every contender interleaved repeat by repeat in this one process
 (medians, min-max, and paired ratios against purenet's step):
 
 - train step (forward, backward, Adam) of the LeNet of examples/mnist_cnn.py at
   batch 64 and 128, and of a small ResNet with BatchNorm on 32x32x3 images at
-  batch 64: purenet with each Conv2D formulation, the same loss through jax.grad
-  (both formulations), flax nnx, equinox (LeNet), PyTorch eager and torch.compile;
+  batch 64: purenet with Conv2D's auto choice and each formulation, the same
+  loss through jax.grad (both formulations), flax nnx, equinox (LeNet), PyTorch
+  eager and torch.compile; --gpu instead runs the LeNet at batch 512 and the
+  ResNet at batch 256, each in float32 and bfloat16 (params and compute), with
+  PyTorch on CUDA (TF32 dots in float32, as JAX's default GPU precision);
 - compiled temporary memory of the purenet step against jax.grad's, per formulation;
 - one epoch of 8,000 images at batch 64: purenet's jitted scan against PyTorch's loop;
 - per-example conv gradient norms at batch 256 against vmap(jax.grad): time and memory.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -55,8 +59,8 @@ def _images(batch, size, channels, seed=0):
             jnp.asarray(rng.integers(0, 10, batch), jnp.int32))
 
 
-def purenet_step(net, batch, gradients):
-    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+def purenet_step(net, batch, gradients, dtype="float32"):
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.dtype(dtype))
     opt = pn.optim.adam(LR)
 
     @jax.jit
@@ -65,7 +69,8 @@ def purenet_step(net, batch, gradients):
         grads, model_state = gradients(net, opt_state.params, model_state, *data)
         return opt.step(opt_state, grads), model_state
 
-    return step, (opt.init(params), state), _images(batch, *net.in_shape[1:])
+    x, y = _images(batch, *net.in_shape[1:])
+    return step, (opt.init(params), state), (x.astype(dtype), y)
 
 
 def handwritten(net, p, s, x, y):
@@ -162,34 +167,44 @@ def torch_model(kind, c1=16, c2=32, hidden=128, width=16):
                          Block(2 * width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10))
 
 
-def torch_step(kind, batch, size, channels, compile=False, **sizes):
+def torch_step(kind, batch, size, channels, compile=False, dtype="float32", **sizes):
     import torch
 
     torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     x, y = (np.asarray(v) for v in _images(batch, size, channels))
-    return S.torch_adam_step(torch_model(kind, **sizes), torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                             torch.from_numpy(y.astype(np.int64)), compile)
+    tdtype = getattr(torch, dtype)
+    return S.torch_adam_step(torch_model(kind, **sizes).to(device, tdtype),
+                             torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device, tdtype),
+                             torch.from_numpy(y.astype(np.int64)).to(device), compile)
 
 
-def contenders(case, batch, smoke):
+def contenders(case, batch, smoke, dtype="float32"):
+    """name -> builder of (step, state, data); the first, purenet (auto), is what paired ratios divide by."""
     sizes = dict(c1=4, c2=8, hidden=16) if smoke else LENET
+    impls = ("auto", "xla", "im2col")
     if case == "lenet":
-        made = {f"purenet ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, handwritten)
-                for impl in ("xla", "im2col")}
-        made.update({f"jax.grad ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, autodiff)
-                     for impl in ("xla", "im2col")})
+        made = {f"purenet ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, handwritten, dtype)
+                for impl in impls}
+        made.update({f"jax.grad ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, autodiff, dtype)
+                     for impl in impls[1:]})
         made["flax nnx + optax"] = lambda: flax_lenet(batch, **sizes)
         made["equinox + optax"] = lambda: equinox_lenet(batch, **sizes)
-        made["pytorch eager"] = lambda: torch_step("lenet", batch, 28, 1, **sizes)
-        made["torch.compile"] = lambda: torch_step("lenet", batch, 28, 1, compile=True, **sizes)
+        made["pytorch eager"] = lambda: torch_step("lenet", batch, 28, 1, dtype=dtype, **sizes)
+        made["torch.compile"] = lambda: torch_step("lenet", batch, 28, 1, compile=True, dtype=dtype, **sizes)
     else:
         width, size = (4, 8) if smoke else (16, 32)
-        made = {f"purenet ({impl})": lambda impl=impl: purenet_step(resnet(impl, width, size), batch, handwritten)
-                for impl in ("xla", "im2col")}
-        made["jax.grad (xla)"] = lambda: purenet_step(resnet("xla", width, size), batch, autodiff)
-        made["pytorch eager"] = lambda: torch_step("resnet", batch, size, 3, width=width)
-        made["torch.compile"] = lambda: torch_step("resnet", batch, size, 3, compile=True, width=width)
+        made = {f"purenet ({impl})": lambda impl=impl: purenet_step(resnet(impl, width, size), batch, handwritten,
+                                                                    dtype)
+                for impl in impls}
+        made["jax.grad (xla)"] = lambda: purenet_step(resnet("xla", width, size), batch, autodiff, dtype)
+        made["pytorch eager"] = lambda: torch_step("resnet", batch, size, 3, dtype=dtype, width=width)
+        made["torch.compile"] = lambda: torch_step("resnet", batch, size, 3, compile=True, dtype=dtype, width=width)
+    if dtype != "float32":  # the flax and equinox models are float32 only
+        made = {k: v for k, v in made.items() if not k.startswith(("flax", "equinox"))}
     if smoke:
         made.pop("torch.compile")
     return made
@@ -279,6 +294,7 @@ def per_example_norms(repeats, smoke):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every case tiny and once (CI)")
+    parser.add_argument("--gpu", action="store_true", help="bigger batches, float32 and bfloat16 (for an accelerator)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="train steps timed per repeat")
     parser.add_argument("--json", default="cnn_results.json")
@@ -287,14 +303,15 @@ def main():
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
                "command": " ".join(["python -m benchmarks.cnn", *sys.argv[1:]]), "train_step": {}}
-    cases = [("lenet", 8)] if args.smoke else [("lenet", 64), ("lenet", 128), ("resnet", 64)]
-    for case, batch in cases:
-        key = f"{case} @ batch {batch}"
+    cases = ([("lenet", 8)] if args.smoke else [("lenet", 512), ("resnet", 256)] if args.gpu
+             else [("lenet", 64), ("lenet", 128), ("resnet", 64)])
+    for (case, batch), dtype in itertools.product(cases, ["float32", "bfloat16"] if args.gpu else ["float32"]):
+        key = f"{case} @ batch {batch}" + ("" if dtype == "float32" else f" {dtype}")
         print(f"train step {key}", flush=True)
-        res = results["train_step"][key] = train_steps(contenders(case, batch, args.smoke), repeats, n)
+        res = results["train_step"][key] = train_steps(contenders(case, batch, args.smoke, dtype), repeats, n)
         for name, r in res.items():
             print(f"  {name:<20} {r['median_s'] * 1e3:8.2f} ms  ({r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f})  "
-                  f"paired {r['paired_vs_first']:.2f}x purenet (xla)  compile {r['compile_s']:.1f} s")
+                  f"paired {r['paired_vs_first']:.2f}x purenet (auto)  compile {r['compile_s']:.1f} s")
         _save(results, args.json)
     sections = [("temp_memory_MiB", lambda: temp_memory(args.smoke)), ("epoch", lambda: epoch(repeats, args.smoke)),
                 ("per_example_norms", lambda: per_example_norms(repeats, args.smoke))]

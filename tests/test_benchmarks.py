@@ -46,14 +46,17 @@ def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
 
 
 def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--smoke", "--json", str(tmp_path / "c.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--smoke", "--gpu", "--json",
+                          str(tmp_path / "c.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "c.json").read_text())
-    step = results["train_step"]["lenet @ batch 8"]
-    for name in ("purenet (xla)", "purenet (im2col)", "jax.grad (xla)", "jax.grad (im2col)", "pytorch eager"):
-        assert step[name]["median_s"] > 0
-    assert step["purenet (xla)"]["paired_vs_first"] == 1.0
+    for key in ("lenet @ batch 8", "lenet @ batch 8 bfloat16"):  # --gpu adds bfloat16; on the CPU here
+        step = results["train_step"][key]
+        for name in ("purenet (auto)", "purenet (xla)", "purenet (im2col)", "jax.grad (xla)", "jax.grad (im2col)",
+                     "pytorch eager"):
+            assert step[name]["median_s"] > 0, (key, name)
+        assert step["purenet (auto)"]["paired_vs_first"] == 1.0
+    assert "flax nnx + optax" in results["train_step"]["lenet @ batch 8"]
     assert set(results["temp_memory_MiB"]) == {"purenet (xla)", "jax.grad (xla)", "purenet (im2col)",
                                                "jax.grad (im2col)"}
     assert results["epoch"]["purenet scan"]["median_s"] > 0
