@@ -1,8 +1,11 @@
 """The benchmark runner's smoke mode: every case runs (speed is not asserted here)."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +75,35 @@ def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
     for row in results["cases"].values():
         assert row["max_relative_difference"] <= 1e-4
         assert row["purenet"]["median_s"] > 0 and row["vmap(jax.grad)"]["median_s"] > 0
+
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def test_gpt_whole_run_benchmark_smoke_mode_runs_both_processes(tmp_path):
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"the shared data file {SHAKESPEARE} is not there")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpt_run", "--smoke", "--data", str(SHAKESPEARE),
+                          "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    kinds = ["purenet"] + (["pytorch"] if importlib.util.find_spec("torch") else [])
+    for kind in kinds:
+        (run,) = results["runs"][kind]
+        assert run["wall_s"] > run["train_s"] > 0 and 3.0 < run["val_loss"] < 4.5, run  # ~log 65 after 4 steps
+    assert {"run", "evaluate"} <= set(results["runs"]["purenet"][0]["compile_by_program"])
+    if "pytorch" in kinds:
+        assert results["summary"]["paired_wall_s_purenet_over_pytorch"] > 0
+
+
+def test_gpt_whole_run_pytorch_learning_rate_is_the_examples_schedule():
+    import numpy as np
+
+    import purenet as pn
+    from benchmarks.gpt_run import learning_rate
+
+    for iters in (4, 2000):
+        schedule = pn.schedules.warmup_cosine_decay(0.0, 1e-3, min(100, iters // 2), iters, end_value=1e-4)
+        steps = range(iters + 2)
+        np.testing.assert_allclose([learning_rate(i, iters) for i in steps], [float(schedule(i)) for i in steps],
+                                   rtol=1e-5)  # the schedule is float32

@@ -10,7 +10,11 @@ import purenet as pn
 
 
 def temp_bytes(fn, *args):
-    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return _temp(jax.jit(fn).lower(*args).compile())
+
+
+def _temp(compiled):
+    analysis = compiled.memory_analysis()
     if analysis is None:  # pragma: no cover - backends without the analysis
         pytest.skip("this backend reports no memory analysis")
     return analysis.temp_size_in_bytes
@@ -29,7 +33,11 @@ def test_train_step_memory_is_no_larger_than_jax_grad(hidden):
 
 def kernels(fn, *args):
     """The compiled program's top-level operations by kind (fusions, dots, copies, ...)."""
-    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    return _kernels(jax.jit(fn).lower(*args).compile())
+
+
+def _kernels(compiled):
+    hlo = compiled.as_text()
     entry = next(part for part in hlo.split("\n\n") if "ENTRY" in part)
     ops = re.findall(r"^\s*(?:ROOT )?%\S+ = .*? ([\w-]+)\(", entry, re.M)  # the type may be a tuple
     counts = collections.Counter(op for op in ops if op not in ("parameter", "constant", "tuple", "bitcast",
@@ -74,3 +82,23 @@ def test_the_composed_training_step_compiles_to_the_hand_written_one():
         return opt.step(opt_state, pn.value_and_grad(net, opt_state.params, state, x, y, train=True)[1])
 
     assert kernels(composed, opt.init(params)) == kernels(by_hand, opt.init(params))
+
+
+def test_gpt_train_step_memory_and_kernels_are_no_more_than_jax_grad():
+    """A GPT's handwritten backward keeps less alive than autodiff's, in no more kernels.
+
+    GELU's backward recomputes erfc from the cached pre-activation; merged
+    by XLA with the forward's erfc instead, it kept erfc's exp and two
+    reciprocals alive from forward to backward (3 MLP-sized buffers per
+    layer: 1.5% above jax.grad at nanoGPT's config, here 11% above).
+    """
+    net = pn.gpt(vocab_size=11, context=16, layers=1, heads=2, features=32)
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+    x = jax.random.randint(jax.random.key(1), (4, 16), 0, 11)
+    y = jnp.roll(x, -1, axis=1)
+    ours = jax.jit(lambda p: pn.value_and_grad(net, p, state, x, y, loss="cross_entropy")[:2]).lower(params).compile()
+    reference = jax.jit(jax.value_and_grad(lambda p: pn.loss(net, p, state, x, y, loss="cross_entropy")[0])
+                        ).lower(params).compile()
+    assert _temp(ours) <= _temp(reference), (_temp(ours), _temp(reference))
+    mine, theirs = _kernels(ours), _kernels(reference)
+    assert mine["fusion"] <= theirs["fusion"] and mine["all dots"] == theirs["all dots"], (mine, theirs)

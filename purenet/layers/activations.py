@@ -112,8 +112,12 @@ class GELU(Elementwise):
             t = jnp.tanh(k * (x + 0.044715 * x**3))
             slope = 0.5 * (1 + t) + 0.5 * x * ((1 - t) * (1 + t)) * k * (1 + 3 * 0.044715 * x**2)
         else:
-            cdf = 0.5 * jax.lax.erfc(-x * math.sqrt(0.5))
-            slope = cdf + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+            # z = -a/sqrt 2, written x * -c where jax.nn.gelu writes -x * c: XLA then does not merge this
+            # erfc with the forward's, which would keep erfc's exp(-z^2), 1/z^2 and 1/|z| (three
+            # activation-sized buffers per layer) alive from forward to backward; recomputed here from
+            # a instead (cached anyway), with phi(a) = exp(-z^2) / sqrt(2 pi) sharing erfc's exponential.
+            z = x * -math.sqrt(0.5)
+            slope = 0.5 * jax.lax.erfc(z) + x * jnp.exp(-(z * z)) / math.sqrt(2 * math.pi)
         return dy * slope
 
 
