@@ -116,19 +116,30 @@ def tap_slices(xp, g):
                       (1, sh, sw, 1)) for i, j in g.taps()]
 
 
-def untap(pieces, g):
+def untap(pieces, g, in_place=False):
     """The transpose of `tap_slices` followed by cropping the padding: each tap's
-    (N, Ho, Wo, C) piece goes back where it was read, and overlaps add up."""
+    (N, Ho, Wo, C) piece goes back where it was read, and overlaps add up.
+
+    By default every piece is padded to the image and the pads summed (XLA
+    fuses it all: fastest for a pool's few taps). in_place=True adds each
+    piece, spread out by the strides, into the window it was read from, in
+    one image-sized buffer: for a convolution's many taps XLA may otherwise
+    keep one padded image per tap alive (25 for a 5x5 kernel)."""
     (sh, sw), (dh, dw), (ho, wo) = g.strides, g.dilation, g.out_hw
     hp, wp = g.padded_hw
-    total = None
+    n, c, zero = pieces[0].shape[0], pieces[0].shape[-1], jnp.zeros((), pieces[0].dtype)
+    total = jnp.zeros((n, hp, wp, c), pieces[0].dtype) if in_place else None
     for (i, j), piece in zip(g.taps(), pieces):
-        placed = lax.pad(piece, jnp.zeros((), piece.dtype),
-                         ((0, 0, 0), (i * dh, hp - i * dh - (ho - 1) * sh - 1, sh - 1),
-                          (j * dw, wp - j * dw - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+        if in_place:
+            spread = lax.pad(piece, zero, ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0)))
+            start = (0, i * dh, j * dw, 0)
+            total = lax.dynamic_update_slice(total, lax.dynamic_slice(total, start, spread.shape) + spread, start)
+            continue
+        placed = lax.pad(piece, zero, ((0, 0, 0), (i * dh, hp - i * dh - (ho - 1) * sh - 1, sh - 1),
+                                       (j * dw, wp - j * dw - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
         total = placed if total is None else total + placed
     (hl, _), (wl, _) = g.pads
-    return lax.slice(total, (0, hl, wl, 0), (total.shape[0], hl + g.in_hw[0], wl + g.in_hw[1], total.shape[-1]))
+    return lax.slice(total, (0, hl, wl, 0), (n, hl + g.in_hw[0], wl + g.in_hw[1], c))
 
 
 def patches(x, g):
@@ -333,7 +344,7 @@ class Conv2D:
             return _conv_dx(dy, W, g)
         dp = lax.dot_general(dy, W.reshape(-1, W.shape[-1]), (((3,), (1,)), ((), ())))  # g W2^T
         c = W.shape[2]
-        return untap([dp[..., t * c:(t + 1) * c] for t in range(len(g.taps()))], g)
+        return untap([dp[..., t * c:(t + 1) * c] for t in range(len(g.taps()))], g, in_place=True)
 
     def _taps(self, W, cache, g):
         """Each tap's (N, Ho, Wo, C) input slice: cut from the cached patches (im2col), else from x."""
