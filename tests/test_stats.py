@@ -115,7 +115,7 @@ def first_layer_reference(net, params, state, x, y, loss):
     first, rest = net.layers[0], pn.Sequential(net.layers[1:])
     out, _, cache = first.forward(params[0], state[0], x)
     dy = jax.grad(lambda o: pn.loss(rest, params[1:], state[1:], o, y, loss=loss)[0])(out) * x.shape[0]
-    h = first._patches(cache) if isinstance(first, pn.Conv2D) else x
+    h = first._patches(params[0]["W"], cache) if isinstance(first, pn.Conv2D) else x
     h = h.reshape(-1, h.shape[-1])
     return jnp.concatenate([h, jnp.ones((h.shape[0], 1))], axis=1), dy.reshape(-1, dy.shape[-1])
 
