@@ -252,7 +252,8 @@ def temp_memory(smoke):
 
 
 def epoch(repeats, smoke):
-    """One epoch of n images at batch 64: pn.train_epoch (one scan) against PyTorch's Python loop."""
+    """One epoch of n images at batch 64: pn.train_epoch (one scan) against PyTorch's Python loop and
+    against the same scan of jax.grad steps through lax.conv_general_dilated (timed twice: ~30 s each)."""
     import torch
 
     n, sizes = (256, dict(c1=4, c2=8, hidden=16)) if smoke else (8000, LENET)
@@ -272,7 +273,19 @@ def epoch(repeats, smoke):
             step(carry, (xt[index], yt[index]))
 
     torch_epoch()
-    times = {"purenet scan": [], "pytorch eager loop": []}
+    xla_net = lenet("xla", **sizes)
+    batches = (x[:n // 64 * 64].reshape(n // 64, 64, *x.shape[1:]), y[:n // 64 * 64].reshape(n // 64, 64))
+
+    @jax.jit
+    def autodiff_epoch(opt_state, batches):
+        def step(opt_state, batch):
+            grads, _ = autodiff(xla_net, opt_state.params, state, *batch)
+            return opt.step(opt_state, grads), None
+
+        return jax.lax.scan(step, opt_state, batches)[0]
+
+    jax.block_until_ready(autodiff_epoch(ts.opt_state, batches))
+    times = {"purenet scan": [], "pytorch eager loop": [], "jax.grad (xla) scan": []}
     for r in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(run(ts, jax.random.key(r)))
@@ -280,6 +293,10 @@ def epoch(repeats, smoke):
         start = time.perf_counter()
         torch_epoch()
         times["pytorch eager loop"].append(time.perf_counter() - start)
+        if r < 2:
+            start = time.perf_counter()
+            jax.block_until_ready(autodiff_epoch(ts.opt_state, batches))
+            times["jax.grad (xla) scan"].append(time.perf_counter() - start)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for name, t in times.items()}
 
 

@@ -363,9 +363,15 @@ class Conv2D:
         return self._dx(params["W"], cache, dy, self._geometry(token_shape(cache.in_hw)))
 
     def _per_example_taps(self, W, cache, dy):
-        """Example i's weight gradient one tap at a time: dW_i[tap] = S_tap,i^T g_i, (N, C, F) each,
-        S_tap the input slice the tap reads. No patches are formed: the working set is one tap's."""
+        """Example i's weight gradient by tap, dW_i[tap] = S_tap,i^T g_i, (N, C, F) each, S_tap the
+        input slice the tap reads. From x (xla) one tap at a time, so no patches are formed; from
+        cached patches (im2col) in one product P_i^T g_i, cut by tap."""
         g = self._geometry(token_shape(cache.in_hw))
+        if self._impl(W) == "im2col":
+            n, c = dy.shape[0], W.shape[2]
+            p, d = cache.inputs.reshape(n, -1, cache.inputs.shape[-1]), dy.reshape(n, -1, dy.shape[-1])
+            dw = lax.dot_general(p, d, (((1,), (1,)), ((0,), (0,))))  # (N, kh kw C, F)
+            return [dw[:, t * c:(t + 1) * c] for t in range(len(g.taps()))], g
         return [_per_example_tap_grad(s, dy) for s in self._taps(W, cache, g)], g
 
     def per_example_backward(self, params, cache, dy):
@@ -380,7 +386,7 @@ class Conv2D:
     def per_example_sq_norms(self, params, cache, dy, l2=0.0):
         """||dW_i + l2 W||^2 + ||db_i||^2 without forming patches, whichever of two ways costs fewer flops.
 
-        Formed, one tap at a time:  sum_tap ||S_tap,i^T g_i + l2 W_tap||^2, O(N T K F) flops.
+        Formed by tap (`_per_example_taps`):  sum_tap ||S_tap,i^T g_i + l2 W_tap||^2, O(N T K F) flops.
         Ghost norm over the T = Ho Wo output pixels (K = kh kw C, the patch length):
 
             ||sum_t p_t g_t^T||^2 = sum_{t,t'} (p_t . p_t') (g_t . g_t'),
@@ -403,8 +409,8 @@ class Conv2D:
                 cross = sum(jnp.sum(_tap_dot(s, W[i, j]) * dy, axis=(1, 2, 3)) for (i, j), s in zip(g.taps(), taps))
                 sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
         else:
-            sq = sum(jnp.sum((_per_example_tap_grad(s, dy) + l2 * W[i, j]) ** 2, axis=(1, 2))
-                     for (i, j), s in zip(g.taps(), taps))
+            formed, _ = self._per_example_taps(W, cache, dy)
+            sq = sum(jnp.sum((d + l2 * W[i, j]) ** 2, axis=(1, 2)) for (i, j), d in zip(g.taps(), formed))
         if self.use_bias:
             sq = sq + jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=-1)
         return sq, self._dx(W, cache, dy, g)
