@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
+from benchmarks import torch_gpt
 
 CONFIG = dict(vocab=65, context=64, layers=4, heads=4, features=128, batch=12)
 SMOKE = dict(vocab=11, context=8, layers=1, heads=2, features=16, batch=2)
@@ -219,43 +220,10 @@ def equinox_step(c):
 
 def torch_step(c):
     import torch
-    from torch import nn
     from torch.nn import functional as F
 
     torch.manual_seed(0)
-    d, h = c["features"], c["heads"]
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-            self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
-            q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(b, t, d)
-            x = x + self.c_proj(o)
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-    class GPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(c["vocab"], d), nn.Embedding(c["context"], d)
-            self.blocks = nn.ModuleList([Block() for _ in range(c["layers"])])
-            self.ln_f = nn.LayerNorm(d)
-            self.lm_head = nn.Linear(d, c["vocab"], bias=False)
-            self.lm_head.weight = self.wte.weight  # tied
-
-        def forward(self, ids):
-            x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
-            for blk in self.blocks:
-                x = blk(x)
-            return self.lm_head(self.ln_f(x))
-
-    model = GPT()
+    model = torch_gpt.gpt(c["vocab"], c["context"], c["layers"], c["heads"], c["features"])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],

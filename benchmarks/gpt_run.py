@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import torch_gpt
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "shakespeare_gpt.py"
 DATA = os.environ.get("PURENET_SHAKESPEARE", str(ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
@@ -109,11 +111,8 @@ def learning_rate(it, iters):
 
 def torch_run(c, data, threads=None):
     """The same model, optimizer, schedule and loss estimates in PyTorch eager; returns the run's times and losses."""
-    import math
-
     import numpy as np
     import torch
-    from torch import nn
     from torch.nn import functional as F
 
     if threads:
@@ -123,42 +122,11 @@ def torch_run(c, data, threads=None):
     torch.manual_seed(c["seed"])
     d, h, t, b, layers = c["features"], c["heads"], c["context"], c["batch_size"], c["layers"]
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-            self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+    model = torch_gpt.gpt(text.vocab_size, t, layers, h, d, gpt2_init=True)
 
-        def forward(self, x):
-            bb, tt, _ = x.shape
-            q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
-            q, k, v = (z.view(bb, tt, h, d // h).transpose(1, 2) for z in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(bb, tt, d)
-            x = x + self.c_proj(o)
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-    class GPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(text.vocab_size, d), nn.Embedding(t, d)
-            self.blocks = nn.ModuleList([Block() for _ in range(layers)])
-            self.ln_f = nn.LayerNorm(d)
-            self.lm_head = nn.Linear(d, text.vocab_size, bias=False)
-            self.lm_head.weight = self.wte.weight  # tied
-            for name, p in self.named_parameters():  # GPT-2's initialisation, as pn.gpt's
-                if p.dim() >= 2:
-                    std = 0.02 / math.sqrt(2 * layers) if name.endswith(("c_proj.weight", "mlp_proj.weight")) else 0.02
-                    nn.init.normal_(p, 0.0, std)
-                elif name.endswith("bias"):
-                    nn.init.zeros_(p)
-
-        def forward(self, ids, targets):
-            x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
-            for blk in self.blocks:
-                x = blk(x)
-            logits = self.lm_head(self.ln_f(x))
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    def loss_of(x, y):
+        logits = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
     def batch(ids):
         starts = torch.randint(len(ids) - t, (b,))
@@ -168,11 +136,10 @@ def torch_run(c, data, threads=None):
     @torch.no_grad()
     def estimate(ids, n):
         model.eval()
-        loss = sum(model(*batch(ids)).item() for _ in range(n)) / n
+        loss = sum(loss_of(*batch(ids)).item() for _ in range(n)) / n
         model.train()
         return loss
 
-    model = GPT()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
@@ -183,7 +150,7 @@ def torch_run(c, data, threads=None):
     for it in range(iters):
         for group in opt.param_groups:
             group["lr"] = learning_rate(it, iters)
-        loss = model(*batch(train_ids))
+        loss = loss_of(*batch(train_ids))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
