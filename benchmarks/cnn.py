@@ -134,14 +134,7 @@ def equinox_lenet(batch, c1, c2, hidden):
         logits = jax.vmap(forward, (None, 0))(model, jnp.transpose(x, (0, 3, 1, 2)))
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    @eqx.filter_jit
-    def step(carry, data):
-        model, opt_state = carry
-        grads = eqx.filter_grad(loss)(model, *data)
-        updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        return eqx.apply_updates(model, updates), opt_state
-
-    return step, (layers, tx.init(eqx.filter(layers, eqx.is_array))), _images(batch, 28, 1)
+    return S.equinox_step_of(loss, tx), (layers, tx.init(eqx.filter(layers, eqx.is_array))), _images(batch, 28, 1)
 
 
 def torch_model(kind, c1=16, c2=32, hidden=128, width=16):

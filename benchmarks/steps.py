@@ -131,6 +131,14 @@ def equinox_step(sizes, batch, seed=0, dtype="float32"):
     def loss(model, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model)(x).astype(jnp.float32), y).mean()
 
+    state = (model, tx.init(eqx.filter(model, eqx.is_array)))
+    return equinox_step_of(loss, tx), state, _data(sizes, batch, seed, dtype)
+
+
+def equinox_step_of(loss, tx):
+    """An equinox train step on (model, opt_state): eqx.filter_grad of loss(model, x, y), then tx."""
+    import equinox as eqx
+
     @eqx.filter_jit
     def step(carry, data):
         model, opt_state = carry
@@ -138,7 +146,7 @@ def equinox_step(sizes, batch, seed=0, dtype="float32"):
         updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), opt_state
 
-    return step, (model, tx.init(eqx.filter(model, eqx.is_array))), _data(sizes, batch, seed, dtype)
+    return step
 
 
 class TorchSync:
