@@ -377,7 +377,7 @@ class Conv2D:
     def per_example_backward(self, params, cache, dy):
         """Example i's gradients: dW_i[tap] = S_tap,i^T g_i (summed over its output pixels), db_i = sum g_i."""
         W = params["W"]
-        taps, g = self._per_example_taps(params["W"], cache, dy)
+        taps, g = self._per_example_taps(W, cache, dy)
         grads = {"W": jnp.stack(taps, axis=1).reshape(dy.shape[0], *W.shape)}
         if self.use_bias:
             grads["b"] = jnp.sum(dy, axis=(1, 2))
@@ -399,8 +399,8 @@ class Conv2D:
         W = params["W"]
         g = self._geometry(token_shape(cache.in_hw))
         n, t, k, f = dy.shape[0], math.prod(g.out_hw), W.size // W.shape[-1], W.shape[-1]
-        taps = self._taps(W, cache, g)
         if t * (k + f) < k * f:
+            taps = self._taps(W, cache, g)
             s3 = [s.reshape(n, t, -1) for s in taps]
             pp = sum(jnp.einsum("btc,bsc->bts", s, s) for s in s3)
             dy3 = dy.reshape(n, t, f)
