@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from purenet import losses
 from purenet._checks import check_hyperparameter
+from purenet.chunks import check_chunk_size, in_chunks, mean_in_chunks
 from purenet.network import loss_pass
 
 
@@ -115,75 +116,6 @@ def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multipl
     return value + losses.l2_penalty(params, l2), grads, state
 
 
-# ---------------------------------------------------------------- chunks of a batch
-
-
-def _chunks(chunk_size, n):
-    """(chunk, number of full chunks); chunk_size=None (or >= n) is one chunk of n."""
-    if chunk_size is None:
-        return n, 1
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer (examples per chunk) or None, got {chunk_size!r}")
-    chunk = min(chunk_size, n)
-    return chunk, n // chunk
-
-
-def _split(a, chunk, m):
-    return a[:chunk * m].reshape(m, chunk, *a.shape[1:])
-
-
-def _key(key, i):
-    return None if key is None else jax.random.fold_in(key, i)
-
-
-def in_chunks(fn, chunk_size, x, y, key=None):
-    """fn(x, y, key) -> rows (a tree of (n, ...) arrays), run `chunk_size` examples at a time.
-
-    The full chunks run one after another in a `lax.map` (chunk i draws its
-    randomness from fold_in(key, i)); the remainder, if the batch does not
-    divide, runs after them. Only one chunk's working set is live at a time.
-    """
-    n = x.shape[0]
-    chunk, m = _chunks(chunk_size, n)
-    if m == 1 and chunk == n:
-        return fn(x, y, key)
-    rows = jax.lax.map(lambda a: fn(a[0], a[1], _key(key, a[2])), (_split(x, chunk, m), _split(y, chunk, m),
-                                                                    jnp.arange(m)))
-    rows = jax.tree_util.tree_map(lambda r: r.reshape(chunk * m, *r.shape[2:]), rows)
-    if chunk * m == n:
-        return rows
-    rest = fn(x[chunk * m:], y[chunk * m:], _key(key, m))
-    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows, rest)
-
-
-def mean_in_chunks(fn, chunk_size, state, x, y, key=None):
-    """fn(state, x, y, key) -> (means, state) over the batch, `chunk_size` examples at a time.
-
-    `means` (a tree) are means over a chunk's examples; the batch's mean is
-    their average weighted by chunk sizes. State threads through the chunks
-    in order (a `lax.scan`), chunk i draws from fold_in(key, i).
-    """
-    n = x.shape[0]
-    chunk, m = _chunks(chunk_size, n)
-    if m == 1 and chunk == n:
-        *means, state = fn(state, x, y, key)
-        return (*means, state)
-
-    def step(carry, a):
-        state, total = carry
-        *means, state = fn(state, a[0], a[1], _key(key, a[2]))
-        return (state, jax.tree_util.tree_map(jnp.add, total, tuple(means))), None
-
-    first = jax.eval_shape(lambda: fn(state, x[:chunk], y[:chunk], _key(key, 0))[:-1])
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-    (state, total), _ = jax.lax.scan(step, (state, zeros), (_split(x, chunk, m), _split(y, chunk, m), jnp.arange(m)))
-    total = jax.tree_util.tree_map(lambda t: t * chunk, total)
-    if chunk * m < n:
-        *means, state = fn(state, x[chunk * m:], y[chunk * m:], _key(key, m))
-        total = jax.tree_util.tree_map(lambda t, r: t + r * (n - chunk * m), total, tuple(means))
-    return (*jax.tree_util.tree_map(lambda t: t / n, total), state)
-
-
 @dataclasses.dataclass(frozen=True)
 class DPSGD:
     """A training option for `fit`/`train`: per-example clipping to `clip_norm`
@@ -198,4 +130,4 @@ class DPSGD:
     def __post_init__(self):
         check_hyperparameter("clip_norm", self.clip_norm, 0.0, None, low_open=True)
         check_hyperparameter("noise_multiplier", self.noise_multiplier, 0.0, None)
-        _chunks(self.chunk_size, 1)
+        check_chunk_size(self.chunk_size)

@@ -14,9 +14,8 @@ dynamic scale kept in the optimizer state to functions that take it.
 import inspect
 
 import jax
-import jax.numpy as jnp
 
-from purenet import network, per_example
+from purenet import chunks, network, per_example
 
 
 def grad_fn(net, loss="cross_entropy", l2=0.0):
@@ -75,20 +74,9 @@ def accumulate(fn, micro_batches):
 
     def accumulated(params, state, x, y, key, loss_scale=None):
         scaled = {} if loss_scale is None else {"loss_scale": loss_scale}
-        n = x.shape[0]
-        size = _micro_batch_size(n, k)
-        split = lambda a: jnp.reshape(a, (k, size, *a.shape[1:]))  # noqa: E731
-
-        def micro(carry, inputs):
-            state, total, grads = carry
-            i, xb, yb = inputs
-            value, g, state = fn(params, state, xb, yb, jax.random.fold_in(key, i), **scaled)
-            return (state, total + value, jax.tree_util.tree_map(jnp.add, grads, g)), None
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        start = (state, jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(params), jnp.float32)), zeros)
-        (state, total, grads), _ = jax.lax.scan(micro, start, (jnp.arange(k), split(x), split(y)))
-        return total / k, jax.tree_util.tree_map(lambda g: g / k, grads), state
+        size = _micro_batch_size(x.shape[0], k)
+        return chunks.mean_in_chunks(lambda state, xb, yb, kb: fn(params, state, xb, yb, kb, **scaled),
+                                     size, state, x, y, key)
 
     if takes_loss_scale(fn):
         return accumulated
