@@ -88,3 +88,48 @@ def test_data_parallel_example_on_8_fake_devices_and_as_a_multihost_dry_run(tmp_
     monkeypatch.delenv("XLA_FLAGS")
     out = run_example("data_parallel.py", "--multihost-dry-run", tmp_path=tmp_path)
     assert "process 0 of 1" in out
+
+
+def _shakespeare_module(monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # for its `_common`
+    spec = importlib.util.spec_from_file_location("shakespeare_gpt", ROOT / "examples" / "shakespeare_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shakespeare_steps_in_parts_equal_whole_batches_and_estimates_average_their_batches(monkeypatch):
+    """The example's side-by-side halves give the whole batch's training run; its estimates are
+    the mean loss over exactly the windows they draw."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import purenet as pn
+
+    ex = _shakespeare_module(monkeypatch)
+    net = pn.gpt(vocab_size=7, context=8, layers=1, heads=2, features=16)
+    ids = jax.random.randint(jax.random.key(0), (300,), 0, 7)
+    opt = ex.optimizer(6)
+    opt_state, state = ex.make_setup(net, opt)(jax.random.key(1))
+    runs = [ex.make_steps(net, opt, state, ids, 4, 8, parts)(jax.tree_util.tree_map(jnp.copy, opt_state),
+                                                               jax.random.key(2), 3) for parts in (1, 2, 4)]
+    for other in runs[1:]:
+        np.testing.assert_allclose(other[1], runs[0][1], rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(other[0].params), jax.tree_util.tree_leaves(runs[0][0].params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="--parts 3 must divide --batch-size 4"):
+        ex.make_steps(net, opt, state, ids, 4, 8, 3)
+
+    params, key = runs[0][0].params, jax.random.key(3)
+    estimate = ex.make_estimate(net, state, ids, ids[::-1], 4, 8, block=2)
+    train, val = estimate(params, key, 4)
+    for split, ids_ in ((train, ids), (val, ids[::-1])):
+        batches = [pn.datasets.windows(ids_, k, 4, 8) for i in range(2)
+                   for k in jax.random.split(jax.random.fold_in(key, i), 2)]
+        losses = [pn.loss(net, params, state, x, y, loss="cross_entropy")[0] for x, y in batches]
+        assert split == pytest.approx(float(np.mean(losses)), rel=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of the estimate's block of 2"):
+        estimate(params, key, 3)

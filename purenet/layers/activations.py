@@ -94,17 +94,25 @@ class Identity(Elementwise):
 class GELU(Elementwise):
     """Gaussian error linear unit (Hendrycks & Gimpel, 2016).
 
-    Exact:  h = a Phi(a) = a/2 erfc(-a/sqrt 2),   h' = Phi(a) + a phi(a),
+    Exact:  h = a Phi(a) = a/2 (1 + erf(a/sqrt 2)),   h' = Phi(a) + a phi(a),
     with Phi, phi the standard normal's distribution and density.
     approximate=True, the tanh form:  h = a c,  c = (1 + t)/2,
     t = tanh(k (a + 0.044715 a^3)), k = sqrt(2/pi),
     h' = c + a/2 (1 - t^2) k (1 + 3 * 0.044715 a^2).
+
+    Phi is written through erf, as PyTorch writes it, not through erfc as
+    `jax.nn.gelu` does: erf is 1.3x faster on XLA:CPU (4% of a GPT step).
+    The two agree to float rounding except in the far negative tail: below
+    a ~ -5.4, where Phi(a) < 3e-8, 1 + erf rounds to 0 in float32 (erfc
+    keeps the tiny values).
     """
 
     approximate: bool = False
 
     def apply(self, x):
-        return jax.nn.gelu(x, approximate=self.approximate), x
+        if self.approximate:
+            return jax.nn.gelu(x, approximate=True), x
+        return 0.5 * x * (1 + jax.lax.erf(x * math.sqrt(0.5))), x
 
     def grad(self, x, dy):
         if self.approximate:
@@ -112,12 +120,8 @@ class GELU(Elementwise):
             t = jnp.tanh(k * (x + 0.044715 * x**3))
             slope = 0.5 * (1 + t) + 0.5 * x * ((1 - t) * (1 + t)) * k * (1 + 3 * 0.044715 * x**2)
         else:
-            # z = -a/sqrt 2, written x * -c where jax.nn.gelu writes -x * c: XLA then does not merge this
-            # erfc with the forward's, which would keep erfc's exp(-z^2), 1/z^2 and 1/|z| (three
-            # activation-sized buffers per layer) alive from forward to backward; recomputed here from
-            # a instead (cached anyway), with phi(a) = exp(-z^2) / sqrt(2 pi) sharing erfc's exponential.
-            z = x * -math.sqrt(0.5)
-            slope = 0.5 * jax.lax.erfc(z) + x * jnp.exp(-(z * z)) / math.sqrt(2 * math.pi)
+            z = x * math.sqrt(0.5)
+            slope = 0.5 * (1 + jax.lax.erf(z)) + x * jnp.exp(-(z * z)) * (1 / math.sqrt(2 * math.pi))
         return dy * slope
 
 
