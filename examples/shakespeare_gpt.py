@@ -6,8 +6,8 @@ weight decay 0.1 on matrices only), learning rate warmed up over 100 steps
 to 1e-3 and cosine-decayed to 1e-4, gradients clipped at 1.0, no dropout.
 The training loop is a `lax.scan` over chunks of steps that draws its
 random windows on the device and takes each batch in two halves side by
-side (--parts); the loss is estimated every 250 iterations, in one
-compiled program for every estimate.
+side (--parts); the loss is estimated every 250 iterations, by one
+program compiled on a background thread while the first steps run.
 Prints the validation loss on 2,400 random windows, plots the curves and
 prints a sample (--out '' and --sample 0 skip those two; --json FILE writes
 the run's times and losses, as `python -m benchmarks.gpt_run` reads them).
@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -116,11 +117,20 @@ def make_estimate(net, state, train_ids, val_ids, batch_size, context, block):
         return jnp.stack([mean_loss(train_ids), mean_loss(val_ids)])
 
     def estimate(params, key, n):
+        """The mean (train, validation) losses over n batches each."""
         if n % block:
             raise ValueError(f"{n} batches is not a multiple of the estimate's block of {block}")
         means = [evaluate(params, jax.random.fold_in(key, i)) for i in range(n // block)]
         return tuple(float(m) for m in np.mean(np.asarray(means), axis=0))
 
+    def compile_ahead(params, key):
+        """Compile the program for arguments like these on a background thread (XLA compiles
+        without holding Python's lock); later calls with such arguments find it compiled."""
+        thread = threading.Thread(target=lambda: evaluate.lower(params, key).compile(), daemon=True)
+        thread.start()
+        return thread
+
+    estimate.compile_ahead = compile_ahead
     return estimate
 
 
@@ -165,6 +175,9 @@ def main():
     run = make_steps(net, opt, state, train_ids, args.batch_size, args.context, args.parts)
     estimate = make_estimate(net, state, train_ids, val_ids, args.batch_size, args.context,
                              math.gcd(args.eval_batches, args.final_eval_batches))
+    # The estimate is first needed after --eval-every steps: its compilation runs meanwhile, beside
+    # the steps' (one batch's steps leave the second core idle much of the time).
+    estimate.compile_ahead(opt_state.params, key)
 
     from tqdm import tqdm
     curve, evals, done, steps_s, eval_s = [], [], 0, 0.0, 0.0

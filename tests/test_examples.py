@@ -125,6 +125,7 @@ def test_shakespeare_steps_in_parts_equal_whole_batches_and_estimates_average_th
 
     params, key = runs[0][0].params, jax.random.key(3)
     estimate = ex.make_estimate(net, state, ids, ids[::-1], 4, 8, block=2)
+    estimate.compile_ahead(params, key).join()
     train, val = estimate(params, key, 4)
     for split, ids_ in ((train, ids), (val, ids[::-1])):
         batches = [pn.datasets.windows(ids_, k, 4, 8) for i in range(2)
