@@ -240,6 +240,29 @@ def test_gpt_configuration_errors_are_clear():
         pn.forward(net, params, state, jnp.zeros((1, 5), jnp.int32))
 
 
+def test_gpt_initialises_as_gpt2_eagerly_and_under_jit():
+    """E, P and the block matrices N(0, 0.02^2), the residual projections N(0, (0.02/sqrt(2L))^2),
+    biases 0, LayerNorm gains 1; no two matrices share values (they are cut from one normal
+    vector), and a jitted init gives the eager one's values."""
+    net = pn.gpt(vocab_size=64, context=32, layers=2, heads=2, features=32)
+    params = pn.init(net, jax.random.key(0))[0][0]  # the GPT's, before the Softmax
+    jitted = jax.jit(lambda k: pn.init(net, k))(jax.random.key(0))[0][0]
+    assert max(compare_trees(jitted, params).values()) < 1e-6
+    res = 0.02 / np.sqrt(2 * 2)
+    blocks = params["body"][1:3]
+    matrices = [(params["token"]["E"], 0.02), (params["body"][0]["P"], 0.02)]
+    for attn_seq, mlp_seq in blocks:
+        attn, fc, proj = attn_seq[1], mlp_seq[1], mlp_seq[3]
+        matrices += [(attn[n], res if n == "Wo" else 0.02) for n in ("Wq", "Wk", "Wv", "Wo")]
+        matrices += [(fc["W"], 0.02), (proj["W"], res)]
+        assert all(float(jnp.max(jnp.abs(attn[b]))) == 0 for b in ("bq", "bk", "bv", "bo"))
+        assert float(jnp.max(jnp.abs(attn_seq[0]["gamma"] - 1))) == 0
+    for m, std in matrices:
+        assert abs(float(jnp.std(m)) / std - 1) < 0.1 and abs(float(jnp.mean(m))) < 4 * std / np.sqrt(m.size)
+    firsts = {round(float(m.ravel()[0]), 12) for m, _ in matrices}
+    assert len(firsts) == len(matrices)
+
+
 # ------------------------------------------------------------------ PyTorch
 
 
