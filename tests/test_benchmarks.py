@@ -93,7 +93,9 @@ def test_gpt_whole_run_benchmark_smoke_mode_runs_both_processes(tmp_path):
     for kind in kinds:
         (run,) = results["runs"][kind]
         assert run["wall_s"] > run["train_s"] > 0 and 3.0 < run["val_loss"] < 4.5, run  # ~log 65 after 4 steps
-    assert {"run", "evaluate"} <= set(results["runs"]["purenet"][0]["compile_by_program"])
+    purenet = results["runs"]["purenet"][0]
+    assert "run" in purenet["compile_by_program"]  # on the main thread
+    assert "evaluate" in purenet["background_by_program"]  # the example compiles it ahead, on a thread
     if "pytorch" in kinds:
         assert results["summary"]["paired_wall_s_purenet_over_pytorch"] > 0
 
