@@ -25,8 +25,9 @@ training-loop time (first step to last, the periodic estimates included)
 and the final validation loss; purenet's run splits its time into
 compilation on the main thread (JAX's compile events: tracing, lowering and
 XLA, per program), steps and loss estimates, and reports apart the
-compilation its background thread does beside the steps. Reported: medians over pairs and the median of the
-paired ratios purenet / PyTorch (below 1: purenet's run is faster).
+compilation its background thread does beside the steps. Reported:
+medians over pairs and the median of the paired ratios purenet / PyTorch
+(below 1: purenet's run is faster).
 With --cache purenet's runs use a persistent compilation cache that one
 untimed run fills first: the cost of a second run of the example.
 """
