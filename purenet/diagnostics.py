@@ -1,78 +1,115 @@
 """Gradient-flow diagnostics per layer, from one forward and handwritten backward pass.
 
-For a network on a probe batch, `gradient_flow` returns, for its L Dense
-layers in forward order, found at any depth inside Sequential, Residual and
-Parallel (arrays of length L):
+For a network on a probe batch, `gradient_flow` returns, for its L layers
+that have parameters (found at any depth by the one traversal, in forward
+order; arrays of length L):
 
-    grad_norm       ||dL/dW||
-    weight_norm     ||W||
-    input_rms       root mean square of the Dense layer's input (for layer 1, the data)
+    grad_norm       ||dL/dW|| over the layer's weight matrices (role "weight"; all its
+                    parameters when it has none, e.g. a LayerNorm's gains)
+    weight_norm     ||W|| over the same parameters
+    input_rms       root mean square of the layer's input, where the layer can say what
+                    it was (`cached_input(cache)`, Dense); NaN elsewhere
 
-and, for the activation layers in order (arrays of length A):
+and, for the activation layers in order (those with `activation_stats(cache)`:
+ReLU, LeakyReLU, GELU, SiLU, Sigmoid, Tanh; arrays of length A):
 
-    dead_fraction       share of relu / leaky relu units that are <= 0 for every probe example
+    dead_fraction       share of units on the flat side (pre-activation <= 0; < 0 for leaky relu)
+                        for every probe example
     saturated_fraction  share of sigmoid (< 0.01 or > 0.99) or tanh (|h| > 0.99) outputs
 
-(NaN where a measure does not apply to that activation). `update_ratio`
-gives ||W_new - W_old|| / ||W_old|| per Dense layer. `fit(..., diagnostics=
-(x_probe, y_probe))` records all of them in the history every epoch, and
-`plot_gradient_flow` draws them.
+(NaN where a measure does not apply to that activation). `layer_names`
+names the L layers. `update_ratio` gives ||W_new - W_old|| / ||W_old|| per
+layer with parameters. `fit(..., diagnostics=(x_probe, y_probe))` records
+all of them in the history every epoch, and `plot_gradient_flow` draws them.
 """
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 
-from purenet.layers import Dense, LeakyReLU, ReLU, Sigmoid, Tanh
+from purenet.layers.base import Visit, has_params, layer_roles, leaves, walk, walk_leaves
 from purenet.network import value_and_grad
 
-_ACTIVATIONS = (ReLU, LeakyReLU, Sigmoid, Tanh)
+__all__ = ["gradient_flow", "layer_names", "plot_gradient_flow", "update_ratio"]
 
 
-def leaf_layers(net, params, grads=None, cache=None):
-    """[(layer, params, grads, cache)] for every layer without children, in forward order.
-
-    Containers (Sequential, Residual, Parallel) say through `children` how
-    their params and cache split among their layers; grads split like params.
-    """
-    if not hasattr(net, "children"):
-        return [(net, params, grads, cache)]
-    kids = net.children(params, cache)
-    kid_grads = [g for _, g, _ in net.children(grads)] if grads is not None else [None] * len(kids)
-    return [leaf for (layer, p, c), g in zip(kids, kid_grads) for leaf in leaf_layers(layer, p, g, c)]
+def _selected(layer: Any, params: Any) -> list:
+    """The layer's weight-role leaves, or all its leaves when it has none."""
+    roles = jax.tree_util.tree_leaves(layer_roles(layer, params))
+    values = jax.tree_util.tree_leaves(params)
+    weights = [v for v, r in zip(values, roles) if r == "weight"]
+    return weights or values
 
 
-def gradient_flow(net, params, state, x, y, loss="cross_entropy", l2=0.0):
+def _norm(arrays: list) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.promote_types(a.dtype, jnp.float32)))) for a in arrays))
+
+
+def _with_params(net: Any, params: Any) -> list:
+    return [leaf for leaf in leaves(net, params) if has_params(leaf.params)]
+
+
+def layer_names(net: Any, params: Any) -> list[str]:
+    """The names of the layers `gradient_flow` reports, in its order ("3: Dense", ...)."""
+    return [f"{i}: {type(leaf.layer).__name__}" for i, leaf in enumerate(_with_params(net, params))]
+
+
+def _record(layer: Any, params: Any, caches: tuple, dys: tuple) -> tuple:
+    """Read one leaf's cache: its input rms and activation statistics (what the layer declares)."""
+    (cache,), (dy,) = caches, dys
+    dx = layer.backward(params, cache, dy)[1]
+    rms = None
+    if has_params(params) and hasattr(layer, "cached_input"):
+        x = layer.cached_input(cache)
+        rms = jnp.sqrt(jnp.mean(jnp.square(x)))
+    stats = layer.activation_stats(cache) if hasattr(layer, "activation_stats") else None
+    return (has_params(params), rms, stats), (dx,)
+
+
+def gradient_flow(net: Any, params: Any, state: Any, x: jax.Array, y: Any, loss: Any = "cross_entropy",
+                  l2: Any = 0.0) -> dict[str, jax.Array]:
     """Per-layer gradient and activation statistics on (x, y); see the module docstring."""
     _, grads, _ = value_and_grad(net, params, state, x, y, loss=loss, l2=l2)
-    _, _, caches = net.forward(params, state, x, train=False)
-    leaves = leaf_layers(net, params, grads, caches)
-    dense = [leaf for leaf in leaves if isinstance(leaf[0], Dense)]
-    acts = [leaf for leaf in leaves if isinstance(leaf[0], _ACTIVATIONS)]
-    nan = jnp.asarray(jnp.nan, x.dtype)
+    out, _, cache = net.forward(params, state, x, train=False)
+    records, _ = walk(net, Visit(_record, None, shaped=False), params, (cache,), (jnp.zeros_like(out),))
+    records = walk_leaves(net, records)
+    dtype = jnp.promote_types(jnp.result_type(x) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+                              else jnp.float32, jnp.float32)
+    nan = jnp.asarray(jnp.nan, dtype)
+    layers = _with_params(net, params)
+    grad_layers = _with_params(net, grads)
     dead, saturated = [], []
-    for layer, _, _, cache in acts:
-        if isinstance(layer, (ReLU, LeakyReLU)):  # cache: where the pre-activation is > 0 (>= 0 for leaky)
-            dead.append(jnp.mean(~jnp.any(cache, axis=0)))
-            saturated.append(nan)
-        else:  # cache: the activation's output
-            limit = jnp.abs(cache - 0.5) > 0.49 if isinstance(layer, Sigmoid) else jnp.abs(cache) > 0.99
-            dead.append(nan)
-            saturated.append(jnp.mean(limit))
+    for _, _, stats in records:
+        if stats is None:
+            continue
+        d, s = stats
+        dead.append(nan if d is None else jnp.mean(jnp.all(d, axis=0)).astype(dtype))
+        saturated.append(nan if s is None else jnp.mean(s).astype(dtype))
+    rms = [nan if r is None else r.astype(dtype) for has, r, _ in records if has]
+
+    def stack(values: list) -> jax.Array:
+        return jnp.stack(values).astype(dtype) if values else jnp.zeros((0,), dtype)
+
     return {
-        "grad_norm": jnp.stack([jnp.linalg.norm(g["W"]) for _, _, g, _ in dense]),
-        "weight_norm": jnp.stack([jnp.linalg.norm(p["W"]) for _, p, _, _ in dense]),
-        "input_rms": jnp.stack([jnp.sqrt(jnp.mean(c ** 2)) for _, _, _, c in dense]),
-        "dead_fraction": jnp.stack(dead).astype(x.dtype) if dead else jnp.zeros((0,), x.dtype),
-        "saturated_fraction": jnp.stack(saturated).astype(x.dtype) if saturated else jnp.zeros((0,), x.dtype),
+        "grad_norm": stack([_norm(_selected(a.layer, g.params)) for a, g in zip(layers, grad_layers)]),
+        "weight_norm": stack([_norm(_selected(a.layer, a.params)) for a in layers]),
+        "input_rms": stack(rms),
+        "dead_fraction": stack(dead),
+        "saturated_fraction": stack(saturated),
     }
 
 
-def update_ratio(net, old_params, new_params):
-    """||W_new - W_old|| / ||W_old|| for each Dense layer."""
-    pairs = [(old["W"], new["W"]) for layer, old, new, _ in leaf_layers(net, old_params, new_params)
-             if isinstance(layer, Dense)]
-    return jnp.stack([jnp.linalg.norm(new - old) / jnp.linalg.norm(old) for old, new in pairs])
+def update_ratio(net: Any, old_params: Any, new_params: Any) -> jax.Array:
+    """||W_new - W_old|| / ||W_old|| for each layer with parameters (its weight matrices, see above)."""
+    pairs = [(_selected(a.layer, a.params), _selected(a.layer, b.params))
+             for a, b in zip(_with_params(net, old_params), _with_params(net, new_params))]
+    if not pairs:
+        return jnp.zeros((0,))
+    return jnp.stack([_norm([n - o for o, n in zip(old, new)]) / _norm(old) for old, new in pairs])
 
 
-def plot_gradient_flow(history, ax=None, label=None, epoch=0, key="grad_norm"):
+def plot_gradient_flow(history: dict, ax: Any = None, label: str | None = None, epoch: int = 0,
+                       key: str = "grad_norm") -> Any:
     """Plot history[key][epoch] against layer number (log scale); returns the axes."""
     import matplotlib.pyplot as plt
 

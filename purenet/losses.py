@@ -251,11 +251,6 @@ def checked(loss):
 # ---------------------------------------------------------------- L2
 
 
-def _is_weight(path):
-    last = path[-1] if path else None
-    return isinstance(last, jax.tree_util.DictKey) and last.key == "W"
-
-
 def _half_sum_of_squares(w, l2):
     """l2/2 * sum(w**2) without overflow: in at least float32, with w scaled by s = max|w|.
 
@@ -275,31 +270,30 @@ def has_l2(l2):
     return not (is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0)
 
 
-def l2_penalty(params, l2):
-    """l2/2 * sum of W^2 over every leaf named "W" (Dense weights; not biases).
+def l2_penalty(params, l2, mask):
+    """l2/2 * sum of W^2 over every leaf where `mask` is True (the network's decay mask:
+    its trainable weight matrices, see `pn.layers.base.decay_mask`).
 
     A concrete l2 of zero adds nothing (not even 0 * sum W^2, which is NaN
     once the sum overflows).
     """
     if not has_l2(l2):
         return 0.0
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return sum((_half_sum_of_squares(w, l2) for path, w in leaves if _is_weight(path)), start=0.0)
+    pairs = zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(mask))
+    return sum((_half_sum_of_squares(w, l2) for w, m in pairs if m), start=0.0)
 
 
-def l2_backward(params, l2):
-    """d(l2 penalty)/dparams: l2 * W for weights, zero elsewhere."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, w: l2 * w if _is_weight(path) else jnp.zeros_like(w), params
-    )
+def l2_backward(params, l2, mask):
+    """d(l2 penalty)/dparams: l2 * W where `mask` is True, zero elsewhere."""
+    return jax.tree_util.tree_map(lambda w, m: l2 * w if m else jnp.zeros_like(w), params, mask)
 
 
-def add_l2_gradient(grads, params, l2):
-    """grads + l2 W on every weight: the one place the penalty's gradient is added.
+def add_l2_gradient(grads, params, l2, mask):
+    """grads + l2 W on every masked weight: the one place the penalty's gradient is added.
 
     grads may carry a leading batch axis (per-example gradients): l2 W
     broadcasts over it, as each example's loss carries the whole penalty.
     """
     if not has_l2(l2):
         return grads
-    return jax.tree_util.tree_map(jnp.add, grads, l2_backward(params, l2))
+    return jax.tree_util.tree_map(jnp.add, grads, l2_backward(params, l2, mask))

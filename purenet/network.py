@@ -1,40 +1,49 @@
 """Network-level pure functions: the only place that walks layers forward, then backward.
 
     value_and_grad:  x -> layer forwards (caches) -> loss and dL/d(output)
-                       -> layer backwards in reverse -> grads (+ l2 W)
+                       -> the one traversal back (`walk`), a visitor at each leaf -> grads (+ l2 W)
 
-`loss` is the same computation in plain JAX, with no backward: autodiff of
-it is the reference that `value_and_grad` is tested against.
+`backward_pass` is that recipe, once: `value_and_grad`, mixed precision,
+K-FAC, DP-SGD's clipping, the per-example functions and the statistics all
+run it, each with its own visitor (what a leaf layer computes) and seed
+(what enters the backward at the output). `loss` is the same computation in
+plain JAX, with no backward: autodiff of it is the reference that
+`value_and_grad` is tested against.
 
 When a network ends in Softmax and the loss is cross-entropy (or Sigmoid and
 binary cross-entropy), both functions stop before that activation and use
 the fused loss on the logits, which is exact and finite at any magnitude.
+
+l2 adds l2/2 sum W^2 over the network's trainable weight matrices: every
+parameter whose role is "weight" (`pn.layers.base.decay_mask`), attention's
+Wq, Wk, Wv, Wo included; not biases, gains, embedding tables, or anything
+inside `Frozen`.
 """
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
+
+import jax
 
 from purenet import losses
 from purenet._checks import check_float_input
 from purenet.layers import Sequential, Sigmoid, Softmax
-from purenet.layers.base import id_layer
+from purenet.layers.base import PLAIN, Visit, decay_mask, id_layer, walk
+
+PyTree = Any
 
 # Output activation -> the loss it fuses with.
 _FUSED = {Softmax: "cross_entropy", Sigmoid: "binary_cross_entropy"}
 
 
-def _identity_layer():
-    return Sequential(())
-
-
-def _split_head(net, loss):
+def _split_head(net: Any, loss: Any) -> tuple[Any, bool]:
     """(body, fused): body is `net` without its final activation when that fuses with `loss`."""
     if isinstance(net, Sequential) and net.layers and _FUSED.get(type(net.layers[-1])) == loss:
         return Sequential(net.layers[:-1], in_shape=net.in_shape), True
     if _FUSED.get(type(net)) == loss:
-        return _identity_layer(), True
+        return Sequential(()), True
     return net, False
 
 
-def _body_trees(net, fused, params, state):
+def _body_trees(net: Any, fused: bool, params: PyTree, state: PyTree) -> tuple[PyTree, PyTree]:
     if not fused:
         return params, state
     if isinstance(net, Sequential):
@@ -42,7 +51,7 @@ def _body_trees(net, fused, params, state):
     return (), ()
 
 
-def _full_trees(net, fused, body_tree, head_tree):
+def _full_trees(net: Any, fused: bool, body_tree: PyTree, head_tree: PyTree) -> PyTree:
     if not fused:
         return body_tree
     if isinstance(net, Sequential):
@@ -50,7 +59,8 @@ def _full_trees(net, fused, body_tree, head_tree):
     return head_tree
 
 
-def init(net, key, in_shape=None, dtype=None, *, in_dim=None):
+def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
+         in_dim: int | None = None) -> tuple[PyTree, PyTree]:
     """Initialise a network: returns (params, state).
 
     `in_shape` is one example's shape (an int n means (n,); `in_dim=n` is an
@@ -68,14 +78,15 @@ def init(net, key, in_shape=None, dtype=None, *, in_dim=None):
     return params, state
 
 
-def forward(net, params, state, x, train=False, key=None):
+def forward(net: Any, params: PyTree, state: PyTree, x: jax.Array, train: bool = False,
+            key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
     """The network's output: returns (y, state); state changes only in training."""
     check_float_input(x, ids=id_layer(net))
     y, state, _ = net.forward(params, state, x, train=train, key=key)
     return y, state
 
 
-def _prepare(net, loss):
+def _prepare(net: Any, loss: Any) -> tuple[Any, bool, losses.Loss]:
     chosen = losses.get(loss)  # unknown names raise here
     if isinstance(loss, losses.Loss):
         return net, False, losses.checked(chosen)
@@ -94,12 +105,17 @@ class LossPass(NamedTuple):
     state: Any         # the whole network's new state
     loss_fn: losses.Loss
 
-    def grads(self, net, body_grads):
+    def grads(self, net: Any, body_grads: PyTree) -> PyTree:
         """Body gradients placed into the structure of the whole network's params."""
         return _full_trees(net, self.fused, body_grads, {})
 
+    def per_example_seed(self, y: Any) -> jax.Array:
+        """Row i: the gradient of example i's own loss L_i with respect to the output (N dL/dout)."""
+        return self.loss_fn.backward(self.out, y) * self.out.shape[0]
 
-def loss_pass(net, params, state, x, loss, train=False, key=None):
+
+def loss_pass(net: Any, params: PyTree, state: PyTree, x: jax.Array, loss: Any, train: bool = False,
+              key: jax.Array | None = None) -> LossPass:
     """Run the network forward for `loss`, keeping the caches (shared by every backward)."""
     check_float_input(x, ids=id_layer(net))
     body, fused, chosen = _prepare(net, loss)
@@ -109,33 +125,66 @@ def loss_pass(net, params, state, x, loss, train=False, key=None):
     return LossPass(body, fused, bparams, out, cache, _full_trees(net, fused, new_bstate, head_state), chosen)
 
 
-def loss(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+def l2_terms(net: Any, params: PyTree, l2: Any) -> tuple[Any, PyTree | None]:
+    """(l2/2 sum W^2, l2 W) over the network's decay mask (None for the gradient when l2 is 0)."""
+    if not losses.has_l2(l2):
+        return 0.0, None
+    mask = decay_mask(net, params)
+    return losses.l2_penalty(params, l2, mask), losses.l2_backward(params, l2, mask)
+
+
+def add_l2(net: Any, params: PyTree, l2: Any, value: Any, grads: PyTree) -> tuple[Any, PyTree]:
+    """value + l2/2 sum W^2 and grads + l2 W (grads may carry a leading batch axis)."""
+    penalty, gradient = l2_terms(net, params, l2)
+    if gradient is None:
+        return value, grads
+    return value + penalty, jax.tree_util.tree_map(lambda g, d: g + d, grads, gradient)
+
+
+def backward_pass(p: LossPass, net: Any, y: Any, visit: Visit = PLAIN,
+                  seed: Callable[[jax.Array], jax.Array] | None = None) -> PyTree:
+    """The backward half of the recipe: seed = dL/dout (or `seed(dL/dout)`), walked back through
+    the body with `visit`; returns the visitor's outputs, placed like the network's params."""
+    dout = p.loss_fn.backward(p.out, y)
+    outs, _ = walk(p.body, visit, p.body_params, (p.cache,), (dout if seed is None else seed(dout),))
+    return p.grads(net, outs) if visit.shaped else outs
+
+
+def loss(net: Any, params: PyTree, state: PyTree, x: jax.Array, y: Any, loss: Any = "cross_entropy",
+         l2: Any = 0.0, train: bool = False, key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
     """The loss of the network on (x, y) plus l2/2 sum W^2: returns (value, state).
 
     Plain JAX and differentiable: its autodiff gradient is the reference.
     """
     p = loss_pass(net, params, state, x, loss, train, key)
-    return p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2), p.state
+    return p.loss_fn.value(p.out, y) + l2_terms(net, params, l2)[0], p.state
 
 
-def value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+def value_and_grad(net: Any, params: PyTree, state: PyTree, x: jax.Array, y: Any, loss: Any = "cross_entropy",
+                   l2: Any = 0.0, train: bool = False,
+                   key: jax.Array | None = None) -> tuple[jax.Array, PyTree, PyTree]:
     """The loss and its gradient by the handwritten backward: returns (value, grads, state).
 
     grads has the structure of params; no autodiff is involved.
     """
     p = loss_pass(net, params, state, x, loss, train, key)
-    value = p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2)
-    body_grads, _ = p.body.backward(p.body_params, p.cache, p.loss_fn.backward(p.out, y))
-    return value, losses.add_l2_gradient(p.grads(net, body_grads), params, l2), p.state
+    value, grads = add_l2(net, params, l2, p.loss_fn.value(p.out, y), backward_pass(p, net, y))
+    return value, grads, p.state
 
 
-def input_grad(net, params, state, x, y, loss="cross_entropy", train=False, key=None):
+def input_grad(net: Any, params: PyTree, state: PyTree, x: jax.Array, y: Any, loss: Any = "cross_entropy",
+               train: bool = False, key: jax.Array | None = None) -> jax.Array:
     """dL/dx, the gradient of the loss with respect to the input, by the handwritten backward.
 
     The same forward and backward as `value_and_grad`, whose last step
     returns dL/dx beside the weights' gradients (the l2 term does not depend
     on x). Has x's shape; the basis of input attacks (FGSM, PGD) and saliency.
+    A network that reads integer ids (an Embedding first) has no input
+    gradient: that is an error.
     """
+    if id_layer(net) is not None:
+        raise ValueError(f"input_grad: {type(id_layer(net)).__name__} reads integer ids, which have no gradient; "
+                         f"take the gradient with respect to the embeddings instead")
     p = loss_pass(net, params, state, x, loss, train, key)
     _, dx = p.body.backward(p.body_params, p.cache, p.loss_fn.backward(p.out, y))
     return dx

@@ -11,19 +11,42 @@ summing over the batch. No vmap of a gradient is involved.
                                                     clip_norm=1.0, noise_multiplier=1.1, noise_key=k)
 """
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from purenet import losses
 from purenet._checks import check_hyperparameter
 from purenet.chunks import check_chunk_size, in_chunks, mean_in_chunks
-from purenet.network import loss_pass
+from purenet.layers import base
+from purenet.network import add_l2, backward_pass, loss_pass
+
+PyTree = Any
 
 
-def _per_example_dout(p, y):
-    n = p.out.shape[0]
-    return p.loss_fn.backward(p.out, y) * n
+def _one_stream(fn):
+    """A leaf visitor for one stream from fn(layer, params, cache, dy) -> (out, dx)."""
+    def leaf(layer, params, caches, dys):
+        (cache,), (dy,) = caches, dys
+        out, dx = fn(layer, params, cache, dy)
+        return out, (dx,)
+    return leaf
+
+
+def _frozen_per_example(params, dys):
+    n = dys[0].shape[0]
+    return jax.tree_util.tree_map(lambda p: jnp.zeros((n, *p.shape), p.dtype), params)
+
+
+PER_EXAMPLE = base.Visit(_one_stream(base.per_example_backward), _frozen_per_example)
+
+
+def sq_norms_visit(l2: Any) -> base.Visit:
+    """||g_i + l2 W||^2 at each leaf layer (a (batch,) array per leaf; zero inside Frozen)."""
+    def leaf(layer, params, cache, dy):
+        return base.per_example_sq_norms(layer, params, cache, dy, l2)
+    return base.Visit(_one_stream(leaf), lambda params, dys: jnp.zeros(dys[0].shape[:1], dys[0].dtype),
+                      shaped=False)
 
 
 def _per_example_values(p, y):
@@ -37,16 +60,15 @@ def per_example_grads(net, params, state, x, y, loss="cross_entropy", l2=0.0, tr
     mean over the batch is pn.value_and_grad's gradient.
     """
     p = loss_pass(net, params, state, x, loss, train, key)
-    body_grads, _ = p.body.per_example_backward(p.body_params, p.cache, _per_example_dout(p, y))
-    grads = losses.add_l2_gradient(p.grads(net, body_grads), params, l2)
+    grads = backward_pass(p, net, y, PER_EXAMPLE, seed=lambda d: d * p.out.shape[0])
+    values, grads = add_l2(net, params, l2, _per_example_values(p, y), grads)
     n = p.out.shape[0]
-    values = _per_example_values(p, y) + losses.l2_penalty(params, l2)
     return values, jax.tree_util.tree_map(lambda g: jnp.broadcast_to(g, (n,) + g.shape[1:]), grads)
 
 
-def _sq_norms(p, y, l2):
-    sq, _ = p.body.per_example_sq_norms(p.body_params, p.cache, _per_example_dout(p, y), l2)
-    return sq
+def _sq_norms(net, p, y, l2):
+    outs = backward_pass(p, net, y, sq_norms_visit(l2), seed=lambda d: d * p.out.shape[0])
+    return base.sum_leaves(outs, jnp.zeros(p.out.shape[:1], p.out.dtype))
 
 
 def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None,
@@ -55,7 +77,9 @@ def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.
 
     Dense layers use ||h_i dy_i^T|| = ||h_i|| ||dy_i|| (Goodfellow, 2015), so
     memory is O(batch x (in + out)) rather than O(batch x params); Conv2D
-    forms dW_i one kernel tap at a time, or takes the ghost norm.
+    forms dW_i one kernel tap at a time, or takes the ghost norm; a layer
+    without a fast path forms its own per-example gradients (its backward,
+    vmapped over the examples).
 
     chunk_size=k runs the batch k examples at a time, one chunk after
     another (see `in_chunks`): the working set (activations, their
@@ -63,7 +87,7 @@ def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.
     """
     def norms(x, y, key):
         p = loss_pass(net, params, state, x, loss, train, key)
-        return jnp.sqrt(jnp.maximum(_sq_norms(p, y, l2), 0.0))
+        return jnp.sqrt(jnp.maximum(_sq_norms(net, p, y, l2), 0.0))
 
     return in_chunks(norms, chunk_size, x, y, key)
 
@@ -71,12 +95,13 @@ def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.
 def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key):
     """(mean loss, mean of the clipped per-example gradients, state) over one batch."""
     p = loss_pass(net, params, state, x, loss, train, key)
-    norms = jnp.sqrt(jnp.maximum(_sq_norms(p, y, 0.0), 0.0))
+    norms = jnp.sqrt(jnp.maximum(_sq_norms(net, p, y, 0.0), 0.0))
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
-    dout = p.loss_fn.backward(p.out, y)
-    scaled = dout * scale.reshape((-1,) + (1,) * (dout.ndim - 1)).astype(dout.dtype)
-    body_grads, _ = p.body.backward(p.body_params, p.cache, scaled)
-    return p.loss_fn.value(p.out, y), p.grads(net, body_grads), p.state
+
+    def clip(dout):
+        return dout * scale.reshape((-1,) + (1,) * (dout.ndim - 1)).astype(dout.dtype)
+
+    return p.loss_fn.value(p.out, y), backward_pass(p, net, y, seed=clip), p.state
 
 
 def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multiplier=0.0, noise_key=None,
@@ -112,8 +137,8 @@ def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multipl
         leaves = [g + noise_multiplier * clip_norm / n * jax.random.normal(k, g.shape, g.dtype)
                   for g, k in zip(leaves, keys)]
         grads = jax.tree_util.tree_unflatten(treedef, leaves)
-    grads = losses.add_l2_gradient(grads, params, l2)
-    return value + losses.l2_penalty(params, l2), grads, state
+    value, grads = add_l2(net, params, l2, value, grads)
+    return value, grads, state
 
 
 @dataclasses.dataclass(frozen=True)

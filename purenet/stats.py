@@ -23,32 +23,25 @@ Layers supply the identities through optional methods (`per_example_sq`,
 `per_example_gram`, `kfac_factors`; see `purenet.layers.base`); a layer
 without them falls back on its `per_example_backward`, squaring or
 contracting the per-example gradients it forms (correct, with more memory).
-Containers walk their children with `map_backward`.
+Each is a visitor of the one traversal (`purenet.layers.base.walk`).
 """
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from purenet import losses
-from purenet.layers.base import KFACFactors, map_backward
-from purenet.network import _full_trees, loss_pass
+from purenet.layers import base
+from purenet.layers.base import KFACFactors, Visit, kfac_eligible, walk
+from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
+from purenet.per_example import sq_norms_visit
 
 __all__ = ["KFACFactors", "NoiseScale", "fisher_diagonal", "gradient_gram", "gradient_noise",
            "gradient_noise_scale", "kfac_factors", "kfac_value_and_grad", "kfac_zeros"]
 
 
-def _per_example_dout(p, y):
+def _per_example_seed(p):
     """Row i: the gradient of example i's own loss with respect to the output."""
-    return p.loss_fn.backward(p.out, y) * p.out.shape[0]
-
-
-def _sum_leaves(tree, zero):
-    leaves = jax.tree_util.tree_leaves(tree)
-    total = zero
-    for leaf in leaves:
-        total = total + leaf
-    return total
+    return lambda dout: dout * p.out.shape[0]
 
 
 # ---------------------------------------------------------------- Fisher diagonal
@@ -56,12 +49,11 @@ def _sum_leaves(tree, zero):
 
 def _fisher_leaf(layer, params, caches, dys):
     (cache,), (dy,) = caches, dys
-    if hasattr(layer, "per_example_sq"):
-        sq, dx = layer.per_example_sq(params, cache, dy)
-    else:  # fallback: form the per-example gradients and square them
-        grads, dx = layer.per_example_backward(params, cache, dy)
-        sq = jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads)
+    sq, dx = base.per_example_sq(layer, params, cache, dy)
     return sq, (dx,)
+
+
+FISHER = Visit(_fisher_leaf, lambda params, dys: base.zeros_like_tree(params))
 
 
 def fisher_diagonal(net, params, state, x, y, loss="cross_entropy", train=False, key=None):
@@ -73,12 +65,13 @@ def fisher_diagonal(net, params, state, x, y, loss="cross_entropy", train=False,
     `purenet.layers.dense.per_example_sq`). Conv2D does the same on its
     patches; other layers square the per-example gradients they form (for
     LayerNorm, RMSNorm and BatchNorm these are only 2 x features per
-    example). Data loss only (no l2 term).
+    example; any layer without a fast path forms them with its own
+    backward, vmapped). Data loss only (no l2 term); zero inside Frozen.
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     n = p.out.shape[0]
-    sq, _ = map_backward(p.body, _fisher_leaf, p.body_params, (p.cache,), (_per_example_dout(p, y),))
-    return p.grads(net, jax.tree_util.tree_map(lambda s: s / n, sq))
+    sq = backward_pass(p, net, y, FISHER, seed=_per_example_seed(p))
+    return jax.tree_util.tree_map(lambda s: s / n, sq)
 
 
 # ---------------------------------------------------------------- noise scale
@@ -115,10 +108,10 @@ def gradient_noise(net, params, state, x, y, loss="cross_entropy", l2=0.0, train
     n = p.out.shape[0]
     if n < 2:
         raise ValueError(f"the gradient noise scale needs a batch of at least 2 examples (a covariance), got {n}")
-    sq, _ = p.body.per_example_sq_norms(p.body_params, p.cache, _per_example_dout(p, y), l2)
-    grads, _ = p.body.backward(p.body_params, p.cache, p.loss_fn.backward(p.out, y))
-    grads = losses.add_l2_gradient(p.grads(net, grads), params, l2)
-    g2 = _sum_leaves(jax.tree_util.tree_map(lambda g: jnp.sum(g * g), grads), jnp.zeros((), p.out.dtype))
+    sq = base.sum_leaves(backward_pass(p, net, y, sq_norms_visit(l2), seed=_per_example_seed(p)),
+                         jnp.zeros((n,), p.out.dtype))
+    _, grads = add_l2(net, params, l2, 0.0, backward_pass(p, net, y))
+    g2 = base.sum_leaves(jax.tree_util.tree_map(lambda g: jnp.sum(g * g), grads), jnp.zeros((), p.out.dtype))
     mean_sq = jnp.mean(sq)
     trace = n / (n - 1) * (mean_sq - g2)
     return NoiseScale(trace / g2, trace, g2, mean_sq)
@@ -146,13 +139,12 @@ def gradient_noise_scale(net, params, state, x, y, loss="cross_entropy", l2=0.0,
 
 def _gram_leaf(layer, params, caches, dys):
     (ca, cb), (da, db) = caches, dys
-    if hasattr(layer, "per_example_gram"):
-        gram, dxa, dxb = layer.per_example_gram(params, ca, da, cb, db)
-        return gram, (dxa, dxb)
-    ga, dxa = layer.per_example_backward(params, ca, da)  # fallback: form them and contract
-    gb, dxb = layer.per_example_backward(params, cb, db)
-    products = jax.tree_util.tree_map(lambda u, v: u.reshape(u.shape[0], -1) @ v.reshape(v.shape[0], -1).T, ga, gb)
-    return _sum_leaves(products, jnp.zeros((da.shape[0], db.shape[0]), da.dtype)), (dxa, dxb)
+    gram, dxa, dxb = base.per_example_gram(layer, params, ca, da, cb, db)
+    return gram, (dxa, dxb)
+
+
+GRAM = Visit(_gram_leaf, lambda params, dys: jnp.zeros((dys[0].shape[0], dys[1].shape[0]), dys[0].dtype),
+             shaped=False)
 
 
 def gradient_gram(net, params, state, batch1, batch2=None, loss="cross_entropy", train=False, key=None):
@@ -171,45 +163,54 @@ def gradient_gram(net, params, state, batch1, batch2=None, loss="cross_entropy",
     inner product between training and test examples. Data loss only.
     """
     batch2 = batch1 if batch2 is None else batch2
+    for name, batch in (("batch1", batch1), ("batch2", batch2)):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"gradient_gram takes each batch as a pair (x, y): {name} is "
+                            f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+                            + "; call gradient_gram(net, params, state, (x1, y1), (x2, y2))")
     (x1, y1), (x2, y2) = batch1, batch2
     p1 = loss_pass(net, params, state, x1, loss, train, key)
     p2 = loss_pass(net, params, state, x2, loss, train, key)
-    dys = (_per_example_dout(p1, y1), _per_example_dout(p2, y2))
-    grams, _ = map_backward(p1.body, _gram_leaf, p1.body_params, (p1.cache, p2.cache), dys)
-    return _sum_leaves(grams, jnp.zeros((p1.out.shape[0], p2.out.shape[0]), p1.out.dtype))
+    dys = (p1.per_example_seed(y1), p2.per_example_seed(y2))
+    grams, _ = walk(p1.body, GRAM, p1.body_params, (p1.cache, p2.cache), dys)
+    return base.sum_leaves(grams, jnp.zeros((p1.out.shape[0], p2.out.shape[0]), p1.out.dtype))
 
 
 # ---------------------------------------------------------------- K-FAC
 
 
-class _Both(NamedTuple):
-    grads: object
-    factors: object
+def _kfac_visit(found: list) -> Visit:
+    """The plain backward, and at each K-FAC layer its factors, appended to `found` in walk order."""
+    def leaf(layer, params, caches, dys):
+        (cache,), (dy,) = caches, dys
+        grads, dx = layer.backward(params, cache, dy)
+        if kfac_eligible(layer):
+            found.append(layer.kfac_factors(params, cache, dy)[0])
+        return grads, (dx,)
+    return Visit(leaf, lambda params, dys: base.zeros_like_tree(params))
 
 
-def _kfac_leaf(layer, params, caches, dys):
-    (cache,), (dy,) = caches, dys
-    grads, dx = layer.backward(params, cache, dy)
-    factors = layer.kfac_factors(params, cache, dy)[0] if hasattr(layer, "kfac_factors") else None
-    return _Both(grads, factors), (dx,)
+def _factor_tree(net, params, factors):
+    """A tree like params with factors[k] in place of the k-th K-FAC layer's params (walk order), None
+    elsewhere (and inside Frozen). `factors=None` gives zero matrices."""
+    it = iter(factors) if factors is not None else None
 
+    def leaf(layer, p, caches, dys):
+        if not kfac_eligible(layer):
+            return None, ()
+        if it is not None:
+            return next(it), ()
+        a, g = layer.kfac_dims(p)
+        dtype = jnp.promote_types(jax.tree_util.tree_leaves(p)[0].dtype, jnp.float32)  # factors in >= float32
+        return KFACFactors(jnp.zeros((a, a), dtype), jnp.zeros((g, g), dtype)), ()
 
-def _kfac_init_leaf(layer, params, caches, dys):
-    if not hasattr(layer, "kfac_factors"):
-        return None, ()
-    a, g = layer.kfac_dims(params)
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    return KFACFactors(jnp.zeros((a, a), dtype), jnp.zeros((g, g), dtype)), ()
+    outs, _ = walk(net, Visit(leaf, lambda params, dys: None), params, (), ())
+    return outs
 
 
 def kfac_zeros(net, params):
     """A factor tree like `kfac_factors`' with zero matrices (K-FAC's optimizer state starts from it)."""
-    outs, _ = map_backward(net, _kfac_init_leaf, params, (), ())
-    return outs
-
-
-def _is_both(t):
-    return isinstance(t, _Both)
+    return _factor_tree(net, params, None)
 
 
 def kfac_value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
@@ -224,12 +225,16 @@ def kfac_value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, 
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     n = p.out.shape[0]
-    outs, _ = map_backward(p.body, _kfac_leaf, p.body_params, (p.cache,), (_per_example_dout(p, y),))
-    grads = jax.tree_util.tree_map(lambda b: jax.tree_util.tree_map(lambda g: g / n, b.grads), outs, is_leaf=_is_both)
-    factors = jax.tree_util.tree_map(lambda b: b.factors, outs, is_leaf=_is_both)
-    grads = losses.add_l2_gradient(p.grads(net, grads), params, l2)
-    value = p.loss_fn.value(p.out, y) + losses.l2_penalty(params, l2)
+    found: list = []
+    grads = backward_pass(p, net, y, _kfac_visit(found), seed=_per_example_seed(p))
+    grads = jax.tree_util.tree_map(lambda g: g / n, grads)
+    value, grads = add_l2(net, params, l2, p.loss_fn.value(p.out, y), grads)
+    factors = _factor_tree(p.body, p.body_params, [_wide_factors(f) for f in found])
     return value, grads, _full_trees(net, p.fused, factors, None), p.state
+
+
+def _wide_factors(f):
+    return KFACFactors(base.wide(f.A), base.wide(f.G))
 
 
 def kfac_factors(net, params, state, x, y, loss="cross_entropy", train=False, key=None):

@@ -33,6 +33,10 @@ class Sigmoid(Elementwise):
     def grad(self, y, dy):
         return dy * (y * (1 - y))
 
+    def activation_stats(self, y):
+        """(dead, saturated) per unit for diagnostics: saturated where h < 0.01 or h > 0.99."""
+        return None, jnp.abs(y - 0.5) > 0.49
+
 
 @dataclasses.dataclass(frozen=True)
 class Tanh(Elementwise):
@@ -50,6 +54,10 @@ class Tanh(Elementwise):
         g = dy * (1 - y)
         return g + g * y
 
+    def activation_stats(self, y):
+        """(dead, saturated) per unit for diagnostics: saturated where |h| > 0.99."""
+        return None, jnp.abs(y) > 0.99
+
 
 @dataclasses.dataclass(frozen=True)
 class ReLU(Elementwise):
@@ -60,6 +68,10 @@ class ReLU(Elementwise):
 
     def grad(self, positive, dy):
         return jnp.where(positive, dy, jnp.zeros_like(dy))
+
+    def activation_stats(self, positive):
+        """(dead, saturated) per unit for diagnostics: dead where a <= 0."""
+        return ~positive, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +89,10 @@ class LeakyReLU(Elementwise):
 
     def grad(self, nonneg, dy):
         return jnp.where(nonneg, dy, self.negative_slope * dy)
+
+    def activation_stats(self, nonneg):
+        """(dead, saturated) per unit for diagnostics: dead where a < 0."""
+        return ~nonneg, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +142,10 @@ class GELU(Elementwise):
             slope = 0.5 * (1 + jax.lax.erf(z)) + x * jnp.exp(-(z * z)) * (1 / math.sqrt(2 * math.pi))
         return dy * slope
 
+    def activation_stats(self, x):
+        """(dead, saturated) per unit for diagnostics: dead where a <= 0 (the flat side)."""
+        return x <= 0, None
+
 
 @dataclasses.dataclass(frozen=True)
 class SiLU(Elementwise):
@@ -137,6 +157,10 @@ class SiLU(Elementwise):
     def grad(self, x, dy):
         s = jax.nn.sigmoid(x)
         return dy * (s + x * s * (1 - s))
+
+    def activation_stats(self, x):
+        """(dead, saturated) per unit for diagnostics: dead where a <= 0 (the flat side)."""
+        return x <= 0, None
 
 
 @dataclasses.dataclass(frozen=True)

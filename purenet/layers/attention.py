@@ -21,7 +21,7 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import dense
-from purenet.layers.base import as_shape
+from purenet.layers.base import Layer, as_shape
 
 _NAMES = ("q", "k", "v")
 
@@ -41,7 +41,7 @@ def _bmm(a, b, contract_a, contract_b):
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class MultiHeadAttention:
+class MultiHeadAttention(Layer):
     """Self-attention on (batch, T, d) with `num_heads` heads (d must divide by it).
 
     params {"Wq", "Wk", "Wv", "Wo": (d, d)} and, with use_bias, {"bq", "bk", "bv", "bo": (d,)};
@@ -67,6 +67,8 @@ class MultiHeadAttention:
     causal: bool
     use_bias: bool
     initializer: str
+
+    roles = {**{f"W{n}": "weight" for n in "qkvo"}, **{f"b{n}": "bias" for n in "qkvo"}}
 
     def __init__(self, num_heads, causal=False, use_bias=True, init="xavier_uniform"):
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -176,11 +178,9 @@ class MultiHeadAttention:
         return self._collect(params, grads_in, grads_out), self._dx(params, dqkv)
 
     def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        """The projections' ghost norms (see `purenet.layers.dense.per_example_sq_norms`).
-
-        The weights here are not named "W", so `l2` (which covers leaves named W) adds nothing.
-        """
+        """The projections' ghost norms (see `purenet.layers.dense.per_example_sq_norms`); l2
+        covers the four weight matrices (their role), not the biases."""
         dqkv = self._d_qkv(params, cache, dy)
-        sq = (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias)
-              + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias))
+        sq = (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias, l2)
+              + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias, l2))
         return sq, self._dx(params, dqkv)

@@ -1,4 +1,4 @@
-"""The layer protocol, shapes, and a base for layers without parameters.
+"""The layer protocol, the one traversal, parameter roles, and the generic per-example defaults.
 
 A layer is a frozen, hashable configuration with three pure methods:
 
@@ -6,48 +6,72 @@ A layer is a frozen, hashable configuration with three pure methods:
     y, state, cache          = layer.forward(params, state, x, train=False, key=None)
     dparams, dx              = layer.backward(params, cache, dy)
 
-`in_shape` is the shape of one example (a tuple; an int n means (n,)); inputs
-carry a leading batch axis. `cache` holds exactly what `backward` needs from
-the forward pass, as a pytree of arrays (no Python numbers: a cache may cross
-`lax.scan` or custom-VJP boundaries (see `purenet.interop`); static sizes travel as the shape
-of an empty array, see `shape_token`). `backward` returns the vector-Jacobian
-product: given dy = dL/dy it returns dL/dparams (same structure as params)
-and dL/dx. It is linear in dy.
+That is all a layer must write (subclassing `Layer` is optional). `in_shape`
+is one example's shape (an int n means (n,)); inputs carry a leading batch
+axis. `cache` holds what `backward` needs, as a pytree; static sizes travel
+as static fields (`Static`, or a dataclass registered with static fields),
+never as arrays. `backward` returns the vector-Jacobian product: given
+dy = dL/dy it returns dL/dparams (params' structure) and dL/dx. It is
+linear in dy.
 
-Two optional methods give per-example gradient information for a batch,
-where example i of dy (its leading-axis slice) is the gradient of example
-i's own loss:
+Every other feature is derived. Per-example quantities, where example i of
+dy (its leading slice) is the gradient of example i's own loss:
 
-    grads_i, dx = layer.per_example_backward(params, cache, dy)   # leading batch axis
-    sq, dx      = layer.per_example_sq_norms(params, cache, dy, l2) # ||grad_i + l2 W||^2, (batch,)
+    grads_i, dx = per_example_backward(layer, params, cache, dy)   # leaves (batch, ...)
+    sq, dx      = per_example_sq_norms(layer, params, cache, dy, l2)  # ||g_i + l2 W||^2, (batch,)
+    sq, dx      = per_example_sq(layer, params, cache, dy)         # sum_i g_i**2, like params
+    gram, dxa, dxb = per_example_gram(layer, params, ca, dya, cb, dyb)  # (na, nb) <g_i, g_j>
 
-Layers made of layers (Sequential, Residual, Parallel) also define
-`children(params, cache=None)`: a tuple of (layer, params, cache) triples,
-in forward order, that tools such as `pn.diagnostics` walk.
+Each calls the layer's method of that name when it has one (a fast path:
+Dense's ghost norm, Conv2D's taps, ...), and otherwise the generic
+default: the layer's own `backward`, `vmap`ped over the examples of its
+cache and dy (a cache leaf whose leading axis has the batch size is sliced
+per example; any other leaf is shared; a layer may say otherwise with
+`cache_batch_axes(cache, n)`). The test suite proves every fast path equal
+to the generic default. W in `l2 W` is every parameter whose role is
+"weight" (see roles below), so a fast path applies l2 to those.
 
-Gradient statistics (`pn.stats`) come from three more optional methods,
-each faster or leaner than its fallback on `per_example_backward`
-(layers without them still work; Dense and Conv2D have them):
+K-FAC reads `kfac_factors(params, cache, dy) -> (KFACFactors, dx)` and
+`kfac_dims(params)` where a layer has them (Dense, Conv2D).
 
-    sq, dx         = layer.per_example_sq(params, cache, dy)   # sum_i grad_i**2, like params
-    gram, dxa, dxb = layer.per_example_gram(params, cache_a, dy_a, cache_b, dy_b)  # (na, nb) <grad_i, grad_j>
-    factors, dx    = layer.kfac_factors(params, cache, dy)     # KFACFactors(A, G); with layer.kfac_dims(params)
+Containers (`Container`) are layers made of layers. They declare their
+children once:
 
-Containers define `map_backward(fn, params, caches, dys)` instead: the walk
-of `per_example_backward` with a function `fn(layer, params, caches, dys) ->
-(out, dxs)` applied at every leaf layer, for any number of streams (a tuple
-of caches and a tuple of output gradients, one per batch: the Gram matrix
-walks two batches at once, a walk of zero streams visits the parameters
-only). It returns (outs, dxs), outs shaped like params.
+    children()                    the child layers, in forward order
+    split(tree) / join(parts)     params-shaped trees (params, state, grads) per child and back
+    walk_back(visit, params, caches, dys) -> (outs, dxs)
+
+`walk_back` is the container's backward with a visitor at each leaf layer,
+for any number of streams (a tuple of caches and of output gradients, one
+per batch: the Gram matrix walks two batches at once). `backward`, the
+per-example functions, the statistics, K-FAC, diagnostics, freezing,
+remat and roles are all derived from these; no feature writes its own
+walk into a container.
+
+Roles: a layer declares what each parameter is with a class attribute
+`roles = {"W": "weight", "b": "bias"}` (or a method `param_roles(params)`
+returning a tree of role names like params). Roles are "weight" (a matrix
+that multiplies inputs: l2, weight decay and K-FAC read this), "bias",
+"gain", "embedding" (a lookup table: not decayed by default), and "other".
+A parameter without a declared role is a "weight" when its rank is >= 2
+and "other" below.
 """
 import dataclasses
 import math
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Protocol, runtime_checkable
 
+import jax
 import jax.numpy as jnp
 
+Array = jax.Array
+PyTree = Any
 
-def as_shape(shape, what="in_shape"):
+ROLES = ("weight", "bias", "gain", "embedding", "other")
+# The roles the l2 penalty and the default weight-decay mask cover.
+DECAYED = ("weight",)
+
+
+def as_shape(shape: Any, what: str = "in_shape") -> tuple[int, ...]:
     """One example's shape as a tuple of positive ints; an int n means (n,)."""
     if isinstance(shape, (int,)) and not isinstance(shape, bool):
         shape = (shape,)
@@ -60,61 +84,353 @@ def as_shape(shape, what="in_shape"):
     return shape
 
 
-def shape_token(shape):
-    """An empty array whose shape after the first axis is `shape`: a static size a cache can carry."""
-    return jnp.zeros((0, *shape), jnp.int8)
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """A hashable value carried in a cache as static data (no array leaves): a size, a flag."""
 
-
-def token_shape(token):
-    return token.shape[1:]
-
-
-def id_layer(layer):
-    """The layer that reads a network's input as integer ids (an Embedding first), or None.
-
-    A layer says so with the class attribute `accepts_ids = True`; a
-    Sequential takes ids when its first layer does.
-    """
-    if getattr(layer, "accepts_ids", False):
-        return layer
-    inner = getattr(layer, "layers", None)
-    if isinstance(inner, tuple) and inner:
-        return id_layer(inner[0])
-    return None
+    value: Any
 
 
 class KFACFactors(NamedTuple):
     """K-FAC's Kronecker factors of one layer: F_W ~ A (x) G (see `pn.stats.kfac_factors`)."""
 
-    A: jnp.ndarray  # (in + bias, in + bias): E over examples and positions of a a^T, a = [h, 1]
-    G: jnp.ndarray  # (out, out): E over examples of sum over positions of dy dy^T
+    A: Array  # (in + bias, in + bias): E over examples and positions of a a^T, a = [h, 1]
+    G: Array  # (out, out): E over examples of sum over positions of dy dy^T
 
 
-def map_backward(layer, fn, params, caches, dys):
-    """`layer.map_backward` for containers; fn(layer, ...) at a leaf layer. Returns (outs, dxs)."""
-    if hasattr(layer, "map_backward"):
-        return layer.map_backward(fn, params, caches, dys)
-    return fn(layer, params, caches, dys)
-
-
-def per_example_sum(t):
+def per_example_sum(t: Array) -> Array:
     """Sum over the axes between the batch axis and the last one: (batch, ..., d) -> (batch, d)."""
     return jnp.sum(t, axis=tuple(range(1, t.ndim - 1))) if t.ndim > 2 else t
 
 
-def wide(t):
+def wide(t: Array) -> Array:
     """`t` in at least float32: bfloat16 / float16 activations get float32 statistics and sums
     (mixed precision); float32 and float64 pass through unchanged."""
     return t.astype(jnp.promote_types(jnp.result_type(t), jnp.float32))
 
 
-def positions(shape):
+def positions(shape: tuple[int, ...]) -> int:
     """How many positions an output of this batched shape has (every axis but the last)."""
     return math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
 
 
+# ---------------------------------------------------------------- the protocol
+
+
+@runtime_checkable
+class LayerLike(Protocol):
+    """What every layer is (a structural type: subclassing `Layer` is not needed)."""
+
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]: ...
+
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]: ...
+
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array | None]: ...
+
+
+class Layer:
+    """An optional base for layers: the three methods to write, and the class attributes read.
+
+    `roles` maps parameter names to roles (see the module docstring);
+    `accepts_ids = True` marks a layer that reads integer ids (an Embedding).
+    """
+
+    roles: ClassVar[Mapping[str, str]] = {}
+    accepts_ids: ClassVar[bool] = False
+
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
+        raise NotImplementedError(f"{type(self).__name__} must define init(key, in_shape, dtype=None)")
+
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
+        raise NotImplementedError(f"{type(self).__name__} must define forward(params, state, x, train, key)")
+
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array | None]:
+        raise NotImplementedError(f"{type(self).__name__} must define backward(params, cache, dy)")
+
+
+class Visit(NamedTuple):
+    """What a walk does at each leaf layer, for `n` streams.
+
+    leaf(layer, params, caches, dys) -> (out, dxs): the leaf's contribution and its input gradients.
+    frozen(params, dys) -> out: the contribution of a frozen subtree (no gradient: zeros or None);
+        None for a visitor that only reads caches, which then sees frozen layers like any other.
+    shaped: True when outs are shaped like params (gradients), so containers `join` them;
+        otherwise each container returns a tuple of its children's outs (`parts` takes it apart).
+    """
+
+    leaf: Callable[..., tuple[Any, tuple]]
+    frozen: Callable[..., Any] | None
+    shaped: bool = True
+
+
+class Container(Layer):
+    """A layer made of layers: declares its children once; every feature walks them.
+
+    Subclasses define `children()`, `split(tree)`, `join(parts)`, `init`,
+    `forward` and `walk_back(visit, params, caches, dys)`; `backward` is derived.
+    `freezes = True` (Frozen) marks a container whose parameters never train.
+    """
+
+    freezes: ClassVar[bool] = False
+
+    def children(self) -> tuple:
+        raise NotImplementedError
+
+    def split(self, tree: PyTree) -> tuple:
+        raise NotImplementedError
+
+    def join(self, parts: tuple | list) -> PyTree:
+        raise NotImplementedError
+
+    def parts(self, outs: Any) -> tuple:
+        """The children's outs from an unshaped walk's outs (as `split` does for shaped ones)."""
+        return self.split(outs)
+
+    def input_children(self) -> tuple:
+        """The children that read the container's input (the first, for a chain)."""
+        return self.children()[:1]
+
+    def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
+        raise NotImplementedError
+
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array | None]:
+        grads, (dx,) = self.walk_back(PLAIN, params, (cache,), (dy,))
+        return grads, dx
+
+
+def is_container(layer: Any) -> bool:
+    return hasattr(layer, "walk_back")
+
+
+def walk(layer: Any, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
+    """The one traversal: `visit` at every leaf layer, containers wiring the gradients between them."""
+    if is_container(layer):
+        return layer.walk_back(visit, params, caches, dys)
+    return visit.leaf(layer, params, caches, dys)
+
+
+def _plain_leaf(layer: Any, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
+    outs = [layer.backward(params, c, d) for c, d in zip(caches, dys)]
+    if len(outs) == 1:
+        return outs[0][0], (outs[0][1],)
+    return None, tuple(dx for _, dx in outs)
+
+
+def zeros_like_tree(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+PLAIN = Visit(_plain_leaf, lambda params, dys: zeros_like_tree(params))
+
+
+def frozen_input_grads(block: Any, params: PyTree, caches: tuple, dys: tuple) -> tuple:
+    """dL/dx through a frozen block, stream by stream (its parameter gradients are never formed)."""
+    return tuple(block.backward(params, c, d)[1] for c, d in zip(caches, dys))
+
+
+# ---------------------------------------------------------------- leaves, roles, ids
+
+
+class Leaf(NamedTuple):
+    """A leaf layer of a network, as the traversal finds it."""
+
+    path: tuple        # child indices from the root
+    layer: Any
+    params: PyTree
+    frozen: bool       # inside a Frozen container
+
+
+def leaves(net: Any, params: PyTree, frozen: bool = False, path: tuple = ()) -> Iterator[Leaf]:
+    """Every leaf layer in forward order, with its params (any params-shaped tree works: grads too)."""
+    if not is_container(net):
+        yield Leaf(path, net, params, frozen)
+        return
+    frozen = frozen or net.freezes
+    for i, (child, sub) in enumerate(zip(net.children(), net.split(params))):
+        yield from leaves(child, sub, frozen, path + (i,))
+
+
+def map_leaves(net: Any, fn: Callable[[Any, PyTree, bool], PyTree], params: PyTree, frozen: bool = False) -> PyTree:
+    """A params-shaped tree with fn(layer, params, frozen) in place of each leaf layer's params."""
+    if not is_container(net):
+        return fn(net, params, frozen)
+    frozen = frozen or net.freezes
+    return net.join([map_leaves(c, fn, p, frozen) for c, p in zip(net.children(), net.split(params))])
+
+
+def walk_leaves(net: Any, outs: Any) -> list:
+    """The leaf outs of an unshaped walk, in forward order (the containers' `parts`)."""
+    if not is_container(net):
+        return [outs]
+    return [o for child, part in zip(net.children(), net.parts(outs)) for o in walk_leaves(child, part)]
+
+
+def _default_role(value: Any) -> str:
+    return "weight" if jnp.ndim(value) >= 2 else "other"
+
+
+def layer_roles(layer: Any, params: PyTree) -> PyTree:
+    """The role of each of one leaf layer's parameters, a tree of strings like params."""
+    if hasattr(layer, "param_roles"):
+        return layer.param_roles(params)
+    declared = getattr(layer, "roles", {}) or {}
+    if isinstance(params, dict):
+        return {k: declared[k] if k in declared else jax.tree_util.tree_map(_default_role, v)
+                for k, v in params.items()}
+    return jax.tree_util.tree_map(_default_role, params)
+
+
+def roles(net: Any, params: PyTree) -> PyTree:
+    """Every parameter's role ("weight", "bias", "gain", "embedding", "other"), a tree like params."""
+    return map_leaves(net, lambda layer, p, frozen: layer_roles(layer, p), params)
+
+
+def decay_mask(net: Any, params: PyTree, decayed: tuple[str, ...] = DECAYED) -> PyTree:
+    """True where a parameter is trainable and its role is in `decayed` (default: weight matrices).
+
+    The mask `l2` uses, and the default for weight decay
+    (`pn.optim.add_decayed_weights(..., mask=pn.decay_mask(net, params))`).
+    Frozen parameters are never decayed.
+    """
+    def leaf(layer: Any, p: PyTree, frozen: bool) -> PyTree:
+        return jax.tree_util.tree_map(lambda r: (not frozen) and r in decayed, layer_roles(layer, p))
+    return map_leaves(net, leaf, params)
+
+
+def id_layer(layer: Any) -> Any:
+    """The layer that reads a network's input as integer ids (an Embedding first), or None.
+
+    A layer says so with the class attribute `accepts_ids = True`; a container
+    takes ids when a child that reads its input does (any wrapper, any depth).
+    """
+    if getattr(layer, "accepts_ids", False):
+        return layer
+    if is_container(layer):
+        for child in layer.input_children():
+            found = id_layer(child)
+            if found is not None:
+                return found
+    return None
+
+
+# ---------------------------------------------------------------- generic per-example defaults
+
+
+def _batch_size(dy: PyTree) -> int:
+    return jax.tree_util.tree_leaves(dy)[0].shape[0]
+
+
+def has_params(params: PyTree) -> bool:
+    return bool(jax.tree_util.tree_leaves(params))
+
+
+def cache_batch_axes(layer: Any, cache: PyTree, n: int) -> list:
+    """Per cache leaf: 0 when it carries the batch axis first, None when it is shared by all examples."""
+    if hasattr(layer, "cache_batch_axes"):
+        return list(layer.cache_batch_axes(cache, n))
+    return [0 if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == n else None
+            for leaf in jax.tree_util.tree_leaves(cache)]
+
+
+def generic_per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """Each example's gradients by the layer's own backward, vmapped over the examples.
+
+    Example i's backward sees its slice of every batched cache leaf and of dy,
+    with a batch axis of one, and the shared leaves whole. The batch's dx is
+    the examples' dx rows (a layer that mixes examples, like BatchNorm in
+    training, must not use this path).
+    """
+    n = _batch_size(dy)
+    leaves_, treedef = jax.tree_util.tree_flatten(cache)
+    axes = cache_batch_axes(layer, cache, n)
+
+    def one(batched: list, dy_i: PyTree) -> tuple[PyTree, Any]:
+        it = iter(batched)
+        full = [next(it)[None] if ax == 0 else leaf for leaf, ax in zip(leaves_, axes)]
+        g, dx = layer.backward(params, jax.tree_util.tree_unflatten(treedef, full),
+                               jax.tree_util.tree_map(lambda t: t[None], dy_i))
+        return g, jax.tree_util.tree_map(lambda t: t[0], dx)
+
+    batched = [leaf for leaf, ax in zip(leaves_, axes) if ax == 0]
+    return jax.vmap(one)(batched, dy)
+
+
+def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """(grads with a leading batch axis, dx): the layer's fast path, or the generic default."""
+    if hasattr(layer, "per_example_backward"):
+        return layer.per_example_backward(params, cache, dy)
+    if not has_params(params):
+        return params, layer.backward(params, cache, dy)[1]
+    return generic_per_example_backward(layer, params, cache, dy)
+
+
+def sum_leaves(tree: PyTree, zero: Array) -> Array:
+    total = zero
+    for leaf in jax.tree_util.tree_leaves(tree):
+        total = total + leaf
+    return total
+
+
+def _rows_sq(g: Array) -> Array:
+    return jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=-1)
+
+
+def generic_per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
+                                 l2: Any = 0.0) -> tuple[Array, Any]:
+    """||g_i + l2 W||^2 from the per-example gradients (W: the layer's weight-role parameters)."""
+    grads, dx = per_example_backward(layer, params, cache, dy)
+    n = _batch_size(dy)
+    zero = jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype)
+    if not has_params(params):
+        return zero, dx
+    if not (isinstance(l2, (int, float)) and l2 == 0):
+        mask = jax.tree_util.tree_map(lambda r: r in DECAYED, layer_roles(layer, params))
+        grads = jax.tree_util.tree_map(lambda g, p, m: g + l2 * p if m else g, grads, params, mask)
+    return sum_leaves(jax.tree_util.tree_map(_rows_sq, grads), zero), dx
+
+
+def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
+                         l2: Any = 0.0) -> tuple[Array, Any]:
+    """(||g_i + l2 W||^2 per example, dx): the layer's fast path, or from per-example gradients."""
+    if hasattr(layer, "per_example_sq_norms"):
+        return layer.per_example_sq_norms(params, cache, dy, l2)
+    return generic_per_example_sq_norms(layer, params, cache, dy, l2)
+
+
+def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """(sum_i g_i**2 elementwise, like params; dx)."""
+    if hasattr(layer, "per_example_sq"):
+        return layer.per_example_sq(params, cache, dy)
+    grads, dx = per_example_backward(layer, params, cache, dy)
+    return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads), dx
+
+
+def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, cache_b: PyTree,
+                     dy_b: PyTree) -> tuple[Array, Any, Any]:
+    """((na, nb) matrix of <g_i, g_j>, dxa, dxb)."""
+    if hasattr(layer, "per_example_gram"):
+        return layer.per_example_gram(params, cache_a, dy_a, cache_b, dy_b)
+    ga, dxa = per_example_backward(layer, params, cache_a, dy_a)
+    gb, dxb = per_example_backward(layer, params, cache_b, dy_b)
+    na, nb = _batch_size(dy_a), _batch_size(dy_b)
+    products = jax.tree_util.tree_map(
+        lambda u, v: jnp.reshape(u, (na, -1)) @ jnp.reshape(v, (nb, -1)).T, ga, gb)
+    zero = jnp.zeros((na, nb), jax.tree_util.tree_leaves(dy_a)[0].dtype)
+    return sum_leaves(products, zero), dxa, dxb
+
+
+def kfac_eligible(layer: Any) -> bool:
+    return hasattr(layer, "kfac_factors") and hasattr(layer, "kfac_dims")
+
+
+# ---------------------------------------------------------------- layers without parameters
+
+
 @dataclasses.dataclass(frozen=True)
-class ParameterFree:
+class ParameterFree(Layer):
     """A layer without parameters or state.
 
     Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`,
@@ -122,34 +438,27 @@ class ParameterFree:
     protocol methods come from here.
     """
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return in_shape
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         del key, dtype
         return {}, {}, self.out_shape(as_shape(in_shape))
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del params, train, key
         y, cache = self.apply(x)
         return y, state, cache
 
-    def backward(self, params, cache, dy):
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array | None]:
         del params
         return {}, self.grad(cache, dy)
 
-    def per_example_backward(self, params, cache, dy):
-        """No parameters: the per-example gradients are empty; dx is as usual."""
-        return {}, self.grad(cache, dy)
-
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        """Squared norm of each example's parameter gradient (zero: none), and dx."""
-        return jnp.zeros(dy.shape[:1], dy.dtype), self.grad(cache, dy)
-
-    def apply(self, x):  # pragma: no cover - interface
+    def apply(self, x: Array) -> tuple[Array, PyTree]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def grad(self, cache, dy):  # pragma: no cover - interface
+    def grad(self, cache: PyTree, dy: Array) -> Array:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -159,14 +468,3 @@ class Elementwise(ParameterFree):
 
     Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`.
     """
-
-
-@runtime_checkable
-class Layer(Protocol):
-    """What every layer is (a structural type: subclassing is not needed)."""
-
-    def init(self, key, in_shape, dtype=None): ...
-
-    def forward(self, params, state, x, train=False, key=None): ...
-
-    def backward(self, params, cache, dy): ...

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
-from purenet.layers.base import as_shape, per_example_sum, wide
+from purenet.layers.base import Layer, as_shape, per_example_sum, wide
 
 
 class _BatchStatsCache(NamedTuple):
@@ -21,7 +21,7 @@ class _RunningStatsCache(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchNorm:
+class BatchNorm(Layer):
     """Normalise each feature over the batch, then scale and shift.
 
     Features are the last axis; the statistics run over every other axis
@@ -50,6 +50,8 @@ class BatchNorm:
 
     momentum: float = 0.9
     eps: float = 1e-5
+
+    roles = {"gamma": "gain", "beta": "bias"}
 
     def __post_init__(self):
         check_hyperparameter("BatchNorm momentum", self.momentum, 0.0, 1.0, high_open=False)

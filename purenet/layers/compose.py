@@ -11,14 +11,15 @@ Both check at `init` that the shapes fit and say which layer and which
 shapes when they do not.
 """
 import dataclasses
+import functools
 import itertools
 import math
-from typing import NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import ParameterFree, as_shape, map_backward, shape_token, token_shape
+from purenet.layers.base import Container, ParameterFree, Static, as_shape, frozen_input_grads, walk
 
 
 def _sum(arrays):
@@ -29,7 +30,7 @@ def _sum(arrays):
 
 
 @dataclasses.dataclass(frozen=True)
-class Residual:
+class Residual(Container):
     """A skip connection around `block` (He et al., 2016):  y = x + block(x).
 
     params and state are the block's own. Backward: the identity path passes
@@ -55,31 +56,25 @@ class Residual:
         h, state, cache = self.block.forward(params, state, x, train=train, key=key)
         return x + h, state, cache
 
-    def backward(self, params, cache, dy):
-        grads, dx = self.block.backward(params, cache, dy)
-        return grads, dy + dx
+    def children(self) -> tuple:
+        return (self.block,)
 
-    def per_example_backward(self, params, cache, dy):
-        grads, dx = self.block.per_example_backward(params, cache, dy)
-        return grads, dy + dx
+    def split(self, tree):
+        return (tree,)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        sq, dx = self.block.per_example_sq_norms(params, cache, dy, l2)
-        return sq, dy + dx
+    def join(self, parts):
+        return parts[0]
 
-    def map_backward(self, fn, params, caches, dys):
-        outs, dxs = map_backward(self.block, fn, params, caches, dys)
+    def walk_back(self, visit, params, caches, dys):
+        outs, dxs = walk(self.block, visit, params, caches, dys)
         return outs, tuple(dy + dx for dy, dx in zip(dys, dxs))
-
-    def children(self, params, cache=None):
-        return ((self.block, params, cache),)
 
 
 _MERGES = ("concat", "sum")
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class Parallel:
+class Parallel(Container):
     """Branches that all read the same x, merged:  y = merge(b_1(x), ..., b_k(x)).
 
     merge="concat" joins the outputs along the last axis (their other axes
@@ -135,45 +130,36 @@ class Parallel:
             outs.append(y), states.append(s), caches.append(c)
         if self.merge == "sum":
             return _sum(outs), tuple(states), (tuple(caches), None)
-        widths = shape_token(tuple(y.shape[-1] for y in outs))  # where to split dy on the way back
+        widths = Static(tuple(y.shape[-1] for y in outs))  # where to split dy on the way back
         return jnp.concatenate(outs, axis=-1), tuple(states), (tuple(caches), widths)
 
     def _branch_dys(self, cache, dy):
         _, widths = cache
         if widths is None:
             return [dy] * len(self.branches)
-        splits = list(itertools.accumulate(token_shape(widths)))[:-1]
+        splits = list(itertools.accumulate(widths.value))[:-1]
         return jnp.split(dy, splits, axis=-1)
 
-    def _walk_back(self, method, params, cache, dy, *extra):
-        results = [getattr(branch, method)(params[i], cache[0][i], dyi, *extra)
-                   for i, (branch, dyi) in enumerate(zip(self.branches, self._branch_dys(cache, dy)))]
-        return [r[0] for r in results], _sum([r[1] for r in results])
+    def children(self) -> tuple:
+        return self.branches
 
-    def backward(self, params, cache, dy):
-        grads, dx = self._walk_back("backward", params, cache, dy)
-        return tuple(grads), dx
+    def input_children(self) -> tuple:
+        return self.branches
 
-    def per_example_backward(self, params, cache, dy):
-        grads, dx = self._walk_back("per_example_backward", params, cache, dy)
-        return tuple(grads), dx
+    def split(self, tree):
+        return tuple(tree)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        sqs, dx = self._walk_back("per_example_sq_norms", params, cache, dy, l2)
-        return _sum(sqs), dx
+    def join(self, parts):
+        return tuple(parts)
 
-    def map_backward(self, fn, params, caches, dys):
+    def walk_back(self, visit, params, caches, dys):
+        """Each branch gets its part of dy; x fans out to every branch, so dL/dx sums over them."""
         split = [self._branch_dys(c, dy) for c, dy in zip(caches, dys)]  # per stream, per branch
         outs, dxs = [], []
         for i, branch in enumerate(self.branches):
-            out, dx = map_backward(branch, fn, params[i], tuple(c[0][i] for c in caches),
-                                   tuple(s[i] for s in split))
+            out, dx = walk(branch, visit, params[i], tuple(c[0][i] for c in caches), tuple(s[i] for s in split))
             outs.append(out), dxs.append(dx)
         return tuple(outs), tuple(_sum([dx[k] for dx in dxs]) for k in range(len(dys)))
-
-    def children(self, params, cache=None):
-        caches = (None,) * len(self.branches) if cache is None else cache[0]
-        return tuple(zip(self.branches, params, caches))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,14 +170,14 @@ class Flatten(ParameterFree):
         return (math.prod(in_shape),)
 
     def apply(self, x):
-        return jnp.reshape(x, (x.shape[0], -1)), shape_token(x.shape[1:])
+        return jnp.reshape(x, (x.shape[0], -1)), Static(x.shape[1:])
 
     def grad(self, shape, dy):
-        return jnp.reshape(dy, (dy.shape[0], *token_shape(shape)))
+        return jnp.reshape(dy, (dy.shape[0], *shape.value))
 
 
 @dataclasses.dataclass(frozen=True)
-class Frozen:
+class Frozen(Container):
     """`block` with its parameters held fixed: the same forward, and a backward that
     passes dL/dx through but returns zero parameter gradients.
 
@@ -210,31 +196,35 @@ class Frozen:
     def forward(self, params, state, x, train=False, key=None):
         return self.block.forward(params, state, x, train=train, key=key)
 
-    def backward(self, params, cache, dy):
-        _, dx = self.block.backward(params, cache, dy)
-        return jax.tree_util.tree_map(jnp.zeros_like, params), dx
+    freezes = True
 
-    def per_example_backward(self, params, cache, dy):
-        _, dx = self.block.backward(params, cache, dy)
-        return jax.tree_util.tree_map(lambda p: jnp.zeros((dy.shape[0], *p.shape), p.dtype), params), dx
+    def children(self) -> tuple:
+        return (self.block,)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        _, dx = self.block.backward(params, cache, dy)
-        return jnp.zeros(dy.shape[:1], dy.dtype), dx
+    def split(self, tree):
+        return (tree,)
 
-    def children(self, params, cache=None):
-        return ((self.block, params, cache),)
+    def join(self, parts):
+        return parts[0]
+
+    def walk_back(self, visit, params, caches, dys):
+        """dL/dx passes through; every feature sees no parameter gradient here (visit.frozen)."""
+        if visit.frozen is None:  # a visitor that only reads the caches
+            return walk(self.block, visit, params, caches, dys)
+        return visit.frozen(params, dys), frozen_input_grads(self.block, params, caches, dys)
 
 
-class _RematCache(NamedTuple):
-    x: jnp.ndarray
-    state: object
-    key: object
-    train: jnp.ndarray  # a shape token: (0, 1) in training, (0, 0) in evaluation
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "state", "key"], meta_fields=["train"])
+@dataclasses.dataclass(frozen=True)
+class _RematCache:
+    x: jax.Array
+    state: Any
+    key: Any
+    train: bool  # static
 
 
 @dataclasses.dataclass(frozen=True)
-class Remat:
+class Remat(Container):
     """`block` rematerialised: the forward keeps only its input, and the backward
     runs the block's forward again (same params, state and key, so dropout masks
     agree) to rebuild the cache it needs, then the block's backward.
@@ -257,7 +247,7 @@ class Remat:
 
     def forward(self, params, state, x, train=False, key=None):
         y, new_state, _ = self.block.forward(params, state, x, train=train, key=key)
-        return y, new_state, _RematCache(x, state, key, shape_token((int(bool(train)),)))
+        return y, new_state, _RematCache(x, state, key, bool(train))
 
     def _rerun(self, params, cache, dy=None):
         """The block's cache again, computed from inputs that depend on dy: XLA can neither
@@ -265,18 +255,19 @@ class Remat:
         x, params, dy = jax.lax.optimization_barrier((cache.x, params, dy))
         if dy is not None:  # XLA:CPU drops barriers: a data dependence (x + 0 dy_0 = x) holds there too
             x = x + jnp.zeros((), x.dtype) * dy.reshape(-1)[0].astype(x.dtype)
-        _, _, inner = self.block.forward(params, cache.state, x, train=bool(token_shape(cache.train)[0]),
+        _, _, inner = self.block.forward(params, cache.state, x, train=cache.train,
                                          key=cache.key)
         return inner, dy
 
-    def backward(self, params, cache, dy):
-        return self.block.backward(params, *self._rerun(params, cache, dy))
+    def children(self) -> tuple:
+        return (self.block,)
 
-    def per_example_backward(self, params, cache, dy):
-        return self.block.per_example_backward(params, *self._rerun(params, cache, dy))
+    def split(self, tree):
+        return (tree,)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        return self.block.per_example_sq_norms(params, *self._rerun(params, cache, dy), l2)
+    def join(self, parts):
+        return parts[0]
 
-    def children(self, params, cache=None):
-        return ((self.block, params, None if cache is None else self._rerun(params, cache)[0]),)
+    def walk_back(self, visit, params, caches, dys):
+        inner, dys = zip(*(self._rerun(params, c, dy) for c, dy in zip(caches, dys))) if caches else ((), ())
+        return walk(self.block, visit, params, tuple(inner), tuple(dys))

@@ -28,7 +28,7 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import ParameterFree, as_shape, shape_token, token_shape
+from purenet.layers.base import Layer, ParameterFree, Static, as_shape
 from purenet.layers import dense
 
 IMPLEMENTATIONS = ("auto", "im2col", "xla")
@@ -223,11 +223,11 @@ def _conv_dw(x, dy, g):
 
 class _ConvCache(NamedTuple):
     inputs: jnp.ndarray   # the patches P (im2col), or x itself (xla)
-    in_hw: jnp.ndarray    # a shape token: the input's (H, W)
+    in_hw: Static         # the input's (H, W)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class Conv2D:
+class Conv2D(Layer):
     """2-D convolution (cross-correlation, as lax.conv_general_dilated and PyTorch compute it) on NHWC.
 
     params {"W": (kh, kw, in_channels, features), "b": (features,)} ("b" absent
@@ -265,6 +265,8 @@ class Conv2D:
     initializer: str
     use_bias: bool
     implementation: str
+
+    roles = {"W": "weight", "b": "bias"}
 
     def __init__(self, features, kernel_size, strides=1, padding="SAME", dilation=1, init="he_normal",
                  use_bias=True, implementation="auto", *, initializer=None):
@@ -324,11 +326,11 @@ class Conv2D:
             y = inputs @ W.reshape(-1, W.shape[-1])
         if self.use_bias:
             y = y + params["b"]
-        return y, state, _ConvCache(inputs, shape_token(x.shape[1:3]))
+        return y, state, _ConvCache(inputs, Static(x.shape[1:3]))
 
     def backward(self, params, cache, dy):
         W = params["W"]
-        g = self._geometry(token_shape(cache.in_hw))
+        g = self._geometry(cache.in_hw.value)
         if self._impl(W) == "xla":
             dW = _conv_dw(cache.inputs, dy, g)
         else:
@@ -357,16 +359,16 @@ class Conv2D:
     def _patches(self, W, cache):
         if self._impl(W) == "im2col":
             return cache.inputs
-        return patches(cache.inputs, self._geometry(token_shape(cache.in_hw)))
+        return patches(cache.inputs, self._geometry(cache.in_hw.value))
 
     def _dx_of(self, params, cache, dy):
-        return self._dx(params["W"], cache, dy, self._geometry(token_shape(cache.in_hw)))
+        return self._dx(params["W"], cache, dy, self._geometry(cache.in_hw.value))
 
     def _per_example_taps(self, W, cache, dy):
         """Example i's weight gradient by tap, dW_i[tap] = S_tap,i^T g_i, (N, C, F) each, S_tap the
         input slice the tap reads. From x (xla) one tap at a time, so no patches are formed; from
         cached patches (im2col) in one product P_i^T g_i, cut by tap."""
-        g = self._geometry(token_shape(cache.in_hw))
+        g = self._geometry(cache.in_hw.value)
         if self._impl(W) == "im2col":
             n, c = dy.shape[0], W.shape[2]
             p, d = cache.inputs.reshape(n, -1, cache.inputs.shape[-1]), dy.reshape(n, -1, dy.shape[-1])
@@ -397,7 +399,7 @@ class Conv2D:
         <dW_i, W> = sum_t (p_t W2) . g_t = sum_t (y_t - b) . g_t, read off the forward.
         """
         W = params["W"]
-        g = self._geometry(token_shape(cache.in_hw))
+        g = self._geometry(cache.in_hw.value)
         n, t, k, f = dy.shape[0], math.prod(g.out_hw), W.size // W.shape[-1], W.shape[-1]
         if t * (k + f) < k * f:
             taps = self._taps(W, cache, g)
@@ -491,11 +493,11 @@ class MaxPool2D(_Pool):
         chosen = jnp.full(y.shape, len(taps), jnp.int32)
         for t in reversed(range(len(taps))):
             chosen = jnp.where(taps[t] == y, t, chosen)
-        return y, (chosen, shape_token(x.shape[1:3]))
+        return y, (chosen, Static(x.shape[1:3]))
 
     def grad(self, cache, dy):
         chosen, in_hw = cache
-        g = self._geometry(token_shape(in_hw))
+        g = self._geometry(in_hw.value)
         zero = jnp.zeros_like(dy)
         return untap([jnp.where(chosen == t, dy, zero) for t in range(len(g.taps()))], g)
 
@@ -512,10 +514,10 @@ class AvgPool2D(_Pool):
     def apply(self, x):
         _check_images(self, x)
         y, g = self._reduce(x, 0.0, lax.add)
-        return y / math.prod(g.window), shape_token(x.shape[1:3])
+        return y / math.prod(g.window), Static(x.shape[1:3])
 
     def grad(self, in_hw, dy):
-        g = self._geometry(token_shape(in_hw))
+        g = self._geometry(in_hw.value)
         share = dy / math.prod(g.window)
         return untap([share] * len(g.taps()), g)
 
@@ -529,8 +531,8 @@ class GlobalAvgPool2D(ParameterFree):
 
     def apply(self, x):
         _check_images(self, x)
-        return jnp.mean(x, axis=(1, 2)), shape_token(x.shape[1:3])
+        return jnp.mean(x, axis=(1, 2)), Static(x.shape[1:3])
 
     def grad(self, in_hw, dy):
-        h, w = token_shape(in_hw)
+        h, w = in_hw.value
         return jnp.broadcast_to(dy[:, None, None, :] / (h * w), (dy.shape[0], h, w, dy.shape[-1]))

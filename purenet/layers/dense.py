@@ -6,11 +6,11 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import KFACFactors, as_shape, wide
+from purenet.layers.base import KFACFactors, Layer, as_shape, wide
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class Dense:
+class Dense(Layer):
     """Pre-activation  a = h W + b  for a batch of rows h (the lecture's a = W h + b, transposed).
 
     Acts on the last axis: an input (batch, ..., in) gives (batch, ..., features),
@@ -30,6 +30,8 @@ class Dense:
     features: int
     initializer: str
     use_bias: bool
+
+    roles = {"W": "weight", "b": "bias"}
 
     def __init__(self, features, init="he_normal", use_bias=True, *, initializer=None):
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
@@ -77,6 +79,10 @@ class Dense:
         if self.use_bias:
             grads["b"] = jnp.sum(dy2, axis=0)
         return grads, dx
+
+    def cached_input(self, x):
+        """The layer's input, read from its cache (diagnostics' input_rms)."""
+        return x
 
     def _dx(self, params, dy):
         return lax.dot_general(dy, params["W"], (((dy.ndim - 1,), (1,)), ((), ())))

@@ -50,8 +50,3 @@ class Dropout:
             return {}, dy
         return {}, jnp.where(mask, dy / (1.0 - self.rate), jnp.zeros_like(dy))
 
-    def per_example_backward(self, params, mask, dy):
-        return self.backward(params, mask, dy)
-
-    def per_example_sq_norms(self, params, mask, dy, l2=0.0):
-        return jnp.zeros(dy.shape[:1], dy.dtype), self.backward(params, mask, dy)[1]

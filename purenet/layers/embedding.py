@@ -16,7 +16,7 @@ import numpy as np
 
 from purenet._checks import is_concrete
 from purenet.initializers import default_float
-from purenet.layers.base import as_shape
+from purenet.layers.base import Layer, Static, as_shape
 
 
 def check_ids(ids, num_embeddings, what="Embedding"):
@@ -40,7 +40,7 @@ def _check_positive(name, value):
 
 
 @dataclasses.dataclass(frozen=True)
-class Embedding:
+class Embedding(Layer):
     """A lookup table: integer ids (batch, ...) -> rows of E, (batch, ..., features).
 
     params {"E": (num_embeddings, features)}, drawn from N(0, stddev^2)
@@ -59,6 +59,7 @@ class Embedding:
     stddev: float = 1.0
 
     accepts_ids = True  # a network whose first layer this is takes integer inputs
+    roles = {"E": "embedding"}
 
     def __post_init__(self):
         _check_positive("Embedding num_embeddings", self.num_embeddings)
@@ -82,7 +83,7 @@ class Embedding:
         return {"E": per_example_scatter(params["E"].shape[0], ids, dy)}, None
 
     def per_example_sq_norms(self, params, ids, dy, l2=0.0):
-        """||dE_i||^2 without forming dE_i (E is not a weight named W: no l2 term)."""
+        """||dE_i||^2 without forming dE_i (E's role is "embedding", which l2 does not cover)."""
         return sq_norm_of_scatter(ids, dy), None
 
 
@@ -109,7 +110,7 @@ def sq_norm_of_scatter(ids, dy):
 
 
 @dataclasses.dataclass(frozen=True)
-class PositionalEmbedding:
+class PositionalEmbedding(Layer):
     """Learned positions: x (batch, T, d) -> x + P[:T], for T <= context.
 
     params {"P": (context, d)}, drawn from N(0, stddev^2). Backward:
@@ -119,6 +120,8 @@ class PositionalEmbedding:
 
     context: int
     stddev: float = 1.0
+
+    roles = {"P": "embedding"}
 
     def __post_init__(self):
         _check_positive("PositionalEmbedding context", self.context)
@@ -136,12 +139,12 @@ class PositionalEmbedding:
         if jnp.ndim(x) != 3 or x.shape[1] > P.shape[0] or x.shape[2] != P.shape[1]:
             raise ValueError(f"{self} expects x of shape (batch, T <= {P.shape[0]}, {P.shape[1]}), "
                              f"got {jnp.shape(x)}")
-        return x + P[: x.shape[1]], state, jnp.zeros((0, P.shape[0] - x.shape[1]), jnp.int8)
+        return x + P[: x.shape[1]], state, Static(P.shape[0] - x.shape[1])  # positions not used
 
     @staticmethod
     def _pad(g, unused):
         pad = [(0, 0)] * g.ndim
-        pad[-2] = (0, unused.shape[1])
+        pad[-2] = (0, unused.value)
         return jnp.pad(g, pad)
 
     def backward(self, params, unused, dy):

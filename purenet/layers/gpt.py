@@ -19,7 +19,7 @@ from jax import lax
 from purenet.layers import dense
 from purenet.layers.activations import GELU
 from purenet.layers.attention import MultiHeadAttention
-from purenet.layers.base import as_shape
+from purenet.layers.base import Container, Layer, as_shape, walk
 from purenet.layers.compose import Residual
 from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import (Embedding, PositionalEmbedding, check_ids, per_example_scatter,
@@ -37,7 +37,7 @@ def _positive(name, value):
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT:
+class GPT(Container):
     """A transformer language model from token ids to logits, with the token
     embedding optionally tied to the output projection.
 
@@ -55,10 +55,11 @@ class GPT:
         dL/dE = scatter_add(ids, dL/dh0)        (the lookup: row r gets dL/dh0 at every id r)
               + (dL/dlogits)^T h                (the output projection, as Dense's x^T dy)
 
-    `backward` computes both terms and adds them; `per_example_backward`
-    adds them per example, and `per_example_sq_norms` expands
-    ||A + B||^2 = ||A||^2 + ||B||^2 + 2 <A, B> so that no (batch, vocab, d)
-    tensor is formed.
+    Both ends are one leaf of the traversal (`TiedEnds`), after the body's
+    walk: it adds the two terms, per example too, and its squared norm
+    expands ||A + B||^2 = ||A||^2 + ||B||^2 + 2 <A, B> so that no
+    (batch, vocab, d) tensor is formed. GPT outputs logits; `pn.gpt` puts
+    a Softmax after it.
     """
 
     vocab_size: int
@@ -151,54 +152,89 @@ class GPT:
         logits = h @ self._out_matrix(params)
         return logits, state, (x, body_cache, h)
 
-    def _head_grads(self, params, h, dy):
-        """dL/d(output matrix) as stored (E: (vocab, d) when tied; W: (d, vocab)), and dL/dh."""
-        h2, dy2 = jnp.reshape(h, (-1, h.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
-        d_out = lax.dot_general(dy2, h2, (((0,), (0,)), ((), ())))  # dy^T h: (vocab, d)
-        dh = lax.dot_general(dy, self._out_matrix(params), (((2,), (1,)), ((), ())))  # dy M^T
-        return (d_out if self.tie_embeddings else d_out.T), dh
+    @property
+    def ends(self):
+        return TiedEnds(self.tie_embeddings)
+
+    def children(self) -> tuple:
+        return (self.ends, self.body)
+
+    def split(self, tree):
+        return {k: tree[k] for k in ("token", "head") if k in tree}, tree["body"]
+
+    def parts(self, outs):
+        return tuple(outs)
+
+    def join(self, parts):
+        ends, body = parts
+        if ends is None:  # a visitor that has nothing for the ends (K-FAC's factors)
+            ends = {"token": None} if self.tie_embeddings else {"token": None, "head": None}
+        return {"token": ends["token"], "body": body, **({"head": ends["head"]} if "head" in ends else {})}
+
+    def walk_back(self, visit, params, caches, dys):
+        """The head's dL/dh, the body's walk, then the ends (lookup and output projection) as one leaf."""
+        M = self._out_matrix(params)
+        dhs = tuple(lax.dot_general(dy, M, (((2,), (1,)), ((), ()))) for dy in dys)  # dy M^T
+        body_out, dh0s = walk(self.body, visit, params["body"], tuple(c[1] for c in caches), dhs)
+        ends_params, _ = self.split(params)
+        ends_out, _ = visit.leaf(self.ends, ends_params, tuple((c[0], c[2]) for c in caches),
+                                 tuple(zip(dh0s, dys)))
+        outs = self.join((ends_out, body_out)) if visit.shaped else (ends_out, body_out)
+        return outs, tuple(None for _ in dys)
+
+
+@dataclasses.dataclass(frozen=True)
+class TiedEnds(Layer):
+    """GPT's two ends as one leaf of the traversal: the token lookup h0 = E[ids] and the output
+    projection logits = h M (M = E^T when tied, else the head's W), which may share E.
+
+    params {"token": {"E"}} (+ {"head": {"W"}} untied); cache (ids, h); dy = (dL/dh0, dL/dlogits).
+    backward: dE = scatter_add(ids, dL/dh0) + (dL/dlogits)^T h (tied), dW = h^T dL/dlogits (untied).
+    The ids get no gradient.
+    """
+
+    tied: bool
+
+    def param_roles(self, params):
+        return {"token": {"E": "embedding"}, **({"head": {"W": "weight"}} if "head" in params else {})}
+
+    def init(self, key, in_shape, dtype=None):  # pragma: no cover - built by GPT
+        raise TypeError("TiedEnds is a part of GPT's traversal, not a layer to build on its own")
+
+    def forward(self, params, state, x, train=False, key=None):  # pragma: no cover - built by GPT
+        raise TypeError("TiedEnds is a part of GPT's traversal, not a layer to run on its own")
 
     def backward(self, params, cache, dy):
-        ids, body_cache, h = cache
-        d_out, dh = self._head_grads(params, h, dy)
-        body_grads, dh0 = self.body.backward(params["body"], body_cache, dh)
+        (ids, h), (dh0, dlogits) = cache, dy
+        h2, dy2 = jnp.reshape(h, (-1, h.shape[-1])), jnp.reshape(dlogits, (-1, dlogits.shape[-1]))
+        d_out = lax.dot_general(dy2, h2, (((0,), (0,)), ((), ())))  # dy^T h: (vocab, d)
         d_lookup = scatter_rows(params["token"]["E"].shape[0], ids, dh0)
-        grads = {"token": {"E": d_lookup + d_out if self.tie_embeddings else d_lookup}, "body": body_grads}
-        if not self.tie_embeddings:
-            grads["head"] = {"W": d_out}
-        return grads, None
+        if self.tied:
+            return {"token": {"E": d_lookup + d_out}}, None
+        return {"token": {"E": d_lookup}, "head": {"W": d_out.T}}, None
 
     def per_example_backward(self, params, cache, dy):
-        ids, body_cache, h = cache
-        dh = lax.dot_general(dy, self._out_matrix(params), (((2,), (1,)), ((), ())))
-        d_out = jnp.einsum("btv,btd->bvd", dy, h)  # (batch, vocab, d)
-        body_grads, dh0 = self.body.per_example_backward(params["body"], body_cache, dh)
+        (ids, h), (dh0, dlogits) = cache, dy
+        d_out = jnp.einsum("btv,btd->bvd", dlogits, h)  # (batch, vocab, d)
         d_lookup = per_example_scatter(params["token"]["E"].shape[0], ids, dh0)
-        grads = {"token": {"E": d_lookup + d_out if self.tie_embeddings else d_lookup}, "body": body_grads}
-        if not self.tie_embeddings:
-            grads["head"] = {"W": jnp.swapaxes(d_out, 1, 2)}
-        return grads, None
+        if self.tied:
+            return {"token": {"E": d_lookup + d_out}}, None
+        return {"token": {"E": d_lookup}, "head": {"W": jnp.swapaxes(d_out, 1, 2)}}, None
 
     def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        ids, body_cache, h = cache
-        M = self._out_matrix(params)
-        dh = lax.dot_general(dy, M, (((2,), (1,)), ((), ())))
-        body_sq, dh0 = self.body.per_example_sq_norms(params["body"], body_cache, dh, l2)
+        """||A + B||^2 = ||A||^2 + ||B||^2 + 2 <A, B> (A: the lookup's scatter, B: dy_i^T h_i), so no
+        (batch, vocab, d) tensor is formed. l2 reaches the untied head's W (a weight), not E."""
+        (ids, h), (dh0, dy) = cache, dy
         lookup_sq = sq_norm_of_scatter(ids, dh0)
-        if not self.tie_embeddings:  # the head's W is a weight named W: l2 applies to it
-            return body_sq + lookup_sq + dense.per_example_sq_norms(h, dy, M, False, l2), None
-        out_sq = dense.per_example_sq_norms(h, dy, M, False)
-        # <A_i, B_i> with A_i the scatter of dh0 and B_i = dy_i^T h_i:
-        #   sum_t dh0_t . B_i[ids_t] = sum_{t,s} (dh0_t . h_s) dy[s, ids_t]
+        if not self.tied:
+            return lookup_sq + dense.per_example_sq_norms(h, dy, params["head"]["W"], False, l2), None
+        out_sq = dense.per_example_sq_norms(h, dy, params["token"]["E"].T, False)
+        # <A_i, B_i> = sum_t dh0_t . B_i[ids_t] = sum_{t,s} (dh0_t . h_s) dy[s, ids_t]
         gram = jnp.einsum("btd,bsd->bts", dh0, h)
         b, t = ids.shape
         picked = jnp.take_along_axis(dy, jnp.broadcast_to(ids[:, None, :], (b, dy.shape[1], t)), axis=2)
         cross = jnp.einsum("bts,bst->b", gram, picked)
-        return body_sq + lookup_sq + out_sq + 2 * cross, None
-
-    def children(self, params, cache=None):
-        ids, body_cache, _ = cache if cache is not None else (None, None, None)
-        return ((self.token, params["token"], ids), (self.body, params["body"], body_cache))
+        return lookup_sq + out_sq + 2 * cross, None
 
 
 def gpt(vocab_size, context, layers, heads, features, dropout=0.0, tie_embeddings=True):

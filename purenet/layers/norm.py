@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
-from purenet.layers.base import as_shape, per_example_sum, wide
+from purenet.layers.base import Layer, as_shape, per_example_sum, wide
 
 
 class _NormCache(NamedTuple):
@@ -33,8 +33,10 @@ def _gamma_grads(params, cache, dy, per_example):
     return grads
 
 
-class _FeatureNorm:
+class _FeatureNorm(Layer):
     """The parts LayerNorm and RMSNorm share: params, the protocol, per-example gradients."""
+
+    roles = {"gamma": "gain", "beta": "bias"}
 
     def init(self, key, in_shape, dtype=None):
         del key

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid
-from purenet.layers.base import as_shape, map_backward
+from purenet.layers.base import Container, as_shape, walk
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
@@ -14,7 +14,7 @@ from purenet.layers.softmax import Softmax
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class Sequential:
+class Sequential(Container):
     """A layer made of layers applied in order: h_i = layer_i(h_{i-1}).
 
     params and state are tuples with one entry per layer. Backward walks the
@@ -75,34 +75,23 @@ class Sequential:
             caches.append(c)
         return x, tuple(new_state), tuple(caches)
 
-    def backward(self, params, cache, dy):
-        grads = [None] * len(self.layers)
-        for i in reversed(range(len(self.layers))):
-            grads[i], dy = self.layers[i].backward(params[i], cache[i], dy)
-        return tuple(grads), dy
+    # ------------------------------------------------------------ the traversal
 
-    def per_example_backward(self, params, cache, dy):
-        grads = [None] * len(self.layers)
-        for i in reversed(range(len(self.layers))):
-            grads[i], dy = self.layers[i].per_example_backward(params[i], cache[i], dy)
-        return tuple(grads), dy
+    def children(self) -> tuple:
+        return self.layers
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
-        total = jnp.zeros(dy.shape[:1], dy.dtype)
-        for i in reversed(range(len(self.layers))):
-            sq, dy = self.layers[i].per_example_sq_norms(params[i], cache[i], dy, l2)
-            total = total + sq
-        return total, dy
+    def split(self, tree):
+        return tuple(tree)
 
-    def map_backward(self, fn, params, caches, dys):
-        """The per-example walk back with fn at each leaf (see `purenet.layers.base`)."""
+    def join(self, parts):
+        return tuple(parts)
+
+    def walk_back(self, visit, params, caches, dys):
+        """The chain rule in reverse: layer i turns dL/dh_i into its own part and dL/dh_{i-1}."""
         outs = [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
-            outs[i], dys = map_backward(self.layers[i], fn, params[i], tuple(c[i] for c in caches), dys)
+            outs[i], dys = walk(self.layers[i], visit, params[i], tuple(c[i] for c in caches), dys)
         return tuple(outs), dys
-
-    def children(self, params, cache=None):
-        return tuple(zip(self.layers, params, cache or (None,) * len(self.layers)))
 
 
 def _reraise_in_layer(error, i, layer):

@@ -1,11 +1,11 @@
 """Optimizers as pure (state, grads) -> state transitions; no optax in the core."""
 from purenet.optim import schedules
 from purenet.optim.alias import adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd
-from purenet.optim.base import OptState, Optimizer, Transform, apply_if_finite, chain
-from purenet.optim.kfac import KFAC, KFACState, kfac
+from purenet.optim.base import OptState, Optimizer, Transform, apply_if_finite, chain, find_slot
+from purenet.optim.kfac import KFACState, kfac, scale_by_kfac
 from purenet.optim.loss_scale import LossScale, current_loss_scale, dynamic_loss_scale
 from purenet.optim.optax_adapter import from_optax, to_optax
-from purenet.optim.wrappers import ema, ema_params, masked
+from purenet.optim.wrappers import EMAState, ema, ema_params, has_ema, masked
 from purenet.optim.transforms import (
     add_decayed_weights, clip_by_global_norm, scale_by_adam, scale_by_momentum,
     scale_by_rms, scale_by_rss,

@@ -36,19 +36,25 @@ class OptState(NamedTuple):
 
 
 class Transform(NamedTuple):
-    """init(params) -> slots;  update(grads, slots, params, count) -> (direction, slots).
+    """init(params) -> slots;  update(grads, slots, params, count, **extra) -> (direction, slots).
 
     `after(slots, new_params, count) -> slots`, when given, runs once the
     step has moved the params (a parameter average keeps its slot this way).
     `on_skip(slots) -> slots`, when given, is the slot after a step that the
     "skip" guard skipped (instead of the unchanged slot): the dynamic loss
     scale shrinks this way. Such a transform needs guard "skip".
+    `extra_args` names the per-step arguments `update` takes beyond the
+    gradient (as optax's GradientTransformationExtraArgs): K-FAC's
+    ("factors",). `opt.step(state, grads, factors=...)` passes them, and the
+    training step computes what the optimizer's `extra_args` name.
+    A transform's slot is found by its type (`find_slot`), never by position.
     """
 
     init: Callable
     update: Callable
     after: Callable | None = None
     on_skip: Callable | None = None
+    extra_args: tuple = ()
 
 
 def _rate(learning_rate, count):
@@ -76,12 +82,26 @@ class Optimizer:
             raise ValueError(f"a transform that acts on skipped steps (pn.optim.dynamic_loss_scale) needs "
                              f"apply_if_finite(opt, 'skip'), got guard {self.guard!r}")
 
+    @property
+    def extra_args(self) -> tuple:
+        """The per-step arguments `step` needs beyond the gradient (the transforms' extra_args)."""
+        names: list = []
+        for t in self.transforms:
+            names += [n for n in t.extra_args if n not in names]
+        return tuple(names)
+
     def init(self, params):
         slots = tuple(t.init(params) for t in self.transforms)
         count = jnp.zeros((), jnp.int32)
         return OptState(params, count, slots, _rate(self.learning_rate, count))
 
-    def step(self, state, grads):
+    def step(self, state, grads, **extra):
+        missing = [n for n in self.extra_args if n not in extra]
+        unknown = [n for n in extra if n not in self.extra_args]
+        if missing or unknown:
+            raise TypeError(f"this optimizer's step takes the per-step arguments {self.extra_args or '()'}"
+                            + (f"; missing {missing}" if missing else "") + (f"; unexpected {unknown}" if unknown else "")
+                            + ("" if not missing else " (pn.stats.kfac_value_and_grad gives K-FAC's factors)"))
         tree.check_matching(state.params, grads)
         if len(state.slots) != len(self.transforms):
             raise ValueError(f"the optimizer state has {len(state.slots)} slots, this optimizer "
@@ -91,7 +111,8 @@ class Optimizer:
         direction = tree.upcast(grads)
         slots = []
         for transform, slot in zip(self.transforms, state.slots):
-            direction, slot = transform.update(direction, slot, state.params, state.count)
+            own = {n: extra[n] for n in transform.extra_args}
+            direction, slot = transform.update(direction, slot, state.params, state.count, **own)
             slots.append(slot)
         rate = _rate(self.learning_rate, state.count)
         params = tree.map(
@@ -108,6 +129,18 @@ class Optimizer:
                       for t, n, o in zip(self.transforms, new.slots, state.slots))
         # a skipped step keeps params and slots (bit-identical); count and rate advance (schedules stay aligned)
         return new._replace(params=tree.where(finite, new.params, state.params), slots=slots)
+
+
+def find_slot(opt_state, kind):
+    """The slot of type `kind` in opt_state (EMAState, LossScale, KFACState, ...), or None.
+
+    Found by type through any wrapper: `masked`, `chain`, `apply_if_finite`
+    all keep a flat tuple of their transforms' slots. More than one is an error.
+    """
+    found = [slot for slot in getattr(opt_state, "slots", ()) if isinstance(slot, kind)]
+    if len(found) > 1:
+        raise ValueError(f"the optimizer state holds {len(found)} {kind.__name__} slots; expected at most one")
+    return found[0] if found else None
 
 
 def chain(*parts, learning_rate=None):

@@ -8,26 +8,30 @@ scaling). Its inverse applied to the gradient is two small solves:
 
     (A (x) G)^-1 vec([dW; db]) = A^-1 [dW; db] G^-1
 
-Factors flow in explicitly, so the step stays a pure function of its
-arguments: the train step computes them with the gradient, from the same
-forward and backward pass, and passes them to `step`:
+K-FAC is a transform of the one optimizer protocol with an extra per-step
+argument, `factors` (as optax's GradientTransformationExtraArgs), so the
+step stays a pure function of its arguments and every wrapper (`masked`,
+`ema`, `apply_if_finite`, `chain`) composes around it. The train step
+computes the factors with the gradient, from the same forward and backward
+pass, because the optimizer's `extra_args` name them:
 
-    opt = pn.optim.kfac(net, learning_rate=0.05)
+    opt = pn.optim.kfac(net, learning_rate=0.05)     # chain(scale_by_kfac(net, ...), momentum(0.05))
     opt_state = opt.init(params)
     value, grads, factors, state = pn.stats.kfac_value_and_grad(net, opt_state.params, state, x, y)
-    opt_state = opt.step(opt_state, grads, factors)
+    opt_state = opt.step(opt_state, grads, factors=factors)
 
-`pn.fit` does this by itself when given a KFAC optimizer. Each step
+`pn.fit` does this by itself. Each step
     1. averages the factors:  F <- ema F + (1 - ema) F_batch  (the first step takes F_batch),
     2. every `inverse_every` steps (the first included) inverts the damped factors,
        with Tikhonov damping split between them (Martens & Grosse, 2015, sec. 6.3):
            pi = sqrt((tr A / dim A) / (tr G / dim G)),
            (A + pi sqrt(damping) I)^-1,   (G + sqrt(damping) / pi I)^-1,
     3. preconditions each Dense / Conv2D gradient with the stored inverses
-       (other parameters, such as LayerNorm's, keep their plain gradient),
-    4. hands the result to the inner optimizer (momentum SGD by default).
+       (other parameters, such as LayerNorm's, keep their plain gradient;
+       layers inside `pn.Frozen` have no factors),
+    4. hands the result to the rest of the chain (momentum SGD in `kfac`).
+Factors and inverses are kept in at least float32 (bfloat16 / float16 params too).
 """
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.layers.base import KFACFactors
-from purenet.optim.base import OptState
+from purenet.optim.base import Transform, chain
 
 
 class KFACState(NamedTuple):
@@ -68,76 +72,73 @@ def _precondition(inverse, grads):
     if "b" in grads:
         rows.append(grads["b"][None, :])
     m = jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
-    m = inverse.A.astype(m.dtype) @ m @ inverse.G.astype(m.dtype)
+    m = (inverse.A @ m.astype(inverse.A.dtype) @ inverse.G).astype(W.dtype)  # in the factors' (>= float32) dtype
     out = dict(grads, W=m[: rows[0].shape[0]].reshape(W.shape))
     if "b" in grads:
-        out["b"] = m[-1]
+        out["b"] = m[-1].astype(grads["b"].dtype)
     return out
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class KFAC:
-    """K-FAC preconditioning in front of an inner optimizer; see the module docstring.
+def _check_factors(layer_factors, slot_factors):
+    """The batch's factors must have this network's layers and widths; name the first that does not."""
+    if jax.tree_util.tree_structure(layer_factors, is_leaf=_is_factors) != \
+            jax.tree_util.tree_structure(slot_factors, is_leaf=_is_factors):
+        raise ValueError("the factors do not match this optimizer's network: compute them with the net "
+                         "that pn.optim.kfac was given")
+    pairs = jax.tree_util.tree_leaves_with_path(
+        jax.tree_util.tree_map(lambda a, b: (a, b), layer_factors, slot_factors, is_leaf=_is_factors),
+        is_leaf=lambda t: isinstance(t, tuple) and len(t) == 2 and _is_factors(t[0]))
+    for path, (new, old) in pairs:
+        if new is not None and (new.A.shape != old.A.shape or new.G.shape != old.G.shape):
+            raise ValueError(f"K-FAC factors at {jax.tree_util.keystr(path)} have shapes A {new.A.shape}, "
+                             f"G {new.G.shape}; this optimizer's layer there needs A {old.A.shape}, "
+                             f"G {old.G.shape}")
 
-    net: the network (to find its Dense and Conv2D layers); inner: any
-    optimizer (its learning rate is the step size); damping > 0; ema in
-    [0, 1); inverse_every >= 1 steps. opt_state.slots[0] is a KFACState,
-    the rest are the inner optimizer's.
+
+def scale_by_kfac(net, damping=1.0, ema=0.95, inverse_every=10):
+    """K-FAC's preconditioning as a transform: direction = A^-1 [dW; db] G^-1 per K-FAC layer.
+
+    Its slot is a KFACState; its update takes the batch's `factors`
+    (`pn.stats.kfac_value_and_grad`). See the module docstring for the steps.
     """
+    from purenet.stats import kfac_zeros
 
-    net: Any
-    inner: Any
-    damping: float = 1.0
-    ema: float = 0.95
-    inverse_every: int = 10
+    check_hyperparameter("damping", damping, 0.0, None, low_open=True)
+    check_hyperparameter("ema", ema, 0.0, 1.0)
+    if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
+        raise ValueError(f"inverse_every must be a positive int, got {inverse_every!r}")
 
-    def __post_init__(self):
-        check_hyperparameter("damping", self.damping, 0.0, None, low_open=True)
-        check_hyperparameter("ema", self.ema, 0.0, 1.0)
-        if isinstance(self.inverse_every, bool) or not isinstance(self.inverse_every, int) or self.inverse_every < 1:
-            raise ValueError(f"inverse_every must be a positive int, got {self.inverse_every!r}")
+    def init(params):
+        zeros = kfac_zeros(net, params)
+        return KFACState(zeros, zeros)
 
-    @property
-    def learning_rate(self):
-        return self.inner.learning_rate
-
-    def init(self, params):
-        from purenet.stats import kfac_zeros
-
-        zeros = kfac_zeros(self.net, params)
-        state = self.inner.init(params)
-        return state._replace(slots=(KFACState(zeros, zeros),) + tuple(state.slots))
-
-    def step(self, state, grads, factors=None):
-        """The next OptState from the gradient and this batch's factors (`pn.stats.kfac_factors`)."""
-        if factors is None:
-            raise TypeError("K-FAC's step needs this batch's factors: opt.step(opt_state, grads, factors) with "
-                            "factors from pn.stats.kfac_value_and_grad or pn.stats.kfac_factors")
-        slot = state.slots[0]
-        if jax.tree_util.tree_structure(factors) != jax.tree_util.tree_structure(slot.factors):
-            raise ValueError("the factors do not match this optimizer's network: compute them with the net "
-                             "that pn.optim.kfac was given")
-        weight = jnp.where(state.count == 0, 0.0, self.ema)
-        running = jax.tree_util.tree_map(lambda old, new: weight.astype(new.dtype) * old
-                                         + (1 - weight).astype(new.dtype) * new, slot.factors, factors)
+    def update(grads, slot, params, count, factors):
+        _check_factors(factors, slot.factors)
+        weight = jnp.where(count == 0, 0.0, ema)
+        running = jax.tree_util.tree_map(
+            lambda old, new: (weight * old + (1 - weight) * new.astype(old.dtype)).astype(old.dtype),
+            slot.factors, factors)
         inverses = jax.lax.cond(
-            state.count % self.inverse_every == 0,
-            lambda f: jax.tree_util.tree_map(lambda t: None if t is None else _damped_inverses(t, self.damping),
+            count % inverse_every == 0,
+            lambda f: jax.tree_util.tree_map(lambda t: None if t is None else _damped_inverses(t, damping),
                                              f, is_leaf=_is_factors),
             lambda f: slot.inverses, running)
         direction = jax.tree_util.tree_map(_precondition, inverses, grads, is_leaf=_is_factors)
-        inner = self.inner.step(OptState(state.params, state.count, tuple(state.slots[1:]), state.learning_rate),
-                                direction)
-        return inner._replace(slots=(KFACState(running, inverses),) + tuple(inner.slots))
+        return direction, KFACState(running, inverses)
+
+    return Transform(init=init, update=update, extra_args=("factors",))
 
 
 def kfac(net, learning_rate, momentum=0.9, damping=1.0, ema=0.95, inverse_every=10):
-    """K-FAC with momentum SGD as the inner optimizer (plain SGD for momentum=0): KFAC(net, inner, ...)."""
+    """K-FAC with momentum SGD after it (plain SGD for momentum=0): an Optimizer like any other,
+
+        chain(scale_by_kfac(net, damping, ema, inverse_every), momentum(learning_rate, momentum)).
+    """
     from purenet.optim.alias import momentum as momentum_sgd
     from purenet.optim.alias import sgd
 
     inner = sgd(learning_rate) if momentum == 0 else momentum_sgd(learning_rate, momentum)
-    return KFAC(net, inner, damping, ema, inverse_every)
+    return chain(scale_by_kfac(net, damping, ema, inverse_every), inner)
 
 
-__all__ = ["KFAC", "KFACState", "kfac"]
+__all__ = ["KFACState", "kfac", "scale_by_kfac"]

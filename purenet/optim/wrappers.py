@@ -3,12 +3,14 @@
     opt = pn.optim.masked(pn.optim.adamw(1e-3), trainable)   # trainable: a tree of bools like params
     opt = pn.optim.ema(pn.optim.adam(1e-3), decay=0.999)     # evaluate with pn.optim.ema_params(opt_state)
 """
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.optim import tree
-from purenet.optim.base import Optimizer, Transform
+from purenet.optim.base import Optimizer, Transform, find_slot
 
 
 def _leaf_mask(params, trainable):
@@ -40,25 +42,41 @@ def masked(opt, trainable):
     return Optimizer((freeze, *opt.transforms, freeze), opt.learning_rate, opt.guard)
 
 
+class EMAState(NamedTuple):
+    """`ema`'s slot: the moving average of the params (a tree like them)."""
+
+    average: Any
+
+
 def ema(opt, decay=0.999):
     """Keep an exponential moving average of the params (Polyak averaging) in the optimizer state:
 
         avg_0 = params_0,   avg_t = decay avg_{t-1} + (1 - decay) params_t   after step t.
 
-    The average sits in the last slot; `ema_params(opt_state)` reads it. It
-    does not change training. `fit(..., evaluate_with_ema=True)` validates
-    (and returns) the averaged params.
+    The average is the slot of type `EMAState`, wherever `ema` sits in a
+    chain or wrapper; `ema_params(opt_state)` finds it. It does not change
+    training. `fit(..., evaluate_with_ema=True)` validates (and returns) the
+    averaged params.
     """
     check_hyperparameter("ema decay", decay, 0.0, 1.0)
 
-    def after(average, params, count):
-        return tree.map(lambda a, p: (decay * a + (1 - decay) * p).astype(a.dtype), average, params)
+    def after(slot, params, count):
+        return EMAState(tree.map(lambda a, p: (decay * a + (1 - decay) * p).astype(a.dtype), slot.average, params))
 
-    average = Transform(init=lambda params: tree.map(jnp.asarray, params),
+    average = Transform(init=lambda params: EMAState(tree.map(jnp.asarray, params)),
                         update=lambda d, slots, params, count: (d, slots), after=after)
     return Optimizer((*opt.transforms, average), opt.learning_rate, opt.guard)
 
 
+def has_ema(opt_state) -> bool:
+    """Whether the optimizer state keeps a parameter average (`pn.optim.ema`)."""
+    return find_slot(opt_state, EMAState) is not None
+
+
 def ema_params(opt_state):
-    """The moving average of the params kept by `ema` (its last slot)."""
-    return opt_state.slots[-1]
+    """The moving average of the params kept by `ema`, found by its slot's type through any wrapper."""
+    slot = find_slot(opt_state, EMAState)
+    if slot is None:
+        raise ValueError("this optimizer keeps no parameter average: wrap it in pn.optim.ema(opt, decay) to "
+                         "evaluate with the EMA (evaluate_with_ema=True), or evaluate the params themselves")
+    return slot.average

@@ -13,8 +13,8 @@ import numpy as np
 
 from purenet import distributed
 from purenet.optim import ema_params
-from purenet.training.checks import check_arguments, check_divisible, check_inputs, check_monitor
-from purenet.training.loop import as_arrays, build_step, epoch_with_metrics, init_run
+from purenet.training.checks import check_arguments, check_data, check_divisible, check_inputs, check_monitor
+from purenet.training.loop import as_arrays, build_step, check_ema, epoch_with_metrics, init_run
 from purenet.training.precision import optimizer_for
 
 
@@ -77,6 +77,7 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     check_monitor(early_stopping, validation)
     opt = optimizer_for(opt, precision)
     train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
+    check_ema(evaluate_with_ema, train_state.opt_state)
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     if checkpoint is not None:
         from purenet.checkpoint import check_writable
@@ -85,6 +86,9 @@ def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
     stats_probe = None if statistics is None else (jnp.asarray(statistics[0]), jnp.asarray(statistics[1]))
+    for name, batch in (("diagnostics", probe), ("statistics", stats_probe)):
+        if batch is not None:  # the probes get the training data's checks (labels, NaN rows, shapes)
+            check_data(net, *batch, loss, train_state.opt_state.params, train_state.model_state, name=f"{name} x")
     data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision)

@@ -93,21 +93,31 @@ def takes_loss_scale(fn):
 
 def kfac(net, loss="cross_entropy", l2=0.0):
     """The gradient and the batch's K-FAC factors from one pass (`pn.stats.kfac_value_and_grad`):
-    (params, state, x, y, key) -> (loss, (grads, factors), state), for a `pn.optim.kfac` optimizer."""
+    (params, state, x, y, key) -> (loss, grads, state, {"factors": factors}), for an optimizer whose
+    extra_args name "factors" (`pn.optim.kfac`)."""
     from purenet import stats
 
     def fn(params, state, x, y, key):
         value, grads, factors, state = stats.kfac_value_and_grad(net, params, state, x, y, loss=loss, l2=l2,
                                                                   train=True, key=key)
-        return value, (grads, factors), state
+        return value, grads, state, {"factors": factors}
 
+    fn.extra_args = ("factors",)
     return fn
 
 
-def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None):
-    """The gradient function `fit` and `train` build from their options."""
+def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None, extra_args=()):
+    """The gradient function `fit` and `train` build from their options; `extra_args` are the
+    per-step arguments the optimizer needs beside the gradient (K-FAC's "factors")."""
     from purenet.training.precision import mixed_precision
 
+    unknown = [n for n in extra_args if n != "factors"]
+    if unknown:
+        raise ValueError(f"the optimizer needs per-step arguments {unknown} that no gradient function provides")
+    if extra_args:
+        if dp is not None or accumulate_steps != 1 or precision is not None:
+            raise ValueError("a K-FAC optimizer does not combine with dp=, accumulate= or precision=")
+        return kfac(net, loss, l2)
     if dp is not None and precision is not None:
         raise ValueError("dp= and precision= do not combine yet: DP-SGD computes in the params' dtype")
     if precision is not None:

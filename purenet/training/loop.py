@@ -26,10 +26,10 @@ from purenet._checks import check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import id_layer
 from purenet import stats
-from purenet.optim import KFAC, current_loss_scale, ema_params
+from purenet.optim import current_loss_scale, ema_params, has_ema
 from purenet.training.checks import (batch_size_of, check_arguments, check_divisible, check_inputs,
                                      check_monitor)
-from purenet.training.gradients import gradients, kfac
+from purenet.training.gradients import gradients
 from purenet.training.precision import optimizer_for
 from purenet.training.step import make_step
 
@@ -67,13 +67,10 @@ def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=Non
     `opt` is the optimizer as the state was built with (precision.optimizer(opt), see
     `purenet.training.precision`).
 
-    A K-FAC optimizer (pn.optim.kfac) gets the batch's factors from the same pass.
+    An optimizer with per-step arguments (pn.optim.kfac's factors) gets them from the same pass.
     """
-    if isinstance(opt, KFAC):
-        if dp is not None or accumulate != 1 or precision is not None:
-            raise ValueError("a K-FAC optimizer does not combine with dp=, accumulate= or precision=")
-        return make_step(kfac(net, loss, l2), opt, augment=augment, mesh=mesh, with_factors=True)
-    return make_step(gradients(net, loss, l2, dp, accumulate, precision), opt, augment=augment, mesh=mesh)
+    fn = gradients(net, loss, l2, dp, accumulate, precision, extra_args=getattr(opt, "extra_args", ()))
+    return make_step(fn, opt, augment=augment, mesh=mesh)
 
 
 def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
@@ -136,6 +133,13 @@ def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evalu
     return run
 
 
+def check_ema(evaluate_with_ema, opt_state):
+    """evaluate_with_ema=True needs an optimizer that keeps a parameter average."""
+    if evaluate_with_ema and not has_ema(opt_state):
+        raise ValueError("evaluate_with_ema=True needs an optimizer that keeps a parameter average: wrap it "
+                         "in pn.optim.ema(opt, decay) (it may sit inside masked, chain or apply_if_finite)")
+
+
 def init_run(net, opt, x, key, params, state, dtype=None):
     check_float_input(x, ids=id_layer(net))
     declared = getattr(net, "in_shape", None)
@@ -175,6 +179,7 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
     check_monitor(early_stopping, validation)
     opt = optimizer_for(opt, precision)
     train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
+    check_ema(evaluate_with_ema, train_state.opt_state)
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     check_divisible(mesh, x.shape[0], batch_size)

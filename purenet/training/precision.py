@@ -35,7 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from purenet import losses, network, optim
+from purenet import network, optim
 from purenet._checks import check_hyperparameter
 
 
@@ -106,11 +106,11 @@ def mixed_precision(net, precision, loss="cross_entropy", l2=0.0):
         scale = precision.loss_scale if loss_scale is None else loss_scale
         p = network.loss_pass(net, _cast(params, compute), state, _cast(x, compute), loss, train=True, key=key)
         value = p.loss_fn.value(p.out, y)
-        seed = (p.loss_fn.backward(p.out, y) * scale).astype(compute)
-        body_grads, _ = p.body.backward(p.body_params, p.cache, seed)
-        grads = jax.tree_util.tree_map(lambda g, w: _unscale(g, scale, w.dtype), p.grads(net, body_grads), params)
-        value = value.astype(jnp.promote_types(value.dtype, jnp.float32)) + losses.l2_penalty(params, l2)
-        return value, losses.add_l2_gradient(grads, params, l2), p.state
+        grads = network.backward_pass(p, net, y, seed=lambda dout: (dout * scale).astype(compute))
+        grads = jax.tree_util.tree_map(lambda g, w: _unscale(g, scale, w.dtype), grads, params)
+        value, grads = network.add_l2(net, params, l2, value.astype(jnp.promote_types(value.dtype, jnp.float32)),
+                                      grads)
+        return value, grads, p.state
 
     return fn
 

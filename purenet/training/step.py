@@ -6,7 +6,7 @@ from purenet.optim import current_loss_scale, tree
 from purenet.training.gradients import takes_loss_scale
 
 
-def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
+def make_step(grad_fn, opt, augment=None, mesh=None):
     """A training step from a gradient function (see `purenet.training.gradients`) and an optimizer.
 
     The step's key splits in two: dropout (and DP noise) draw from the
@@ -18,7 +18,15 @@ def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
     the optimizer leaves params and slots. When the optimizer state keeps a
     dynamic loss scale (pn.optim.dynamic_loss_scale) the step passes it to
     grad_fn as `loss_scale=`; a grad_fn that does not take it is an error.
+    An optimizer with per-step arguments (`opt.extra_args`, K-FAC's factors)
+    needs a grad_fn that provides them (`grad_fn.extra_args`): it returns
+    (loss, grads, state, {name: value}) and the step passes them to `opt.step`.
     """
+    needed = tuple(getattr(opt, "extra_args", ()))
+    provided = tuple(getattr(grad_fn, "extra_args", ()))
+    if set(needed) - set(provided):
+        raise ValueError(f"the optimizer's step needs {needed} beside the gradient, which this gradient function "
+                         f"does not provide; build the step with pn.training.build_step (it computes them)")
 
     def step(carry, batch):
         opt_state, model_state = carry
@@ -28,11 +36,12 @@ def make_step(grad_fn, opt, augment=None, mesh=None, with_factors=False):
             x, y = (jax.lax.with_sharding_constraint(v, distributed.batch_sharding(mesh)) for v in (x, y))
         if augment is not None:
             x, y = augment(k_aug, x, y)
-        value, grads, new_state = grad_fn(opt_state.params, model_state, x, y, k_grad,
-                                          **_scale_for(grad_fn, opt_state))
+        out = grad_fn(opt_state.params, model_state, x, y, k_grad, **_scale_for(grad_fn, opt_state))
+        value, grads, new_state = out[:3]
+        extra = {n: out[3][n] for n in needed}
         if getattr(opt, "guard", None) == "skip":  # a skipped step keeps the model state too (BatchNorm's)
             new_state = tree.where(tree.all_finite(grads), new_state, model_state)
-        return (opt.step(opt_state, *grads) if with_factors else opt.step(opt_state, grads), new_state), value
+        return (opt.step(opt_state, grads, **extra), new_state), value
 
     return step
 

@@ -1,0 +1,324 @@
+"""The layer protocol: a layer written outside purenet with only init, forward and backward
+works with every feature, nested in every container, checked against autodiff in float64.
+And every fast path equals the generic default (the layer's own backward, vmapped)."""
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import purenet as pn
+from purenet.layers import base
+
+jax.config.update("jax_enable_x64", True)
+
+
+# ---------------------------------------------------------------- two layers a user writes
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """y = x K + s, with parameters not named W (K: rank 2, no declared role -> a weight)."""
+
+    features: int
+
+    def init(self, key, in_shape, dtype=None):
+        d = in_shape[-1] if isinstance(in_shape, tuple) else in_shape
+        K = jax.random.normal(key, (d, self.features), dtype or jnp.float64) / np.sqrt(d)
+        shape = (in_shape[:-1] if isinstance(in_shape, tuple) else ()) + (self.features,)
+        return {"kernel": K, "shift": 0.1 * jnp.ones((self.features,), K.dtype)}, {}, shape
+
+    def forward(self, params, state, x, train=False, key=None):
+        return x @ params["kernel"] + params["shift"], state, x
+
+    def backward(self, params, x, dy):
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        return {"kernel": x2.T @ dy2, "shift": dy2.sum(0)}, dy @ params["kernel"].T
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeMix:
+    """On sequences (batch, T, d): y_t = tanh(x_t A + x_{t-1} B), x_{-1} = 0."""
+
+    def init(self, key, in_shape, dtype=None):
+        d = in_shape[-1]
+        ka, kb = jax.random.split(key)
+        draw = lambda k: jax.random.normal(k, (d, d), dtype or jnp.float64) / np.sqrt(2 * d)  # noqa: E731
+        return {"A": draw(ka), "B": draw(kb)}, {}, in_shape
+
+    def forward(self, params, state, x, train=False, key=None):
+        prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+        y = jnp.tanh(x @ params["A"] + prev @ params["B"])
+        return y, state, (x, prev, y)
+
+    def backward(self, params, cache, dy):
+        x, prev, y = cache
+        da = dy * (1 - y * y)
+        grads = {"A": jnp.einsum("btd,bte->de", x, da), "B": jnp.einsum("btd,bte->de", prev, da)}
+        dprev = da @ params["B"].T
+        dx = da @ params["A"].T + jnp.pad(dprev, ((0, 0), (0, 1), (0, 0)))[:, 1:]
+        return grads, dx
+
+
+def _row_nets():
+    return {
+        "sequential": pn.Sequential([Affine(5), pn.Tanh(), Affine(3), pn.Softmax()]),
+        "residual": pn.Sequential([Affine(4), pn.Residual(pn.Sequential([Affine(4), pn.Tanh()])), Affine(3),
+                                   pn.Softmax()]),
+        "parallel": pn.Sequential([pn.Parallel([Affine(2), pn.Sequential([pn.Dense(3), Affine(2)])]), pn.Tanh(),
+                                   Affine(3), pn.Softmax()]),
+        "remat": pn.Sequential([pn.Remat(pn.Sequential([Affine(5), pn.Tanh()])), Affine(3), pn.Softmax()]),
+        "frozen": pn.Sequential([pn.Frozen(Affine(5)), pn.Tanh(), Affine(3), pn.Softmax()]),
+    }
+
+
+def _sequence_net():
+    return pn.Sequential([pn.Dense(4), TimeMix(), pn.Residual(pn.Sequential([pn.LayerNorm(), TimeMix()])),
+                          Affine(3), pn.Softmax()])
+
+
+ROW_NETS = _row_nets()
+L2 = 0.05
+
+
+def _case(name):
+    if name == "sequence":
+        net, x = _sequence_net(), jax.random.normal(jax.random.key(1), (5, 4, 3), jnp.float64)
+        y = jax.random.randint(jax.random.key(2), (5, 4), 0, 3)
+        params, state = pn.init(net, jax.random.key(0), in_shape=(4, 3))
+    else:
+        net, x = ROW_NETS[name], jax.random.normal(jax.random.key(1), (5, 4), jnp.float64)
+        y = jnp.array([0, 1, 2, 1, 0])
+        params, state = pn.init(net, jax.random.key(0), in_shape=4)
+    return net, params, state, x, y
+
+
+NAMES = [*ROW_NETS, "sequence"]
+
+
+def _frozen_mask(net, params):
+    """True where a parameter trains (autodiff of pn.loss still differentiates frozen ones)."""
+    return base.map_leaves(net, lambda layer, p, frozen: jax.tree_util.tree_map(lambda _: not frozen, p), params)
+
+
+def _masked(tree, mask):
+    return jax.tree_util.tree_map(lambda g, m: g if m else jnp.zeros_like(g), tree, mask)
+
+
+def _reference_per_example(net, params, state, x, y):
+    mask = _frozen_mask(net, params)
+
+    def one(xi, yi):
+        g = jax.grad(lambda p: pn.loss(net, p, state, xi[None], yi[None], l2=L2)[0])(params)
+        return _masked(g, mask)
+
+    return jax.vmap(one)(x, y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_feature_equals_autodiff(name):
+    net, params, state, x, y = _case(name)
+    mask = _frozen_mask(net, params)
+    # value_and_grad, with l2 on the foreign weight matrices (rank >= 2, no declared role)
+    value, grads, _ = pn.value_and_grad(net, params, state, x, y, l2=L2)
+    ref = _masked(jax.grad(lambda p: pn.loss(net, p, state, x, y, l2=L2)[0])(params), mask)
+    chex.assert_trees_all_close(grads, ref, rtol=1e-10, atol=1e-12)
+    # per-example gradients, norms, clipping
+    per = _reference_per_example(net, params, state, x, y)
+    _, mine = pn.per_example_grads(net, params, state, x, y, l2=L2)
+    chex.assert_trees_all_close(mine, per, rtol=1e-10, atol=1e-12)
+    sq = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(per))
+    np.testing.assert_allclose(pn.per_example_grad_norms(net, params, state, x, y, l2=L2), jnp.sqrt(sq), rtol=1e-10)
+    data = _reference_per_example(net, params, state, x, y) if L2 == 0 else jax.vmap(
+        lambda xi, yi: _masked(jax.grad(lambda p: pn.loss(net, p, state, xi[None], yi[None])[0])(params), mask))(x, y)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(data)))
+    clip = 0.5 * float(jnp.median(norms))
+    factor = jnp.minimum(1.0, clip / norms)
+    clipped = jax.tree_util.tree_map(lambda g: jnp.mean(g * factor.reshape((-1,) + (1,) * (g.ndim - 1)), 0), data)
+    _, got, _ = pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=clip)
+    chex.assert_trees_all_close(got, clipped, rtol=1e-10, atol=1e-12)
+    # statistics
+    fisher = jax.tree_util.tree_map(lambda g: jnp.mean(g * g, 0), data)
+    chex.assert_trees_all_close(pn.stats.fisher_diagonal(net, params, state, x, y), fisher, rtol=1e-10, atol=1e-14)
+    flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree_util.tree_leaves(data)], axis=1)
+    np.testing.assert_allclose(pn.stats.gradient_gram(net, params, state, (x, y), (x[:3], y[:3])),
+                               flat @ flat[:3].T, rtol=1e-10, atol=1e-14)
+    mean = flat.mean(0)
+    b_simple = jnp.sum(jnp.var(flat, axis=0, ddof=1)) / jnp.sum(mean * mean)
+    np.testing.assert_allclose(pn.stats.gradient_noise_scale(net, params, state, x, y), b_simple, rtol=1e-9)
+    # as_function: jax.grad through the bridge runs the handwritten backward
+    apply = pn.as_function(net)
+    via_bridge = jax.grad(lambda p: -jnp.mean(jnp.log(jnp.take_along_axis(
+        apply(p, state, x)[0].reshape(-1, 3), y.reshape(-1, 1), axis=1))))(params)
+    chex.assert_trees_all_close(via_bridge, _masked(jax.grad(lambda p: pn.loss(net, p, state, x, y)[0])(params), mask),
+                                rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sequential", "sequence"])
+def test_hvp_diagnostics_and_checkpoint(name, tmp_path):
+    net, params, state, x, y = _case(name)
+    v = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.3), params)
+    ref = jax.jvp(jax.grad(lambda p: pn.loss(net, p, state, x, y, l2=L2)[0]), (params,), (v,))[1]
+    chex.assert_trees_all_close(pn.hvp(net, params, state, x, y, v, l2=L2), ref, rtol=1e-9, atol=1e-12)
+    flow = pn.diagnostics.gradient_flow(net, params, state, x, y)
+    with_params = [leaf for leaf in base.leaves(net, params) if base.has_params(leaf.params)]
+    assert flow["grad_norm"].shape == flow["weight_norm"].shape == (len(with_params),)
+    assert len(pn.diagnostics.layer_names(net, params)) == len(with_params)
+    assert np.all(np.asarray(flow["grad_norm"]) > 0)
+    pn.save(tmp_path / "p.pn", {"params": params, "state": state})
+    back = pn.load(tmp_path / "p.pn", like={"params": params, "state": state})
+    chex.assert_trees_all_equal(back["params"], params)
+
+
+def test_frozen_is_frozen_for_every_path():
+    net, params, state, x, y = _case("frozen")
+    _, grads, _ = pn.value_and_grad(net, params, state, x, y, l2=L2)
+    chex.assert_trees_all_equal(grads[0], jax.tree_util.tree_map(jnp.zeros_like, params[0]))
+    values, per = pn.per_example_grads(net, params, state, x, y, l2=L2)
+    chex.assert_trees_all_equal(per[0], jax.tree_util.tree_map(lambda p: jnp.zeros((5, *p.shape)), params[0]))
+    norms = pn.per_example_grad_norms(net, params, state, x, y, l2=L2)
+    from_grads = jnp.sqrt(sum(jnp.sum(g.reshape(5, -1) ** 2, 1) for g in jax.tree_util.tree_leaves(per)))
+    np.testing.assert_allclose(norms, from_grads, rtol=1e-10)
+    assert not jax.tree_util.tree_leaves(pn.decay_mask(net, params)[0])[0]
+    fit = pn.fit(net, pn.optim.sgd(0.1), (x, y), key=jax.random.key(0), epochs=2, batch_size=5, l2=0.5,
+                 params=params, state=state)
+    chex.assert_trees_all_equal(fit.params[0], params[0])
+
+
+def test_roles_and_l2_of_every_weight_matrix_in_a_gpt():
+    net = pn.gpt(vocab_size=11, context=6, layers=2, heads=2, features=8, tie_embeddings=False)
+    params, state = pn.init(net, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
+    labels = jnp.roll(ids, -1, axis=1)
+    l2 = 0.3
+    _, with_l2, _ = pn.value_and_grad(net, params, state, ids, labels, l2=l2)
+    _, without, _ = pn.value_and_grad(net, params, state, ids, labels)
+    roles = pn.roles(net, params)
+    diff = jax.tree_util.tree_map(lambda a, b: a - b, with_l2, without)
+    seen = set()
+    for (path, d), r, p in zip(jax.tree_util.tree_leaves_with_path(diff), jax.tree_util.tree_leaves(roles),
+                               jax.tree_util.tree_leaves(params)):
+        seen.add(r)
+        expected = l2 * p if r == "weight" else jnp.zeros_like(p)
+        np.testing.assert_allclose(d, expected, atol=1e-12, err_msg=jax.tree_util.keystr(path))
+    assert seen == {"weight", "bias", "gain", "embedding"}
+    attention = params[0]["body"][2][0][1]  # block 0, its attention Residual's Sequential, the attention layer
+    assert set(attention) >= {"Wq", "Wk", "Wv", "Wo"}
+    assert all(r == "weight" for r in (roles[0]["body"][2][0][1][k] for k in ("Wq", "Wk", "Wv", "Wo")))
+    np.testing.assert_allclose(diff[0]["body"][2][0][1]["Wq"], l2 * attention["Wq"], atol=1e-12)
+
+
+def test_kfac_preconditions_every_dense_layer_of_a_gpt_and_inside_wrappers():
+    net = pn.gpt(vocab_size=11, context=6, layers=2, heads=2, features=8)
+    params, state = pn.init(net, jax.random.key(0))
+    factors = pn.stats.kfac_zeros(net, params)
+    found = [f for f in jax.tree_util.tree_leaves(factors, is_leaf=lambda t: isinstance(t, pn.stats.KFACFactors))
+             if isinstance(f, pn.stats.KFACFactors)]
+    assert len(found) == 2 * 2  # two Dense layers in each block's MLP
+    ids = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
+    opt = pn.optim.kfac(net, 0.01)
+    fit = pn.fit(net, opt, (ids, jnp.roll(ids, -1, 1)), key=jax.random.key(0), epochs=2, batch_size=3)
+    assert np.all(np.isfinite(fit.history["loss"]))
+    for wrapper, expected in ((pn.Remat, 1), (pn.Frozen, 0)):
+        wrapped = pn.Sequential([wrapper(pn.Dense(4)), pn.Tanh(), pn.Dense(3), pn.Softmax()])
+        p, _ = pn.init(wrapped, jax.random.key(0), in_dim=2)
+        tree = pn.stats.kfac_zeros(wrapped, p)
+        assert (tree[0] is not None) == bool(expected)
+
+
+def test_kfac_composes_with_wrappers_and_finds_ema_by_name():
+    net = pn.mlp([4, 6, 3])
+    params, state = pn.init(net, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    y = jnp.arange(8) % 3
+    trainable = jax.tree_util.tree_map(lambda _: True, params)
+    for opt in (pn.optim.ema(pn.optim.kfac(net, 0.05)), pn.optim.masked(pn.optim.kfac(net, 0.05), trainable),
+                pn.optim.apply_if_finite(pn.optim.kfac(net, 0.05))):
+        fit = pn.fit(net, opt, (x, y), key=jax.random.key(0), epochs=2, batch_size=8)
+        assert np.all(np.isfinite(fit.history["loss"]))
+    for opt in (pn.optim.masked(pn.optim.ema(pn.optim.sgd(0.1)), trainable),
+                pn.optim.chain(pn.optim.ema(pn.optim.sgd(0.1)), pn.optim.scale_by_momentum(0.9))):
+        state_ = opt.init(params)
+        chex.assert_trees_all_equal(pn.optim.ema_params(state_), params)
+        fit = pn.fit(net, opt, (x, y), key=jax.random.key(0), epochs=2, batch_size=8, evaluate_with_ema=True,
+                     validation=(x, y))
+        chex.assert_trees_all_equal(fit.params, pn.optim.ema_params(fit.opt_state))
+    with pytest.raises(ValueError, match="pn.optim.ema"):
+        pn.fit(net, pn.optim.momentum(0.1), (x, y), key=jax.random.key(0), epochs=1, evaluate_with_ema=True)
+    with pytest.raises(ValueError, match="pn.optim.ema"):
+        pn.optim.ema_params(pn.optim.adam(0.1).init(params))
+
+
+@pytest.mark.parametrize("wrapper", [pn.Frozen, pn.Remat, lambda e: pn.Parallel([e])])
+def test_a_wrapped_embedding_is_a_first_layer(wrapper):
+    net = pn.Sequential([wrapper(pn.Embedding(7, 4)), pn.Flatten(), pn.Dense(3), pn.Softmax()])
+    params, state = pn.init(net, jax.random.key(0), in_shape=(5,))
+    ids = jax.random.randint(jax.random.key(1), (4, 5), 0, 7)
+    value, grads, _ = pn.value_and_grad(net, params, state, ids, jnp.arange(4) % 3)
+    assert np.isfinite(value)
+    fit = pn.fit(net, pn.optim.sgd(0.1), (ids, jnp.arange(4) % 3), key=jax.random.key(0), epochs=1, batch_size=4)
+    assert np.isfinite(fit.history["loss"][0])
+
+
+# ---------------------------------------------------------------- every fast path equals the generic default
+
+
+def _fast_layers():
+    return [
+        (pn.Dense(3), (4,)), (pn.Dense(3, use_bias=False), (2, 4)),
+        (pn.Conv2D(2, 3, implementation="xla"), (5, 5, 2)), (pn.Conv2D(2, 2, strides=2, implementation="im2col"),
+                                                              (4, 4, 1)),
+        (pn.MultiHeadAttention(2, causal=True), (3, 4)), (pn.LayerNorm(), (3,)), (pn.RMSNorm(), (2, 3)),
+        (pn.PositionalEmbedding(4), (3, 2)), (pn.BatchNorm(), (3,)),
+    ]
+
+
+FAST = _fast_layers()
+
+
+@settings(max_examples=6, deadline=None)
+@given(index=st.integers(0, len(FAST) - 1), seed=st.integers(0, 2**16), l2=st.sampled_from([0.0, 0.3]))
+def test_fast_paths_equal_the_generic_default(index, seed, l2):
+    layer, shape = FAST[index]
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    params, state, out = layer.init(k1, shape, jnp.float64)
+    x = jax.random.normal(k2, (3, *shape), jnp.float64)
+    _, _, cache = layer.forward(params, state, x, train=False)
+    dy = jax.random.normal(k3, (3, *out), jnp.float64)
+    fast = base.per_example_backward(layer, params, cache, dy)
+    slow = base.generic_per_example_backward(layer, params, cache, dy)
+    chex.assert_trees_all_close(fast, slow, rtol=1e-10, atol=1e-12)
+    sq, dx = base.per_example_sq_norms(layer, params, cache, dy, l2)
+    sq_ref, dx_ref = base.generic_per_example_sq_norms(type("Bare", (), {
+        "backward": layer.backward, "roles": getattr(layer, "roles", {})})(), params, cache, dy, l2)
+    np.testing.assert_allclose(sq, sq_ref, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(dx, dx_ref, rtol=1e-10, atol=1e-12)
+    grads = slow[0]
+    if hasattr(layer, "per_example_sq"):
+        chex.assert_trees_all_close(layer.per_example_sq(params, cache, dy)[0],
+                                    jax.tree_util.tree_map(lambda g: jnp.sum(g * g, 0), grads), rtol=1e-10, atol=1e-12)
+    if hasattr(layer, "per_example_gram"):
+        flat = jnp.concatenate([g.reshape(3, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
+        np.testing.assert_allclose(layer.per_example_gram(params, cache, dy, cache, dy)[0], flat @ flat.T,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_gpt_ends_fast_path_equals_the_generic_default():
+    for tied in (True, False):
+        net = pn.GPT(vocab_size=7, context=5, layers=1, heads=2, features=4, tie_embeddings=tied)
+        params, state, _ = net.init(jax.random.key(0), (5,), jnp.float64)
+        ids = jax.random.randint(jax.random.key(1), (3, 5), 0, 7)
+        _, _, (x, _, h) = net.forward(params, state, ids)
+        dy = (jax.random.normal(jax.random.key(2), (3, 5, 4), jnp.float64),
+              jax.random.normal(jax.random.key(3), (3, 5, 7), jnp.float64))
+        ends, ends_params = net.ends, net.split(params)[0]
+        fast = ends.per_example_backward(ends_params, (ids, h), dy)
+        slow = base.generic_per_example_backward(ends, ends_params, (ids, h), dy)
+        chex.assert_trees_all_close(fast[0], slow[0], rtol=1e-10, atol=1e-12)
+        sq, _ = ends.per_example_sq_norms(ends_params, (ids, h), dy, 0.2)
+        ref, _ = base.generic_per_example_sq_norms(ends, ends_params, (ids, h), dy, 0.2)
+        np.testing.assert_allclose(sq, ref, rtol=1e-10)
