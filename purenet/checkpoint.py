@@ -36,7 +36,10 @@ Writes go to a temporary file in the same directory (created with the
 permissions a plain write would give, under the umask; replacing a file
 keeps that file's mode), which is flushed and fsync'ed, then renamed over
 the target with os.replace, and the directory is fsync'ed: a crash at any
-point leaves either the old checkpoint or the new one, whole.
+point leaves either the old checkpoint or the new one, whole. A killed save
+leaves its temporary file (`.<name>.<12 hex>.tmp`) behind; the next save of
+the same path removes those of that path older than its own (so two
+processes must not save one path at once; other files are never touched).
 """
 import hashlib
 import importlib
@@ -58,6 +61,8 @@ from purenet import _trees
 MAGIC = b"PURENETCKPT1\n"
 _HEADER = len(MAGIC) + 8 + 32
 _MAX_MANIFEST = 1 << 28  # 256 MiB: about a million leaves; a larger claim is not a file of ours
+_MAX_NDIM = 32  # numpy 1.x's limit (numpy 2 allows 64): a checkpoint loads under both
+_MAX_BYTES = np.iinfo(np.intp).max  # numpy's bound on the bytes of any shape, zero-size ones included
 
 # The named tuples `load` rebuilds without `like`: purenet's own state types,
 # by the name the manifest records -> where the class lives. Nothing outside
@@ -115,6 +120,16 @@ def _little_endian(array):
     return array.astype(array.dtype.newbyteorder("<")) if array.dtype.byteorder == ">" else array
 
 
+def _bad_code_point(array: np.ndarray) -> int | None:
+    """The first UCS-4 code unit of a "<U" array that is not a Unicode scalar value
+    (above 0x10FFFF, or a surrogate), or None; other dtypes: None."""
+    if array.dtype.kind != "U" or array.size == 0:
+        return None
+    codes = np.frombuffer(array.tobytes(), "<u4")
+    bad = (codes > 0x10FFFF) | ((codes >= 0xD800) & (codes <= 0xDFFF))
+    return int(codes[np.argmax(bad)]) if bad.any() else None
+
+
 def _is_namedtuple(x):
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
@@ -156,6 +171,11 @@ def _leaf_record(path, value):
     if name is None:
         raise TypeError(f"checkpoint leaf {path} has dtype {array.dtype}, which checkpoints do not store "
                         f"(numbers, bool and fixed-width strings)")
+    if array.ndim > _MAX_NDIM:
+        raise ValueError(f"checkpoint leaf {path} has {array.ndim} dimensions, checkpoints hold at most {_MAX_NDIM}")
+    code = _bad_code_point(array)
+    if code is not None:  # load refuses these, so never write them
+        raise ValueError(f"checkpoint leaf {path} holds code point {code:#x}, which is not a Unicode character")
     data = array.tobytes()
     record = {"path": path, "shape": list(array.shape), "dtype": name,
               "nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -183,6 +203,7 @@ def save(path, tree):
                            "leaves": records}).encode()
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_temporary(path)
+    started = os.fstat(fd).st_mtime_ns  # the file system's clock, as the stale files' mtimes
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(manifest)) + hashlib.sha256(manifest).digest())
@@ -197,8 +218,31 @@ def save(path, tree):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _remove_stale_temporaries(path, started)
     _fsync_directory(directory)
     return path
+
+
+def _temporary_name(path) -> re.Pattern:
+    """The names `_create_temporary` gives the temporary files of `path`."""
+    return re.compile(re.escape(f".{os.path.basename(os.path.abspath(path))}.") + r"[0-9a-f]{12}\.tmp")
+
+
+def _remove_stale_temporaries(path, before_ns: int) -> None:
+    """Delete the temporary files killed saves of `path` left: regular files beside it named as
+    `_create_temporary` names them, last modified before `before_ns`. Best effort: errors are ignored."""
+    directory, pattern = os.path.dirname(os.path.abspath(path)), _temporary_name(path)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if (pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime_ns < before_ns):
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 def _create_temporary(path):
@@ -278,30 +322,37 @@ def _malformed(path, what):
     return CheckpointError(f"{path}: malformed manifest: {what}")
 
 
-def _check_leaves(path, records, count):
-    """Validate the leaf records: types, dtypes, sizes, contiguous offsets. Returns the dtypes."""
+def _check_leaves(path, records, labels):
+    """Validate the leaf records: types, dtypes, shapes, sizes, contiguous offsets. Returns the dtypes.
+    `labels` are the leaves' key paths, which errors name."""
+    count = len(labels)
     if not isinstance(records, list) or len(records) != count:
         raise _malformed(path, f"'leaves' must be a list of {count} records (one per leaf in the structure)")
     dtypes, offset = [], 0
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise _malformed(path, f"leaf record {i} is not an object")
+        leaf = f"leaf record {i} ({labels[i] or 'the root'})"
         shape, nbytes = r.get("shape"), r.get("nbytes")
+        if isinstance(shape, list) and len(shape) > _MAX_NDIM:
+            raise _malformed(path, f"{leaf} has a shape of {len(shape)} dimensions, at most {_MAX_NDIM} are allowed")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _malformed(path, f"leaf record {i} has shape {shape!r}")
+            raise _malformed(path, f"{leaf} has shape {shape!r}, not a list of non-negative integers")
         dtype = _parse_dtype(r.get("dtype"))
         if dtype is None:
-            raise _malformed(path, f"leaf record {i} has unknown dtype {r.get('dtype')!r}")
+            raise _malformed(path, f"{leaf} has unknown dtype {r.get('dtype')!r}")
         if type(nbytes) is not int or nbytes != math.prod(shape) * dtype.itemsize:
-            raise _malformed(path, f"leaf record {i} has nbytes {nbytes!r}, its shape {shape} and "
+            raise _malformed(path, f"{leaf} has nbytes {nbytes!r}, its shape {shape} and "
                                    f"dtype {r['dtype']} need {math.prod(shape) * dtype.itemsize}")
+        if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_BYTES:  # zero-size arrays too
+            raise _malformed(path, f"{leaf} has shape {shape}, too large for any array of dtype {r['dtype']}")
         if r.get("offset") != offset or type(r.get("offset")) is not int:
-            raise _malformed(path, f"leaf record {i} has offset {r.get('offset')!r}, expected {offset}")
+            raise _malformed(path, f"{leaf} has offset {r.get('offset')!r}, expected {offset}")
         sha = r.get("sha256")
         if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise _malformed(path, f"leaf record {i} has no valid sha256")
+            raise _malformed(path, f"{leaf} has no valid sha256")
         if "key_impl" in r and not (isinstance(r["key_impl"], str) and dtype == np.uint32):
-            raise _malformed(path, f"leaf record {i} has key_impl {r['key_impl']!r} with dtype {dtype}")
+            raise _malformed(path, f"{leaf} has key_impl {r['key_impl']!r} with dtype {dtype}")
         dtypes.append(dtype)
         offset += nbytes
     return dtypes, offset
@@ -352,11 +403,12 @@ def _check_manifest(path, manifest, start, size):
     labels = {index: keystr(key_path) for key_path, index in pairs}
     if len(labels) != len(pairs) or sorted(labels) != list(range(len(pairs))):
         raise _malformed(path, "leaf indices must be 0..n-1, each used once")
-    dtypes, total = _check_leaves(path, records, len(labels))
+    labels = [labels[i] for i in range(len(labels))]
+    dtypes, total = _check_leaves(path, records, labels)
     if size != start + total:
         kind = "truncated" if size < start + total else "has trailing bytes"
         raise CheckpointError(f"{path}: {kind} ({size} bytes, the manifest describes {start + total})")
-    return structure, records, dtypes, [labels[i] for i in range(len(labels))]
+    return structure, records, dtypes, labels
 
 
 # ---------------------------------------------------------------- load: the data
@@ -370,6 +422,9 @@ def _read_leaf(path, f, start, record, dtype, label):
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CheckpointError(f"{path}: checksum mismatch in leaf {label} (the file is corrupted)")
     array = np.frombuffer(data, dtype=dtype).reshape(record["shape"])
+    code = _bad_code_point(array)
+    if code is not None:  # numpy holds it, but str(), .tolist() and printing fail on it
+        raise CheckpointError(f"{path}: leaf {label} holds code point {code:#x}, which is not a Unicode character")
     if "key_impl" in record:
         try:
             return jax.random.wrap_key_data(jnp.asarray(array), impl=record["key_impl"])

@@ -236,16 +236,33 @@ def text(path, val_fraction=0.1):
     return Text(ids[:n], ids[n:], vocab)
 
 
+def _positive_int(name: str, value) -> int:
+    """value as an int, or a ValueError naming `name` (bools and floats are refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"windows {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def windows(ids, key, batch_size, context):
     """`batch_size` random windows of a 1-D id array: x = ids[s:s+context], y = ids[s+1:s+context+1].
 
     Pure and jittable (`key` is a jax.random key; batch_size and context are
-    static), so a training loop can draw its batches inside `lax.scan` from
-    the whole array on the device. Starts are uniform over [0, len - context).
+    static positive ints), so a training loop can draw its batches inside
+    `lax.scan` from the whole array on the device. Starts are uniform over
+    [0, len - context). Each argument is checked by name.
     """
     import jax
     import jax.numpy as jnp
 
+    batch_size, context = _positive_int("batch_size", batch_size), _positive_int("context", context)
+    if jnp.ndim(ids) != 1:
+        raise ValueError(f"windows ids must be a 1-D array of token ids, got shape {jnp.shape(ids)}")
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise TypeError(f"windows ids must be integer token ids, got dtype {jnp.result_type(ids)}")
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if not (typed and jnp.ndim(key) == 0 or dtype == jnp.uint32 and jnp.shape(key) == (2,)):
+        raise TypeError(f"windows key must be one jax.random key (jax.random.key(seed)), got {key!r}")
     n = jnp.shape(ids)[0]
     if n <= context:
         raise ValueError(f"windows of {context} ids (+1 for the targets) need more than {context} ids, got {n}")

@@ -229,17 +229,37 @@ def get(loss):
                          f"or pass your own pn.Loss(value, backward)") from None
 
 
+def _numeric_array(v) -> bool:
+    """A jax / numpy array or Python number of a numeric dtype (not None, a tuple, a bool or a string)."""
+    if not isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)) or isinstance(v, bool):
+        return False
+    return jnp.issubdtype(jnp.result_type(v), jnp.number)
+
+
+def _what(v) -> str:
+    """What a loss function returned, for an error message."""
+    if isinstance(v, (jax.Array, np.ndarray)):
+        return f"an array of shape {jnp.shape(v)} and dtype {jnp.result_type(v)}"
+    return "None" if v is None else f"a {type(v).__name__} ({str(v)[:80]})"
+
+
 def checked(loss):
-    """`loss` with its results' shapes checked (at trace time) on every call, naming the loss."""
+    """`loss` with its results checked (at trace time) on every call, naming the loss: value must
+    return a numeric scalar array, backward a numeric array of out's shape."""
 
     def value(out, y):
         v = loss.value(out, y)
+        if not _numeric_array(v):
+            raise TypeError(f"loss {loss}: value returned {_what(v)}, but a loss must be a numeric scalar array")
         if jnp.ndim(v) != 0:
             raise ValueError(f"loss {loss}: value returned shape {jnp.shape(v)}, but a loss must be a scalar")
         return v
 
     def backward(out, y):
         d = loss.backward(out, y)
+        if not _numeric_array(d):
+            raise TypeError(f"loss {loss}: backward returned {_what(d)}, but dL/dout must be a numeric array of "
+                            f"the output's shape {jnp.shape(out)}")
         if jnp.shape(d) != jnp.shape(out):
             raise ValueError(f"loss {loss}: backward returned shape {jnp.shape(d)}, but dL/dout must have "
                              f"the output's shape {jnp.shape(out)}")

@@ -7,7 +7,10 @@ params of another architecture, NaN rows, +-1e4 and +inf logits, sigmoid
 at +-1000, binary cross-entropy at logit 100, and the gradient checker
 catching wrong backward passes; hostile checkpoint files (code named by
 the file is never imported or called, malformed manifests, exact values
-without x64, header-first reads), l2 overflow and run/sweep arguments.
+without x64, header-first reads, crafted shapes and code points, stale
+temporary files), l2 overflow and run/sweep arguments; loss-scale, pooling
+and convolution geometry, `windows` and user-loss arguments; LayerNorm and
+RMSNorm at 1e20; Embedding ids out of range under jit.
 Elsewhere, by topic: batch norm with one
 training example and a constant feature, dropout rates and missing keys
 (test_regularizers); invalid optimizer hyperparameters, float16 Adam /
@@ -440,3 +443,166 @@ def test_a_fit_checkpoint_holding_a_user_named_tuple_resumes_by_field_name(tmp_p
     loaded = load_entries(path, {"train_state": BA(jnp.zeros(2), jnp.zeros(2))})
     assert type(loaded["train_state"]) is BA and float(loaded["train_state"].b[0]) == 1.0
     assert loaded["history"] == {}
+
+
+# ------------------------------------------------------------------ issue 26: arguments, geometry, numerics
+
+
+def test_a_loss_scale_float32_cannot_hold_is_refused():
+    for initial, held in [(1e39, "inf"), (1e-50, "0.0")]:  # every step skipped / every gradient zero
+        with pytest.raises(ValueError, match=rf"dynamic_loss_scale initial must be a finite float32.*"
+                                             rf"\({held} in float32\)"):
+            pn.optim.dynamic_loss_scale(initial=initial)
+    with pytest.raises(ValueError, match=r"loss scale factor must be a finite float32 above 1.0.*\(inf in float32\)"):
+        pn.optim.dynamic_loss_scale(factor=1e39)  # S * factor overflows, S / factor is 0
+    pn.optim.dynamic_loss_scale(initial=2.0 ** 127)  # the largest power of two float32 holds
+
+
+@pytest.mark.parametrize("growth_interval", [None, float("inf"), 2.5, 2.0, True, 0, -3, 2 ** 31])
+def test_growth_interval_must_be_a_positive_int(growth_interval):
+    with pytest.raises(ValueError, match=r"dynamic_loss_scale growth_interval must be a positive integer.*"
+                                         rf"got {growth_interval!r}"):
+        pn.optim.dynamic_loss_scale(growth_interval=growth_interval)
+
+
+def test_max_pool_refuses_padding_that_leaves_a_window_without_input():
+    x = jax.random.normal(jax.random.key(0), (1, 4, 4, 1))
+    message = (r"padding \(\(2, 2\), \(2, 2\)\) leaves a window of \(2, 2\) pixels holding only padding "
+               r"on an input of \(4, 4\) pixels")
+    with pytest.raises(ValueError, match=message):
+        pn.MaxPool2D(2, strides=1, padding=2).apply(x)
+    with pytest.raises(ValueError, match=message):
+        pn.init(pn.Sequential([pn.MaxPool2D(2, strides=1, padding=2)]), jax.random.key(0), in_shape=(4, 4, 1))
+    with pytest.raises(ValueError, match="holding only padding"):  # the high side alone
+        pn.MaxPool2D(2, strides=1, padding=((0, 2), (0, 0))).apply(x)
+    for pool in (pn.MaxPool2D(2, strides=1, padding=1), pn.MaxPool2D(2, strides=3, padding=((0, 2), (0, 0))),
+                 pn.MaxPool2D(3, strides=2, padding="SAME")):  # every window holds an input
+        assert bool(jnp.isfinite(pool.apply(x)[0]).all())
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: pn.Conv2D(3, 3, padding=((1.7, 1), (1, 1))), "Conv2D padding must be"),
+    (lambda: pn.Conv2D(3, 3, padding=True), "Conv2D padding must be"),
+    (lambda: pn.Conv2D(3, 3, padding=((1, -1), (1, 1))), "Conv2D padding must be"),
+    (lambda: pn.Conv2D(3, 3, padding=1.0), "Conv2D padding must be"),
+    (lambda: pn.Conv2D(3, 2.0), "Conv2D kernel_size must be"),
+    (lambda: pn.Conv2D(3, 3, strides=(1, 1.5)), "Conv2D strides must be"),
+    (lambda: pn.Conv2D(3, 3, dilation=True), "Conv2D dilation must be"),
+    (lambda: pn.MaxPool2D(2, padding=((0.5, 0), (0, 0))), "MaxPool2D padding must be"),
+    (lambda: pn.AvgPool2D(2, padding=((1, 1), (1, 1.2))), "AvgPool2D padding must be"),
+    (lambda: pn.AvgPool2D(2, strides=False), "AvgPool2D strides must be"),
+    (lambda: pn.MaxPool2D(2.5), "MaxPool2D window must be"),
+])
+def test_conv_and_pool_geometry_must_be_integers(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("args,error,message", [
+    ((2, 0), ValueError, "windows context must be a positive integer, got 0"),
+    ((-1, 4), ValueError, "windows batch_size must be a positive integer, got -1"),
+    ((2, 4.0), ValueError, "windows context must be a positive integer, got 4.0"),
+    ((True, 4), ValueError, "windows batch_size must be a positive integer, got True"),
+    ((2, 4, "float"), TypeError, "windows ids must be integer token ids, got dtype float32"),
+    ((2, 4, "2-D"), ValueError, r"windows ids must be a 1-D array of token ids, got shape \(1, 10\)"),
+    ((2, 4, "key"), TypeError, "windows key must be one jax.random key"),
+])
+def test_windows_checks_each_argument_by_name(args, error, message):
+    ids, key = np.arange(10, dtype=np.int32), jax.random.key(0)
+    batch_size, context, *bad = args
+    ids = {"float": ids.astype(np.float32), "2-D": ids[None]}.get(bad[0], ids) if bad else ids
+    key = 0 if bad == ["key"] else key
+    with pytest.raises(error, match=message):
+        pn.datasets.windows(ids, key, batch_size, context)
+
+
+def _one_leaf_file(path, record, data):
+    manifest = {"format": "purenet-checkpoint", "version": 1, "leaves": [record],
+                "structure": {"t": "dict", "keys": ["w"], "items": [{"t": "leaf", "index": 0}]}}
+    return write_checkpoint(path, manifest, data)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ([0] * 70, r"leaf record 0 \(\['w'\]\) has a shape of 70 dimensions, at most 32 are allowed"),
+    ([2 ** 62, 0], r"leaf record 0 \(\['w'\]\) has shape \[4611686018427387904, 0\], too large for any array"),
+])
+def test_crafted_shapes_of_zero_size_leaves_are_checkpoint_errors(tmp_path, shape, message):
+    record, data = leaf(np.zeros(0, np.float32))  # nbytes 0 agrees with both shapes
+    record["shape"] = shape
+    with pytest.raises(CheckpointError, match=message):
+        pn.load(_one_leaf_file(tmp_path / "shape.ckpt", record, data))
+
+
+def test_string_leaves_must_hold_unicode_characters(tmp_path):
+    for code in (0xFFFFFFFF, 0x110000, 0xD800):
+        record, data = leaf(np.frombuffer(np.array([0x61, code], "<u4").tobytes(), "<U2"))
+        with pytest.raises(CheckpointError, match=rf"leaf \['w'\] holds code point {code:#x}, which is not a Unicode"):
+            pn.load(_one_leaf_file(tmp_path / "text.ckpt", record, data))
+    with pytest.raises(ValueError, match=r"leaf \['w'\] holds code point 0xd800"):  # never written either
+        pn.save(tmp_path / "surrogate.ckpt", {"w": np.array(["a\ud800"])})
+    path = pn.save(tmp_path / "ok.ckpt", {"w": np.array(["a", "\U0010ffff\u00e9"])})
+    assert pn.load(path)["w"].tolist() == ["a", "\U0010ffff\u00e9"]
+
+
+def test_save_removes_only_its_own_stale_temporary_files(tmp_path):
+    path = tmp_path / "a.ckpt"
+    names = {"stale": ".a.ckpt.0123456789ab.tmp", "other_path": ".b.ckpt.0123456789ab.tmp",
+             "not_ours": ".a.ckpt.xyz.tmp", "longer": ".a.ckpt.0123456789ab.tmp.keep",
+             "newer": ".a.ckpt.ba9876543210.tmp"}
+    for kind, name in names.items():
+        (tmp_path / name).write_bytes(b"partial")
+        when = 2e9 if kind == "newer" else 1e9  # newer: a save that began after this one (kept)
+        os.utime(tmp_path / name, (when, when))
+    os.mkdir(tmp_path / ".a.ckpt.aaaaaaaaaaaa.tmp")  # not a regular file
+    os.symlink(tmp_path / names["other_path"], tmp_path / ".a.ckpt.bbbbbbbbbbbb.tmp")
+    pn.save(path, {"w": jnp.ones(2)})
+    left = set(os.listdir(tmp_path))
+    assert left == {"a.ckpt", ".a.ckpt.aaaaaaaaaaaa.tmp", ".a.ckpt.bbbbbbbbbbbb.tmp",
+                    *(n for k, n in names.items() if k != "stale")}
+
+
+def test_a_user_loss_that_returns_none_is_named():
+    net, (params, state) = NET, pn.init(NET, jax.random.key(0))
+    target = jnp.ones((6, 3))
+    for loss, message in [(pn.Loss(lambda out, y: None, lambda out, y: out, name="broken"),
+                           r"loss broken: value returned None, but a loss must be a numeric scalar array"),
+                          (pn.Loss(lambda out, y: jnp.sum(out), lambda out, y: None, name="nograd"),
+                           r"loss nograd: backward returned None, but dL/dout must be a numeric array of "
+                           r"the output's shape \(6, 3\)"),
+                          (pn.Loss(lambda out, y: jnp.sum(out) > 0, lambda out, y: out, name="bool"),
+                           r"loss bool: value returned an array of shape \(\) and dtype bool")]:
+        with pytest.raises(TypeError, match=message):
+            pn.value_and_grad(net, params, state, X, target, loss=loss)
+
+
+@pytest.mark.parametrize("layer", [pn.LayerNorm(), pn.RMSNorm()], ids=["LayerNorm", "RMSNorm"])
+def test_norms_are_exact_for_rows_of_any_float32_magnitude(layer):
+    rows = jax.random.normal(jax.random.key(0), (4, 6), jnp.float32)
+    params, state = pn.init(layer, jax.random.key(1), 6, dtype=jnp.float32)
+    params = {k: v + 0.1 * jnp.arange(6, dtype=jnp.float32) for k, v in params.items()}
+    unit = layer.forward(params, state, rows)[0]
+    dy = jax.random.normal(jax.random.key(2), (4, 6), jnp.float32)
+    for scale in (1e20, 2.0 ** 120):  # mean(x^2) alone overflows float32 from |x| ~ 1.8e19
+        x = rows * jnp.float32(scale)
+        assert x.dtype == jnp.float32
+        y, _, cache = layer.forward(params, state, x)
+        np.testing.assert_allclose(y, unit, rtol=1e-4, atol=1e-4)  # only eps / var differs
+        grads, dx = layer.backward(params, cache, dy)
+        want_grads, want_dx = jax.grad(lambda p, x: jnp.sum(layer.forward(p, state, x)[0] * dy), (0, 1))(params, x)
+        assert bool(jnp.isfinite(dx).all()) and float(jnp.max(jnp.abs(dx))) > 0
+        np.testing.assert_allclose(dx * scale, want_dx * scale, rtol=1e-4, atol=1e-5)
+        for k in grads:
+            np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_embedding_ids_under_jit_are_nan_or_wrap_as_documented():
+    layer = pn.Embedding(4, 2)
+    params, state = pn.init(layer, jax.random.key(0), (4,))
+    ids = jnp.array([[4, -5, -1, 2]])
+    y, _, cache = jax.jit(lambda ids: layer.forward(params, state, ids))(ids)
+    assert bool(jnp.isnan(y[0, :2]).all())  # >= n or < -n: a row of NaN
+    np.testing.assert_array_equal(y[0, 2:], params["E"][jnp.array([3, 2])])  # -1 wraps to row n - 1
+    grads = jax.jit(lambda cache: layer.backward(params, cache, jnp.ones((1, 4, 2)))[0])(cache)
+    np.testing.assert_array_equal(grads["E"], [[0, 0], [0, 0], [1, 1], [1, 1]])  # the NaN rows' gradients dropped
+    with pytest.raises(ValueError, match="token id -5 is out of range for 4 embeddings"):  # eager: an error
+        layer.forward(params, state, ids)

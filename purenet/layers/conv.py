@@ -39,30 +39,34 @@ _FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 # ---------------------------------------------------------------- geometry
 
 
+def _is_int(v) -> bool:
+    """A Python or numpy integer, not a bool (1.7 or True is never a pixel count)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         value = (value, value)
     value = tuple(value) if isinstance(value, (tuple, list)) else value
-    if not (isinstance(value, tuple) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+    if not (isinstance(value, tuple) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return value
+    return tuple(int(v) for v in value)
 
 
-def _padding_config(padding):
-    """'SAME', 'VALID', or explicit ((lo, hi), (lo, hi)) from an int or pairs."""
-    if padding in ("SAME", "VALID"):
+def _padding_config(padding, name="padding"):
+    """'SAME', 'VALID', or explicit ((lo, hi), (lo, hi)) of non-negative ints, from an int or pairs."""
+    if isinstance(padding, str) and padding in ("SAME", "VALID"):
         return padding
-    if isinstance(padding, int) and not isinstance(padding, bool):
+    if _is_int(padding):
         padding = ((padding, padding), (padding, padding))
-    try:
-        pads = tuple(tuple(int(p) for p in pair) for pair in padding)
-    except (TypeError, ValueError):
-        pads = None
-    if pads is None or len(pads) != 2 or any(len(p) != 2 or min(p) < 0 for p in pads):
-        raise ValueError(f"padding must be 'SAME', 'VALID', a non-negative int or ((lo, hi), (lo, hi)), "
-                         f"got {padding!r}")
-    return pads
+    if isinstance(padding, np.ndarray):
+        padding = padding.tolist()
+    if not (isinstance(padding, (tuple, list)) and len(padding) == 2
+            and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
+                    for p in padding)):
+        raise ValueError(f"{name} must be 'SAME', 'VALID', a non-negative int or ((lo, hi), (lo, hi)) of "
+                         f"non-negative ints, got {padding!r}")
+    return tuple(tuple(int(v) for v in p) for p in padding)
 
 
 class Geometry(NamedTuple):
@@ -277,7 +281,8 @@ class Conv2D(Layer):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Conv2D implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         for name, value in (("features", features), ("kernel_size", _pair(kernel_size, "Conv2D kernel_size")),
-                            ("strides", _pair(strides, "Conv2D strides")), ("padding", _padding_config(padding)),
+                            ("strides", _pair(strides, "Conv2D strides")),
+                            ("padding", _padding_config(padding, "Conv2D padding")),
                             ("dilation", _pair(dilation, "Conv2D dilation")), ("initializer", init),
                             ("use_bias", bool(use_bias)), ("implementation", implementation)):
             object.__setattr__(self, name, value)
@@ -454,7 +459,7 @@ class _Pool(ParameterFree):
         name = type(self).__name__
         object.__setattr__(self, "window", _pair(window, f"{name} window"))
         object.__setattr__(self, "strides", self.window if strides is None else _pair(strides, f"{name} strides"))
-        object.__setattr__(self, "padding", _padding_config(padding))
+        object.__setattr__(self, "padding", _padding_config(padding, f"{name} padding"))
 
     def _geometry(self, in_hw):
         return geometry(in_hw, self.window, self.strides, (1, 1), self.padding, self)
@@ -473,7 +478,8 @@ class _Pool(ParameterFree):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class MaxPool2D(_Pool):
-    """y = the largest input in each window (padding counts as -inf).
+    """y = the largest input in each window (padding counts as -inf; padding that
+    leaves a window without input is refused, so no output is -inf).
 
     Backward: each window's dy goes to the input it took the maximum from,
     and inputs that win several overlapping windows collect from each. When
@@ -484,6 +490,17 @@ class MaxPool2D(_Pool):
     window: tuple
     strides: tuple
     padding: object
+
+    def _geometry(self, in_hw):
+        """The pool's geometry; refuses padding that leaves a window without input (its max: -inf)."""
+        g = super()._geometry(in_hw)
+        for n, (lo, _), k, s, o in zip(g.in_hw, g.pads, g.window, g.strides, g.out_hw):
+            # the first window ends at k, the last starts at (o - 1) s; the input is [lo, lo + n)
+            if lo >= k or (o - 1) * s >= lo + n:
+                raise ValueError(f"{self}: padding {g.pads} leaves a window of {g.window} pixels holding only "
+                                 f"padding on an input of {g.in_hw} pixels (its max would be -inf); "
+                                 f"pad less than the window on each side (PyTorch allows at most half)")
+        return g
 
     def apply(self, x):
         _check_images(self, x)

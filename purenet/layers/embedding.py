@@ -50,8 +50,11 @@ class Embedding(Layer):
     (a scatter-add of dy into the rows used). The ids get no gradient (dx is None).
 
     Ids must be integers in [0, num_embeddings); the range is checked
-    eagerly when the ids are concrete (inside `jit` an out-of-range id is
-    clamped by XLA's gather, so check data before tracing, as `fit` does).
+    eagerly when the ids are concrete. Inside `jit` it cannot be (check data
+    before tracing, as `fit` does), and a bad id is not clamped: with
+    n = num_embeddings, an id >= n or < -n gives a row of NaN (jnp.take's
+    fill mode) and its gradient is dropped, while an id in [-n, 0) wraps
+    around as in NumPy, reading (and getting the gradient of) row n + id.
     """
 
     num_embeddings: int

@@ -3,11 +3,20 @@
 Unlike BatchNorm, these normalise every position of every example on its
 own (over the last axis), so examples never interact: per-example gradients
 are well defined, and training and evaluation compute the same function.
+
+Large inputs. Each row is first divided by c = 2^k, the largest power of two
+<= max(|x|, 1) over the row (1 for rows within (-2, 2)), and eps by c^2:
+the statistics of x / c never overflow, so rows up to float32's largest
+value normalise correctly (without it mean(x^2) is inf from |x| ~ 1.8e19
+and the output 0). Dividing by a power of two is exact, so nothing changes
+for rows that did not overflow; c is a constant of the row for the
+gradients (the output does not depend on it).
 """
 import dataclasses
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
@@ -17,6 +26,13 @@ from purenet.layers.base import Layer, as_shape, per_example_sum, wide
 class _NormCache(NamedTuple):
     xhat: jnp.ndarray
     inv: jnp.ndarray  # 1 / sqrt(var + eps) or 1 / sqrt(mean(x^2) + eps), one per position
+
+
+def _row_scale(x):
+    """c = 2^max(e - 1, 0) per row, where max|x| = f 2^e (f in [0.5, 1)): a power of two
+    in [1, max(|x|, 1)], so x / c is exact and |x / c| < 2."""
+    _, e = jnp.frexp(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+    return lax.stop_gradient(jnp.ldexp(jnp.ones((), x.dtype), jnp.maximum(e - 1, 0)))
 
 
 def _leading_axes(t):
@@ -90,6 +106,7 @@ class LayerNorm(_FeatureNorm):
 
     The mean term is the path through mu: d mu/dx_k = 1/d. The xhat term is
     the path through var: d s/dx_k = -s^3 (x_k - mu) / d = -s^2 xhat_k / d.
+    Rows of any float32 magnitude (1e20 too) normalise exactly: see the module docstring.
     """
 
     eps: float = 1e-5
@@ -104,11 +121,13 @@ class LayerNorm(_FeatureNorm):
 
     def _normalise(self, x):
         x = wide(x)
+        c = _row_scale(x)  # statistics of x / c: no overflow (see the module docstring)
+        x = x / c
         mean = jnp.mean(x, axis=-1, keepdims=True)
         centered = x - mean
         var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-        inv = 1.0 / jnp.sqrt(var + self.eps)
-        return centered * inv, inv
+        inv = 1.0 / jnp.sqrt(var + self.eps / c / c)  # s c
+        return centered * inv, inv / c
 
     def _dx(self, params, cache, dy):
         dxhat = wide(dy * params["gamma"])
@@ -129,6 +148,8 @@ class RMSNorm(_FeatureNorm):
     d r/dx_k = -r^3 x_k / d = -r^2 xhat_k / d,
 
         dL/dx = r (dL/dxhat - xhat mean(dL/dxhat xhat)),   dL/dxhat = g gamma.
+
+    Rows of any float32 magnitude (1e20 too) normalise exactly: see the module docstring.
     """
 
     eps: float = 1e-6
@@ -140,8 +161,10 @@ class RMSNorm(_FeatureNorm):
 
     def _normalise(self, x):
         x = wide(x)
-        inv = 1.0 / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return x * inv, inv
+        c = _row_scale(x)  # statistics of x / c: no overflow (see the module docstring)
+        x = x / c
+        inv = 1.0 / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps / c / c)  # r c
+        return x * inv, inv / c
 
     def _dx(self, params, cache, dy):
         dxhat = wide(dy * params["gamma"])

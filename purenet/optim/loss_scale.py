@@ -25,8 +25,9 @@ and hands it to the gradient function (`loss_scale=`).
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
-from purenet._checks import check_hyperparameter
+from purenet._checks import check_hyperparameter, is_concrete
 from purenet.optim.base import Transform
 
 
@@ -54,20 +55,36 @@ def shrink(slot, factor, minimum):
     return LossScale(scale, jnp.zeros_like(slot.good_steps))
 
 
+def _check_float32(name: str, value, low: float = 0.0) -> None:
+    """A concrete scalar must lie in (low, inf) and stay finite and above low in float32 (S's dtype)."""
+    check_hyperparameter(name, value, low, None, low_open=True)
+    if not is_concrete(value) or np.ndim(value) != 0:
+        return
+    v = float(value)
+    with np.errstate(over="ignore"):
+        as32 = np.float32(v)
+    if not (np.isfinite(as32) and as32 > low):
+        raise ValueError(f"{name} must be a finite float32 above {low}, got {v} ({as32} in float32)")
+
+
 def dynamic_loss_scale(initial=2.0 ** 15, growth_interval=2000, factor=2.0, minimum=1.0):
     """A Transform that keeps the dynamic loss scale (see the module docstring); gradients pass
     through unchanged (they arrive unscaled).
 
     initial: S before the first step; growth_interval: finite steps between
     growths; factor (> 1): the growth and shrink factor (a power of two keeps
-    scaling exact); minimum: the floor S never shrinks below.
+    scaling exact); minimum: the floor S never shrinks below. initial, factor
+    and minimum must stay finite (and initial, minimum non-zero, factor > 1)
+    in float32, S's dtype; growth_interval is an int in [1, 2**31).
     The optimizer must use the "skip" guard (`chain` implies it).
     """
-    check_hyperparameter("initial loss scale", initial, 0.0, None, low_open=True)
-    check_hyperparameter("loss scale factor", factor, 1.0, None, low_open=True)
-    check_hyperparameter("minimum loss scale", minimum, 0.0, None, low_open=True)
-    if isinstance(growth_interval, bool) or int(growth_interval) != growth_interval or growth_interval < 1:
-        raise ValueError(f"growth_interval must be a positive integer (steps), got {growth_interval!r}")
+    _check_float32("dynamic_loss_scale initial", initial)
+    _check_float32("loss scale factor", factor, low=1.0)
+    _check_float32("minimum loss scale", minimum)
+    if (isinstance(growth_interval, (bool, np.bool_)) or not isinstance(growth_interval, (int, np.integer))
+            or not 1 <= growth_interval < 2 ** 31):
+        raise ValueError(f"dynamic_loss_scale growth_interval must be a positive integer (steps) below 2**31, "
+                         f"got {growth_interval!r}")
 
     def init(params):
         return LossScale(jnp.asarray(initial, jnp.float32), jnp.zeros((), jnp.int32))
