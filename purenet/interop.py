@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from purenet import losses
 from purenet._checks import check_float_input
-from purenet.layers.base import id_layer
+from purenet.layers.base import decay_mask, id_layer
 from purenet.network import _body_trees, _full_trees, _prepare, value_and_grad
 
 
@@ -171,5 +171,5 @@ def ggn_vp(net, params, state, x, y, v, loss="cross_entropy", l2=0.0, train=Fals
     _, h_jv = jax.jvp(lambda o: loss_fn.backward(o, y), (out,), (jv,))
     body_gv, _ = body.backward(body_params, cache, h_jv)
     gv = _full_trees(net, fused, body_gv, {})
-    gv = losses.add_l2_gradient(gv, v, l2)  # the penalty's Hessian is l2 on the weights
+    gv = losses.add_l2_gradient(gv, v, l2, decay_mask(net, params))  # the penalty's Hessian: l2 on the weights
     return gv

@@ -261,7 +261,7 @@ def reference_ggn_vp(case, params, state, x, y, v):
     _, jv = jax.jvp(out_fn, (params,), (v,))
     _, h_jv = jax.jvp(jax.grad(lambda o: p.loss_fn.value(o, y)), (p.out,), (jv,))
     gv = jax.vjp(out_fn, params)[1](h_jv)[0]
-    return jax.tree_util.tree_map(jnp.add, gv, pn.losses.l2_backward(v, case.l2))
+    return jax.tree_util.tree_map(jnp.add, gv, pn.losses.l2_backward(v, case.l2, pn.decay_mask(case.net, params)))
 
 
 def assert_curvature_and_input_grad_match(case, train=False, key=None, ggn=True):
