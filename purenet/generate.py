@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
-from purenet.layers.base import id_layer
+from purenet.layers.base import id_layer, output_kind
 from purenet.network import _body_trees, _split_head
 
 
@@ -47,6 +47,10 @@ def generate(net, params, state, prompt_ids, key, steps, temperature=1.0):
     if layer is not None:
         from purenet.layers.embedding import check_ids
         check_ids(prompt, layer.num_embeddings, "prompt_ids")
+    kind = output_kind(net)
+    if kind not in ("logits", "probabilities"):
+        raise ValueError(f"pn.generate samples from a network that outputs next-token logits (pn.GPT) or "
+                         f"probabilities (ending in pn.Softmax, as pn.gpt); {type(net).__name__} outputs neither")
     greedy = not isinstance(temperature, jax.core.Tracer) and float(temperature) == 0.0
     out = _generate(net, params, state, prompt.astype(jnp.int32), key, steps,
                     jnp.asarray(1.0 if greedy else temperature), greedy)
@@ -68,11 +72,13 @@ def _generate(net, params, state, prompt, key, steps, temperature, greedy):
         ids = jax.lax.dynamic_slice(buf, (0, start), (b, window))
         out, _, _ = body.forward(bparams, bstate, ids, train=False)
         last = jax.lax.dynamic_index_in_dim(out, pos - 1 - start, axis=1, keepdims=False)  # (b, vocab)
-        logits = last if fused else jnp.log(last)
+        logits = last if fused or output_kind(body) == "logits" else jnp.log(last)
         if greedy:
             nxt = jnp.argmax(logits, axis=-1)
-        else:
-            nxt = jax.random.categorical(k, logits / temperature.astype(logits.dtype), axis=-1)
+        else:  # shifted so the largest is 0: a tiny temperature tends to greedy instead of overflowing
+            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+            shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+            nxt = jax.random.categorical(k, shifted / temperature.astype(logits.dtype), axis=-1)
         buf = jax.lax.dynamic_update_slice(buf, nxt.astype(buf.dtype)[:, None], (0, pos))
         return buf, None
 

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from purenet import losses
 from purenet._checks import check_float_input
@@ -97,7 +98,11 @@ def _bridge(net):
         params, cache, x = residuals
         dy, _ = cotangents  # the new state's cotangent is dropped (see as_function)
         dparams, dx = net.backward(params, cache, dy)
-        return _cast_like(dparams, params), None, dx.astype(x.dtype), None
+        if dx is None:  # integer ids have no gradient: their cotangent is float0 zeros (JAX's convention)
+            dx = np.zeros(jnp.shape(x), jax.dtypes.float0)
+        else:
+            dx = dx.astype(x.dtype)
+        return _cast_like(dparams, params), None, dx, None
 
     run.defvjp(run_forward, run_backward)
     return run

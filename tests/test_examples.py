@@ -45,6 +45,7 @@ def test_backprop_walkthrough_rejects_unknown_weights():
     ("adversarial_digits.py", "adversarial_digits.png", "input_grad vs autodiff through pn.as_function"),
     ("hessian_spectrum.py", "hessian_spectrum.png", "sharpness at the end"),
     ("data_attribution.py", "data_attribution.png", "top proponents labelled with the true digit"),
+    ("custom_layer.py", "custom_layer.png", "diagnostics report ['0: LowRankDense', '1: Dense']"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
     cache = ["--cache", str(tmp_path / "xla")] if script == "train_digits.py" else []  # the main job's option

@@ -606,3 +606,140 @@ def test_out_of_range_embedding_ids_under_jit_are_nan_or_wrap_as_documented():
     np.testing.assert_array_equal(grads["E"], [[0, 0], [0, 0], [1, 1], [1, 1]])  # the NaN rows' gradients dropped
     with pytest.raises(ValueError, match="token id -5 is out of range for 4 embeddings"):  # eager: an error
         layer.forward(params, state, ids)
+
+
+# ---------------------------------------------------------------- second round: the layer protocol's share
+
+
+def _mlp_data():
+    net = pn.mlp([4, 6, 3])
+    params, state = pn.init(net, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    return net, params, state, x, jnp.arange(8) % 3
+
+
+def test_evaluate_with_ema_without_an_average_is_an_error_naming_ema():
+    net, params, state, x, y = _mlp_data()
+    for opt in (pn.optim.momentum(0.1), pn.optim.adam(0.1), pn.optim.sgd(0.1)):
+        with pytest.raises(ValueError, match=r"pn\.optim\.ema"):
+            pn.fit(net, opt, (x, y), key=jax.random.key(0), epochs=1, evaluate_with_ema=True)
+        with pytest.raises(ValueError, match=r"pn\.optim\.ema"):
+            pn.train(net, opt, (x, y), key=jax.random.key(0), epochs=1, evaluate_with_ema=True)
+
+
+def test_ema_params_is_found_wherever_ema_sits():
+    net, params, *_ = _mlp_data()
+    mask = jax.tree_util.tree_map(lambda _: True, params)
+    for opt in (pn.optim.masked(pn.optim.ema(pn.optim.sgd(0.1)), mask),
+                pn.optim.chain(pn.optim.ema(pn.optim.sgd(0.1)), pn.optim.scale_by_momentum(0.9))):
+        state = opt.init(params)
+        state = opt.step(state, jax.tree_util.tree_map(jnp.ones_like, params))
+        average = pn.optim.ema_params(state)
+        assert jax.tree_util.tree_structure(average) == jax.tree_util.tree_structure(params)
+        # one step of decay 0.999 from params_0: the average moved by 0.001 of the step, not the velocity
+        moved = jax.tree_util.tree_map(lambda a, p, n: a - (0.999 * p + 0.001 * n), average, params, state.params)
+        assert max(float(jnp.max(jnp.abs(m))) for m in jax.tree_util.tree_leaves(moved)) < 1e-6
+
+
+def test_generate_on_a_bare_gpt_samples_from_its_logits():
+    gpt = pn.GPT(vocab_size=5, context=4, layers=1, heads=1, features=4)
+    params, state, _ = gpt.init(jax.random.key(0), (4,))
+    # a head that makes id 3 overwhelmingly likely: E's row 3 aligned with every hidden state is not easy,
+    # so compare with the probabilities the logits define instead
+    prompt = jnp.zeros((2000, 1), jnp.int32)
+    ids = pn.generate(gpt, params, state, prompt, jax.random.key(1), steps=1, temperature=1.0)[:, 1]
+    logits, _ = pn.forward(gpt, params, state, prompt)
+    p = jax.nn.softmax(logits[0, 0])
+    freq = jnp.bincount(ids, length=5) / 2000
+    np.testing.assert_allclose(freq, p, atol=0.04)
+    greedy = pn.generate(gpt, params, state, prompt[:1], jax.random.key(1), steps=1, temperature=0)[0, 1]
+    assert int(greedy) == int(jnp.argmax(logits[0, 0]))
+    with pytest.raises(ValueError, match="logits"):
+        pn.generate(pn.Sequential([pn.Embedding(5, 4), pn.Dense(5)]), *pn.init(
+            pn.Sequential([pn.Embedding(5, 4), pn.Dense(5)]), jax.random.key(0), in_shape=(4,)), prompt[:1],
+            jax.random.key(0), steps=1)
+
+
+def test_a_tiny_temperature_tends_to_greedy():
+    net = pn.gpt(vocab_size=7, context=5, layers=1, heads=1, features=4)
+    params, state = pn.init(net, jax.random.key(0))
+    prompt = jnp.array([[1, 2]])
+    tiny = pn.generate(net, params, state, prompt, jax.random.key(3), steps=3, temperature=1e-45)
+    greedy = pn.generate(net, params, state, prompt, jax.random.key(3), steps=3, temperature=0)
+    np.testing.assert_array_equal(tiny, greedy)
+
+
+def test_probes_get_the_data_checks():
+    net, params, state, x, y = _mlp_data()
+    for option in ("diagnostics", "statistics"):
+        with pytest.raises(ValueError, match="out of range"):
+            pn.fit(net, pn.optim.sgd(0.1), (x, y), key=jax.random.key(0), epochs=1, **{option: (x, y + 5)})
+        with pytest.raises(ValueError, match=f"{option} x"):
+            pn.fit(net, pn.optim.sgd(0.1), (x, y), key=jax.random.key(0), epochs=1,
+                   **{option: (x.at[0, 0].set(jnp.nan), y)})
+
+
+def test_grad_through_as_function_of_a_gpt():
+    net = pn.gpt(vocab_size=7, context=5, layers=1, heads=1, features=4)
+    params, state = pn.init(net, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 5), 0, 7)
+    apply = pn.as_function(net)
+    grads = jax.grad(lambda p: -jnp.mean(jnp.log(apply(p, state, ids)[0][..., 1])))(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_diagnostics_on_id_networks_and_networks_without_dense_layers():
+    net = pn.gpt(vocab_size=7, context=5, layers=1, heads=1, features=4)
+    params, state = pn.init(net, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 5), 0, 7)
+    flow = pn.diagnostics.gradient_flow(net, params, state, ids, jnp.roll(ids, -1, 1))
+    assert flow["grad_norm"].shape[0] == len(pn.diagnostics.layer_names(net, params)) > 0
+    conv = pn.Sequential([pn.Conv2D(2, 3), pn.GELU(), pn.GlobalAvgPool2D(), pn.Softmax()])
+    p, s = pn.init(conv, jax.random.key(0), in_shape=(5, 5, 1))
+    flow = pn.diagnostics.gradient_flow(conv, p, s, jnp.ones((2, 5, 5, 1)), jnp.array([0, 1]))
+    assert flow["grad_norm"].shape == (1,) and flow["dead_fraction"].shape == (1,)
+    empty = pn.diagnostics.gradient_flow(pn.Sequential([pn.Softmax()]), ((),), ((),), jnp.ones((2, 3)),
+                                         jnp.array([0, 1]))
+    assert empty["grad_norm"].shape == (0,)
+
+
+def test_kfac_with_low_precision_params_keeps_float32_factors():
+    net = pn.mlp([4, 6, 3])
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (8, 4), jnp.bfloat16)
+    fit = pn.fit(net, pn.optim.kfac(net, 0.05), (x, jnp.arange(8) % 3), key=jax.random.key(0), epochs=2,
+                 batch_size=8, params=params, state=state)
+    assert np.all(np.isfinite(fit.history["loss"]))
+    slot = pn.optim.find_slot(fit.opt_state, pn.optim.KFACState)
+    assert slot.factors[0].A.dtype == jnp.float32
+    assert fit.params[0]["W"].dtype == jnp.bfloat16
+
+
+def test_kfac_factors_of_another_width_name_the_layer():
+    net, params, state, x, y = _mlp_data()
+    other = pn.mlp([4, 7, 3])
+    p2, s2 = pn.init(other, jax.random.key(0))
+    _, _, factors, _ = pn.stats.kfac_value_and_grad(other, p2, s2, x, y)
+    opt = pn.optim.kfac(net, 0.1)
+    with pytest.raises(ValueError, match=r"K-FAC factors at \[0\].*needs A \(5, 5\)"):
+        opt.step(opt.init(params), params, factors=factors)
+
+
+def test_gradient_gram_wants_batches_as_pairs():
+    net, params, state, x, y = _mlp_data()
+    with pytest.raises(TypeError, match=r"pair \(x, y\)"):
+        pn.stats.gradient_gram(net, params, state, x, y)
+
+
+@pytest.mark.parametrize("bad", [None, float("inf"), 2.5, 0, True])
+def test_accumulate_names_its_argument(bad):
+    with pytest.raises(ValueError, match="accumulate must be a positive integer"):
+        pn.accumulate(pn.grad_fn(pn.mlp([2, 2])), bad)
+
+
+def test_input_grad_of_an_id_network_is_an_error():
+    net = pn.gpt(vocab_size=7, context=5, layers=1, heads=1, features=4)
+    params, state = pn.init(net, jax.random.key(0))
+    ids = jnp.zeros((1, 5), jnp.int32)
+    with pytest.raises(ValueError, match="integer ids"):
+        pn.input_grad(net, params, state, ids, ids)

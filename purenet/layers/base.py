@@ -193,6 +193,12 @@ class Container(Layer):
         """The children that read the container's input (the first, for a chain)."""
         return self.children()[:1]
 
+    def output_child(self) -> Any:
+        """The child whose output is the container's output (the last, for a chain; None when
+        the output mixes several, as Parallel's merge does)."""
+        kids = self.children()
+        return kids[-1] if kids else None
+
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         raise NotImplementedError
 
@@ -314,6 +320,17 @@ def id_layer(layer: Any) -> Any:
             if found is not None:
                 return found
     return None
+
+
+def output_kind(net: Any) -> str:
+    """What a network outputs: "probabilities" (it ends in Softmax), "logits" (GPT), or "values".
+
+    A layer says so with the class attribute `outputs`; a container outputs
+    what its output child does (through any wrapper, any depth).
+    """
+    while getattr(net, "outputs", None) is None and is_container(net) and net.output_child() is not None:
+        net = net.output_child()
+    return getattr(net, "outputs", None) or "values"
 
 
 # ---------------------------------------------------------------- generic per-example defaults

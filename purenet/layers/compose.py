@@ -146,6 +146,9 @@ class Parallel(Container):
     def input_children(self) -> tuple:
         return self.branches
 
+    def output_child(self):
+        return self.branches[0] if len(self.branches) == 1 else None
+
     def split(self, tree):
         return tuple(tree)
 

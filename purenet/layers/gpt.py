@@ -71,6 +71,7 @@ class GPT(Container):
     tie_embeddings: bool = True
 
     accepts_ids = True
+    outputs = "logits"
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "layers", "heads", "features"):

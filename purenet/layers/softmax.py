@@ -10,6 +10,8 @@ from purenet.losses import finite_logits
 
 @dataclasses.dataclass(frozen=True)
 class Softmax(Elementwise):
+    outputs = "probabilities"  # what `generate` and the losses read
+
     """y_k = exp(a_k) / sum_j exp(a_j) over the last axis (computed stably).
 
     The Jacobian is dy_k/da_j = y_k (delta_kj - y_j), so its vector product is

@@ -30,7 +30,7 @@ class OptState(NamedTuple):
     """
 
     params: Any
-    count: jnp.ndarray
+    count: jnp.ndarray  # type: ignore[assignment]  # the step count shadows tuple.count (a stable name)
     slots: tuple
     learning_rate: jnp.ndarray
 

@@ -64,7 +64,9 @@ def accumulate(fn, micro_batches):
     i draws its randomness from fold_in(key, i). A gradient function with a
     `micro_batched(k)` method (DP-SGD's) accumulates itself.
     """
-    k = int(micro_batches)
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, float)) or micro_batches != micro_batches:
+        raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {micro_batches!r}")
+    k = int(micro_batches) if abs(micro_batches) != float("inf") else 0
     if k < 1 or k != micro_batches:
         raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {micro_batches!r}")
     if k == 1:
