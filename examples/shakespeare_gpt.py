@@ -36,10 +36,11 @@ from _common import FAST, save
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def optimizer(iters, lr=1e-3, min_lr=1e-4, warmup=100):
-    """nanoGPT's AdamW: clip at 1.0, beta2 0.99, weight decay 0.1 on the matrices (ndim >= 2) only."""
+def optimizer(net, iters, lr=1e-3, min_lr=1e-4, warmup=100):
+    """nanoGPT's AdamW: clip at 1.0, beta2 0.99, weight decay 0.1 on the matrices only: the parameters
+    whose role is a weight or an embedding (nanoGPT decays every tensor of rank >= 2: the same set)."""
     schedule = pn.schedules.warmup_cosine_decay(0.0, lr, min(warmup, iters // 2), iters, end_value=min_lr)
-    matrices = functools.partial(jax.tree_util.tree_map, lambda p: p.ndim >= 2)
+    matrices = functools.partial(pn.decay_mask, net, decayed=("weight", "embedding"))
     return pn.optim.chain(
         pn.optim.clip_by_global_norm(1.0),
         pn.optim.scale_by_adam(b1=0.9, b2=0.99, eps=1e-8),
@@ -167,7 +168,7 @@ def main():
           f"vocabulary {data.vocab_size}")
     net = pn.gpt(data.vocab_size, args.context, args.layers, args.heads, args.features)
     key = jax.random.key(args.seed)
-    opt = optimizer(args.iters)
+    opt = optimizer(net, args.iters)
     opt_state, state = make_setup(net, opt)(jax.random.fold_in(key, 0))
     print(f"{sum(p.size for p in jax.tree_util.tree_leaves(opt_state.params)):,} parameters")
 

@@ -391,9 +391,10 @@ def test_l2_zero_never_makes_the_loss_nan_and_l2_does_not_overflow():
                   pn.value_and_grad(net, params, state, x, y, l2=0)[0]):
         assert np.isfinite(float(value))
     big = ({"W": jnp.full((4, 3), 1e20, jnp.float32), "b": jnp.zeros(3, jnp.float32)},)
-    penalty = pn.losses.l2_penalty(big, 1e-4)  # 12e40 overflows float32; the penalty 6e36 does not
+    mask = ({"W": True, "b": False},)
+    penalty = pn.losses.l2_penalty(big, 1e-4, mask)  # 12e40 overflows float32; the penalty 6e36 does not
     np.testing.assert_allclose(float(penalty), 0.5 * 1e-4 * 12 * 1e40, rtol=1e-6)
-    assert float(pn.losses.l2_penalty(big, jnp.float32(0))) == 0.0
+    assert float(pn.losses.l2_penalty(big, jnp.float32(0), mask)) == 0.0
 
 
 @pytest.mark.parametrize("kwargs,message", [

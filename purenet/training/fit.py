@@ -26,11 +26,22 @@ class FitResult(NamedTuple):
     stopped_epoch: Any = None  # the epoch early stopping fired at (None if it did not)
 
 
-def fit(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
-        params=None, state=None, validation=None, early_stopping=None, augment=None,
-        progress=False, checkpoint=None, checkpoint_every=1, resume=False, mesh=None, dp=None,
-        diagnostics=None, statistics=None, accumulate=1, evaluate_with_ema=False, precision=None):
+def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
+        # the model and its loss
+        loss: Any = "cross_entropy", l2: Any = 0.0, params: Any = None, state: Any = None,
+        # batches and gradients (the same options as `train`, `train_epoch` and `build_step`)
+        batch_size: int | None = 64, augment: Any = None, dp: Any = None, accumulate: int = 1,
+        precision: Any = None, mesh: Any = None,
+        # evaluation and stopping
+        validation: tuple | None = None, early_stopping: Any = None, evaluate_with_ema: bool = False,
+        # recording
+        diagnostics: tuple | None = None, statistics: tuple | None = None, progress: bool = False,
+        # checkpoints
+        checkpoint: Any = None, checkpoint_every: int = 1, resume: bool = False) -> FitResult:
     """Train `net` with `opt` on data = (x, y); see `purenet.training.loop` for batching and keys.
+
+    The options come in five groups (all keywords): the model and its loss;
+    batches and gradients; evaluation and stopping; recording; checkpoints.
 
     validation=(x_val, y_val) adds val_loss and val_accuracy to the history
     each epoch; early_stopping=pn.EarlyStopping(...) stops the run (and, with
