@@ -6,18 +6,21 @@ ranges, NaNs, hyperparameters) run only when the value is concrete: inside
 and the callers that own concrete data (for example `fit`) run them up front.
 """
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["check_finite_rows", "check_float_input", "check_hyperparameter", "is_concrete"]
 
-def is_concrete(x):
+
+def is_concrete(x: Any) -> bool:
     """True when `x` holds a value we can look at (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_float_input(x, name="x", ids=None):
+def check_float_input(x: Any, name: str = "x", ids: Any = None) -> None:
     """Require a floating-point array with a non-empty leading batch axis.
 
     `ids`, when given, is the layer that reads the input as integer token
@@ -50,7 +53,7 @@ def check_float_input(x, name="x", ids=None):
         raise ValueError(f"{name} is an empty batch (shape {shape})")
 
 
-def check_finite_rows(x, name="x"):
+def check_finite_rows(x: Any, name: str = "x") -> None:
     """Raise naming the first row of `x` that holds a NaN or infinity."""
     if not is_concrete(x):
         return
@@ -63,7 +66,8 @@ def check_finite_rows(x, name="x"):
         )
 
 
-def check_hyperparameter(name, value, low=None, high=None, low_open=False, high_open=True):
+def check_hyperparameter(name: str, value: Any, low: float | None = None, high: float | None = None,
+                         low_open: bool = False, high_open: bool = True) -> None:
     """Raise a ValueError naming `name` when a concrete scalar is NaN or out of range.
 
     The accepted interval is [low, high) by default; `low_open` and

@@ -5,10 +5,12 @@ A tree is flattened to {key path string: leaf} (`by_path`), so trees of
 different container types (a file's leaves against a freshly built state)
 compare by the names of their leaves, not by position.
 """
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+__all__ = ["Mismatch", "by_path", "first_mismatch"]
 
 
 class Mismatch(NamedTuple):
@@ -23,12 +25,13 @@ class Mismatch(NamedTuple):
     extra: list = []
 
 
-def by_path(tree):
+def by_path(tree: Any) -> dict[str, Any]:
     """{jax.tree_util.keystr(path): leaf} in flattening order."""
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def first_mismatch(actual, expected, shape=True, dtype=None):
+def first_mismatch(actual: Mapping[str, Any], expected: Mapping[str, Any], shape: bool = True,
+                   dtype: Callable[[Any], Any] | None = None) -> Mismatch | None:
     """The first way `actual` differs from `expected` (both {path: leaf}), or None.
 
     Key paths first (every missing and extra path at once); then, leaf by leaf

@@ -6,14 +6,20 @@ augmentation takes and returns both. `compose` chains them, each drawing
 from its own key.
 """
 import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 
+__all__ = ["Augment", "compose", "gaussian_noise", "mixup", "random_translation"]
 
-def gaussian_noise(std):
+# An augmentation: (key, x, y) -> (x, y), on a batch.
+Augment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def gaussian_noise(std: float) -> Augment:
     """x + std * N(0, 1) noise, elementwise."""
     check_hyperparameter("gaussian_noise std", std, 0.0, None)
 
@@ -23,7 +29,7 @@ def gaussian_noise(std):
     return augment
 
 
-def random_translation(image_shape, max_shift):
+def random_translation(image_shape: Sequence[int], max_shift: int) -> Augment:
     """Shift each image by (dy, dx), integers drawn uniformly from [-max_shift, max_shift].
 
     Rows of x are flattened images of `image_shape` ((H, W) or (H, W, C)).
@@ -52,7 +58,7 @@ def random_translation(image_shape, max_shift):
     return augment
 
 
-def mixup(alpha, num_classes):
+def mixup(alpha: float, num_classes: int) -> Augment:
     """Mixup (Zhang et al., 2018): with lam ~ Beta(alpha, alpha) per batch and a
     random pairing perm of the batch,
 
@@ -73,7 +79,7 @@ def mixup(alpha, num_classes):
     return augment
 
 
-def compose(*augments):
+def compose(*augments: Augment) -> Augment:
     """Apply augmentations in order, each with its own key."""
 
     def augment(key, x, y):

@@ -50,6 +50,7 @@ import re
 import secrets
 import stat
 import struct
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,8 @@ import numpy as np
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey, keystr
 
 from purenet import _trees
+
+__all__ = ["CheckpointError", "MAGIC", "check_writable", "conform", "load", "load_entries", "save"]
 
 MAGIC = b"PURENETCKPT1\n"
 _HEADER = len(MAGIC) + 8 + 32
@@ -184,10 +187,10 @@ def _leaf_record(path, value):
     return record, data
 
 
-def save(path, tree):
+def save(path: str | os.PathLike[str], tree: Any) -> str:
     """Write `tree` (a pytree of arrays) to `path` atomically; returns the path."""
     path = os.fspath(path)
-    leaves = []
+    leaves: list = []
     structure = _encode(tree, leaves)
     if len(jax.tree_util.tree_leaves(tree)) != len(leaves):
         raise TypeError("checkpoints hold dicts, lists, tuples, named tuples, None and arrays; "
@@ -265,7 +268,7 @@ def _keep_mode(path, tmp):
     os.chmod(tmp, mode)
 
 
-def check_writable(path):
+def check_writable(path: str | os.PathLike[str]) -> None:
     """Raise CheckpointError, before any work is done, when `save(path, ...)` could not write."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -461,7 +464,7 @@ def _decode(node, leaves):
     return dict(zip(node["fields"], items)) if cls is None else cls(*items)
 
 
-def load(path, like=None):
+def load(path: str | os.PathLike[str], like: Any = None) -> Any:
     """Read a checkpoint, verifying every checksum; never runs code the file names.
 
     Without `like`, containers are rebuilt as dicts, lists, tuples and None;
@@ -481,7 +484,7 @@ def load(path, like=None):
     return _conform_leaves(list(zip(labels, leaves)), like, where=os.fspath(path))
 
 
-def load_entries(path, likes):
+def load_entries(path: str | os.PathLike[str], likes: Mapping[str, Any]) -> dict[str, Any]:
     """Load a checkpoint whose root is a dict: the entries named in `likes` as load(like=likes[name])
     would give them (an entry saved as None stays None), the others as load() would."""
     path = os.fspath(path)
@@ -530,7 +533,7 @@ def _conform_leaves(pairs, like, where):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out)
 
 
-def conform(tree, like, where="checkpoint"):
+def conform(tree: Any, like: Any, where: str = "checkpoint") -> Any:
     """`tree` rebuilt with like's structure, after checking key paths, shapes and dtypes."""
     pairs = [(keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
     return _conform_leaves(pairs, like, where)

@@ -5,11 +5,16 @@ averages per-chunk means, threading model state through the chunks (DP-SGD's
 clipped sums, gradient accumulation). Chunk i draws its randomness from
 fold_in(key, i).
 """
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
+__all__ = ["check_chunk_size", "in_chunks", "mean_in_chunks"]
 
-def check_chunk_size(chunk_size):
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Raise unless chunk_size is None or a positive int."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer (examples per chunk) or None, got {chunk_size!r}")
 
@@ -29,7 +34,8 @@ def _key(key, i):
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def in_chunks(fn, chunk_size, x, y, key=None):
+def in_chunks(fn: Callable[[jax.Array, jax.Array, jax.Array | None], Any], chunk_size: int | None, x: jax.Array,
+              y: jax.Array, key: jax.Array | None = None) -> Any:
     """fn(x, y, key) -> rows (a tree of (n, ...) arrays), run `chunk_size` examples at a time.
 
     The full chunks run one after another in a `lax.map` (chunk i draws its
@@ -49,7 +55,8 @@ def in_chunks(fn, chunk_size, x, y, key=None):
     return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows, rest)
 
 
-def mean_in_chunks(fn, chunk_size, state, x, y, key=None):
+def mean_in_chunks(fn: Callable[[Any, jax.Array, jax.Array, jax.Array | None], tuple], chunk_size: int | None,
+                   state: Any, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> tuple:
     """fn(state, x, y, key) -> (means, state) over the batch, `chunk_size` examples at a time.
 
     `means` (a tree) are means over a chunk's examples; the batch's mean is

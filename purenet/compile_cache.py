@@ -21,15 +21,17 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+__all__ = ["ENV_VAR", "default_directory", "enable_compilation_cache"]
+
 ENV_VAR = "PURENET_COMPILATION_CACHE"
 
 
-def default_directory():
+def default_directory() -> str:
     """$PURENET_COMPILATION_CACHE if set, else ~/.cache/purenet/xla."""
     return os.environ.get(ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "purenet", "xla")
 
 
-def enable_compilation_cache(directory=None, min_compile_time_s=0.0):
+def enable_compilation_cache(directory: str | os.PathLike[str] | None = None, min_compile_time_s: float = 0.0) -> str:
     """Cache every compiled program of at least `min_compile_time_s` in `directory`; returns the directory.
 
     JAX's own default caches only programs that took >= 1 s to compile,
@@ -45,7 +47,7 @@ def enable_compilation_cache(directory=None, min_compile_time_s=0.0):
         raise OSError(f"cannot create the compilation cache directory {directory!r}: {e}") from e
     if not os.access(directory, os.W_OK):
         raise PermissionError(f"the compilation cache directory {directory!r} is not writable")
-    if jax.config.jax_compilation_cache_dir != directory:
+    if jax.config.jax_compilation_cache_dir != directory:  # type: ignore[attr-defined]  # a runtime-set option
         compilation_cache.reset_cache()  # JAX opens its cache once: let it reopen at the new directory
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", directory)

@@ -12,9 +12,18 @@ import math
 import os
 import struct
 import zlib
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+if TYPE_CHECKING:  # jax is imported only where it is used (`windows`)
+    import jax
+
+__all__ = [
+    "IDXError", "IMAGES_MAGIC", "LABELS_MAGIC", "MNIST_FILES", "Split", "Text", "digits", "mnist", "read_idx",
+    "split", "standardize", "text", "windows",
+]
 
 
 class Split(NamedTuple):
@@ -24,14 +33,14 @@ class Split(NamedTuple):
     y_test: np.ndarray
 
 
-def standardize(x_train, x_test, eps=1e-8):
+def standardize(x_train: np.ndarray, x_test: np.ndarray, eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
     """Scale features by the mean and std of the *training* part only."""
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     std = np.where(std < eps, 1.0, std)
     return (x_train - mean) / std, (x_test - mean) / std
 
 
-def split(x, y, test_fraction=0.2, seed=0):
+def split(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> Split:
     """A fixed shuffled split: permutation of np.random.default_rng(seed)."""
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(round(len(x) * test_fraction))
@@ -57,7 +66,8 @@ def _load_digits():
     return data.data.astype(np.float64), data.target.astype(np.int32)
 
 
-def digits(test_fraction=0.2, seed=0, standardized=True, dtype=np.float32):
+def digits(test_fraction: float = 0.2, seed: int = 0, standardized: bool = True,
+           dtype: DTypeLike = np.float32) -> Split:
     """scikit-learn's 8x8 digits as float rows of 64 pixels and int32 labels 0..9.
 
     The split is fixed: a permutation from np.random.default_rng(seed), the
@@ -130,7 +140,7 @@ def _read_idx(path, f, limit, expected_magic):
     return np.frombuffer(data, np.uint8).reshape(dims)
 
 
-def read_idx(path, expected_magic):
+def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
     """Read one IDX file of unsigned bytes: images (magic 2051) or labels (2049).
 
     The header is read first; a gzip file is decompressed only up to the
@@ -159,7 +169,8 @@ def _find(folder, stem):
     )
 
 
-def mnist(path, part="test", dtype=np.float32, shape="rows"):
+def mnist(path: str | os.PathLike[str], part: str = "test", dtype: DTypeLike = np.float32,
+          shape: str = "rows") -> tuple[np.ndarray, np.ndarray]:
     """MNIST images as floats in [0, 1] and int32 labels.
 
     `path` is a folder with the IDX files (gzip or raw); part is "test"
@@ -198,10 +209,10 @@ class Text(NamedTuple):
     vocab: str  # the sorted distinct characters; id i is vocab[i]
 
     @property
-    def vocab_size(self):
+    def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def encode(self, s):
+    def encode(self, s: str) -> np.ndarray:
         """A string -> int32 ids (every character must be in the vocabulary)."""
         index = {c: i for i, c in enumerate(self.vocab)}
         missing = sorted(set(s) - set(index))
@@ -209,12 +220,12 @@ class Text(NamedTuple):
             raise ValueError(f"characters {missing!r} are not in the vocabulary of {len(self.vocab)}")
         return np.array([index[c] for c in s], np.int32)
 
-    def decode(self, ids):
+    def decode(self, ids: ArrayLike) -> str:
         """Ids -> the string they spell."""
         return "".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
 
 
-def text(path, val_fraction=0.1):
+def text(path: str | os.PathLike[str], val_fraction: float = 0.1) -> Text:
     """Read a UTF-8 text file as characters -> ids (the vocabulary is its sorted
     distinct characters) and split it: the first 90% for training, the last 10%
     for validation (nanoGPT's shakespeare_char preparation).
@@ -243,7 +254,7 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def windows(ids, key, batch_size, context):
+def windows(ids: Any, key: "jax.Array", batch_size: int, context: int) -> "tuple[jax.Array, jax.Array]":
     """`batch_size` random windows of a 1-D id array: x = ids[s:s+context], y = ids[s+1:s+context+1].
 
     Pure and jittable (`key` is a jax.random key; batch_size and context are

@@ -9,13 +9,16 @@ likely id). The network must be causal (as `pn.gpt` is), so ids after the
 current position within the window cannot change its logits.
 """
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
-from purenet.layers.base import id_layer, output_kind
+from purenet.layers.base import Array, LayerLike, PyTree, id_layer, output_kind
 from purenet.network import _body_trees, _split_head
+
+__all__ = ["generate"]
 
 
 def _context(net):
@@ -27,7 +30,8 @@ def _context(net):
     return context
 
 
-def generate(net, params, state, prompt_ids, key, steps, temperature=1.0):
+def generate(net: LayerLike, params: PyTree, state: PyTree, prompt_ids: Any, key: Array, steps: int,
+             temperature: float = 1.0) -> Array:
     """Extend `prompt_ids` (batch, T0) (or (T0,)) by `steps` sampled ids: returns (batch, T0 + steps).
 
     Pure: the same key gives the same text. The whole loop is one jit-compiled

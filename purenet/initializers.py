@@ -17,9 +17,13 @@ The truncated normal is cut at two standard deviations and rescaled by
 1/0.8796... so that its variance is exactly `var`, as in JAX.
 """
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["INITIALIZERS", "default_float", "get"]
 
 _TRUNCATED_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
 
@@ -47,7 +51,8 @@ def _zeros(key, shape, dtype):
     return jnp.zeros(shape, dtype)
 
 
-INITIALIZERS = {
+# An initializer draws a weight: (key, shape, dtype) -> array of that shape and dtype.
+INITIALIZERS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
     "xavier_uniform": _variance_scaling(1.0, "fan_avg", "uniform"),
     "xavier_normal": _variance_scaling(1.0, "fan_avg", "truncated_normal"),
     "he_normal": _variance_scaling(2.0, "fan_in", "truncated_normal"),
@@ -58,7 +63,7 @@ INITIALIZERS = {
 }
 
 
-def get(name):
+def get(name: str) -> Callable[[jax.Array, tuple[int, ...], Any], jax.Array]:
     """The initializer `(key, shape, dtype) -> array` called `name`."""
     try:
         return INITIALIZERS[name]
@@ -68,6 +73,6 @@ def get(name):
         ) from None
 
 
-def default_float():
+def default_float() -> np.dtype:
     """JAX's default float dtype: float64 under jax_enable_x64, else float32."""
     return jax.dtypes.canonicalize_dtype(jnp.float64)

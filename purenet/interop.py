@@ -21,6 +21,7 @@ the loss that enters here comes from the handwritten backward passes.
     gv = pn.ggn_vp(net, params, state, x, y, v, loss="cross_entropy")   # Gauss-Newton-vector product
 """
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,10 @@ import numpy as np
 
 from purenet import losses
 from purenet._checks import check_float_input
-from purenet.layers.base import decay_mask, id_layer
+from purenet.layers.base import Array, LayerLike, PyTree, decay_mask, id_layer
 from purenet.network import _body_trees, _full_trees, _prepare, value_and_grad
+
+__all__ = ["as_function", "ggn_vp", "hvp"]
 
 
 # ---------------------------------------------------------------- the bridge
@@ -46,7 +49,7 @@ def _cast_like(tree, like):
     return jax.tree_util.tree_map(lambda t, p: t.astype(jnp.result_type(p)), tree, like)
 
 
-def as_function(net):
+def as_function(net: LayerLike) -> Callable[..., tuple[Array, PyTree]]:
     """The network as a plain JAX function whose reverse-mode derivative is the handwritten backward.
 
         apply = pn.as_function(net)
@@ -77,7 +80,7 @@ def as_function(net):
         check_float_input(x, ids=id_layer(net))
         return bridge(params, state, x, _static_bool(train), key)
 
-    apply.net = net
+    apply.net = net  # type: ignore[attr-defined]  # the wrapped network, for whoever inspects apply
     return apply
 
 
@@ -124,7 +127,9 @@ def _tangent(params, v):
     return _cast_like(v, params)
 
 
-def hvp(net, params, state, x, y, v, loss="cross_entropy", l2=0.0, train=False, key=None):
+def hvp(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, v: PyTree,
+        loss: str | losses.Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
+        key: Array | None = None) -> PyTree:
     """The Hessian of the loss (with its l2 term) times v: a tree like params.
 
         H v = d/dt  grad L(params + t v)  at t = 0
@@ -146,7 +151,9 @@ def hvp(net, params, state, x, y, v, loss="cross_entropy", l2=0.0, train=False, 
     return jax.jvp(grad, (params,), (v,))[1]
 
 
-def ggn_vp(net, params, state, x, y, v, loss="cross_entropy", l2=0.0, train=False, key=None):
+def ggn_vp(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, v: PyTree,
+           loss: str | losses.Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
+           key: Array | None = None) -> PyTree:
     """The generalised Gauss-Newton matrix times v (Schraudolph, 2002): a tree like params.
 
         G v = J^T H_out J v  (+ l2 v on the weights "W")

@@ -25,7 +25,7 @@ Your own loss is a `Loss(value, backward)`; it is accepted wherever a loss
 name is. `LOSSES` is the one registry of names.
 """
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, cast
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,14 @@ import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 
 from purenet._checks import is_concrete
-from purenet.layers.base import positions, wide
+from purenet.layers.base import Array, PyTree, positions, wide
+
+__all__ = [
+    "LOSSES", "LOSSES_FROM_LOGITS", "Loss", "add_l2_gradient", "binary_cross_entropy", "binary_cross_entropy_backward",
+    "checked", "class_targets", "cross_entropy", "cross_entropy_backward", "finite_logits", "get", "has_l2",
+    "l2_backward", "l2_penalty", "mse", "mse_backward", "sigmoid_binary_cross_entropy",
+    "sigmoid_binary_cross_entropy_backward", "softmax_cross_entropy", "softmax_cross_entropy_backward", "value_targets",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +70,12 @@ class Loss:
     backward: Callable
     name: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (callable(self.value) and callable(self.backward)):
             raise TypeError(f"Loss(value, backward) needs two functions, got {self.value!r} and {self.backward!r}")
 
-    def __str__(self):
-        return self.name or getattr(self.value, "__name__", repr(self.value))
+    def __str__(self) -> str:
+        return cast(str, self.name or getattr(self.value, "__name__", repr(self.value)))
 
 
 def _batch_size(y):
@@ -91,7 +98,7 @@ def _as_float(target, out):
     return jnp.asarray(target).astype(jnp.result_type(out))
 
 
-def class_targets(name, out, target):
+def class_targets(name: str, out: Array, target: Any) -> Array:
     """Integer labels (N,) -> one-hot rows; distributions (N, k) pass through checked."""
     target = jnp.asarray(target)
     k = jnp.shape(out)[-1]
@@ -118,7 +125,7 @@ def class_targets(name, out, target):
     return _as_float(target, out)
 
 
-def value_targets(name, out, target):
+def value_targets(name: str, out: Array, target: Any) -> Array:
     """Targets for mse / binary cross-entropy: the output's exact shape."""
     _check_same_shape(name, out, target)
     return _as_float(target, out)
@@ -127,32 +134,32 @@ def value_targets(name, out, target):
 # ---------------------------------------------------------------- losses on outputs
 
 
-def mse(y, t):
+def mse(y: Array, t: Any) -> Array:
     t = value_targets("mse", y, t)
     return jnp.sum((y - t) ** 2) / _batch_size(y)
 
 
-def mse_backward(y, t):
+def mse_backward(y: Array, t: Any) -> Array:
     t = value_targets("mse", y, t)
     return 2 * (y - t) / _batch_size(y)
 
 
-def cross_entropy(y, t):
+def cross_entropy(y: Array, t: Any) -> Array:
     t = class_targets("cross_entropy", y, t)
     return -jnp.sum(xlogy(t, y)) / _batch_size(y)
 
 
-def cross_entropy_backward(y, t):
+def cross_entropy_backward(y: Array, t: Any) -> Array:
     t = class_targets("cross_entropy", y, t)
     return -jnp.where(t == 0, 0.0, t / y) / _batch_size(y)
 
 
-def binary_cross_entropy(y, t):
+def binary_cross_entropy(y: Array, t: Any) -> Array:
     t = value_targets("binary_cross_entropy", y, t)
     return -jnp.sum(xlogy(t, y) + xlog1py(1 - t, -y)) / _batch_size(y)
 
 
-def binary_cross_entropy_backward(y, t):
+def binary_cross_entropy_backward(y: Array, t: Any) -> Array:
     t = value_targets("binary_cross_entropy", y, t)
     pos = jnp.where(t == 0, 0.0, t / y)
     neg = jnp.where(t == 1, 0.0, (1 - t) / (1 - y))
@@ -162,7 +169,7 @@ def binary_cross_entropy_backward(y, t):
 # ---------------------------------------------------------------- fused forms on logits
 
 
-def finite_logits(z):
+def finite_logits(z: Array) -> Array:
     """Clip logits to +-(largest float / 4), so +-inf become finite (NaN stays NaN).
 
     An infinite logit is then the certainty it stands for: the loss is 0 when
@@ -180,19 +187,19 @@ def _wide_logits(z):
     return wide(finite_logits(z))
 
 
-def softmax_cross_entropy(z, t):
+def softmax_cross_entropy(z: Array, t: Any) -> Array:
     z = _wide_logits(z)
     t = class_targets("cross_entropy", z, t)
     return -jnp.sum(t * jax.nn.log_softmax(z, axis=-1)) / _batch_size(z)
 
 
-def softmax_cross_entropy_backward(z, t):
+def softmax_cross_entropy_backward(z: Array, t: Any) -> Array:
     zw = _wide_logits(z)
     t = class_targets("cross_entropy", zw, t)
     return ((jax.nn.softmax(zw, axis=-1) - t) / _batch_size(z)).astype(jnp.result_type(z))
 
 
-def sigmoid_binary_cross_entropy(z, t):
+def sigmoid_binary_cross_entropy(z: Array, t: Any) -> Array:
     # softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), via logaddexp,
     # whose derivative is exact at z = 0 (max and abs are kinked there).
     z = _wide_logits(z)
@@ -200,7 +207,7 @@ def sigmoid_binary_cross_entropy(z, t):
     return jnp.sum(jnp.logaddexp(0.0, z) - t * z) / _batch_size(z)
 
 
-def sigmoid_binary_cross_entropy_backward(z, t):
+def sigmoid_binary_cross_entropy_backward(z: Array, t: Any) -> Array:
     zw = _wide_logits(z)
     t = value_targets("binary_cross_entropy", zw, t)
     return ((jax.nn.sigmoid(zw) - t) / _batch_size(z)).astype(jnp.result_type(z))
@@ -218,7 +225,7 @@ LOSSES_FROM_LOGITS = {
 }
 
 
-def get(loss):
+def get(loss: str | Loss) -> Loss:
     """The Loss for a registered name, or `loss` itself when it is a Loss."""
     if isinstance(loss, Loss):
         return loss
@@ -243,7 +250,7 @@ def _what(v) -> str:
     return "None" if v is None else f"a {type(v).__name__} ({str(v)[:80]})"
 
 
-def checked(loss):
+def checked(loss: Loss) -> Loss:
     """`loss` with its results checked (at trace time) on every call, naming the loss: value must
     return a numeric scalar array, backward a numeric array of out's shape."""
 
@@ -285,12 +292,12 @@ def _half_sum_of_squares(w, l2):
     return ((0.5 * l2 * jnp.sum(u * u)) * s * s).astype(w.dtype)
 
 
-def has_l2(l2):
+def has_l2(l2: Any) -> bool:
     """False only for a concrete zero: then the l2 terms are skipped, not added as zeros."""
     return not (is_concrete(l2) and np.ndim(l2) == 0 and float(l2) == 0)
 
 
-def l2_penalty(params, l2, mask):
+def l2_penalty(params: PyTree, l2: Any, mask: PyTree) -> Array | float:
     """l2/2 * sum of W^2 over every leaf where `mask` is True (the network's decay mask:
     its trainable weight matrices, see `pn.layers.base.decay_mask`).
 
@@ -303,12 +310,12 @@ def l2_penalty(params, l2, mask):
     return sum((_half_sum_of_squares(w, l2) for w, m in pairs if m), start=0.0)
 
 
-def l2_backward(params, l2, mask):
+def l2_backward(params: PyTree, l2: Any, mask: PyTree) -> PyTree:
     """d(l2 penalty)/dparams: l2 * W where `mask` is True, zero elsewhere."""
     return jax.tree_util.tree_map(lambda w, m: l2 * w if m else jnp.zeros_like(w), params, mask)
 
 
-def add_l2_gradient(grads, params, l2, mask):
+def add_l2_gradient(grads: PyTree, params: PyTree, l2: Any, mask: PyTree) -> PyTree:
     """grads + l2 W on every masked weight: the one place the penalty's gradient is added.
 
     grads may carry a leading batch axis (per-example gradients): l2 W

@@ -1,14 +1,18 @@
 """Evaluation metrics, computed in fixed-size chunks so that a large
 evaluation set never needs one huge forward pass."""
+from typing import Any, cast
+
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_float_input
-from purenet.layers.base import id_layer
+from purenet.layers.base import Array, LayerLike, PyTree, id_layer
 from purenet.layers import Sequential, Sigmoid, Softmax
 
+__all__ = ["accuracy", "confusion_matrix", "per_class_accuracy", "predict", "predicted_classes"]
 
-def predict(net, params, state, x, batch_size=1024):
+
+def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size: int = 1024) -> Array:
     """The network's outputs on x (evaluation mode), `batch_size` rows at a time."""
     check_float_input(x, ids=id_layer(net))
     n = x.shape[0]
@@ -30,14 +34,15 @@ def _labels(y):
     return jnp.argmax(y, axis=-1) if y.ndim == 2 else y
 
 
-def predicted_classes(net, params, state, x, batch_size=1024):
+def predicted_classes(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size: int = 1024) -> Array:
     """The most probable class of each row: argmax of the outputs, or for a
     single output unit, class 1 when p > 1/2. A final Softmax or Sigmoid is
     monotone, so it is skipped and the logits decide (argmax z, or z > 0):
     the same classes without the exponentials, and no ties from rounding."""
     head = net.layers[-1] if isinstance(net, Sequential) and net.layers else None
     if isinstance(head, (Softmax, Sigmoid)):
-        net, params, state = Sequential(net.layers[:-1], in_shape=net.in_shape), params[:-1], state[:-1]
+        seq = cast(Sequential, net)  # head is only set for a Sequential
+        net, params, state = Sequential(seq.layers[:-1], in_shape=seq.in_shape), params[:-1], state[:-1]
     out = predict(net, params, state, x, batch_size)
     if out.shape[-1] > 1:
         return jnp.argmax(out, axis=-1)
@@ -46,18 +51,19 @@ def predicted_classes(net, params, state, x, batch_size=1024):
     return (out[:, 0] > (0.0 if isinstance(head, Sigmoid) else 0.5)).astype(jnp.int32)
 
 
-def accuracy(net, params, state, x, y, batch_size=1024):
+def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, batch_size: int = 1024) -> Array:
     """Fraction of rows whose most probable class is the label (labels or distributions)."""
     return jnp.mean(predicted_classes(net, params, state, x, batch_size) == _labels(y))
 
 
-def confusion_matrix(net, params, state, x, y, num_classes, batch_size=1024):
+def confusion_matrix(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, num_classes: int,
+                     batch_size: int = 1024) -> Array:
     """C[i, j] = number of examples of class i predicted as class j."""
     pred = predicted_classes(net, params, state, x, batch_size)
     return jnp.zeros((num_classes, num_classes), jnp.int32).at[_labels(y), pred].add(1)
 
 
-def per_class_accuracy(confusion):
+def per_class_accuracy(confusion: Array) -> Array:
     """Recall of each class from a confusion matrix (NaN for a class with no examples)."""
     totals = jnp.sum(confusion, axis=1)
     return jnp.diagonal(confusion) / jnp.where(totals == 0, jnp.nan, totals)

@@ -19,7 +19,13 @@ import jax.numpy as jnp
 from purenet._checks import check_hyperparameter
 from purenet.chunks import check_chunk_size, in_chunks, mean_in_chunks
 from purenet.layers import base
+from purenet.layers.base import Array, LayerLike
+from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
+
+__all__ = [
+    "DPSGD", "PER_EXAMPLE", "clipped_value_and_grad", "per_example_grad_norms", "per_example_grads", "sq_norms_visit",
+]
 
 PyTree = Any
 
@@ -53,7 +59,9 @@ def _per_example_values(p, y):
     return jax.vmap(lambda o, t: p.loss_fn.value(o[None], t[None]))(p.out, jnp.asarray(y))
 
 
-def per_example_grads(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+def per_example_grads(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                      loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
+                      key: Array | None = None) -> tuple[Array, PyTree]:
     """(values, grads): each example's own loss L_i (+ l2 penalty) and its gradient.
 
     grads has params' structure with a leading batch axis on every leaf; its
@@ -71,8 +79,9 @@ def _sq_norms(net, p, y, l2):
     return base.sum_leaves(outs, jnp.zeros(p.out.shape[:1], p.out.dtype))
 
 
-def per_example_grad_norms(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None,
-                           chunk_size=None):
+def per_example_grad_norms(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                           loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
+                           key: Array | None = None, chunk_size: int | None = None) -> Array:
     """||grad of L_i|| for every example i, without forming the per-example gradients.
 
     Dense layers use ||h_i dy_i^T|| = ||h_i|| ||dy_i|| (Goodfellow, 2015), so
@@ -104,8 +113,10 @@ def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key):
     return p.loss_fn.value(p.out, y), backward_pass(p, net, y, seed=clip), p.state
 
 
-def clipped_value_and_grad(net, params, state, x, y, *, clip_norm, noise_multiplier=0.0, noise_key=None,
-                           loss="cross_entropy", l2=0.0, train=False, key=None, chunk_size=None):
+def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, *, clip_norm: float,
+                           noise_multiplier: float = 0.0, noise_key: Array | None = None,
+                           loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
+                           key: Array | None = None, chunk_size: int | None = None) -> tuple[Array, PyTree, PyTree]:
     """DP-SGD's gradient (Abadi et al., 2016): clip each example, sum, add noise, average.
 
         g = (1/N) [ sum_i g_i min(1, C / ||g_i||) + sigma C z ],   z ~ N(0, I)
@@ -152,7 +163,7 @@ class DPSGD:
     noise_multiplier: float = 0.0
     chunk_size: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("clip_norm", self.clip_norm, 0.0, None, low_open=True)
         check_hyperparameter("noise_multiplier", self.noise_multiplier, 0.0, None)
         check_chunk_size(self.chunk_size)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["key_words", "permutation"]
+
 
 def _mix(h):
     """murmur3 fmix32: a bijection of uint32 in which every input bit flips each output bit with p ~ 1/2."""
@@ -30,7 +32,7 @@ def _mix(h):
     return h ^ (h >> 16)
 
 
-def key_words(key):
+def key_words(key: jax.Array) -> jax.Array:
     """One key's raw 32-bit words (a typed key of any impl, or a legacy uint32 key)."""
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     if not typed and key.dtype != jnp.uint32:
@@ -41,7 +43,7 @@ def key_words(key):
     return jax.random.key_data(key) if typed else key
 
 
-def permutation(key, n, salt=0):
+def permutation(key: jax.Array, n: int, salt: int | np.integer | jax.Array = 0) -> jax.Array:
     """A shuffled arange(n) (int32) determined by (key, salt).
 
     `salt` (an int or traced integer, e.g. the epoch) gives independent

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from purenet.layers import base
-from purenet.layers.base import KFACFactors, Visit, kfac_eligible, walk
+from purenet.layers.base import Array, KFACFactors, LayerLike, PyTree, Visit, kfac_eligible, walk
+from purenet.losses import Loss
 from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
 from purenet.per_example import sq_norms_visit
 
@@ -56,7 +57,8 @@ def _fisher_leaf(layer, params, caches, dys):
 FISHER = Visit(_fisher_leaf, lambda params, dys: base.zeros_like_tree(params))
 
 
-def fisher_diagonal(net, params, state, x, y, loss="cross_entropy", train=False, key=None):
+def fisher_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                    loss: str | Loss = "cross_entropy", train: bool = False, key: Array | None = None) -> PyTree:
     """The empirical Fisher's diagonal, (1/N) sum_i g_i**2, a tree like params.
 
     Identity: for Dense rows dW_i = h_i dy_i^T, so sum_i dW_i**2 =
@@ -86,7 +88,9 @@ class NoiseScale(NamedTuple):
     mean_sq_norm: jnp.ndarray  # (1/n) sum_i |g_i|^2 = tr(empirical Fisher)
 
 
-def gradient_noise(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+def gradient_noise(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                   loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
+                   key: Array | None = None) -> NoiseScale:
     """NoiseScale(b_simple, trace_cov, grad_sq_norm, mean_sq_norm) on the batch (x, y).
 
     McCandlish et al. (2018), "An Empirical Model of Large-Batch Training":
@@ -117,8 +121,9 @@ def gradient_noise(net, params, state, x, y, loss="cross_entropy", l2=0.0, train
     return NoiseScale(trace / g2, trace, g2, mean_sq)
 
 
-def gradient_noise_scale(net, params, state, x, y, loss="cross_entropy", l2=0.0, unbiased=False, train=False,
-                         key=None):
+def gradient_noise_scale(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                         loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, unbiased: bool = False,
+                         train: bool = False, key: Array | None = None) -> Array:
     """B_simple = tr(S) / |G|^2 (McCandlish et al., 2018), a scalar: see `gradient_noise`.
 
     unbiased=True divides by |G|^2 - tr(S)/n, the unbiased estimate of the
@@ -147,7 +152,9 @@ GRAM = Visit(_gram_leaf, lambda params, dys: jnp.zeros((dys[0].shape[0], dys[1].
              shaped=False)
 
 
-def gradient_gram(net, params, state, batch1, batch2=None, loss="cross_entropy", train=False, key=None):
+def gradient_gram(net: LayerLike, params: PyTree, state: PyTree, batch1: tuple[Array, Any],
+                  batch2: tuple[Array, Any] | None = None, loss: str | Loss = "cross_entropy", train: bool = False,
+                  key: Array | None = None) -> Array:
     """The (n1, n2) matrix of per-example gradient inner products <g_i, g_j>, i in batch1, j in batch2.
 
     batch1 = (x1, y1), batch2 = (x2, y2) (default: batch1 again). Each batch
@@ -208,12 +215,14 @@ def _factor_tree(net, params, factors):
     return outs
 
 
-def kfac_zeros(net, params):
+def kfac_zeros(net: LayerLike, params: PyTree) -> PyTree:
     """A factor tree like `kfac_factors`' with zero matrices (K-FAC's optimizer state starts from it)."""
     return _factor_tree(net, params, None)
 
 
-def kfac_value_and_grad(net, params, state, x, y, loss="cross_entropy", l2=0.0, train=False, key=None):
+def kfac_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                        loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
+                        key: Array | None = None) -> tuple[Array, PyTree, PyTree, PyTree]:
     """(value, grads, factors, state): `pn.value_and_grad` and `kfac_factors` from one forward and backward.
 
     The backward runs once on the per-example output gradients N dL/d(output)
@@ -237,7 +246,8 @@ def _wide_factors(f):
     return KFACFactors(base.wide(f.A), base.wide(f.G))
 
 
-def kfac_factors(net, params, state, x, y, loss="cross_entropy", train=False, key=None):
+def kfac_factors(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                 loss: str | Loss = "cross_entropy", train: bool = False, key: Array | None = None) -> PyTree:
     """K-FAC's Kronecker factors of every Dense and Conv2D layer: a tree like params holding
     KFACFactors(A, G) in place of each such layer's params (None for other layers).
 

@@ -10,13 +10,25 @@ Checks run in float64 and compare per leaf with the relative error
 max|handwritten - autodiff| / max|autodiff|; a failure names the leaf path.
 """
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from purenet import _trees
+
+if TYPE_CHECKING:  # imported late at run time (hypothesis is optional)
+    from hypothesis.strategies import SearchStrategy
+
+    from purenet.layers.base import LayerLike
+    from purenet.layers.sequential import Sequential
+    from purenet.losses import Loss
+
+__all__ = [
+    "ACTIVATIONS", "GradCheckReport", "NetCase", "OUTPUT_LOSSES", "TransformerCase", "check_grads", "check_per_example",
+    "compare_trees", "net_cases", "relative_error", "transformer_block", "transformer_cases",
+]
 
 
 @dataclasses.dataclass
@@ -28,17 +40,17 @@ class GradCheckReport:
     value_error: float = 0.0
 
     @property
-    def max_error(self):
+    def max_error(self) -> float:
         return max([self.value_error, *self.errors.values()], default=0.0)
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.max_error <= self.rtol
 
-    def failures(self):
+    def failures(self) -> dict[str, float]:
         return {path: e for path, e in self.errors.items() if not e <= self.rtol}
 
-    def __str__(self):
+    def __str__(self) -> str:
         width = max([len(p) for p in self.errors] + [4])
         lines = [f"{'leaf':<{width}}  relative error (rtol {self.rtol:g})"]
         for path, err in self.errors.items():
@@ -47,7 +59,7 @@ class GradCheckReport:
         return "\n".join(lines)
 
 
-def relative_error(actual, expected):
+def relative_error(actual: Any, expected: Any) -> float:
     """max|actual - expected| / max|expected| (0 when both are zero)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
@@ -59,7 +71,7 @@ def relative_error(actual, expected):
     return float(diff / scale) if scale > 0 else float("inf")
 
 
-def compare_trees(actual, expected):
+def compare_trees(actual: Any, expected: Any) -> dict[str, float]:
     """Per-leaf relative errors, keyed by path; raises naming structure mismatches."""
     a, e = _trees.by_path(actual), _trees.by_path(expected)
     m = _trees.first_mismatch(a, e, shape=False)
@@ -75,8 +87,9 @@ def _to_f64(tree):
     )
 
 
-def check_grads(model, x, y=None, *, loss=None, params=None, state=None, key=None,
-                l2=0.0, train=False, rtol=1e-10, raise_on_failure=True):
+def check_grads(model: "LayerLike", x: Any, y: Any = None, *, loss: "str | Loss | None" = None, params: Any = None,
+                state: Any = None, key: jax.Array | None = None, l2: float = 0.0, train: bool = False,
+                rtol: float = 1e-10, raise_on_failure: bool = True) -> GradCheckReport:
     """Check a handwritten backward against `jax.grad` in float64.
 
     Without `loss`: `model` is a layer; its backward with a random cotangent c
@@ -137,7 +150,8 @@ def _check_network(network, net, params, state, x, y, loss, l2, train, fwd_key, 
     return GradCheckReport(errors, rtol, relative_error(value, ref_value))
 
 
-def check_per_example(net, x, y, *, loss, params, state, l2=0.0, rtol=1e-10):
+def check_per_example(net: "LayerLike", x: jax.Array, y: Any, *, loss: "str | Loss", params: Any, state: Any,
+                      l2: float = 0.0, rtol: float = 1e-10) -> dict[str, float]:
     """Per-example gradients and their norms against `jax.vmap(jax.grad)` of each example's loss.
 
     Raises AssertionError naming the leaf when `pn.per_example_grads` differs
@@ -187,10 +201,10 @@ class NetCase:
     soft_targets: bool = False
 
     @property
-    def in_dim(self):
+    def in_dim(self) -> int:
         return self.in_shape[-1]
 
-    def data(self, dtype=jnp.float64):
+    def data(self, dtype: Any = jnp.float64) -> tuple[Any, Any, jax.Array, jax.Array]:
         """(params, state, x, y) for this case, from its seed.
 
         Targets have the output's shape, or without its last axis for labels.
@@ -210,8 +224,9 @@ class NetCase:
         return params, state, x, y
 
 
-def net_cases(max_depth=3, widths=(1, 2, 5), batches=(1, 2, 5), dropout=False, batchnorm=False,
-              compose=False, sequences=False, images=False):
+def net_cases(max_depth: int = 3, widths: Sequence[int] = (1, 2, 5), batches: Sequence[int] = (1, 2, 5),
+              dropout: bool = False, batchnorm: bool = False, compose: bool = False, sequences: bool = False,
+              images: bool = False) -> "SearchStrategy[NetCase]":
     """A hypothesis strategy of NetCase: random depth, widths, batch size
     (batch norm skips sizes below 2), hidden activation, initializer,
     output/loss pair, target kind and l2 on/off.
@@ -385,10 +400,10 @@ class TransformerCase:
     train: bool = False  # dropout active (with the key from the seed)
 
     @property
-    def loss(self):
+    def loss(self) -> str:
         return "cross_entropy" if self.kind == "gpt" else "mse"
 
-    def data(self, dtype=jnp.float64):
+    def data(self, dtype: Any = jnp.float64) -> tuple[Any, Any, jax.Array, jax.Array]:
         """(params, state, x, y): ids and labels for a GPT, floats and targets for blocks."""
         kp, kx, ky = jax.random.split(jax.random.key(self.seed), 3)
         in_shape = (self.length,) if self.kind == "gpt" else (self.length, self.features)
@@ -402,7 +417,8 @@ class TransformerCase:
         return params, state, x, y
 
 
-def transformer_block(features, heads, causal=True, use_bias=True, dropout=0.0):
+def transformer_block(features: int, heads: int, causal: bool = True, use_bias: bool = True,
+                      dropout: float = 0.0) -> "Sequential":
     """A pre-LayerNorm transformer block (attention, then a 4x GELU MLP, both residual)."""
     from purenet import layers as L
 
@@ -414,8 +430,9 @@ def transformer_block(features, heads, causal=True, use_bias=True, dropout=0.0):
     ])
 
 
-def transformer_cases(lengths=(1, 3), features=(4, 8), heads=(1, 2), batches=(1, 2), vocab=5, max_layers=2,
-                      dropout=False):
+def transformer_cases(lengths: Sequence[int] = (1, 3), features: Sequence[int] = (4, 8), heads: Sequence[int] = (1, 2),
+                      batches: Sequence[int] = (1, 2), vocab: int = 5, max_layers: int = 2,
+                      dropout: bool = False) -> "SearchStrategy[TransformerCase]":
     """A hypothesis strategy of TransformerCase: a whole `pn.gpt` (tied or not) or a
     stack of random transformer blocks (causal or not, with or without biases),
     tiny sizes, optionally with dropout in training mode."""

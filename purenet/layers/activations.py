@@ -11,12 +11,15 @@ class: adding an activation means adding its class and one entry there.
 """
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
-from purenet.layers.base import Elementwise
+from purenet.layers.base import Array, Elementwise
+
+__all__ = ["ACTIVATIONS", "ELU", "GELU", "Identity", "LeakyReLU", "ReLU", "SiLU", "Sigmoid", "Softplus", "Tanh"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,14 +29,14 @@ class Sigmoid(Elementwise):
     Computed without overflow: h(+-1000) is exactly 1 or 0 and h' is 0.
     """
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         y = jax.nn.sigmoid(x)
         return y, y
 
-    def grad(self, y, dy):
+    def grad(self, y: Array, dy: Array) -> Array:
         return dy * (y * (1 - y))
 
-    def activation_stats(self, y):
+    def activation_stats(self, y: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: saturated where h < 0.01 or h > 0.99."""
         return None, jnp.abs(y - 0.5) > 0.49
 
@@ -46,15 +49,15 @@ class Tanh(Elementwise):
     cancels when h is near +-1); it is also the form jax uses.
     """
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         y = jnp.tanh(x)
         return y, y
 
-    def grad(self, y, dy):
+    def grad(self, y: Array, dy: Array) -> Array:
         g = dy * (1 - y)
         return g + g * y
 
-    def activation_stats(self, y):
+    def activation_stats(self, y: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: saturated where |h| > 0.99."""
         return None, jnp.abs(y) > 0.99
 
@@ -63,13 +66,13 @@ class Tanh(Elementwise):
 class ReLU(Elementwise):
     """h = max(a, 0),  h' = 1 if a > 0 else 0 (so relu'(0) = 0)."""
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         return jax.nn.relu(x), x > 0
 
-    def grad(self, positive, dy):
+    def grad(self, positive: Array, dy: Array) -> Array:
         return jnp.where(positive, dy, jnp.zeros_like(dy))
 
-    def activation_stats(self, positive):
+    def activation_stats(self, positive: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: dead where a <= 0."""
         return ~positive, None
 
@@ -80,17 +83,17 @@ class LeakyReLU(Elementwise):
 
     negative_slope: float = 0.01
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("negative_slope", self.negative_slope)
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         nonneg = x >= 0
         return jnp.where(nonneg, x, self.negative_slope * x), nonneg
 
-    def grad(self, nonneg, dy):
+    def grad(self, nonneg: Array, dy: Array) -> Array:
         return jnp.where(nonneg, dy, self.negative_slope * dy)
 
-    def activation_stats(self, nonneg):
+    def activation_stats(self, nonneg: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: dead where a < 0."""
         return ~nonneg, None
 
@@ -99,10 +102,10 @@ class LeakyReLU(Elementwise):
 class Identity(Elementwise):
     """The linear activation h = a,  h' = 1."""
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         return x, None
 
-    def grad(self, cache, dy):
+    def grad(self, cache: Any, dy: Array) -> Array:
         return dy
 
 
@@ -127,12 +130,12 @@ class GELU(Elementwise):
 
     approximate: bool = False
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         if self.approximate:
             return jax.nn.gelu(x, approximate=True), x
         return 0.5 * x * (1 + jax.lax.erf(x * math.sqrt(0.5))), x
 
-    def grad(self, x, dy):
+    def grad(self, x: Array, dy: Array) -> Array:
         if self.approximate:
             k = math.sqrt(2 / math.pi)
             t = jnp.tanh(k * (x + 0.044715 * x**3))
@@ -142,7 +145,7 @@ class GELU(Elementwise):
             slope = 0.5 * (1 + jax.lax.erf(z)) + x * jnp.exp(-(z * z)) * (1 / math.sqrt(2 * math.pi))
         return dy * slope
 
-    def activation_stats(self, x):
+    def activation_stats(self, x: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: dead where a <= 0 (the flat side)."""
         return x <= 0, None
 
@@ -151,14 +154,14 @@ class GELU(Elementwise):
 class SiLU(Elementwise):
     """Sigmoid linear unit (swish):  h = a s,  s = sigmoid(a),  h' = s + a s (1 - s)."""
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         return jax.nn.silu(x), x
 
-    def grad(self, x, dy):
+    def grad(self, x: Array, dy: Array) -> Array:
         s = jax.nn.sigmoid(x)
         return dy * (s + x * s * (1 - s))
 
-    def activation_stats(self, x):
+    def activation_stats(self, x: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: dead where a <= 0 (the flat side)."""
         return x <= 0, None
 
@@ -172,13 +175,13 @@ class ELU(Elementwise):
 
     alpha: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("ELU alpha", self.alpha)
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         return jax.nn.elu(x, self.alpha), x
 
-    def grad(self, x, dy):
+    def grad(self, x: Array, dy: Array) -> Array:
         positive = x > 0
         return jnp.where(positive, dy, dy * self.alpha * jnp.exp(jnp.where(positive, 0.0, x)))
 
@@ -187,10 +190,10 @@ class ELU(Elementwise):
 class Softplus(Elementwise):
     """h = log(1 + e^a) (computed as logaddexp(a, 0): no overflow),  h' = sigmoid(a)."""
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Any]:
         return jax.nn.softplus(x), x
 
-    def grad(self, x, dy):
+    def grad(self, x: Array, dy: Array) -> Array:
         return dy * jax.nn.sigmoid(x)
 
 

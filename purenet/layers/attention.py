@@ -12,7 +12,7 @@ The three input projections run as one matrix product x [Wq Wk Wv], and
 the heads as one batched product over (batch, head).
 """
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,9 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import dense
-from purenet.layers.base import Layer, as_shape
+from purenet.layers.base import Array, Layer, PyTree, as_shape
+
+__all__ = ["MultiHeadAttention"]
 
 _NAMES = ("q", "k", "v")
 
@@ -70,7 +72,8 @@ class MultiHeadAttention(Layer):
 
     roles = {**{f"W{n}": "weight" for n in "qkvo"}, **{f"b{n}": "bias" for n in "qkvo"}}
 
-    def __init__(self, num_heads, causal=False, use_bias=True, init="xavier_uniform"):
+    def __init__(self, num_heads: int, causal: bool = False, use_bias: bool = True,
+                 init: str = "xavier_uniform") -> None:
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"MultiHeadAttention num_heads must be a positive integer, got {num_heads!r}")
         initializers.get(init)
@@ -79,7 +82,7 @@ class MultiHeadAttention(Layer):
         object.__setattr__(self, "use_bias", bool(use_bias))
         object.__setattr__(self, "initializer", init)
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
         if len(in_shape) != 2:
             raise ValueError(f"{self} takes examples of shape (T, d), got {in_shape}")
@@ -98,7 +101,8 @@ class MultiHeadAttention(Layer):
     def _w_qkv(self, params):
         return jnp.concatenate([params["Wq"], params["Wk"], params["Wv"]], axis=1)
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del train, key
         d = params["Wq"].shape[0]
         if jnp.ndim(x) != 3 or x.shape[-1] != d:
@@ -158,7 +162,7 @@ class MultiHeadAttention(Layer):
             out["bo"] = grads_out["b"]
         return {k: out[k] for k in params}  # params' own key order
 
-    def backward(self, params, cache, dy):
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         proj_out = dense.Dense(params["Wo"].shape[1], use_bias=self.use_bias)
         grads_out, _ = proj_out.backward({"W": params["Wo"]}, cache.o, dy)
         dqkv = self._d_qkv(params, cache, dy)
@@ -170,14 +174,14 @@ class MultiHeadAttention(Layer):
     def _dx(self, params, dqkv):
         return lax.dot_general(dqkv, self._w_qkv(params), (((2,), (1,)), ((), ())))
 
-    def per_example_backward(self, params, cache, dy):
+    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         """Each example's gradients: its own sums over positions of the four projections' outer products."""
         dqkv = self._d_qkv(params, cache, dy)
         grads_in = dense.per_example_grads(cache.x, dqkv, self.use_bias)
         grads_out = dense.per_example_grads(cache.o, dy, self.use_bias)
         return self._collect(params, grads_in, grads_out), self._dx(params, dqkv)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         """The projections' ghost norms (see `purenet.layers.dense.per_example_sq_norms`); l2
         covers the four weight matrices (their role), not the biases."""
         dqkv = self._d_qkv(params, cache, dy)

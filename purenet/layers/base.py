@@ -63,6 +63,15 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Proto
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "Array", "Container", "DECAYED", "Elementwise", "KFACFactors", "Layer", "LayerLike", "Leaf", "PLAIN",
+    "ParameterFree", "PyTree", "ROLES", "Static", "Visit", "as_shape", "cache_batch_axes", "decay_mask",
+    "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
+    "is_container", "kfac_eligible", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
+    "per_example_gram", "per_example_sq", "per_example_sq_norms", "per_example_sum", "positions", "roles", "sum_leaves",
+    "walk", "walk_leaves", "wide", "zeros_like_tree",
+]
+
 Array = jax.Array
 PyTree = Any
 

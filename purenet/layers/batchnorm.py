@@ -1,13 +1,15 @@
 """Batch normalisation (Ioffe & Szegedy, 2015)."""
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
-from purenet.layers.base import Layer, as_shape, per_example_sum, wide
+from purenet.layers.base import Array, Layer, PyTree, as_shape, per_example_sum, wide
+
+__all__ = ["BatchNorm"]
 
 
 class _BatchStatsCache(NamedTuple):
@@ -53,11 +55,11 @@ class BatchNorm(Layer):
 
     roles = {"gamma": "gain", "beta": "bias"}
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("BatchNorm momentum", self.momentum, 0.0, 1.0, high_open=False)
         check_hyperparameter("BatchNorm eps", self.eps, 0.0, low_open=True, high=None)
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         del key
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
         d = in_shape[-1]
@@ -65,10 +67,12 @@ class BatchNorm(Layer):
         state = {"mean": jnp.zeros((d,), dtype), "var": jnp.ones((d,), dtype)}
         return params, state, in_shape
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del key
         dtype, x = jnp.result_type(x), wide(x)  # statistics in at least float32 (mixed precision)
         axes = tuple(range(jnp.ndim(x) - 1))
+        cache: _BatchStatsCache | _RunningStatsCache
         if train:
             n = math.prod(jnp.shape(x)[:-1])
             if n < 2:
@@ -93,7 +97,7 @@ class BatchNorm(Layer):
             cache = _RunningStatsCache(xhat, inv_std)
         return (params["gamma"] * xhat + params["beta"]).astype(dtype), state, cache
 
-    def backward(self, params, cache, dy):
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         dtype, dy = jnp.result_type(dy), wide(dy)
         axes = tuple(range(jnp.ndim(dy) - 1))
         pdtype = params["gamma"].dtype
@@ -118,10 +122,10 @@ class BatchNorm(Layer):
         grads = {"gamma": per_example_sum(dy * cache.xhat), "beta": per_example_sum(dy)}
         return grads, dy * params["gamma"] * cache.inv_std
 
-    def per_example_backward(self, params, cache, dy):
+    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         """In evaluation mode: dgamma_i = dy_i xhat_i, dbeta_i = dy_i."""
         return self._per_example(params, cache, dy)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         grads, dx = self._per_example(params, cache, dy)
         return jnp.sum(grads["gamma"] ** 2 + grads["beta"] ** 2, axis=-1), dx

@@ -14,12 +14,15 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import Container, ParameterFree, Static, as_shape, frozen_input_grads, walk
+from purenet.layers.base import (Array, Container, LayerLike, ParameterFree, PyTree, Static, Visit, as_shape,
+                                 frozen_input_grads, walk)
+
+__all__ = ["Flatten", "Frozen", "Parallel", "Remat", "Residual"]
 
 
 def _sum(arrays):
@@ -41,9 +44,9 @@ class Residual(Container):
     The block must keep the shape of its input.
     """
 
-    block: object
+    block: LayerLike
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         in_shape = as_shape(in_shape)
         params, state, out_shape = self.block.init(key, in_shape, dtype=dtype)
         out_shape = as_shape(out_shape, "out_shape")
@@ -52,20 +55,21 @@ class Residual(Container):
                              f"{out_shape}, but y = x + block(x) needs both shapes equal")
         return params, state, in_shape
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         h, state, cache = self.block.forward(params, state, x, train=train, key=key)
         return x + h, state, cache
 
     def children(self) -> tuple:
         return (self.block,)
 
-    def split(self, tree):
+    def split(self, tree: PyTree) -> tuple:
         return (tree,)
 
-    def join(self, parts):
+    def join(self, parts: tuple | list) -> PyTree:
         return parts[0]
 
-    def walk_back(self, visit, params, caches, dys):
+    def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         outs, dxs = walk(self.block, visit, params, caches, dys)
         return outs, tuple(dy + dx for dy, dx in zip(dys, dxs))
 
@@ -91,7 +95,7 @@ class Parallel(Container):
     branches: tuple
     merge: str
 
-    def __init__(self, branches, merge="concat"):
+    def __init__(self, branches: Iterable[LayerLike], merge: str = "concat") -> None:
         branches = tuple(branches)
         if not branches:
             raise ValueError("Parallel needs at least one branch")
@@ -100,12 +104,14 @@ class Parallel(Container):
         object.__setattr__(self, "branches", branches)
         object.__setattr__(self, "merge", merge)
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         in_shape = as_shape(in_shape)
         params, states, shapes = [], [], []
         for branch, k in zip(self.branches, jax.random.split(key, len(self.branches))):
             p, s, out = branch.init(k, in_shape, dtype=dtype)
-            params.append(p), states.append(s), shapes.append(as_shape(out, "out_shape"))
+            params.append(p)
+            states.append(s)
+            shapes.append(as_shape(out, "out_shape"))
         if self.merge == "sum" and len(set(shapes)) > 1:
             raise ValueError(f"Parallel(merge='sum'): branch outputs have shapes {shapes}; a sum needs them "
                              f"all equal")
@@ -120,14 +126,17 @@ class Parallel(Container):
             raise ValueError(f"Parallel with {len(self.branches)} branches needs {what} as a tuple of "
                              f"{len(self.branches)} entries, got {type(tree).__name__}")
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         self._check(params, "params")
         self._check(state, "state")
         outs, states, caches = [], [], []
         for i, branch in enumerate(self.branches):
             k = None if key is None else jax.random.fold_in(key, i)
             y, s, c = branch.forward(params[i], state[i], x, train=train, key=k)
-            outs.append(y), states.append(s), caches.append(c)
+            outs.append(y)
+            states.append(s)
+            caches.append(c)
         if self.merge == "sum":
             return _sum(outs), tuple(states), (tuple(caches), None)
         widths = Static(tuple(y.shape[-1] for y in outs))  # where to split dy on the way back
@@ -146,22 +155,23 @@ class Parallel(Container):
     def input_children(self) -> tuple:
         return self.branches
 
-    def output_child(self):
+    def output_child(self) -> Any:
         return self.branches[0] if len(self.branches) == 1 else None
 
-    def split(self, tree):
+    def split(self, tree: PyTree) -> tuple:
         return tuple(tree)
 
-    def join(self, parts):
+    def join(self, parts: tuple | list) -> PyTree:
         return tuple(parts)
 
-    def walk_back(self, visit, params, caches, dys):
+    def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         """Each branch gets its part of dy; x fans out to every branch, so dL/dx sums over them."""
         split = [self._branch_dys(c, dy) for c, dy in zip(caches, dys)]  # per stream, per branch
         outs, dxs = [], []
         for i, branch in enumerate(self.branches):
             out, dx = walk(branch, visit, params[i], tuple(c[0][i] for c in caches), tuple(s[i] for s in split))
-            outs.append(out), dxs.append(dx)
+            outs.append(out)
+            dxs.append(dx)
         return tuple(outs), tuple(_sum([dx[k] for dx in dxs]) for k in range(len(dys)))
 
 
@@ -169,13 +179,13 @@ class Parallel(Container):
 class Flatten(ParameterFree):
     """(batch, *shape) -> (batch, prod(shape)); backward reshapes dy back."""
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (math.prod(in_shape),)
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Static]:
         return jnp.reshape(x, (x.shape[0], -1)), Static(x.shape[1:])
 
-    def grad(self, shape, dy):
+    def grad(self, shape: Static, dy: Array) -> Array:
         return jnp.reshape(dy, (dy.shape[0], *shape.value))
 
 
@@ -191,12 +201,13 @@ class Frozen(Container):
     Pair with `pn.optim.masked` when weight decay must not move them either.
     """
 
-    block: object
+    block: LayerLike
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         return self.block.init(key, in_shape, dtype=dtype)
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         return self.block.forward(params, state, x, train=train, key=key)
 
     freezes = True
@@ -204,13 +215,13 @@ class Frozen(Container):
     def children(self) -> tuple:
         return (self.block,)
 
-    def split(self, tree):
+    def split(self, tree: PyTree) -> tuple:
         return (tree,)
 
-    def join(self, parts):
+    def join(self, parts: tuple | list) -> PyTree:
         return parts[0]
 
-    def walk_back(self, visit, params, caches, dys):
+    def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         """dL/dx passes through; every feature sees no parameter gradient here (visit.frozen)."""
         if visit.frozen is None:  # a visitor that only reads the caches
             return walk(self.block, visit, params, caches, dys)
@@ -243,12 +254,13 @@ class Remat(Container):
     8.5 MiB to 5.0 MiB (`jax.checkpoint` of the same blocks: 12.5 MiB).
     """
 
-    block: object
+    block: LayerLike
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         return self.block.init(key, in_shape, dtype=dtype)
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         y, new_state, _ = self.block.forward(params, state, x, train=train, key=key)
         return y, new_state, _RematCache(x, state, key, bool(train))
 
@@ -265,12 +277,12 @@ class Remat(Container):
     def children(self) -> tuple:
         return (self.block,)
 
-    def split(self, tree):
+    def split(self, tree: PyTree) -> tuple:
         return (tree,)
 
-    def join(self, parts):
+    def join(self, parts: tuple | list) -> PyTree:
         return parts[0]
 
-    def walk_back(self, visit, params, caches, dys):
+    def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         inner, dys = zip(*(self._rerun(params, c, dy) for c, dy in zip(caches, dys))) if caches else ((), ())
         return walk(self.block, visit, params, tuple(inner), tuple(dys))

@@ -19,7 +19,7 @@ interior zeros, the transpose of a strided slice) and the taps are summed
 """
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,13 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import Layer, ParameterFree, Static, as_shape
+from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree, Static, as_shape
 from purenet.layers import dense
+
+__all__ = [
+    "AvgPool2D", "Conv2D", "Geometry", "GlobalAvgPool2D", "IMPLEMENTATIONS", "MaxPool2D", "geometry", "patches",
+    "tap_slices", "untap",
+]
 
 IMPLEMENTATIONS = ("auto", "im2col", "xla")
 # What Conv2D(implementation="auto") runs, per backend, from benchmarks/cnn.py (see Conv2D's docstring).
@@ -80,16 +85,20 @@ class Geometry(NamedTuple):
     out_hw: tuple
 
     @property
-    def padded_hw(self):
+    def padded_hw(self) -> tuple[int, ...]:
         return tuple(n + lo + hi for n, (lo, hi) in zip(self.in_hw, self.pads))
 
-    def taps(self):
+    def taps(self) -> list[tuple[int, int]]:
         """(i, j) for every tap of the window, in row-major order."""
         return [(i, j) for i in range(self.window[0]) for j in range(self.window[1])]
 
 
-def geometry(in_hw, window, strides, dilation, padding, owner):
+def geometry(in_hw: Sequence[int], window: tuple[int, int], strides: tuple[int, int], dilation: tuple[int, int],
+             padding: Any, owner: Any) -> Geometry:
+    """The geometry of a window over an (H, W) input; padding is "SAME", "VALID" or ((lo, hi), (lo, hi)),
+    and `owner` names the layer in the error when the window does not fit."""
     span = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+    pads: Any  # ((lo, hi), (lo, hi)) in the end
     if padding == "VALID":
         pads = ((0, 0), (0, 0))
     elif padding == "SAME":
@@ -112,7 +121,7 @@ def _pad(x, g, value=0.0):
     return lax.pad(x, jnp.asarray(value, x.dtype), ((0, 0, 0), (hl, hh, 0), (wl, wh, 0), (0, 0, 0)))
 
 
-def tap_slices(xp, g):
+def tap_slices(xp: Array, g: Geometry) -> list[Array]:
     """For each tap (i, j), the strided slice of the padded input xp it reads: (N, Ho, Wo, C) each."""
     (sh, sw), (dh, dw), (ho, wo) = g.strides, g.dilation, g.out_hw
     n, c = xp.shape[0], xp.shape[-1]
@@ -120,7 +129,7 @@ def tap_slices(xp, g):
                       (1, sh, sw, 1)) for i, j in g.taps()]
 
 
-def untap(pieces, g, in_place=False):
+def untap(pieces: Sequence[Array], g: Geometry, in_place: bool = False) -> Array:
     """The transpose of `tap_slices` followed by cropping the padding: each tap's
     (N, Ho, Wo, C) piece goes back where it was read, and overlaps add up.
 
@@ -132,7 +141,7 @@ def untap(pieces, g, in_place=False):
     (sh, sw), (dh, dw), (ho, wo) = g.strides, g.dilation, g.out_hw
     hp, wp = g.padded_hw
     n, c, zero = pieces[0].shape[0], pieces[0].shape[-1], jnp.zeros((), pieces[0].dtype)
-    total = jnp.zeros((n, hp, wp, c), pieces[0].dtype) if in_place else None
+    total: Any = jnp.zeros((n, hp, wp, c), pieces[0].dtype) if in_place else None  # else the first piece starts it
     for (i, j), piece in zip(g.taps(), pieces):
         if in_place:
             spread = lax.pad(piece, zero, ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0)))
@@ -146,7 +155,7 @@ def untap(pieces, g, in_place=False):
     return lax.slice(total, (0, hl, wl, 0), (n, hl + g.in_hw[0], wl + g.in_hw[1], c))
 
 
-def patches(x, g):
+def patches(x: Array, g: Geometry) -> Array:
     """im2col: (N, H, W, C) -> (N, Ho, Wo, kh kw C), taps major, channels minor (W's row order)."""
     slices = tap_slices(_pad(x, g), g)
     return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
@@ -272,8 +281,10 @@ class Conv2D(Layer):
 
     roles = {"W": "weight", "b": "bias"}
 
-    def __init__(self, features, kernel_size, strides=1, padding="SAME", dilation=1, init="he_normal",
-                 use_bias=True, implementation="auto", *, initializer=None):
+    def __init__(self, features: int, kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1,
+                 padding: str | int | Sequence[Sequence[int]] = "SAME", dilation: int | Sequence[int] = 1,
+                 init: str = "he_normal", use_bias: bool = True, implementation: str = "auto", *,
+                 initializer: str | None = None) -> None:
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"Conv2D features must be a positive integer, got {features!r}")
         init = initializer or init  # the field's name, as dataclasses.replace passes it
@@ -287,7 +298,7 @@ class Conv2D(Layer):
                             ("use_bias", bool(use_bias)), ("implementation", implementation)):
             object.__setattr__(self, name, value)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"Conv2D(features={self.features}, kernel_size={self.kernel_size}, strides={self.strides}, "
                 f"padding={self.padding!r}, dilation={self.dilation}, init={self.initializer!r}, "
                 f"use_bias={self.use_bias}, implementation={self.implementation!r})")
@@ -306,7 +317,7 @@ class Conv2D(Layer):
             return "im2col"
         return _FASTEST.get(backend, "xla")
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         h, w, c = _image_shape(self, in_shape)
         g = self._geometry((h, w))
         dtype = dtype or default_float()
@@ -315,7 +326,8 @@ class Conv2D(Layer):
             params["b"] = jnp.zeros((self.features,), dtype)
         return params, {}, (*g.out_hw, self.features)
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del train, key
         W = params["W"]
         _check_images(self, x)
@@ -333,7 +345,7 @@ class Conv2D(Layer):
             y = y + params["b"]
         return y, state, _ConvCache(inputs, Static(x.shape[1:3]))
 
-    def backward(self, params, cache, dy):
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         W = params["W"]
         g = self._geometry(cache.in_hw.value)
         if self._impl(W) == "xla":
@@ -381,7 +393,7 @@ class Conv2D(Layer):
             return [dw[:, t * c:(t + 1) * c] for t in range(len(g.taps()))], g
         return [_per_example_tap_grad(s, dy) for s in self._taps(W, cache, g)], g
 
-    def per_example_backward(self, params, cache, dy):
+    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         """Example i's gradients: dW_i[tap] = S_tap,i^T g_i (summed over its output pixels), db_i = sum g_i."""
         W = params["W"]
         taps, g = self._per_example_taps(W, cache, dy)
@@ -390,7 +402,7 @@ class Conv2D(Layer):
             grads["b"] = jnp.sum(dy, axis=(1, 2))
         return grads, self._dx(W, cache, dy, g)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         """||dW_i + l2 W||^2 + ||db_i||^2 without forming patches, whichever of two ways costs fewer flops.
 
         Formed by tap (`_per_example_taps`):  sum_tap ||S_tap,i^T g_i + l2 W_tap||^2, O(N T K F) flops.
@@ -417,12 +429,12 @@ class Conv2D(Layer):
                 sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
         else:
             formed, _ = self._per_example_taps(W, cache, dy)
-            sq = sum(jnp.sum((d + l2 * W[i, j]) ** 2, axis=(1, 2)) for (i, j), d in zip(g.taps(), formed))
+            sq = cast(Array, sum(jnp.sum((d + l2 * W[i, j]) ** 2, axis=(1, 2)) for (i, j), d in zip(g.taps(), formed)))
         if self.use_bias:
             sq = sq + jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=-1)
         return sq, self._dx(W, cache, dy, g)
 
-    def per_example_sq(self, params, cache, dy):
+    def per_example_sq(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         """sum_i dW_i**2, sum_i db_i**2, dW_i formed one tap at a time."""
         taps, g = self._per_example_taps(params["W"], cache, dy)
         sq = {"W": jnp.stack([jnp.sum(d * d, axis=0) for d in taps]).reshape(params["W"].shape)}
@@ -430,21 +442,22 @@ class Conv2D(Layer):
             sq["b"] = jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=0)
         return sq, self._dx(params["W"], cache, dy, g)
 
-    def per_example_gram(self, params, cache_a, dya, cache_b, dyb):
+    def per_example_gram(self, params: PyTree, cache_a: PyTree, dya: Array, cache_b: PyTree,
+                         dyb: Array) -> tuple[Array, Array, Array]:
         """<grad_i, grad_j> = sum_tap <dW_i[tap], dW_j[tap]> (+ <db_i, db_j>), one tap at a time."""
         W = params["W"]
         (ta, g), (tb, _) = self._per_example_taps(W, cache_a, dya), self._per_example_taps(W, cache_b, dyb)
-        gram = sum(lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb))
+        gram = cast(Array, sum(lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb)))
         if self.use_bias:
             gram = gram + jnp.sum(dya, axis=(1, 2)) @ jnp.sum(dyb, axis=(1, 2)).T
         return gram, self._dx(params["W"], cache_a, dya, g), self._dx(params["W"], cache_b, dyb, g)
 
-    def kfac_factors(self, params, cache, dy):
+    def kfac_factors(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[KFACFactors, Array]:
         """K-FAC factors on the patches (KFC, Grosse & Martens, 2016): A over every output pixel's
         patch [p, 1], G summed over the Ho Wo pixels; W2 = W reshaped to (kh kw C, F) is the matrix."""
         return dense.kfac_factors(self._patches(params["W"], cache), dy, self.use_bias), self._dx_of(params, cache, dy)
 
-    def kfac_dims(self, params):
+    def kfac_dims(self, params: PyTree) -> tuple[int, int]:
         W = params["W"]
         return W.shape[0] * W.shape[1] * W.shape[2] + self.use_bias, W.shape[3]
 
@@ -455,7 +468,13 @@ class Conv2D(Layer):
 class _Pool(ParameterFree):
     """Shared by the window pools: window, strides (default: the window), padding."""
 
-    def __init__(self, window, strides=None, padding="VALID"):
+    if TYPE_CHECKING:  # the subclasses' fields
+        window: tuple
+        strides: tuple
+        padding: Any
+
+    def __init__(self, window: int | Sequence[int], strides: int | Sequence[int] | None = None,
+                 padding: str | int | Sequence[Sequence[int]] = "VALID") -> None:
         name = type(self).__name__
         object.__setattr__(self, "window", _pair(window, f"{name} window"))
         object.__setattr__(self, "strides", self.window if strides is None else _pair(strides, f"{name} strides"))
@@ -464,7 +483,7 @@ class _Pool(ParameterFree):
     def _geometry(self, in_hw):
         return geometry(in_hw, self.window, self.strides, (1, 1), self.padding, self)
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         h, w, c = _image_shape(self, in_shape)
         return (*self._geometry((h, w)).out_hw, c)
 
@@ -502,7 +521,7 @@ class MaxPool2D(_Pool):
                                  f"pad less than the window on each side (PyTorch allows at most half)")
         return g
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, tuple[Array, Static]]:
         _check_images(self, x)
         y, g = self._reduce(x, -jnp.inf, lax.max)
         # which tap each output took: the first that equals the max (scanning the taps backwards)
@@ -512,7 +531,7 @@ class MaxPool2D(_Pool):
             chosen = jnp.where(taps[t] == y, t, chosen)
         return y, (chosen, Static(x.shape[1:3]))
 
-    def grad(self, cache, dy):
+    def grad(self, cache: tuple[Array, Static], dy: Array) -> Array:
         chosen, in_hw = cache
         g = self._geometry(in_hw.value)
         zero = jnp.zeros_like(dy)
@@ -528,12 +547,12 @@ class AvgPool2D(_Pool):
     strides: tuple
     padding: object
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Static]:
         _check_images(self, x)
         y, g = self._reduce(x, 0.0, lax.add)
         return y / math.prod(g.window), Static(x.shape[1:3])
 
-    def grad(self, in_hw, dy):
+    def grad(self, in_hw: Static, dy: Array) -> Array:
         g = self._geometry(in_hw.value)
         share = dy / math.prod(g.window)
         return untap([share] * len(g.taps()), g)
@@ -543,13 +562,13 @@ class AvgPool2D(_Pool):
 class GlobalAvgPool2D(ParameterFree):
     """(N, H, W, C) -> (N, C): y = the mean over every pixel;  dL/dx = dy / (H W) at every pixel."""
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (_image_shape(self, in_shape)[-1],)
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Static]:
         _check_images(self, x)
         return jnp.mean(x, axis=(1, 2)), Static(x.shape[1:3])
 
-    def grad(self, in_hw, dy):
+    def grad(self, in_hw: Static, dy: Array) -> Array:
         h, w = in_hw.value
         return jnp.broadcast_to(dy[:, None, None, :] / (h * w), (dy.shape[0], h, w, dy.shape[-1]))

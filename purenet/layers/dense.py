@@ -1,12 +1,15 @@
 """The fully connected layer."""
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import KFACFactors, Layer, as_shape, wide
+from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, wide
+
+__all__ = ["Dense", "kfac_factors", "per_example_grads", "per_example_gram", "per_example_sq", "per_example_sq_norms"]
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -33,7 +36,8 @@ class Dense(Layer):
 
     roles = {"W": "weight", "b": "bias"}
 
-    def __init__(self, features, init="he_normal", use_bias=True, *, initializer=None):
+    def __init__(self, features: int, init: str = "he_normal", use_bias: bool = True, *,
+                 initializer: str | None = None) -> None:
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"Dense features must be a positive integer, got {features!r}")
         init = initializer or init
@@ -42,17 +46,18 @@ class Dense(Layer):
         object.__setattr__(self, "initializer", init)
         object.__setattr__(self, "use_bias", bool(use_bias))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Dense(features={self.features}, init={self.initializer!r}, use_bias={self.use_bias})"
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
         params = {"W": initializers.get(self.initializer)(key, (in_shape[-1], self.features), dtype)}
         if self.use_bias:
             params["b"] = jnp.zeros((self.features,), dtype)
         return params, {}, in_shape[:-1] + (self.features,)
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, Array]:
         del train, key
         W = params["W"]
         if jnp.shape(x)[-1] != W.shape[0]:
@@ -65,7 +70,7 @@ class Dense(Layer):
             y = y + params["b"]
         return y, state, x
 
-    def backward(self, params, x, dy):
+    def backward(self, params: PyTree, x: Array, dy: Array) -> tuple[PyTree, Array]:
         # The contractions are spelled as XLA's own transposes of x @ W, so the
         # result rounds exactly as autodiff's does (this matters after a
         # saturated softmax, where dL/dh is a small difference of large terms).
@@ -80,43 +85,44 @@ class Dense(Layer):
             grads["b"] = jnp.sum(dy2, axis=0)
         return grads, dx
 
-    def cached_input(self, x):
+    def cached_input(self, x: Array) -> Array:
         """The layer's input, read from its cache (diagnostics' input_rms)."""
         return x
 
     def _dx(self, params, dy):
         return lax.dot_general(dy, params["W"], (((dy.ndim - 1,), (1,)), ((), ())))
 
-    def per_example_backward(self, params, x, dy):
+    def per_example_backward(self, params: PyTree, x: Array, dy: Array) -> tuple[PyTree, Array]:
         """Example i's gradients: dW_i = sum_t h_it dy_it^T (an outer product per position t),
         db_i = sum_t dy_it; for rows (no positions) dW_i = h_i dy_i^T, db_i = dy_i."""
         return per_example_grads(x, dy, self.use_bias), self._dx(params, dy)
 
-    def per_example_sq_norms(self, params, x, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, x: Array, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         """||dW_i + l2 W||^2 + ||db_i||^2, without forming dW_i where an identity is cheaper
         (see `per_example_sq_norms`)."""
         return per_example_sq_norms(x, dy, params["W"], self.use_bias, l2), self._dx(params, dy)
 
-    def per_example_sq(self, params, x, dy):
+    def per_example_sq(self, params: PyTree, x: Array, dy: Array) -> tuple[PyTree, Array]:
         """sum_i dW_i**2 and sum_i db_i**2 (elementwise) without forming dW_i for rows:
         (h**2)^T (dy**2), one matmul (see `per_example_sq`)."""
         return per_example_sq(x, dy, self.use_bias), self._dx(params, dy)
 
-    def per_example_gram(self, params, xa, dya, xb, dyb):
+    def per_example_gram(self, params: PyTree, xa: Array, dya: Array, xb: Array,
+                         dyb: Array) -> tuple[Array, Array, Array]:
         """<grad_i, grad_j> for i in batch a, j in batch b: (Ha Hb^T) * (Da Db^T) (+ Da Db^T for
         the bias) for rows, without forming any grad_i (see `per_example_gram`)."""
         return per_example_gram(xa, dya, xb, dyb, self.use_bias), self._dx(params, dya), self._dx(params, dyb)
 
-    def kfac_factors(self, params, x, dy):
+    def kfac_factors(self, params: PyTree, x: Array, dy: Array) -> tuple[KFACFactors, Array]:
         """K-FAC's A = E[a a^T] (a = [h, 1] with a bias) and G = E_i[sum_t dy_t dy_t^T]."""
         return kfac_factors(x, dy, self.use_bias), self._dx(params, dy)
 
-    def kfac_dims(self, params):
+    def kfac_dims(self, params: PyTree) -> tuple[int, int]:
         """The sizes of A and G."""
         return params["W"].shape[0] + self.use_bias, params["W"].shape[1]
 
 
-def per_example_grads(x, dy, use_bias):
+def per_example_grads(x: Array, dy: Array, use_bias: bool) -> dict[str, Array]:
     """{"W": (batch, in, out), "b": (batch, out)}: each example's sum over its positions."""
     x3, dy3 = _positions(x), _positions(dy)
     grads = {"W": jnp.einsum("bti,btj->bij", x3, dy3)}
@@ -125,7 +131,7 @@ def per_example_grads(x, dy, use_bias):
     return grads
 
 
-def per_example_sq_norms(x, dy, W, use_bias, l2=0.0):
+def per_example_sq_norms(x: Array, dy: Array, W: Array, use_bias: bool, l2: Any = 0.0) -> Array:
     """||dW_i + l2 W||^2 + ||db_i||^2 for y = x W + b, each example's sum over its positions.
 
     Rows (batch, in) (Goodfellow, 2015):  ||h_i dy_i^T||^2 = ||h_i||^2 ||dy_i||^2.
@@ -157,7 +163,7 @@ def per_example_sq_norms(x, dy, W, use_bias, l2=0.0):
     return sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
 
 
-def per_example_sq(x, dy, use_bias):
+def per_example_sq(x: Array, dy: Array, use_bias: bool) -> dict[str, Array]:
     """{"W": sum_i dW_i**2, "b": sum_i db_i**2} (elementwise squares) for y = x W + b.
 
     Rows: dW_i = h_i dy_i^T, so dW_i**2 = (h_i**2)(dy_i**2)^T and the sum over
@@ -189,7 +195,7 @@ def per_example_sq(x, dy, use_bias):
     return sq
 
 
-def per_example_gram(xa, dya, xb, dyb, use_bias):
+def per_example_gram(xa: Array, dya: Array, xb: Array, dyb: Array, use_bias: bool) -> Array:
     """(na, nb) matrix of <grad_i, grad_j> for y = x W + b, i from batch a and j from batch b.
 
     Rows: <h_i dy_i^T, h_j dy_j^T> = (h_i . h_j)(dy_i . dy_j), so the matrix
@@ -214,7 +220,7 @@ def per_example_gram(xa, dya, xb, dyb, use_bias):
     return gram
 
 
-def kfac_factors(x, dy, use_bias):
+def kfac_factors(x: Array, dy: Array, use_bias: bool) -> KFACFactors:
     """KFACFactors(A, G) for y = x W + b with per-example output gradients dy.
 
         A = 1/(N T) sum_{i,t} a_it a_it^T,   a = [h, 1] (the 1 only with a bias)

@@ -1,11 +1,14 @@
 """Inverted dropout."""
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter, is_concrete
-from purenet.layers.base import as_shape
+from purenet.layers.base import Array, PyTree, as_shape
+
+__all__ = ["Dropout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +27,15 @@ class Dropout:
 
     rate: float
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("Dropout rate", self.rate, 0.0, 1.0)
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         del key, dtype
         return {}, {}, as_shape(in_shape)
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, Array | None]:
         del params
         if not train or (is_concrete(self.rate) and self.rate == 0):
             return x, state, None
@@ -44,7 +48,7 @@ class Dropout:
         mask = jax.random.bernoulli(key, keep, jnp.shape(x))
         return jnp.where(mask, x / keep, jnp.zeros_like(x)), state, mask
 
-    def backward(self, params, mask, dy):
+    def backward(self, params: PyTree, mask: Array | None, dy: Array) -> tuple[PyTree, Array]:
         del params
         if mask is None:
             return {}, dy

@@ -9,6 +9,7 @@ differentiable, so an Embedding's dL/dx is None: it is the first layer of
 a network.
 """
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +17,12 @@ import numpy as np
 
 from purenet._checks import is_concrete
 from purenet.initializers import default_float
-from purenet.layers.base import Layer, Static, as_shape
+from purenet.layers.base import Array, Layer, PyTree, Static, as_shape
+
+__all__ = ["Embedding", "PositionalEmbedding", "check_ids", "per_example_scatter", "scatter_rows", "sq_norm_of_scatter"]
 
 
-def check_ids(ids, num_embeddings, what="Embedding"):
+def check_ids(ids: Array, num_embeddings: int, what: str = "Embedding") -> None:
     """Integer ids in [0, num_embeddings): the dtype at trace time, the values when concrete."""
     dtype = jnp.result_type(ids)
     if not jnp.issubdtype(dtype, jnp.integer):
@@ -64,46 +67,48 @@ class Embedding(Layer):
     accepts_ids = True  # a network whose first layer this is takes integer inputs
     roles = {"E": "embedding"}
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_positive("Embedding num_embeddings", self.num_embeddings)
         _check_positive("Embedding features", self.features)
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
         E = self.stddev * jax.random.normal(key, (self.num_embeddings, self.features), dtype)
         return {"E": E}, {}, in_shape + (self.features,)
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del train, key
         check_ids(x, params["E"].shape[0], str(self))
         return jnp.take(params["E"], x, axis=0), state, x
 
-    def backward(self, params, ids, dy):
+    def backward(self, params: PyTree, ids: Array, dy: Array) -> tuple[PyTree, None]:
         return {"E": scatter_rows(params["E"].shape[0], ids, dy)}, None
 
-    def per_example_backward(self, params, ids, dy):
+    def per_example_backward(self, params: PyTree, ids: Array, dy: Array) -> tuple[PyTree, None]:
         """Example i's dE_i: its own dy rows scattered into a (V, features) table, (batch, V, features)."""
         return {"E": per_example_scatter(params["E"].shape[0], ids, dy)}, None
 
-    def per_example_sq_norms(self, params, ids, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, ids: Array, dy: Array, l2: Any = 0.0) -> tuple[Array, None]:
         """||dE_i||^2 without forming dE_i (E's role is "embedding", which l2 does not cover)."""
         return sq_norm_of_scatter(ids, dy), None
 
 
-def scatter_rows(num_rows, ids, dy):
+def scatter_rows(num_rows: int, ids: Array, dy: Array) -> Array:
     """sum_p onehot(ids[p]) dy[p]^T: (num_rows, d), the transpose of a row gather."""
     d = dy.shape[-1]
     return jnp.zeros((num_rows, d), dy.dtype).at[jnp.reshape(ids, (-1,))].add(jnp.reshape(dy, (-1, d)))
 
 
-def per_example_scatter(num_rows, ids, dy):
+def per_example_scatter(num_rows: int, ids: Array, dy: Array) -> Array:
+    """Each example's own scatter: (batch, num_rows, d)."""
     b, d = dy.shape[0], dy.shape[-1]
     ids2, dy3 = jnp.reshape(ids, (b, -1)), jnp.reshape(dy, (b, -1, d))
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids2.shape)
     return jnp.zeros((b, num_rows, d), dy.dtype).at[rows, ids2].add(dy3)
 
 
-def sq_norm_of_scatter(ids, dy):
+def sq_norm_of_scatter(ids: Array, dy: Array) -> Array:
     """||dE_i||^2 = sum_{t,t'} [ids_t = ids_t'] dy_t . dy_t'  (a T x T Gram masked by equal ids)."""
     b, d = dy.shape[0], dy.shape[-1]
     ids2, dy3 = jnp.reshape(ids, (b, -1)), jnp.reshape(dy, (b, -1, d))
@@ -126,17 +131,18 @@ class PositionalEmbedding(Layer):
 
     roles = {"P": "embedding"}
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_positive("PositionalEmbedding context", self.context)
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
         if len(in_shape) != 2 or in_shape[0] > self.context:
             raise ValueError(f"{self} takes examples of shape (T, features) with T <= {self.context}, "
                              f"got {in_shape}")
         return {"P": self.stddev * jax.random.normal(key, (self.context, in_shape[1]), dtype)}, {}, in_shape
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del train, key
         P = params["P"]
         if jnp.ndim(x) != 3 or x.shape[1] > P.shape[0] or x.shape[2] != P.shape[1]:
@@ -150,11 +156,11 @@ class PositionalEmbedding(Layer):
         pad[-2] = (0, unused.value)
         return jnp.pad(g, pad)
 
-    def backward(self, params, unused, dy):
+    def backward(self, params: PyTree, unused: Static, dy: Array) -> tuple[PyTree, Array]:
         return {"P": self._pad(jnp.sum(dy, axis=0), unused)}, dy
 
-    def per_example_backward(self, params, unused, dy):
+    def per_example_backward(self, params: PyTree, unused: Static, dy: Array) -> tuple[PyTree, Array]:
         return {"P": self._pad(dy, unused)}, dy
 
-    def per_example_sq_norms(self, params, unused, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, unused: Static, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         return jnp.sum(jnp.reshape(dy * dy, (dy.shape[0], -1)), axis=-1), dy

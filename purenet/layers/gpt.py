@@ -11,6 +11,7 @@ output projection).
 """
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from jax import lax
 from purenet.layers import dense
 from purenet.layers.activations import GELU
 from purenet.layers.attention import MultiHeadAttention
-from purenet.layers.base import Container, Layer, as_shape, walk
+from purenet.layers.base import Array, Container, Layer, PyTree, Visit, as_shape, walk
 from purenet.layers.compose import Residual
 from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import (Embedding, PositionalEmbedding, check_ids, per_example_scatter,
@@ -27,6 +28,8 @@ from purenet.layers.embedding import (Embedding, PositionalEmbedding, check_ids,
 from purenet.layers.norm import LayerNorm
 from purenet.layers.sequential import Sequential
 from purenet.layers.softmax import Softmax
+
+__all__ = ["GPT", "TiedEnds", "gpt"]
 
 _STD = 0.02  # GPT-2's initial standard deviation for every matrix
 
@@ -73,22 +76,22 @@ class GPT(Container):
     accepts_ids = True
     outputs = "logits"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "layers", "heads", "features"):
             _positive(name, getattr(self, name))
         if self.features % self.heads:
             raise ValueError(f"gpt features={self.features} must divide into heads={self.heads}")
 
     @property
-    def num_embeddings(self):
+    def num_embeddings(self) -> int:
         return self.vocab_size
 
     @property
-    def token(self):
+    def token(self) -> Embedding:
         return Embedding(self.vocab_size, self.features, stddev=_STD)
 
     @property
-    def body(self):
+    def body(self) -> Sequential:
         d, drop = self.features, self.dropout
         extra = [Dropout(drop)] if not (isinstance(drop, (int, float)) and drop == 0) else []
         blocks = [
@@ -100,7 +103,7 @@ class GPT(Container):
         ]
         return Sequential([PositionalEmbedding(self.context, stddev=_STD), *extra, *blocks, LayerNorm()])
 
-    def init(self, key, in_shape, dtype=None):
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         in_shape = as_shape(in_shape)
         if len(in_shape) != 1 or in_shape[0] > self.context:
             raise ValueError(f"gpt takes examples of shape (T,) of token ids with T <= context={self.context}, "
@@ -144,7 +147,8 @@ class GPT(Container):
     def _out_matrix(self, params):
         return params["token"]["E"].T if self.tie_embeddings else params["head"]["W"]
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         check_ids(x, params["token"]["E"].shape[0], "gpt")
         if jnp.ndim(x) != 2 or x.shape[1] > self.context:
             raise ValueError(f"gpt takes ids of shape (batch, T <= {self.context}), got {jnp.shape(x)}")
@@ -154,25 +158,25 @@ class GPT(Container):
         return logits, state, (x, body_cache, h)
 
     @property
-    def ends(self):
+    def ends(self) -> "TiedEnds":
         return TiedEnds(self.tie_embeddings)
 
     def children(self) -> tuple:
         return (self.ends, self.body)
 
-    def split(self, tree):
+    def split(self, tree: PyTree) -> tuple:
         return {k: tree[k] for k in ("token", "head") if k in tree}, tree["body"]
 
-    def parts(self, outs):
+    def parts(self, outs: Any) -> tuple:
         return tuple(outs)
 
-    def join(self, parts):
+    def join(self, parts: tuple | list) -> PyTree:
         ends, body = parts
         if ends is None:  # a visitor that has nothing for the ends (K-FAC's factors)
             ends = {"token": None} if self.tie_embeddings else {"token": None, "head": None}
         return {"token": ends["token"], "body": body, **({"head": ends["head"]} if "head" in ends else {})}
 
-    def walk_back(self, visit, params, caches, dys):
+    def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         """The head's dL/dh, the body's walk, then the ends (lookup and output projection) as one leaf."""
         M = self._out_matrix(params)
         dhs = tuple(lax.dot_general(dy, M, (((2,), (1,)), ((), ()))) for dy in dys)  # dy M^T
@@ -196,16 +200,19 @@ class TiedEnds(Layer):
 
     tied: bool
 
-    def param_roles(self, params):
+    def param_roles(self, params: PyTree) -> PyTree:
         return {"token": {"E": "embedding"}, **({"head": {"W": "weight"}} if "head" in params else {})}
 
-    def init(self, key, in_shape, dtype=None):  # pragma: no cover - built by GPT
+    def init(self, key: Array, in_shape: Any,  # pragma: no cover - built by GPT
+             dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         raise TypeError("TiedEnds is a part of GPT's traversal, not a layer to build on its own")
 
-    def forward(self, params, state, x, train=False, key=None):  # pragma: no cover - built by GPT
+    def forward(self, params: PyTree, state: PyTree, x: Array,  # pragma: no cover - built by GPT
+                train: bool = False, key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         raise TypeError("TiedEnds is a part of GPT's traversal, not a layer to run on its own")
 
-    def backward(self, params, cache, dy):
+    # dy is the pair (dL/dh0, dL/dlogits): typed Any, as the protocol's dy is an array.
+    def backward(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[PyTree, None]:
         (ids, h), (dh0, dlogits) = cache, dy
         h2, dy2 = jnp.reshape(h, (-1, h.shape[-1])), jnp.reshape(dlogits, (-1, dlogits.shape[-1]))
         d_out = lax.dot_general(dy2, h2, (((0,), (0,)), ((), ())))  # dy^T h: (vocab, d)
@@ -214,7 +221,7 @@ class TiedEnds(Layer):
             return {"token": {"E": d_lookup + d_out}}, None
         return {"token": {"E": d_lookup}, "head": {"W": d_out.T}}, None
 
-    def per_example_backward(self, params, cache, dy):
+    def per_example_backward(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[PyTree, None]:
         (ids, h), (dh0, dlogits) = cache, dy
         d_out = jnp.einsum("btv,btd->bvd", dlogits, h)  # (batch, vocab, d)
         d_lookup = per_example_scatter(params["token"]["E"].shape[0], ids, dh0)
@@ -222,7 +229,8 @@ class TiedEnds(Layer):
             return {"token": {"E": d_lookup + d_out}}, None
         return {"token": {"E": d_lookup}, "head": {"W": jnp.swapaxes(d_out, 1, 2)}}, None
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, cache: tuple[Array, Array], dy: Any,
+                             l2: Any = 0.0) -> tuple[Array, None]:
         """||A + B||^2 = ||A||^2 + ||B||^2 + 2 <A, B> (A: the lookup's scatter, B: dy_i^T h_i), so no
         (batch, vocab, d) tensor is formed. l2 reaches the untied head's W (a weight), not E."""
         (ids, h), (dh0, dy) = cache, dy
@@ -238,7 +246,8 @@ class TiedEnds(Layer):
         return lookup_sq + out_sq + 2 * cross, None
 
 
-def gpt(vocab_size, context, layers, heads, features, dropout=0.0, tie_embeddings=True):
+def gpt(vocab_size: int, context: int, layers: int, heads: int, features: int, dropout: float = 0.0,
+        tie_embeddings: bool = True) -> Sequential:
     """A GPT language model: integer ids (batch, T <= context) -> next-token probabilities (batch, T, vocab).
 
     Sequential([GPT(...), Softmax()]); train it with loss="cross_entropy" and

@@ -13,14 +13,16 @@ for rows that did not overflow; c is a constant of the row for the
 gradients (the output does not depend on it).
 """
 import dataclasses
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax.numpy as jnp
 from jax import lax
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
-from purenet.layers.base import Layer, as_shape, per_example_sum, wide
+from purenet.layers.base import Array, Layer, PyTree, as_shape, per_example_sum, wide
+
+__all__ = ["LayerNorm", "RMSNorm"]
 
 
 class _NormCache(NamedTuple):
@@ -54,7 +56,15 @@ class _FeatureNorm(Layer):
 
     roles = {"gamma": "gain", "beta": "bias"}
 
-    def init(self, key, in_shape, dtype=None):
+    if TYPE_CHECKING:  # what each subclass defines
+        @property
+        def _has_beta(self) -> bool: ...
+
+        def _normalise(self, x: Array) -> tuple[Array, Array]: ...
+
+        def _dx(self, params: PyTree, cache: _NormCache, dy: Array) -> Array: ...
+
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         del key
         in_shape, dtype = as_shape(in_shape), dtype or default_float()
         d = in_shape[-1]
@@ -63,7 +73,8 @@ class _FeatureNorm(Layer):
             params["beta"] = jnp.zeros((d,), dtype)
         return params, {}, in_shape
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, _NormCache]:
         del train, key
         d = params["gamma"].shape[0]
         if jnp.shape(x)[-1] != d:
@@ -75,16 +86,16 @@ class _FeatureNorm(Layer):
             y = y + params["beta"]
         return y, state, _NormCache(xhat, inv)
 
-    def backward(self, params, cache, dy):
+    def backward(self, params: PyTree, cache: _NormCache, dy: Array) -> tuple[PyTree, Array]:
         return _gamma_grads(params, cache, dy, False), self._dx(params, cache, dy)
 
-    def per_example_backward(self, params, cache, dy):
+    def per_example_backward(self, params: PyTree, cache: _NormCache, dy: Array) -> tuple[PyTree, Array]:
         """Example i's gradients: its own sums of g xhat and g over its positions."""
         return _gamma_grads(params, cache, dy, True), self._dx(params, cache, dy)
 
-    def per_example_sq_norms(self, params, cache, dy, l2=0.0):
+    def per_example_sq_norms(self, params: PyTree, cache: _NormCache, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         grads, dx = self.per_example_backward(params, cache, dy)
-        return sum(jnp.sum(g * g, axis=-1) for g in grads.values()), dx
+        return cast(Array, sum(jnp.sum(g * g, axis=-1) for g in grads.values())), dx  # gamma is always there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +123,7 @@ class LayerNorm(_FeatureNorm):
     eps: float = 1e-5
     use_bias: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("LayerNorm eps", self.eps, 0.0, None, low_open=True)
 
     @property
@@ -154,7 +165,7 @@ class RMSNorm(_FeatureNorm):
 
     eps: float = 1e-6
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("RMSNorm eps", self.eps, 0.0, None, low_open=True)
 
     _has_beta = False

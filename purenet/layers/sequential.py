@@ -1,16 +1,19 @@
 """Composition of layers, and the `mlp` builder."""
 import dataclasses
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid
-from purenet.layers.base import Container, as_shape, walk
+from purenet.layers.base import Array, Container, PyTree, Visit, as_shape, walk
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
 from purenet.layers.softmax import Softmax
+
+__all__ = ["Sequential", "mlp"]
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -28,17 +31,17 @@ class Sequential(Container):
     layers: tuple
     in_shape: tuple | None
 
-    def __init__(self, layers, in_shape=None, *, in_dim=None):
+    def __init__(self, layers: Iterable[Any], in_shape: Any = None, *, in_dim: int | None = None) -> None:
         shape = in_shape if in_shape is not None else in_dim
         object.__setattr__(self, "layers", tuple(layers))
         object.__setattr__(self, "in_shape", None if shape is None else as_shape(shape))
 
     @property
-    def in_dim(self):
+    def in_dim(self) -> int | None:
         """The width of the input's last axis, when the input shape is known."""
         return None if self.in_shape is None else self.in_shape[-1]
 
-    def init(self, key, in_shape=None, dtype=None):
+    def init(self, key: Array, in_shape: Any = None, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         shape = self.in_shape if in_shape is None else as_shape(in_shape)
         if shape is None:
             raise ValueError("Sequential.init needs in_shape (the shape of one example, e.g. its width)")
@@ -61,7 +64,8 @@ class Sequential(Container):
                 f"{len(self.layers)} entries, got {got}"
             )
 
-    def forward(self, params, state, x, train=False, key=None):
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         self._check(params, "params")
         self._check(state, "state")
         new_state, caches = [], []
@@ -80,13 +84,13 @@ class Sequential(Container):
     def children(self) -> tuple:
         return self.layers
 
-    def split(self, tree):
+    def split(self, tree: PyTree) -> tuple:
         return tuple(tree)
 
-    def join(self, parts):
+    def join(self, parts: tuple | list) -> PyTree:
         return tuple(parts)
 
-    def walk_back(self, visit, params, caches, dys):
+    def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         """The chain rule in reverse: layer i turns dL/dh_i into its own part and dL/dh_{i-1}."""
         outs = [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
@@ -109,7 +113,8 @@ _OUTPUT = {"softmax": Softmax, "sigmoid": Sigmoid, "identity": Identity, "linear
 _RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "silu", "softplus")
 
 
-def mlp(sizes, hidden="relu", output="softmax", init=None, dropout=0.0, batchnorm=False):
+def mlp(sizes: Iterable[int], hidden: str = "relu", output: str = "softmax", init: str | None = None,
+        dropout: float = 0.0, batchnorm: bool = False) -> Sequential:
     """A multilayer perceptron: sizes = [in_dim, hidden..., out_dim].
 
     Each hidden layer is Dense -> BatchNorm (if batchnorm) -> activation ->
@@ -130,7 +135,7 @@ def mlp(sizes, hidden="relu", output="softmax", init=None, dropout=0.0, batchnor
     if output not in _OUTPUT:
         raise ValueError(f"unknown output activation {output!r}; choose one of {sorted(_OUTPUT)}")
     init = init or ("he_normal" if hidden in _RELU_LIKE else "xavier_normal")
-    layers = []
+    layers: list[Any] = []
     for width in sizes[1:-1]:
         layers.append(Dense(width, init=init, use_bias=not batchnorm))
         if batchnorm:

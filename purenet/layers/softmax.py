@@ -4,8 +4,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import Elementwise
+from purenet.layers.base import Array, Elementwise
 from purenet.losses import finite_logits
+
+__all__ = ["Softmax"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +25,11 @@ class Softmax(Elementwise):
     this and use the fused, stable form dL/da = (y - t) / N instead.
     """
 
-    def apply(self, x):
+    def apply(self, x: Array) -> tuple[Array, Array]:
         y = jax.nn.softmax(finite_logits(x), axis=-1)  # +inf logits give probability 1, not NaN
         return y, y
 
-    def grad(self, y, dy):
+    def grad(self, y: Array, dy: Array) -> Array:
         # Evaluated as u - y sum(u) with u = y dy: the same rounding as jax's
         # own softmax rule, which matters when a saturated y makes the result
         # a small difference of large terms.

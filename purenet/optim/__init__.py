@@ -10,3 +10,11 @@ from purenet.optim.transforms import (
     add_decayed_weights, clip_by_global_norm, scale_by_adam, scale_by_momentum,
     scale_by_rms, scale_by_rss,
 )
+
+__all__ = [
+    "EMAState", "KFACState", "LossScale", "OptState", "Optimizer", "Transform", "adagrad", "adam", "adamw",
+    "add_decayed_weights", "apply_if_finite", "chain", "clip_by_global_norm", "current_loss_scale",
+    "dynamic_loss_scale", "ema", "ema_params", "find_slot", "from_optax", "has_ema", "kfac", "masked", "momentum",
+    "nesterov", "rmsprop", "scale_by_adam", "scale_by_kfac", "scale_by_momentum", "scale_by_rms", "scale_by_rss",
+    "schedules", "sgd", "to_optax",
+]

@@ -9,14 +9,20 @@ Transforms are small and composable (clipping, momentum, Adam's moments,
 weight decay); `chain` joins them with a learning rate.
 """
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
+from purenet.layers.base import PyTree
 from purenet.optim import tree
+from purenet.optim.schedules import Schedule
+
+__all__ = ["OptState", "Optimizer", "Transform", "apply_if_finite", "chain", "find_slot"]
+
+_Slot = TypeVar("_Slot")
 
 
 class OptState(NamedTuple):
@@ -74,7 +80,7 @@ class Optimizer:
     learning_rate: Any
     guard: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hyperparameter("learning_rate", self.learning_rate, 0.0, None)
         if self.guard not in (None, "skip", "raise"):
             raise ValueError(f"apply_if_finite policy must be 'skip' or 'raise', got {self.guard!r}")
@@ -90,12 +96,12 @@ class Optimizer:
             names += [n for n in t.extra_args if n not in names]
         return tuple(names)
 
-    def init(self, params):
+    def init(self, params: PyTree) -> OptState:
         slots = tuple(t.init(params) for t in self.transforms)
         count = jnp.zeros((), jnp.int32)
         return OptState(params, count, slots, _rate(self.learning_rate, count))
 
-    def step(self, state, grads, **extra):
+    def step(self, state: OptState, grads: PyTree, **extra: Any) -> OptState:
         missing = [n for n in self.extra_args if n not in extra]
         unknown = [n for n in extra if n not in self.extra_args]
         if missing or unknown:
@@ -109,7 +115,7 @@ class Optimizer:
         if self.guard == "raise":
             _raise_if_not_finite(grads)
         direction = tree.upcast(grads)
-        slots = []
+        slots: Any = []  # filled, then a tuple
         for transform, slot in zip(self.transforms, state.slots):
             own = {n: extra[n] for n in transform.extra_args}
             direction, slot = transform.update(direction, slot, state.params, state.count, **own)
@@ -131,7 +137,7 @@ class Optimizer:
         return new._replace(params=tree.where(finite, new.params, state.params), slots=slots)
 
 
-def find_slot(opt_state, kind):
+def find_slot(opt_state: Any, kind: type[_Slot]) -> _Slot | None:
     """The slot of type `kind` in opt_state (EMAState, LossScale, KFACState, ...), or None.
 
     Found by type through any wrapper: `masked`, `chain`, `apply_if_finite`
@@ -143,7 +149,7 @@ def find_slot(opt_state, kind):
     return found[0] if found else None
 
 
-def chain(*parts, learning_rate=None):
+def chain(*parts: "Transform | Optimizer", learning_rate: float | jax.Array | Schedule | None = None) -> Optimizer:
     """Join transforms (and at most one Optimizer, whose rate is used) into an Optimizer.
 
         pn.optim.chain(pn.optim.clip_by_global_norm(1.0), pn.optim.adam(1e-3))
@@ -152,6 +158,9 @@ def chain(*parts, learning_rate=None):
     The guard is the strictest of the parts' ("raise", then "skip"); a
     transform with `on_skip` (pn.optim.dynamic_loss_scale) implies "skip".
     """
+    transforms: list[Transform]
+    rates: list[Any]
+    guards: set[str | None]
     transforms, rates, guards = [], [], set()
     for part in parts:
         if isinstance(part, Optimizer):
@@ -174,7 +183,7 @@ def chain(*parts, learning_rate=None):
     return Optimizer(tuple(transforms), rates[0], guard)
 
 
-def apply_if_finite(opt, policy="skip"):
+def apply_if_finite(opt: Optimizer, policy: str = "skip") -> Optimizer:
     """Guard an optimizer against NaN/inf gradients (an Optimizer again: `chain` accepts it).
 
     policy="skip": a step whose gradients are not all finite leaves params and

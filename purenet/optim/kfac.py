@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
-from purenet.layers.base import KFACFactors
-from purenet.optim.base import Transform, chain
+from purenet.layers.base import KFACFactors, LayerLike
+from purenet.optim.base import Optimizer, Transform, chain
+from purenet.optim.schedules import Schedule
 
 
 class KFACState(NamedTuple):
@@ -95,7 +96,7 @@ def _check_factors(layer_factors, slot_factors):
                              f"G {old.G.shape}")
 
 
-def scale_by_kfac(net, damping=1.0, ema=0.95, inverse_every=10):
+def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inverse_every: int = 10) -> Transform:
     """K-FAC's preconditioning as a transform: direction = A^-1 [dW; db] G^-1 per K-FAC layer.
 
     Its slot is a KFACState; its update takes the batch's `factors`
@@ -129,7 +130,8 @@ def scale_by_kfac(net, damping=1.0, ema=0.95, inverse_every=10):
     return Transform(init=init, update=update, extra_args=("factors",))
 
 
-def kfac(net, learning_rate, momentum=0.9, damping=1.0, ema=0.95, inverse_every=10):
+def kfac(net: LayerLike, learning_rate: float | jax.Array | Schedule, momentum: float = 0.9, damping: float = 1.0,
+         ema: float = 0.95, inverse_every: int = 10) -> Optimizer:
     """K-FAC with momentum SGD after it (plain SGD for momentum=0): an Optimizer like any other,
 
         chain(scale_by_kfac(net, damping, ema, inverse_every), momentum(learning_rate, momentum)).

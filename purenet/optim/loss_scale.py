@@ -22,13 +22,15 @@ the skip always agree, wherever the transform sits in the chain:
 for `fit` and `train`. The training step reads S with `current_loss_scale`
 and hands it to the gradient function (`loss_scale=`).
 """
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from purenet._checks import check_hyperparameter, is_concrete
 from purenet.optim.base import Transform
+
+__all__ = ["LossScale", "current_loss_scale", "dynamic_loss_scale", "grow", "shrink"]
 
 
 class LossScale(NamedTuple):
@@ -39,7 +41,7 @@ class LossScale(NamedTuple):
     good_steps: jnp.ndarray
 
 
-def grow(slot, growth_interval, factor):
+def grow(slot: LossScale, growth_interval: int, factor: float) -> LossScale:
     """After a finite step: count it; at growth_interval finite steps multiply S by factor
     (unless that overflows float32) and restart the count."""
     good = slot.good_steps + 1
@@ -49,7 +51,7 @@ def grow(slot, growth_interval, factor):
     return LossScale(scale.astype(slot.scale.dtype), jnp.where(due, 0, good).astype(slot.good_steps.dtype))
 
 
-def shrink(slot, factor, minimum):
+def shrink(slot: LossScale, factor: float, minimum: float) -> LossScale:
     """After an overflow: divide S by factor (not below minimum) and restart the count."""
     scale = jnp.maximum(slot.scale / factor, minimum).astype(slot.scale.dtype)
     return LossScale(scale, jnp.zeros_like(slot.good_steps))
@@ -67,7 +69,8 @@ def _check_float32(name: str, value, low: float = 0.0) -> None:
         raise ValueError(f"{name} must be a finite float32 above {low}, got {v} ({as32} in float32)")
 
 
-def dynamic_loss_scale(initial=2.0 ** 15, growth_interval=2000, factor=2.0, minimum=1.0):
+def dynamic_loss_scale(initial: float = 2.0 ** 15, growth_interval: int = 2000, factor: float = 2.0,
+                       minimum: float = 1.0) -> Transform:
     """A Transform that keeps the dynamic loss scale (see the module docstring); gradients pass
     through unchanged (they arrive unscaled).
 
@@ -95,7 +98,7 @@ def dynamic_loss_scale(initial=2.0 ** 15, growth_interval=2000, factor=2.0, mini
     return Transform(init, update, on_skip=lambda slot: shrink(slot, factor, minimum))
 
 
-def current_loss_scale(opt_state):
+def current_loss_scale(opt_state: Any) -> jnp.ndarray | None:
     """The scale S a `dynamic_loss_scale` slot of opt_state holds (a float32 scalar), or None."""
     scales = [slot.scale for slot in getattr(opt_state, "slots", ()) if isinstance(slot, LossScale)]
     if len(scales) > 1:

@@ -3,11 +3,18 @@
     tx = to_optax(pn.optim.adam(1e-3))      # a purenet optimizer as an optax GradientTransformation
     opt = from_optax(optax.lion(1e-4))      # an optax transformation as a purenet optimizer
 """
+from typing import TYPE_CHECKING
+
 from purenet.optim import tree
 from purenet.optim.base import Optimizer, Transform
 
+if TYPE_CHECKING:
+    import optax
 
-def to_optax(opt):
+__all__ = ["from_optax", "to_optax"]
+
+
+def to_optax(opt: Optimizer) -> "optax.GradientTransformation":
     """Wrap a purenet optimizer as an optax GradientTransformation.
 
     The optax state is purenet's OptState; `update` steps from the params it
@@ -24,7 +31,7 @@ def to_optax(opt):
     return optax.GradientTransformation(opt.init, update)
 
 
-def from_optax(tx):
+def from_optax(tx: "optax.GradientTransformation") -> Optimizer:
     """Wrap an optax GradientTransformation as a purenet optimizer.
 
     optax's updates already carry the learning rate and sign, so the purenet

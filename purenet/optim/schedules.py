@@ -3,15 +3,26 @@
 Pass one as `learning_rate` to any optimizer; step t = 0 is the first step.
 Those optax also has give its values exactly (tested at steps 0..1000).
 """
+from typing import Callable, Mapping, Sequence
+
+import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "constant", "cosine_decay", "exponential_decay", "inverse_time_decay", "join", "linear", "piecewise_constant",
+    "polynomial_decay", "Schedule", "warmup_cosine_decay",
+]
 
-def constant(value):
+# A schedule maps the step count (an int32 scalar; t = 0 is the first step) to the learning rate.
+Schedule = Callable[[jax.Array], jax.Array | float]
+
+
+def constant(value: float) -> Schedule:
     """lr_t = value."""
     return lambda step: value
 
 
-def piecewise_constant(init_value, boundaries_and_scales=None):
+def piecewise_constant(init_value: float, boundaries_and_scales: Mapping[int, float] | None = None) -> Schedule:
     """Step decay: lr_t = init_value * prod of the scales whose boundary b <= t.
 
     boundaries_and_scales: {step: scale}, e.g. {1000: 0.1, 2000: 0.1}.
@@ -30,8 +41,8 @@ def piecewise_constant(init_value, boundaries_and_scales=None):
     return schedule
 
 
-def exponential_decay(init_value, transition_steps, decay_rate, transition_begin=0,
-                      staircase=False, end_value=None):
+def exponential_decay(init_value: float, transition_steps: int, decay_rate: float, transition_begin: int = 0,
+                      staircase: bool = False, end_value: float | None = None) -> Schedule:
     """lr_t = init_value * decay_rate ** ((t - begin) / transition_steps), held at
     init_value before `transition_begin`; the exponent is floored with `staircase`;
     `end_value` bounds the decay (a floor when decay_rate < 1, else a ceiling)."""
@@ -52,7 +63,7 @@ def exponential_decay(init_value, transition_steps, decay_rate, transition_begin
     return schedule
 
 
-def inverse_time_decay(init_value, decay_steps, decay_rate, staircase=False):
+def inverse_time_decay(init_value: float, decay_steps: int, decay_rate: float, staircase: bool = False) -> Schedule:
     """lr_t = init_value / (1 + decay_rate * t / decay_steps)  (t / decay_steps floored with staircase)."""
     if decay_steps <= 0:
         raise ValueError(f"inverse_time_decay needs decay_steps > 0, got {decay_steps}")
@@ -66,7 +77,8 @@ def inverse_time_decay(init_value, decay_steps, decay_rate, staircase=False):
     return schedule
 
 
-def polynomial_decay(init_value, end_value, power, transition_steps, transition_begin=0):
+def polynomial_decay(init_value: float, end_value: float, power: float, transition_steps: int,
+                     transition_begin: int = 0) -> Schedule:
     """lr_t = (init - end) * (1 - s / T) ** power + end, with s = clip(t - begin, 0, T)."""
     if transition_steps <= 0:
         return constant(init_value)
@@ -79,12 +91,12 @@ def polynomial_decay(init_value, end_value, power, transition_steps, transition_
     return schedule
 
 
-def linear(init_value, end_value, transition_steps, transition_begin=0):
+def linear(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
     """polynomial_decay with power 1."""
     return polynomial_decay(init_value, end_value, 1, transition_steps, transition_begin)
 
 
-def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0):
+def cosine_decay(init_value: float, decay_steps: float, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
     """SGDR's cosine annealing (Loshchilov & Hutter, 2017), for s = min(t, T):
 
         lr_t = init_value * ((1 - alpha) * (0.5 (1 + cos(pi s / T))) ** exponent + alpha)
@@ -101,7 +113,7 @@ def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0):
     return schedule
 
 
-def join(schedules, boundaries):
+def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """Run schedules[i] from boundaries[i-1] on, each seeing steps counted from its boundary."""
     if len(boundaries) != len(schedules) - 1:
         raise ValueError("join needs exactly one boundary fewer than schedules")
@@ -115,7 +127,8 @@ def join(schedules, boundaries):
     return schedule
 
 
-def warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0, exponent=1.0):
+def warmup_cosine_decay(init_value: float, peak_value: float, warmup_steps: int, decay_steps: int,
+                        end_value: float = 0.0, exponent: float = 1.0) -> Schedule:
     """Linear warm-up from init_value to peak_value over warmup_steps, then cosine
     decay to end_value, reached at step decay_steps (counted from 0, warm-up included)."""
     alpha = 0.0 if peak_value == 0.0 else end_value / peak_value

@@ -3,18 +3,25 @@
 Each is the math of one idea; the optimizers in `alias` are chains of these.
 Conventions follow optax, so trajectories match its aliases exactly.
 """
+from typing import Callable
+
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.optim import tree
+from purenet.layers.base import PyTree
 from purenet.optim.base import Transform
+
+__all__ = [
+    "add_decayed_weights", "clip_by_global_norm", "scale_by_adam", "scale_by_momentum", "scale_by_rms", "scale_by_rss",
+]
 
 
 def _stateless(fn):
     return Transform(init=lambda params: (), update=fn)
 
 
-def scale_by_momentum(momentum=0.9, nesterov=False):
+def scale_by_momentum(momentum: float = 0.9, nesterov: bool = False) -> Transform:
     """Heavy-ball velocity (Polyak, 1964) or Nesterov's look-ahead (Nesterov, 1983; Sutskever et al., 2013).
 
         v <- g + momentum * v
@@ -33,7 +40,7 @@ def scale_by_momentum(momentum=0.9, nesterov=False):
     return Transform(init=tree.zeros_like, update=update)
 
 
-def scale_by_rss(initial_accumulator_value=0.1, eps=1e-7):
+def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> Transform:
     """AdaGrad's scaling (Duchi et al., 2011): divide by the root of the summed squares.
 
         G <- G + g^2              (G starts at initial_accumulator_value)
@@ -50,7 +57,7 @@ def scale_by_rss(initial_accumulator_value=0.1, eps=1e-7):
     return Transform(init=lambda p: tree.zeros_like(p, initial_accumulator_value), update=update)
 
 
-def scale_by_rms(decay=0.9, eps=1e-8):
+def scale_by_rms(decay: float = 0.9, eps: float = 1e-8) -> Transform:
     """RMSProp's scaling (Tieleman & Hinton, 2012): a running mean of squares.
 
         s <- decay * s + (1 - decay) * g^2     (s starts at 0)
@@ -66,7 +73,7 @@ def scale_by_rms(decay=0.9, eps=1e-8):
     return Transform(init=tree.zeros_like, update=update)
 
 
-def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8):
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
     """Adam's scaling (Kingma & Ba, 2015), for step t = count + 1:
 
         m <- b1 m + (1 - b1) g          mhat = m / (1 - b1^t)
@@ -93,7 +100,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8):
     return Transform(init=init, update=update)
 
 
-def add_decayed_weights(weight_decay=1e-4, mask=None):
+def add_decayed_weights(weight_decay: float = 1e-4, mask: Callable[[PyTree], PyTree] | None = None) -> Transform:
     """Decoupled weight decay (Loshchilov & Hutter, 2019): d <- d + weight_decay * params.
 
     Chained before the learning rate, the step becomes w <- w - lr (d + wd w).
@@ -108,7 +115,7 @@ def add_decayed_weights(weight_decay=1e-4, mask=None):
     return _stateless(update)
 
 
-def clip_by_global_norm(max_norm):
+def clip_by_global_norm(max_norm: float) -> Transform:
     """Rescale the whole gradient when its global norm exceeds max_norm:
 
         d = g                          if ||g|| < max_norm

@@ -1,11 +1,17 @@
 """Pytree plumbing shared by every optimizer: one place, not one copy per optimizer."""
+from typing import Any, Callable, cast
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from purenet import _trees
+from purenet.layers.base import Array, PyTree
+
+__all__ = ["all_finite", "check_matching", "compute_dtype", "global_norm", "map", "upcast", "where", "zeros_like"]
 
 
-def compute_dtype(x):
+def compute_dtype(x: Any) -> np.dtype:
     """The dtype slot arithmetic runs in: at least float32.
 
     float16/bfloat16 parameters keep their dtype, but their moments and
@@ -15,35 +21,36 @@ def compute_dtype(x):
     return jnp.promote_types(jnp.result_type(x), jnp.float32)
 
 
-def zeros_like(params, fill=0.0):
+def zeros_like(params: PyTree, fill: Any = 0.0) -> PyTree:
     """A slot tree shaped like params, in the compute dtype, filled with `fill`."""
     return jax.tree_util.tree_map(lambda p: jnp.full(jnp.shape(p), fill, compute_dtype(p)), params)
 
 
-def upcast(tree):
+def upcast(tree: PyTree) -> PyTree:
+    """Every leaf in its compute dtype (at least float32)."""
     return jax.tree_util.tree_map(lambda g: jnp.asarray(g, compute_dtype(g)), tree)
 
 
-def map(fn, *trees):  # noqa: A001 - the one tree map the optimizers use
+def map(fn: Callable[..., Any], *trees: PyTree) -> PyTree:  # noqa: A001 - the one tree map the optimizers use
     return jax.tree_util.tree_map(fn, *trees)
 
 
-def global_norm(tree):
+def global_norm(tree: PyTree) -> Array:
     """sqrt of the sum of squares of every leaf."""
     return jnp.sqrt(sum((jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(tree)), start=0.0))
 
 
-def all_finite(tree):
+def all_finite(tree: PyTree) -> Array:
     """True (a bool scalar) when no leaf holds a NaN or an inf."""
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(tree)]))
 
 
-def where(condition, new, old):
+def where(condition: Any, new: PyTree, old: PyTree) -> PyTree:
     """`new` where the scalar `condition` holds, else `old`, leaf by leaf (bit-identical either way)."""
     return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
-def check_matching(params, grads, what="grads"):
+def check_matching(params: PyTree, grads: PyTree, what: str = "grads") -> None:
     """Raise a ValueError naming the key path where `grads` and params differ."""
     m = _trees.first_mismatch(_trees.by_path(grads), _trees.by_path(params))
     if m is not None and m.kind == "paths":
@@ -53,7 +60,8 @@ def check_matching(params, grads, what="grads"):
         )
     if m is not None:
         raise ValueError(f"{what} leaf {m.path} has shape {m.actual}, but the param has shape {m.expected}")
-    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(grads):
+    # (cast: mypy does not resolve jaxlib's PyTreeDef, and refuses to compare the unresolved type)
+    if cast(Any, jax.tree_util.tree_structure(params)) != jax.tree_util.tree_structure(grads):
         raise ValueError(
             f"{what} have the same key paths as params but a different container structure: "
             f"{jax.tree_util.tree_structure(grads)} vs {jax.tree_util.tree_structure(params)}"

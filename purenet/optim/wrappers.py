@@ -3,14 +3,17 @@
     opt = pn.optim.masked(pn.optim.adamw(1e-3), trainable)   # trainable: a tree of bools like params
     opt = pn.optim.ema(pn.optim.adam(1e-3), decay=0.999)     # evaluate with pn.optim.ema_params(opt_state)
 """
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.optim import tree
+from purenet.layers.base import PyTree
 from purenet.optim.base import Optimizer, Transform, find_slot
+
+__all__ = ["EMAState", "ema", "ema_params", "has_ema", "masked"]
 
 
 def _leaf_mask(params, trainable):
@@ -21,7 +24,7 @@ def _leaf_mask(params, trainable):
     return mask
 
 
-def masked(opt, trainable):
+def masked(opt: Optimizer, trainable: PyTree | Callable[[PyTree], PyTree]) -> Optimizer:
     """Train only the leaves where `trainable` is True; the others stay bit-identical.
 
     The frozen leaves' gradients are zeroed before the chain (so global-norm
@@ -48,7 +51,7 @@ class EMAState(NamedTuple):
     average: Any
 
 
-def ema(opt, decay=0.999):
+def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
     """Keep an exponential moving average of the params (Polyak averaging) in the optimizer state:
 
         avg_0 = params_0,   avg_t = decay avg_{t-1} + (1 - decay) params_t   after step t.
@@ -68,12 +71,12 @@ def ema(opt, decay=0.999):
     return Optimizer((*opt.transforms, average), opt.learning_rate, opt.guard)
 
 
-def has_ema(opt_state) -> bool:
+def has_ema(opt_state: Any) -> bool:
     """Whether the optimizer state keeps a parameter average (`pn.optim.ema`)."""
     return find_slot(opt_state, EMAState) is not None
 
 
-def ema_params(opt_state):
+def ema_params(opt_state: Any) -> PyTree:
     """The moving average of the params kept by `ema`, found by its slot's type through any wrapper."""
     slot = find_slot(opt_state, EMAState)
     if slot is None:
