@@ -100,16 +100,19 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
     return Transform(init=init, update=update)
 
 
-def add_decayed_weights(weight_decay: float = 1e-4, mask: Callable[[PyTree], PyTree] | None = None) -> Transform:
+def add_decayed_weights(weight_decay: float = 1e-4,
+                        mask: Callable[[PyTree], PyTree] | PyTree | None = None) -> Transform:
     """Decoupled weight decay (Loshchilov & Hutter, 2019): d <- d + weight_decay * params.
 
     Chained before the learning rate, the step becomes w <- w - lr (d + wd w).
-    `mask(params)`, if given, returns a tree of booleans: True where to decay.
+    `mask`, if given, is a tree of booleans like params (True where to decay),
+    or a function params -> that tree; `pn.decay_mask(net, params)` is the
+    roles' choice (trainable weight matrices, not biases, gains or embeddings).
     """
     check_hyperparameter("weight_decay", weight_decay, 0.0, None)
 
     def update(d, slots, params, count):
-        which = mask(params) if mask is not None else tree.map(lambda p: True, params)
+        which = (mask(params) if callable(mask) else mask) if mask is not None else tree.map(lambda p: True, params)
         return tree.map(lambda d, p, m: d + weight_decay * p if m else d, d, params, which), slots
 
     return _stateless(update)
