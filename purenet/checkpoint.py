@@ -80,6 +80,9 @@ _NAMED_TUPLES = {
     "purenet.train:FitResult": ("purenet.training.fit", "FitResult"),
     "purenet.optim.base:OptState": ("purenet.optim.base", "OptState"),
     "purenet.optim.loss_scale:LossScale": ("purenet.optim.loss_scale", "LossScale"),
+    "purenet.optim.wrappers:EMAState": ("purenet.optim.wrappers", "EMAState"),
+    "purenet.optim.kfac:KFACState": ("purenet.optim.kfac", "KFACState"),
+    "purenet.layers.base:KFACFactors": ("purenet.layers.base", "KFACFactors"),
     "purenet.datasets:Split": ("purenet.datasets", "Split"),
 }
 

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -744,3 +745,28 @@ def test_input_grad_of_an_id_network_is_an_error():
     ids = jnp.zeros((1, 5), jnp.int32)
     with pytest.raises(ValueError, match="integer ids"):
         pn.input_grad(net, params, state, ids, ids)
+
+
+def test_a_float16_run_reports_the_mean_loss_of_its_applied_steps():
+    data = pn.datasets.digits()
+    net = pn.mlp([64, 32, 10])
+    opt = pn.optim.chain(pn.optim.dynamic_loss_scale(initial=2.0 ** 40), pn.optim.adam(1e-3))  # overflows first
+    result = pn.fit(net, opt, (data.x_train, data.y_train), key=jax.random.key(0), epochs=1, batch_size=32,
+                    precision=pn.Precision(compute="float16"))
+    assert float(result.history["loss_scale"][0]) < 2.0 ** 40  # steps were skipped (the scale shrank)
+    assert np.isfinite(result.history["loss"][0])
+    # a run whose steps are never skipped still shows a divergence as NaN (no guard: plain mean)
+    step = pn.make_step(pn.grad_fn(net), pn.optim.sgd(0.1))
+    assert not step.skips
+
+
+def test_load_without_like_rebuilds_ema_and_kfac_state(tmp_path):
+    net = pn.mlp([4, 6, 3])
+    params, _ = pn.init(net, jax.random.key(0))
+    for opt in (pn.optim.ema(pn.optim.adam(0.1)), pn.optim.kfac(net, 0.1)):
+        state = opt.init(params)
+        pn.save(tmp_path / "s.pn", state)
+        back = pn.load(tmp_path / "s.pn")
+        assert type(back) is type(state)
+        assert [type(s) for s in back.slots] == [type(s) for s in state.slots]
+        chex.assert_trees_all_equal(back, state)

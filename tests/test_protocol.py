@@ -322,3 +322,41 @@ def test_gpt_ends_fast_path_equals_the_generic_default():
         sq, _ = ends.per_example_sq_norms(ends_params, (ids, h), dy, 0.2)
         ref, _ = base.generic_per_example_sq_norms(ends, ends_params, (ids, h), dy, 0.2)
         np.testing.assert_allclose(sq, ref, rtol=1e-10)
+
+
+def test_embedding_fast_path_equals_the_generic_default():
+    layer = pn.Embedding(6, 3)
+    params, state, _ = layer.init(jax.random.key(0), (4,), jnp.float64)
+    ids = jax.random.randint(jax.random.key(1), (3, 4), 0, 6)
+    _, _, cache = layer.forward(params, state, ids)
+    dy = jax.random.normal(jax.random.key(2), (3, 4, 3), jnp.float64)
+    chex.assert_trees_all_close(base.per_example_backward(layer, params, cache, dy)[0],
+                                base.generic_per_example_backward(layer, params, cache, dy)[0], rtol=1e-12)
+    np.testing.assert_allclose(base.per_example_sq_norms(layer, params, cache, dy, 0.5)[0],
+                               base.generic_per_example_sq_norms(layer, params, cache, dy, 0.5)[0], rtol=1e-12)
+
+
+def test_a_cache_leaf_shared_by_all_examples_is_not_sliced():
+    """A leaf whose leading axis is not the batch (here a (2,) vector) reaches every example's backward whole."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Shifted:
+        def init(self, key, in_shape, dtype=None):
+            return {"w": jnp.ones(in_shape, dtype or jnp.float64)}, {}, in_shape
+
+        def forward(self, params, state, x, train=False, key=None):
+            c = jnp.array([2.0, 3.0])
+            return x * params["w"] * c[0] + c[1], state, (x, c)
+
+        def backward(self, params, cache, dy):
+            x, c = cache
+            return {"w": jnp.sum(dy * x * c[0], axis=0)}, dy * params["w"] * c[0]
+
+    layer = Shifted()
+    params, state, _ = layer.init(None, (5,))
+    x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
+    _, _, cache = layer.forward(params, state, x)
+    dy = jax.random.normal(jax.random.key(1), (3, 5), jnp.float64)
+    grads, dx = base.per_example_backward(layer, params, cache, dy)
+    np.testing.assert_allclose(grads["w"], dy * x * 2.0, rtol=1e-12)
+    np.testing.assert_allclose(dx, dy * 2.0, rtol=1e-12)

@@ -63,6 +63,14 @@ class MultiHeadAttention(Layer):
     through them) is exactly zero. dbk is exactly zero too: bk adds q . bk
     to every score of a row, which the softmax ignores (autodiff returns
     rounding noise of order 1e-17 there; tests compare it absolutely).
+
+    Scores that overflow (|q . k| / sqrt(dh) beyond the dtype's range, 3.4e38
+    in float32) make that row NaN, as `jax.nn.dot_product_attention` does;
+    unlike the losses, which clip logits to the finite range, attention does
+    not clip (a clipped score would have a zero derivative that the backward
+    above does not take). Inputs that large mean the network has diverged;
+    pre-norm blocks (LayerNorm, RMSNorm, exact at any magnitude) keep x finite
+    and small in front of every attention layer.
     """
 
     num_heads: int

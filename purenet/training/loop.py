@@ -43,7 +43,12 @@ class TrainState(NamedTuple):
 
 
 def run_epoch(step, train_state, x, y, key, batch_size=64):
-    """One epoch of `step` (see `make_step`) over (x, y): returns (train_state, mean loss of its batches)."""
+    """One epoch of `step` (see `make_step`) over (x, y): returns (train_state, mean loss of its batches).
+
+    With a step that skips non-finite gradients (apply_if_finite(opt, "skip"),
+    dynamic loss scaling) the mean is over the steps it applied; a skipped
+    step's loss (often inf in float16) does not make the epoch's loss NaN.
+    """
     n = x.shape[0]
     bs = batch_size_of(n, batch_size)
     steps = n // bs
@@ -57,7 +62,8 @@ def run_epoch(step, train_state, x, y, key, batch_size=64):
 
     (opt_state, model_state), values = jax.lax.scan(
         body, (train_state.opt_state, train_state.model_state), (batches, jnp.arange(steps)))
-    return TrainState(opt_state, model_state, train_state.epoch + 1), jnp.mean(values)
+    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)
+    return TrainState(opt_state, model_state, train_state.epoch + 1), mean
 
 
 def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=None, dp=None, accumulate=1,

@@ -1,5 +1,6 @@
 """One training step, pure: step((opt_state, model_state), (x, y, key)) -> ((opt_state, model_state), loss)."""
 import jax
+import jax.numpy as jnp
 
 from purenet import distributed
 from purenet.optim import current_loss_scale, tree
@@ -28,6 +29,8 @@ def make_step(grad_fn, opt, augment=None, mesh=None):
         raise ValueError(f"the optimizer's step needs {needed} beside the gradient, which this gradient function "
                          f"does not provide; build the step with pn.training.build_step (it computes them)")
 
+    skips = getattr(opt, "guard", None) == "skip"
+
     def step(carry, batch):
         opt_state, model_state = carry
         x, y, key = batch
@@ -39,10 +42,13 @@ def make_step(grad_fn, opt, augment=None, mesh=None):
         out = grad_fn(opt_state.params, model_state, x, y, k_grad, **_scale_for(grad_fn, opt_state))
         value, grads, new_state = out[:3]
         extra = {n: out[3][n] for n in needed}
-        if getattr(opt, "guard", None) == "skip":  # a skipped step keeps the model state too (BatchNorm's)
-            new_state = tree.where(tree.all_finite(grads), new_state, model_state)
+        if skips:  # a skipped step keeps the model state too (BatchNorm's), and reports no loss
+            finite = tree.all_finite(grads)
+            new_state = tree.where(finite, new_state, model_state)
+            value = jnp.where(finite, value, jnp.nan)
         return (opt.step(opt_state, grads, **extra), new_state), value
 
+    step.skips = skips  # run_epoch averages the loss over the applied steps only
     return step
 
 
