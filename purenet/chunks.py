@@ -27,7 +27,16 @@ def _chunks(chunk_size, n):
 
 
 def _split(a, chunk, m):
-    return a[:chunk * m].reshape(m, chunk, *a.shape[1:])
+    """The first chunk * m rows of every leaf of `a` as (m, chunk, ...)."""
+    return jax.tree_util.tree_map(lambda t: t[:chunk * m].reshape(m, chunk, *t.shape[1:]), a)
+
+
+def _head(a, k):
+    return jax.tree_util.tree_map(lambda t: t[:k], a)
+
+
+def _rest(a, start):
+    return jax.tree_util.tree_map(lambda t: t[start:], a)
 
 
 def _key(key, i):
@@ -51,12 +60,12 @@ def in_chunks(fn: Callable[[jax.Array, jax.Array, jax.Array | None], Any], chunk
     rows = jax.tree_util.tree_map(lambda r: r.reshape(chunk * m, *r.shape[2:]), rows)
     if chunk * m == n:
         return rows
-    rest = fn(x[chunk * m:], y[chunk * m:], _key(key, m))
+    rest = fn(_rest(x, chunk * m), _rest(y, chunk * m), _key(key, m))
     return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows, rest)
 
 
-def mean_in_chunks(fn: Callable[[Any, jax.Array, jax.Array, jax.Array | None], tuple], chunk_size: int | None,
-                   state: Any, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> tuple:
+def mean_in_chunks(fn: Callable[[Any, Any, Any, jax.Array | None], tuple], chunk_size: int | None,
+                   state: Any, x: Any, y: Any, key: jax.Array | None = None) -> tuple:
     """fn(state, x, y, key) -> (means, state) over the batch, `chunk_size` examples at a time.
 
     `means` (a tree) are means over a chunk's examples; the batch's mean is
@@ -74,11 +83,11 @@ def mean_in_chunks(fn: Callable[[Any, jax.Array, jax.Array, jax.Array | None], t
         *means, state = fn(state, a[0], a[1], _key(key, a[2]))
         return (state, jax.tree_util.tree_map(jnp.add, total, tuple(means))), None
 
-    first = jax.eval_shape(lambda: fn(state, x[:chunk], y[:chunk], _key(key, 0))[:-1])
+    first = jax.eval_shape(lambda: fn(state, _head(x, chunk), _head(y, chunk), _key(key, 0))[:-1])
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
     (state, total), _ = jax.lax.scan(step, (state, zeros), (_split(x, chunk, m), _split(y, chunk, m), jnp.arange(m)))
     if chunk * m == n:  # equal chunks: the mean of their means
         return (*jax.tree_util.tree_map(lambda t: t / m, total), state)
-    *means, state = fn(state, x[chunk * m:], y[chunk * m:], _key(key, m))
+    *means, state = fn(state, _rest(x, chunk * m), _rest(y, chunk * m), _key(key, m))
     total = jax.tree_util.tree_map(lambda t, r: (t * chunk + r * (n - chunk * m)) / n, total, tuple(means))
     return (*total, state)

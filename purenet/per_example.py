@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from purenet._checks import check_hyperparameter
 from purenet.chunks import check_chunk_size, in_chunks, mean_in_chunks
 from purenet.layers import base
-from purenet.layers.base import Array, LayerLike
+from purenet.layers.base import Array, LayerLike, walk
 from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
 
@@ -101,69 +101,180 @@ def per_example_grad_norms(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     return in_chunks(norms, chunk_size, x, y, key)
 
 
-def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key):
-    """(mean loss, mean of the clipped per-example gradients, state) over one batch."""
+def _recording_visit(found: list) -> base.Visit:
+    """Per-example squared norms at each leaf, recording (layer, params, cache, dy) in walk order."""
+    def leaf(layer, params, caches, dys):
+        (cache,), (dy,) = caches, dys
+        sq, dx = base.per_example_sq_norms(layer, params, cache, dy, 0.0)
+        found.append((layer, params, cache, dy))
+        return sq, (dx,)
+    return base.Visit(leaf, lambda params, dys: jnp.zeros(dys[0].shape[:1], dys[0].dtype), shaped=False)
+
+
+def _rows(scale: Array, t: Array) -> Array:
+    return t * scale.reshape((-1,) + (1,) * (t.ndim - 1)).astype(t.dtype)
+
+
+def _one_pass_grads(net, p, found, scale):
+    """The clipped sum from the recorded output gradients, layer by layer: each layer's parameter
+    gradient is linear in its own dy, so backward(params, cache, scale * dy) is its part of
+    sum_i scale_i g_i. Placed like params by a walk in the same order (dx is unused: XLA drops it)."""
+    it = iter(found)
+
+    def leaf(layer, params, caches, dys):
+        layer_, params_, cache, dy = next(it)
+        return layer_.backward(params_, cache, jax.tree_util.tree_map(lambda t: _rows(scale, t), dy))[0], ()
+
+    outs, _ = walk(p.body, base.Visit(leaf, lambda params, dys: base.zeros_like_tree(params)), p.body_params, (), ())
+    return p.grads(net, outs)
+
+
+def _check_per_example(net, params, train):
+    """Per-example clipping needs examples that do not interact: BatchNorm in training mode mixes them."""
+    if not train:
+        return
+    for leaf in base.leaves(net, params):
+        if getattr(leaf.layer, "mixes_examples", False):
+            raise ValueError(f"DP-SGD clips each example's own gradient, but {type(leaf.layer).__name__} in training "
+                             f"mode mixes the examples of a batch (its statistics couple them), so there is no "
+                             f"per-example gradient to clip: normalise each example on its own instead "
+                             f"(pn.LayerNorm, or GroupNorm), or drop the layer")
+
+
+def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key, one_pass):
+    """(mean over rows of w_i L_i, mean over rows of w_i min(1, C/|g_i|) g_i, state) over one batch;
+    y is (labels, w) for a weighted (Poisson) batch, labels alone for w = 1."""
+    labels, weight = y if isinstance(y, tuple) else (y, None)
     p = loss_pass(net, params, state, x, loss, train, key)
-    norms = jnp.sqrt(jnp.maximum(_sq_norms(net, p, y, 0.0), 0.0))
+    n = p.out.shape[0]
+    seed = p.per_example_seed(labels)  # row i: dL_i/dout
+    found: list = []
+    if one_pass:
+        outs, _ = walk(p.body, _recording_visit(found), p.body_params, (p.cache,), (seed,))
+        sq = base.sum_leaves(outs, jnp.zeros((n,), seed.dtype))
+    else:
+        sq = _sq_norms(net, p, labels, 0.0)
+    norms = jnp.sqrt(jnp.maximum(sq, 0.0))
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
-
-    def clip(dout):
-        return dout * scale.reshape((-1,) + (1,) * (dout.ndim - 1)).astype(dout.dtype)
-
-    return p.loss_fn.value(p.out, y), backward_pass(p, net, y, seed=clip), p.state
+    if weight is not None:
+        scale = scale * weight.astype(scale.dtype)
+    if one_pass:
+        grads = jax.tree_util.tree_map(lambda g: g / n, _one_pass_grads(net, p, found, scale))
+    else:
+        grads = backward_pass(p, net, labels, seed=lambda dout: _rows(scale, dout))
+    if weight is None:
+        value = p.loss_fn.value(p.out, labels)
+    else:
+        value = jnp.mean(_per_example_values(p, labels) * weight.astype(p.out.dtype))
+    return value, grads, p.state
 
 
 def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, *, clip_norm: float,
                            noise_multiplier: float = 0.0, noise_key: Array | None = None,
                            loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
-                           key: Array | None = None, chunk_size: int | None = None) -> tuple[Array, PyTree, PyTree]:
+                           key: Array | None = None, chunk_size: int | None = None, weight: Array | None = None,
+                           expected_batch_size: float | None = None,
+                           one_pass: bool = True) -> tuple[Array, PyTree, PyTree]:
     """DP-SGD's gradient (Abadi et al., 2016): clip each example, sum, add noise, average.
 
         g = (1/N) [ sum_i g_i min(1, C / ||g_i||) + sigma C z ],   z ~ N(0, I)
 
     with C = clip_norm and sigma = noise_multiplier. Each g_i is linear in
-    row i of dL/d(output), so scaling that row by its clip factor and running
-    the ordinary backward once gives the clipped sum (norms come from
-    `per_example_grad_norms`, so no per-example gradient is ever formed).
-    The l2 term is added after clipping, unclipped. Returns (value, grads, state).
+    row i of dL/d(output), and so is every layer's parameter gradient in that
+    layer's own output gradient. One pass (one_pass=True, the book-keeping
+    technique of Bu et al., 2023): a single backward keeps each layer's
+    cache and output gradient dy, takes the per-example norms from them
+    (Dense's ghost norm, ...), and then each layer's clipped part is its own
+    backward on min(1, C/|g_i|)-scaled rows of dy: no second backward through
+    the network (XLA drops the unused input gradients). one_pass=False
+    runs the reference: the norms' backward, then the ordinary backward on a
+    rescaled dL/d(output). The two are tested equal. No per-example gradient
+    is ever formed (except by a layer without a norm fast path). The l2 term
+    is added after clipping, unclipped. Returns (value, grads, state).
+
+    weight (N,) in {0, 1} marks the examples of a padded Poisson batch (see
+    `pn.privacy.poisson_batch`): only they are clipped and summed, and the
+    sum and the noise are divided by `expected_batch_size` (q n, as Opacus
+    does) instead of N; the value is then the mean loss of the marked examples.
 
     chunk_size=k clips and sums k examples at a time (`mean_in_chunks`) and
     adds the noise once, to the whole batch's sum: the same gradient with a
-    working set of k examples (model state threads through the chunks, so
-    BatchNorm in training mode normalises each chunk by its own statistics).
+    working set of k examples. BatchNorm in training mode (which mixes the
+    examples) is an error.
     """
     check_hyperparameter("clip_norm", clip_norm, 0.0, None, low_open=True)
     check_hyperparameter("noise_multiplier", noise_multiplier, 0.0, None)
+    _check_per_example(net, params, train)
+    n = x.shape[0]
+    if weight is not None:
+        if jnp.shape(weight) != (n,):
+            raise ValueError(f"weight must have shape ({n},) (one per example), got {jnp.shape(weight)}")
+        if expected_batch_size is None:
+            raise ValueError("a weighted (Poisson) batch needs expected_batch_size (q n) to normalise by")
+    divisor: float = n if expected_batch_size is None or weight is None else expected_batch_size
 
     def clipped(state, x, y, key):
-        return _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key)
+        return _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key, one_pass)
 
-    value, grads, state = mean_in_chunks(clipped, chunk_size, state, x, y, key)
+    value, grads, state = mean_in_chunks(clipped, chunk_size, state, x, y if weight is None else (y, weight), key)
+    if weight is not None:  # means over the N rows -> sums -> divided by the expected batch size
+        grads = jax.tree_util.tree_map(lambda g: g * (n / divisor), grads)
+        value = value * n / jnp.maximum(jnp.sum(weight), 1).astype(value.dtype)
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
         if noise_key is None:
             raise ValueError("clipped_value_and_grad with noise_multiplier > 0 needs a noise_key")
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         keys = jax.random.split(noise_key, len(leaves))
-        n = x.shape[0]
-        leaves = [g + noise_multiplier * clip_norm / n * jax.random.normal(k, g.shape, g.dtype)
+        leaves = [g + noise_multiplier * clip_norm / divisor * jax.random.normal(k, g.shape, g.dtype)
                   for g, k in zip(leaves, keys)]
         grads = jax.tree_util.tree_unflatten(treedef, leaves)
     value, grads = add_l2(net, params, l2, value, grads)
     return value, grads, state
 
 
+SAMPLINGS = ("poisson", "shuffle")
+
+
 @dataclasses.dataclass(frozen=True)
 class DPSGD:
-    """A training option for `fit`/`train`: per-example clipping to `clip_norm`
-    and Gaussian noise of std noise_multiplier * clip_norm, as in
-    `clipped_value_and_grad`; `chunk_size` clips that many examples at a
-    time (the same gradient, a smaller working set)."""
+    """A training option for `fit`/`train`: DP-SGD with per-example clipping to `clip_norm` and
+    Gaussian noise of std noise_multiplier * clip_norm on the clipped sum (`clipped_value_and_grad`).
+
+    sampling="poisson" (the default: only it has privacy accounting): each
+    step, every training example joins the batch independently with
+    probability q = batch_size / n, into a padded batch of static size
+    `pn.privacy.poisson_batch_bound(n, q)`; the noisy clipped sum is divided
+    by the expected batch size q n (as Opacus does). An epoch is n /
+    batch_size steps; `fit` records history["epsilon"] after each epoch
+    (`pn.privacy.epsilon` with `accountant`, at `delta`, default 1e-5) and
+    history["poisson_overflow"] (sampled examples beyond the bound: 0 but
+    with probability <= 1e-9 a step). sampling="shuffle" keeps fixed-size
+    batches of a shuffle: the same clipping and noise, but no accounting
+    exists for it (no epsilon is recorded). `chunk_size` clips that many
+    examples at a time (the same gradient, a smaller working set);
+    `one_pass=False` uses the two-backward reference clipping.
+    """
 
     clip_norm: float
     noise_multiplier: float = 0.0
     chunk_size: int | None = None
+    sampling: str = "poisson"
+    delta: float | None = None
+    accountant: str = "pld"
+    one_pass: bool = True
 
     def __post_init__(self) -> None:
         check_hyperparameter("clip_norm", self.clip_norm, 0.0, None, low_open=True)
         check_hyperparameter("noise_multiplier", self.noise_multiplier, 0.0, None)
         check_chunk_size(self.chunk_size)
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"DPSGD sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ValueError(f"DPSGD delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ("pld", "rdp"):
+            raise ValueError(f"DPSGD accountant must be 'pld' or 'rdp', got {self.accountant!r}")
+
+    @property
+    def target_delta(self) -> float:
+        """The delta epsilon is reported at: `delta`, or 1e-5."""
+        return 1e-5 if self.delta is None else self.delta

@@ -83,3 +83,13 @@ for call in (lambda: pn.fit(net, opt, (x, y), key=jax.random.key(0), epochs=1, b
     else:
         sys.exit("no error for a batch of 50 on 8 devices")
 check("divisibility")
+
+# 6. DP-SGD on 8 devices (Poisson batches, one-pass clipping, noise) equals one device
+for dp in (pn.DPSGD(1.0, noise_multiplier=0.8), pn.DPSGD(1.0, noise_multiplier=0.8, sampling="shuffle", chunk_size=16)):
+    net = pn.mlp([64, 32, 10], dropout=0.1)
+    kw = dict(key=jax.random.key(4), epochs=2, batch_size=48, dp=dp)
+    one = pn.fit(net, pn.optim.adam(3e-3), (x, y), **kw)
+    many = pn.fit(net, pn.optim.adam(3e-3), (x, y), mesh=mesh, **kw)
+    assert rel(many.params, one.params) <= 1e-6, rel(many.params, one.params)
+    np.testing.assert_allclose(many.history["loss"], one.history["loss"], rtol=1e-6)
+check("dp")

@@ -66,6 +66,7 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
     ("mnist_mlp.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out accuracy"]),
     ("mnist_cnn.py", MNIST / "t10k-images-idx3-ubyte.gz", ["images of shape (28, 28, 1)", "held-out accuracy"]),
     ("noise_scale.py", MNIST / "t10k-images-idx3-ubyte.gz", ["B_simple", "x the minimum steps"]),
+    ("dp_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["noise multiplier for epsilon 3.0", "final: epsilon"]),
     ("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
 ])
 def test_example_on_shared_data_in_fast_mode(tmp_path, script, data, expect):
@@ -113,7 +114,7 @@ def test_shakespeare_steps_in_parts_equal_whole_batches_and_estimates_average_th
     ex = _shakespeare_module(monkeypatch)
     net = pn.gpt(vocab_size=7, context=8, layers=1, heads=2, features=16)
     ids = jax.random.randint(jax.random.key(0), (300,), 0, 7)
-    opt = ex.optimizer(6)
+    opt = ex.optimizer(net, 6)
     opt_state, state = ex.make_setup(net, opt)(jax.random.key(1))
     runs = [ex.make_steps(net, opt, state, ids, 4, 8, parts)(jax.tree_util.tree_map(jnp.copy, opt_state),
                                                                jax.random.key(2), 3) for parts in (1, 2, 4)]

@@ -54,6 +54,7 @@ class BatchNorm(Layer):
     eps: float = 1e-5
 
     roles = {"gamma": "gain", "beta": "bias"}
+    mixes_examples = True  # in training: per-example gradients (and so DP-SGD) are undefined
 
     def __post_init__(self) -> None:
         check_hyperparameter("BatchNorm momentum", self.momentum, 0.0, 1.0, high_open=False)

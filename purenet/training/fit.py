@@ -14,7 +14,8 @@ import numpy as np
 from purenet import distributed
 from purenet.optim import ema_params
 from purenet.training.checks import check_arguments, check_data, check_divisible, check_inputs, check_monitor
-from purenet.training.loop import as_arrays, build_step, check_ema, epoch_with_metrics, init_run
+from purenet.training.checks import batch_size_of
+from purenet.training.loop import as_arrays, build_step, check_ema, epoch_with_metrics, init_run, poisson
 from purenet.training.precision import optimizer_for
 
 
@@ -102,9 +103,10 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
             check_data(net, *batch, loss, train_state.opt_state.params, train_state.model_state, name=f"{name} x")
     data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision)
+                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size))
     run = jax.jit(epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2,
-                                     early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema))
+                                     early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema,
+                                     sampling="poisson" if poisson(dp) else "shuffle"))
     records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe, stats_probe)
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         metrics = set(jax.eval_shape(run, (train_state, es), data)[1])
@@ -131,12 +133,23 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     if bar is not None:
         bar.close()
     history = _stack(records)
+    if poisson(dp) and history:
+        history["epsilon"] = _epsilons(dp, x.shape[0], batch_size_of(x.shape[0], batch_size), len(records))
     params, model_state = train_state.opt_state.params, train_state.model_state
     if evaluate_with_ema:
         params = ema_params(train_state.opt_state)
     if es is not None and early_stopping.restore_best and int(es.best_epoch) >= 0:
         params, model_state = es.best_params, es.best_model_state
     return FitResult(params, model_state, train_state.opt_state, history, stopped_epoch)
+
+
+def _epsilons(dp, n, batch_size, epochs):
+    """epsilon after each epoch of n // batch_size Poisson-sampled steps (pn.privacy.epsilon)."""
+    from purenet import privacy
+
+    steps, rate = n // batch_size, batch_size / n
+    return np.array([privacy.epsilon(dp.noise_multiplier, rate, steps * (e + 1), dp.target_delta, dp.accountant)
+                     for e in range(epochs)])
 
 
 def _stack(records):

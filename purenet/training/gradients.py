@@ -27,22 +27,32 @@ def grad_fn(net, loss="cross_entropy", l2=0.0):
     return fn
 
 
-def dp_sgd(net, dp, loss="cross_entropy", l2=0.0, micro_batches=1):
+def dp_sgd(net, dp, loss="cross_entropy", l2=0.0, micro_batches=1, expected_batch_size=None):
     """DP-SGD's clipped, noised gradient (`pn.clipped_value_and_grad`) for dp = pn.DPSGD(...).
 
-    Dropout draws from `key`, the noise from fold_in(key, 2). Accumulated
-    (`accumulate(fn, k)`), the batch is clipped k micro-batches at a time and
-    the noise is drawn once, for the whole batch's sum: averaging k noised
-    micro-batch gradients would add sqrt(k) times the noise DP-SGD asks for.
+    fn(params, state, x, y, key, weight=None): with `weight` (a padded Poisson
+    batch's 0/1 marks) the clipped sum and the noise are divided by
+    `expected_batch_size`. Dropout draws from `key`, the noise from
+    fold_in(key, 2). Accumulated (`accumulate(fn, k)`), the batch is clipped
+    k micro-batches at a time and the noise is drawn once, for the whole
+    batch's sum: averaging k noised micro-batch gradients would add sqrt(k)
+    times the noise DP-SGD asks for.
     """
 
-    def fn(params, state, x, y, key):
-        chunk = dp.chunk_size if micro_batches == 1 else _micro_batch_size(x.shape[0], micro_batches)
+    def fn(params, state, x, y, key, weight=None):
+        if micro_batches == 1:
+            chunk = dp.chunk_size
+        elif weight is not None:  # a padded batch: k chunks, the last one shorter
+            chunk = -(-x.shape[0] // micro_batches)
+        else:
+            chunk = _micro_batch_size(x.shape[0], micro_batches)
         return per_example.clipped_value_and_grad(
             net, params, state, x, y, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
-            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key, chunk_size=chunk)
+            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key, chunk_size=chunk,
+            weight=weight, expected_batch_size=expected_batch_size, one_pass=dp.one_pass)
 
-    fn.micro_batched = lambda k: dp_sgd(net, dp, loss, l2, micro_batches=k)
+    fn.micro_batched = lambda k: dp_sgd(net, dp, loss, l2, micro_batches=k, expected_batch_size=expected_batch_size)
+    fn.takes_weight = True
     return fn
 
 
@@ -108,7 +118,8 @@ def kfac(net, loss="cross_entropy", l2=0.0):
     return fn
 
 
-def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None, extra_args=()):
+def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None, extra_args=(),
+              expected_batch_size=None):
     """The gradient function `fit` and `train` build from their options; `extra_args` are the
     per-step arguments the optimizer needs beside the gradient (K-FAC's "factors")."""
     from purenet.training.precision import mixed_precision
@@ -125,5 +136,6 @@ def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, pr
     if precision is not None:
         fn = mixed_precision(net, precision, loss, l2)
     else:
-        fn = grad_fn(net, loss, l2) if dp is None else dp_sgd(net, dp, loss, l2)
+        fn = grad_fn(net, loss, l2) if dp is None else dp_sgd(net, dp, loss, l2,
+                                                              expected_batch_size=expected_batch_size)
     return accumulate(fn, accumulate_steps)

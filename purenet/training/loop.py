@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from purenet import diagnostics, metrics, network, shuffle
+from purenet import diagnostics, metrics, network, privacy, shuffle
 from purenet._checks import check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import id_layer
@@ -66,16 +66,52 @@ def run_epoch(step, train_state, x, y, key, batch_size=64):
     return TrainState(opt_state, model_state, train_state.epoch + 1), mean
 
 
+def run_poisson_epoch(step, train_state, x, y, key, batch_size=64):
+    """One epoch of DP-SGD with Poisson sampling: n // batch_size steps, each on a batch where every
+    example joined with probability q = batch_size / n, padded to `pn.privacy.poisson_batch_bound(n, q)`.
+
+    Returns (train_state, mean loss of the sampled examples' batches, examples that overflowed the bound).
+    Step i of epoch e samples from fold_in(fold_in(fold_in(key, e), i + 1), 0) and draws its own
+    randomness (dropout, noise) from fold_in(..., 1).
+    """
+    n = x.shape[0]
+    bs = batch_size_of(n, batch_size)
+    rate = bs / n
+    bound = privacy.poisson_batch_bound(n, rate)
+    bound = min(n, -(-bound // 8) * 8)  # a multiple of 8: the padded batch splits over a mesh of up to 8 devices
+    key = jax.random.fold_in(key, train_state.epoch)
+
+    def body(carry, i):
+        k = jax.random.fold_in(key, i + 1)
+        batch = privacy.poisson_batch(jax.random.fold_in(k, 0), n, rate, bound)
+        carry, value = step(carry, (x[batch.rows], y[batch.rows], jax.random.fold_in(k, 1), batch.weight))
+        return carry, (value, batch.overflow)
+
+    (opt_state, model_state), (values, overflow) = jax.lax.scan(
+        body, (train_state.opt_state, train_state.model_state), jnp.arange(n // bs))
+    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)
+    return TrainState(opt_state, model_state, train_state.epoch + 1), mean, jnp.sum(overflow)
+
+
+def poisson(dp):
+    """Whether DP-SGD option `dp` samples Poisson batches."""
+    return dp is not None and dp.sampling == "poisson"
+
+
 def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=None, dp=None, accumulate=1,
-               precision=None):
+               precision=None, batch_size=None):
     """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...).
 
     `opt` is the optimizer as the state was built with (precision.optimizer(opt), see
     `purenet.training.precision`).
 
     An optimizer with per-step arguments (pn.optim.kfac's factors) gets them from the same pass.
+    DP-SGD with Poisson sampling divides by `batch_size`, the expected batch size.
     """
-    fn = gradients(net, loss, l2, dp, accumulate, precision, extra_args=getattr(opt, "extra_args", ()))
+    if poisson(dp) and batch_size is None:
+        raise ValueError("DP-SGD with Poisson sampling needs the expected batch size: build_step(..., batch_size=)")
+    fn = gradients(net, loss, l2, dp, accumulate, precision, extra_args=getattr(opt, "extra_args", ()),
+                   expected_batch_size=batch_size if poisson(dp) else None)
     return make_step(fn, opt, augment=augment, mesh=mesh)
 
 
@@ -91,8 +127,11 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
     with loss_scale="dynamic" initialise the state with precision.optimizer(opt)).
     """
     opt = optimizer_for(opt, precision)
+    bs = batch_size_of(x.shape[0], batch_size)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision)
+                      precision=precision, batch_size=bs)
+    if poisson(dp):
+        return run_poisson_epoch(step, train_state, x, y, key, bs)[:2]
     return run_epoch(step, train_state, x, y, key, batch_size)
 
 
@@ -102,7 +141,8 @@ def evaluate(net, params, model_state, validation, loss):
     return {"val_loss": value, "val_accuracy": metrics.accuracy(net, params, model_state, xv, yv)}
 
 
-def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evaluate_with_ema=False):
+def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evaluate_with_ema=False,
+                       sampling="shuffle"):
     """run((train_state, es), (x, y, validation, key, probe, stats_probe)) -> ((train_state, es), record).
 
     The data are arguments, not closed-over constants, so a jitted `run`
@@ -115,8 +155,13 @@ def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evalu
         (train_state, es), (x, y, validation, key, probe, stats_probe) = carry, data
         epoch = train_state.epoch
         before = train_state.opt_state.params
-        train_state, mean_loss = run_epoch(step, train_state, x, y, key, batch_size)
-        record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate}
+        if sampling == "poisson":
+            train_state, mean_loss, overflow = run_poisson_epoch(step, train_state, x, y, key, batch_size)
+            record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate,
+                      "poisson_overflow": overflow}
+        else:
+            train_state, mean_loss = run_epoch(step, train_state, x, y, key, batch_size)
+            record = {"loss": mean_loss, "learning_rate": train_state.opt_state.learning_rate}
         scale = current_loss_scale(train_state.opt_state)
         if scale is not None:
             record["loss_scale"] = scale
@@ -190,9 +235,9 @@ def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     check_divisible(mesh, x.shape[0], batch_size)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision)
+                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size))
     epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
-                                  evaluate_with_ema=evaluate_with_ema)
+                                  evaluate_with_ema=evaluate_with_ema, sampling="poisson" if poisson(dp) else "shuffle")
     data = (x, y, validation, jax.random.fold_in(key, 1), None, None)
     run = lambda carry: epoch_fn(carry, data)  # noqa: E731
     record_shape = jax.eval_shape(run, (train_state, es))[1]

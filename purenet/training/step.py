@@ -33,13 +33,14 @@ def make_step(grad_fn, opt, augment=None, mesh=None):
 
     def step(carry, batch):
         opt_state, model_state = carry
-        x, y, key = batch
+        x, y, key, *weight = batch  # a fourth entry: a padded Poisson batch's 0/1 marks (DP-SGD)
         k_grad, k_aug = jax.random.split(key)
         if mesh is not None:
             x, y = (jax.lax.with_sharding_constraint(v, distributed.batch_sharding(mesh)) for v in (x, y))
         if augment is not None:
             x, y = augment(k_aug, x, y)
-        out = grad_fn(opt_state.params, model_state, x, y, k_grad, **_scale_for(grad_fn, opt_state))
+        marks = {"weight": weight[0]} if weight else {}
+        out = grad_fn(opt_state.params, model_state, x, y, k_grad, **_scale_for(grad_fn, opt_state), **marks)
         value, grads, new_state = out[:3]
         extra = {n: out[3][n] for n in needed}
         if skips:  # a skipped step keeps the model state too (BatchNorm's), and reports no loss

@@ -1,0 +1,185 @@
+"""Differential privacy a paper can report: the accountant against Opacus, Poisson batches,
+one-pass clipping against the two-pass reference and vmap(jax.grad), BatchNorm refused."""
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import purenet as pn
+from purenet import privacy
+
+jax.config.update("jax_enable_x64", True)
+
+SETTINGS = [(256 / 60000, 1.12, 14062, 1e-5), (0.01, 0.8, 1000, 1e-6), (0.05, 2.0, 300, 1e-5)]
+
+
+@pytest.mark.parametrize("q,sigma,steps,delta", SETTINGS)
+def test_epsilon_agrees_with_opacus_and_pld_is_tighter(q, sigma, steps, delta):
+    from opacus.accountants import RDPAccountant
+
+    opacus = RDPAccountant()
+    opacus.history = [(sigma, q, steps)]
+    reference = opacus.get_epsilon(delta)
+    rdp = privacy.epsilon(sigma, q, steps, delta, accountant="rdp")
+    assert abs(rdp - reference) <= 0.03 * reference
+    pld = privacy.epsilon(sigma, q, steps, delta)
+    assert pld <= rdp
+
+
+def test_tf_privacy_mnist_numbers():
+    q, sigma, steps, delta = SETTINGS[0]
+    np.testing.assert_allclose(privacy.epsilon(sigma, q, steps, delta), 2.31, atol=0.01)
+    np.testing.assert_allclose(privacy.epsilon(sigma, q, steps, delta, "rdp"), 2.52, atol=0.01)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_noise_multiplier_for_inverts_epsilon(accountant):
+    q, steps, delta = 0.02, 500, 1e-5
+    sigma = privacy.noise_multiplier_for(2.0, delta, q, steps, accountant)
+    assert privacy.epsilon(sigma, q, steps, delta, accountant) <= 2.0
+    assert privacy.epsilon(sigma / 1.01, q, steps, delta, accountant) > 2.0
+
+
+def test_accounting_edge_cases_and_errors():
+    assert privacy.epsilon(1.0, 0.1, 0, 1e-5) == 0.0
+    assert privacy.epsilon(0.0, 0.1, 10, 1e-5) == float("inf")
+    for kwargs, match in [(dict(sample_rate=1.5), "sample_rate"), (dict(delta=0.0), "delta"),
+                          (dict(steps=2.5), "steps"), (dict(accountant="gdp"), "accountant")]:
+        args = dict(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5) | kwargs
+        with pytest.raises(ValueError, match=match):
+            privacy.epsilon(**args)
+    with pytest.raises(ValueError, match="sampling"):
+        pn.DPSGD(1.0, sampling="uniform")
+
+
+# ---------------------------------------------------------------- Poisson batches
+
+
+def test_poisson_batches_have_the_inclusion_rate_and_count_overflows():
+    n, q = 1000, 0.05
+    bound = privacy.poisson_batch_bound(n, q)
+    assert 50 + 6 * np.sqrt(50 * 0.95) <= bound <= 2 * 50 + 60
+    keys = jax.random.split(jax.random.key(0), 400)
+    batches = jax.vmap(lambda k: privacy.poisson_batch(k, n, q, bound))(keys)
+    sizes = np.asarray(batches.weight.sum(axis=1))
+    np.testing.assert_allclose(sizes.mean(), n * q, rtol=0.03)  # 400 draws: sd of the mean ~0.35
+    np.testing.assert_allclose(sizes.var(), n * q * (1 - q), rtol=0.25)
+    counts = np.zeros(n)
+    for index, weight in zip(np.asarray(batches.rows), np.asarray(batches.weight)):
+        counts[index[weight > 0]] += 1
+        assert len(set(index[weight > 0])) == int(weight.sum())  # no example twice in a batch
+    np.testing.assert_allclose(counts.mean() / 400, q, rtol=0.03)
+    assert int(batches.overflow.sum()) == 0
+    tiny = privacy.poisson_batch(jax.random.key(1), n, q, 10)
+    assert int(tiny.overflow) > 0 and float(tiny.weight.sum()) == 10
+
+
+def _net_case(kind):
+    k1, k2 = jax.random.split(jax.random.key(3))
+    if kind == "dense":
+        net = pn.mlp([5, 4, 3])
+        x, y, shape = jax.random.normal(k1, (6, 5)), jnp.array([0, 1, 2, 0, 1, 2]), 5
+    elif kind == "conv":
+        net = pn.Sequential([pn.Conv2D(2, 3), pn.ReLU(), pn.GlobalAvgPool2D(), pn.Dense(3), pn.Softmax()])
+        x, y, shape = jax.random.normal(k1, (6, 5, 5, 1)), jnp.array([0, 1, 2, 0, 1, 2]), (5, 5, 1)
+    elif kind == "attention":
+        net = pn.Sequential([pn.Dense(4), pn.LayerNorm(), pn.MultiHeadAttention(2, causal=True), pn.Dense(3),
+                             pn.Softmax()])
+        x, y, shape = jax.random.normal(k1, (6, 3, 2)), jax.random.randint(k2, (6, 3), 0, 3), (3, 2)
+    elif kind == "embedding":
+        net = pn.gpt(vocab_size=7, context=4, layers=1, heads=2, features=4)
+        x = jax.random.randint(k1, (6, 4), 0, 7)
+        y, shape = jnp.roll(x, -1, 1), (4,)
+    else:  # a layer with only init, forward, backward: the generic path
+        net = pn.Sequential([Gain(), pn.Dense(3), pn.Softmax()])
+        x, y, shape = jax.random.normal(k1, (6, 5)), jnp.array([0, 1, 2, 0, 1, 2]), 5
+    params, state = pn.init(net, jax.random.key(0), in_shape=shape, dtype=jnp.float64)
+    x = x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return net, params, state, x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class Gain:
+    def init(self, key, in_shape, dtype=None):
+        return {"g": jnp.linspace(0.5, 1.5, in_shape[-1] if isinstance(in_shape, tuple) else in_shape)}, {}, \
+            in_shape
+
+    def forward(self, params, state, x, train=False, key=None):
+        return jnp.tanh(x * params["g"]), state, (x, jnp.tanh(x * params["g"]))
+
+    def backward(self, params, cache, dy):
+        x, t = cache
+        da = dy * (1 - t * t)
+        return {"g": jnp.sum(da * x, axis=0)}, da * params["g"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "attention", "embedding", "generic"])
+def test_one_pass_clipping_equals_two_pass_and_autodiff(kind):
+    net, params, state, x, y = _net_case(kind)
+    per = jax.vmap(lambda xi, yi: jax.grad(lambda p: pn.loss(net, p, state, xi[None], yi[None])[0])(params))(x, y)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(6, -1) ** 2, 1) for g in jax.tree_util.tree_leaves(per)))
+    clip = float(jnp.median(norms))
+    weight = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    factor = jnp.minimum(1.0, clip / norms) * weight
+    expected = 4.5  # the expected batch size divides the sum
+    ref = jax.tree_util.tree_map(lambda g: jnp.sum(g * factor.reshape((-1,) + (1,) * (g.ndim - 1)), 0) / expected,
+                                 per)
+    got = {}
+    for one_pass in (True, False):
+        _, got[one_pass], _ = pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=clip, weight=weight,
+                                                        expected_batch_size=expected, one_pass=one_pass)
+        chex.assert_trees_all_close(got[one_pass], ref, rtol=1e-10, atol=1e-13)
+    # the unweighted mean too, and masked examples contribute nothing whatever they hold
+    _, plain, _ = pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=clip)
+    plain_ref = jax.tree_util.tree_map(
+        lambda g: jnp.mean(g * jnp.minimum(1.0, clip / norms).reshape((-1,) + (1,) * (g.ndim - 1)), 0), per)
+    chex.assert_trees_all_close(plain, plain_ref, rtol=1e-10, atol=1e-13)
+    other = x.at[1].set(x[4]) if kind == "embedding" else x.at[1].multiply(7.0)
+    _, moved, _ = pn.clipped_value_and_grad(net, params, state, other, y, clip_norm=clip, weight=weight,
+                                            expected_batch_size=expected)
+    chex.assert_trees_all_close(moved, got[True], rtol=1e-12, atol=1e-15)
+
+
+def test_the_noise_is_divided_by_the_expected_batch_size():
+    net = pn.mlp([5, 100, 3])
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float64)
+    x, y = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64), jnp.arange(6) % 3
+    weight = jnp.ones(6)
+    kw = dict(clip_norm=0.5, weight=weight, expected_batch_size=3.0)
+    _, quiet, _ = pn.clipped_value_and_grad(net, params, state, x, y, **kw)
+    _, noisy, _ = pn.clipped_value_and_grad(net, params, state, x, y, noise_multiplier=2.0,
+                                            noise_key=jax.random.key(5), **kw)
+    noise = jnp.concatenate([jnp.ravel(a - b) for a, b in zip(jax.tree_util.tree_leaves(noisy),
+                                                               jax.tree_util.tree_leaves(quiet))])
+    np.testing.assert_allclose(jnp.std(noise), 2.0 * 0.5 / 3.0, rtol=0.1)  # ~900 draws: sd 2.4%
+
+
+def test_batchnorm_in_training_is_refused_under_dp():
+    net = pn.mlp([4, 6, 3], batchnorm=True)
+    params, state = pn.init(net, jax.random.key(0))
+    x, y = jax.random.normal(jax.random.key(1), (8, 4)), jnp.arange(8) % 3
+    with pytest.raises(ValueError, match=r"BatchNorm in training mode mixes the examples.*pn\.LayerNorm"):
+        pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0, train=True)
+    with pytest.raises(ValueError, match="GroupNorm"):
+        pn.fit(net, pn.optim.sgd(0.1), (x, y), key=jax.random.key(0), epochs=1, batch_size=4, dp=pn.DPSGD(1.0))
+    pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0, train=False)  # evaluation mode: fine
+
+
+def test_fit_records_epsilon_and_poisson_training_learns():
+    data = pn.datasets.digits()
+    net = pn.mlp([64, 32, 10])
+    dp = pn.DPSGD(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, accountant="rdp")
+    n, bs = data.x_train.shape[0], 64
+    result = pn.fit(net, pn.optim.adam(3e-3), (data.x_train, data.y_train), key=jax.random.key(0), epochs=3,
+                    batch_size=bs, dp=dp, validation=(data.x_test, data.y_test))
+    steps = n // bs
+    expected = [privacy.epsilon(1.0, bs / n, steps * e, 1e-5, "rdp") for e in (1, 2, 3)]
+    np.testing.assert_allclose(result.history["epsilon"], expected, rtol=1e-12)
+    np.testing.assert_array_equal(result.history["poisson_overflow"], 0)
+    assert result.history["val_accuracy"][-1] > 0.5
+    shuffled = pn.fit(net, pn.optim.adam(3e-3), (data.x_train, data.y_train), key=jax.random.key(0), epochs=1,
+                      batch_size=bs, dp=dataclasses.replace(dp, sampling="shuffle"))
+    assert "epsilon" not in shuffled.history  # no accounting exists for shuffled batches
