@@ -227,19 +227,23 @@ def test_nanogpt_errors_name_the_problem():
 # ---------------------------------------------------------------- any state_dict (the README's recipe)
 
 
-def test_from_state_dict_maps_linear_and_conv_layouts():
+def test_from_state_dict_maps_a_pytorch_cnn_as_the_readme_recipe_says():
     torch.manual_seed(0)
-    conv, linear = nn.Conv2d(3, 4, 3, padding=1).double(), nn.Linear(5, 2).double()
-    x = np.random.default_rng(1).normal(size=(2, 3, 6, 6))  # NCHW
-    net = pn.Sequential([pn.Conv2D(4, 3, padding="SAME")])
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double()
+    net = pn.Sequential([pn.Conv2D(4, 3, padding="SAME"), pn.ReLU(), pn.Flatten(), pn.Dense(5)])
     like, state = pn.init(net, jax.random.key(0), (6, 6, 3), dtype=jnp.float64)
-    params = pn.weights.from_state_dict(like, conv.state_dict(), {"0.W": "weight", "0.b": "bias"},
-                                        {"0.W": "conv2d"})
+    assert list(pn.weights.flatten(like)) == ["0.W", "0.b", "3.W", "3.b"]
+    names = {"0.W": "0.weight", "0.b": "0.bias", "3.W": "3.weight", "3.b": "3.bias"}
+    # torch flattens (C, H, W), purenet (H, W, C): the Linear's input columns are permuted, then transposed
+    flat_linear = lambda w: w.reshape(5, 4, 6, 6).transpose(0, 2, 3, 1).reshape(5, -1).T  # noqa: E731
+    params = pn.weights.from_state_dict(like, cnn.state_dict(), names, {"0.W": "conv2d", "3.W": flat_linear})
+    x = np.random.default_rng(1).normal(size=(2, 3, 6, 6))  # NCHW
     y, _ = pn.forward(net, params, state, jnp.asarray(x.transpose(0, 2, 3, 1)))  # NCHW -> NHWC
     with torch.no_grad():
-        ref = conv(torch.tensor(x)).numpy().transpose(0, 2, 3, 1)
+        ref = cnn(torch.tensor(x)).numpy()
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
 
+    linear = nn.Linear(5, 2).double()
     dense = pn.Sequential([pn.Dense(2)])
     like, _ = pn.init(dense, jax.random.key(0), 5, dtype=jnp.float32)  # float64 weights cast to like's float32
     params = pn.weights.from_state_dict(like, linear.state_dict(), {"0.W": "weight", "0.b": "bias"},
@@ -248,11 +252,15 @@ def test_from_state_dict_maps_linear_and_conv_layouts():
     np.testing.assert_array_equal(params[0]["W"], linear.weight.detach().numpy().T.astype(np.float32))
     with pytest.raises(pn.weights.WeightsError, match=r"no state_dict key for \['0.b'\]"):
         pn.weights.from_state_dict(like, linear.state_dict(), {"0.W": "weight"}, {"0.W": "linear"})
-    with pytest.raises(pn.weights.WeightsError, match="shape"):
+    with pytest.raises(pn.weights.WeightsError, match=r"gives 0.W shape \(2, 5\), expected \(5, 2\)"):
         pn.weights.from_state_dict(like, linear.state_dict(), {"0.W": "weight", "0.b": "bias"})
     with pytest.raises(pn.weights.WeightsError, match="does not use: \\['extra'\\]"):
         pn.weights.from_state_dict(like, {**linear.state_dict(), "extra": linear.bias},
                                    {"0.W": "weight", "0.b": "bias"}, {"0.W": "linear"})
+    with pytest.raises(pn.weights.WeightsError, match="Conv2d weight has 4 axes"):
+        pn.weights.from_state_dict(like, linear.state_dict(), {"0.W": "weight", "0.b": "bias"}, {"0.W": "conv2d"})
+    with pytest.raises(pn.weights.WeightsError, match="int64, 0.W needs float32"):
+        pn.weights.from_state_dict(like, {"w": np.ones((5, 2), np.int64), "b": np.ones(2)}, {"0.W": "w", "0.b": "b"})
 
 
 # ---------------------------------------------------------------- safetensors
@@ -475,7 +483,7 @@ def test_finetune_example_runs_on_a_pytorch_checkpoint(tmp_path):
     if not SHAKESPEARE.exists():
         pytest.skip(f"the shared data file {SHAKESPEARE} is not there")
     model = torch_gpt(True, torch.float32, vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    ckpt = {"model": {"_orig_mod." + k: v for k, v in model.state_dict().items()},
+    ckpt = {"model": {"_orig_mod." + k: v.clone() for k, v in model.state_dict().items()},
             "model_args": model_args(model, True), "iter_num": 0}
     torch.save(ckpt, tmp_path / "ckpt.pt")
     env = dict(os.environ, PURENET_FAST="1", MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
