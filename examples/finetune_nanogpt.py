@@ -50,6 +50,9 @@ except ImportError:  # safetensors files only
     torch = None
 
 
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
 def read_checkpoint(path, heads):
     """(net, params, model_args) from a ckpt.pt or a .safetensors state_dict."""
     if str(path).endswith(".safetensors"):
@@ -63,9 +66,6 @@ def read_checkpoint(path, heads):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         net, params = pn.weights.from_nanogpt(ckpt, heads=heads)
     return net, params, pn.weights.to_nanogpt(net, params, checkpoint=True)["model_args"]
-
-
-MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 
 def write_checkpoint(out_dir, stem, net, params, extra):
@@ -177,7 +177,8 @@ def main():
             print(f"iter {i + 1:5d}: train loss {np.mean(curve[-args.eval_every:]):.4f}, "
                   f"validation loss {evals[-1][1]:.4f}")
     tuned, after = opt_state.params, evals[-1][1]
-    print(f"{args.iters} iterations in {time.perf_counter() - start:.1f} s; validation loss {before:.4f} -> {after:.4f}")
+    print(f"{args.iters} iterations in {time.perf_counter() - start:.1f} s; "
+          f"validation loss {before:.4f} -> {after:.4f}")
     frozen = np.array_equal(np.asarray(tuned[0]["token"]["E"]), np.asarray(params[0]["token"]["E"]))
     print(f"token embedding unchanged: {frozen}")
 
@@ -205,7 +206,8 @@ def plot(args, curve, evals, vocab_size):
     ax.axhline(evals[0][1], color="gray", ls="--", lw=1, label="validation before fine-tuning")
     ax.axhline(np.log(vocab_size), color="gray", ls=":", lw=1, label="uniform guess")
     ax.set(xlabel="fine-tuning iteration", ylabel="cross-entropy (nats per character)",
-           title=f"nanoGPT checkpoint fine-tuned in purenet (embedding frozen): {evals[0][1]:.3f} -> {evals[-1][1]:.3f}")
+           title=f"nanoGPT checkpoint fine-tuned in purenet (embedding frozen): "
+                 f"{evals[0][1]:.3f} -> {evals[-1][1]:.3f}")
     ax.legend()
     save(fig, args.out)
 

@@ -62,8 +62,8 @@ without `like` a dict {name: numpy array} in the file's header order.
 nanoGPT (Karpathy's model.py): see `from_nanogpt` and `to_nanogpt`. Other
 PyTorch modules: `from_state_dict` with a name map and the layout rules in
 `LAYOUTS` (Linear (out, in) -> Dense W (in, out); Conv2d (out, in, kh, kw)
--> Conv2D W (kh, kw, in, out)); the README's "Weights from PyTorch" section
-is the recipe. torch is never imported here unless a value is a torch
+-> Conv2D W (kh, kw, in, out)); the README's section "Weights in and out" is
+the recipe. torch is never imported here unless a value is a torch
 tensor (converted with .detach().cpu().numpy(); bfloat16 and float8
 tensors bit for bit through an integer view).
 """
@@ -88,8 +88,8 @@ from purenet.layers.sequential import Sequential
 from purenet.layers.softmax import Softmax
 from purenet.network import init
 
-__all__ = ["LAYOUTS", "WeightsError", "empty_state", "flatten", "from_nanogpt", "from_state_dict", "load_safetensors", "nanogpt",
-           "safetensors_metadata", "save_safetensors", "to_nanogpt"]
+__all__ = ["LAYOUTS", "WeightsError", "empty_state", "flatten", "from_nanogpt", "from_state_dict", "load_safetensors",
+           "nanogpt", "safetensors_metadata", "save_safetensors", "to_nanogpt"]
 
 PyTree = Any
 
@@ -109,6 +109,7 @@ for _name, _ml in (("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"), ("F
                    ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu")):
     if hasattr(ml_dtypes, _ml):  # an older ml_dtypes may lack one
         _DTYPES[_name] = np.dtype(getattr(ml_dtypes, _ml))
+del _name, _ml
 _NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
 
 

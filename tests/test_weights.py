@@ -152,7 +152,8 @@ def test_imported_nanogpt_equals_pytorch_in_float64_and_float32(bias):
         x, y = IDS[:, :-1], IDS[:, 1:]
         with torch.no_grad():
             ref = F.cross_entropy(model(torch.tensor(x)).flatten(0, 1), torch.tensor(y).flatten()).item()
-        value, _ = pn.loss(net, params, pn.weights.empty_state(net), jnp.asarray(x), jnp.asarray(y), loss="cross_entropy")
+        value, _ = pn.loss(net, params, pn.weights.empty_state(net), jnp.asarray(x), jnp.asarray(y),
+                           loss="cross_entropy")
         assert abs(float(value) - ref) <= tol * max(1.0, abs(ref))
 
 
@@ -196,6 +197,19 @@ def test_checkpoint_dict_with_compile_prefix_and_mask_buffers_loads(tmp_path):
     _, same = pn.weights.from_nanogpt({k: v.numpy() for k, v in model.state_dict().items()}, heads=2)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                     jax.tree_util.tree_leaves(same)))
+
+
+def test_dropout_nets_map_the_same_names_and_torch_stays_unimported():
+    model = torch_gpt(False)
+    net, params = pn.weights.from_nanogpt({"model": model.state_dict(), "model_args": {**model_args(model, False),
+                                                                                    "dropout": 0.1}})
+    assert net.layers[0].dropout == 0.1 and "0.body.2.0.1.Wq" in pn.weights.flatten(params)  # a Dropout at 1
+    sd = pn.weights.to_nanogpt(net, params)
+    assert all(np.array_equal(sd[k], v.numpy()) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="keeps state arrays"):
+        pn.weights.empty_state(pn.Sequential([pn.Dense(3), pn.BatchNorm()], in_shape=(2,)))
+    code = "import sys, purenet; assert 'torch' not in sys.modules and 'safetensors' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
 def test_nanogpt_errors_name_the_problem():
