@@ -18,6 +18,8 @@ from purenet.optim import schedules
 from purenet.per_example import DPSGD, clipped_value_and_grad, per_example_grad_norms, per_example_grads
 from purenet.testing import check_grads
 from purenet import training
+from purenet import weights
+from purenet.weights import WeightsError
 from purenet.training import (EarlyStopping, FitResult, Precision, SweepResult, TrainState, accumulate, fit, grad_fn,
                               make_step, sweep, train, train_epoch)
 
@@ -40,4 +42,6 @@ __all__ = [
     "CheckpointError", "augment", "checkpoint", "compile_cache", "datasets", "diagnostics", "distributed",
     "enable_compilation_cache", "initializers", "interop", "load", "losses", "metrics", "optim", "save", "schedules",
     "shuffle", "stats", "training",
+    # weights in and out (safetensors, nanoGPT, PyTorch state_dicts)
+    "WeightsError", "weights",
 ]
