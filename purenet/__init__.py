@@ -18,7 +18,7 @@ from purenet.optim import schedules
 from purenet.per_example import DPSGD, clipped_value_and_grad, per_example_grad_norms, per_example_grads
 from purenet.testing import check_grads
 from purenet import training
-from purenet import weights
+from purenet import privacy, weights
 from purenet.weights import WeightsError
 from purenet.training import (EarlyStopping, FitResult, Precision, SweepResult, TrainState, accumulate, fit, grad_fn,
                               make_step, sweep, train, train_epoch)
@@ -44,4 +44,6 @@ __all__ = [
     "shuffle", "stats", "training",
     # weights in and out (safetensors, nanoGPT, PyTorch state_dicts)
     "WeightsError", "weights",
+    # differential privacy's accounting
+    "privacy",
 ]
