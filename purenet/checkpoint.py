@@ -59,7 +59,7 @@ from jax.tree_util import DictKey, GetAttrKey, SequenceKey, keystr
 
 from purenet import _trees
 
-__all__ = ["CheckpointError", "MAGIC", "check_writable", "conform", "load", "load_entries", "save"]
+__all__ = ["CheckpointError", "MAGIC", "check_writable", "conform", "load", "load_entries", "save", "write_atomically"]
 
 MAGIC = b"PURENETCKPT1\n"
 _HEADER = len(MAGIC) + 8 + 32
@@ -207,15 +207,26 @@ def save(path: str | os.PathLike[str], tree: Any) -> str:
         blobs.append(data)
     manifest = json.dumps({"format": "purenet-checkpoint", "version": 1, "structure": structure,
                            "leaves": records}).encode()
+
+    def write(f):
+        f.write(MAGIC + struct.pack("<Q", len(manifest)) + hashlib.sha256(manifest).digest())
+        f.write(manifest)
+        for data in blobs:
+            f.write(data)
+
+    return write_atomically(path, write)
+
+
+def write_atomically(path, write):
+    """write(f) into a temporary file beside `path`, fsync it, then os.replace it over `path` and fsync
+    the directory: a crash leaves the old file or the new one, never a mix. Stale temporary files of
+    this path from killed writers are removed; a new file gets the umask's mode, a replaced one keeps its."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_temporary(path)
     started = os.fstat(fd).st_mtime_ns  # the file system's clock, as the stale files' mtimes
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(manifest)) + hashlib.sha256(manifest).digest())
-            f.write(manifest)
-            for data in blobs:
-                f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _keep_mode(path, tmp)

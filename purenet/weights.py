@@ -80,8 +80,7 @@ import ml_dtypes
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from purenet.checkpoint import (CheckpointError, _create_temporary, _fsync_directory, _keep_mode,
-                                _remove_stale_temporaries)
+from purenet.checkpoint import CheckpointError, write_atomically
 from purenet.layers.gpt import GPT, gpt
 from purenet.layers.nanogpt import NanoGPT
 from purenet.layers.sequential import Sequential
@@ -213,26 +212,14 @@ def save_safetensors(path: str | os.PathLike[str], params: PyTree,
     text += b" " * (-len(text) % 8)
     if len(text) > MAX_HEADER:
         raise ValueError(f"the header would be {len(text)} bytes, more than the {MAX_HEADER} readers accept")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _create_temporary(path)
-    started = os.fstat(fd).st_mtime_ns
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(text)))
-            f.write(text)
-            for _, array in tensors:
-                f.write(array.reshape(-1).view(np.uint8).data)  # the bytes, without a copy
-            f.flush()
-            os.fsync(f.fileno())
-        _keep_mode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _remove_stale_temporaries(path, started)
-    _fsync_directory(directory)
-    return path
+
+    def write(f):
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, array in tensors:
+            f.write(array.reshape(-1).view(np.uint8).data)  # the bytes, without a copy
+
+    return write_atomically(path, write)
 
 
 # ---------------------------------------------------------------- load: the header

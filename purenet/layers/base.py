@@ -69,7 +69,7 @@ __all__ = [
     "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
     "is_container", "kfac_eligible", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
     "per_example_gram", "per_example_sq", "per_example_sq_norms", "per_example_sum", "positions", "roles", "sum_leaves",
-    "walk", "walk_leaves", "wide", "zeros_like_tree",
+    "Wrapper", "walk", "walk_leaves", "wide", "zeros_like_tree",
 ]
 
 Array = jax.Array
@@ -214,6 +214,21 @@ class Container(Layer):
     def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array | None]:
         grads, (dx,) = self.walk_back(PLAIN, params, (cache,), (dy,))
         return grads, dx
+
+
+class Wrapper(Container):
+    """A container of one child, `self.block`, whose params and state are the block's own."""
+
+    block: Any
+
+    def children(self) -> tuple:
+        return (self.block,)
+
+    def split(self, tree: PyTree) -> tuple:
+        return (tree,)
+
+    def join(self, parts: tuple | list) -> PyTree:
+        return parts[0]
 
 
 def is_container(layer: Any) -> bool:

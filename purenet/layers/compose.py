@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import (Array, Container, LayerLike, ParameterFree, PyTree, Static, Visit, as_shape,
+from purenet.layers.base import (Array, Container, Wrapper, LayerLike, ParameterFree, PyTree, Static, Visit, as_shape,
                                  frozen_input_grads, walk)
 
 __all__ = ["Flatten", "Frozen", "Parallel", "Remat", "Residual"]
@@ -33,7 +33,7 @@ def _sum(arrays):
 
 
 @dataclasses.dataclass(frozen=True)
-class Residual(Container):
+class Residual(Wrapper):
     """A skip connection around `block` (He et al., 2016):  y = x + block(x).
 
     params and state are the block's own. Backward: the identity path passes
@@ -59,15 +59,6 @@ class Residual(Container):
                 key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         h, state, cache = self.block.forward(params, state, x, train=train, key=key)
         return x + h, state, cache
-
-    def children(self) -> tuple:
-        return (self.block,)
-
-    def split(self, tree: PyTree) -> tuple:
-        return (tree,)
-
-    def join(self, parts: tuple | list) -> PyTree:
-        return parts[0]
 
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         outs, dxs = walk(self.block, visit, params, caches, dys)
@@ -190,7 +181,7 @@ class Flatten(ParameterFree):
 
 
 @dataclasses.dataclass(frozen=True)
-class Frozen(Container):
+class Frozen(Wrapper):
     """`block` with its parameters held fixed: the same forward, and a backward that
     passes dL/dx through but returns zero parameter gradients.
 
@@ -212,15 +203,6 @@ class Frozen(Container):
 
     freezes = True
 
-    def children(self) -> tuple:
-        return (self.block,)
-
-    def split(self, tree: PyTree) -> tuple:
-        return (tree,)
-
-    def join(self, parts: tuple | list) -> PyTree:
-        return parts[0]
-
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         """dL/dx passes through; every feature sees no parameter gradient here (visit.frozen)."""
         if visit.frozen is None:  # a visitor that only reads the caches
@@ -238,7 +220,7 @@ class _RematCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class Remat(Container):
+class Remat(Wrapper):
     """`block` rematerialised: the forward keeps only its input, and the backward
     runs the block's forward again (same params, state and key, so dropout masks
     agree) to rebuild the cache it needs, then the block's backward.
@@ -273,15 +255,6 @@ class Remat(Container):
         _, _, inner = self.block.forward(params, cache.state, x, train=cache.train,
                                          key=cache.key)
         return inner, dy
-
-    def children(self) -> tuple:
-        return (self.block,)
-
-    def split(self, tree: PyTree) -> tuple:
-        return (tree,)
-
-    def join(self, parts: tuple | list) -> PyTree:
-        return parts[0]
 
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         inner, dys = zip(*(self._rerun(params, c, dy) for c, dy in zip(caches, dys))) if caches else ((), ())
