@@ -25,6 +25,7 @@ from purenet.training.step import make_step
 from purenet.training.sweep import SweepResult, sweep
 
 __all__ = [
-    "EarlyStopping", "EarlyStoppingState", "FitResult", "Precision", "SweepResult", "TrainState", "accumulate", "check_data",
-    "dp_sgd", "fit", "grad_fn", "make_step", "mixed_precision", "run_epoch", "sweep", "train", "train_epoch",
+    "EarlyStopping", "EarlyStoppingState", "FitResult", "Precision", "SweepResult", "TrainState", "accumulate",
+    "check_data", "dp_sgd", "fit", "grad_fn", "make_step", "mixed_precision", "run_epoch", "sweep", "train",
+    "train_epoch",
 ]

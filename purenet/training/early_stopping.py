@@ -5,6 +5,10 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from purenet.layers.base import Array, PyTree
+
+__all__ = ["EarlyStopping", "EarlyStoppingState", "MONITOR_MODES"]
+
 
 class EarlyStoppingState(NamedTuple):
     best: jnp.ndarray
@@ -37,7 +41,7 @@ class EarlyStopping:
     mode: Optional[str] = None
     restore_best: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.monitor not in MONITOR_MODES:
             raise ValueError(f"EarlyStopping monitor must be one of {sorted(MONITOR_MODES)}, got {self.monitor!r}")
         if self.mode is None:
@@ -49,14 +53,15 @@ class EarlyStopping:
         if self.min_delta < 0:
             raise ValueError(f"EarlyStopping min_delta must be >= 0, got {self.min_delta}")
 
-    def init(self, params, model_state):
+    def init(self, params: PyTree, model_state: PyTree) -> EarlyStoppingState:
         worst = jnp.inf if self.mode == "min" else -jnp.inf
         return EarlyStoppingState(
             jnp.asarray(worst, jnp.float32), jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32),
             jnp.asarray(False), params, model_state,
         )
 
-    def update(self, es, value, epoch, params, model_state):
+    def update(self, es: EarlyStoppingState, value: float | Array, epoch: int | Array, params: PyTree,
+               model_state: PyTree) -> EarlyStoppingState:
         value = jnp.asarray(value, jnp.float32)
         if self.mode == "min":
             improved = value < es.best - self.min_delta

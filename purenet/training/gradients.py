@@ -12,13 +12,22 @@ takes `loss_scale=`; `accumulate` forwards it, and `make_step` passes the
 dynamic scale kept in the optimizer state to functions that take it.
 """
 import inspect
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 
 from purenet import chunks, network, per_example
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.losses import Loss
+
+if TYPE_CHECKING:  # precision.py is imported where it is used (in `gradients`)
+    from purenet.training.precision import Precision
+
+__all__ = ["accumulate", "dp_sgd", "grad_fn", "gradients", "kfac", "takes_loss_scale"]
 
 
-def grad_fn(net, loss="cross_entropy", l2=0.0):
+def grad_fn(net: LayerLike, loss: str | Loss = "cross_entropy",
+            l2: float | Array = 0.0) -> Callable[..., tuple[Array, PyTree, PyTree]]:
     """The loss and its handwritten gradient on one batch, in training mode."""
 
     def fn(params, state, x, y, key):
@@ -27,7 +36,9 @@ def grad_fn(net, loss="cross_entropy", l2=0.0):
     return fn
 
 
-def dp_sgd(net, dp, loss="cross_entropy", l2=0.0, micro_batches=1, expected_batch_size=None):
+def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
+           micro_batches: int = 1,
+           expected_batch_size: int | None = None) -> Callable[..., tuple[Array, PyTree, PyTree]]:
     """DP-SGD's clipped, noised gradient (`pn.clipped_value_and_grad`) for dp = pn.DPSGD(...).
 
     fn(params, state, x, y, key, weight=None): with `weight` (a padded Poisson
@@ -51,8 +62,10 @@ def dp_sgd(net, dp, loss="cross_entropy", l2=0.0, micro_batches=1, expected_batc
             noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key, chunk_size=chunk,
             weight=weight, expected_batch_size=expected_batch_size, one_pass=dp.one_pass)
 
-    fn.micro_batched = lambda k: dp_sgd(net, dp, loss, l2, micro_batches=k, expected_batch_size=expected_batch_size)
-    fn.takes_weight = True
+    # attributes of the function object (mypy sees a plain callable): accumulate(fn, k) calls micro_batched
+    fn.micro_batched = (  # type: ignore[attr-defined]
+        lambda k: dp_sgd(net, dp, loss, l2, micro_batches=k, expected_batch_size=expected_batch_size))
+    fn.takes_weight = True  # type: ignore[attr-defined]
     return fn
 
 
@@ -63,7 +76,7 @@ def _micro_batch_size(n, k):
     return n // k
 
 
-def accumulate(fn, micro_batches):
+def accumulate(fn: Callable[..., tuple], micro_batches: int) -> Callable[..., tuple]:
     """Run each batch as `micro_batches` equal micro-batches in a `lax.scan` and average.
 
     The loss is a mean over examples, so the mean of the micro-batches'
@@ -95,7 +108,7 @@ def accumulate(fn, micro_batches):
     return lambda params, state, x, y, key: accumulated(params, state, x, y, key)
 
 
-def takes_loss_scale(fn):
+def takes_loss_scale(fn: Callable[..., Any]) -> bool:
     """Whether the gradient function `fn` takes a `loss_scale=` keyword (it scales its seed gradient)."""
     try:
         return "loss_scale" in inspect.signature(fn).parameters
@@ -103,7 +116,8 @@ def takes_loss_scale(fn):
         return False
 
 
-def kfac(net, loss="cross_entropy", l2=0.0):
+def kfac(net: LayerLike, loss: str | Loss = "cross_entropy",
+         l2: float | Array = 0.0) -> Callable[..., tuple[Array, PyTree, PyTree, dict[str, Any]]]:
     """The gradient and the batch's K-FAC factors from one pass (`pn.stats.kfac_value_and_grad`):
     (params, state, x, y, key) -> (loss, grads, state, {"factors": factors}), for an optimizer whose
     extra_args name "factors" (`pn.optim.kfac`)."""
@@ -114,12 +128,13 @@ def kfac(net, loss="cross_entropy", l2=0.0):
                                                                   train=True, key=key)
         return value, grads, state, {"factors": factors}
 
-    fn.extra_args = ("factors",)
+    fn.extra_args = ("factors",)  # type: ignore[attr-defined]  # a function attribute: make_step reads it
     return fn
 
 
-def gradients(net, loss="cross_entropy", l2=0.0, dp=None, accumulate_steps=1, precision=None, extra_args=(),
-              expected_batch_size=None):
+def gradients(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
+              dp: per_example.DPSGD | None = None, accumulate_steps: int = 1, precision: "Precision | None" = None,
+              extra_args: tuple[str, ...] = (), expected_batch_size: int | None = None) -> Callable[..., tuple]:
     """The gradient function `fit` and `train` build from their options; `extra_args` are the
     per-step arguments the optimizer needs beside the gradient (K-FAC's "factors")."""
     from purenet.training.precision import mixed_precision

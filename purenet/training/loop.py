@@ -16,22 +16,31 @@ are passed); epoch e shuffles with purenet.shuffle.permutation(k1, n, salt=e),
 k1 = fold_in(k, 1), and step i of epoch e draws from fold_in(fold_in(k1, e), i + 1).
 The same key gives bit-identical results; nothing reads global random state.
 """
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from purenet import diagnostics, metrics, network, privacy, shuffle
 from purenet._checks import check_float_input
 from purenet.initializers import default_float
-from purenet.layers.base import id_layer
+from purenet.layers.base import Array, LayerLike, PyTree, id_layer
 from purenet import stats
+from purenet.losses import Loss
 from purenet.optim import current_loss_scale, ema_params, has_ema
+from purenet.per_example import DPSGD
 from purenet.training.checks import (batch_size_of, check_arguments, check_divisible, check_inputs,
                                      check_monitor)
+from purenet.training.early_stopping import EarlyStopping, EarlyStoppingState
 from purenet.training.gradients import gradients
-from purenet.training.precision import optimizer_for
+from purenet.training.precision import Precision, optimizer_for
 from purenet.training.step import make_step
+
+__all__ = [
+    "TrainState", "as_arrays", "build_step", "check_ema", "epoch_with_metrics", "evaluate", "init_run", "poisson",
+    "run_epoch", "run_poisson_epoch", "train", "train_epoch",
+]
 
 
 class TrainState(NamedTuple):
@@ -42,7 +51,8 @@ class TrainState(NamedTuple):
     epoch: jnp.ndarray
 
 
-def run_epoch(step, train_state, x, y, key, batch_size=64):
+def run_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: Array, key: Array,
+              batch_size: int | None = 64) -> tuple[TrainState, Array]:
     """One epoch of `step` (see `make_step`) over (x, y): returns (train_state, mean loss of its batches).
 
     With a step that skips non-finite gradients (apply_if_finite(opt, "skip"),
@@ -66,7 +76,8 @@ def run_epoch(step, train_state, x, y, key, batch_size=64):
     return TrainState(opt_state, model_state, train_state.epoch + 1), mean
 
 
-def run_poisson_epoch(step, train_state, x, y, key, batch_size=64):
+def run_poisson_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: Array, key: Array,
+                      batch_size: int | None = 64) -> tuple[TrainState, Array, Array]:
     """One epoch of DP-SGD with Poisson sampling: n // batch_size steps, each on a batch where every
     example joined with probability q = batch_size / n, padded to `pn.privacy.poisson_batch_bound(n, q)`.
 
@@ -93,13 +104,15 @@ def run_poisson_epoch(step, train_state, x, y, key, batch_size=64):
     return TrainState(opt_state, model_state, train_state.epoch + 1), mean, jnp.sum(overflow)
 
 
-def poisson(dp):
+def poisson(dp: DPSGD | None) -> bool:
     """Whether DP-SGD option `dp` samples Poisson batches."""
     return dp is not None and dp.sampling == "poisson"
 
 
-def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=None, dp=None, accumulate=1,
-               precision=None, batch_size=None):
+def build_step(net: LayerLike, opt: Any, *, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
+               augment: Callable[..., tuple[Array, Array]] | None = None, mesh: Mesh | None = None,
+               dp: DPSGD | None = None, accumulate: int = 1, precision: Precision | None = None,
+               batch_size: int | None = None) -> Callable[[tuple, tuple], tuple[tuple, Array]]:
     """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...).
 
     `opt` is the optimizer as the state was built with (precision.optimizer(opt), see
@@ -115,8 +128,11 @@ def build_step(net, opt, *, loss="cross_entropy", l2=0.0, augment=None, mesh=Non
     return make_step(fn, opt, augment=augment, mesh=mesh)
 
 
-def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_entropy",
-                l2=0.0, augment=None, mesh=None, dp=None, accumulate=1, precision=None):
+def train_epoch(net: LayerLike, opt: Any, train_state: TrainState, x: Array, y: Array, key: Array, *,
+                batch_size: int | None = 64, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
+                augment: Callable[..., tuple[Array, Array]] | None = None, mesh: Mesh | None = None,
+                dp: DPSGD | None = None, accumulate: int = 1,
+                precision: Precision | None = None) -> tuple[TrainState, Array]:
     """One epoch over (x, y): returns (train_state, mean training loss of its batches).
 
     With a `mesh` (see purenet.distributed) every batch is split over its
@@ -135,14 +151,16 @@ def train_epoch(net, opt, train_state, x, y, key, *, batch_size=64, loss="cross_
     return run_epoch(step, train_state, x, y, key, batch_size)
 
 
-def evaluate(net, params, model_state, validation, loss):
+def evaluate(net: LayerLike, params: PyTree, model_state: PyTree, validation: tuple[Array, Array],
+             loss: str | Loss) -> dict[str, Array]:
     xv, yv = validation
     value, _ = network.loss(net, params, model_state, xv, yv, loss=loss)
     return {"val_loss": value, "val_accuracy": metrics.accuracy(net, params, model_state, xv, yv)}
 
 
-def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evaluate_with_ema=False,
-                       sampling="shuffle"):
+def epoch_with_metrics(net: LayerLike, step: Callable[..., tuple], *, batch_size: int | None, loss: str | Loss,
+                       l2: float | Array, early_stopping: EarlyStopping | None, evaluate_with_ema: bool = False,
+                       sampling: str = "shuffle") -> Callable[[tuple, tuple], tuple[tuple, dict[str, Array]]]:
     """run((train_state, es), (x, y, validation, key, probe, stats_probe)) -> ((train_state, es), record).
 
     The data are arguments, not closed-over constants, so a jitted `run`
@@ -184,14 +202,15 @@ def epoch_with_metrics(net, step, *, batch_size, loss, l2, early_stopping, evalu
     return run
 
 
-def check_ema(evaluate_with_ema, opt_state):
+def check_ema(evaluate_with_ema: bool, opt_state: Any) -> None:
     """evaluate_with_ema=True needs an optimizer that keeps a parameter average."""
     if evaluate_with_ema and not has_ema(opt_state):
         raise ValueError("evaluate_with_ema=True needs an optimizer that keeps a parameter average: wrap it "
                          "in pn.optim.ema(opt, decay) (it may sit inside masked, chain or apply_if_finite)")
 
 
-def init_run(net, opt, x, key, params, state, dtype=None):
+def init_run(net: LayerLike, opt: Any, x: Array, key: Array, params: PyTree, state: PyTree,
+             dtype: Any = None) -> TrainState:
     check_float_input(x, ids=id_layer(net))
     declared = getattr(net, "in_shape", None)
     if params is None and declared is not None and tuple(declared) != tuple(x.shape[1:]):
@@ -207,16 +226,19 @@ def init_run(net, opt, x, key, params, state, dtype=None):
     return TrainState(opt.init(params), state, jnp.zeros((), jnp.int32))
 
 
-def as_arrays(data, validation):
+def as_arrays(data: tuple, validation: tuple | None) -> tuple[Array, Array, tuple[Array, Array] | None]:
     x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
     if validation is not None:
         validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
     return x, y, validation
 
 
-def train(net, opt, data, *, key, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
-          params=None, state=None, validation=None, early_stopping=None, augment=None, mesh=None, dp=None,
-          accumulate=1, evaluate_with_ema=False, precision=None):
+def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, batch_size: int | None = 64,
+          loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, params: PyTree = None, state: PyTree = None,
+          validation: tuple | None = None, early_stopping: EarlyStopping | None = None,
+          augment: Callable[..., tuple[Array, Array]] | None = None, mesh: Mesh | None = None,
+          dp: DPSGD | None = None, accumulate: int = 1, evaluate_with_ema: bool = False,
+          precision: Precision | None = None) -> tuple[TrainState, dict[str, Array], EarlyStoppingState | None]:
     """A whole training run, every epoch inside one `lax.scan`: pure, jittable, vmappable.
 
     Returns (train_state, history, es_state): history maps each metric to an

@@ -31,12 +31,17 @@ into the optimizer yourself and keep the static factor at 1. `fit` and
 `train` record S after each epoch as the history's "loss_scale".
 """
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from purenet import network, optim
 from purenet._checks import check_hyperparameter
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.losses import Loss
+
+__all__ = ["Precision", "mixed_precision", "optimizer_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +54,7 @@ class Precision:
     params: str = "float32"
     loss_scale: float | str = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("compute", "params"):
             dtype = jnp.dtype(getattr(self, name))
             if not jnp.issubdtype(dtype, jnp.floating):
@@ -62,10 +67,10 @@ class Precision:
             check_hyperparameter("loss_scale", self.loss_scale, 0.0, None, low_open=True)
 
     @property
-    def dynamic(self):
+    def dynamic(self) -> bool:
         return isinstance(self.loss_scale, str)
 
-    def optimizer(self, opt):
+    def optimizer(self, opt: Any) -> Any:
         """The optimizer training in this precision uses: `opt`, or with loss_scale="dynamic"
         chain(pn.optim.dynamic_loss_scale(), opt) (guard "skip"). Initialise its state from it."""
         if not self.dynamic:
@@ -76,7 +81,7 @@ class Precision:
         return optim.chain(optim.dynamic_loss_scale(), opt)
 
 
-def optimizer_for(opt, precision):
+def optimizer_for(opt: Any, precision: Precision | None) -> Any:
     """`precision.optimizer(opt)`, and `opt` itself without a precision."""
     return opt if precision is None else precision.optimizer(opt)
 
@@ -86,7 +91,8 @@ def _cast(tree, dtype):
         lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
 
 
-def mixed_precision(net, precision, loss="cross_entropy", l2=0.0):
+def mixed_precision(net: LayerLike, precision: Precision, loss: str | Loss = "cross_entropy",
+                    l2: float | Array = 0.0) -> Callable[..., tuple[Array, PyTree, PyTree]]:
     """A gradient function (see `purenet.training.gradients`) that computes in precision.compute.
 
     fn(params, state, x, y, key, loss_scale=None): `loss_scale` (a scalar,

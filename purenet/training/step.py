@@ -1,13 +1,20 @@
 """One training step, pure: step((opt_state, model_state), (x, y, key)) -> ((opt_state, model_state), loss)."""
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from purenet import distributed
+from purenet.layers.base import Array
 from purenet.optim import current_loss_scale, tree
 from purenet.training.gradients import takes_loss_scale
 
+__all__ = ["make_step"]
 
-def make_step(grad_fn, opt, augment=None, mesh=None):
+
+def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tuple[Array, Array]] | None = None,
+              mesh: Mesh | None = None) -> Callable[[tuple, tuple], tuple[tuple, Array]]:
     """A training step from a gradient function (see `purenet.training.gradients`) and an optimizer.
 
     The step's key splits in two: dropout (and DP noise) draw from the
@@ -49,7 +56,7 @@ def make_step(grad_fn, opt, augment=None, mesh=None):
             value = jnp.where(finite, value, jnp.nan)
         return (opt.step(opt_state, grads, **extra), new_state), value
 
-    step.skips = skips  # run_epoch averages the loss over the applied steps only
+    step.skips = skips  # type: ignore[attr-defined]  # run_epoch averages the loss over the applied steps only
     return step
 
 

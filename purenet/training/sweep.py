@@ -1,15 +1,19 @@
 """`sweep`: one model per point of a hyperparameter grid, every run at once (vmapped `train`)."""
 import dataclasses
 import itertools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from purenet._checks import check_hyperparameter
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.losses import Loss
 from purenet.training.checks import check_arguments, check_inputs
 from purenet.training.loop import as_arrays, init_run, train
+
+__all__ = ["SweepResult", "sweep"]
 
 
 @dataclasses.dataclass
@@ -21,25 +25,27 @@ class SweepResult:
     state: Any
     history: dict
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(next(iter(self.configs.values())))
 
-    def config(self, i):
+    def config(self, i: int) -> dict[str, Any]:
         return {name: values[i].item() for name, values in self.configs.items()}
 
-    def member(self, i):
+    def member(self, i: int) -> tuple[PyTree, PyTree]:
         """(params, state) of member i."""
         take = lambda t: jax.tree_util.tree_map(lambda v: v[i], t)  # noqa: E731
         return take(self.params), take(self.state)
 
-    def best(self, metric="val_accuracy", mode="max"):
+    def best(self, metric: str = "val_accuracy", mode: str = "max") -> int:
         """Index of the member with the best final value of `metric`."""
         final = np.asarray(self.history[metric])[:, -1]
         return int(np.nanargmax(final) if mode == "max" else np.nanargmin(final))
 
 
-def sweep(build, data, *, grid, epochs, batch_size=64, loss="cross_entropy", l2=0.0,
-          validation=None, augment=None, **options):
+def sweep(build: Callable[[dict[str, Array]], tuple[LayerLike, Any]], data: tuple, *, grid: dict[str, Any], epochs: int,
+          batch_size: int | None = 64, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
+          validation: tuple | None = None, augment: Callable[..., tuple[Array, Array]] | None = None,
+          **options: Any) -> SweepResult:
     """Train one model per point of the Cartesian product of `grid`, all at once (vmapped).
 
     build(hp) -> (net, opt) receives a dict with one traced value per grid
