@@ -1,6 +1,7 @@
 """DP-SGD step time and memory: purenet against its own non-private step, and against Opacus.
 
     python -m benchmarks.dp [--repeats 7] [--smoke] [--json results_dp_cpu.json]
+    python -m benchmarks.dp --train [--json results_dp_train_cpu.json]
 
 1. purenet's DP step (per-example clipping, one pass, noise, Adam) over its
    non-private step (value_and_grad, Adam), for the examples' MLP, CNN and
@@ -132,13 +133,78 @@ def time_torch(step, steps):
     return (time.perf_counter() - start) / steps * 1e3
 
 
+def train_runs(epochs=15, n_train=8000, n_test=2000, batch=256, clip=1.0, target=3.0, delta=1e-5, lr=4e-3,
+               seed=0):
+    """examples/dp_mnist.py's run in purenet and the same model, data, sigma, C, q and epochs in Opacus
+    (ghost clipping, Poisson sampling, Adam): held-out accuracy, epsilon and wall time of each."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from opacus import PrivacyEngine
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from dp_mnist import DEFAULT, cnn
+
+    x, y = pn.datasets.mnist(str(DEFAULT), part="test", shape="image")
+    order = np.random.default_rng(seed).permutation(len(x))
+    train, test = order[:n_train], order[n_train:n_train + n_test]
+    q, steps = batch / n_train, epochs * (n_train // batch)
+    sigma = pn.privacy.noise_multiplier_for(target, delta, q, steps)
+    out = {"sigma": sigma, "q": q, "steps": steps}
+
+    start = time.perf_counter()
+    result = pn.fit(cnn(), pn.optim.adam(lr), (x[train], y[train]), key=jax.random.key(seed), epochs=epochs,
+                    batch_size=batch, dp=pn.DPSGD(clip, sigma, delta=delta), validation=(x[test], y[test]))
+    out["purenet"] = {"seconds": time.perf_counter() - start, "accuracy": float(result.history["val_accuracy"][-1]),
+                      "epsilon_pld": float(result.history["epsilon"][-1]),
+                      "epsilon_rdp": pn.privacy.epsilon(sigma, q, steps, delta, "rdp")}
+
+    torch.manual_seed(seed)
+    xt = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+    yt = torch.tensor(np.asarray(y), dtype=torch.long)
+    model = nn.Sequential(nn.Conv2d(1, 16, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
+                          nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1), nn.Flatten(),
+                          nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10))
+    data = torch.utils.data.TensorDataset(xt[train], yt[train])
+    loader = torch.utils.data.DataLoader(data, batch_size=batch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    criterion = nn.CrossEntropyLoss()
+    engine = PrivacyEngine(accountant="rdp")
+    start = time.perf_counter()
+    model, optimizer, criterion, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, criterion=criterion, noise_multiplier=sigma,
+        max_grad_norm=clip, poisson_sampling=True, grad_sample_mode="ghost")
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            loss = criterion(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = float((model(xt[test]).argmax(1) == yt[test]).float().mean())
+    out["opacus_ghost"] = {"seconds": time.perf_counter() - start, "accuracy": accuracy,
+                           "epsilon_rdp": float(engine.get_epsilon(delta))}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny batches, one repeat: checks the code runs")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--train", action="store_true",
+                        help="instead: the dp_mnist run in purenet and in Opacus (accuracy, epsilon, wall time)")
     args = parser.parse_args()
+    if args.train:
+        out = train_runs(epochs=1 if args.smoke else 15, n_train=1024 if args.smoke else 8000)
+        print(json.dumps(out, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     repeats, steps = (1, 2) if args.smoke else (args.repeats, args.steps)
     cases = {"mlp": (mlp_case, 8 if args.smoke else 256), "cnn": (cnn_case, 8 if args.smoke else 256),
              "gpt": (gpt_case, 2 if args.smoke else 12)}

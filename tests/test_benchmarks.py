@@ -111,3 +111,14 @@ def test_gpt_whole_run_pytorch_learning_rate_is_the_examples_schedule():
         steps = range(iters + 2)
         np.testing.assert_allclose([learning_rate(i, iters) for i in steps], [float(schedule(i)) for i in steps],
                                    rtol=1e-5)  # the schedule is float32
+
+
+def test_dp_benchmark_smoke_mode_runs_every_case(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.dp", "--smoke", "--json", str(tmp_path / "r.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    for case in ("mlp", "cnn", "gpt"):
+        assert results[case]["dp_ms"] > 0 and results[case]["plain_ms"] > 0
+    for mode in ("opacus_hooks", "opacus_ghost"):
+        assert results[mode]["over_purenet_dp"] > 0

@@ -19,6 +19,9 @@ from purenet.training.loop import as_arrays, build_step, check_ema, epoch_with_m
 from purenet.training.precision import optimizer_for
 
 
+__all__ = ["FitResult", "fit", "place"]
+
+
 class FitResult(NamedTuple):
     params: Any
     state: Any
@@ -241,7 +244,7 @@ def _progress(total):
     return tqdm(total=total, unit="epoch")
 
 
-def place(mesh, data, batch_size, train_state, es):
+def place(mesh: Any, data: tuple, batch_size: int | None, train_state: Any, es: Any) -> tuple:
     """With a mesh: check the batch divides over it; replicate data and state on it."""
     if mesh is None:
         return data, train_state, es

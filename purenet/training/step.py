@@ -34,7 +34,7 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
     provided = tuple(getattr(grad_fn, "extra_args", ()))
     if set(needed) - set(provided):
         raise ValueError(f"the optimizer's step needs {needed} beside the gradient, which this gradient function "
-                         f"does not provide; build the step with pn.training.build_step (it computes them)")
+                         f"does not provide; build the step with pn.training.loop.build_step (it computes them)")
 
     skips = getattr(opt, "guard", None) == "skip"
 
