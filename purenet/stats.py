@@ -173,7 +173,8 @@ def gradient_gram(net: LayerLike, params: PyTree, state: PyTree, batch1: tuple[A
     for name, batch in (("batch1", batch1), ("batch2", batch2)):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"gradient_gram takes each batch as a pair (x, y): {name} is "
-                            f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+                            f"{type(batch).__name__}"
+                            + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
                             + "; call gradient_gram(net, params, state, (x1, y1), (x2, y2))")
     (x1, y1), (x2, y2) = batch1, batch2
     p1 = loss_pass(net, params, state, x1, loss, train, key)

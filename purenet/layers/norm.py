@@ -179,4 +179,5 @@ class RMSNorm(_FeatureNorm):
 
     def _dx(self, params, cache, dy):
         dxhat = wide(dy * params["gamma"])
-        return (cache.inv * (dxhat - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))).astype(dy.dtype)
+        dx = cache.inv * (dxhat - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))
+        return dx.astype(dy.dtype)

@@ -106,7 +106,8 @@ class Optimizer:
         unknown = [n for n in extra if n not in self.extra_args]
         if missing or unknown:
             raise TypeError(f"this optimizer's step takes the per-step arguments {self.extra_args or '()'}"
-                            + (f"; missing {missing}" if missing else "") + (f"; unexpected {unknown}" if unknown else "")
+                            + (f"; missing {missing}" if missing else "")
+                            + (f"; unexpected {unknown}" if unknown else "")
                             + ("" if not missing else " (pn.stats.kfac_value_and_grad gives K-FAC's factors)"))
         tree.check_matching(state.params, grads)
         if len(state.slots) != len(self.transforms):

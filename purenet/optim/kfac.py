@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 from purenet.layers.base import KFACFactors, LayerLike
+from purenet.layers.base import roles as param_roles
 from purenet.optim.base import Optimizer, Transform, chain
 from purenet.optim.schedules import Schedule
 
@@ -64,19 +65,21 @@ def _damped_inverses(f, damping):
     return KFACFactors(jnp.linalg.inv(f.A + pi * root * eye_a), jnp.linalg.inv(f.G + root / pi * eye_g))
 
 
-def _precondition(inverse, grads):
-    """A^-1 [dW; db] G^-1 for one layer's gradient dict (W of any shape (..., out))."""
+def _precondition(inverse: Any, grads: Any, roles: Any) -> Any:
+    """A^-1 [dW; db] G^-1 for one K-FAC layer's gradient dict: W its "weight" (any shape (..., out)),
+    b its "bias" if it has one (the layer's roles say which is which, never the key names)."""
     if inverse is None:
         return grads
-    W = grads["W"]
-    rows = [W.reshape(-1, W.shape[-1])]
-    if "b" in grads:
-        rows.append(grads["b"][None, :])
+    (w,) = [k for k, r in roles.items() if r == "weight"]
+    bias = [k for k, r in roles.items() if r == "bias"]
+    W = grads[w]
+    rows = [W.reshape(-1, W.shape[-1])] + [grads[k][None, :] for k in bias]
     m = jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
     m = (inverse.A @ m.astype(inverse.A.dtype) @ inverse.G).astype(W.dtype)  # in the factors' (>= float32) dtype
-    out = dict(grads, W=m[: rows[0].shape[0]].reshape(W.shape))
-    if "b" in grads:
-        out["b"] = m[-1].astype(grads["b"].dtype)
+    out = dict(grads)
+    out[w] = m[: rows[0].shape[0]].reshape(W.shape)
+    for k in bias:
+        out[k] = m[-1].astype(grads[k].dtype)
     return out
 
 
@@ -124,7 +127,8 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
             lambda f: jax.tree_util.tree_map(lambda t: None if t is None else _damped_inverses(t, damping),
                                              f, is_leaf=_is_factors),
             lambda f: slot.inverses, running)
-        direction = jax.tree_util.tree_map(_precondition, inverses, grads, is_leaf=_is_factors)
+        direction = jax.tree_util.tree_map(_precondition, inverses, grads, param_roles(net, params),
+                                           is_leaf=_is_factors)
         return direction, KFACState(running, inverses)
 
     return Transform(init=init, update=update, extra_args=("factors",))
