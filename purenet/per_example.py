@@ -121,12 +121,11 @@ def _one_pass_grads(net, p, found, scale):
     sum_i scale_i g_i. Placed like params by a walk in the same order (dx is unused: XLA drops it)."""
     it = iter(found)
 
-    def leaf(layer, params, caches, dys):
+    def leaf(layer, params):
         layer_, params_, cache, dy = next(it)
-        return layer_.backward(params_, cache, jax.tree_util.tree_map(lambda t: _rows(scale, t), dy))[0], ()
+        return layer_.backward(params_, cache, jax.tree_util.tree_map(lambda t: _rows(scale, t), dy))[0]
 
-    outs, _ = walk(p.body, base.Visit(leaf, lambda params, dys: base.zeros_like_tree(params)), p.body_params, (), ())
-    return p.grads(net, outs)
+    return p.grads(net, base.map_in_walk_order(p.body, leaf, p.body_params, base.zeros_like_tree))
 
 
 def _check_per_example(net, params, train):

@@ -203,17 +203,16 @@ def _factor_tree(net, params, factors):
     elsewhere (and inside Frozen). `factors=None` gives zero matrices."""
     it = iter(factors) if factors is not None else None
 
-    def leaf(layer, p, caches, dys):
+    def leaf(layer, p):
         if not kfac_eligible(layer):
-            return None, ()
+            return None
         if it is not None:
-            return next(it), ()
+            return next(it)
         a, g = layer.kfac_dims(p)
         dtype = jnp.promote_types(jax.tree_util.tree_leaves(p)[0].dtype, jnp.float32)  # factors in >= float32
-        return KFACFactors(jnp.zeros((a, a), dtype), jnp.zeros((g, g), dtype)), ()
+        return KFACFactors(jnp.zeros((a, a), dtype), jnp.zeros((g, g), dtype))
 
-    outs, _ = walk(net, Visit(leaf, lambda params, dys: None), params, (), ())
-    return outs
+    return base.map_in_walk_order(net, leaf, params)
 
 
 def kfac_zeros(net: LayerLike, params: PyTree) -> PyTree:

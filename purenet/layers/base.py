@@ -69,7 +69,7 @@ __all__ = [
     "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
     "is_container", "kfac_eligible", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
     "per_example_gram", "per_example_sq", "per_example_sq_norms", "per_example_sum", "positions", "roles", "sum_leaves",
-    "Wrapper", "walk", "walk_leaves", "wide", "zeros_like_tree",
+    "Wrapper", "map_in_walk_order", "walk", "walk_leaves", "wide", "zeros_like_tree",
 ]
 
 Array = jax.Array
@@ -254,6 +254,16 @@ def zeros_like_tree(tree: PyTree) -> PyTree:
 
 
 PLAIN = Visit(_plain_leaf, lambda params, dys: zeros_like_tree(params))
+
+
+def map_in_walk_order(net: Any, fn: Callable[[Any, PyTree], PyTree], params: PyTree,
+                      frozen: Callable[[PyTree], PyTree] | None = None) -> PyTree:
+    """A params-shaped tree of fn(layer, params) per leaf layer, called in the order a backward walk
+    visits the leaves (so a list recorded during a walk can be consumed in step); `frozen(params)`
+    stands for a Frozen subtree, which a walk does not enter (default: None)."""
+    visit = Visit(lambda layer, p, caches, dys: (fn(layer, p), ()),
+                  lambda p, dys: None if frozen is None else frozen(p))
+    return walk(net, visit, params, (), ())[0]
 
 
 def frozen_input_grads(block: Any, params: PyTree, caches: tuple, dys: tuple) -> tuple:
