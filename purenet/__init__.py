@@ -6,7 +6,7 @@ from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
     ELU, GELU, AvgPool2D, BatchNorm, Conv2D, Dense, Frozen, GlobalAvgPool2D, MaxPool2D, Dropout, Elementwise, Flatten,
     Identity, LayerNorm, LeakyReLU, Parallel, ReLU, Remat, Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax,
-    Softplus, Tanh, mlp, GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt,
+    Softplus, Tanh, mlp, GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt, LLaMA, SwiGLU, llama,
 )
 from purenet.layers.base import Container, Layer, Static, Wrapper, decay_mask, roles
 from purenet.losses import Loss
@@ -28,9 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     # layers and containers
     "AvgPool2D", "BatchNorm", "Container", "Conv2D", "Dense", "Dropout", "ELU", "Elementwise", "Embedding", "Flatten",
-    "Frozen", "GELU", "GPT", "GlobalAvgPool2D", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
+    "Frozen", "GELU", "GPT", "GlobalAvgPool2D", "LLaMA", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
     "MultiHeadAttention", "Parallel", "PositionalEmbedding", "RMSNorm", "ReLU", "Remat", "Residual", "Sequential",
-    "SiLU", "Sigmoid", "Softmax", "Softplus", "Static", "Tanh", "Wrapper", "gpt", "mlp",
+    "SiLU", "Sigmoid", "Softmax", "Softplus", "Static", "SwiGLU", "Tanh", "Wrapper", "gpt", "llama", "mlp",
     # network functions, roles, per-example and interop
     "Loss", "as_function", "check_finite_rows", "check_grads", "clipped_value_and_grad", "decay_mask", "forward",
     "generate", "ggn_vp", "hvp", "init", "input_grad", "loss", "per_example_grad_norms", "per_example_grads", "roles",

@@ -2,11 +2,21 @@
 
     ids = pn.generate(net, params, state, prompt_ids, key, steps=200, temperature=0.8)
 
-Each step runs the network (evaluation mode) on the last `context` ids,
-takes the logits at the last position, divides them by the temperature and
-draws the next id from the softmax of the result (temperature 0: the most
-likely id). The network must be causal (as `pn.gpt` is), so ids after the
-current position within the window cannot change its logits.
+Each step takes the logits of the next position, divides them by the
+temperature and draws the next id from the softmax of the result
+(temperature 0: the most likely id). The network must be causal (as
+`pn.gpt` and `pn.llama` are).
+
+cache=True (the default) runs one position a step (`layers.base.decode`):
+attention keeps the keys and values of the positions before (a KV cache of
+the key/value heads only, (batch, kv_heads, context, dh) per layer), so a
+step costs O(T) instead of a whole forward pass. The prompt fills the cache
+one position at a time. Once the sequence outgrows the context, each step
+runs the network on the last `context` ids (the sliding window cache=False
+uses throughout): the cache holds absolute positions, and a sliding window
+changes every position's input. With the same key, cache=True and
+cache=False give the same tokens (the same random draws, logits equal to
+rounding).
 """
 from functools import partial
 from typing import Any
@@ -15,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
-from purenet.layers.base import Array, LayerLike, PyTree, id_layer, output_kind
+from purenet.layers.base import Array, LayerLike, PyTree, decode, decode_init, id_layer, output_kind
 from purenet.network import _body_trees, _split_head
 
 __all__ = ["generate"]
@@ -31,11 +41,13 @@ def _context(net):
 
 
 def generate(net: LayerLike, params: PyTree, state: PyTree, prompt_ids: Any, key: Array, steps: int,
-             temperature: float = 1.0) -> Array:
+             temperature: float = 1.0, cache: bool = True) -> Array:
     """Extend `prompt_ids` (batch, T0) (or (T0,)) by `steps` sampled ids: returns (batch, T0 + steps).
 
-    Pure: the same key gives the same text. The whole loop is one jit-compiled
-    `lax.scan` over the steps (net and steps are static).
+    Pure: the same key gives the same text. The whole loop is jit-compiled
+    `lax.scan`s over the steps (net, steps and cache are static). cache: a
+    key/value cache, one position a step (see the module docstring); the
+    tokens equal cache=False's.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -57,35 +69,62 @@ def generate(net: LayerLike, params: PyTree, state: PyTree, prompt_ids: Any, key
                          f"probabilities (ending in pn.Softmax, as pn.gpt); {type(net).__name__} outputs neither")
     greedy = not isinstance(temperature, jax.core.Tracer) and float(temperature) == 0.0
     out = _generate(net, params, state, prompt.astype(jnp.int32), key, steps,
-                    jnp.asarray(1.0 if greedy else temperature), greedy)
+                    jnp.asarray(1.0 if greedy else temperature), greedy, bool(cache))
     return out[0] if single else out
 
 
-@partial(jax.jit, static_argnames=("net", "steps", "greedy"))
-def _generate(net, params, state, prompt, key, steps, temperature, greedy):
+def _sample(logits, k, temperature, greedy):
+    """The next ids (batch,) from logits (batch, vocab)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1)
+    # shifted so the largest is 0: a tiny temperature tends to greedy instead of overflowing
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    return jax.random.categorical(k, shifted / temperature.astype(logits.dtype), axis=-1)
+
+
+@partial(jax.jit, static_argnames=("net", "steps", "greedy", "cache"))
+def _generate(net, params, state, prompt, key, steps, temperature, greedy, cache):
     body, fused = _split_head(net, "cross_entropy")
     bparams, bstate = _body_trees(net, fused, params, state)
     b, t0 = prompt.shape
     total = t0 + steps
-    window = min(_context(net), total)
+    context = _context(net)
+    window = min(context, total)
     buf = jnp.concatenate([prompt, jnp.zeros((b, steps), prompt.dtype)], axis=1)
+    keys = jax.random.split(key, steps)
+    as_logits = fused or output_kind(body) == "logits"
 
-    def step(buf, inputs):
-        pos, k = inputs  # predict the id at `pos` from the ids before it
+    def next_ids(out, pos, k):
+        logits = out if as_logits else jnp.log(out)
+        return _sample(logits, k, temperature, greedy).astype(buf.dtype)
+
+    first_window_pos = t0
+    if cache and steps:
+        # positions 1 .. min(total, context) - 1 from the cache: feed id p, read the logits of p + 1
+        end = min(total, context)
+        kv = decode_init(body, bparams, b, end)
+
+        def cached_step(carry, p):
+            buf, kv = carry
+            ids = jax.lax.dynamic_slice_in_dim(buf, p, 1, axis=1)
+            out, kv = decode(body, bparams, bstate, ids, kv, p)
+            nxt = next_ids(out[:, 0], p + 1, keys[jnp.maximum(p + 1 - t0, 0)])
+            keep = jax.lax.dynamic_index_in_dim(buf, p + 1, axis=1, keepdims=False)
+            buf = jax.lax.dynamic_update_slice(buf, jnp.where(p + 1 >= t0, nxt, keep)[:, None], (0, p + 1))
+            return (buf, kv), None
+
+        (buf, _), _ = jax.lax.scan(cached_step, (buf, kv), jnp.arange(end - 1))
+        first_window_pos = max(end, t0)
+
+    def step(buf, pos):  # predict the id at `pos` from (at most `window`) ids before it
         start = jnp.maximum(pos - window, 0)
         ids = jax.lax.dynamic_slice(buf, (0, start), (b, window))
         out, _, _ = body.forward(bparams, bstate, ids, train=False)
         last = jax.lax.dynamic_index_in_dim(out, pos - 1 - start, axis=1, keepdims=False)  # (b, vocab)
-        logits = last if fused or output_kind(body) == "logits" else jnp.log(last)
-        if greedy:
-            nxt = jnp.argmax(logits, axis=-1)
-        else:  # shifted so the largest is 0: a tiny temperature tends to greedy instead of overflowing
-            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-            shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-            nxt = jax.random.categorical(k, shifted / temperature.astype(logits.dtype), axis=-1)
-        buf = jax.lax.dynamic_update_slice(buf, nxt.astype(buf.dtype)[:, None], (0, pos))
+        buf = jax.lax.dynamic_update_slice(buf, next_ids(last, pos, keys[pos - t0])[:, None], (0, pos))
         return buf, None
 
-    positions = jnp.arange(t0, total)
-    buf, _ = jax.lax.scan(step, buf, (positions, jax.random.split(key, steps)))
+    if first_window_pos < total:
+        buf, _ = jax.lax.scan(step, buf, jnp.arange(first_window_pos, total))
     return buf

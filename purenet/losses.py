@@ -16,6 +16,10 @@ forms on the logits z instead, which are stable at any magnitude:
                            L = 1/N sum [softplus(z) - t z]   dL/dz = (sigmoid(z) - t) / N
 
 Infinite logits are clipped to a quarter of the largest float (see finite_logits).
+A network that outputs logits itself (`pn.llama`, a `GPT` without Softmax:
+its `outputs = "logits"`) gets the fused form for "cross_entropy" too. The
+two fused forms are also loss names of their own, "softmax_cross_entropy"
+and "sigmoid_binary_cross_entropy": they read any network's outputs as logits.
 
 Cross-entropy targets are integer labels of the output's shape without its
 last axis ((N,), or (N, T) for a sequence) or distributions of the output's
@@ -217,6 +221,8 @@ LOSSES = {
     "mse": Loss(mse, mse_backward),
     "cross_entropy": Loss(cross_entropy, cross_entropy_backward),
     "binary_cross_entropy": Loss(binary_cross_entropy, binary_cross_entropy_backward),
+    "softmax_cross_entropy": Loss(softmax_cross_entropy, softmax_cross_entropy_backward),
+    "sigmoid_binary_cross_entropy": Loss(sigmoid_binary_cross_entropy, sigmoid_binary_cross_entropy_backward),
 }
 # The same losses computed from the logits of the output activation they follow.
 LOSSES_FROM_LOGITS = {

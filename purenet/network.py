@@ -26,7 +26,7 @@ import jax
 from purenet import losses
 from purenet._checks import check_float_input
 from purenet.layers import Sequential, Sigmoid, Softmax
-from purenet.layers.base import PLAIN, Visit, decay_mask, id_layer, walk
+from purenet.layers.base import PLAIN, Visit, decay_mask, id_layer, output_kind, walk
 
 PyTree = Any
 
@@ -35,7 +35,11 @@ _FUSED = {Softmax: "cross_entropy", Sigmoid: "binary_cross_entropy"}
 
 
 def _split_head(net: Any, loss: Any) -> tuple[Any, bool]:
-    """(body, fused): body is `net` without its final activation when that fuses with `loss`."""
+    """(body, fused): body is `net` without its final activation when that fuses with `loss`,
+    or `net` itself when it outputs logits (pn.llama, a GPT without Softmax) and the loss is
+    cross-entropy: either way the loss is computed from the logits."""
+    if loss == "cross_entropy" and output_kind(net) == "logits":
+        return net, True
     if isinstance(net, Sequential) and net.layers and _FUSED.get(type(net.layers[-1])) == loss:
         return Sequential(net.layers[:-1], in_shape=net.in_shape), True
     if _FUSED.get(type(net)) == loss:
@@ -43,8 +47,13 @@ def _split_head(net: Any, loss: Any) -> tuple[Any, bool]:
     return net, False
 
 
+def _strips_head(net: Any, fused: bool) -> bool:
+    """Whether the fused body left out the network's last layer (not so for a logits network)."""
+    return fused and output_kind(net) != "logits"
+
+
 def _body_trees(net: Any, fused: bool, params: PyTree, state: PyTree) -> tuple[PyTree, PyTree]:
-    if not fused:
+    if not _strips_head(net, fused):
         return params, state
     if isinstance(net, Sequential):
         return params[:-1], state[:-1]
@@ -52,7 +61,7 @@ def _body_trees(net: Any, fused: bool, params: PyTree, state: PyTree) -> tuple[P
 
 
 def _full_trees(net: Any, fused: bool, body_tree: PyTree, head_tree: PyTree) -> PyTree:
-    if not fused:
+    if not _strips_head(net, fused):
         return body_tree
     if isinstance(net, Sequential):
         return tuple(body_tree) + (head_tree,)
@@ -69,8 +78,8 @@ def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
     """
     if in_shape is None:
         in_shape = in_dim
-    if in_shape is None and isinstance(net, Sequential):
-        in_shape = net.in_shape
+    if in_shape is None:
+        in_shape = getattr(net, "in_shape", None)  # a Sequential that knows it, pn.llama
     if in_shape is None:
         raise ValueError(f"pn.init needs in_dim or in_shape for {type(net).__name__} "
                          f"(the shape of one example, e.g. the width of the input rows)")
@@ -121,7 +130,7 @@ def loss_pass(net: Any, params: PyTree, state: PyTree, x: jax.Array, loss: Any, 
     body, fused, chosen = _prepare(net, loss)
     bparams, bstate = _body_trees(net, fused, params, state)
     out, new_bstate, cache = body.forward(bparams, bstate, x, train=train, key=key)
-    head_state = state[-1] if fused and isinstance(net, Sequential) else state
+    head_state = state[-1] if _strips_head(net, fused) and isinstance(net, Sequential) else state
     return LossPass(body, fused, bparams, out, cache, _full_trees(net, fused, new_bstate, head_state), chosen)
 
 

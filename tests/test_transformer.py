@@ -161,7 +161,7 @@ def test_causal_attention_ignores_future_positions_and_gives_them_zero_gradient(
     dy = jnp.zeros_like(y).at[:, 2].set(1.0)
     _, dx = layer.backward(params, cache, dy)
     assert np.all(np.asarray(dx[:, 3:]) == 0) and np.any(np.asarray(dx[:, :3]) != 0)
-    assert np.all(np.asarray(cache.p)[..., np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0)
+    assert np.all(np.asarray(cache.stats)[..., np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0)
 
 
 def test_gpt_predictions_do_not_depend_on_future_tokens():

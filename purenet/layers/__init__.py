@@ -9,13 +9,15 @@ from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import Embedding, PositionalEmbedding
 from purenet.layers.gpt import GPT, gpt
+from purenet.layers.llama import LLaMA, llama
 from purenet.layers.norm import LayerNorm, RMSNorm
 from purenet.layers.sequential import Sequential, mlp
 from purenet.layers.softmax import Softmax
+from purenet.layers.swiglu import SwiGLU
 
 __all__ = [
     "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "Dense", "Dropout", "ELU", "Elementwise", "Embedding",
-    "Flatten", "Frozen", "GELU", "GPT", "GlobalAvgPool2D", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
+    "Flatten", "Frozen", "GELU", "GPT", "LLaMA", "GlobalAvgPool2D", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
     "MultiHeadAttention", "ParameterFree", "Parallel", "PositionalEmbedding", "RMSNorm", "ReLU", "Remat", "Residual",
-    "Sequential", "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "gpt", "mlp",
+    "Sequential", "SiLU", "Sigmoid", "Softmax", "Softplus", "SwiGLU", "Tanh", "gpt", "llama", "mlp",
 ]

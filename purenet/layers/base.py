@@ -65,7 +65,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "Array", "Container", "DECAYED", "Elementwise", "KFACFactors", "Layer", "LayerLike", "Leaf", "PLAIN",
-    "ParameterFree", "PyTree", "ROLES", "Static", "Visit", "as_shape", "cache_batch_axes", "decay_mask",
+    "ParameterFree", "PyTree", "ROLES", "Static", "Visit", "as_shape", "cache_batch_axes", "decay_mask", "decode", "decode_init",
     "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
     "is_container", "kfac_eligible", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
     "per_example_gram", "per_example_sq", "per_example_sq_norms", "per_example_sum", "positions", "roles", "sum_leaves",
@@ -143,11 +143,14 @@ class Layer:
     """An optional base for layers: the three methods to write, and the class attributes read.
 
     `roles` maps parameter names to roles (see the module docstring);
-    `accepts_ids = True` marks a layer that reads integer ids (an Embedding).
+    `accepts_ids = True` marks a layer that reads integer ids (an Embedding);
+    `positionwise = True` one that acts on each position of a sequence on its
+    own (Dense, activations, norms), so it decodes one token at a time as it is.
     """
 
     roles: ClassVar[Mapping[str, str]] = {}
     accepts_ids: ClassVar[bool] = False
+    positionwise: ClassVar[bool] = False
 
     def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         raise NotImplementedError(f"{type(self).__name__} must define init(key, in_shape, dtype=None)")
@@ -229,6 +232,43 @@ class Wrapper(Container):
 
     def join(self, parts: tuple | list) -> PyTree:
         return parts[0]
+
+    def decode_init(self, params: PyTree, batch: int, length: int) -> PyTree:
+        return decode_init(self.block, params, batch, length)
+
+    def decode(self, params: PyTree, state: PyTree, x: Array, kv: PyTree, pos: Array) -> tuple[Array, PyTree]:
+        return decode(self.block, params, state, x, kv, pos)
+
+
+# ---------------------------------------------------------------- decoding one position at a time
+
+
+def decode_init(layer: Any, params: PyTree, batch: int, length: int) -> PyTree:
+    """A layer's empty decoding cache for `length` positions (its `decode_init`; () when position-wise).
+
+    Decoding runs a causal sequence model one position at a time (`pn.generate(cache=True)`):
+
+        kv = decode_init(layer, params, batch, length)
+        y, kv = decode(layer, params, state, x, kv, pos)      # x: (batch, 1, ...), the position `pos`
+
+    y equals the forward's output at `pos` on the whole sequence. Attention
+    keeps its keys and values (a KV cache); positional layers read `pos`;
+    containers decode their children; a `positionwise` layer runs its forward.
+    """
+    if hasattr(layer, "decode_init"):
+        return layer.decode_init(params, batch, length)
+    if getattr(layer, "positionwise", False):
+        return ()
+    raise ValueError(f"{layer} cannot decode one position at a time (pn.generate(cache=True)): it is not "
+                     f"marked positionwise and has no decode_init / decode methods; use cache=False")
+
+
+def decode(layer: Any, params: PyTree, state: PyTree, x: Array, kv: PyTree, pos: Array) -> tuple[Array, PyTree]:
+    """One position through `layer` (see `decode_init`): (y, the updated cache)."""
+    if hasattr(layer, "decode"):
+        return layer.decode(params, state, x, kv, pos)
+    y, _, _ = layer.forward(params, state, x, train=False)
+    return y, kv
 
 
 def is_container(layer: Any) -> bool:
@@ -519,3 +559,5 @@ class Elementwise(ParameterFree):
 
     Subclasses define `apply(x) -> (y, cache)` and `grad(cache, dy) -> dx`.
     """
+
+    positionwise: ClassVar[bool] = True

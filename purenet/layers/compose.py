@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from purenet.layers.base import (Array, Container, Wrapper, LayerLike, ParameterFree, PyTree, Static, Visit, as_shape,
-                                 frozen_input_grads, walk)
+                                 decode, frozen_input_grads, walk)
 
 __all__ = ["Flatten", "Frozen", "Parallel", "Remat", "Residual"]
 
@@ -63,6 +63,10 @@ class Residual(Wrapper):
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         outs, dxs = walk(self.block, visit, params, caches, dys)
         return outs, tuple(dy + dx for dy, dx in zip(dys, dxs))
+
+    def decode(self, params: PyTree, state: PyTree, x: Array, kv: PyTree, pos: Array) -> tuple[Array, PyTree]:
+        h, kv = decode(self.block, params, state, x, kv, pos)
+        return x + h, kv
 
 
 _MERGES = ("concat", "sum")

@@ -35,6 +35,7 @@ class Dense(Layer):
     use_bias: bool
 
     roles = {"W": "weight", "b": "bias"}
+    positionwise = True
 
     def __init__(self, features: int, init: str = "he_normal", use_bias: bool = True, *,
                  initializer: str | None = None) -> None:

@@ -25,6 +25,8 @@ class Dropout:
     key (folded in by position), so masks are independent across layers.
     """
 
+    positionwise = True  # identity when decoding (evaluation)
+
     rate: float
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from purenet._checks import is_concrete
 from purenet.initializers import default_float
@@ -66,6 +67,7 @@ class Embedding(Layer):
 
     accepts_ids = True  # a network whose first layer this is takes integer inputs
     roles = {"E": "embedding"}
+    positionwise = True
 
     def __post_init__(self) -> None:
         _check_positive("Embedding num_embeddings", self.num_embeddings)
@@ -164,3 +166,10 @@ class PositionalEmbedding(Layer):
 
     def per_example_sq_norms(self, params: PyTree, unused: Static, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         return jnp.sum(jnp.reshape(dy * dy, (dy.shape[0], -1)), axis=-1), dy
+
+    def decode_init(self, params: PyTree, batch: int, length: int) -> PyTree:
+        return ()
+
+    def decode(self, params: PyTree, state: PyTree, x: Array, kv: PyTree, pos: Array) -> tuple[Array, PyTree]:
+        """One position: x (batch, 1, d) + P[pos]."""
+        return x + lax.dynamic_slice_in_dim(params["P"], pos, 1, axis=0), kv

@@ -20,7 +20,7 @@ from jax import lax
 from purenet.layers import dense
 from purenet.layers.activations import GELU
 from purenet.layers.attention import MultiHeadAttention
-from purenet.layers.base import Array, Container, Layer, PyTree, Visit, as_shape, walk
+from purenet.layers.base import Array, Container, Layer, PyTree, Visit, as_shape, decode, decode_init, walk
 from purenet.layers.compose import Residual
 from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import (Embedding, PositionalEmbedding, check_ids, per_example_scatter,
@@ -156,6 +156,14 @@ class GPT(Container):
         h, state, body_cache = self.body.forward(params["body"], state, h0, train=train, key=key)
         logits = h @ self._out_matrix(params)
         return logits, state, (x, body_cache, h)
+
+    def decode_init(self, params: PyTree, batch: int, length: int) -> PyTree:
+        return decode_init(self.body, params["body"], batch, length)
+
+    def decode(self, params: PyTree, state: PyTree, x: Array, kv: PyTree, pos: Array) -> tuple[Array, PyTree]:
+        """Next-token logits (batch, 1, vocab) for the ids x (batch, 1) at position `pos`."""
+        h, kv = decode(self.body, params["body"], state, jnp.take(params["token"]["E"], x, axis=0), kv, pos)
+        return h @ self._out_matrix(params), kv
 
     @property
     def ends(self) -> "TiedEnds":

@@ -55,6 +55,7 @@ class _FeatureNorm(Layer):
     """The parts LayerNorm and RMSNorm share: params, the protocol, per-example gradients."""
 
     roles = {"gamma": "gain", "beta": "bias"}
+    positionwise = True
 
     if TYPE_CHECKING:  # what each subclass defines
         @property

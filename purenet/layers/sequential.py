@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid
-from purenet.layers.base import Array, Container, PyTree, Visit, as_shape, walk
+from purenet.layers.base import Array, Container, PyTree, Visit, as_shape, decode, decode_init, walk
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
@@ -96,6 +96,17 @@ class Sequential(Container):
         for i in reversed(range(len(self.layers))):
             outs[i], dys = walk(self.layers[i], visit, params[i], tuple(c[i] for c in caches), dys)
         return tuple(outs), dys
+
+    def decode_init(self, params: PyTree, batch: int, length: int) -> PyTree:
+        return tuple(decode_init(layer, p, batch, length) for layer, p in zip(self.layers, params))
+
+    def decode(self, params: PyTree, state: PyTree, x: Array, kv: PyTree, pos: Array) -> tuple[Array, PyTree]:
+        """One position through every layer in turn, each with its own part of the cache."""
+        out = []
+        for layer, p, s, c in zip(self.layers, params, state, kv):
+            x, c = decode(layer, p, s, x, c, pos)
+            out.append(c)
+        return x, tuple(out)
 
 
 def _reraise_in_layer(error, i, layer):

@@ -60,7 +60,7 @@ def check_data(net: LayerLike, x: Array, y: Array, loss: str | losses.Loss, para
     if isinstance(loss, losses.Loss):  # a user's loss judges its own targets (and its shapes are checked)
         jax.eval_shape(losses.checked(loss_fn).backward, out, jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)))
         return
-    target_check = losses.class_targets if loss == "cross_entropy" else losses.value_targets
+    target_check = losses.class_targets if loss in ("cross_entropy", "softmax_cross_entropy") else losses.value_targets
     target_check(loss, jnp.zeros(out.shape, out.dtype), y)
 
 
