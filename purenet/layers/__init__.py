@@ -10,10 +10,12 @@ from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import Embedding, PositionalEmbedding
 from purenet.layers.gpt import GPT, gpt
 from purenet.layers.norm import LayerNorm, RMSNorm
+from purenet.layers.recurrent import GRU, LSTM
 from purenet.layers.sequential import Sequential, mlp
 from purenet.layers.softmax import Softmax
 
 __all__ = [
+    "GRU", "LSTM",
     "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "Dense", "Dropout", "ELU", "Elementwise", "Embedding",
     "Flatten", "Frozen", "GELU", "GPT", "GlobalAvgPool2D", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
     "MultiHeadAttention", "ParameterFree", "Parallel", "PositionalEmbedding", "RMSNorm", "ReLU", "Remat", "Residual",
