@@ -2,6 +2,8 @@
 
 Shapes come from small fixed sets (each new shape is a compile).
 """
+from functools import partial
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,12 @@ from tests.conftest import scaled
 torch = pytest.importorskip("torch")
 
 LAYERS = {"lstm": pn.LSTM, "gru": pn.GRU}
+
+
+@partial(jax.jit, static_argnums=0)
+def _forward_backward(layer, params, x, dy):
+    y, _, cache = layer.forward(params, {}, x)
+    return y, *layer.backward(params, cache, dy)
 
 
 def _data(layer, batch, t, d, seed=0):
@@ -53,8 +61,7 @@ def test_forward_and_gradients_equal_torch(kind, batch, t, d, h):
     layer = LAYERS[kind](h)
     params, state, x, dy = _data(layer, batch, t, d, seed=batch + t)
     x = 2 * x  # saturate a few gates
-    y, _, cache = layer.forward(params, state, x)
-    grads, dx = layer.backward(params, cache, dy)
+    y, grads, dx = _forward_backward(layer, params, x, dy)
 
     m = _torch_module(kind, params, d, h)
     xt = torch.tensor(np.asarray(x), requires_grad=True)
@@ -98,97 +105,119 @@ def test_param_layout_roles_and_pytorch_init(kind):
 BATCHES, LENGTHS, WIDTHS, FEATURES = (1, 3), (1, 2, 5), (2, 3), (1, 4)
 
 
+@partial(jax.jit, static_argnums=0)
+def _backward_and_autodiff(layer, params, x, cot):
+    grads, dx = _forward_backward(layer, params, x, cot)[1:]
+    ref = jax.grad(lambda p, xx: jnp.sum(layer.forward(p, {}, xx)[0] * cot), argnums=(0, 1))(params, x)
+    return (grads, dx), ref
+
+
 @settings(max_examples=scaled(10), deadline=None)
 @given(kind=st.sampled_from(["lstm", "gru"]), batch=st.sampled_from(BATCHES), t=st.sampled_from(LENGTHS),
        d=st.sampled_from(WIDTHS), h=st.sampled_from(FEATURES), unroll=st.sampled_from([1, 2]),
        seed=st.integers(0, 2**16))
 def test_backward_equals_jax_grad(kind, batch, t, d, h, unroll, seed):
+    """The handwritten BPTT against jax.grad through the same forward (as pn.check_grads does, in one compile)."""
     layer = LAYERS[kind](h, unroll=unroll)
-    x = 1.5 * jax.random.normal(jax.random.key(seed), (batch, t, d), jnp.float64)
-    check_grads(layer, x, key=jax.random.key(seed + 1), rtol=1e-10)
+    params, _, x, cot = _data(layer, batch, t, d, seed)
+    mine, ref = _backward_and_autodiff(layer, params, 1.5 * x, cot)
+    errors = compare_trees(mine, ref)
+    assert max(errors.values()) <= 1e-10, errors
+
+
+def test_check_grads_passes():
+    assert check_grads(pn.LSTM(2), jax.random.normal(jax.random.key(0), (1, 2, 2))).ok
 
 
 # ---------------------------------------------------------------- per-example fast paths
 
 
-@settings(max_examples=scaled(8), deadline=None)
-@given(kind=st.sampled_from(["lstm", "gru"]), shape=st.sampled_from([(1, 3, 4), (4, 2, 3), (3, 1, 5)]),
-       h=st.sampled_from([2, 3]), l2=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2**16))
-def test_fast_paths_equal_the_generic_default(kind, shape, h, l2, seed):
-    """(T, d, h) pairs are chosen so that both sides of the Gram/outer choice run: T^2 <= d 4h and above."""
-    batch, t, d = shape
-    layer = LAYERS[kind](h)
-    params, state, x, dy = _data(layer, batch, t, d, seed)
-    _, _, cache = layer.forward(params, state, x)
+@partial(jax.jit, static_argnums=0)
+def _fast_and_generic(layer, params, x, dy, l2):
+    _, _, cache = layer.forward(params, {}, x)
     fast = base.per_example_backward(layer, params, cache, dy)
     slow = base.generic_per_example_backward(layer, params, cache, dy)
-    chex.assert_trees_all_close(fast, slow, rtol=1e-10, atol=1e-12)
-    sq, dx = base.per_example_sq_norms(layer, params, cache, dy, l2)
     bare = type("Bare", (), {"backward": layer.backward, "roles": layer.roles})()
-    sq_ref, dx_ref = base.generic_per_example_sq_norms(bare, params, cache, dy, l2)
-    np.testing.assert_allclose(sq, sq_ref, rtol=1e-10, atol=1e-12)
-    chex.assert_trees_all_close(dx, dx_ref, rtol=1e-10, atol=1e-12)
-    full = layer.backward(params, cache, dy)
-    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), fast[0]), full[0], rtol=1e-10,
+    sq = base.per_example_sq_norms(layer, params, cache, dy, l2)
+    sq_ref = base.generic_per_example_sq_norms(bare, params, cache, dy, l2)
+    sq0 = base.per_example_sq_norms(layer, params, cache, dy, 0.0)[0]  # the l2 == 0 code path
+    sq0_ref = base.generic_per_example_sq_norms(bare, params, cache, dy, 0.0)[0]
+    return fast, slow, sq, sq_ref, (sq0, sq0_ref), layer.backward(params, cache, dy)[0]
+
+
+@settings(max_examples=scaled(8), deadline=None)
+@given(kind=st.sampled_from(["lstm", "gru"]), shape=st.sampled_from([(1, 3, 4), (4, 2, 3), (2, 6, 1)]),
+       h=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
+def test_fast_paths_equal_the_generic_default(kind, shape, h, seed):
+    """The shapes take both sides of the ghost norm's choice: T^2 <= d gates h (the (T, T) Gram matrices)
+    and T^2 > d gates h ((2, 6, 1): the explicit outer products); l2 = 0.3 and the l2 == 0 path."""
+    batch, t, d = shape
+    layer = LAYERS[kind](h)
+    params, _, x, dy = _data(layer, batch, t, d, seed)
+    fast, slow, sq, sq_ref, (sq0, sq0_ref), full = _fast_and_generic(layer, params, x, dy, 0.3)
+    chex.assert_trees_all_close(fast, slow, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(sq, sq_ref, rtol=1e-10, atol=1e-12)  # the norms and dx
+    np.testing.assert_allclose(sq0, sq0_ref, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), fast[0]), full, rtol=1e-10,
                                 atol=1e-12)
 
 
+def _net(kind, per_step):
+    if per_step:  # a head at every step: (batch, T, 2), mse
+        return pn.Sequential([LAYERS[kind](4), pn.Dense(2)]), "mse"
+    return pn.Sequential([LAYERS[kind](4), pn.Flatten(), pn.Dense(3), pn.Softmax()]), "cross_entropy"
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _network_quantities(net, loss, params, state, x, y, clip):
+    l2 = 0.1
+
+    def loss_of(p, xx, yy):
+        return pn.loss(net, p, state, xx, yy, loss=loss, l2=l2)[0]
+
+    value, grads, _ = pn.value_and_grad(net, params, state, x, y, loss=loss, l2=l2)
+    ref = jax.value_and_grad(loss_of)(params, x, y)
+    _, per = pn.per_example_grads(net, params, state, x, y, loss=loss, l2=l2)
+    per_ref = jax.vmap(lambda xi, yi: jax.grad(loss_of)(params, xi[None], yi[None]))(x, y)
+    norms = pn.per_example_grad_norms(net, params, state, x, y, loss=loss, l2=l2)
+    norms_ref = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree_util.tree_leaves(per_ref)))
+    # DP: each example's data gradient clipped, then l2 W added unclipped (clipped_value_and_grad's convention)
+    _, clipped, _ = pn.clipped_value_and_grad(net, params, state, x, y, loss=loss, l2=l2, clip_norm=clip)
+    data = jax.tree_util.tree_map(lambda g, p, m: g - l2 * p if m else g, per_ref, params, pn.decay_mask(net, params))
+    data_norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree_util.tree_leaves(data)))
+    scale = jnp.minimum(1.0, clip / data_norms)
+    clipped_ref = jax.tree_util.tree_map(
+        lambda g, p, m: jnp.mean(g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0) + (l2 * p if m else 0),
+        data, params, pn.decay_mask(net, params))
+    return (value, grads), ref, (per, norms, clipped), (per_ref, norms_ref, clipped_ref)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_ghost_norm_takes_both_branches(kind):
-    """T^2 > d 4h (long sequences, narrow layer): the explicit branch; short ones: the Gram branch."""
-    layer = LAYERS[kind](1)
-    for t in (2, 6):
-        params, state, x, dy = _data(layer, 2, t, 1, seed=t)
-        _, _, cache = layer.forward(params, state, x)
-        sq, _ = base.per_example_sq_norms(layer, params, cache, dy, 0.5)
-        ref, _ = base.generic_per_example_sq_norms(layer, params, cache, dy, 0.5)
-        np.testing.assert_allclose(sq, ref, rtol=1e-10)
-
-
-def _net(kind, h=4, classes=3):
-    return pn.Sequential([LAYERS[kind](h), pn.Flatten(), pn.Dense(classes), pn.Softmax()])
-
-
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_in_a_network_per_example_grads_and_norms_equal_vmap_of_grad(kind):
-    net = _net(kind)
-    params, state = pn.init(net, jax.random.key(0), (4, 3))
-    x = jax.random.normal(jax.random.key(1), (5, 4, 3), jnp.float64)
-    y = jnp.arange(5) % 3
-    pn.testing.check_per_example(net, x, y, loss="cross_entropy", params=params, state=state, l2=0.1)
-    pn.check_grads(net, x, y, loss="cross_entropy", params=params, state=state, l2=0.1)
-
-
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_in_a_network_with_dense_trains_under_jit_and_dp(kind):
-    net = pn.Sequential([LAYERS[kind](4), pn.Dense(2)])  # a per-step head: (batch, T, 2)
+@pytest.mark.parametrize("per_step", [False, True], ids=["flatten-dense-softmax", "dense-per-step"])
+def test_in_a_network_value_and_grad_per_example_norms_and_dp_clipping_equal_autodiff(kind, per_step):
+    """In Sequential with Dense after it, under jit: pn.value_and_grad = jax.grad of pn.loss;
+    pn.per_example_grads / per_example_grad_norms = vmap(jax.grad); clipped_value_and_grad = the
+    explicit clipped mean (clip at the median norm, so some examples clip and some do not); l2 = 0.1."""
+    net, loss = _net(kind, per_step)
     params, state = pn.init(net, jax.random.key(0), (6, 3))
-    x = jax.random.normal(jax.random.key(1), (4, 6, 3), jnp.float64)
-    y = jax.random.normal(jax.random.key(2), (4, 6, 2), jnp.float64)
-
-    @jax.jit
-    def step(p):
-        return pn.value_and_grad(net, p, state, x, y, loss="mse")[:2]
-
-    value, grads = step(params)
-    ref_value, ref = jax.value_and_grad(lambda p: pn.loss(net, p, state, x, y, loss="mse")[0])(params)
+    x = jax.random.normal(jax.random.key(1), (5, 6, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (5, 6, 2), jnp.float64) if per_step else jnp.arange(5) % 3
+    # clip is traced (no recompile): the median of the reference norms
+    clip = float(jnp.median(_network_quantities(net, loss, params, state, x, y, 1.0)[3][1]))
+    (value, grads), (ref_value, ref), mine, theirs = _network_quantities(net, loss, params, state, x, y, clip)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     assert max(compare_trees(grads, ref).values()) <= 1e-10
+    assert max(compare_trees(mine[0], theirs[0]).values()) <= 1e-10
+    np.testing.assert_allclose(mine[1], theirs[1], rtol=1e-10)
+    assert max(compare_trees(mine[2], theirs[2]).values()) <= 1e-10
 
-    norms = jax.jit(lambda p: pn.per_example_grad_norms(net, p, state, x, y, loss="mse"))(params)
-    per = jax.vmap(lambda xi, yi: jax.grad(lambda p: pn.loss(net, p, state, xi[None], yi[None], loss="mse")[0])(
-        params))(x, y)
-    explicit = jnp.sqrt(sum(jnp.sum(g.reshape(4, -1) ** 2, 1) for g in jax.tree_util.tree_leaves(per)))
-    np.testing.assert_allclose(norms, explicit, rtol=1e-10)
 
-    clip = float(jnp.median(explicit))
-    _, clipped, _ = jax.jit(lambda p: pn.clipped_value_and_grad(net, p, state, x, y, loss="mse", clip_norm=clip))(
-        params)
-    scale = jnp.minimum(1.0, clip / explicit)
-    expected = jax.tree_util.tree_map(lambda g: jnp.mean(g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0), per)
-    assert max(compare_trees(clipped, expected).values()) <= 1e-10
-    fit = pn.fit(net, pn.optim.adam(1e-2), (x, y), loss="mse", key=jax.random.key(0), epochs=3, batch_size=4)
-    assert fit.history["loss"][-1] < fit.history["loss"][0]
+def test_fit_trains_an_lstm():
+    net, _ = _net("lstm", per_step=True)
+    x = jax.random.normal(jax.random.key(1), (8, 6, 3), jnp.float64)
+    y = jnp.cumsum(x[..., :2], axis=1) / 3  # a running sum: needs the recurrence
+    fit = pn.fit(net, pn.optim.adam(3e-2), (x, y), loss="mse", key=jax.random.key(0), epochs=5, batch_size=8)
+    assert fit.history["loss"][-1] < 0.8 * fit.history["loss"][0]
 
 
 # ---------------------------------------------------------------- errors
