@@ -75,13 +75,16 @@ def _matmul_t(a: Array, W: Array) -> Array:
 
 
 def _project(x: Array, W: Array) -> Array:
-    """x W for x (B, T, d), laid out time-major: (T, B, k), one matrix product."""
-    return jnp.einsum("btd,dk->tbk", x, W)
+    """x W for x (B, T, d), laid out time-major: (T, B, k), one matrix product (on x's time-major copy,
+    the narrower side when d < k, so the product writes its time-major rows in place)."""
+    return _time_major(x) @ W
 
 
 def _sum_outer(a: Array, dz: Array) -> Array:
-    """sum over examples and steps of a_t^T dz_t: a (B, T, i), dz (T, B, k) -> (i, k)."""
-    return lax.dot_general(a, dz, (((0, 1), (1, 0)), ((), ())))
+    """sum over examples and steps of a_t^T dz_t: a (B, T, i), dz (T, B, k) -> (i, k), one matrix product
+    of a's time-major copy (rows in dz's order) with dz."""
+    a2 = jnp.reshape(_time_major(a), (-1, a.shape[-1]))
+    return lax.dot_general(a2, jnp.reshape(dz, (-1, dz.shape[-1])), (((0,), (0,)), ((), ())))
 
 
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
@@ -232,7 +235,7 @@ class LSTM(_Recurrent):
         return y, state, LSTMCache(x, _time_major(a), _time_major(c), y)
 
     def _dz(self, params: PyTree, cache: LSTMCache, dy: Array) -> tuple[Array, Array]:
-        Wh, h = params["Wh"], self.features
+        WhT, h = params["Wh"].T, self.features  # transposed once, not per step
         c = _time_major(cache.c)
         xs = (_time_major(dy), _time_major(cache.gates), c, jnp.pad(c, ((1, 0), (0, 0), (0, 0)))[:-1])
 
@@ -245,7 +248,7 @@ class LSTM(_Recurrent):
             dc = dc + dh * o * (1 - tc * tc)
             dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
                                   dh * tc * o * (1 - o)], axis=-1)
-            return (_matmul_t(dz, Wh), dc * f), dz
+            return (dz @ WhT, dc * f), dz
 
         zero = jnp.zeros(dy.shape[:1] + (h,), dy.dtype)
         _, dz = lax.scan(step, (zero, zero), xs, reverse=True, unroll=self.unroll)
@@ -329,7 +332,7 @@ class GRU(_Recurrent):
         return y, state, GRUCache(x, _time_major(a), _time_major(hn), y)
 
     def _dz(self, params: PyTree, cache: GRUCache, dy: Array) -> tuple[Array, Array]:
-        Wh, h = params["Wh"], self.features
+        WhT, h = params["Wh"].T, self.features  # transposed once, not per step
         xs = (_time_major(dy), _time_major(cache.gates), _time_major(cache.hn), _time_major(_shift(cache.y)))
 
         def step(dh, inputs):
@@ -340,7 +343,7 @@ class GRU(_Recurrent):
             da_r = da_n * hn * r * (1 - r)
             da_z = dh * (h_prev - n) * z * (1 - z)
             dgh = jnp.concatenate([da_r, da_z, da_n * r], axis=-1)
-            return dh * z + _matmul_t(dgh, Wh), (jnp.concatenate([da_r, da_z, da_n], axis=-1), dgh)
+            return dh * z + dgh @ WhT, (jnp.concatenate([da_r, da_z, da_n], axis=-1), dgh)
 
         _, (dgx, dgh) = lax.scan(step, jnp.zeros(dy.shape[:1] + (h,), dy.dtype), xs, reverse=True,
                                  unroll=self.unroll)
@@ -362,4 +365,4 @@ class GRU(_Recurrent):
 
 def _dx(params: PyTree, dx_in: Array) -> Array:
     """dL/dx (B, T, d) from the time-major input-projection gradients (T, B, k): dz Wx^T."""
-    return jnp.einsum("tbk,dk->btd", dx_in, params["Wx"])
+    return _time_major(_matmul_t(dx_in, params["Wx"]))
