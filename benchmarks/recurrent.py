@@ -9,6 +9,8 @@ with a label per step. Contenders:
 
     purenet          pn.value_and_grad (the handwritten BPTT: one reverse lax.scan)
     purenet unroll=k the same layer with lax.scan's unroll=k (forward and backward)
+    purenet k parts  the batch's gradient as the mean over k equal slices, each its own scans, which
+                     XLA:CPU runs side by side (as the examples' --parts)
     jax.grad         jax.grad of the same pn.loss (autodiff through the same forward lax.scan)
     pytorch eager    nn.LSTM(batch_first=True) -> nn.Linear -> F.cross_entropy, torch.optim.SGD
                      (torch.set_num_threads(n) for each n of --torch-threads: 1 and the CPU count,
@@ -72,6 +74,16 @@ def _purenet_grads(net, p, s, x, y):
     return pn.value_and_grad(net, p, s, x, y, loss="cross_entropy")[1]
 
 
+def _in_parts(parts):
+    """pn.value_and_grad on `parts` equal slices of the batch, averaged: the batch's gradient, as
+    independent computations (one scan each) that XLA:CPU runs side by side (examples' --parts)."""
+    def grads(net, p, s, x, y):
+        r = x.shape[0] // parts
+        g = [_purenet_grads(net, p, s, x[i * r:(i + 1) * r], y[i * r:(i + 1) * r]) for i in range(parts)]
+        return jax.tree_util.tree_map(lambda *t: sum(t) / parts, *g)
+    return grads
+
+
 def _autodiff_grads(net, p, s, x, y):
     return jax.grad(lambda q: pn.loss(net, q, s, x, y, loss="cross_entropy")[0])(p)
 
@@ -99,10 +111,13 @@ def torch_step(c, threads):
     return run, None, None
 
 
-def contenders(c, unrolls, torch_threads):
+def contenders(c, unrolls, parts, torch_threads):
     out = {"purenet": lambda: _pn_step(c, _purenet_grads)}
     for k in unrolls:
         out[f"purenet unroll={k}"] = lambda k=k: _pn_step(c, _purenet_grads, unroll=k)
+    for k in parts:
+        if c["batch"] % k == 0:
+            out[f"purenet {k} parts"] = lambda k=k: _pn_step(c, _in_parts(k))
     out["jax.grad"] = lambda: _pn_step(c, _autodiff_grads)
     for n in torch_threads:
         out[f"pytorch eager ({n} thread{'s' * (n > 1)})"] = lambda n=n: torch_step(c, n)
@@ -117,10 +132,14 @@ def _sync(state):
     return state
 
 
-def train_steps(c, repeats, n, unrolls, torch_threads):
+def train_steps(c, repeats, n, unrolls, parts, torch_threads):
     built, compile_s, temp = {}, {}, {}
-    for name, make in contenders(c, unrolls, torch_threads).items():
-        run, state, temp[name] = make()
+    for name, make in contenders(c, unrolls, parts, torch_threads).items():
+        try:
+            run, state, temp[name] = make()
+        except ImportError as e:
+            print(f"skipping {name}: {e}")
+            continue
         start = time.perf_counter()
         state = _sync(run(state))
         compile_s[name] = time.perf_counter() - start
@@ -159,23 +178,24 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--unroll", type=int, nargs="*", default=[2, 4], help="extra purenet contenders")
+    parser.add_argument("--parts", type=int, nargs="*", default=[2, 4],
+                        help="extra purenet contenders: the batch in this many slices side by side")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--torch-threads", type=int, nargs="*", default=sorted({1, os.cpu_count() or 1}),
                         help="one PyTorch contender per thread count (XLA uses every core; on an "
                              "oversubscribed machine torch's spinning OpenMP pool is far slower than 1 thread)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    import torch
     c = SMOKE if args.smoke else CONFIG
     repeats, n = (1, 1) if args.smoke else (args.repeats, args.steps)
 
-    steps = train_steps(c, repeats, n, args.unroll, args.torch_threads)
+    steps = train_steps(c, repeats, n, args.unroll, args.parts, args.torch_threads)
     print(f"LSTM train step, {c}, {repeats} repeats x {n} steps; {platform.machine()}, jax {jax.__version__} "
           f"on {jax.default_backend()}, {os.cpu_count()} CPUs")
-    print(f"{'contender':<18} {'median ms':>9} {'min-max ms':>17} {'compile s':>9} {'paired':>7} {'temp MiB':>9}")
+    print(f"{'contender':<26} {'median ms':>9} {'min-max ms':>17} {'compile s':>9} {'paired':>7} {'temp MiB':>9}")
     for name, r in steps.items():
         mib = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.2f}"
-        print(f"{name:<18} {1e3 * r['median_s']:9.2f} {1e3 * r['min_s']:8.2f}-{1e3 * r['max_s']:<8.2f} "
+        print(f"{name:<26} {1e3 * r['median_s']:9.2f} {1e3 * r['min_s']:8.2f}-{1e3 * r['max_s']:<8.2f} "
               f"{r['compile_s']:9.2f} {r['paired_time_over_purenet']:7.2f} {mib:>9}")
     norms = per_example_norms(c, repeats)
     print(f"per-example gradient norms at batch {c['norms_batch']}:")
@@ -184,7 +204,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": c, "repeats": repeats, "steps": n, "torch_threads": args.torch_threads,
-                       "machine": platform.machine(), "jax": jax.__version__, "torch": torch.__version__,
+                       "machine": platform.machine(), "jax": jax.__version__,
                        "train_step": steps, "per_example_norms": norms}, f, indent=1)
     return steps, norms
 
