@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import purenet as pn
 from purenet.layers import base
-from purenet.testing import check_grads, compare_trees
+from purenet.testing import compare_trees
 from tests.conftest import scaled
 
 torch = pytest.importorskip("torch")
@@ -112,7 +112,7 @@ def _backward_and_autodiff(layer, params, x, cot):
     return (grads, dx), ref
 
 
-@settings(max_examples=scaled(8), deadline=None)
+@settings(max_examples=scaled(6), deadline=None)
 @given(kind=st.sampled_from(["lstm", "gru"]), batch=st.sampled_from(BATCHES), t=st.sampled_from(LENGTHS),
        d=st.sampled_from(WIDTHS), h=st.sampled_from(FEATURES), unroll=st.sampled_from([1, 2]),
        seed=st.integers(0, 2**16))
@@ -123,10 +123,6 @@ def test_backward_equals_jax_grad(kind, batch, t, d, h, unroll, seed):
     mine, ref = _backward_and_autodiff(layer, params, 1.5 * x, cot)
     errors = compare_trees(mine, ref)
     assert max(errors.values()) <= 1e-10, errors
-
-
-def test_check_grads_passes():
-    assert check_grads(pn.LSTM(2), jax.random.normal(jax.random.key(0), (1, 2, 2))).ok
 
 
 # ---------------------------------------------------------------- per-example fast paths
@@ -145,7 +141,7 @@ def _fast_and_generic(layer, params, x, dy, l2):
     return fast, slow, sq, sq_ref, (sq0, sq0_ref), layer.backward(params, cache, dy)[0]
 
 
-@settings(max_examples=scaled(6), deadline=None)
+@settings(max_examples=scaled(5), deadline=None)
 @given(kind=st.sampled_from(["lstm", "gru"]), shape=st.sampled_from([(1, 3, 4), (4, 2, 3), (2, 6, 1)]),
        h=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
 def test_fast_paths_equal_the_generic_default(kind, shape, h, seed):
@@ -192,8 +188,8 @@ def _network_quantities(net, loss, params, state, x, y, clip):
     return (value, grads), ref, (per, norms, clipped), (per_ref, norms_ref, clipped_ref)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("per_step", [False, True], ids=["flatten-dense-softmax", "dense-per-step"])
+@pytest.mark.parametrize("kind,per_step", [("lstm", False), ("gru", True)],
+                         ids=["lstm-flatten-dense-softmax", "gru-dense-per-step"])
 def test_in_a_network_value_and_grad_per_example_norms_and_dp_clipping_equal_autodiff(kind, per_step):
     """In Sequential with Dense after it, under jit: pn.value_and_grad = jax.grad of pn.loss;
     pn.per_example_grads / per_example_grad_norms = vmap(jax.grad); clipped_value_and_grad = the
@@ -210,14 +206,6 @@ def test_in_a_network_value_and_grad_per_example_norms_and_dp_clipping_equal_aut
     assert max(compare_trees(mine[0], theirs[0]).values()) <= 1e-10
     np.testing.assert_allclose(mine[1], theirs[1], rtol=1e-10)
     assert max(compare_trees(mine[2], theirs[2]).values()) <= 1e-10
-
-
-def test_fit_trains_an_lstm():
-    net, _ = _net("lstm", per_step=True)
-    x = jax.random.normal(jax.random.key(1), (8, 6, 3), jnp.float64)
-    y = jnp.cumsum(x[..., :2], axis=1) / 3  # a running sum: needs the recurrence
-    fit = pn.fit(net, pn.optim.adam(3e-2), (x, y), loss="mse", key=jax.random.key(0), epochs=5, batch_size=8)
-    assert fit.history["loss"][-1] < 0.8 * fit.history["loss"][0]
 
 
 # ---------------------------------------------------------------- errors
