@@ -71,7 +71,7 @@ def main():
                         help="batches of --batch-size windows in the final estimate (75 x 32 = 2,400)")
     parser.add_argument("--sample", type=int, default=100 if FAST else 500, help="characters to generate")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--parts", type=int, default=4,
+    parser.add_argument("--parts", type=int, default=2,
                         help="slices of each batch computed side by side (must divide --batch-size): each "
                              "slice's recurrence is its own scan, and XLA:CPU runs them concurrently")
     parser.add_argument("--out", default="shakespeare_lstm.png", help="the plot ('' for none)")
