@@ -8,6 +8,7 @@ from purenet.layers import (
     Identity, LayerNorm, LeakyReLU, Parallel, ReLU, Remat, Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax,
     Softplus, Tanh, mlp, GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt, LLaMA, SwiGLU, llama,
 )
+from purenet.layers import GRU, LSTM
 from purenet.layers.base import Container, Layer, Static, Wrapper, decay_mask, roles
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # layers and containers
+    "GRU", "LSTM",
     "AvgPool2D", "BatchNorm", "Container", "Conv2D", "Dense", "Dropout", "ELU", "Elementwise", "Embedding", "Flatten",
     "Frozen", "GELU", "GPT", "GlobalAvgPool2D", "LLaMA", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
     "MultiHeadAttention", "Parallel", "PositionalEmbedding", "RMSNorm", "ReLU", "Remat", "Residual", "Sequential",

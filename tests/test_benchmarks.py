@@ -48,6 +48,19 @@ def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
         assert results[name]["median_s"] > 0 and results[name]["temp_bytes"] > 0
 
 
+def test_recurrent_benchmark_smoke_mode_runs_every_contender(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.recurrent", "--smoke", "--json", str(tmp_path / "r.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    step = results["train_step"]
+    assert step["purenet"]["paired_time_over_purenet"] == 1.0
+    assert {"purenet", "purenet unroll=2", "purenet 2 parts", "jax.grad", "pytorch eager (1 thread)"} <= set(step)
+    for name in ("purenet", "jax.grad"):
+        assert step[name]["median_s"] > 0 and step[name]["temp_bytes"] > 0
+    assert set(results["per_example_norms"]) == {"purenet per_example_grad_norms", "vmap(jax.grad)"}
+
+
 def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--smoke", "--gpu", "--json",
                           str(tmp_path / "c.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -68,6 +68,7 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
     ("noise_scale.py", MNIST / "t10k-images-idx3-ubyte.gz", ["B_simple", "x the minimum steps"]),
     ("dp_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["noise multiplier for epsilon 3.0", "final: epsilon"]),
     ("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
+    ("shakespeare_lstm.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
 ])
 def test_example_on_shared_data_in_fast_mode(tmp_path, script, data, expect):
     if not data.exists():

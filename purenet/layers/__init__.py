@@ -11,11 +11,13 @@ from purenet.layers.embedding import Embedding, PositionalEmbedding
 from purenet.layers.gpt import GPT, gpt
 from purenet.layers.llama import LLaMA, llama
 from purenet.layers.norm import LayerNorm, RMSNorm
+from purenet.layers.recurrent import GRU, LSTM
 from purenet.layers.sequential import Sequential, mlp
 from purenet.layers.softmax import Softmax
 from purenet.layers.swiglu import SwiGLU
 
 __all__ = [
+    "GRU", "LSTM",
     "ACTIVATIONS", "AvgPool2D", "BatchNorm", "Conv2D", "Dense", "Dropout", "ELU", "Elementwise", "Embedding",
     "Flatten", "Frozen", "GELU", "GPT", "LLaMA", "GlobalAvgPool2D", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
     "MultiHeadAttention", "ParameterFree", "Parallel", "PositionalEmbedding", "RMSNorm", "ReLU", "Remat", "Residual",
