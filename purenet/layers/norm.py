@@ -219,8 +219,8 @@ class GroupNorm(_FeatureNorm):
 
     _has_beta = True
 
-    def _check(self, shape, what):
-        if len(shape) < 2:
+    def _check(self, shape, what, rank=2):
+        if len(shape) < rank:
             raise ValueError(f"{self} expects inputs of shape (batch, ..., channels), got {what} of shape {shape}")
         if shape[-1] % self.num_groups:
             raise ValueError(f"{self}: {shape[-1]} channels (the last axis of {what}, shape {shape}) do not split "
@@ -228,7 +228,7 @@ class GroupNorm(_FeatureNorm):
 
     def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         shape = as_shape(in_shape)
-        self._check((1, *shape), "an input")
+        self._check(shape, "an example", rank=1)
         return super().init(key, shape, dtype)
 
     def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
