@@ -9,6 +9,7 @@ from purenet.layers import (
     Softplus, Tanh, mlp, GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt, LLaMA, SwiGLU, llama,
 )
 from purenet.layers import GRU, LSTM
+from purenet.layers import Conv1D, ConvTranspose2D, GroupNorm, Upsample2D
 from purenet.layers.base import Container, Layer, Static, Wrapper, decay_mask, roles
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
@@ -33,6 +34,7 @@ __all__ = [
     "Frozen", "GELU", "GPT", "GlobalAvgPool2D", "LLaMA", "Identity", "Layer", "LayerNorm", "LeakyReLU", "MaxPool2D",
     "MultiHeadAttention", "Parallel", "PositionalEmbedding", "RMSNorm", "ReLU", "Remat", "Residual", "Sequential",
     "SiLU", "Sigmoid", "Softmax", "Softplus", "Static", "SwiGLU", "Tanh", "Wrapper", "gpt", "llama", "mlp",
+    "Conv1D", "ConvTranspose2D", "GroupNorm", "Upsample2D",
     # network functions, roles, per-example and interop
     "Loss", "as_function", "check_finite_rows", "check_grads", "clipped_value_and_grad", "decay_mask", "forward",
     "generate", "ggn_vp", "hvp", "init", "input_grad", "loss", "per_example_grad_norms", "per_example_grads", "roles",

@@ -137,7 +137,7 @@ def _check_per_example(net, params, train):
             raise ValueError(f"DP-SGD clips each example's own gradient, but {type(leaf.layer).__name__} in training "
                              f"mode mixes the examples of a batch (its statistics couple them), so there is no "
                              f"per-example gradient to clip: normalise each example on its own instead "
-                             f"(pn.LayerNorm, or GroupNorm), or drop the layer")
+                             f"(pn.LayerNorm, or pn.GroupNorm for images), or drop the layer")
 
 
 def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key, one_pass):

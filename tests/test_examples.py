@@ -65,6 +65,7 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 @pytest.mark.parametrize("script,data,expect", [
     ("mnist_mlp.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out accuracy"]),
     ("mnist_cnn.py", MNIST / "t10k-images-idx3-ubyte.gz", ["images of shape (28, 28, 1)", "held-out accuracy"]),
+    ("mnist_autoencoder.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out reconstruction error"]),
     ("noise_scale.py", MNIST / "t10k-images-idx3-ubyte.gz", ["B_simple", "x the minimum steps"]),
     ("dp_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["noise multiplier for epsilon 3.0", "final: epsilon"]),
     ("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),

@@ -18,6 +18,7 @@ interior zeros, the transpose of a strided slice) and the taps are summed
 (col2im): the chain rule summed over every window a pixel belongs to.
 """
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
 
@@ -32,7 +33,7 @@ from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree
 from purenet.layers import dense
 
 __all__ = [
-    "AvgPool2D", "Conv2D", "Geometry", "GlobalAvgPool2D", "IMPLEMENTATIONS", "MaxPool2D", "geometry", "patches",
+    "AvgPool2D", "Conv1D", "Conv2D", "Geometry", "GlobalAvgPool2D", "IMPLEMENTATIONS", "MaxPool2D", "geometry", "patches",
     "tap_slices", "untap",
 ]
 
@@ -460,6 +461,164 @@ class Conv2D(Layer):
     def kfac_dims(self, params: PyTree) -> tuple[int, int]:
         W = params["W"]
         return W.shape[0] * W.shape[1] * W.shape[2] + self.use_bias, W.shape[3]
+
+
+# ---------------------------------------------------------------- Conv1D
+
+
+def _positive_int(value, name):
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _padding_1d(padding):
+    """'SAME', 'VALID', 'CAUSAL', a non-negative int, or (lo, hi) of non-negative ints."""
+    if isinstance(padding, str) and padding in ("SAME", "VALID", "CAUSAL"):
+        return padding
+    if _is_int(padding) and padding >= 0:
+        return (int(padding), int(padding))
+    if (isinstance(padding, (tuple, list)) and len(padding) == 2
+            and all(_is_int(v) and v >= 0 for v in padding)):
+        return (int(padding[0]), int(padding[1]))
+    raise ValueError(f"Conv1D padding must be 'SAME', 'VALID', 'CAUSAL', a non-negative int or (lo, hi) of "
+                     f"non-negative ints, got {padding!r}")
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Conv1D(Layer):
+    """1-D convolution (cross-correlation, as PyTorch's conv1d) on NWC sequences (batch, length, channels).
+
+    params {"W": (k, in_channels, features), "b": (features,)} ("b" absent when
+    use_bias=False). With strides s, dilation d and padding (lo, hi):
+
+        y[n, t, f] = b[f] + sum_{i, c} x_pad[n, t s + i d, c] W[i, c, f]
+        Lo = (L + lo + hi - ((k - 1) d + 1)) // s + 1
+
+    padding "SAME" (Lo = ceil(L / s), the odd pad on the high side), "VALID",
+    "CAUSAL" (lo = (k - 1) d, hi = 0: output t reads inputs <= t s only), an
+    int or (lo, hi).
+
+    It is a Conv2D of height 1: x as (N, 1, L, C), W as (1, k, C, F), so the
+    forward, the backward (dW = P^T g, db = sum g, dx = col2im(g W2^T), or
+    XLA's NHWC transposes), both formulations and their per-backend choice
+    ("auto"), the per-example taps and ghost norms and K-FAC's factors are
+    Conv2D's (see its docstring), with W reshaped on the way in and out.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int
+    padding: object
+    dilation: int
+    initializer: str
+    use_bias: bool
+    implementation: str
+
+    roles = {"W": "weight", "b": "bias"}
+
+    def __init__(self, features: int, kernel_size: int, strides: int = 1, padding: str | int | Sequence[int] = "SAME",
+                 dilation: int = 1, init: str = "he_normal", use_bias: bool = True, implementation: str = "auto", *,
+                 initializer: str | None = None) -> None:
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"Conv1D features must be a positive integer, got {features!r}")
+        init = initializer or init
+        initializers.get(init)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"Conv1D implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        for name, value in (("features", features), ("kernel_size", _positive_int(kernel_size, "Conv1D kernel_size")),
+                            ("strides", _positive_int(strides, "Conv1D strides")), ("padding", _padding_1d(padding)),
+                            ("dilation", _positive_int(dilation, "Conv1D dilation")), ("initializer", init),
+                            ("use_bias", bool(use_bias)), ("implementation", implementation)):
+            object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return (f"Conv1D(features={self.features}, kernel_size={self.kernel_size}, strides={self.strides}, "
+                f"padding={self.padding!r}, dilation={self.dilation}, init={self.initializer!r}, "
+                f"use_bias={self.use_bias}, implementation={self.implementation!r})")
+
+    @functools.cached_property
+    def conv2d(self) -> Conv2D:
+        """The height-1 Conv2D this layer runs."""
+        if self.padding == "CAUSAL":
+            padding: Any = ((0, 0), ((self.kernel_size - 1) * self.dilation, 0))
+        elif isinstance(self.padding, tuple):
+            padding = ((0, 0), self.padding)
+        else:
+            padding = self.padding
+        return Conv2D(self.features, (1, self.kernel_size), (1, self.strides), padding, (1, self.dilation),
+                      self.initializer, self.use_bias, self.implementation)
+
+    def _check_fits(self, length):
+        try:
+            return self.conv2d._geometry((1, length))
+        except ValueError:
+            span = (self.kernel_size - 1) * self.dilation + 1  # only VALID and explicit pads can fail
+            pads = self.conv2d.padding[1] if isinstance(self.conv2d.padding, tuple) else (0, 0)
+            raise ValueError(f"{self}: a kernel spanning {span} positions does not fit the input of length "
+                             f"{length} padded by {pads}") from None
+
+    @staticmethod
+    def _w2(params):
+        return {**params, "W": params["W"][None]}
+
+    @staticmethod
+    def _w1(grads, axis=0):
+        w = grads["W"]
+        return {**grads, "W": jnp.squeeze(w, axis)}
+
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
+        in_shape = as_shape(in_shape)
+        if len(in_shape) != 2:
+            raise ValueError(f"{self} expects sequences: an example shape (length, channels), got {in_shape}")
+        self._check_fits(in_shape[0])
+        params, state, out = self.conv2d.init(key, (1, *in_shape), dtype)
+        return self._w1(params), state, out[1:]
+
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
+        if jnp.ndim(x) != 3:
+            raise ValueError(f"{self} expects sequences of shape (batch, length, channels), got x of shape "
+                             f"{jnp.shape(x)}")
+        W = params["W"]
+        if jnp.ndim(W) != 3 or x.shape[-1] != W.shape[1]:
+            raise ValueError(f"{self} expects {W.shape[1] if jnp.ndim(W) == 3 else '?'} input channels "
+                             f"(W has shape {jnp.shape(W)}), got x of shape {x.shape}")
+        self._check_fits(x.shape[1])
+        y, state, cache = self.conv2d.forward(self._w2(params), state, x[:, None], train, key)
+        return y[:, 0], state, cache
+
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
+        grads, dx = self.conv2d.backward(self._w2(params), cache, dy[:, None])
+        return self._w1(grads), dx[:, 0]
+
+    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
+        """Conv2D's per-example taps: dW_i[tap] = S_tap,i^T g_i, db_i = sum g_i."""
+        grads, dx = self.conv2d.per_example_backward(self._w2(params), cache, dy[:, None])
+        return self._w1(grads, 1), dx[:, 0]
+
+    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
+        """Conv2D's: by tap, or the ghost norm over output positions, whichever costs fewer flops."""
+        sq, dx = self.conv2d.per_example_sq_norms(self._w2(params), cache, dy[:, None], l2)
+        return sq, dx[:, 0]
+
+    def per_example_sq(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
+        sq, dx = self.conv2d.per_example_sq(self._w2(params), cache, dy[:, None])
+        return self._w1(sq), dx[:, 0]
+
+    def per_example_gram(self, params: PyTree, cache_a: PyTree, dya: Array, cache_b: PyTree,
+                         dyb: Array) -> tuple[Array, Array, Array]:
+        gram, dxa, dxb = self.conv2d.per_example_gram(self._w2(params), cache_a, dya[:, None], cache_b, dyb[:, None])
+        return gram, dxa[:, 0], dxb[:, 0]
+
+    def kfac_factors(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[KFACFactors, Array]:
+        factors, dx = self.conv2d.kfac_factors(self._w2(params), cache, dy[:, None])
+        return factors, dx[:, 0]
+
+    def kfac_dims(self, params: PyTree) -> tuple[int, int]:
+        return self.conv2d.kfac_dims(self._w2(params))
 
 
 # ---------------------------------------------------------------- pooling

@@ -1,4 +1,4 @@
-"""Normalisation over the features of each example: LayerNorm and RMSNorm.
+"""Normalisation within each example: LayerNorm and RMSNorm (over the features), GroupNorm (over groups).
 
 Unlike BatchNorm, these normalise every position of every example on its
 own (over the last axis), so examples never interact: per-example gradients
@@ -13,6 +13,7 @@ for rows that did not overflow; c is a constant of the row for the
 gradients (the output does not depend on it).
 """
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
 from purenet.layers.base import Array, Layer, PyTree, as_shape, per_example_sum, wide
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["GroupNorm", "LayerNorm", "RMSNorm"]
 
 
 class _NormCache(NamedTuple):
@@ -182,3 +183,78 @@ class RMSNorm(_FeatureNorm):
         dxhat = wide(dy * params["gamma"])
         dx = cache.inv * (dxhat - cache.xhat * jnp.mean(dxhat * cache.xhat, axis=-1, keepdims=True))
         return dx.astype(dy.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNorm(_FeatureNorm):
+    """Group normalisation (Wu & He, 2018), channels last: PyTorch's nn.GroupNorm on the NCHW transpose.
+
+    x (B, ..., C) of any rank >= 2; the C channels split into `num_groups`
+    groups of C / G consecutive channels. For each example and group the
+    statistics run over the group's m = (positions) x (C / G) entries:
+
+        mu = mean(x),  var = mean((x - mu)^2),  s = 1 / sqrt(var + eps)     (per example and group)
+        xhat = (x - mu) s,   y = gamma xhat + beta                           (gamma, beta: (C,))
+
+    Backward, g = dL/dy, means over the same m entries (LayerNorm's algebra over a group):
+
+        dL/dgamma = sum_{batch, positions} g xhat,   dL/dbeta = sum_{batch, positions} g
+        dL/dxhat  = g gamma
+        dL/dx     = s (dL/dxhat - mean(dL/dxhat) - xhat mean(dL/dxhat xhat))
+
+    Examples never interact, so per-example gradients exist (and DP-SGD
+    clips them, where BatchNorm is refused): example i's are its own sums
+    over positions, sum g_i xhat_i and sum g_i, a (B, C) array each (the
+    fast path). num_groups = 1 is LayerNorm over every entry of an example
+    (with per-channel gamma); num_groups = C is instance normalisation.
+    Groups of any float32 magnitude normalise exactly (see the module docstring).
+    """
+
+    num_groups: int
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups < 1:
+            raise ValueError(f"GroupNorm num_groups must be a positive int, got {self.num_groups!r}")
+        check_hyperparameter("GroupNorm eps", self.eps, 0.0, None, low_open=True)
+
+    _has_beta = True
+
+    def _check(self, shape, what, rank=2):
+        if len(shape) < rank:
+            raise ValueError(f"{self} expects inputs of shape (batch, ..., channels), got {what} of shape {shape}")
+        if shape[-1] % self.num_groups:
+            raise ValueError(f"{self}: {shape[-1]} channels (the last axis of {what}, shape {shape}) do not split "
+                             f"into {self.num_groups} groups")
+
+    def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
+        shape = as_shape(in_shape)
+        self._check(shape, "an example", rank=1)
+        return super().init(key, shape, dtype)
+
+    def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
+                key: Array | None = None) -> tuple[Array, PyTree, _NormCache]:
+        self._check(jnp.shape(x), "x")
+        return super().forward(params, state, x, train, key)
+
+    def _grouped(self, t):
+        """(B, ..., C) -> (B, positions, G, C / G)."""
+        return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), self.num_groups, t.shape[-1] // self.num_groups)
+
+    def _normalise(self, x):
+        xg = self._grouped(wide(x))
+        _, e = jnp.frexp(jnp.max(jnp.abs(xg), axis=(1, 3), keepdims=True))  # as _row_scale, per group
+        c = lax.stop_gradient(jnp.ldexp(jnp.ones((), xg.dtype), jnp.maximum(e - 1, 0)))
+        xg = xg / c
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        centered = xg - mean
+        var = jnp.mean(centered * centered, axis=(1, 3), keepdims=True)
+        inv = 1.0 / jnp.sqrt(var + self.eps / c / c)  # s c
+        return (centered * inv).reshape(x.shape), inv / c
+
+    def _dx(self, params, cache, dy):
+        dxhat = self._grouped(wide(dy * params["gamma"]))
+        xhat = self._grouped(cache.xhat)
+        dx = cache.inv * (dxhat - jnp.mean(dxhat, axis=(1, 3), keepdims=True)
+                          - xhat * jnp.mean(dxhat * xhat, axis=(1, 3), keepdims=True))
+        return dx.reshape(dy.shape).astype(dy.dtype)
