@@ -70,6 +70,8 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
     ("dp_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["noise multiplier for epsilon 3.0", "final: epsilon"]),
     ("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
     ("shakespeare_lstm.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
+    ("long_context.py", SHAKESPEARE, ["compiled temporary memory", "Training at context 128, blockwise",
+                                      "validation loss at context 128", "key/value cache"]),
 ])
 def test_example_on_shared_data_in_fast_mode(tmp_path, script, data, expect):
     if not data.exists():

@@ -73,7 +73,7 @@ class LLaMA(Wrapper):
         return (self.context,)
 
     @property
-    def block(self) -> Sequential:  # type: ignore[override]
+    def block(self) -> Sequential:
         attention = MultiHeadAttention(self.heads, causal=True, use_bias=False, num_kv_heads=self.kv_heads,
                                        rope=True, implementation=self.implementation)
         blocks = [
