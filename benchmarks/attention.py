@@ -130,7 +130,7 @@ def torch_sdpa(c, threads):
     from torch.nn import functional as F
 
     torch.set_num_threads(threads)
-    q, k, v, do = (torch.from_numpy(np.asarray(a)) for a in inputs(c))
+    q, k, v, do = (torch.from_numpy(np.array(a)) for a in inputs(c))
     q, k, v, do = q[:, :, 0], k, v, do[:, :, 0]  # (B, H, T, dh)
     q, k, v = (a.clone().requires_grad_(True) for a in (q, k, v))
 

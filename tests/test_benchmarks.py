@@ -135,3 +135,28 @@ def test_dp_benchmark_smoke_mode_runs_every_case(tmp_path):
         assert results[case]["dp_ms"] > 0 and results[case]["plain_ms"] > 0
     for mode in ("opacus_hooks", "opacus_ghost"):
         assert results[mode]["over_purenet_dp"] > 0
+
+
+def test_attention_benchmark_smoke_mode_runs_every_case(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--smoke", "--json", str(tmp_path / "a.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "a.json").read_text())
+    main = results["kernel"]["main"]
+    assert main["blockwise"]["paired_over_blockwise"] == 1.0
+    for name in ("blockwise", "jax.vjp dense", "purenet dense"):
+        assert main[name]["median_s"] > 0 and main[name]["temp_bytes"] > 0
+        assert main[name]["max_abs_diff_vs_vjp_dense"] < 1e-4
+    assert results["kernel"]["block_sweep"] and results["kernel"]["memory_over_t"] and results["kernel"]["threshold"]
+    gen = results["generate"]
+    assert gen["same_tokens"] and gen["cache=True"]["median_s"] > 0 and gen["cache=False"]["median_s"] > 0
+
+
+def test_attention_benchmark_gpu_mode_says_it_needs_a_gpu():
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is here: the mode would run")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.attention", "gpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode != 0 and "needs a GPU" in out.stderr
