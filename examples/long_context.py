@@ -1,4 +1,4 @@
-"""A LLaMA-style character model on tiny Shakespeare at a context of 2,048, where dense attention does not fit.
+"""A LLaMA-style character model on tiny Shakespeare at a context where dense attention does not fit.
 
 pn.llama: pre-RMSNorm blocks, rotary positions, grouped-query attention
 (4 query heads sharing 2 key/value heads), a SwiGLU MLP, untied logits.
@@ -7,9 +7,9 @@ handwritten backward) is measured for both attention forms at T = 256 ...
 4,096: dense keeps every layer's (batch, heads, T, T) probabilities for the
 backward, quadratic in T; blockwise keeps each query's output and
 log-sum-exp and recomputes the scores block by block, linear in T. The
-context trained at is the longest that the dense form cannot afford within
---budget-gib (default 4 GiB) at this batch, and it trains with the
-blockwise form there: AdamW, random windows, the loss on held-out text
+context trained at is the shortest of those that the dense form cannot
+afford within --budget-gib (default 4 GiB: T = 4,096 at batch 4), and it
+trains with the blockwise form there: AdamW, random windows, the loss on held-out text
 before and after, and a sample drawn with the key/value cache.
 
     python examples/long_context.py [--data ../shared/data/tinyshakespeare/input.txt] [--iters 150]
@@ -74,7 +74,7 @@ def main():
         d, b = memory[t]["dense"], memory[t]["blockwise"]
         print(f"{t:>6} {d / 2**20:>10.1f} {b / 2**20:>10.1f} {d / b:>6.1f}x")
     unaffordable = [t for t in lengths if memory[t]["dense"] > args.budget_gib * GIB]
-    context = max(unaffordable) if unaffordable else max(lengths)
+    context = min(unaffordable) if unaffordable else max(lengths)
     print(f"\nbudget {args.budget_gib * 1024:g} MiB: dense attention needs "
           f"{memory[context]['dense'] / 2**20:.1f} MiB at T = {context}; blockwise "
           f"{memory[context]['blockwise'] / 2**20:.1f} MiB. Training at context {context}, blockwise.")
@@ -127,6 +127,8 @@ def main():
         left.axhline(args.budget_gib * 1024, color="gray", ls="--", label="budget")
         left.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="step temporary memory (MiB)",
                  title="attention memory: quadratic vs linear")
+        left.set_xticks(lengths, [str(t) for t in lengths])
+        left.minorticks_off()
         left.legend()
         right.plot(curve)
         right.set(xlabel="step", ylabel="training loss", title=f"pn.llama at context {context}")
