@@ -223,7 +223,7 @@ def main():
         print(data.decode(sample))
 
 
-def plot(args, curve, evals, val_loss, vocab_size):
+def plot(args, curve, evals, val_loss, vocab_size, model="GPT"):
     """The per-batch training losses (smoothed) and the loss estimates, saved to args.out."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -235,7 +235,7 @@ def plot(args, curve, evals, val_loss, vocab_size):
     ax.plot(it, va, "s-", label="validation (estimated)")
     ax.axhline(math.log(vocab_size), color="gray", ls=":", lw=1, label="uniform guess")
     ax.set(xlabel="iteration", ylabel="cross-entropy (nats per character)",
-           title=f"GPT on tiny Shakespeare: validation loss {val_loss:.3f}")
+           title=f"{model} on tiny Shakespeare: validation loss {val_loss:.3f}")
     ax.legend()
     save(fig, args.out)
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from _common import FAST, save
-from shakespeare_gpt import DEFAULT, make_estimate, make_steps
+from _common import FAST
+from shakespeare_gpt import DEFAULT, make_estimate, make_steps, plot
 
 
 def model(vocab_size, embed, hidden):
@@ -125,30 +125,13 @@ def main():
             json.dump({"iters": args.iters, "train_s": train_time, "eval_s": eval_s, "final_eval_s": final_eval_s,
                        "train_loss": train_loss, "val_loss": val_loss, "curve": curve}, f)
     if args.out:
-        plot(args, curve, evals, val_loss, data.vocab_size)
+        plot(args, curve, evals, val_loss, data.vocab_size, model="LSTM")
     if args.sample:
         prompt = jnp.asarray(data.val[:args.context])
         sample = make_sampler(net, state, args.context, args.sample, 0.8)(opt_state.params, prompt,
                                                                             jax.random.fold_in(key, 2))
         print("sample (temperature 0.8), after the first 64 validation characters:")
         print(data.decode(sample))
-
-
-def plot(args, curve, evals, val_loss, vocab_size):
-    """The per-batch training losses (smoothed) and the loss estimates, saved to args.out."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = max(1, min(50, len(curve) // 10))
-    smooth = np.convolve(curve, np.ones(width) / width, mode="valid")
-    ax.plot(np.arange(width, len(curve) + 1), smooth, lw=1, alpha=0.6, label=f"training batches (mean of {width})")
-    it, tr, va = zip(*evals)
-    ax.plot(it, tr, "o-", label="train (estimated)")
-    ax.plot(it, va, "s-", label="validation (estimated)")
-    ax.axhline(math.log(vocab_size), color="gray", ls=":", lw=1, label="uniform guess")
-    ax.set(xlabel="iteration", ylabel="cross-entropy (nats per character)",
-           title=f"LSTM on tiny Shakespeare: validation loss {val_loss:.3f}")
-    ax.legend()
-    save(fig, args.out)
 
 
 if __name__ == "__main__":

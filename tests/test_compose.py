@@ -55,7 +55,7 @@ def test_new_layer_backward_matches_autodiff(name, data):
     assert report.ok, str(report)
 
 
-@settings(max_examples=scaled(24))
+@settings(max_examples=scaled(12))
 @given(net_cases(compose=True, sequences=True))
 def test_composed_networks_match_autodiff(case):
     params, state, x, y = case.data()

@@ -105,7 +105,7 @@ def _conv_transpose(layer, params, x):
     return y + params["b"] if layer.use_bias else y
 
 
-@settings(max_examples=scaled(6))
+@settings(max_examples=scaled(4))
 @given(data=st.data())
 def test_conv_transpose_forward_and_backward_match_autodiff_of_lax_conv_transpose(data):
     layer = pn.ConvTranspose2D(data.draw(st.sampled_from([1, 3])), data.draw(st.sampled_from([1, 2, 3, (2, 3)])),

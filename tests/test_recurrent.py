@@ -112,7 +112,7 @@ def _backward_and_autodiff(layer, params, x, cot):
     return (grads, dx), ref
 
 
-@settings(max_examples=scaled(6), deadline=None)
+@settings(max_examples=scaled(4), deadline=None)
 @given(kind=st.sampled_from(["lstm", "gru"]), batch=st.sampled_from(BATCHES), t=st.sampled_from(LENGTHS),
        d=st.sampled_from(WIDTHS), h=st.sampled_from(FEATURES), unroll=st.sampled_from([1, 2]),
        seed=st.integers(0, 2**16))

@@ -29,14 +29,19 @@ from purenet.layers.norm import LayerNorm
 from purenet.layers.sequential import Sequential
 from purenet.layers.softmax import Softmax
 
-__all__ = ["GPT", "TiedEnds", "gpt"]
+__all__ = ["GPT", "TiedEnds", "check_model_sizes", "gpt"]
 
 _STD = 0.02  # GPT-2's initial standard deviation for every matrix
 
 
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"gpt {name} must be a positive integer, got {value!r}")
+def check_model_sizes(model: Any, builder: str) -> None:
+    """A language model's sizes (GPT's, LLaMA's): positive integers, and features divisible by heads."""
+    for name in ("vocab_size", "context", "layers", "heads", "features"):
+        value = getattr(model, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{builder} {name} must be a positive integer, got {value!r}")
+    if model.features % model.heads:
+        raise ValueError(f"{builder} features={model.features} must divide into heads={model.heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +82,7 @@ class GPT(Container):
     outputs = "logits"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context", "layers", "heads", "features"):
-            _positive(name, getattr(self, name))
-        if self.features % self.heads:
-            raise ValueError(f"gpt features={self.features} must divide into heads={self.heads}")
+        check_model_sizes(self, "gpt")
 
     @property
     def num_embeddings(self) -> int:

@@ -18,16 +18,12 @@ from purenet.layers.base import Array, PyTree, Visit, Wrapper, as_shape, walk
 from purenet.layers.compose import Residual
 from purenet.layers.dense import Dense
 from purenet.layers.embedding import Embedding, check_ids
+from purenet.layers.gpt import check_model_sizes
 from purenet.layers.norm import RMSNorm
 from purenet.layers.sequential import Sequential
 from purenet.layers.swiglu import SwiGLU
 
 __all__ = ["LLaMA", "llama"]
-
-
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"llama {name} must be a positive integer, got {value!r}")
 
 
 def default_hidden(features: int) -> int:
@@ -59,10 +55,7 @@ class LLaMA(Wrapper):
     outputs = "logits"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context", "layers", "heads", "features"):
-            _positive(name, getattr(self, name))
-        if self.features % self.heads:
-            raise ValueError(f"llama features={self.features} must divide into heads={self.heads}")
+        check_model_sizes(self, "llama")
 
     @property
     def num_embeddings(self) -> int:
