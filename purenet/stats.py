@@ -25,19 +25,22 @@ without them falls back on its `per_example_backward`, squaring or
 contracting the per-example gradients it forms (correct, with more memory).
 Each is a visitor of the one traversal (`purenet.layers.base.walk`).
 """
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from purenet.layers import base
+from purenet import curvature
+from purenet.curvature import COLUMNS
+from purenet.layers import Sequential, base
 from purenet.layers.base import Array, KFACFactors, LayerLike, PyTree, Visit, kfac_eligible, walk
 from purenet.losses import Loss
 from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
 from purenet.per_example import sq_norms_visit
 
-__all__ = ["KFACFactors", "NoiseScale", "fisher_diagonal", "gradient_gram", "gradient_noise",
-           "gradient_noise_scale", "kfac_factors", "kfac_value_and_grad", "kfac_zeros"]
+__all__ = ["KFACFactors", "NoiseScale", "fisher_diagonal", "ggn_diagonal", "gradient_gram", "gradient_noise",
+           "gradient_noise_scale", "hessian_diagonal", "kfac_factors", "kfac_value_and_grad", "kfac_zeros"]
 
 
 def _per_example_seed(p):
@@ -45,35 +48,204 @@ def _per_example_seed(p):
     return lambda dout: dout * p.out.shape[0]
 
 
-# ---------------------------------------------------------------- Fisher diagonal
+# ---------------------------------------------------------------- Fisher and GGN diagonals
 
 
-def _fisher_leaf(layer, params, caches, dys):
+def _sq_leaf(layer, params, caches, dys):
     (cache,), (dy,) = caches, dys
-    sq, dx = base.per_example_sq(layer, params, cache, dy)
+    sq, dx = base.per_example_sq_columns(layer, params, cache, dy, COLUMNS)
     return sq, (dx,)
 
 
-FISHER = Visit(_fisher_leaf, lambda params, dys: base.zeros_like_tree(params))
+def _rows_sq_leaf(layer, params, caches, dys):
+    (cache,), (dy,) = caches, dys
+    grads, dx = base.per_example_backward(layer, params, cache, dy)
+    return jax.lax.psum(jax.tree_util.tree_map(lambda g: g * g, grads), COLUMNS), (dx,)
+
+
+def _per_example_zeros(params, dys):
+    n = jax.tree_util.tree_leaves(dys)[0].shape[0]
+    return jax.tree_util.tree_map(lambda t: jnp.zeros((n, *jnp.shape(t)), t.dtype), params)
+
+
+# sum over examples and columns of g**2; and per example (rows), summed over columns only
+SQUARES = Visit(_sq_leaf, lambda params, dys: base.zeros_like_tree(params))
+ROW_SQUARES = Visit(_rows_sq_leaf, _per_example_zeros)
+
+
+def _check_fisher_args(fisher: str) -> None:
+    if fisher not in curvature.FISHERS:
+        raise ValueError(f"fisher must be one of {curvature.FISHERS}, got {fisher!r}")
+
+
+def _sampling_key(key: Array | None) -> Array | None:
+    """The labels' key: `key` folded with 1, so a dropout forward drawing from `key` stays independent."""
+    return None if key is None else jax.random.fold_in(key, 1)
+
+
+def _squares(net, params, state, x, y, loss, fisher, key, samples, per_example, train):
+    p = loss_pass(net, params, state, x, loss, train, key)
+    columns = curvature.output_columns(p, y, fisher, _sampling_key(key), samples)
+    sq = curvature.column_walk(p, ROW_SQUARES if per_example else SQUARES, columns)
+    n = p.out.shape[0]
+    return p.grads(net, sq if per_example else jax.tree_util.tree_map(lambda s: s / n, sq))
 
 
 def fisher_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
-                    loss: str | Loss = "cross_entropy", train: bool = False, key: Array | None = None) -> PyTree:
-    """The empirical Fisher's diagonal, (1/N) sum_i g_i**2, a tree like params.
+                    loss: str | Loss = "cross_entropy", train: bool = False, key: Array | None = None,
+                    fisher: str = "empirical", samples: int = 1) -> PyTree:
+    """The Fisher's diagonal, (1/N) sum_i sum_c (J_i^T s_ic)**2, a tree like params.
 
-    Identity: for Dense rows dW_i = h_i dy_i^T, so sum_i dW_i**2 =
-    (h**2)^T (dy**2): one matmul, no per-example gradient formed (positions:
-    a matmul over pairs of positions, or dW_i formed when smaller; see
-    `purenet.layers.dense.per_example_sq`). Conv2D does the same on its
-    patches; other layers square the per-example gradients they form (for
-    LayerNorm, RMSNorm and BatchNorm these are only 2 x features per
-    example; any layer without a fast path forms them with its own
-    backward, vmapped). Data loss only (no l2 term); zero inside Frozen.
+    fisher="empirical" (the default, as before): one column, the data
+    gradient, so this is (1/N) sum_i g_i**2, the empirical Fisher.
+    fisher="mc": `samples` columns from labels drawn from the model (key;
+    the labels use fold_in(key, 1), the forward's dropout `key` itself), an
+    unbiased estimate of the GGN diagonal. fisher="exact": the GGN diagonal
+    (`ggn_diagonal`). See `purenet.curvature` for the columns.
+
+    Identity: for Dense rows dW_ic = h_i dy_ic^T, so sum_ic dW_ic**2 =
+    (h**2)^T sum_c (dy_c**2): one matmul, no per-example gradient formed
+    (positions: a matmul over pairs of positions, or dW_i formed when
+    smaller; see `purenet.layers.dense.per_example_sq`). Conv2D does the
+    same on its patches; other layers square the per-example gradients they
+    form (any layer without a fast path forms them with its own backward,
+    vmapped). Data loss only (no l2 term); zero inside Frozen.
     """
+    _check_fisher_args(fisher)
+    return _squares(net, params, state, x, y, loss, fisher, key, samples, False, train)
+
+
+def ggn_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                 loss: str | Loss = "cross_entropy", per_example: bool = False, train: bool = False,
+                 key: Array | None = None, fisher: str = "exact", samples: int = 1) -> PyTree:
+    """The generalised Gauss-Newton's diagonal, diag((1/N) sum_i J_i^T H_i J_i), a tree like params.
+
+    H_i = d^2 L_i / df^2, the loss Hessian of example i at its output, is
+    factored as sum_c s_c s_c^T (softmax cross-entropy: diag(p) - p p^T;
+    mse: 2 I; sigmoid cross-entropy: diag(p (1 - p))); each column runs
+    through the handwritten backward and the per-example squares are summed
+    over the columns: diag G = (1/N) sum_ic (J_i^T s_ic)**2 (BackPACK's
+    DiagGGNExact). k outputs take k backward columns (P positions: P k).
+    fisher="mc" draws `samples` columns from the model's predictive
+    distribution instead (DiagGGNMC; key as in `fisher_diagonal`).
+    per_example=True: each example's own diag(J_i^T H_i J_i), leaves
+    (N, ...), whose mean over the rows is the default's result.
+    The labels y are not read by "exact" / "mc" (the GGN does not depend on them).
+    """
+    if fisher == "empirical":
+        raise ValueError("ggn_diagonal is the exact (or Monte-Carlo) GGN: use fisher='exact' or 'mc'; "
+                         "the empirical Fisher is pn.stats.fisher_diagonal")
+    _check_fisher_args(fisher)
+    return _squares(net, params, state, x, y, loss, fisher, key, samples, per_example, train)
+
+
+# ---------------------------------------------------------------- the Hessian's diagonal
+
+
+class _HessianColumns(NamedTuple):
+    """What flows back through a chain for the Hessian: the first-order gradient g (N, ...) and
+    the signed square-root columns of the Hessian w.r.t. the current activation, H = P P^T - Q Q^T."""
+
+    g: Array
+    pos: Array  # (Mp, N, ...)
+    neg: Array  # (Mn, N, ...)
+
+
+def _second_order(layer: Any) -> Any:
+    """None for a layer without a second-order term, else its second_derivative; an error otherwise."""
+    if getattr(layer, "piecewise_linear", False):
+        return None
+    if hasattr(layer, "second_derivative"):
+        return layer.second_derivative
+    raise ValueError(
+        f"hessian_diagonal: {type(layer).__name__} declares no second-order term. A layer linear in its "
+        f"parameters and piecewise linear in its input sets `piecewise_linear = True`; an elementwise "
+        f"h = g(a) defines `second_derivative(cache) -> g''(a)`. Layers that mix inputs nonlinearly "
+        f"(norms, attention, softmax inside the network) are not supported; pn.stats.ggn_diagonal is")
+
+
+def _column_squares(layer, params, cache, cols, per_example):
+    """sum over the columns of the examples' summed g**2 (or each example's), and the columns' dx."""
+    def one(dy):
+        if per_example:
+            grads, dx = base.per_example_backward(layer, params, cache, dy)
+            return jax.tree_util.tree_map(lambda g: g * g, grads), dx
+        return base.per_example_sq(layer, params, cache, dy)
+    sq, dx = jax.vmap(one)(cols)
+    return jax.tree_util.tree_map(lambda t: jnp.sum(t, axis=0), sq), dx
+
+
+def _diagonal_columns(r: Array) -> tuple[Array, Array]:
+    """diag(r) per example as signed columns: (sqrt(max(r, 0)) e_d, sqrt(max(-r, 0)) e_d), d over units."""
+    n, shape = r.shape[0], r.shape[1:]
+    eye = jnp.eye(math.prod(shape), dtype=r.dtype).reshape(-1, 1, *shape)
+    return eye * jnp.sqrt(jnp.maximum(r, 0))[None], eye * jnp.sqrt(jnp.maximum(-r, 0))[None]
+
+
+def _hessian_visit(per_example: bool) -> Visit:
+    def leaf(layer, params, caches, dys):
+        (cache,), (h,) = caches, dys
+        second = _second_order(layer)
+        if base.has_params(params):
+            sq_pos, dpos = _column_squares(layer, params, cache, h.pos, per_example)
+            sq_neg, dneg = _column_squares(layer, params, cache, h.neg, per_example)
+            diag = jax.tree_util.tree_map(jnp.subtract, sq_pos, sq_neg)
+        else:
+            diag = params
+            dpos = jax.vmap(lambda d: layer.backward(params, cache, d)[1])(h.pos)
+            dneg = jax.vmap(lambda d: layer.backward(params, cache, d)[1])(h.neg)
+        _, g = layer.backward(params, cache, h.g)
+        if dpos is None or g is None:  # the network's first layer (ids, or no input gradient)
+            return diag, (None,)
+        if second is not None:  # H_a = diag(g') H_h diag(g') + diag(g'' * dL/dh)
+            more_pos, more_neg = _diagonal_columns(second(cache) * h.g)
+            dpos, dneg = jnp.concatenate([dpos, more_pos]), jnp.concatenate([dneg, more_neg])
+        return diag, (_HessianColumns(g, dpos, dneg),)
+
+    zeros = _per_example_zeros if per_example else (lambda params, dys: base.zeros_like_tree(params))
+    return Visit(leaf, zeros)
+
+
+def _check_chain(net: Any) -> None:
+    """The Hessian walk appends columns, so branches (Residual, Parallel, GPT) cannot merge them."""
+    if not base.is_container(net):
+        return
+    if not isinstance(net, Sequential) and not net.freezes:
+        raise ValueError(f"hessian_diagonal runs through chains of layers (pn.Sequential, Frozen); "
+                         f"{type(net).__name__} merges branches, whose second-order terms it does not add; "
+                         f"pn.stats.ggn_diagonal works on any network")
+    for child in net.children():
+        _check_chain(child)
+
+
+def hessian_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
+                     loss: str | Loss = "cross_entropy", per_example: bool = False, train: bool = False,
+                     key: Array | None = None) -> PyTree:
+    """The exact diagonal of the loss's Hessian d^2 L / d theta^2, a tree like params.
+
+    The second-order backward (BackPACK's DiagHessian; Dangel et al. 2020):
+    the Hessian with respect to each activation is carried back as signed
+    square-root columns, H = P P^T - Q Q^T, per example. At the output
+    P is the loss Hessian's root (as in `ggn_diagonal`). Through a layer
+    with Jacobian J the columns become J^T P, J^T Q; an elementwise
+    h = g(a) adds its residual term diag(g''(a) dL/dh), as columns
+    sqrt(max(r, 0)) e_d to P and sqrt(max(-r, 0)) e_d to Q (one per unit).
+    A layer's parameters, in which its output is linear, get
+    sum_c (J_theta^T p_c)**2 - sum_c (J_theta^T q_c)**2. Each activation
+    adds as many columns as it has units per example: meant for small
+    networks and tests (the GGN is the scalable curvature).
+    Supported: chains (Sequential) of layers that declare their second-order
+    term (see `purenet.layers.base`); anything else is an error that names it.
+    per_example=True: each example's own Hessian diagonal (leaves (N, ...)).
+    """
+    _check_chain(net)
     p = loss_pass(net, params, state, x, loss, train, key)
+    root = curvature.exact_columns(p)
+    seed = p.per_example_seed(y)
+    start = _HessianColumns(seed, root, jnp.zeros((0, *root.shape[1:]), root.dtype))
+    diag, _ = walk(p.body, _hessian_visit(per_example), p.body_params, (p.cache,), (start,))
     n = p.out.shape[0]
-    sq = backward_pass(p, net, y, FISHER, seed=_per_example_seed(p))
-    return jax.tree_util.tree_map(lambda s: s / n, sq)
+    return p.grads(net, diag if per_example else jax.tree_util.tree_map(lambda s: s / n, diag))
 
 
 # ---------------------------------------------------------------- noise scale
@@ -220,25 +392,47 @@ def kfac_zeros(net: LayerLike, params: PyTree) -> PyTree:
     return _factor_tree(net, params, None)
 
 
+def _kfac_columns_leaf(layer, params, caches, dys):
+    """At a K-FAC layer its factors, G summed over the columns (A does not depend on them)."""
+    (cache,), (dy,) = caches, dys
+    if kfac_eligible(layer):
+        f, dx = layer.kfac_factors(params, cache, dy)
+        return KFACFactors(f.A, jax.lax.psum(f.G, COLUMNS)), (dx,)
+    return None, (layer.backward(params, cache, dy)[1],)
+
+
+KFAC_COLUMNS = Visit(_kfac_columns_leaf, lambda params, dys: None)
+
+
 def kfac_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
                         loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
-                        key: Array | None = None) -> tuple[Array, PyTree, PyTree, PyTree]:
-    """(value, grads, factors, state): `pn.value_and_grad` and `kfac_factors` from one forward and backward.
+                        key: Array | None = None, fisher: str = "empirical",
+                        samples: int = 1) -> tuple[Array, PyTree, PyTree, PyTree]:
+    """(value, grads, factors, state): `pn.value_and_grad` and `kfac_factors` from one forward.
 
-    The backward runs once on the per-example output gradients N dL/d(output)
-    (linear, so the gradient is that pass's result over N); each Dense and
-    Conv2D layer also reads its K-FAC factors from its input and output
-    gradient on the way. grads include the l2 term; the factors do not.
-    BatchNorm in training mode is allowed here (the factors use each row's
+    fisher="empirical": one backward on the per-example output gradients
+    N dL/d(output) (linear, so the gradient is that pass's result over N),
+    each Dense and Conv2D layer reading its factors on the way. "mc" /
+    "exact": the gradient's backward, then the factors' G from the
+    columns of `purenet.curvature` (one more backward per column; A is the
+    same). grads include the l2 term; the factors do not. BatchNorm in
+    training mode is allowed here (the factors use each row's
     backpropagated gradient as it is).
     """
+    _check_fisher_args(fisher)
     p = loss_pass(net, params, state, x, loss, train, key)
     n = p.out.shape[0]
-    found: list = []
-    grads = backward_pass(p, net, y, _kfac_visit(found), seed=_per_example_seed(p))
-    grads = jax.tree_util.tree_map(lambda g: g / n, grads)
+    if fisher == "empirical":
+        found: list = []
+        grads = backward_pass(p, net, y, _kfac_visit(found), seed=_per_example_seed(p))
+        grads = jax.tree_util.tree_map(lambda g: g / n, grads)
+        factors = _factor_tree(p.body, p.body_params, [_wide_factors(f) for f in found])
+    else:
+        grads = backward_pass(p, net, y)
+        columns = curvature.output_columns(p, y, fisher, _sampling_key(key), samples)
+        factors = jax.tree_util.tree_map(_wide_factors, curvature.column_walk(p, KFAC_COLUMNS, columns),
+                                         is_leaf=lambda t: isinstance(t, KFACFactors))
     value, grads = add_l2(net, params, l2, p.loss_fn.value(p.out, y), grads)
-    factors = _factor_tree(p.body, p.body_params, [_wide_factors(f) for f in found])
     return value, grads, _full_trees(net, p.fused, factors, None), p.state
 
 
@@ -247,7 +441,8 @@ def _wide_factors(f):
 
 
 def kfac_factors(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
-                 loss: str | Loss = "cross_entropy", train: bool = False, key: Array | None = None) -> PyTree:
+                 loss: str | Loss = "cross_entropy", train: bool = False, key: Array | None = None,
+                 fisher: str = "empirical", samples: int = 1) -> PyTree:
     """K-FAC's Kronecker factors of every Dense and Conv2D layer: a tree like params holding
     KFACFactors(A, G) in place of each such layer's params (None for other layers).
 
@@ -265,6 +460,16 @@ def kfac_factors(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any
     (Grosse & Martens, 2016) spatially uncorrelated gradients. The
     preconditioned gradient (A (x) G)^-1 vec(g) is A^-1 [dW; db] G^-1.
     Cost: one matmul per factor; no per-example gradient formed.
+
+    `fisher` picks the output cotangents dy (`purenet.curvature`):
+    "empirical" (the default) the data's per-example gradients as above;
+    "mc" Martens & Grosse's K-FAC proper, G = 1/N sum_{i,s,t} dy dy^T over
+    `samples` labels drawn from the model (key; BackPACK's KFAC); "exact"
+    the loss Hessian's square-root columns (BackPACK's KFLR). Convolutions
+    follow KFC (A averages over the output positions, G sums over them);
+    BackPACK's KFAC / KFLR for Conv2d sums A over the positions instead, so
+    its A is T times ours and its G is ours / T (the product agrees).
     """
-    _, _, factors, _ = kfac_value_and_grad(net, params, state, x, y, loss=loss, train=train, key=key)
+    _, _, factors, _ = kfac_value_and_grad(net, params, state, x, y, loss=loss, train=train, key=key,
+                                           fisher=fisher, samples=samples)
     return factors

@@ -36,6 +36,10 @@ class Sigmoid(Elementwise):
     def grad(self, y: Array, dy: Array) -> Array:
         return dy * (y * (1 - y))
 
+    def second_derivative(self, y: Array) -> Array:
+        """h'' = h (1 - h) (1 - 2h)."""
+        return y * (1 - y) * (1 - 2 * y)
+
     def activation_stats(self, y: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: saturated where h < 0.01 or h > 0.99."""
         return None, jnp.abs(y - 0.5) > 0.49
@@ -57,6 +61,10 @@ class Tanh(Elementwise):
         g = dy * (1 - y)
         return g + g * y
 
+    def second_derivative(self, y: Array) -> Array:
+        """h'' = -2 h (1 - h^2)."""
+        return -2 * y * ((1 - y) * (1 + y))
+
     def activation_stats(self, y: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: saturated where |h| > 0.99."""
         return None, jnp.abs(y) > 0.99
@@ -65,6 +73,7 @@ class Tanh(Elementwise):
 @dataclasses.dataclass(frozen=True)
 class ReLU(Elementwise):
     """h = max(a, 0),  h' = 1 if a > 0 else 0 (so relu'(0) = 0)."""
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     def apply(self, x: Array) -> tuple[Array, Any]:
         return jax.nn.relu(x), x > 0
@@ -80,6 +89,7 @@ class ReLU(Elementwise):
 @dataclasses.dataclass(frozen=True)
 class LeakyReLU(Elementwise):
     """h = a if a >= 0 else s a,  h' = 1 if a >= 0 else s (so leaky_relu'(0) = 1)."""
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     negative_slope: float = 0.01
 
@@ -101,6 +111,7 @@ class LeakyReLU(Elementwise):
 @dataclasses.dataclass(frozen=True)
 class Identity(Elementwise):
     """The linear activation h = a,  h' = 1."""
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     def apply(self, x: Array) -> tuple[Array, Any]:
         return x, None
@@ -145,6 +156,16 @@ class GELU(Elementwise):
             slope = 0.5 * (1 + jax.lax.erf(z)) + x * jnp.exp(-(z * z)) * (1 / math.sqrt(2 * math.pi))
         return dy * slope
 
+    def second_derivative(self, x: Array) -> Array:
+        """Exact: h'' = phi(a) (2 - a^2). Tanh form, with u = k (a + 0.044715 a^3):
+        h'' = (1 - t^2) u' + a/2 (1 - t^2) (u'' - 2 t u'^2)."""
+        if self.approximate:
+            k = math.sqrt(2 / math.pi)
+            t = jnp.tanh(k * (x + 0.044715 * x**3))
+            du, ddu, sech2 = k * (1 + 3 * 0.044715 * x**2), 6 * k * 0.044715 * x, (1 - t) * (1 + t)
+            return sech2 * du + 0.5 * x * sech2 * (ddu - 2 * t * du * du)
+        return jnp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)) * (2 - x * x)
+
     def activation_stats(self, x: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: dead where a <= 0 (the flat side)."""
         return x <= 0, None
@@ -160,6 +181,11 @@ class SiLU(Elementwise):
     def grad(self, x: Array, dy: Array) -> Array:
         s = jax.nn.sigmoid(x)
         return dy * (s + x * s * (1 - s))
+
+    def second_derivative(self, x: Array) -> Array:
+        """h'' = s (1 - s) (2 + a (1 - 2 s))."""
+        s = jax.nn.sigmoid(x)
+        return s * (1 - s) * (2 + x * (1 - 2 * s))
 
     def activation_stats(self, x: Array) -> tuple[Array | None, Array | None]:
         """(dead, saturated) per unit for diagnostics: dead where a <= 0 (the flat side)."""
@@ -185,6 +211,11 @@ class ELU(Elementwise):
         positive = x > 0
         return jnp.where(positive, dy, dy * self.alpha * jnp.exp(jnp.where(positive, 0.0, x)))
 
+    def second_derivative(self, x: Array) -> Array:
+        """h'' = 0 for a > 0, alpha e^a below."""
+        positive = x > 0
+        return jnp.where(positive, 0.0, self.alpha * jnp.exp(jnp.where(positive, 0.0, x))).astype(x.dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class Softplus(Elementwise):
@@ -195,6 +226,11 @@ class Softplus(Elementwise):
 
     def grad(self, x: Array, dy: Array) -> Array:
         return dy * jax.nn.sigmoid(x)
+
+    def second_derivative(self, x: Array) -> Array:
+        """h'' = s (1 - s), s = sigmoid(a)."""
+        s = jax.nn.sigmoid(x)
+        return s * (1 - s)
 
 
 ACTIVATIONS = {

@@ -32,7 +32,16 @@ to the generic default. W in `l2 W` is every parameter whose role is
 "weight" (see roles below), so a fast path applies l2 to those.
 
 K-FAC reads `kfac_factors(params, cache, dy) -> (KFACFactors, dx)` and
-`kfac_dims(params)` where a layer has them (Dense, Conv2D).
+`kfac_dims(params)` where a layer has them (Dense, Conv2D). Curvature
+(`purenet.curvature`) runs the same functions once per cotangent column,
+inside a `vmap` that sums over the columns (`per_example_sq_columns`).
+
+The Hessian's diagonal (`pn.stats.hessian_diagonal`) needs each layer's
+second-order term, which three methods cannot reveal, so a layer declares
+it: `piecewise_linear = True` (the output is linear in each parameter and
+piecewise linear in the input: Dense, convolutions, pooling, ReLU, ...), or
+`second_derivative(cache) -> g''(a)` for an elementwise h = g(a) (Sigmoid,
+Tanh, GELU, ...).
 
 Containers (`Container`) are layers made of layers. They declare their
 children once:
@@ -68,7 +77,7 @@ __all__ = [
     "ParameterFree", "PyTree", "ROLES", "Static", "Visit", "as_shape", "cache_batch_axes", "decay_mask", "decode", "decode_init",
     "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
     "is_container", "kfac_eligible", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
-    "per_example_gram", "per_example_sq", "per_example_sq_norms", "per_example_sum", "positions", "roles", "sum_leaves",
+    "per_example_gram", "per_example_sq", "per_example_sq_columns", "per_example_sq_norms", "per_example_sum", "positions", "roles", "sum_leaves",
     "Wrapper", "map_in_walk_order", "walk", "walk_leaves", "wide", "zeros_like_tree",
 ]
 
@@ -497,6 +506,16 @@ def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tup
         return layer.per_example_sq(params, cache, dy)
     grads, dx = per_example_backward(layer, params, cache, dy)
     return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads), dx
+
+
+def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, axis_name: str) -> tuple[PyTree, Any]:
+    """(sum over the examples and over the cotangent columns of g**2, like params; dx), inside a
+    `vmap` over the columns named `axis_name` (`purenet.curvature.column_walk`): the layer's
+    fast path, or its `per_example_sq` summed over the columns with `lax.psum`."""
+    if hasattr(layer, "per_example_sq_columns"):
+        return layer.per_example_sq_columns(params, cache, dy, axis_name)
+    sq, dx = per_example_sq(layer, params, cache, dy)
+    return jax.lax.psum(sq, axis_name), dx
 
 
 def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, cache_b: PyTree,

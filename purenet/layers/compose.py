@@ -173,6 +173,7 @@ class Parallel(Container):
 @dataclasses.dataclass(frozen=True)
 class Flatten(ParameterFree):
     """(batch, *shape) -> (batch, prod(shape)); backward reshapes dy back."""
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (math.prod(in_shape),)

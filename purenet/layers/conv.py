@@ -270,6 +270,7 @@ class Conv2D(Layer):
     transposes run ~50x slower inside a `lax.scan` on XLA:CPU; spelled in
     the forward's layout they do not, so a scanned epoch keeps the step's speed.
     """
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     features: int
     kernel_size: tuple
@@ -507,6 +508,7 @@ class Conv1D(Layer):
     ("auto"), the per-example taps and ghost norms and K-FAC's factors are
     Conv2D's (see its docstring), with W reshaped on the way in and out.
     """
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     features: int
     kernel_size: int
@@ -626,6 +628,7 @@ class Conv1D(Layer):
 
 class _Pool(ParameterFree):
     """Shared by the window pools: window, strides (default: the window), padding."""
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     if TYPE_CHECKING:  # the subclasses' fields
         window: tuple
@@ -720,6 +723,7 @@ class AvgPool2D(_Pool):
 @dataclasses.dataclass(frozen=True)
 class GlobalAvgPool2D(ParameterFree):
     """(N, H, W, C) -> (N, C): y = the mean over every pixel;  dL/dx = dy / (H W) at every pixel."""
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (_image_shape(self, in_shape)[-1],)

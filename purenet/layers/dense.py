@@ -29,6 +29,7 @@ class Dense(Layer):
         dL/db = sum_batch dy
         dL/dh = dy W^T
     """
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     features: int
     initializer: str
@@ -107,6 +108,18 @@ class Dense(Layer):
         """sum_i dW_i**2 and sum_i db_i**2 (elementwise) without forming dW_i for rows:
         (h**2)^T (dy**2), one matmul (see `per_example_sq`)."""
         return per_example_sq(x, dy, self.use_bias), self._dx(params, dy)
+
+    def per_example_sq_columns(self, params: PyTree, x: Array, dy: Array, axis_name: str) -> tuple[PyTree, Array]:
+        """sum_c sum_i dW_ic**2 over cotangent columns c (the vmap axis `axis_name`): for rows
+        (h**2)^T sum_c dy_c**2, the columns summed before the one matmul (BackPACK's DiagGGN einsum)."""
+        if x.ndim != 2:
+            sq, dx = self.per_example_sq(params, x, dy)
+            return lax.psum(sq, axis_name), dx
+        d2 = lax.psum(dy * dy, axis_name)
+        sq = {"W": lax.dot_general(x * x, d2, (((0,), (0,)), ((), ())))}
+        if self.use_bias:
+            sq["b"] = jnp.sum(d2, axis=0)
+        return sq, self._dx(params, dy)
 
     def per_example_gram(self, params: PyTree, xa: Array, dya: Array, xb: Array,
                          dyb: Array) -> tuple[Array, Array, Array]:

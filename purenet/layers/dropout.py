@@ -24,6 +24,7 @@ class Dropout:
     an explicit `key`; each Dropout layer in a Sequential draws from its own
     key (folded in by position), so masks are independent across layers.
     """
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     positionwise = True  # identity when decoding (evaluation)
 

@@ -96,6 +96,7 @@ class ConvTranspose2D(Layer):
     for every backend. Per-example gradients use the generic default (each
     example's own backward, vmapped).
     """
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     features: int
     kernel_size: tuple
@@ -195,6 +196,7 @@ class Upsample2D(ParameterFree):
 
         dL/dx[n, h, w, c] = sum_{a < fh, b < fw} g[n, h fh + a, w fw + b, c]
     """
+    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     factor: tuple
 

@@ -53,6 +53,9 @@ class Transform(NamedTuple):
     gradient (as optax's GradientTransformationExtraArgs): K-FAC's
     ("factors",). `opt.step(state, grads, factors=...)` passes them, and the
     training step computes what the optimizer's `extra_args` name.
+    `options` are the settings those arguments are computed with (K-FAC's
+    {"fisher": "mc", "samples": 1, "factors_every": 1}), read by the
+    training step's gradient function (`Optimizer.extra_options`).
     A transform's slot is found by its type (`find_slot`), never by position.
     """
 
@@ -61,6 +64,7 @@ class Transform(NamedTuple):
     after: Callable | None = None
     on_skip: Callable | None = None
     extra_args: tuple = ()
+    options: Any = None
 
 
 def _rate(learning_rate, count):
@@ -95,6 +99,14 @@ class Optimizer:
         for t in self.transforms:
             names += [n for n in t.extra_args if n not in names]
         return tuple(names)
+
+    @property
+    def extra_options(self) -> dict:
+        """The transforms' `options`, merged: how the training step computes the extra arguments."""
+        merged: dict = {}
+        for t in self.transforms:
+            merged.update(t.options or {})
+        return merged
 
     def init(self, params: PyTree) -> OptState:
         slots = tuple(t.init(params) for t in self.transforms)

@@ -99,18 +99,33 @@ def _check_factors(layer_factors, slot_factors):
                              f"G {old.G.shape}")
 
 
-def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inverse_every: int = 10) -> Transform:
+def _check_every(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inverse_every: int = 10,
+                  fisher: str = "mc", samples: int = 1, factors_every: int = 1) -> Transform:
     """K-FAC's preconditioning as a transform: direction = A^-1 [dW; db] G^-1 per K-FAC layer.
 
     Its slot is a KFACState; its update takes the batch's `factors`
     (`pn.stats.kfac_value_and_grad`). See the module docstring for the steps.
+    `fisher`, `samples` and `factors_every` are its `options`: the training
+    step computes the factors with that Fisher ("mc" by default, K-FAC as
+    defined; "exact", "empirical") on every `factors_every`-th step
+    (kfac-jax's curvature_update_period), and the slot's running factors
+    move only on those steps.
     """
+    from purenet.curvature import FISHERS
     from purenet.stats import kfac_zeros
 
     check_hyperparameter("damping", damping, 0.0, None, low_open=True)
     check_hyperparameter("ema", ema, 0.0, 1.0)
-    if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
-        raise ValueError(f"inverse_every must be a positive int, got {inverse_every!r}")
+    _check_every("inverse_every", inverse_every)
+    _check_every("factors_every", factors_every)
+    _check_every("samples", samples)
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
 
     def init(params):
         zeros = kfac_zeros(net, params)
@@ -118,7 +133,7 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
 
     def update(grads, slot, params, count, factors):
         _check_factors(factors, slot.factors)
-        weight = jnp.where(count == 0, 0.0, ema)
+        weight = jnp.where(count == 0, 0.0, jnp.where(count % factors_every == 0, ema, 1.0))
         running = jax.tree_util.tree_map(
             lambda old, new: (weight * old + (1 - weight) * new.astype(old.dtype)).astype(old.dtype),
             slot.factors, factors)
@@ -131,20 +146,28 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
                                            is_leaf=_is_factors)
         return direction, KFACState(running, inverses)
 
-    return Transform(init=init, update=update, extra_args=("factors",))
+    return Transform(init=init, update=update, extra_args=("factors",),
+                     options={"fisher": fisher, "samples": samples, "factors_every": factors_every})
 
 
 def kfac(net: LayerLike, learning_rate: float | jax.Array | Schedule, momentum: float = 0.9, damping: float = 1.0,
-         ema: float = 0.95, inverse_every: int = 10) -> Optimizer:
+         ema: float = 0.95, inverse_every: int = 10, fisher: str = "mc", samples: int = 1,
+         factors_every: int = 1) -> Optimizer:
     """K-FAC with momentum SGD after it (plain SGD for momentum=0): an Optimizer like any other,
 
-        chain(scale_by_kfac(net, damping, ema, inverse_every), momentum(learning_rate, momentum)).
+        chain(scale_by_kfac(net, damping, ema, inverse_every, fisher, samples, factors_every),
+              momentum(learning_rate, momentum)).
+
+    fisher="mc" (the default) is K-FAC as Martens & Grosse (2015) define it:
+    G from labels sampled from the model's predictive distribution.
+    "exact" uses the loss Hessian's square root (KFLR), "empirical" the
+    data's own gradients (purenet's default before; Kunstner et al. 2019).
     """
     from purenet.optim.alias import momentum as momentum_sgd
     from purenet.optim.alias import sgd
 
     inner = sgd(learning_rate) if momentum == 0 else momentum_sgd(learning_rate, momentum)
-    return chain(scale_by_kfac(net, damping, ema, inverse_every), inner)
+    return chain(scale_by_kfac(net, damping, ema, inverse_every, fisher, samples, factors_every), inner)
 
 
 __all__ = ["KFACState", "kfac", "scale_by_kfac"]

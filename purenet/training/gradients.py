@@ -116,27 +116,44 @@ def takes_loss_scale(fn: Callable[..., Any]) -> bool:
         return False
 
 
-def kfac(net: LayerLike, loss: str | Loss = "cross_entropy",
-         l2: float | Array = 0.0) -> Callable[..., tuple[Array, PyTree, PyTree, dict[str, Any]]]:
-    """The gradient and the batch's K-FAC factors from one pass (`pn.stats.kfac_value_and_grad`):
-    (params, state, x, y, key) -> (loss, grads, state, {"factors": factors}), for an optimizer whose
-    extra_args name "factors" (`pn.optim.kfac`)."""
+def kfac(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, fisher: str = "empirical",
+         samples: int = 1,
+         factors_every: int = 1) -> Callable[..., tuple[Array, PyTree, PyTree, dict[str, Any]]]:
+    """The gradient and the batch's K-FAC factors (`pn.stats.kfac_value_and_grad` with `fisher`):
+    (params, state, x, y, key, count) -> (loss, grads, state, {"factors": factors}), for an
+    optimizer whose extra_args name "factors" (`pn.optim.kfac`). With factors_every = k the
+    factors are computed only when count % k == 0 (zeros otherwise, which the optimizer ignores);
+    the Monte-Carlo labels draw from fold_in(key, 1), dropout from key."""
     from purenet import stats
 
-    def fn(params, state, x, y, key):
+    def with_factors(params, state, x, y, key):
         value, grads, factors, state = stats.kfac_value_and_grad(net, params, state, x, y, loss=loss, l2=l2,
-                                                                  train=True, key=key)
+                                                                  train=True, key=key, fisher=fisher,
+                                                                  samples=samples)
         return value, grads, state, {"factors": factors}
 
+    def without(params, state, x, y, key):
+        value, grads, state = network.value_and_grad(net, params, state, x, y, loss=loss, l2=l2, train=True,
+                                                     key=key)
+        return value, grads, state, {"factors": stats.kfac_zeros(net, params)}
+
+    def fn(params, state, x, y, key, count=None):
+        if factors_every == 1 or count is None:
+            return with_factors(params, state, x, y, key)
+        return jax.lax.cond(count % factors_every == 0, with_factors, without, params, state, x, y, key)
+
     fn.extra_args = ("factors",)  # type: ignore[attr-defined]  # a function attribute: make_step reads it
+    fn.takes_count = True  # type: ignore[attr-defined]
     return fn
 
 
 def gradients(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
               dp: per_example.DPSGD | None = None, accumulate_steps: int = 1, precision: "Precision | None" = None,
-              extra_args: tuple[str, ...] = (), expected_batch_size: int | None = None) -> Callable[..., tuple]:
+              extra_args: tuple[str, ...] = (), expected_batch_size: int | None = None,
+              extra_options: dict | None = None) -> Callable[..., tuple]:
     """The gradient function `fit` and `train` build from their options; `extra_args` are the
-    per-step arguments the optimizer needs beside the gradient (K-FAC's "factors")."""
+    per-step arguments the optimizer needs beside the gradient (K-FAC's "factors"), computed
+    with `extra_options` (the optimizer's: K-FAC's fisher, samples and factors_every)."""
     from purenet.training.precision import mixed_precision
 
     unknown = [n for n in extra_args if n != "factors"]
@@ -145,7 +162,7 @@ def gradients(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Ar
     if extra_args:
         if dp is not None or accumulate_steps != 1 or precision is not None:
             raise ValueError("a K-FAC optimizer does not combine with dp=, accumulate= or precision=")
-        return kfac(net, loss, l2)
+        return kfac(net, loss, l2, **(extra_options or {}))
     if dp is not None and precision is not None:
         raise ValueError("dp= and precision= do not combine yet: DP-SGD computes in the params' dtype")
     if precision is not None:

@@ -124,7 +124,8 @@ def build_step(net: LayerLike, opt: Any, *, loss: str | Loss = "cross_entropy", 
     if poisson(dp) and batch_size is None:
         raise ValueError("DP-SGD with Poisson sampling needs the expected batch size: build_step(..., batch_size=)")
     fn = gradients(net, loss, l2, dp, accumulate, precision, extra_args=getattr(opt, "extra_args", ()),
-                   expected_batch_size=batch_size if poisson(dp) else None)
+                   expected_batch_size=batch_size if poisson(dp) else None,
+                   extra_options=getattr(opt, "extra_options", None))
     return make_step(fn, opt, augment=augment, mesh=mesh)
 
 

@@ -47,6 +47,8 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
         if augment is not None:
             x, y = augment(k_aug, x, y)
         marks = {"weight": weight[0]} if weight else {}
+        if getattr(grad_fn, "takes_count", False):  # K-FAC's factors on every k-th step only
+            marks["count"] = opt_state.count
         out = grad_fn(opt_state.params, model_state, x, y, k_grad, **_scale_for(grad_fn, opt_state), **marks)
         value, grads, new_state = out[:3]
         extra = {n: out[3][n] for n in needed}

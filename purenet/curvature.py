@@ -1,0 +1,140 @@
+"""Curvature from the loss's Hessian: the cotangent columns that enter the backward.
+
+For example i with output f_i and loss L_i (example i's own loss, as
+`pn.per_example_grads` defines it), the generalised Gauss-Newton matrix is
+
+    G_i = J_i^T H_i J_i,    H_i = d^2 L_i / d f_i^2,    J_i = d f_i / d theta.
+
+Write H_i = sum_c s_ic s_ic^T. Then G_i = sum_c (J_i^T s_ic)(J_i^T s_ic)^T: each
+column s_ic is a cotangent at the output, and J_i^T s_ic is what the
+handwritten backward computes from it. So every curvature statistic is an
+ordinary backward run once per column, with the per-example machinery
+(ghost squares, K-FAC's G) summing over the columns. Three sets of columns,
+chosen by `fisher`:
+
+    "empirical"  one column, the data's own gradient  s_i = dL_i/df_i at the labels y
+                 (the empirical Fisher: Kunstner et al. 2019 on why it is a poor proxy)
+    "exact"      H_i's symmetric square root (BackPACK's KFLR / DiagGGNExact):
+                   softmax cross-entropy:  H = diag(p) - p p^T,  s_c = sqrt(p_c) (e_c - p)
+                   mse (sum of squares):   H = 2 I,              s_c = sqrt(2) e_c
+                   sigmoid cross-entropy:  H = diag(p (1 - p)),  s_c = sqrt(p_c (1 - p_c)) e_c
+    "mc"         `samples` gradients at labels drawn from the model's own predictive
+                 distribution (Martens & Grosse 2015's K-FAC; BackPACK's KFAC / DiagGGNMC),
+                 scaled by 1/sqrt(samples):  E[s s^T] = H, so "mc" is unbiased for "exact".
+                   softmax: y ~ Categorical(p);  sigmoid: y ~ Bernoulli(p);
+                   mse: y ~ N(f, I/2), whose negative log-likelihood is the squared error.
+
+An output with P positions per example, (N, P.., k), has L_i = (1/P) sum_t l_it
+(the losses average over every position), so H_i is block diagonal with blocks
+H_t / P: "exact" takes P k columns (each nonzero at one position, scaled by
+1/sqrt(P)); "mc" samples every position at once, one column a sample, scaled
+so that E[s s^T] = H_i still (the cross-position terms vanish in expectation).
+"empirical" stays the data gradient dL_i/df_i = dl_it / P.
+
+The columns live on a leading axis (M, N, *out); `column_walk` maps the one
+traversal over it with `vmap`, naming the axis COLUMNS, and a visitor sums
+over the columns inside with `lax.psum(x, COLUMNS)`: a sum that JAX leaves
+unbatched, so a fast path can sum first and multiply once (Dense's diagonal:
+(h^2)^T sum_c dy_c^2, as BackPACK's einsum does).
+"""
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from purenet import losses
+from purenet.layers.base import Array, PyTree, Visit, walk
+from purenet.network import LossPass
+
+__all__ = ["COLUMNS", "FISHERS", "column_walk", "exact_columns", "loss_kind", "mc_columns", "output_columns",
+           "sample_targets"]
+
+COLUMNS = "columns"  # the vmap axis name of the cotangent columns
+FISHERS = ("empirical", "mc", "exact")
+
+_KINDS: dict[Any, str] = {losses.softmax_cross_entropy: "softmax", losses.mse: "mse",
+                          losses.sigmoid_binary_cross_entropy: "sigmoid"}
+
+
+def loss_kind(p: LossPass) -> str:
+    """"softmax", "mse" or "sigmoid": the losses whose Hessian has a known square root."""
+    kind = _KINDS.get(getattr(p.loss_fn, "value", None))
+    if kind is None:
+        raise ValueError(
+            f"fisher='exact' / 'mc' need the loss's Hessian, known for cross-entropy on logits (after a Softmax, "
+            f"on a logits network, or 'softmax_cross_entropy'), 'mse', and binary cross-entropy on logits "
+            f"(after a Sigmoid, or 'sigmoid_binary_cross_entropy'); this loss is {p.loss_fn}: use "
+            f"fisher='empirical' or one of those losses")
+    return kind
+
+
+def _positions(out: Array) -> int:
+    return math.prod(out.shape[1:-1])
+
+
+def _probabilities(p: LossPass) -> Array:
+    z = losses.finite_logits(p.out)
+    return jax.nn.softmax(z, axis=-1) if loss_kind(p) == "softmax" else jax.nn.sigmoid(z)
+
+
+def exact_columns(p: LossPass) -> Array:
+    """H_i's square root: (P k, N, *out) columns with sum_c s_c s_c^T = H_i for every example i."""
+    out, kind = p.out, loss_kind(p)
+    n, k, npos = out.shape[0], out.shape[-1], _positions(out)
+    eye = jnp.eye(k, dtype=out.dtype)
+    if kind == "mse":
+        root = jnp.broadcast_to(math.sqrt(2.0) * eye, (n, npos, k, k))
+    else:
+        prob = _probabilities(p).reshape(n, npos, k)
+        if kind == "softmax":   # root[., c, :] = sqrt(p_c) (e_c - p)
+            root = jnp.sqrt(prob)[..., :, None] * (eye - prob[..., None, :])
+        else:                   # diag(sqrt(p (1 - p)))
+            root = jnp.sqrt(prob * (1 - prob))[..., :, None] * eye
+    cols = jnp.einsum("pq,npck->pcnqk", jnp.eye(npos, dtype=out.dtype), root) / math.sqrt(npos)
+    return cols.reshape(npos * k, *out.shape).astype(out.dtype)
+
+
+def sample_targets(p: LossPass, key: Array, samples: int) -> Array:
+    """`samples` targets drawn from the model's predictive distribution, (samples, *targets' shape):
+    class labels (softmax), 0/1 values (sigmoid), or f + N(0, I/2) (mse)."""
+    kind, out = loss_kind(p), p.out
+    if kind == "mse":
+        return out + math.sqrt(0.5) * jax.random.normal(key, (samples, *out.shape), out.dtype)
+    if kind == "softmax":
+        return jax.random.categorical(key, losses.finite_logits(out), axis=-1, shape=(samples, *out.shape[:-1]))
+    return jax.random.bernoulli(key, _probabilities(p), (samples, *out.shape)).astype(out.dtype)
+
+
+def mc_columns(p: LossPass, key: Array, samples: int) -> Array:
+    """(samples, N, *out): sqrt(P / samples) dL_i/df_i at each sampled target (E[s s^T] = H_i)."""
+    targets = sample_targets(p, key, samples)
+    scale = math.sqrt(_positions(p.out) / samples)
+    return jax.vmap(lambda t: p.per_example_seed(t) * scale)(targets)
+
+
+def output_columns(p: LossPass, y: Any, fisher: str = "empirical", key: Array | None = None,
+                   samples: int = 1) -> Array:
+    """The cotangent columns (M, N, *out) for `fisher` ("empirical", "mc" or "exact"; see the module)."""
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if fisher == "empirical":
+        return p.per_example_seed(y)[None]
+    if fisher == "exact":
+        return exact_columns(p)
+    if key is None:
+        raise ValueError("fisher='mc' samples labels from the model: pass key=jax.random.key(...)")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int (Monte-Carlo labels per example), got {samples!r}")
+    return mc_columns(p, key, samples)
+
+
+def column_walk(p: LossPass, visit: Visit, columns: Array) -> PyTree:
+    """The visitor's outs for the body's walk run once per column (vmap over axis COLUMNS).
+
+    `visit` must sum over the columns itself (`lax.psum(., COLUMNS)`), so
+    its outs are the same for every column: the first is returned.
+    """
+    outs = jax.vmap(lambda s: walk(p.body, visit, p.body_params, (p.cache,), (s,))[0],
+                    axis_name=COLUMNS)(columns)
+    return jax.tree_util.tree_map(lambda t: t[0], outs)
