@@ -128,6 +128,12 @@ class MultiHeadAttention(Layer):
 
     roles = {**{f"W{n}": "weight" for n in "qkvo"}, **{f"b{n}": "bias" for n in "qkvo"}}
 
+    def tensor_split(self, params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+        """Megatron's attention: heads split (Wq, Wk, Wv by columns, their biases with them), each
+        device attends with its own heads, Wo by rows (partial sums, one all-reduce); bo whole."""
+        del split_in
+        return {k: (-2 if k == "Wo" else None if k == "bo" else -1) for k in params}, False
+
     def __init__(self, num_heads: int, causal: bool = False, use_bias: bool = True,
                  num_kv_heads: int | None = None, rope: bool = False, implementation: str = "auto",
                  init: str = "xavier_uniform", *, block_size: int | None = None) -> None:

@@ -64,6 +64,12 @@ that multiplies inputs: l2, weight decay and K-FAC read this), "bias",
 "gain", "embedding" (a lookup table: not decayed by default), and "other".
 A parameter without a declared role is a "weight" when its rank is >= 2
 and "other" below.
+
+Tensor parallelism (`pn.distributed`, strategy "tensor"): a layer may say
+how its parameters split over the mesh's "model" axis with the optional
+method `tensor_split(params, split_in) -> (axes, split_out)` (see
+`purenet.distributed.strategies`); `feature_split` is the rule of layers
+whose W maps the input's last axis to the output's (Dense, convolutions).
 """
 import dataclasses
 import math
@@ -77,8 +83,9 @@ __all__ = [
     "ParameterFree", "PyTree", "ROLES", "Static", "Visit", "as_shape", "cache_batch_axes", "decay_mask", "decode", "decode_init",
     "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
     "is_container", "kfac_eligible", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
-    "per_example_gram", "per_example_sq", "per_example_sq_columns", "per_example_sq_norms", "per_example_sum", "positions", "roles", "sum_leaves",
-    "Wrapper", "map_in_walk_order", "walk", "walk_leaves", "wide", "zeros_like_tree",
+    "per_example_gram", "per_example_sq", "per_example_sq_columns", "per_example_sq_norms", "per_example_sum",
+    "positions", "roles", "sum_leaves", "Wrapper", "feature_split", "map_in_walk_order", "walk", "walk_leaves", "wide",
+    "zeros_like_tree",
 ]
 
 Array = jax.Array
@@ -530,6 +537,21 @@ def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, 
         lambda u, v: jnp.reshape(u, (na, -1)) @ jnp.reshape(v, (nb, -1)).T, ga, gb)
     zero = jnp.zeros((na, nb), jax.tree_util.tree_leaves(dy_a)[0].dtype)
     return sum_leaves(products, zero), dxa, dxb
+
+
+def feature_split(params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+    """Megatron's split of  y = x W + b  (W: (..., in, out)) over a "model" axis of size m.
+
+    Input whole: column parallel, W[..., :, j-block] and b[j-block] per device,
+    y comes out split over its features (no collective). Input split: row
+    parallel, W[..., i-block, :] per device, b whole; each device's x_i W_i
+    is a partial sum of y, which one all-reduce adds (and b is added once).
+    The backward is the dual: dL/dx = dy W^T is split (row) or a partial sum
+    to all-reduce (column).
+    """
+    if split_in:
+        return {k: (-2 if k == "W" else None) for k in params}, False
+    return {k: (-1 if k == "W" else 0) for k in params}, True
 
 
 def kfac_eligible(layer: Any) -> bool:

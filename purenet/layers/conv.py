@@ -29,7 +29,7 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree, Static, as_shape
+from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree, Static, as_shape, feature_split
 from purenet.layers import dense
 
 __all__ = [
@@ -283,6 +283,10 @@ class Conv2D(Layer):
 
     roles = {"W": "weight", "b": "bias"}
 
+    def tensor_split(self, params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+        """Output channels split on a whole input, input channels on a split one (`feature_split`)."""
+        return feature_split(params, split_in)
+
     def __init__(self, features: int, kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1,
                  padding: str | int | Sequence[Sequence[int]] = "SAME", dilation: int | Sequence[int] = 1,
                  init: str = "he_normal", use_bias: bool = True, implementation: str = "auto", *,
@@ -520,6 +524,10 @@ class Conv1D(Layer):
     implementation: str
 
     roles = {"W": "weight", "b": "bias"}
+
+    def tensor_split(self, params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+        """Output channels split on a whole input, input channels on a split one (`feature_split`)."""
+        return feature_split(params, split_in)
 
     def __init__(self, features: int, kernel_size: int, strides: int = 1, padding: str | int | Sequence[int] = "SAME",
                  dilation: int = 1, init: str = "he_normal", use_bias: bool = True, implementation: str = "auto", *,

@@ -7,7 +7,7 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, wide
+from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, feature_split, wide
 
 __all__ = ["Dense", "kfac_factors", "per_example_grads", "per_example_gram", "per_example_sq", "per_example_sq_norms"]
 
@@ -37,6 +37,10 @@ class Dense(Layer):
 
     roles = {"W": "weight", "b": "bias"}
     positionwise = True
+
+    def tensor_split(self, params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+        """Column parallel on a whole input, row parallel on a split one (`feature_split`)."""
+        return feature_split(params, split_in)
 
     def __init__(self, features: int, init: str = "he_normal", use_bias: bool = True, *,
                  initializer: str | None = None) -> None:

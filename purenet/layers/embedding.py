@@ -134,6 +134,11 @@ class PositionalEmbedding(Layer):
 
     roles = {"P": "embedding"}
 
+    def tensor_split(self, params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+        """P split by positions (each device adds its rows; the partitioner gathers them); the
+        input's own split passes through."""
+        return {"P": 0}, split_in
+
     def __post_init__(self) -> None:
         _check_positive("PositionalEmbedding context", self.context)
 

@@ -213,6 +213,13 @@ class TiedEnds(Layer):
     def param_roles(self, params: PyTree) -> PyTree:
         return {"token": {"E": "embedding"}, **({"head": {"W": "weight"}} if "head" in params else {})}
 
+    def tensor_split(self, params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+        """Megatron's vocabulary-parallel ends: E split by vocabulary rows (the lookup is a masked
+        local gather plus an all-reduce; the logits h E^T come out split over the vocabulary),
+        an untied head's W by its vocabulary columns."""
+        del split_in
+        return {"token": {"E": 0}, **({"head": {"W": -1}} if "head" in params else {})}, False
+
     def init(self, key: Array, in_shape: Any,  # pragma: no cover - built by GPT
              dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         raise TypeError("TiedEnds is a part of GPT's traversal, not a layer to build on its own")

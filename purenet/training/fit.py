@@ -35,7 +35,7 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
         loss: Any = "cross_entropy", l2: Any = 0.0, params: Any = None, state: Any = None,
         # batches and gradients (the same options as `train`, `train_epoch` and `build_step`)
         batch_size: int | None = 64, augment: Any = None, dp: Any = None, accumulate: int = 1,
-        precision: Any = None, mesh: Any = None,
+        precision: Any = None, mesh: Any = None, strategy: str | None = None,
         # evaluation and stopping
         validation: tuple | None = None, early_stopping: Any = None, evaluate_with_ema: bool = False,
         # recording
@@ -64,7 +64,11 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     mesh=pn.distributed.data_mesh() trains data-parallel: each batch is split
     over the mesh's devices (batch_size must divide evenly), params and
     state are replicated, and XLA reduces gradients and batch-norm
-    statistics over the global batch. dp=pn.DPSGD(clip_norm, noise_multiplier)
+    statistics over the global batch. With strategy="fsdp", "tensor" or
+    "fsdp+tensor" and a mesh from pn.distributed.mesh({...}) the params and
+    every params-shaped part of the optimizer state stay split over the mesh
+    as pn.distributed.shard_params places them (the returned params and
+    opt_state are sharded arrays). dp=pn.DPSGD(clip_norm, noise_multiplier)
     trains with DP-SGD's per-example clipping and Gaussian noise.
     diagnostics=(x_probe, y_probe) records purenet.diagnostics.gradient_flow
     on that batch and each Dense layer's update_ratio every epoch (arrays of
@@ -106,15 +110,16 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
             check_data(net, *batch, loss, train_state.opt_state.params, train_state.model_state, name=f"{name} x")
     data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size))
-    run = jax.jit(epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2,
-                                     early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema,
-                                     sampling="poisson" if poisson(dp) else "shuffle"))
+                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
+    run = jax.jit(_pinned(epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2,
+                                             early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema,
+                                             sampling="poisson" if poisson(dp) else "shuffle"),
+                          net, mesh, strategy))
     records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe, stats_probe)
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         metrics = set(jax.eval_shape(run, (train_state, es), data)[1])
         train_state, es, records = _resume(checkpoint, key, train_state, es, inputs, metrics)
-    data, train_state, es = place(mesh, data, batch_size, train_state, es)
+    data, train_state, es = place(mesh, data, batch_size, train_state, es, net, strategy)
     stopped_epoch = None
     if es is not None and bool(es.stopped):
         stopped_epoch = int(train_state.epoch) - 1
@@ -244,9 +249,31 @@ def _progress(total):
     return tqdm(total=total, unit="epoch")
 
 
-def place(mesh: Any, data: tuple, batch_size: int | None, train_state: Any, es: Any) -> tuple:
-    """With a mesh: check the batch divides over it; replicate data and state on it."""
+def _pinned(run, net, mesh, strategy):
+    """`run` whose returned (train_state, es) keep the strategy's shardings (params-shaped parts
+    split as the params, the rest replicated), not whatever XLA would pick after the epoch's loop."""
+    if strategy is None:
+        return run
+
+    def pinned(carry, data):
+        carry, record = run(carry, data)
+        shardings = distributed.tree_shardings(net, carry, carry[0].opt_state.params, mesh, strategy)
+        return distributed.constrain(carry, shardings), record
+
+    return pinned
+
+
+def place(mesh: Any, data: tuple, batch_size: int | None, train_state: Any, es: Any, net: Any = None,
+          strategy: str | None = None) -> tuple:
+    """With a mesh: check the batch divides over it; replicate data and state on it (with a strategy,
+    the params-shaped parts of the state split as `pn.distributed.shard_params` splits the params)."""
     if mesh is None:
+        if strategy is not None:
+            distributed.check_strategy(strategy, mesh)
         return data, train_state, es
     check_divisible(mesh, data[0].shape[0], batch_size)
-    return distributed.replicate((data, train_state, es), mesh)
+    if strategy is None:
+        return distributed.replicate((data, train_state, es), mesh)
+    params = train_state.opt_state.params
+    state = distributed.shard_tree(net, (train_state, es), params, mesh, strategy)
+    return (distributed.replicate(data, mesh), *state)

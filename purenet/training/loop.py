@@ -112,13 +112,15 @@ def poisson(dp: DPSGD | None) -> bool:
 def build_step(net: LayerLike, opt: Any, *, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
                augment: Callable[..., tuple[Array, Array]] | None = None, mesh: Mesh | None = None,
                dp: DPSGD | None = None, accumulate: int = 1, precision: Precision | None = None,
-               batch_size: int | None = None) -> Callable[[tuple, tuple], tuple[tuple, Array]]:
+               batch_size: int | None = None, strategy: str | None = None) -> Callable[[tuple, tuple], tuple[tuple, Array]]:
     """The step `fit`, `train` and `train_epoch` run: make_step(gradients(net, ...), opt, ...).
 
     `opt` is the optimizer as the state was built with (precision.optimizer(opt), see
     `purenet.training.precision`).
 
     An optimizer with per-step arguments (pn.optim.kfac's factors) gets them from the same pass.
+    strategy= ("fsdp", "tensor", "fsdp+tensor", with a mesh) keeps params, gradients and optimizer
+    slots sharded (see `make_step` and `purenet.distributed.strategies`).
     DP-SGD with Poisson sampling divides by `batch_size`, the expected batch size.
     """
     if poisson(dp) and batch_size is None:
@@ -126,14 +128,14 @@ def build_step(net: LayerLike, opt: Any, *, loss: str | Loss = "cross_entropy", 
     fn = gradients(net, loss, l2, dp, accumulate, precision, extra_args=getattr(opt, "extra_args", ()),
                    expected_batch_size=batch_size if poisson(dp) else None,
                    extra_options=getattr(opt, "extra_options", None))
-    return make_step(fn, opt, augment=augment, mesh=mesh)
+    return make_step(fn, opt, augment=augment, mesh=mesh, strategy=strategy, net=net)
 
 
 def train_epoch(net: LayerLike, opt: Any, train_state: TrainState, x: Array, y: Array, key: Array, *,
                 batch_size: int | None = 64, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
                 augment: Callable[..., tuple[Array, Array]] | None = None, mesh: Mesh | None = None,
                 dp: DPSGD | None = None, accumulate: int = 1,
-                precision: Precision | None = None) -> tuple[TrainState, Array]:
+                precision: Precision | None = None, strategy: str | None = None) -> tuple[TrainState, Array]:
     """One epoch over (x, y): returns (train_state, mean training loss of its batches).
 
     With a `mesh` (see purenet.distributed) every batch is split over its
@@ -146,7 +148,7 @@ def train_epoch(net: LayerLike, opt: Any, train_state: TrainState, x: Array, y: 
     opt = optimizer_for(opt, precision)
     bs = batch_size_of(x.shape[0], batch_size)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision, batch_size=bs)
+                      precision=precision, batch_size=bs, strategy=strategy)
     if poisson(dp):
         return run_poisson_epoch(step, train_state, x, y, key, bs)[:2]
     return run_epoch(step, train_state, x, y, key, batch_size)
@@ -239,7 +241,8 @@ def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, bat
           validation: tuple | None = None, early_stopping: EarlyStopping | None = None,
           augment: Callable[..., tuple[Array, Array]] | None = None, mesh: Mesh | None = None,
           dp: DPSGD | None = None, accumulate: int = 1, evaluate_with_ema: bool = False,
-          precision: Precision | None = None) -> tuple[TrainState, dict[str, Array], EarlyStoppingState | None]:
+          precision: Precision | None = None,
+          strategy: str | None = None) -> tuple[TrainState, dict[str, Array], EarlyStoppingState | None]:
     """A whole training run, every epoch inside one `lax.scan`: pure, jittable, vmappable.
 
     Returns (train_state, history, es_state): history maps each metric to an
@@ -258,7 +261,7 @@ def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, bat
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     check_divisible(mesh, x.shape[0], batch_size)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size))
+                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
     epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
                                   evaluate_with_ema=evaluate_with_ema, sampling="poisson" if poisson(dp) else "shuffle")
     data = (x, y, validation, jax.random.fold_in(key, 1), None, None)

@@ -14,7 +14,8 @@ __all__ = ["make_step"]
 
 
 def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tuple[Array, Array]] | None = None,
-              mesh: Mesh | None = None) -> Callable[[tuple, tuple], tuple[tuple, Array]]:
+              mesh: Mesh | None = None, strategy: str | None = None,
+              net: Any = None) -> Callable[[tuple, tuple], tuple[tuple, Array]]:
     """A training step from a gradient function (see `purenet.training.gradients`) and an optimizer.
 
     The step's key splits in two: dropout (and DP noise) draw from the
@@ -29,6 +30,13 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
     An optimizer with per-step arguments (`opt.extra_args`, K-FAC's factors)
     needs a grad_fn that provides them (`grad_fn.extra_args`): it returns
     (loss, grads, state, {name: value}) and the step passes them to `opt.step`.
+
+    strategy="fsdp" | "tensor" | "fsdp+tensor" (with a `mesh` from
+    pn.distributed.mesh, and the `net` whose layers say how they split) keeps
+    the gradients, the params and every params-shaped part of the optimizer
+    state split as `pn.distributed.shard_params` places them: the gradients
+    are pinned to the params' sharding, so XLA reduce-scatters them (FSDP)
+    instead of all-reducing them, and each device updates only its part.
     """
     needed = tuple(getattr(opt, "extra_args", ()))
     provided = tuple(getattr(grad_fn, "extra_args", ()))
@@ -37,6 +45,11 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
                          f"does not provide; build the step with pn.training.loop.build_step (it computes them)")
 
     skips = getattr(opt, "guard", None) == "skip"
+    if strategy is not None:
+        distributed.check_strategy(strategy, mesh)
+        if net is None:
+            raise ValueError(f"make_step(..., strategy={strategy!r}) needs net= (its layers say how their "
+                             f"parameters split); pn.training.loop.build_step passes it")
 
     def step(carry, batch):
         opt_state, model_state = carry
@@ -52,11 +65,18 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
         out = grad_fn(opt_state.params, model_state, x, y, k_grad, **_scale_for(grad_fn, opt_state), **marks)
         value, grads, new_state = out[:3]
         extra = {n: out[3][n] for n in needed}
+        if strategy is not None:
+            shardings = distributed.param_shardings(net, opt_state.params, mesh, strategy)
+            grads = distributed.constrain(grads, shardings)
         if skips:  # a skipped step keeps the model state too (BatchNorm's), and reports no loss
             finite = tree.all_finite(grads)
             new_state = tree.where(finite, new_state, model_state)
             value = jnp.where(finite, value, jnp.nan)
-        return (opt.step(opt_state, grads, **extra), new_state), value
+        new_opt_state = opt.step(opt_state, grads, **extra)
+        if strategy is not None:
+            new_opt_state = distributed.constrain(new_opt_state, distributed.tree_shardings(
+                net, new_opt_state, opt_state.params, mesh, strategy))
+        return (new_opt_state, new_state), value
 
     step.skips = skips  # type: ignore[attr-defined]  # run_epoch averages the loss over the applied steps only
     return step

@@ -20,7 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
-    "AXIS", "batch_sharding", "check_divisible", "data_mesh", "global_batch", "replicate", "replicated", "shard_batch",
+    "AXIS", "batch_sharding", "batch_ways", "check_divisible", "data_mesh", "global_batch", "put", "replicate",
+    "replicated", "shard_batch",
 ]
 
 AXIS = "data"
@@ -33,8 +34,18 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = AXIS) -> 
 
 
 def batch_sharding(mesh: Mesh, axis: str = AXIS) -> NamedSharding:
-    """Rows split over the mesh axis, everything else whole."""
+    """Rows split over the mesh axis, everything else whole (on a mesh without that axis,
+    a multi-axis mesh such as {"model": 8}, the batch is whole on every device)."""
+    if axis not in mesh.axis_names and mesh.devices.ndim > 1:
+        return NamedSharding(mesh, PartitionSpec())
     return NamedSharding(mesh, PartitionSpec(axis))
+
+
+def batch_ways(mesh: Mesh, axis: str = AXIS) -> int:
+    """How many parts a batch splits into: the size of the mesh's data axis (all devices of a 1-D mesh)."""
+    if axis in mesh.axis_names:
+        return int(mesh.shape[axis])
+    return int(mesh.devices.size) if mesh.devices.ndim == 1 else 1
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -44,9 +55,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_divisible(batch: int, mesh: Mesh, what: str = "batch size") -> None:
     """Raise unless `batch` rows split evenly over the mesh's devices."""
-    n = mesh.devices.size
+    n = batch_ways(mesh)
     if batch % n:
-        raise ValueError(f"{what} {batch} is not divisible by the {n} devices of the mesh; "
+        where = (f"the {n} devices of the mesh" if n == mesh.devices.size
+                 else f"the {n} devices of the mesh's {AXIS!r} axis")
+        raise ValueError(f"{what} {batch} is not divisible by {where}; "
                          f"use a multiple of {n} (each device takes batch / {n} rows)")
 
 
@@ -56,9 +69,23 @@ def shard_batch(x: Any, mesh: Mesh, axis: str = AXIS) -> jax.Array:
     return jax.device_put(x, batch_sharding(mesh, axis))
 
 
+def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Place one array with `sharding`; on a mesh spanning several processes each process
+    passes the same whole value and keeps only its own devices' parts."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):  # a key: place its raw data
+        return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every leaf of tree whole on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    return jax.tree_util.tree_map(lambda leaf: put(leaf, sharding), tree)
 
 
 def global_batch(local_rows: Any, mesh: Mesh, axis: str = AXIS) -> jax.Array:
