@@ -8,9 +8,10 @@ from hypothesis import given, settings
 
 import purenet as pn
 from purenet.testing import net_cases
+from tests.conftest import scaled
 
 
-@settings(max_examples=100)
+@settings(max_examples=scaled(40))
 @given(net_cases(dropout=True, batchnorm=True))
 def test_value_and_grad_with_dropout_and_batchnorm_matches_autodiff(case):
     params, state, x, y = case.data()
