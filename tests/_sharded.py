@@ -113,6 +113,28 @@ for model, (net, x, y) in MODELS.items():
     if model == "gpt":
         gpt_result, gpt_params = many, params  # the last strategy's run: fsdp+tensor on the 2x4 mesh
 
+# the MLP under every strategy: per-example norms, DP-SGD and a float32 step equal one device
+net, x, y = MODELS["mlp"]
+params, state = pn.init(net, jax.random.key(0))
+norms = jax.jit(lambda p, xx, yy: pn.per_example_grad_norms(net, p, state, xx, yy))
+dp = pn.DPSGD(clip_norm=0.5, noise_multiplier=1.1, sampling="shuffle")
+kw = dict(key=jax.random.key(3), epochs=1, batch_size=16, params=params, state=state, dp=dp)
+dp_one = pn.fit(net, pn.optim.sgd(0.1), (x, y), **kw)
+p32, s32 = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+kw32 = dict(key=jax.random.key(3), epochs=1, batch_size=16, params=p32, state=s32)
+one32 = pn.fit(net, pn.optim.adam(1e-2), (x.astype(np.float32), y), **kw32)
+for strategy, axes in MESHES.items():
+    mesh = pn.distributed.mesh(axes)
+    sharded = pn.distributed.shard_params(net, params, mesh, strategy)
+    got = norms(sharded, pn.distributed.shard_batch(x[:16], mesh), pn.distributed.shard_batch(y[:16], mesh))
+    assert rel(got, norms(params, x[:16], y[:16])) <= 1e-10, strategy
+    dp_many = pn.fit(net, pn.optim.sgd(0.1), (x, y), mesh=mesh, strategy=strategy, **kw)
+    assert rel(dp_many.params, dp_one.params) <= 1e-10, (strategy, rel(dp_many.params, dp_one.params))
+    many32 = pn.fit(net, pn.optim.adam(1e-2), (x.astype(np.float32), y), mesh=mesh, strategy=strategy, **kw32)
+    assert jax.tree_util.tree_leaves(many32.params)[0].dtype == jnp.float32
+    assert rel(many32.params, one32.params) <= 1e-5, (strategy, rel(many32.params, one32.params))
+check("dp and float32")
+
 # sharded checkpoints: save on the 2x4 mesh, restore on 8x1 and on one device, bit-identical
 net = MODELS["gpt"][0]
 tree = gpt_result.opt_state

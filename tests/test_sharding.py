@@ -17,7 +17,7 @@ def test_sharded_strategies_equal_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("mlp", "cnn", "gpt", "checkpoint"):
+    for name in ("mlp", "cnn", "gpt", "dp and float32", "checkpoint"):
         assert f"ok {name}" in out.stdout
 
 
