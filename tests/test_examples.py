@@ -68,6 +68,7 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
     ("mnist_autoencoder.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out reconstruction error"]),
     ("noise_scale.py", MNIST / "t10k-images-idx3-ubyte.gz", ["B_simple", "x the minimum steps"]),
     ("dp_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["noise multiplier for epsilon 3.0", "final: epsilon"]),
+    ("kfac_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out accuracy per epoch", "K-FAC step / Adam step"]),
     ("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
     ("shakespeare_lstm.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
     ("long_context.py", SHAKESPEARE, ["compiled temporary memory", "Training at context 128, blockwise",

@@ -39,7 +39,7 @@ from purenet.training.step import make_step
 
 __all__ = [
     "TrainState", "as_arrays", "build_step", "check_ema", "epoch_with_metrics", "evaluate", "init_run", "poisson",
-    "run_epoch", "run_poisson_epoch", "train", "train_epoch",
+    "run_epoch", "run_epoch_steps", "run_poisson_epoch", "train", "train_epoch",
 ]
 
 
@@ -59,6 +59,18 @@ def run_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: 
     dynamic loss scaling) the mean is over the steps it applied; a skipped
     step's loss (often inf in float16) does not make the epoch's loss NaN.
     """
+    train_state, values = run_epoch_steps(step, train_state, x, y, key, batch_size)
+    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)
+    return train_state, mean
+
+
+def run_epoch_steps(step: Callable[..., tuple], train_state: TrainState, x: Array, y: Array, key: Array,
+                    batch_size: int | None = 64) -> tuple[TrainState, Array]:
+    """`run_epoch` with every step's loss: (train_state, losses of shape (steps,)).
+
+    The batches are a shuffle of (x, y) by `key` and the epoch number; step i
+    draws its randomness from fold_in(fold_in(key, epoch), i + 1).
+    """
     n = x.shape[0]
     bs = batch_size_of(n, batch_size)
     steps = n // bs
@@ -72,8 +84,7 @@ def run_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: 
 
     (opt_state, model_state), values = jax.lax.scan(
         body, (train_state.opt_state, train_state.model_state), (batches, jnp.arange(steps)))
-    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)
-    return TrainState(opt_state, model_state, train_state.epoch + 1), mean
+    return TrainState(opt_state, model_state, train_state.epoch + 1), values
 
 
 def run_poisson_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: Array, key: Array,
