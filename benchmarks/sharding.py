@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 import purenet as pn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from sharded_gpt import device_bytes  # noqa: E402
 
 n = jax.device_count()
 net = pn.gpt(vocab_size=256, context=64, layers=2, heads=8, features=args.features)
@@ -45,7 +44,7 @@ for name, (mesh, strategy) in setups.items():
              jax.random.key(0))
     carry, loss = step(carry, batch)
     jax.block_until_ready(loss)
-    held = device_bytes(carry[0])
+    held = pn.distributed.device_bytes(carry[0])
     print(f"{name:14s} per-device params + Adam state {held / 2**20:.3f} MiB = {held / whole:.4f} of {whole / 2**20:.3f}"
           f" MiB (target for 8-way fsdp: <= 1/8 + 5% = {1.05 / 8:.4f})", flush=True)
     steps[name] = (step, carry, batch, [])

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, save
+from _common import FAST, epochs, mnist_split, save
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -54,13 +54,8 @@ def main():
     parser.add_argument("--out", default="dp_mnist.png")
     args = parser.parse_args()
 
-    try:
-        x, y = pn.datasets.mnist(args.data, part="test", shape="image")
-    except FileNotFoundError as e:
-        raise SystemExit(f"{e}\nDownload the MNIST IDX files and pass --data FOLDER (or set PURENET_MNIST).")
     n_train, n_test = (1024, 500) if FAST else (args.train, args.held_out)
-    order = np.random.default_rng(args.seed).permutation(len(x))
-    train, test = order[:n_train], order[n_train:n_train + n_test]
+    x, y, train, test = mnist_split(args.data, "test", args.seed, n_train, n_test)
 
     q = args.batch_size / n_train
     steps = args.epochs * (n_train // args.batch_size)

@@ -30,7 +30,7 @@ import numpy as np
 
 import purenet as pn
 from purenet.training.loop import build_step, evaluate, init_run, run_epoch_steps
-from _common import FAST, epochs, save
+from _common import FAST, epochs, mnist_split, save
 from mnist_cnn import DEFAULT, lenet
 
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "kfac_mnist.png"
@@ -94,13 +94,8 @@ def main():
     args = parser.parse_args()
     kfac_epochs = args.kfac_epochs
 
-    try:
-        x, y = pn.datasets.mnist(args.data, part="test", shape="image")
-    except FileNotFoundError as e:
-        raise SystemExit(f"{e}\nDownload the MNIST IDX files and pass --data FOLDER (or set PURENET_MNIST).")
     n_train, n_test = (512, 256) if FAST else (args.train, args.held_out)
-    order = np.random.default_rng(args.seed).permutation(len(x))
-    train_i, test_i = order[:n_train], order[n_train:n_train + n_test]
+    x, y, train_i, test_i = mnist_split(args.data, "test", args.seed, n_train, n_test)
     xt, yt, val = x[train_i], y[train_i], (x[test_i], y[test_i])
     per_epoch = n_train // args.batch_size
     print(f"MNIST from {args.data}: {n_train} training, {n_test} held-out images; batch {args.batch_size}, "

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, save
+from _common import FAST, epochs, mnist_split, save
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -48,13 +48,9 @@ def main():
     parser.add_argument("--out", default="mnist_autoencoder.png")
     args = parser.parse_args()
 
-    try:
-        x, _ = pn.datasets.mnist(args.data, part=args.part, shape="image")
-    except FileNotFoundError as e:
-        raise SystemExit(f"{e}\nDownload the MNIST IDX files and pass --data FOLDER (or set PURENET_MNIST).")
     n_train, n_test = (1000, 500) if FAST else (args.train, args.held_out)
-    order = np.random.default_rng(args.seed).permutation(len(x))
-    train, test = x[order[:n_train]], x[order[n_train:n_train + n_test]]
+    x, _, train, test = mnist_split(args.data, args.part, args.seed, n_train, n_test)
+    train, test = x[train], x[test]
     print(f"MNIST from {args.data}: {len(train)} training, {len(test)} held-out images of shape {x.shape[1:]}")
 
     net = autoencoder()

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, save
+from _common import FAST, epochs, mnist_split, save
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -44,13 +44,8 @@ def main():
     parser.add_argument("--out", default="mnist_cnn.png")
     args = parser.parse_args()
 
-    try:
-        x, y = pn.datasets.mnist(args.data, part=args.part, shape="image")
-    except FileNotFoundError as e:
-        raise SystemExit(f"{e}\nDownload the MNIST IDX files and pass --data FOLDER (or set PURENET_MNIST).")
     n_train, n_test = (1000, 500) if FAST else (args.train, args.held_out)
-    order = np.random.default_rng(args.seed).permutation(len(x))
-    train, test = order[:n_train], order[n_train:n_train + n_test]
+    x, y, train, test = mnist_split(args.data, args.part, args.seed, n_train, n_test)
     print(f"MNIST from {args.data}: {len(train)} training, {len(test)} held-out images of shape {x.shape[1:]}")
 
     net = lenet()

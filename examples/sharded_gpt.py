@@ -15,14 +15,6 @@ import numpy as np  # noqa: E402
 import purenet as pn  # noqa: E402
 
 
-def device_bytes(tree):
-    per = {}
-    for leaf in jax.tree_util.tree_leaves(tree):
-        for s in leaf.addressable_shards:
-            per[s.device] = per.get(s.device, 0) + s.data.nbytes
-    return max(per.values())
-
-
 def main(steps=4, batch=16, features=64):
     n = jax.device_count()
     tokens = np.asarray(jax.random.randint(jax.random.key(0), (steps * batch, 33), 0, 128))
@@ -36,7 +28,7 @@ def main(steps=4, batch=16, features=64):
     for strategy, axes in meshes.items():
         mesh = pn.distributed.mesh(axes)
         run = pn.fit(net, opt, (tokens[:, :-1], tokens[:, 1:]), mesh=mesh, strategy=strategy, **kw)
-        held = device_bytes(run.opt_state)
+        held = pn.distributed.device_bytes(run.opt_state)
         print(f"{strategy:12s} mesh {axes}: {held / 1024:7.1f} KiB per device ({held / whole:.3f} of the whole); "
               f"loss {run.history['loss'][-1]:.4f}")
 

@@ -34,15 +34,6 @@ def check(name):
     print("ok", name, flush=True)
 
 
-def device_bytes(tree):
-    """The most bytes any one device holds of tree's arrays."""
-    per = {}
-    for leaf in jax.tree_util.tree_leaves(tree):
-        for s in leaf.addressable_shards:
-            per[s.device] = per.get(s.device, 0) + s.data.nbytes
-    return max(per.values())
-
-
 def collectives(hlo):
     return {op: len(re.findall(rf"= [^=]*? {op}(-start)?\(", hlo))
             for op in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")}
@@ -97,7 +88,7 @@ for model, (net, x, y) in MODELS.items():
         whole = sum(v.nbytes for v in jax.tree_util.tree_leaves(many.opt_state))
         small = sum(v.nbytes for v in jax.tree_util.tree_leaves(many.opt_state)
                     if math.prod(v.addressable_shards[0].data.shape) * WAYS[strategy] != v.size)
-        held = device_bytes(many.opt_state)
+        held = pn.distributed.device_bytes(many.opt_state)
         assert held <= whole / WAYS[strategy] + small, (model, strategy, held, whole, small)
         print(f"bytes {model} {strategy} per-device {held} of {whole} ({held / whole:.4f}; "
               f"not split {WAYS[strategy]} ways: {small})", flush=True)

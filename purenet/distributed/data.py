@@ -20,8 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
-    "AXIS", "batch_sharding", "batch_ways", "check_divisible", "data_mesh", "global_batch", "put", "replicate",
-    "replicated", "shard_batch",
+    "AXIS", "batch_sharding", "batch_ways", "check_divisible", "data_mesh", "device_bytes", "global_batch", "put",
+    "replicate", "replicated", "shard_batch",
 ]
 
 AXIS = "data"
@@ -91,3 +91,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def global_batch(local_rows: Any, mesh: Mesh, axis: str = AXIS) -> jax.Array:
     """A global array from this process's rows (multi-host: each host passes its own part)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh, axis), np.asarray(local_rows))
+
+
+def device_bytes(tree: Any) -> int:
+    """The most bytes that any one device holds of tree's arrays (their addressable shards)."""
+    per: dict = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values(), default=0)
