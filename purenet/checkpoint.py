@@ -83,6 +83,7 @@ _NAMED_TUPLES = {
     "purenet.optim.wrappers:EMAState": ("purenet.optim.wrappers", "EMAState"),
     "purenet.optim.kfac:KFACState": ("purenet.optim.kfac", "KFACState"),
     "purenet.layers.base:KFACFactors": ("purenet.layers.base", "KFACFactors"),
+    "purenet.layers.base:KFACBlocks": ("purenet.layers.base", "KFACBlocks"),
     "purenet.datasets:Split": ("purenet.datasets", "Split"),
 }
 

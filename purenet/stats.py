@@ -34,12 +34,12 @@ import jax.numpy as jnp
 from purenet import curvature
 from purenet.curvature import COLUMNS
 from purenet.layers import Sequential, base
-from purenet.layers.base import Array, KFACFactors, LayerLike, PyTree, Visit, kfac_eligible, walk
+from purenet.layers.base import Array, KFACBlocks, KFACFactors, LayerLike, PyTree, Visit, kfac_eligible, walk
 from purenet.losses import Loss
 from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
 from purenet.per_example import sq_norms_visit
 
-__all__ = ["KFACFactors", "NoiseScale", "fisher_diagonal", "ggn_diagonal", "gradient_gram", "gradient_noise",
+__all__ = ["KFACBlocks", "KFACFactors", "NoiseScale", "fisher_diagonal", "ggn_diagonal", "gradient_gram", "gradient_noise",
            "gradient_noise_scale", "hessian_diagonal", "kfac_factors", "kfac_value_and_grad", "kfac_zeros"]
 
 
@@ -380,9 +380,15 @@ def _factor_tree(net, params, factors):
             return None
         if it is not None:
             return next(it)
-        a, g = layer.kfac_dims(p)
+        dims = layer.kfac_dims(p)
         dtype = jnp.promote_types(jax.tree_util.tree_leaves(p)[0].dtype, jnp.float32)  # factors in >= float32
-        return KFACFactors(jnp.zeros((a, a), dtype), jnp.zeros((g, g), dtype))
+
+        def zeros(ag):
+            a, g = ag
+            return KFACFactors(jnp.zeros((a, a), dtype), jnp.zeros((g, g), dtype))
+        if isinstance(dims, KFACBlocks):
+            return KFACBlocks({key: zeros(ag) for key, ag in dims.factors.items()})
+        return zeros(dims)
 
     return base.map_in_walk_order(net, leaf, params)
 
@@ -397,7 +403,8 @@ def _kfac_columns_leaf(layer, params, caches, dys):
     (cache,), (dy,) = caches, dys
     if kfac_eligible(layer):
         f, dx = layer.kfac_factors(params, cache, dy)
-        return KFACFactors(f.A, jax.lax.psum(f.G, COLUMNS)), (dx,)
+        return jax.tree_util.tree_map(lambda t: KFACFactors(t.A, jax.lax.psum(t.G, COLUMNS)), f,
+                                      is_leaf=lambda t: isinstance(t, KFACFactors)), (dx,)
     return None, (layer.backward(params, cache, dy)[1],)
 
 
@@ -437,7 +444,7 @@ def kfac_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Array,
 
 
 def _wide_factors(f):
-    return KFACFactors(base.wide(f.A), base.wide(f.G))
+    return jax.tree_util.tree_map(base.wide, f)
 
 
 def kfac_factors(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,

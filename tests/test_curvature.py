@@ -325,3 +325,56 @@ def test_kfac_optimizer_defaults_to_the_true_fisher_and_updates_factors_every_k_
     k_grad = jax.random.split(jax.random.key(0))[0]
     first = _factors(pn.stats.kfac_factors(net, params, state, x, y, train=True, key=k_grad, fisher="mc"))[0]
     np.testing.assert_allclose(seen[0], first.G, rtol=1e-12)
+
+
+def test_attention_projections_get_kfac_factors_by_their_definition(tmp_path):
+    """Wq, Wk, Wv, Wo are four Dense maps over the positions: A = E[a a^T] of their inputs (a = [x, 1]),
+    G = (1/N) sum_{i,t} dz dz^T of dL/dz at their outputs, dz from autodiff of the attention math."""
+    layer = pn.MultiHeadAttention(2)
+    n, t, d = 3, 4, 4
+    params, _, _ = layer.init(jax.random.key(0), (t, d))
+    x = jax.random.normal(jax.random.key(1), (n, t, d))
+    dy = jax.random.normal(jax.random.key(2), (n, t, d))
+
+    def heads(z):
+        return jnp.transpose(z.reshape(n, t, 2, d // 2), (0, 2, 1, 3))
+
+    def attend(qkv):
+        q, k, v = (heads(qkv[..., i * d:(i + 1) * d]) for i in range(3))
+        p = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(d / 2), axis=-1)
+        return jnp.transpose(p @ v, (0, 2, 1, 3)).reshape(n, t, d)
+
+    w = jnp.concatenate([params[f"W{c}"] for c in "qkv"], 1)
+    qkv = x @ w + jnp.concatenate([params[f"b{c}"] for c in "qkv"])
+    o = attend(qkv)
+    y, _, cache = layer.forward(params, {}, x)
+    np.testing.assert_allclose(y, o @ params["Wo"] + params["bo"], rtol=1e-12)  # the same layout
+    dqkv = jax.grad(lambda z: jnp.sum((attend(z) @ params["Wo"]) * dy))(qkv)
+    blocks, _ = layer.kfac_factors(params, cache, dy)
+    assert sorted(blocks.factors) == ["Wk|bk", "Wo|bo", "Wq|bq", "Wv|bv"]  # each weight with its bias
+
+    def factors(inputs, grads):
+        a = jnp.concatenate([inputs, jnp.ones((n, t, 1))], -1).reshape(-1, d + 1)
+        g = grads.reshape(-1, grads.shape[-1])
+        return a.T @ a / (n * t), g.T @ g / n
+
+    for name, (inputs, grads) in {"Wq": (x, dqkv[..., :d]), "Wk": (x, dqkv[..., d:2 * d]),
+                                  "Wv": (x, dqkv[..., 2 * d:]), "Wo": (o, dy)}.items():
+        A, G = factors(inputs, grads)
+        key = f"{name}|b{name[1]}"
+        np.testing.assert_allclose(blocks.factors[key].A, A, rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(blocks.factors[key].G, G, rtol=1e-10, atol=1e-14, err_msg=name)
+    # the optimizer preconditions each projection with its own factors, and trains a GPT
+    net = pn.gpt(vocab_size=11, context=8, layers=1, heads=2, features=8)
+    gp, gs = pn.init(net, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (8, 8), 0, 11)
+    result = pn.fit(net, pn.optim.kfac(net, 0.05), (ids, ids), key=jax.random.key(0), epochs=4, batch_size=8,
+                    params=gp, state=gs)
+    assert result.history["loss"][-1] < result.history["loss"][0]
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), result.params, gp)
+    (att,) = [leaf.params for leaf in pn.layers.base.leaves(net, moved)
+              if isinstance(leaf.layer, pn.MultiHeadAttention)]
+    assert min(att[k] for k in ("Wq", "Wv", "Wo")) > 0
+    pn.save(tmp_path / "kfac.pn", result.opt_state)  # the state with its KFACBlocks saves and loads
+    back = pn.load(tmp_path / "kfac.pn")
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(result.opt_state)

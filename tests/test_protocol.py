@@ -218,7 +218,7 @@ def test_kfac_preconditions_every_dense_layer_of_a_gpt_and_inside_wrappers():
     factors = pn.stats.kfac_zeros(net, params)
     found = [f for f in jax.tree_util.tree_leaves(factors, is_leaf=lambda t: isinstance(t, pn.stats.KFACFactors))
              if isinstance(f, pn.stats.KFACFactors)]
-    assert len(found) == 2 * 2  # two Dense layers in each block's MLP
+    assert len(found) == 2 * (2 + 4)  # two Dense layers in each block's MLP, four projections in its attention
     ids = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
     opt = pn.optim.kfac(net, 0.01)
     fit = pn.fit(net, opt, (ids, jnp.roll(ids, -1, 1)), key=jax.random.key(0), epochs=2, batch_size=3)

@@ -24,7 +24,7 @@ from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import attention_kernels as kernels
 from purenet.layers import dense
-from purenet.layers.base import Array, Layer, PyTree, Static, as_shape
+from purenet.layers.base import Array, KFACBlocks, Layer, PyTree, Static, as_shape, kfac_key
 
 __all__ = ["IMPLEMENTATIONS", "MultiHeadAttention", "rope", "rope_angles", "rope_backward"]
 
@@ -320,6 +320,27 @@ class MultiHeadAttention(Layer):
         grads_in = dense.per_example_grads(cache.x, dqkv, self.use_bias)
         grads_out = dense.per_example_grads(cache.o, dy, self.use_bias)
         return self._collect(params, grads_in, grads_out), self._dx(params, dqkv)
+
+    def _kfac_key(self, n: str) -> str:
+        return kfac_key(f"W{n}", f"b{n}" if self.use_bias else None)
+
+    def kfac_factors(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[KFACBlocks, Array]:
+        """K-FAC's factors of the four projections, each a Dense over the positions (KFC):
+        Wq, Wk, Wv share A = E[a a^T] of the input rows a = [x_t, 1] and take their own
+        G = E_i[sum_t dz_t dz_t^T] of dL/d(x W + b); Wo's A is of the heads' concatenation."""
+        dqkv = self._d_qkv(params, cache, dy)
+        d = params["Wq"].shape[0]
+        widths = (d, *(2 * [self.kv_heads * (d // self.num_heads)]))
+        starts = [sum(widths[:i]) for i in range(3)]
+        factors = {self._kfac_key(n): dense.kfac_factors(cache.x, dqkv[..., a:a + w], self.use_bias)
+                   for n, a, w in zip(_NAMES, starts, widths)}
+        factors[self._kfac_key("o")] = dense.kfac_factors(cache.o, dy, self.use_bias)
+        return KFACBlocks(factors), self._dx(params, dqkv)
+
+    def kfac_dims(self, params: PyTree) -> KFACBlocks:
+        """The sizes of each projection's A and G."""
+        return KFACBlocks({self._kfac_key(n): (params[f"W{n}"].shape[0] + self.use_bias, params[f"W{n}"].shape[1])
+                           for n in (*_NAMES, "o")})
 
     def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         """The projections' ghost norms (see `purenet.layers.dense.per_example_sq_norms`); l2

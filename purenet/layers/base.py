@@ -32,7 +32,9 @@ to the generic default. W in `l2 W` is every parameter whose role is
 "weight" (see roles below), so a fast path applies l2 to those.
 
 K-FAC reads `kfac_factors(params, cache, dy) -> (KFACFactors, dx)` and
-`kfac_dims(params)` where a layer has them (Dense, Conv2D). Curvature
+`kfac_dims(params) -> (dim A, dim G)` where a layer has them (Dense, Conv2D);
+a layer with several weight matrices returns `KFACBlocks` of them (and of
+the dims: attention's four projections). Curvature
 (`purenet.curvature`) runs the same functions once per cotangent column,
 inside a `vmap` that sums over the columns (`per_example_sq_columns`).
 
@@ -79,10 +81,10 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "Array", "Container", "DECAYED", "Elementwise", "KFACFactors", "Layer", "LayerLike", "Leaf", "PLAIN",
+    "Array", "Container", "DECAYED", "Elementwise", "KFACBlocks", "KFACFactors", "Layer", "LayerLike", "Leaf", "PLAIN",
     "ParameterFree", "PyTree", "ROLES", "Static", "Visit", "as_shape", "cache_batch_axes", "decay_mask", "decode", "decode_init",
     "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
-    "is_container", "kfac_eligible", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
+    "is_container", "kfac_eligible", "kfac_key", "kfac_pair", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
     "per_example_gram", "per_example_sq", "per_example_sq_columns", "per_example_sq_norms", "per_example_sum",
     "positions", "roles", "sum_leaves", "Wrapper", "feature_split", "map_in_walk_order", "walk", "walk_leaves", "wide",
     "zeros_like_tree",
@@ -122,6 +124,26 @@ class KFACFactors(NamedTuple):
 
     A: Array  # (in + bias, in + bias): E over examples and positions of a a^T, a = [h, 1]
     G: Array  # (out, out): E over examples of sum over positions of dy dy^T
+
+
+class KFACBlocks(NamedTuple):
+    """K-FAC's factors of a layer with several weight matrices (attention's Wq, Wk, Wv, Wo):
+    factors[key] = KFACFactors(A, G), keyed "W" for a weight without a bias or "W|b" for weight W
+    with its bias b: the layer declares the pairing (`kfac_key`), the preconditioner reads it."""
+
+    factors: dict
+
+
+def kfac_key(weight: str, bias: str | None = None) -> str:
+    """The KFACBlocks key of a weight and its bias ("Wq|bq"), and back with `kfac_pair`."""
+    return weight if bias is None else f"{weight}|{bias}"
+
+
+def kfac_pair(key: str) -> tuple[str, list[str]]:
+    """(weight, [bias] or []) from a KFACBlocks key."""
+    weight, *bias = key.split("|")
+    return weight, bias
+
 
 
 def per_example_sum(t: Array) -> Array:

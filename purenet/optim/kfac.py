@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
 from purenet._checks import check_hyperparameter
-from purenet.layers.base import KFACFactors, LayerLike
+from purenet.layers.base import KFACBlocks, KFACFactors, LayerLike, kfac_pair
 from purenet.layers.base import roles as param_roles
 from purenet.optim.base import Optimizer, Transform, chain
 from purenet.optim.schedules import Schedule
@@ -74,17 +74,26 @@ def _spd_inverse(m, eye):
 
 def _precondition(inverse: Any, grads: Any, roles: Any) -> Any:
     """A^-1 [dW; db] G^-1 for one K-FAC layer's gradient dict: W its "weight" (any shape (..., out)),
-    b its "bias" if it has one (the layer's roles say which is which, never the key names)."""
+    b its "bias" if it has one (the layer's roles say which is which, never the key names); for a
+    layer of several weights (KFACBlocks) each weight with the bias the layer pairs it with."""
     if inverse is None:
         return grads
+    if isinstance(inverse, KFACBlocks):
+        out = dict(grads)
+        for key, block in inverse.factors.items():
+            out.update(_precondition_pair(block, grads, *kfac_pair(key)))
+        return out
     (w,) = [k for k, r in roles.items() if r == "weight"]
-    bias = [k for k, r in roles.items() if r == "bias"]
+    return {**grads, **_precondition_pair(inverse, grads, w, [k for k, r in roles.items() if r == "bias"])}
+
+
+def _precondition_pair(inverse: KFACFactors, grads: Any, w: str, bias: list) -> dict:
+    """{w: ..., b: ...}: the weight's and its bias's rows of A^-1 [dW; db] G^-1."""
     W = grads[w]
     rows = [W.reshape(-1, W.shape[-1])] + [grads[k][None, :] for k in bias]
     m = jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
     m = (inverse.A @ m.astype(inverse.A.dtype) @ inverse.G).astype(W.dtype)  # in the factors' (>= float32) dtype
-    out = dict(grads)
-    out[w] = m[: rows[0].shape[0]].reshape(W.shape)
+    out = {w: m[: rows[0].shape[0]].reshape(W.shape)}
     for k in bias:
         out[k] = m[-1].astype(grads[k].dtype)
     return out
@@ -150,7 +159,7 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
                                              f, is_leaf=_is_factors),
             lambda f: slot.inverses, running)
         direction = jax.tree_util.tree_map(_precondition, inverses, grads, param_roles(net, params),
-                                           is_leaf=_is_factors)
+                                           is_leaf=lambda t: _is_factors(t) or isinstance(t, KFACBlocks))
         return direction, KFACState(running, inverses)
 
     return Transform(init=init, update=update, extra_args=("factors",),
