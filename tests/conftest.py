@@ -25,3 +25,9 @@ settings.load_profile(PROFILE)
 def scaled(n):
     """A test's own example count, ten times more under the slow profile (like the profiles' default)."""
     return n * 10 if PROFILE == "slow" else n
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow run first (a stable sort), so pytest-xdist spreads them over the
+    workers while the short ones fill in at the end, instead of one long test finishing alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

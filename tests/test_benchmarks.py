@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_mode_runs_every_case(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--json", str(tmp_path / "r.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -61,6 +62,7 @@ def test_recurrent_benchmark_smoke_mode_runs_every_contender(tmp_path):
     assert set(results["per_example_norms"]) == {"purenet per_example_grad_norms", "vmap(jax.grad)"}
 
 
+@pytest.mark.slow
 def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--smoke", "--gpu", "--json",
                           str(tmp_path / "c.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -126,6 +128,7 @@ def test_gpt_whole_run_pytorch_learning_rate_is_the_examples_schedule():
                                    rtol=1e-5)  # the schedule is float32
 
 
+@pytest.mark.slow
 def test_dp_benchmark_smoke_mode_runs_every_case(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.dp", "--smoke", "--json", str(tmp_path / "r.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -63,6 +63,7 @@ def test_composed_networks_match_autodiff(case):
     assert report.ok, f"{case}\n{report}"
 
 
+@pytest.mark.slow
 @settings(max_examples=scaled(6))
 @given(net_cases(max_depth=2, compose=True, sequences=True))
 def test_composed_per_example_grads_and_norms_equal_vmap_of_grad(case):

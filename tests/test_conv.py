@@ -24,6 +24,7 @@ def _images(data, channels=None, ties=False):
     return jnp.round(x) if ties else x  # rounded: windows hold their maximum more than once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=scaled(6))
 @given(data=st.data())

@@ -73,6 +73,7 @@ def _three_ways(key, t, causal, groups):
             (lse, jax.scipy.special.logsumexp(s, axis=-1)))
 
 
+@pytest.mark.slow
 @settings(max_examples=scaled(8))
 @given(t=st.sampled_from(LENGTHS), causal=st.booleans(), groups=st.sampled_from((1, 2)), seed=st.integers(0, 99))
 def test_blockwise_equals_dense_equals_autodiff(t, causal, groups, seed):
@@ -151,6 +152,7 @@ def test_grouped_query_attention_equals_pytorch():
             np.testing.assert_allclose(o, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
 def test_llama_gradients_equal_autodiff_and_per_example_norms_vmap(implementation):
     net = pn.llama(11, 9, 1, 4, 16, kv_heads=2, implementation=implementation)
@@ -165,6 +167,7 @@ def test_llama_gradients_equal_autodiff_and_per_example_norms_vmap(implementatio
         check_per_example(net, x, y, loss="cross_entropy", params=params, state=state)
 
 
+@pytest.mark.slow
 def test_blockwise_per_example_norms_equal_vmap_of_autodiff_without_a_square_array():
     attention = pn.MultiHeadAttention(2, causal=True, num_kv_heads=1, rope=True, implementation="blockwise",
                                       block_size=4)

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 
 import purenet as pn
 from purenet.testing import compare_trees, net_cases, relative_error
+from tests.conftest import scaled
 
 
 def _check_case(case, train=False, key=None):
@@ -17,6 +18,8 @@ def _check_case(case, train=False, key=None):
     assert report.ok, f"{case}\n{report}"  # compare_trees also checks paths and shapes
 
 
+@pytest.mark.slow
+@settings(max_examples=scaled(30))
 @given(net_cases())
 def test_value_and_grad_matches_autodiff(case):
     _check_case(case)

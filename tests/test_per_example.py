@@ -19,6 +19,7 @@ def reference_per_example(case, params, state, x, y):
     return jax.vmap(one)(x, y)
 
 
+@pytest.mark.slow
 @settings(max_examples=10)
 @given(net_cases(max_depth=2))
 def test_per_example_grads_equal_vmap_of_grad(case):

@@ -116,6 +116,7 @@ class Gain:
         return {"g": jnp.sum(da * x, axis=0)}, da * params["g"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense", "conv", "attention", "embedding", "generic"])
 def test_one_pass_clipping_equals_two_pass_and_autodiff(kind):
     net, params, state, x, y = _net_case(kind)

@@ -119,6 +119,7 @@ def _reference_per_example(net, params, state, x, y):
     return jax.vmap(one)(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_every_feature_equals_autodiff(name):
     net, params, state, x, y = _case(name)

@@ -11,7 +11,8 @@ from purenet.testing import net_cases
 from tests.conftest import scaled
 
 
-@settings(max_examples=scaled(40))
+@pytest.mark.slow
+@settings(max_examples=scaled(25))
 @given(net_cases(dropout=True, batchnorm=True))
 def test_value_and_grad_with_dropout_and_batchnorm_matches_autodiff(case):
     params, state, x, y = case.data()

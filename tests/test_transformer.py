@@ -65,6 +65,7 @@ def test_embedding_backward_is_a_scatter_add_equal_to_autodiff(batch, t, d, head
     np.testing.assert_allclose(grads["E"], expected, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 @settings(max_examples=scaled(5))
 @given(**SIZES, causal=st.booleans(), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_attention_backward_matches_autodiff(batch, t, d, heads, causal, use_bias, seed):
