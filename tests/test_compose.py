@@ -64,7 +64,7 @@ def test_composed_networks_match_autodiff(case):
 
 
 @pytest.mark.slow
-@settings(max_examples=scaled(6))
+@settings(max_examples=scaled(4))
 @given(net_cases(max_depth=2, compose=True, sequences=True))
 def test_composed_per_example_grads_and_norms_equal_vmap_of_grad(case):
     params, state, x, y = case.data()

@@ -26,7 +26,7 @@ def _images(data, channels=None, ties=False):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=scaled(6))
+@settings(max_examples=scaled(4))
 @given(data=st.data())
 def test_conv2d_backward_matches_autodiff(impl, data):
     layer = pn.Conv2D(data.draw(st.sampled_from([1, 2, 4])), data.draw(KERNELS),

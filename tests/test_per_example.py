@@ -8,6 +8,7 @@ from hypothesis import given, settings
 
 import purenet as pn
 from purenet.testing import compare_trees, net_cases
+from tests.conftest import scaled
 
 
 def reference_per_example(case, params, state, x, y):
@@ -20,7 +21,7 @@ def reference_per_example(case, params, state, x, y):
 
 
 @pytest.mark.slow
-@settings(max_examples=10)
+@settings(max_examples=scaled(6))
 @given(net_cases(max_depth=2))
 def test_per_example_grads_equal_vmap_of_grad(case):
     params, state, x, y = case.data()

@@ -66,7 +66,7 @@ def test_embedding_backward_is_a_scatter_add_equal_to_autodiff(batch, t, d, head
 
 
 @pytest.mark.slow
-@settings(max_examples=scaled(5))
+@settings(max_examples=scaled(3))
 @given(**SIZES, causal=st.booleans(), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_attention_backward_matches_autodiff(batch, t, d, heads, causal, use_bias, seed):
     layer = pn.MultiHeadAttention(heads, causal=causal, use_bias=use_bias)
