@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from purenet import curvature
 from purenet.curvature import COLUMNS
-from purenet.layers import Sequential, base
+from purenet.layers import base
 from purenet.layers.base import Array, KFACBlocks, KFACFactors, LayerLike, PyTree, Visit, kfac_eligible, walk
 from purenet.losses import Loss
 from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
@@ -207,12 +207,13 @@ def _hessian_visit(per_example: bool) -> Visit:
 
 
 def _check_chain(net: Any) -> None:
-    """The Hessian walk appends columns, so branches (Residual, Parallel, GPT) cannot merge them."""
+    """The Hessian walk appends columns, which only chains (containers declaring `chain`, such as
+    Sequential) pass on; branches (Residual, Parallel, GPT) and Frozen cannot merge them."""
     if not base.is_container(net):
         return
-    if not isinstance(net, Sequential) and not net.freezes:
-        raise ValueError(f"hessian_diagonal runs through chains of layers (pn.Sequential, Frozen); "
-                         f"{type(net).__name__} merges branches, whose second-order terms it does not add; "
+    if not getattr(net, "chain", False):
+        raise ValueError(f"hessian_diagonal runs through chains of layers (pn.Sequential); "
+                         f"{type(net).__name__} does not pass its second-order columns on; "
                          f"pn.stats.ggn_diagonal works on any network")
     for child in net.children():
         _check_chain(child)

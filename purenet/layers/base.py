@@ -225,6 +225,9 @@ class Container(Layer):
     """
 
     freezes: ClassVar[bool] = False
+    # walk_back hands each stream from child to child untouched (a chain): walks whose streams are
+    # not arrays (pn.stats.hessian_diagonal's growing columns) run only through such containers
+    chain: ClassVar[bool] = False
 
     def children(self) -> tuple:
         raise NotImplementedError

@@ -1,6 +1,6 @@
 """Composition of layers, and the `mlp` builder."""
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ class Sequential(Container):
 
     layers: tuple
     in_shape: tuple | None
+    chain: ClassVar[bool] = True  # streams pass from layer to layer untouched
 
     def __init__(self, layers: Iterable[Any], in_shape: Any = None, *, in_dim: int | None = None) -> None:
         shape = in_shape if in_shape is not None else in_dim
