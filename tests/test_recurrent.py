@@ -228,13 +228,14 @@ def test_bad_inputs_name_the_layer_and_the_shape(kind):
         LAYERS[kind](4, init="nope")
 
 
-# Compiled temporary memory in units of one stacked (T, B, k) float32 gate array, below which the step
-# and the per-example norms must stay. With the bias added to the whole input projection before the
-# scan (one more such buffer, as before), they were 4.59 / 4.66 (LSTM) and 5.77 / 5.81 (GRU).
-MEMORY_UNITS = {"lstm": (4.0, 4.25), "gru": (5.4, 5.5)}
+# Compiled temporary memory in units of one stacked (T, B, 4h) float32 gate array, below which the
+# LSTM's step and per-example norms must stay. With the bias added to the whole input projection before
+# the scan (one more such buffer, as before) they were 4.59 and 4.66; now 3.59 and 3.89. (GRU, not
+# asserted, for suite time: 5.77 / 5.81 then, 5.10 / 5.19 now.)
+MEMORY_UNITS = {"lstm": (4.0, 4.25)}
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm"])
 def test_compiled_step_memory_is_below_autodiff_and_keeps_one_projection_buffer(kind):
     """The compiled value_and_grad's temporary memory (deterministic, from XLA) is below jax.grad's
     through the same forward scan, and it and the per-example norms' stay within MEMORY_UNITS: the
