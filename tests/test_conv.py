@@ -76,16 +76,28 @@ def test_cnn_per_example_grads_and_norms_equal_vmap_of_grad(case):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("out_channels", [2, 40])  # T (K + F) < K F picks the ghost norm (40); else dW_i (2)
-def test_conv_per_example_norms_both_ways(out_channels, impl):
+def test_conv_per_example_paths_in_chunks_equal_the_generic_default(out_channels, impl):
+    """Both ways of the norms (T = 9 output pixels). A batch of 37 on the CPU runs the per-example paths PER_EXAMPLE_CHUNK (16) examples at a time,
+    then the remaining 5: gradients and norms (both formulations, l2 = 0.1) equal the layer's own
+    backward vmapped over the examples, and dx the batch's backward."""
+    from purenet.layers import base, conv
+    assert conv.PER_EXAMPLE_CHUNK.get(jax.default_backend()) in (None, 16)
     layer = pn.Conv2D(out_channels, 3, padding="VALID", implementation=impl)
-    params, _, _ = layer.init(jax.random.key(0), (5, 5, 3))  # T = 9 output pixels
-    x = jax.random.normal(jax.random.key(1), (4, 5, 5, 3))
-    _, _, cache = layer.forward(params, {}, x)
-    dy = jax.random.normal(jax.random.key(2), (4, 3, 3, out_channels))
-    grads, _ = layer.per_example_backward(params, cache, dy)
-    sq, _ = layer.per_example_sq_norms(params, cache, dy, l2=0.1)
-    explicit = jnp.sum((grads["W"] + 0.1 * params["W"]) ** 2, axis=(1, 2, 3, 4)) + jnp.sum(grads["b"] ** 2, 1)
+    params, _, _ = layer.init(jax.random.key(0), (5, 5, 3))
+    x = jax.random.normal(jax.random.key(1), (37, 5, 5, 3))
+    dy = jax.random.normal(jax.random.key(2), (37, 3, 3, out_channels))
+
+    @jax.jit
+    def paths(params, x, dy):
+        _, _, cache = layer.forward(params, {}, x)
+        return (layer.per_example_backward(params, cache, dy), layer.per_example_sq_norms(params, cache, dy, 0.1),
+                base.generic_per_example_backward(layer, params, cache, dy), layer.backward(params, cache, dy)[1])
+
+    (grads, dx), (sq, dx2), (ref, _), dx_ref = paths(params, x, dy)
+    chex.assert_trees_all_close(grads, ref, rtol=1e-10, atol=1e-12)
+    explicit = jnp.sum((ref["W"] + 0.1 * params["W"]) ** 2, axis=(1, 2, 3, 4)) + jnp.sum(ref["b"] ** 2, 1)
     np.testing.assert_allclose(sq, explicit, rtol=1e-10)
+    chex.assert_trees_all_close((dx, dx2), (dx_ref, dx_ref), rtol=1e-12, atol=1e-12)
 
 
 def test_both_formulations_agree_and_auto_picks_one():

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from purenet import initializers
+from purenet import chunks, initializers
 from purenet.initializers import default_float
 from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree, Static, as_shape, feature_split
 from purenet.layers import dense
@@ -40,6 +40,11 @@ __all__ = [
 IMPLEMENTATIONS = ("auto", "im2col", "xla")
 # What Conv2D(implementation="auto") runs, per backend, from benchmarks/cnn.py (see Conv2D's docstring).
 _FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+# Examples per chunk of the per-example convolution paths (per-example gradients and norms), per
+# backend; absent: the whole batch at once. On a 2-core CPU the LeNet's second conv (14x14x16 -> 32,
+# 5x5) took 86-113 ms for the norms of a batch of 256 at once and 22 ms in chunks of 16 (25 in 32s, 47
+# in 64s): the batch's per-tap slices and products no longer fit in the caches. benchmarks/dp.py.
+PER_EXAMPLE_CHUNK: dict[str, int] = {"cpu": 16}
 
 
 # ---------------------------------------------------------------- geometry
@@ -399,14 +404,28 @@ class Conv2D(Layer):
             return [dw[:, t * c:(t + 1) * c] for t in range(len(g.taps()))], g
         return [_per_example_tap_grad(s, dy) for s in self._taps(W, cache, g)], g
 
+    def _in_chunks(self, fn: Any, cache: PyTree, dy: Array) -> Any:
+        """fn(cache, dy) -> per-example rows, evaluated PER_EXAMPLE_CHUNK examples at a time on the CPU
+        (`purenet.chunks.in_chunks`): the per-tap products of a whole large batch fall out of the
+        caches there, and in chunks they do not (see PER_EXAMPLE_CHUNK). Other backends: one call."""
+        chunk = PER_EXAMPLE_CHUNK.get(jax.default_backend())
+        if chunk is None or dy.shape[0] <= chunk:
+            return fn(cache, dy)
+        return chunks.in_chunks(lambda inputs, d, _: fn(_ConvCache(inputs, cache.in_hw), d), chunk,
+                                cache.inputs, dy)
+
     def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         """Example i's gradients: dW_i[tap] = S_tap,i^T g_i (summed over its output pixels), db_i = sum g_i."""
         W = params["W"]
-        taps, g = self._per_example_taps(W, cache, dy)
-        grads = {"W": jnp.stack(taps, axis=1).reshape(dy.shape[0], *W.shape)}
-        if self.use_bias:
-            grads["b"] = jnp.sum(dy, axis=(1, 2))
-        return grads, self._dx(W, cache, dy, g)
+
+        def grads_of(c: PyTree, d: Array) -> PyTree:
+            taps, _ = self._per_example_taps(W, c, d)
+            grads = {"W": jnp.stack(taps, axis=1).reshape(d.shape[0], *W.shape)}
+            if self.use_bias:
+                grads["b"] = jnp.sum(d, axis=(1, 2))
+            return grads
+
+        return self._in_chunks(grads_of, cache, dy), self._dx(W, cache, dy, self._geometry(cache.in_hw.value))
 
     def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         """||dW_i + l2 W||^2 + ||db_i||^2 without forming patches, whichever of two ways costs fewer flops.
@@ -420,9 +439,13 @@ class Conv2D(Layer):
         O(N T^2 (K + F)) flops and O(N T^2) memory, used when T (K + F) < K F:
         small late feature maps with wide kernels. The l2 cross term is
         <dW_i, W> = sum_t (p_t W2) . g_t = sum_t (y_t - b) . g_t, read off the forward.
+        On the CPU either runs on PER_EXAMPLE_CHUNK examples at a time.
         """
         W = params["W"]
         g = self._geometry(cache.in_hw.value)
+        return self._in_chunks(lambda c, d: self._sq_norms(W, c, d, g, l2), cache, dy), self._dx(W, cache, dy, g)
+
+    def _sq_norms(self, W: Array, cache: PyTree, dy: Array, g: Geometry, l2: Any) -> Array:
         n, t, k, f = dy.shape[0], math.prod(g.out_hw), W.size // W.shape[-1], W.shape[-1]
         if t * (k + f) < k * f:
             taps = self._taps(W, cache, g)
@@ -438,7 +461,7 @@ class Conv2D(Layer):
             sq = cast(Array, sum(jnp.sum((d + l2 * W[i, j]) ** 2, axis=(1, 2)) for (i, j), d in zip(g.taps(), formed)))
         if self.use_bias:
             sq = sq + jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=-1)
-        return sq, self._dx(W, cache, dy, g)
+        return sq
 
     def per_example_sq(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         """sum_i dW_i**2, sum_i db_i**2, dW_i formed one tap at a time."""
