@@ -77,9 +77,9 @@ def test_cnn_per_example_grads_and_norms_equal_vmap_of_grad(case):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("out_channels", [2, 40])  # T (K + F) < K F picks the ghost norm (40); else dW_i (2)
 def test_conv_per_example_paths_in_chunks_equal_the_generic_default(out_channels, impl):
-    """Both ways of the norms (T = 9 output pixels). A batch of 37 on the CPU runs the per-example paths PER_EXAMPLE_CHUNK (16) examples at a time,
-    then the remaining 5: gradients and norms (both formulations, l2 = 0.1) equal the layer's own
-    backward vmapped over the examples, and dx the batch's backward."""
+    """T = 9 output pixels, so both formulations of the norms. A batch of 37 on the CPU runs the
+    per-example paths PER_EXAMPLE_CHUNK (16) examples at a time, then the remaining 5: gradients and
+    norms (l2 = 0.1) equal the layer's own backward vmapped over the examples, and dx the batch's."""
     from purenet.layers import base, conv
     assert conv.PER_EXAMPLE_CHUNK.get(jax.default_backend()) in (None, 16)
     layer = pn.Conv2D(out_channels, 3, padding="VALID", implementation=impl)
