@@ -222,9 +222,10 @@ def per_example_norms_against_vmap(net, params, state, x, y, repeats, chunk_size
     contenders["vmap(jax.grad)"] = ref = jax.jit(vmap_grad)
     expected = ref(params, x, y)
     analyses = {}
-    for name, fn in contenders.items():
+    for name, fn in contenders.items():  # compiled once: the timed executable is the measured one
+        contenders[name] = fn = fn.lower(params, x, y).compile()
         np.testing.assert_allclose(fn(params, x, y), expected, rtol=1e-3, err_msg=name)
-        analyses[name] = fn.lower(params, x, y).compile().memory_analysis()
+        analyses[name] = fn.memory_analysis()
     times = {name: [] for name in contenders}
     for _ in range(repeats):  # interleaved: every contender once per repeat
         for name, fn in contenders.items():

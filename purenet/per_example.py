@@ -102,30 +102,23 @@ def per_example_grad_norms(net: LayerLike, params: PyTree, state: PyTree, x: Arr
 
 
 def _recording_visit(found: list) -> base.Visit:
-    """Per-example squared norms at each leaf, recording (layer, params, cache, dy) in walk order."""
+    """Per-example squared norms at each leaf, recording its w -> sum_i w_i g_i in walk order."""
     def leaf(layer, params, caches, dys):
         (cache,), (dy,) = caches, dys
-        sq, dx = base.per_example_sq_norms(layer, params, cache, dy, 0.0)
-        found.append((layer, params, cache, dy))
+        sq, dx, weighted_sum = base.sq_norms_and_weighted_sum(layer, params, cache, dy)
+        found.append(weighted_sum)
         return sq, (dx,)
     return base.Visit(leaf, lambda params, dys: jnp.zeros(dys[0].shape[:1], dys[0].dtype), shaped=False)
 
 
-def _rows(scale: Array, t: Array) -> Array:
-    return t * scale.reshape((-1,) + (1,) * (t.ndim - 1)).astype(t.dtype)
-
-
 def _one_pass_grads(net, p, found, scale):
-    """The clipped sum from the recorded output gradients, layer by layer: each layer's parameter
-    gradient is linear in its own dy, so backward(params, cache, scale * dy) is its part of
-    sum_i scale_i g_i. Placed like params by a walk in the same order (dx is unused: XLA drops it)."""
+    """The clipped sum from what the norms' walk recorded, layer by layer: each layer's parameter
+    gradient is linear in its own dy, so its part of sum_i scale_i g_i is its recorded weighted
+    sum at the scales (`base.sq_norms_and_weighted_sum`). Placed like params by a walk in the
+    same order."""
     it = iter(found)
-
-    def leaf(layer, params):
-        layer_, params_, cache, dy = next(it)
-        return layer_.backward(params_, cache, jax.tree_util.tree_map(lambda t: _rows(scale, t), dy))[0]
-
-    return p.grads(net, base.map_in_walk_order(p.body, leaf, p.body_params, base.zeros_like_tree))
+    return p.grads(net, base.map_in_walk_order(p.body, lambda layer, params: next(it)(scale), p.body_params,
+                                               base.zeros_like_tree))
 
 
 def _check_per_example(net, params, train):
@@ -160,7 +153,7 @@ def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key, one_pas
     if one_pass:
         grads = jax.tree_util.tree_map(lambda g: g / n, _one_pass_grads(net, p, found, scale))
     else:
-        grads = backward_pass(p, net, labels, seed=lambda dout: _rows(scale, dout))
+        grads = backward_pass(p, net, labels, seed=lambda dout: base.scale_rows(scale, dout))
     if weight is None:
         value = p.loss_fn.value(p.out, labels)
     else:

@@ -46,7 +46,7 @@ def _input(name, data):
 
 
 @pytest.mark.parametrize("name", sorted(NEW_LAYERS))
-@settings(max_examples=scaled(12))
+@settings(max_examples=scaled(6))
 @given(data=st.data())
 def test_new_layer_backward_matches_autodiff(name, data):
     layer = NEW_LAYERS[name](data)
@@ -55,7 +55,7 @@ def test_new_layer_backward_matches_autodiff(name, data):
     assert report.ok, str(report)
 
 
-@settings(max_examples=scaled(12))
+@settings(max_examples=scaled(6))
 @given(net_cases(compose=True, sequences=True))
 def test_composed_networks_match_autodiff(case):
     params, state, x, y = case.data()
@@ -64,7 +64,7 @@ def test_composed_networks_match_autodiff(case):
 
 
 @pytest.mark.slow
-@settings(max_examples=scaled(4))
+@settings(max_examples=scaled(2))
 @given(net_cases(max_depth=2, compose=True, sequences=True))
 def test_composed_per_example_grads_and_norms_equal_vmap_of_grad(case):
     params, state, x, y = case.data()

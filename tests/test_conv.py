@@ -26,7 +26,7 @@ def _images(data, channels=None, ties=False):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=scaled(4))
+@settings(max_examples=scaled(3))
 @given(data=st.data())
 def test_conv2d_backward_matches_autodiff(impl, data):
     layer = pn.Conv2D(data.draw(st.sampled_from([1, 2, 4])), data.draw(KERNELS),
@@ -51,7 +51,7 @@ POOLS = {
 
 
 @pytest.mark.parametrize("name", sorted(POOLS))
-@settings(max_examples=scaled(5))
+@settings(max_examples=scaled(3))
 @given(data=st.data())
 def test_pool_backward_matches_autodiff_including_ties(name, data):
     layer = POOLS[name](data)
@@ -59,7 +59,7 @@ def test_pool_backward_matches_autodiff_including_ties(name, data):
     assert pn.check_grads(layer, x).ok
 
 
-@settings(max_examples=scaled(5))
+@settings(max_examples=scaled(3))
 @given(net_cases(max_depth=3, images=True, batchnorm=True))
 def test_cnns_match_autodiff(case):
     params, state, x, y = case.data()
@@ -67,7 +67,7 @@ def test_cnns_match_autodiff(case):
     assert report.ok, f"{case}\n{report}"
 
 
-@settings(max_examples=scaled(3))
+@settings(max_examples=scaled(2))
 @given(net_cases(max_depth=2, images=True))
 def test_cnn_per_example_grads_and_norms_equal_vmap_of_grad(case):
     params, state, x, y = case.data()

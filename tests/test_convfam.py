@@ -45,7 +45,7 @@ def _layer_grads(layer, params, x, dy):
 CONV1D_PADDINGS = ["SAME", "VALID", "CAUSAL", 1, (2, 0)]
 
 
-@settings(max_examples=scaled(5))
+@settings(max_examples=scaled(3))
 @given(data=st.data())
 def test_conv1d_backward_matches_autodiff(data):
     layer = pn.Conv1D(data.draw(st.sampled_from([1, 3])), data.draw(st.sampled_from([1, 2, 3])),
@@ -105,7 +105,7 @@ def _conv_transpose(layer, params, x):
     return y + params["b"] if layer.use_bias else y
 
 
-@settings(max_examples=scaled(4))
+@settings(max_examples=scaled(3))
 @given(data=st.data())
 def test_conv_transpose_forward_and_backward_match_autodiff_of_lax_conv_transpose(data):
     layer = pn.ConvTranspose2D(data.draw(st.sampled_from([1, 3])), data.draw(st.sampled_from([1, 2, 3, (2, 3)])),
@@ -145,7 +145,7 @@ def test_upsample_matches_autodiff_of_repeat(data):
 # ---------------------------------------------------------------- GroupNorm
 
 
-@settings(max_examples=scaled(3))
+@settings(max_examples=scaled(2))
 @given(data=st.data())
 def test_group_norm_backward_matches_autodiff(data):
     shape = data.draw(st.sampled_from([(2, 6), (2, 3, 6), (1, 3, 4, 6)]))

@@ -67,7 +67,7 @@ def _rows_mean(tree):
     return jax.tree_util.tree_map(lambda t: jnp.mean(t, axis=0), tree)
 
 
-@settings(max_examples=scaled(4))
+@settings(max_examples=scaled(2))
 @pytest.mark.slow
 @given(activation=st.sampled_from(ACTIVATIONS), loss=st.sampled_from(sorted(LOSSES)),
        depth=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))

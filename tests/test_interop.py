@@ -60,7 +60,7 @@ def assert_bridge_matches_autodiff(case, train=False, key=None):
 
 # ---------------------------------------------------------------- as_function
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(net_cases(compose=True, sequences=True))
 def test_grad_through_the_bridge_equals_autodiff_of_forward(case):
     assert_bridge_matches_autodiff(case)
@@ -286,7 +286,7 @@ def assert_curvature_and_input_grad_match(case, train=False, key=None, ggn=True)
     assert_trees_close(gv, gv_ref, rtol=1e-9)
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(net_cases(compose=True, sequences=True))
 def test_hvp_ggn_vp_and_input_grad_equal_autodiff(case):
     assert_curvature_and_input_grad_match(case)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import purenet as pn
+from tests.conftest import scaled
 
 # A few sizes (1 included): every new shape costs a compile, the values vary freely.
 WIDTHS = st.sampled_from([1, 2, 5])
@@ -40,6 +41,7 @@ def _draw_input(data, allow_zeros=True):
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
+@settings(max_examples=scaled(20))
 @given(data=st.data())
 def test_layer_backward_matches_autodiff(name, data):
     layer = LAYERS[name](data)
@@ -49,7 +51,7 @@ def test_layer_backward_matches_autodiff(name, data):
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-@settings(max_examples=50)
+@settings(max_examples=scaled(20))
 @given(data=st.data())
 def test_layer_backward_is_linear_in_cotangent(name, data):
     layer = LAYERS[name](data)

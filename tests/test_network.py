@@ -19,7 +19,7 @@ def _check_case(case, train=False, key=None):
 
 
 @pytest.mark.slow
-@settings(max_examples=scaled(20))
+@settings(max_examples=scaled(10))
 @given(net_cases())
 def test_value_and_grad_matches_autodiff(case):
     _check_case(case)

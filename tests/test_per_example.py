@@ -21,7 +21,7 @@ def reference_per_example(case, params, state, x, y):
 
 
 @pytest.mark.slow
-@settings(max_examples=scaled(6))
+@settings(max_examples=scaled(3))
 @given(net_cases(max_depth=2))
 def test_per_example_grads_equal_vmap_of_grad(case):
     params, state, x, y = case.data()

@@ -93,6 +93,13 @@ def _net_case(kind):
         net = pn.gpt(vocab_size=7, context=4, layers=1, heads=2, features=4)
         x = jax.random.randint(k1, (6, 4), 0, 7)
         y, shape = jnp.roll(x, -1, 1), (4,)
+    elif kind == "recurrent":
+        net = pn.Sequential([pn.LSTM(3), pn.GRU(3), pn.Dense(3), pn.Softmax()])
+        x, y, shape = jax.random.normal(k1, (6, 3, 2)), jax.random.randint(k2, (6, 3), 0, 3), (3, 2)
+    elif kind == "llama":  # SwiGLU, RoPE and grouped-query attention, a logits model
+        net = pn.llama(vocab_size=7, context=4, layers=1, heads=2, features=4, kv_heads=1)
+        x = jax.random.randint(k1, (6, 4), 0, 7)
+        y, shape = jnp.roll(x, -1, 1), (4,)
     else:  # a layer with only init, forward, backward: the generic path
         net = pn.Sequential([Gain(), pn.Dense(3), pn.Softmax()])
         x, y, shape = jax.random.normal(k1, (6, 5)), jnp.array([0, 1, 2, 0, 1, 2]), 5
@@ -117,7 +124,7 @@ class Gain:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dense", "conv", "attention", "embedding", "generic"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "attention", "embedding", "recurrent", "llama", "generic"])
 def test_one_pass_clipping_equals_two_pass_and_autodiff(kind):
     net, params, state, x, y = _net_case(kind)
     per = jax.vmap(lambda xi, yi: jax.grad(lambda p: pn.loss(net, p, state, xi[None], yi[None])[0])(params))(x, y)
@@ -138,7 +145,7 @@ def test_one_pass_clipping_equals_two_pass_and_autodiff(kind):
     plain_ref = jax.tree_util.tree_map(
         lambda g: jnp.mean(g * jnp.minimum(1.0, clip / norms).reshape((-1,) + (1,) * (g.ndim - 1)), 0), per)
     chex.assert_trees_all_close(plain, plain_ref, rtol=1e-10, atol=1e-13)
-    other = x.at[1].set(x[4]) if kind == "embedding" else x.at[1].multiply(7.0)
+    other = x.at[1].set(x[4]) if kind in ("embedding", "llama") else x.at[1].multiply(7.0)
     _, moved, _ = pn.clipped_value_and_grad(net, params, state, other, y, clip_norm=clip, weight=weight,
                                             expected_batch_size=expected)
     chex.assert_trees_all_close(moved, got[True], rtol=1e-12, atol=1e-15)

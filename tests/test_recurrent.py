@@ -112,7 +112,7 @@ def _backward_and_autodiff(layer, params, x, cot):
     return (grads, dx), ref
 
 
-@settings(max_examples=scaled(4), deadline=None)
+@settings(max_examples=scaled(3), deadline=None)
 @given(kind=st.sampled_from(["lstm", "gru"]), batch=st.sampled_from(BATCHES), t=st.sampled_from(LENGTHS),
        d=st.sampled_from(WIDTHS), h=st.sampled_from(FEATURES), unroll=st.sampled_from([1, 2]),
        seed=st.integers(0, 2**16))
@@ -141,7 +141,7 @@ def _fast_and_generic(layer, params, x, dy, l2):
     return fast, slow, sq, sq_ref, (sq0, sq0_ref), layer.backward(params, cache, dy)[0]
 
 
-@settings(max_examples=scaled(5), deadline=None)
+@settings(max_examples=scaled(3), deadline=None)
 @given(kind=st.sampled_from(["lstm", "gru"]), shape=st.sampled_from([(1, 3, 4), (4, 2, 3), (2, 6, 1)]),
        h=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
 def test_fast_paths_equal_the_generic_default(kind, shape, h, seed):

@@ -12,7 +12,7 @@ from tests.conftest import scaled
 
 
 @pytest.mark.slow
-@settings(max_examples=scaled(15))
+@settings(max_examples=scaled(8))
 @given(net_cases(dropout=True, batchnorm=True))
 def test_value_and_grad_with_dropout_and_batchnorm_matches_autodiff(case):
     params, state, x, y = case.data()

@@ -57,19 +57,19 @@ def check_statistics(case):
             np.testing.assert_allclose(noise.b_simple, trace / g2, rtol=1e-6)
 
 
-@settings(max_examples=scaled(10))
+@settings(max_examples=scaled(6))
 @given(net_cases(max_depth=2))
 def test_statistics_equal_vmap_of_grad_on_mlps(case):
     check_statistics(case)
 
 
-@settings(max_examples=scaled(10))
+@settings(max_examples=scaled(6))
 @given(net_cases(max_depth=2, compose=True, sequences=True))
 def test_statistics_equal_vmap_of_grad_through_residual_parallel_norms_and_sequences(case):
     check_statistics(case)
 
 
-@settings(max_examples=scaled(6))
+@settings(max_examples=scaled(3))
 @given(net_cases(max_depth=2, images=True, batchnorm=True))
 def test_statistics_equal_vmap_of_grad_on_cnns(case):
     check_statistics(case)

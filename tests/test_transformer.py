@@ -48,7 +48,7 @@ SIZES = dict(batch=st.sampled_from([1, 2]), t=st.sampled_from([1, 3]), d=st.samp
 # ------------------------------------------------------------------ layers against jax.grad
 
 
-@settings(max_examples=scaled(4))
+@settings(max_examples=scaled(2))
 @given(**SIZES, seed=st.integers(0, 2**31 - 1))
 def test_embedding_backward_is_a_scatter_add_equal_to_autodiff(batch, t, d, heads, seed):
     del heads
@@ -66,7 +66,7 @@ def test_embedding_backward_is_a_scatter_add_equal_to_autodiff(batch, t, d, head
 
 
 @pytest.mark.slow
-@settings(max_examples=scaled(3))
+@settings(max_examples=scaled(2))
 @given(**SIZES, causal=st.booleans(), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_attention_backward_matches_autodiff(batch, t, d, heads, causal, use_bias, seed):
     layer = pn.MultiHeadAttention(heads, causal=causal, use_bias=use_bias)
@@ -86,7 +86,7 @@ def test_attention_key_bias_gradient_is_exactly_zero():
     assert np.all(np.asarray(grads["bk"]) == 0)
 
 
-@settings(max_examples=scaled(5))
+@settings(max_examples=scaled(3))
 @given(**SIZES, seed=st.integers(0, 2**31 - 1))
 def test_positional_embedding_matches_autodiff(batch, t, d, heads, seed):
     del heads
@@ -106,7 +106,7 @@ def _handwritten_and_autodiff(net, params, state, x, y, key, loss, train):
     return (value, grads), jax.value_and_grad(reference)(params)
 
 
-@settings(max_examples=scaled(4))
+@settings(max_examples=scaled(2))
 @given(transformer_cases(dropout=True))
 def test_transformer_networks_match_autodiff(case):
     params, state, x, y = case.data()
@@ -126,7 +126,7 @@ def _per_example_and_vmap(net, params, state, x, y, loss):
     return grads, norms, jax.vmap(one)(x, y)
 
 
-@settings(max_examples=scaled(3))
+@settings(max_examples=scaled(2))
 @given(transformer_cases(max_layers=1))
 def test_transformer_per_example_grads_and_norms_equal_vmap_of_grad(case):
     params, state, x, y = case.data()

@@ -14,7 +14,7 @@ The three input projections run as one matrix product x [Wq Wk Wv]; the
 core softmax(q k^T) v is `attention_kernels`' dense or blockwise form.
 """
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import attention_kernels as kernels
 from purenet.layers import dense
-from purenet.layers.base import Array, KFACBlocks, Layer, PyTree, Static, as_shape, kfac_key
+from purenet.layers.base import Array, KFACBlocks, Layer, PyTree, Static, as_shape, kfac_key, scale_rows
 
 __all__ = ["IMPLEMENTATIONS", "MultiHeadAttention", "rope", "rope_angles", "rope_backward"]
 
@@ -302,14 +302,17 @@ class MultiHeadAttention(Layer):
             out["bo"] = grads_out["b"]
         return {k: out[k] for k in params}  # params' own key order
 
-    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
+    def _grads(self, params, cache, dqkv, dy):
+        """The four projections' gradients from dL/d[q k v] and dy, and dx."""
         proj_out = dense.Dense(params["Wo"].shape[1], use_bias=self.use_bias)
         grads_out, _ = proj_out.backward({"W": params["Wo"]}, cache.o, dy)
-        dqkv = self._d_qkv(params, cache, dy)
         w = self._w_qkv(params)
         proj_in = dense.Dense(w.shape[1], use_bias=self.use_bias)
         grads_in, dx = proj_in.backward({"W": w}, cache.x, dqkv)
         return self._collect(params, grads_in, grads_out), dx
+
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
+        return self._grads(params, cache, self._d_qkv(params, cache, dy), dy)
 
     def _dx(self, params, dqkv):
         return lax.dot_general(dqkv, self._w_qkv(params), (((2,), (1,)), ((), ())))
@@ -349,3 +352,13 @@ class MultiHeadAttention(Layer):
         sq = (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias, l2)
               + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias, l2))
         return sq, self._dx(params, dqkv)
+
+    def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
+                                  dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
+        """One-pass clipping's pieces from one attention backward: dL/d[q k v] is linear in dy row
+        by row, so sum_i w_i g_i is the projections' gradients of the rescaled rows of it and of
+        dy; the scores are not recomputed a second time."""
+        dqkv = self._d_qkv(params, cache, dy)
+        sq = (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias)
+              + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias))
+        return sq, self._dx(params, dqkv), lambda w: self._grads(params, cache, *scale_rows(w, (dqkv, dy)))[0]

@@ -21,6 +21,7 @@ dy (its leading slice) is the gradient of example i's own loss:
     sq, dx      = per_example_sq_norms(layer, params, cache, dy, l2)  # ||g_i + l2 W||^2, (batch,)
     sq, dx      = per_example_sq(layer, params, cache, dy)         # sum_i g_i**2, like params
     gram, dxa, dxb = per_example_gram(layer, params, ca, dya, cb, dyb)  # (na, nb) <g_i, g_j>
+    sq, dx, wsum = sq_norms_and_weighted_sum(layer, params, cache, dy)  # wsum(w) = sum_i w_i g_i
 
 Each calls the layer's method of that name when it has one (a fast path:
 Dense's ghost norm, Conv2D's taps, ...), and otherwise the generic
@@ -86,8 +87,8 @@ __all__ = [
     "frozen_input_grads", "generic_per_example_backward", "generic_per_example_sq_norms", "has_params", "id_layer",
     "is_container", "kfac_eligible", "kfac_key", "kfac_pair", "layer_roles", "leaves", "map_leaves", "output_kind", "per_example_backward",
     "per_example_gram", "per_example_sq", "per_example_sq_columns", "per_example_sq_norms", "per_example_sum",
-    "positions", "roles", "sum_leaves", "Wrapper", "feature_split", "map_in_walk_order", "walk", "walk_leaves", "wide",
-    "zeros_like_tree",
+    "positions", "roles", "scale_rows", "sq_norms_and_weighted_sum", "sum_leaves", "Wrapper", "feature_split",
+    "map_in_walk_order", "walk", "walk_leaves", "wide", "zeros_like_tree",
 ]
 
 Array = jax.Array
@@ -530,6 +531,28 @@ def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
     if hasattr(layer, "per_example_sq_norms"):
         return layer.per_example_sq_norms(params, cache, dy, l2)
     return generic_per_example_sq_norms(layer, params, cache, dy, l2)
+
+
+def scale_rows(w: Array, t: PyTree) -> PyTree:
+    """Each array of t with row i (its leading slice) multiplied by w_i."""
+    return jax.tree_util.tree_map(lambda a: a * w.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), t)
+
+
+def sq_norms_and_weighted_sum(layer: Any, params: PyTree, cache: PyTree,
+                              dy: PyTree) -> tuple[Array, Any, Callable[[Array], PyTree]]:
+    """(||g_i||^2 per example, dx, w -> sum_i w_i g_i): the pieces of one-pass clipping.
+
+    g_i is linear in example i's rows of dy, so sum_i w_i g_i is the
+    parameter gradient of the rescaled rows w_i dy_i: by default the layer's
+    backward of them. A layer whose backward first maps dy to an inner
+    gradient (attention's dL/d[q k v], a recurrent layer's gate gradients)
+    says so with its own `sq_norms_and_weighted_sum`, which rescales that
+    inner gradient instead of running its backward twice.
+    """
+    if hasattr(layer, "sq_norms_and_weighted_sum"):
+        return layer.sq_norms_and_weighted_sum(params, cache, dy)
+    sq, dx = per_example_sq_norms(layer, params, cache, dy, 0.0)
+    return sq, dx, lambda w: layer.backward(params, cache, scale_rows(w, dy))[0]
 
 
 def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:

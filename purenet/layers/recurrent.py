@@ -20,7 +20,7 @@ product are `purenet.layers.dense.per_example_sq_norms`, applied to
 (x, dz) and (h_{t-1}, dz).
 """
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +156,20 @@ class _Recurrent(Layer):
         `purenet.layers.dense.per_example_sq_norms`)."""
         dx_in, dh_in = self._dz(params, cache, dy)
         return self._sq_norms(params, cache, dx_in, dh_in, l2), _dx(params, dx_in)
+
+    def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
+                                  dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
+        """One-pass clipping's pieces from one reverse scan: the step gradients dz are linear in
+        dy example by example, so sum_i w_i g_i is the batch gradient of the rescaled dz (its
+        batch axis is the second, time-major)."""
+        dx_in, dh_in = self._dz(params, cache, dy)
+
+        def weighted_sum(w: Array) -> PyTree:
+            over_batch = jnp.reshape(w, (1, -1, 1))
+            return self._grads(False, params, cache, dx_in * over_batch.astype(dx_in.dtype),
+                               dh_in * over_batch.astype(dh_in.dtype))
+
+        return self._sq_norms(params, cache, dx_in, dh_in, 0.0), _dx(params, dx_in), weighted_sum
 
     def cached_input(self, cache: PyTree) -> Array:
         """The layer's input, read from its cache (diagnostics' input_rms)."""

@@ -1,6 +1,6 @@
 """SwiGLU, the gated MLP of LLaMA-style blocks (Shazeer 2020), with its handwritten backward."""
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import dense
-from purenet.layers.base import Array, Layer, PyTree, as_shape
+from purenet.layers.base import Array, Layer, PyTree, as_shape, scale_rows
 
 __all__ = ["SwiGLU"]
 
@@ -89,12 +89,14 @@ class SwiGLU(Layer):
         h = self.hidden
         return {"W1": g_in["W"][..., :h], "W3": g_in["W"][..., h:], "W2": g_out["W"]}
 
-    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        dgates = self._d_gates(params, cache, dy)
+    def _grads(self, params, cache, dgates, dy):
         g_out, _ = dense.Dense(params["W2"].shape[1], use_bias=False).backward({"W": params["W2"]}, cache.u, dy)
         w_in = self._w_in(params)
         g_in, dx = dense.Dense(w_in.shape[1], use_bias=False).backward({"W": w_in}, cache.x, dgates)
         return self._collect(g_in, g_out), dx
+
+    def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
+        return self._grads(params, cache, self._d_gates(params, cache, dy), dy)
 
     def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         dgates = self._d_gates(params, cache, dy)
@@ -108,3 +110,12 @@ class SwiGLU(Layer):
         sq = (dense.per_example_sq_norms(cache.x, dgates, w_in, False, l2)
               + dense.per_example_sq_norms(cache.u, dy, params["W2"], False, l2))
         return sq, _t(dgates, w_in)
+
+    def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
+                                  dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
+        """One-pass clipping's pieces: sum_i w_i g_i from the rescaled rows of the gate gradients
+        and of dy, without a second dy W2^T."""
+        dgates, w_in = self._d_gates(params, cache, dy), self._w_in(params)
+        sq = (dense.per_example_sq_norms(cache.x, dgates, w_in, False)
+              + dense.per_example_sq_norms(cache.u, dy, params["W2"], False))
+        return sq, _t(dgates, w_in), lambda w: self._grads(params, cache, *scale_rows(w, (dgates, dy)))[0]
