@@ -349,9 +349,11 @@ class MultiHeadAttention(Layer):
         """The projections' ghost norms (see `purenet.layers.dense.per_example_sq_norms`); l2
         covers the four weight matrices (their role), not the biases."""
         dqkv = self._d_qkv(params, cache, dy)
-        sq = (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias, l2)
-              + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias, l2))
-        return sq, self._dx(params, dqkv)
+        return self._sq_norms(params, cache, dqkv, dy, l2), self._dx(params, dqkv)
+
+    def _sq_norms(self, params, cache, dqkv, dy, l2):
+        return (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias, l2)
+                + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias, l2))
 
     def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
                                   dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
@@ -359,6 +361,5 @@ class MultiHeadAttention(Layer):
         by row, so sum_i w_i g_i is the projections' gradients of the rescaled rows of it and of
         dy; the scores are not recomputed a second time."""
         dqkv = self._d_qkv(params, cache, dy)
-        sq = (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias)
-              + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias))
-        return sq, self._dx(params, dqkv), lambda w: self._grads(params, cache, *scale_rows(w, (dqkv, dy)))[0]
+        return (self._sq_norms(params, cache, dqkv, dy, 0.0), self._dx(params, dqkv),
+                lambda w: self._grads(params, cache, *scale_rows(w, (dqkv, dy)))[0])

@@ -106,16 +106,17 @@ class SwiGLU(Layer):
 
     def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
         """Dense's ghost norms of the two products (the l2 term over all three weights)."""
-        dgates, w_in = self._d_gates(params, cache, dy), self._w_in(params)
-        sq = (dense.per_example_sq_norms(cache.x, dgates, w_in, False, l2)
-              + dense.per_example_sq_norms(cache.u, dy, params["W2"], False, l2))
-        return sq, _t(dgates, w_in)
+        dgates = self._d_gates(params, cache, dy)
+        return self._sq_norms(params, cache, dgates, dy, l2), _t(dgates, self._w_in(params))
+
+    def _sq_norms(self, params, cache, dgates, dy, l2):
+        return (dense.per_example_sq_norms(cache.x, dgates, self._w_in(params), False, l2)
+                + dense.per_example_sq_norms(cache.u, dy, params["W2"], False, l2))
 
     def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
                                   dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
         """One-pass clipping's pieces: sum_i w_i g_i from the rescaled rows of the gate gradients
         and of dy, without a second dy W2^T."""
-        dgates, w_in = self._d_gates(params, cache, dy), self._w_in(params)
-        sq = (dense.per_example_sq_norms(cache.x, dgates, w_in, False)
-              + dense.per_example_sq_norms(cache.u, dy, params["W2"], False))
-        return sq, _t(dgates, w_in), lambda w: self._grads(params, cache, *scale_rows(w, (dgates, dy)))[0]
+        dgates = self._d_gates(params, cache, dy)
+        return (self._sq_norms(params, cache, dgates, dy, 0.0), _t(dgates, self._w_in(params)),
+                lambda w: self._grads(params, cache, *scale_rows(w, (dgates, dy)))[0])
