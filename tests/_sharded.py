@@ -1,7 +1,9 @@
 """Run by test_sharding.py in a subprocess with 8 forced CPU devices: parameters sharded over a mesh.
 
 Each check prints "ok <name>" (and "collectives <model> <strategy> {...}", the
-counts of the compiled training step's collectives); any failure raises.
+counts of the compiled training step's collectives); any failure raises. Arguments
+name the checks to run (mlp, cnn, gpt, dp, checkpoint; default all); checkpoint
+needs gpt.
 """
 import math
 import os
@@ -23,6 +25,10 @@ MESHES = {"fsdp": {"data": 8}, "tensor": {"data": 2, "model": 4}, "fsdp+tensor":
 WAYS = {"fsdp": 8, "tensor": 4, "fsdp+tensor": 8}  # how many parts the strategy splits a weight matrix into
 HLO = "--collectives" in sys.argv  # print the compiled step's collectives (benchmarks/sharding.py)
 only = set(sys.argv[1:]) - {"--collectives"}
+
+
+def selected(name):
+    return not only or name in only
 
 
 def rel(a, b):
@@ -51,7 +57,7 @@ MODELS = {
 }
 
 for model, (net, x, y) in MODELS.items():
-    if only and model not in only:
+    if not selected(model):
         continue
     params, state = pn.init(net, jax.random.key(0), in_shape=x.shape[1:])
     grad = jax.jit(lambda p, s, xx, yy: pn.value_and_grad(net, p, s, xx, yy, train=True))
@@ -104,59 +110,69 @@ for model, (net, x, y) in MODELS.items():
     if model == "gpt":
         gpt_result, gpt_params = many, params  # the last strategy's run: fsdp+tensor on the 2x4 mesh
 
-# the MLP under every strategy: per-example norms, DP-SGD and a float32 step equal one device
-net, x, y = MODELS["mlp"]
-params, state = pn.init(net, jax.random.key(0))
-norms = jax.jit(lambda p, xx, yy: pn.per_example_grad_norms(net, p, state, xx, yy))
-dp = pn.DPSGD(clip_norm=0.5, noise_multiplier=1.1, sampling="shuffle")
-kw = dict(key=jax.random.key(3), epochs=1, batch_size=16, params=params, state=state, dp=dp)
-dp_one = pn.fit(net, pn.optim.sgd(0.1), (x, y), **kw)
-p32, s32 = pn.init(net, jax.random.key(0), dtype=jnp.float32)
-kw32 = dict(key=jax.random.key(3), epochs=1, batch_size=16, params=p32, state=s32)
-one32 = pn.fit(net, pn.optim.adam(1e-2), (x.astype(np.float32), y), **kw32)
-for strategy, axes in MESHES.items():
-    mesh = pn.distributed.mesh(axes)
-    sharded = pn.distributed.shard_params(net, params, mesh, strategy)
-    got = norms(sharded, pn.distributed.shard_batch(x[:16], mesh), pn.distributed.shard_batch(y[:16], mesh))
-    assert rel(got, norms(params, x[:16], y[:16])) <= 1e-10, strategy
-    dp_many = pn.fit(net, pn.optim.sgd(0.1), (x, y), mesh=mesh, strategy=strategy, **kw)
-    assert rel(dp_many.params, dp_one.params) <= 1e-10, (strategy, rel(dp_many.params, dp_one.params))
-    many32 = pn.fit(net, pn.optim.adam(1e-2), (x.astype(np.float32), y), mesh=mesh, strategy=strategy, **kw32)
-    assert jax.tree_util.tree_leaves(many32.params)[0].dtype == jnp.float32
-    assert rel(many32.params, one32.params) <= 1e-5, (strategy, rel(many32.params, one32.params))
-check("dp and float32")
 
-# sharded checkpoints: save on the 2x4 mesh, restore on 8x1 and on one device, bit-identical
-net = MODELS["gpt"][0]
-tree = gpt_result.opt_state
-with tempfile.TemporaryDirectory() as tmp:
-    pn.distributed.save_sharded(tmp, tree)
-    pn.distributed.save_sharded(tmp, tree)  # a second save replaces the first's shard files
-    assert sorted(os.listdir(tmp))[0] == "index.ckpt" and len(os.listdir(tmp)) == 2, os.listdir(tmp)
-    mesh8 = pn.distributed.mesh({"data": 8})
-    back8 = pn.distributed.load_sharded(tmp, tree, pn.distributed.tree_shardings(net, tree, gpt_params, mesh8, "fsdp"))
-    back1 = pn.distributed.load_sharded(tmp, tree)
-    for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (tree, back8, back1))):
-        assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
-        assert len(c.devices()) == 1
-    assert back8.params[0]["body"][1][0][1]["Wq"].sharding.spec == jax.sharding.PartitionSpec("data", None)
-    assert type(back8) is type(tree)
-    shard = [f for f in os.listdir(tmp) if f.startswith("shards-")][0]
-    raw = open(os.path.join(tmp, shard), "rb").read()
-    for bad, what in ((raw[:-7], "truncated"), (raw[:-20] + bytes([raw[-20] ^ 1]) + raw[-19:], "checksum")):
-        with open(os.path.join(tmp, shard), "wb") as f:
-            f.write(bad)
+def check_dp():
+    """The MLP under every strategy: per-example norms, DP-SGD and a float32 step equal one device."""
+    net, x, y = MODELS["mlp"]
+    params, state = pn.init(net, jax.random.key(0))
+    norms = jax.jit(lambda p, xx, yy: pn.per_example_grad_norms(net, p, state, xx, yy))
+    dp = pn.DPSGD(clip_norm=0.5, noise_multiplier=1.1, sampling="shuffle")
+    kw = dict(key=jax.random.key(3), epochs=1, batch_size=16, params=params, state=state, dp=dp)
+    dp_one = pn.fit(net, pn.optim.sgd(0.1), (x, y), **kw)
+    p32, s32 = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+    kw32 = dict(key=jax.random.key(3), epochs=1, batch_size=16, params=p32, state=s32)
+    one32 = pn.fit(net, pn.optim.adam(1e-2), (x.astype(np.float32), y), **kw32)
+    for strategy, axes in MESHES.items():
+        mesh = pn.distributed.mesh(axes)
+        sharded = pn.distributed.shard_params(net, params, mesh, strategy)
+        got = norms(sharded, pn.distributed.shard_batch(x[:16], mesh), pn.distributed.shard_batch(y[:16], mesh))
+        assert rel(got, norms(params, x[:16], y[:16])) <= 1e-10, strategy
+        dp_many = pn.fit(net, pn.optim.sgd(0.1), (x, y), mesh=mesh, strategy=strategy, **kw)
+        assert rel(dp_many.params, dp_one.params) <= 1e-10, (strategy, rel(dp_many.params, dp_one.params))
+        many32 = pn.fit(net, pn.optim.adam(1e-2), (x.astype(np.float32), y), mesh=mesh, strategy=strategy, **kw32)
+        assert jax.tree_util.tree_leaves(many32.params)[0].dtype == jnp.float32
+        assert rel(many32.params, one32.params) <= 1e-5, (strategy, rel(many32.params, one32.params))
+    check("dp and float32")
+
+
+def check_checkpoint(gpt_result, gpt_params):
+    """Sharded checkpoints: save on the 2x4 mesh, restore on 8x1 and on one device, bit-identical."""
+    net = MODELS["gpt"][0]
+    tree = gpt_result.opt_state
+    with tempfile.TemporaryDirectory() as tmp:
+        pn.distributed.save_sharded(tmp, tree)
+        pn.distributed.save_sharded(tmp, tree)  # a second save replaces the first's shard files
+        assert sorted(os.listdir(tmp))[0] == "index.ckpt" and len(os.listdir(tmp)) == 2, os.listdir(tmp)
+        mesh8 = pn.distributed.mesh({"data": 8})
+        back8 = pn.distributed.load_sharded(tmp, tree, pn.distributed.tree_shardings(net, tree, gpt_params, mesh8, "fsdp"))
+        back1 = pn.distributed.load_sharded(tmp, tree)
+        for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (tree, back8, back1))):
+            assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+            assert len(c.devices()) == 1
+        assert back8.params[0]["body"][1][0][1]["Wq"].sharding.spec == jax.sharding.PartitionSpec("data", None)
+        assert type(back8) is type(tree)
+        shard = [f for f in os.listdir(tmp) if f.startswith("shards-")][0]
+        raw = open(os.path.join(tmp, shard), "rb").read()
+        for bad, what in ((raw[:-7], "truncated"), (raw[:-20] + bytes([raw[-20] ^ 1]) + raw[-19:], "checksum")):
+            with open(os.path.join(tmp, shard), "wb") as f:
+                f.write(bad)
+            try:
+                pn.distributed.load_sharded(tmp, tree)
+            except pn.CheckpointError as e:
+                assert shard in str(e), e
+            else:
+                sys.exit(f"a {what} shard file loaded")
+        os.remove(os.path.join(tmp, shard))
         try:
             pn.distributed.load_sharded(tmp, tree)
         except pn.CheckpointError as e:
-            assert shard in str(e), e
+            assert "is missing" in str(e), e
         else:
-            sys.exit(f"a {what} shard file loaded")
-    os.remove(os.path.join(tmp, shard))
-    try:
-        pn.distributed.load_sharded(tmp, tree)
-    except pn.CheckpointError as e:
-        assert "is missing" in str(e), e
-    else:
-        sys.exit("a missing shard file loaded")
-check("checkpoint")
+            sys.exit("a missing shard file loaded")
+    check("checkpoint")
+
+
+if selected("dp"):
+    check_dp()
+if selected("checkpoint"):  # needs "gpt"
+    check_checkpoint(gpt_result, gpt_params)

@@ -1,4 +1,5 @@
-"""The benchmark runner's smoke mode: every case runs (speed is not asserted here)."""
+"""The benchmarks' smoke modes: every case runs (speed is not asserted here). Each is a whole benchmark
+process, so all but the shortest are marked slow: `python -m pytest -m slow` runs them."""
 import importlib.util
 import json
 import subprocess
@@ -26,6 +27,7 @@ def test_benchmark_smoke_mode_runs_every_case(tmp_path):
     assert 0 < step["purenet"]["fraction_of_own_peak"]
 
 
+@pytest.mark.slow
 def test_gpu_mode_runs_its_bfloat16_steps_on_the_cpu(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--gpu", "--steps-only", "--frameworks",
                           "purenet", "jax.grad + purenet adam", "jax.grad + optax", "--json", str(tmp_path / "g.json")],
@@ -39,6 +41,7 @@ def test_gpu_mode_runs_its_bfloat16_steps_on_the_cpu(tmp_path):
     assert "epoch_scan_vs_loop" not in results  # --steps-only
 
 
+@pytest.mark.slow
 def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.gpt", "--smoke", "--json", str(tmp_path / "g.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -49,6 +52,7 @@ def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
         assert results[name]["median_s"] > 0 and results[name]["temp_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_recurrent_benchmark_smoke_mode_runs_every_contender(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.recurrent", "--smoke", "--json", str(tmp_path / "r.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -97,6 +101,7 @@ def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
+@pytest.mark.slow
 def test_gpt_whole_run_benchmark_smoke_mode_runs_both_processes(tmp_path):
     if not SHAKESPEARE.exists():
         pytest.skip(f"the shared data file {SHAKESPEARE} is not there")
@@ -140,6 +145,7 @@ def test_dp_benchmark_smoke_mode_runs_every_case(tmp_path):
         assert results[mode]["over_purenet_dp"] > 0
 
 
+@pytest.mark.slow
 def test_attention_benchmark_smoke_mode_runs_every_case(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--smoke", "--json", str(tmp_path / "a.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -203,7 +203,8 @@ CNN = pn.Sequential([pn.Conv2D(3, 3, padding="VALID"), pn.Sigmoid(), pn.MaxPool2
                      pn.Conv2D(4, 2, padding="VALID"), pn.Tanh(), pn.Flatten(), pn.Dense(3)])
 
 
-@pytest.mark.parametrize("model, loss", [("mlp", "cross_entropy"), ("mlp", "mse"), ("cnn", "cross_entropy")])
+@pytest.mark.parametrize("model, loss", [("mlp", "cross_entropy"), ("mlp", "mse"),
+                                         pytest.param("cnn", "cross_entropy", marks=pytest.mark.slow)])
 def test_against_backpack(model, loss):
     """Same weights in PyTorch. BackPACK's MSELoss(reduction="sum") is N times purenet's "mse" (a mean
     over examples); its per-sample quantities are each example's term of the batch loss, 1/N of
@@ -328,6 +329,7 @@ def test_kfac_optimizer_defaults_to_the_true_fisher_and_updates_factors_every_k_
     np.testing.assert_allclose(seen[0], first.G, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_attention_projections_get_kfac_factors_by_their_definition(tmp_path):
     """Wq, Wk, Wv, Wo are four Dense maps over the positions: A = E[a a^T] of their inputs (a = [x, 1]),
     G = (1/N) sum_{i,t} dz dz^T of dL/dz at their outputs, dz from autodiff of the attention math."""

@@ -12,7 +12,6 @@ import purenet as pn
 SCRIPT = Path(__file__).with_name("_multidevice.py")
 
 
-@pytest.mark.slow
 def test_sharded_training_equals_single_device_training():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=900)

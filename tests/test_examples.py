@@ -34,18 +34,23 @@ def test_backprop_walkthrough_rejects_unknown_weights():
         run_example("backprop_walkthrough.py", "--weight", "w155")
 
 
+def slow(*case):
+    """A whole script in a subprocess: out of the default run, in `pytest -m slow`."""
+    return pytest.param(*case, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("script,png,expect", [
-    ("train_digits.py", "digits_curves.png", "test accuracy:"),
-    ("sweep_lr_seed.py", "sweep_lr_seed.png", "best learning rate"),
-    ("regularization_study.py", "regularization_study.png", "batch norm"),
-    ("compare_optimizers.py", "optimizers.png", "Nesterov"),
-    ("init_activation_study.py", "init_activation.png", "leaky_relu"),
-    ("vanishing_gradients.py", "vanishing_gradients.png", "first/last layer gradient norm"),
-    ("deep_residual.py", "deep_residual.png", "residual relu"),
-    ("adversarial_digits.py", "adversarial_digits.png", "input_grad vs autodiff through pn.as_function"),
-    ("hessian_spectrum.py", "hessian_spectrum.png", "sharpness at the end"),
-    ("data_attribution.py", "data_attribution.png", "top proponents labelled with the true digit"),
-    ("custom_layer.py", "custom_layer.png", "diagnostics report ['0: LowRankDense', '1: Dense']"),
+    ("train_digits.py", "digits_curves.png", "test accuracy:"),  # the README's main job: in every run
+    slow("sweep_lr_seed.py", "sweep_lr_seed.png", "best learning rate"),
+    slow("regularization_study.py", "regularization_study.png", "batch norm"),
+    slow("compare_optimizers.py", "optimizers.png", "Nesterov"),
+    slow("init_activation_study.py", "init_activation.png", "leaky_relu"),
+    slow("vanishing_gradients.py", "vanishing_gradients.png", "first/last layer gradient norm"),
+    slow("deep_residual.py", "deep_residual.png", "residual relu"),
+    slow("adversarial_digits.py", "adversarial_digits.png", "input_grad vs autodiff through pn.as_function"),
+    slow("hessian_spectrum.py", "hessian_spectrum.png", "sharpness at the end"),
+    slow("data_attribution.py", "data_attribution.png", "top proponents labelled with the true digit"),
+    slow("custom_layer.py", "custom_layer.png", "diagnostics report ['0: LowRankDense', '1: Dense']"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):
     cache = ["--cache", str(tmp_path / "xla")] if script == "train_digits.py" else []  # the main job's option
@@ -57,22 +62,23 @@ def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, ex
 
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
+IMAGES = MNIST / "t10k-images-idx3-ubyte.gz"
 
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 @pytest.mark.parametrize("script,data,expect", [
-    ("mnist_mlp.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out accuracy"]),
-    ("mnist_cnn.py", MNIST / "t10k-images-idx3-ubyte.gz", ["images of shape (28, 28, 1)", "held-out accuracy"]),
-    ("mnist_autoencoder.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out reconstruction error"]),
-    ("noise_scale.py", MNIST / "t10k-images-idx3-ubyte.gz", ["B_simple", "x the minimum steps"]),
-    ("dp_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["noise multiplier for epsilon 3.0", "final: epsilon"]),
-    ("kfac_mnist.py", MNIST / "t10k-images-idx3-ubyte.gz", ["held-out accuracy per epoch", "K-FAC step / Adam step"]),
-    ("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
-    ("shakespeare_lstm.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
-    ("long_context.py", SHAKESPEARE, ["compiled temporary memory", "Training at context 128, blockwise",
-                                      "validation loss at context 128", "key/value cache"]),
+    ("mnist_mlp.py", IMAGES, ["held-out accuracy"]),  # reads the shared data: in every run
+    slow("mnist_cnn.py", IMAGES, ["images of shape (28, 28, 1)", "held-out accuracy"]),
+    slow("mnist_autoencoder.py", IMAGES, ["held-out reconstruction error"]),
+    slow("noise_scale.py", IMAGES, ["B_simple", "x the minimum steps"]),
+    slow("dp_mnist.py", IMAGES, ["noise multiplier for epsilon 3.0", "final: epsilon"]),
+    slow("kfac_mnist.py", IMAGES, ["held-out accuracy per epoch", "K-FAC step / Adam step"]),
+    slow("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
+    slow("shakespeare_lstm.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
+    slow("long_context.py", SHAKESPEARE, ["compiled temporary memory", "Training at context 128, blockwise",
+                                          "validation loss at context 128", "key/value cache"]),
 ])
 def test_example_on_shared_data_in_fast_mode(tmp_path, script, data, expect):
     if not data.exists():
@@ -88,6 +94,7 @@ def test_mnist_example_says_how_to_point_it_at_data(tmp_path):
         run_example("mnist_mlp.py", "--data", str(tmp_path), tmp_path=tmp_path)
 
 
+@pytest.mark.slow
 def test_data_parallel_example_on_8_fake_devices_and_as_a_multihost_dry_run(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     out = run_example("data_parallel.py", tmp_path=tmp_path)
@@ -107,6 +114,7 @@ def _shakespeare_module(monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_shakespeare_steps_in_parts_equal_whole_batches_and_estimates_average_their_batches(monkeypatch):
     """The example's side-by-side halves give the whole batch's training run; its estimates are
     the mean loss over exactly the windows they draw."""

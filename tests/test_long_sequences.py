@@ -226,7 +226,7 @@ def test_cross_entropy_on_a_logits_network_is_fused_and_stable():
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 
-@pytest.mark.parametrize("model", ["gpt", "llama"])
+@pytest.mark.parametrize("model", [pytest.param("gpt", marks=pytest.mark.slow), "llama"])
 def test_cached_generation_equals_uncached_token_for_token(model):
     net = pn.gpt(11, 8, 2, 2, 8) if model == "gpt" else pn.llama(11, 8, 2, 4, 16, kv_heads=2)
     params, state = pn.init(net, jax.random.key(0))

@@ -95,7 +95,7 @@ CNN = pn.Sequential([pn.Conv2D(3, 3, implementation="im2col"), pn.ReLU(), pn.Max
                      pn.Softmax()], in_shape=(6, 6, 2))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 4, 8, 100])
+@pytest.mark.parametrize("chunk_size", [3, 100, *(pytest.param(n, marks=pytest.mark.slow) for n in (1, 4, 8))])
 def test_chunks_give_the_whole_batch_norms_and_clipped_gradient(chunk_size):
     params, state = pn.init(CNN, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (8, 6, 6, 2))
@@ -127,6 +127,7 @@ def test_chunks_shrink_the_working_set_and_bad_sizes_are_named():
             pn.DPSGD(1.0, chunk_size=bad)
 
 
+@pytest.mark.slow
 def test_fit_with_chunked_dp_sgd_equals_the_whole_batch():
     data = pn.datasets.digits()
     net = pn.mlp([64, 16, 10])

@@ -35,6 +35,19 @@ def test_tf_privacy_mnist_numbers():
     np.testing.assert_allclose(privacy.epsilon(sigma, q, steps, delta, "rdp"), 2.52, atol=0.01)
 
 
+@pytest.mark.parametrize("q,sigma,steps,delta", SETTINGS[1:])
+def test_pld_epsilon_is_exactly_dp_accountings_pld_accountant(q, sigma, steps, delta):
+    """privacy.epsilon builds the one-step distribution once per (sigma, q) and composes it; the number
+    is the PLDAccountant's own, to the bit, at every step count (fit asks for one after each epoch)."""
+    import dp_accounting as dp
+
+    event = dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(sigma))
+    for n in (1, steps // 3, steps):
+        accountant = dp.pld.PLDAccountant()
+        accountant.compose(dp.SelfComposedDpEvent(event, n))
+        assert privacy.epsilon(sigma, q, n, delta) == accountant.get_epsilon(delta)
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_noise_multiplier_for_inverts_epsilon(accountant):
     q, steps, delta = 0.02, 500, 1e-5

@@ -159,7 +159,7 @@ def test_every_feature_equals_autodiff(name):
                                 rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["sequential", "sequence"])
+@pytest.mark.parametrize("name", ["sequential", pytest.param("sequence", marks=pytest.mark.slow)])
 def test_hvp_diagnostics_and_checkpoint(name, tmp_path):
     net, params, state, x, y = _case(name)
     v = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.3), params)

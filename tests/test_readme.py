@@ -1,4 +1,5 @@
-"""The README's Python snippets run as written."""
+"""The README's Python snippets run as written. A snippet under a `<!-- test: slow -->` line (one that
+trains or runs the heavier estimators op by op) is marked slow: `python -m pytest -m slow` runs it."""
 import re
 from pathlib import Path
 
@@ -7,14 +8,16 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+FOUND = re.findall(r"(<!-- test: slow -->\n)?```python\n(.*?)```", README, flags=re.S)
+SNIPPETS = [code for _, code in FOUND]
 
 
 CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                  "jax_persistent_cache_min_entry_size_bytes")
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+@pytest.mark.parametrize("index", [pytest.param(i, marks=[pytest.mark.slow] if slow else [])
+                                   for i, (slow, _) in enumerate(FOUND)])
 def test_readme_snippet_runs(index):
     saved = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
     try:

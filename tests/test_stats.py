@@ -124,7 +124,8 @@ def first_layer_reference(net, params, state, x, y, loss):
     (pn.Dense(4), (5,)),
     (pn.Dense(4), (3, 5)),  # positions
     (pn.Conv2D(3, 3, strides=2, implementation="im2col"), (5, 6, 2)),
-    (pn.Conv2D(3, (2, 3), dilation=2, padding="VALID", implementation="xla"), (5, 6, 2)),
+    pytest.param(pn.Conv2D(3, (2, 3), dilation=2, padding="VALID", implementation="xla"), (5, 6, 2),
+                 marks=pytest.mark.slow),
 ])
 def test_kfac_factors_equal_their_definition(first, in_shape):
     net = pn.Sequential([first, pn.Tanh(), pn.Flatten(), pn.Dense(3), pn.Softmax()], in_shape=in_shape)
