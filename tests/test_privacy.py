@@ -136,8 +136,25 @@ class Gain:
         return {"g": jnp.sum(da * x, axis=0)}, da * params["g"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dense", "conv", "attention", "embedding", "recurrent", "llama", "generic"])
+@pytest.mark.parametrize("features,shape", [(3, (4,)), (5, (3, 4)), (9, (1, 8))])
+def test_dense_one_pass_pieces_are_the_per_example_gradients(features, shape):
+    """Rows; positions with dW_i formed once (in * out <= 2 T (in + out)); positions with the Gram ghost
+    norm and the backward of the rescaled dy (wider than that): the norms, dx and sum_i w_i g_i."""
+    layer = pn.Dense(features)
+    params, _, out = layer.init(jax.random.key(0), shape, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, *shape), jnp.float64)
+    dy = jax.random.normal(jax.random.key(2), (3, *out), jnp.float64)
+    w = jnp.array([0.5, 1.0, 0.25])
+    sq, dx, weighted_sum = pn.layers.base.sq_norms_and_weighted_sum(layer, params, x, dy)
+    grads = pn.layers.base.generic_per_example_backward(layer, params, x, dy)[0]
+    np.testing.assert_allclose(sq, sum(jnp.sum(g.reshape(3, -1) ** 2, 1) for g in grads.values()), rtol=1e-12)
+    np.testing.assert_allclose(dx, layer.backward(params, x, dy)[1], rtol=1e-12)
+    chex.assert_trees_all_close(weighted_sum(w), {k: jnp.tensordot(w, g, axes=1) for k, g in grads.items()},
+                                rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["dense", "generic", *(pytest.param(kind, marks=pytest.mark.slow) for kind in
+                                                         ("conv", "attention", "embedding", "recurrent", "llama"))])
 def test_one_pass_clipping_equals_two_pass_and_autodiff(kind):
     net, params, state, x, y = _net_case(kind)
     per = jax.vmap(lambda xi, yi: jax.grad(lambda p: pn.loss(net, p, state, xi[None], yi[None])[0])(params))(x, y)
