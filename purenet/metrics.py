@@ -31,6 +31,8 @@ def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size:
 
 def _labels(y):
     y = jnp.asarray(y)
+    if y.ndim == 2 and y.shape[-1] == 1:  # one unit's targets (binary cross-entropy's (n, 1)): class 1 above 1/2
+        return (y[:, 0] > 0.5).astype(jnp.int32)
     return jnp.argmax(y, axis=-1) if y.ndim == 2 else y
 
 
@@ -43,17 +45,29 @@ def predicted_classes(net: LayerLike, params: PyTree, state: PyTree, x: Array, b
     if isinstance(head, (Softmax, Sigmoid)):
         seq = cast(Sequential, net)  # head is only set for a Sequential
         net, params, state = Sequential(seq.layers[:-1], in_shape=seq.in_shape), params[:-1], state[:-1]
-    out = predict(net, params, state, x, batch_size)
+    return classes_of(predict(net, params, state, x, batch_size), head)
+
+
+def classes_of(out: Array, head: Any = None) -> Array:
+    """The classes `predicted_classes` reads from outputs: argmax over several units; one unit is
+    class 1 when its logit is > 0 (`head` a Sigmoid that was left out), its value > 1/2 (no such
+    head), or always (a Softmax over one unit is 1 everywhere)."""
     if out.shape[-1] > 1:
         return jnp.argmax(out, axis=-1)
-    if isinstance(head, Softmax):  # a softmax over one unit is 1 everywhere
+    if isinstance(head, Softmax):
         return jnp.ones(out.shape[0], jnp.int32)
     return (out[:, 0] > (0.0 if isinstance(head, Sigmoid) else 0.5)).astype(jnp.int32)
 
 
 def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, batch_size: int = 1024) -> Array:
     """Fraction of rows whose most probable class is the label (labels or distributions)."""
-    return jnp.mean(predicted_classes(net, params, state, x, batch_size) == _labels(y))
+    return jnp.mean(predicted_classes(net, params, state, x, batch_size) == labels_of(y))
+
+
+def labels_of(y: Any) -> Array:
+    """Class labels from labels, from distributions over the classes (their argmax), or from one
+    unit's (n, 1) targets (class 1 where the target is above 1/2)."""
+    return _labels(y)
 
 
 def confusion_matrix(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, num_classes: int,

@@ -359,3 +359,24 @@ def test_progress_bar_shows_the_metrics(small, capsys):
            validation=(x[:40], y[:40]), progress=True)
     err = capsys.readouterr().err
     assert "2/2" in err and "val_accuracy=" in err and "loss=" in err
+
+
+@pytest.mark.parametrize("net,loss,classes", [
+    (pn.mlp([8, 6, 3], hidden="tanh"), "cross_entropy", 3),  # fused: one pass over the logits
+    (pn.Sequential([pn.Dense(6), pn.BatchNorm(), pn.Tanh(), pn.Dense(1), pn.Sigmoid()]), "binary_cross_entropy", 2),
+    (pn.mlp([8, 6, 3], hidden="tanh"), "mse", 3),  # not fused: the probabilities, accuracy's own pass
+])
+def test_validation_pass_equals_the_loss_and_the_accuracy(net, loss, classes):
+    """fit's one chunked validation pass (300 rows: chunks of 128 and padding) gives what pn.loss and
+    pn.metrics.accuracy give on the whole set."""
+    from purenet.training.loop import evaluate
+
+    params, state = pn.init(net, jax.random.key(0), in_shape=(8,))
+    x = jax.random.normal(jax.random.key(1), (300, 8), jnp.float64)
+    labels = jnp.arange(300) % classes
+    y = jax.nn.one_hot(labels, 3) if loss == "mse" else labels[:, None].astype(x.dtype) if classes == 2 else labels
+    got = jax.jit(lambda p: evaluate(net, p, state, (x, y), loss))(params)
+    np.testing.assert_allclose(got["val_loss"], pn.loss(net, params, state, x, y, loss=loss)[0], rtol=1e-12)
+    assert got["val_accuracy"] == pn.metrics.accuracy(net, params, state, x, y)
+    explicit = jnp.mean(pn.metrics.predicted_classes(net, params, state, x) == labels)
+    assert got["val_accuracy"] == explicit and 0.1 < float(explicit) < 0.9  # (n, 1) targets read as 0/1 labels
