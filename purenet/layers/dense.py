@@ -124,9 +124,10 @@ class Dense(Layer):
             return sq, dx, lambda w: self.backward(params, x, scale_rows(w, dy))[0]
         acc = jnp.promote_types(dy3.dtype, jnp.float32)  # bfloat16 activations sum over T positions in float32
         grads = {"W": jnp.einsum("bti,btj->bij", x3, dy3, preferred_element_type=acc)}
+        sq = jnp.sum(grads["W"] ** 2, axis=(1, 2))
         if self.use_bias:
             grads["b"] = jnp.sum(dy3, axis=1, dtype=acc)
-        sq = sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in grads.values())
+            sq = sq + jnp.sum(grads["b"] ** 2, axis=1)
 
         def weighted_sum(w: Array) -> PyTree:
             return {k: jnp.tensordot(w.astype(acc), g, axes=1).astype(params[k].dtype) for k, g in grads.items()}
