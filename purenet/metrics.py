@@ -29,13 +29,6 @@ def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size:
     return out.reshape((chunks * size,) + out.shape[2:])[:n]
 
 
-def _labels(y):
-    y = jnp.asarray(y)
-    if y.ndim == 2 and y.shape[-1] == 1:  # one unit's targets (binary cross-entropy's (n, 1)): class 1 above 1/2
-        return (y[:, 0] > 0.5).astype(jnp.int32)
-    return jnp.argmax(y, axis=-1) if y.ndim == 2 else y
-
-
 def predicted_classes(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size: int = 1024) -> Array:
     """The most probable class of each row: argmax of the outputs, or for a
     single output unit, class 1 when p > 1/2. A final Softmax or Sigmoid is
@@ -67,14 +60,17 @@ def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, ba
 def labels_of(y: Any) -> Array:
     """Class labels from labels, from distributions over the classes (their argmax), or from one
     unit's (n, 1) targets (class 1 where the target is above 1/2)."""
-    return _labels(y)
+    y = jnp.asarray(y)
+    if y.ndim == 2 and y.shape[-1] == 1:  # one unit's targets (binary cross-entropy's (n, 1)): class 1 above 1/2
+        return (y[:, 0] > 0.5).astype(jnp.int32)
+    return jnp.argmax(y, axis=-1) if y.ndim == 2 else y
 
 
 def confusion_matrix(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, num_classes: int,
                      batch_size: int = 1024) -> Array:
     """C[i, j] = number of examples of class i predicted as class j."""
     pred = predicted_classes(net, params, state, x, batch_size)
-    return jnp.zeros((num_classes, num_classes), jnp.int32).at[_labels(y), pred].add(1)
+    return jnp.zeros((num_classes, num_classes), jnp.int32).at[labels_of(y), pred].add(1)
 
 
 def per_class_accuracy(confusion: Array) -> Array:

@@ -103,12 +103,13 @@ def _prepare(net: Any, loss: Any) -> tuple[Any, bool, losses.Loss]:
     return body, fused, losses.LOSSES_FROM_LOGITS[loss] if fused else chosen
 
 
-def evaluation_body(net: Any, params: PyTree, state: PyTree, loss: Any) -> tuple[Any, PyTree, PyTree, losses.Loss, bool]:
-    """(body, its params, its state, the loss of the body's output, whether that output is the logits of
-    a final Softmax / Sigmoid the fused loss left out): what an evaluation pass runs forward."""
+def evaluation_body(net: Any, params: PyTree, state: PyTree, loss: Any) -> tuple[Any, PyTree, PyTree, losses.Loss, Any]:
+    """(body, its params, its state, the loss of the body's output, the final Softmax / Sigmoid the fused
+    loss left out, or None): what an evaluation pass runs forward. With a head, the output is its logits."""
     body, fused, chosen = _prepare(net, loss)
     body_params, body_state = _body_trees(net, fused, params, state)
-    return body, body_params, body_state, chosen, _strips_head(net, fused)
+    head = net.layers[-1] if _strips_head(net, fused) and isinstance(net, Sequential) else None
+    return body, body_params, body_state, chosen, head
 
 
 class LossPass(NamedTuple):

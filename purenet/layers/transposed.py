@@ -90,7 +90,7 @@ class ConvTranspose2D(Layer):
     Each is spelled in NHWC / HWIO (Conv2D's `_conv`): on XLA:CPU autodiff's
     transposes of the forward fall off the fast path inside loops. Measured
     on the CPU (benchmarks/README.md, "Transposed convolution"), this
-    formulation against the same forward differentiated by jax.grad and
+    formulation against autodiff of the same forward and
     against a col2im one (a matmul x W2 and each tap's piece added in
     place), 3x3 stride 2, 7x7x32 -> 14x14x16 at batch 64: the one chosen
     for every backend. Per-example gradients use the generic default (each

@@ -27,7 +27,6 @@ from purenet._checks import check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import Array, LayerLike, PyTree, id_layer
 from purenet import stats
-from purenet.layers import Sequential
 from purenet.losses import Loss
 from purenet.optim import current_loss_scale, ema_params, has_ema
 from purenet.per_example import DPSGD
@@ -178,11 +177,11 @@ def evaluate(net: LayerLike, params: PyTree, model_state: PyTree, validation: tu
     LeNet example's 2,000 images took 241 ms with the loss and the accuracy as two passes (the loss
     on all rows at once), 84 ms as this one."""
     xv, yv = validation
-    body, body_params, body_state, loss_fn, logits = network.evaluation_body(net, params, model_state, loss)
+    body, body_params, body_state, loss_fn, head = network.evaluation_body(net, params, model_state, loss)
     out = metrics.predict(body, body_params, body_state, xv, EVALUATION_BATCH)
     value = loss_fn.value(out, yv)
-    if logits and out.ndim == 2 and isinstance(net, Sequential):
-        accuracy = jnp.mean(metrics.classes_of(out, net.layers[-1]) == metrics.labels_of(yv))
+    if head is not None and out.ndim == 2:
+        accuracy = jnp.mean(metrics.classes_of(out, head) == metrics.labels_of(yv))
     else:
         accuracy = metrics.accuracy(net, params, model_state, xv, yv)
     return {"val_loss": value, "val_accuracy": accuracy}
