@@ -22,6 +22,7 @@ from purenet.layers import base
 from purenet.layers.base import Array, LayerLike, walk
 from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
+from purenet.noise import add_gaussian
 
 __all__ = [
     "DPSGD", "PER_EXAMPLE", "clipped_value_and_grad", "per_example_grad_norms", "per_example_grads", "sq_norms_visit",
@@ -215,11 +216,7 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
         if noise_key is None:
             raise ValueError("clipped_value_and_grad with noise_multiplier > 0 needs a noise_key")
-        leaves, treedef = jax.tree_util.tree_flatten(grads)
-        keys = jax.random.split(noise_key, len(leaves))
-        leaves = [g + noise_multiplier * clip_norm / divisor * jax.random.normal(k, g.shape, g.dtype)
-                  for g, k in zip(leaves, keys)]
-        grads = jax.tree_util.tree_unflatten(treedef, leaves)
+        grads = add_gaussian(grads, noise_key, noise_multiplier * clip_norm / divisor)
     value, grads = add_l2(net, params, l2, value, grads)
     return value, grads, state
 

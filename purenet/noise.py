@@ -1,0 +1,78 @@
+"""Gaussian noise for a whole gradient tree, as DP-SGD adds it: N(0, std^2) on every entry.
+
+    noisy = pn.noise.add_gaussian(grads, key, std)
+
+Speed. On the CPU the random bits, not the transform to a normal, are the
+cost of a noise draw: jax.random.normal of float32 spends ~85% of its time in
+threefry. Its partitionable form (jax's default) runs one threefry2x32 block
+per 32-bit draw and xors the block's two output words into one. Here one
+block gives two draws, both its words: half the hash work for the same
+distribution (the words of a threefry block are independent uniform
+words, which is what jax's non-partitionable mode and `jax.random.bits` at
+64 bits also use). Every float32 / lower-precision leaf is drawn from one
+flat stream; the uniforms are jax's own construction (23 mantissa bits on
+[nextafter(-1, 0), 1)) and the normal its inverse-erf transform,
+
+    z = sqrt(2) erfinv(u),   u ~ U(-1, 1),
+
+so each entry is standard normal as jax.random.normal's is. float64 leaves
+(the gradient checks' precision) and keys of other PRNG implementations
+take jax.random.normal per leaf.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.random import threefry_2x32
+
+__all__ = ["add_gaussian", "standard_normal_like"]
+
+PyTree = Any
+
+
+def _uniform_from_words(words: jax.Array) -> jax.Array:
+    """float32 u in [nextafter(-1, 0), 1) from uint32 words: jax.random.uniform's construction."""
+    unit = jax.lax.bitcast_convert_type(words >> 9 | np.uint32(0x3F800000), jnp.float32) - 1.0  # [0, 1)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    return jnp.maximum(lo, unit * (1.0 - lo) + lo)
+
+
+def _threefry_words(key: jax.Array) -> jax.Array | None:
+    """The (2,) uint32 key words of a threefry key (typed or raw), None for other implementations."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw key: the default implementation's
+    return jax.random.key_data(key) if "threefry" in str(jax.random.key_impl(key)) else None
+
+
+def standard_normal_like(tree: PyTree, key: jax.Array) -> PyTree:
+    """A tree of N(0, 1) draws shaped and typed as `tree`'s leaves, independent across entries."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    fast = [i for i, leaf in enumerate(leaves) if jnp.dtype(leaf.dtype).itemsize <= 4 and leaf.size > 0]
+    key_flat, key_rest = jax.random.split(key)
+    words_key = _threefry_words(key_flat)
+    if words_key is None:
+        fast = []
+    out: list = [None] * len(leaves)
+    if fast:
+        total = sum(leaves[i].size for i in fast)
+        if total >= 2**32:
+            raise ValueError(f"standard_normal_like draws at most 2^32 entries in one call, got {total}")
+        half = -(-total // 2048) * 1024  # a whole number of vector lanes per word stream
+        words = threefry_2x32(words_key, jnp.arange(2 * half, dtype=jnp.uint32))
+        z = np.sqrt(2.0).astype(np.float32) * jax.lax.erf_inv(_uniform_from_words(words))
+        start = 0
+        for i in fast:
+            leaf = leaves[i]
+            out[i] = z[start:start + leaf.size].reshape(leaf.shape).astype(leaf.dtype)
+            start += leaf.size
+    rest = [i for i in range(len(leaves)) if out[i] is None]
+    for i, k in zip(rest, jax.random.split(key_rest, max(len(rest), 1))):
+        out[i] = jax.random.normal(k, leaves[i].shape, leaves[i].dtype)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def add_gaussian(tree: PyTree, key: jax.Array, std: Any) -> PyTree:
+    """tree + std * N(0, 1) on every entry (`standard_normal_like`)."""
+    noise = standard_normal_like(tree, key)
+    return jax.tree_util.tree_map(lambda g, z: g + std * z, tree, noise)
