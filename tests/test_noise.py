@@ -76,3 +76,12 @@ def test_add_gaussian_jit_and_no_jit_agree():
     chex.assert_trees_all_close(eager, jax.jit(noise.add_gaussian)(tree, jax.random.key(2), 0.5))
     delta = _flat(eager) - _flat(tree)
     assert abs(delta.std() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("n", [2, 10, 4096])
+def test_the_hash_is_jax_threefry_bit_for_bit(n):
+    from jax.extend.random import threefry_2x32
+
+    key = jax.random.bits(jax.random.key(n), (2,), jnp.uint32)
+    count = jax.random.bits(jax.random.key(n + 1), (n,), jnp.uint32)
+    np.testing.assert_array_equal(noise._threefry_2x32(key, count), threefry_2x32(key, count))
