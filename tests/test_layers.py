@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import purenet as pn
+from purenet import initializers
 from tests.conftest import scaled
 
 # A few sizes (1 included): every new shape costs a compile, the values vary freely.
@@ -100,6 +101,19 @@ def test_initializers_draw_exactly_as_jax_nn_initializers():
         params, _, _ = pn.Dense(7, init=name).init(key, 5, dtype=jnp.float32)
         np.testing.assert_array_equal(params["W"], ref(key, (5, 7), jnp.float32), err_msg=name)
         np.testing.assert_array_equal(params["b"], jnp.zeros(7))
+
+
+@pytest.mark.parametrize("key", [jax.random.key(4), jax.random.PRNGKey(4), jax.random.key(4, impl="rbg")],
+                         ids=["threefry", "raw uint32", "rbg"])
+@pytest.mark.parametrize("shape", [(3, 3, 8, 16), (5, 5, 1, 16), (1025, 1025)], ids=["1152", "400", "past 2^20"])
+def test_initializers_draw_the_shape_itself_from_a_shared_flat_program(key, shape):
+    # the draw is the first entries of a flat, size-bucketed one (one compile for many shapes):
+    # the values must be the shape's own draw, for every key kind and across the 2^20 bucket step
+    for name, ref in [("he_normal", jax.nn.initializers.he_normal()),
+                      ("xavier_uniform", jax.nn.initializers.glorot_uniform()),
+                      ("normal", jax.nn.initializers.normal(1.0))]:
+        np.testing.assert_array_equal(initializers.get(name)(key, shape, jnp.float32), ref(key, shape, jnp.float32),
+                                      err_msg=name)
 
 
 def test_he_normal_has_the_stated_variance():
