@@ -1,6 +1,6 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
 from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, interop,
-                     losses, metrics, optim, shuffle, stats)
+                     losses, metrics, noise, optim, shuffle, stats)
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
@@ -48,6 +48,6 @@ __all__ = [
     "shuffle", "stats", "training",
     # weights in and out (safetensors, nanoGPT, PyTorch state_dicts)
     "WeightsError", "weights",
-    # differential privacy's accounting
-    "privacy",
+    # differential privacy's accounting and its noise
+    "noise", "privacy",
 ]
