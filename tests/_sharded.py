@@ -172,6 +172,25 @@ def check_checkpoint(gpt_result, gpt_params):
     check("checkpoint")
 
 
+def check_noise():
+    """DP's float32 noise on FSDP-sharded params: the values one device draws, each device hashing only
+    its own part (no params-sized buffer per device)."""
+    net = pn.mlp([784, 512, 256, 10])
+    params, _ = pn.init(net, jax.random.key(0), dtype=jnp.float32)
+    sharded = pn.distributed.shard_params(net, params, pn.distributed.mesh(MESHES["fsdp"]), "fsdp")
+    draw = jax.jit(pn.noise.standard_normal_like)
+    one, many = draw(params, jax.random.key(5)), draw(sharded, jax.random.key(5))
+    for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    memory = draw.lower(sharded, jax.random.key(5)).compile().memory_analysis()
+    total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+    if memory is not None:
+        assert memory.temp_size_in_bytes < total / 4, (memory.temp_size_in_bytes, total)
+    check("noise")
+
+
+if selected("noise"):
+    check_noise()
 if selected("dp"):
     check_dp()
 if selected("checkpoint"):  # needs "gpt"

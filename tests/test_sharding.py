@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).with_name("_sharded.py")
 
 
 @pytest.mark.parametrize("checks", [
-    ("gpt", "checkpoint"),  # attention heads split over the model axis, sharded checkpoints
+    ("gpt", "checkpoint", "noise"),  # attention heads split over the model axis, sharded checkpoints, DP noise
     pytest.param(("mlp", "cnn", "dp"), marks=pytest.mark.slow),
 ])
 def test_sharded_strategies_equal_one_device(checks):
