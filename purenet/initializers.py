@@ -67,6 +67,9 @@ def _draw(key: jax.Array, scale: jax.Array, distribution: str, shape: tuple[int,
 
 def _variance_scaling(scale, mode, distribution):
     def init(key, shape, dtype):
+        if len(shape) < 2:
+            raise ValueError(f"variance-scaling initializers need a weight of at least 2 dimensions (fan_in, "
+                             f"fan_out), got shape {tuple(shape)}; for a bias or a scale use 'zeros' or 'normal'")
         receptive = math.prod(shape[:-2])
         fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
         fan = fan_in if mode == "fan_in" else (fan_in + fan_out) / 2

@@ -116,6 +116,11 @@ def test_initializers_draw_the_shape_itself_from_a_shared_flat_program(key, shap
                                       err_msg=name)
 
 
+def test_variance_scaling_of_a_vector_names_the_problem():
+    with pytest.raises(ValueError, match=r"at least 2 dimensions.*shape \(7,\)"):
+        initializers.get("he_normal")(jax.random.key(0), (7,), jnp.float32)
+
+
 def test_he_normal_has_the_stated_variance():
     params, _, _ = pn.Dense(400, init="he_normal").init(jax.random.key(0), 300)
     assert abs(float(jnp.var(params["W"])) * 300 / 2 - 1) < 0.02
