@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purenet._keys import is_threefry
+
 __all__ = ["INITIALIZERS", "default_float", "get"]
 
 _TRUNCATED_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
@@ -44,10 +46,7 @@ def _bucket(n: int, key: jax.Array) -> int:
     """The size drawn for n entries: the next power of two (at least 1024; a multiple of 2^20 past
     it) where a draw's first n entries are the n-entry draw's (partitionable threefry, JAX's
     default), so weights of different sizes share one compiled program; else n itself."""
-    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)  # a raw key: the default implementation's
-    threefry = "threefry" in str(jax.random.key_impl(key))
-    if not (threefry and getattr(jax.config, "jax_threefry_partitionable")):
+    if not (is_threefry(key) and getattr(jax.config, "jax_threefry_partitionable")):
         return n
     if n > 2**20:
         return -(-n // 2**20) * 2**20

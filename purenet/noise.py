@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from purenet._keys import is_threefry
+
 __all__ = ["add_gaussian", "standard_normal_like"]
 
 PyTree = Any
@@ -53,7 +55,7 @@ def _rotate_left(x: jax.Array, r: int) -> jax.Array:
 def _threefry_pair(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Threefry-2x32 of the blocks (x0, x1) under the (2,) uint32 key words: five times four rounds of
     x0 += x1, x1 = rotl(x1, r) ^ x0, the key injected after each four. jax.extend.random.threefry_2x32's
-    values (`_threefry_2x32`)."""
+    values (a test checks)."""
     schedule = (key[0], key[1], key[0] ^ key[1] ^ _PARITY)
     x0, x1 = x0 + schedule[0], x1 + schedule[1]
     for i in range(5):
@@ -65,25 +67,11 @@ def _threefry_pair(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Ar
     return x0, x1
 
 
-def _threefry_2x32(key: jax.Array, count: jax.Array) -> jax.Array:
-    """jax.extend.random.threefry_2x32's convention (the blocks (count[i], count[n/2 + i]), their
-    words concatenated), for the test that the hash is jax's bit for bit."""
-    n = count.shape[0] // 2
-    return jnp.concatenate(_threefry_pair(key, count[:n], count[n:]))
-
-
 def _uniform_from_words(words: jax.Array) -> jax.Array:
     """float32 u in [nextafter(-1, 0), 1) from uint32 words: jax.random.uniform's construction."""
     unit = jax.lax.bitcast_convert_type(words >> 9 | np.uint32(0x3F800000), jnp.float32) - 1.0  # [0, 1)
     lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
     return jnp.maximum(lo, unit * (1.0 - lo) + lo)
-
-
-def _threefry_words(key: jax.Array) -> jax.Array | None:
-    """The (2,) uint32 key words of a threefry key (typed or raw), None for other implementations."""
-    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)  # a raw key: the default implementation's
-    return jax.random.key_data(key) if "threefry" in str(jax.random.key_impl(key)) else None
 
 
 def _normal_from_words(words: jax.Array) -> jax.Array:
@@ -101,16 +89,15 @@ def _leaf_normal(words_key: jax.Array, shape: tuple[int, ...], offset: int) -> j
     grid = _grid(shape)
     blocks = np.uint32(offset) + lax.iota(jnp.uint32, math.prod(grid)).reshape(grid)
     w0, w1 = _threefry_pair(words_key, blocks, jnp.zeros_like(blocks))
-    z = jnp.stack([_normal_from_words(w0), _normal_from_words(w1)], axis=-1)
-    last = shape[-1] if shape else 1
-    return z.reshape(grid[:-1] + (2 * grid[-1],))[..., :last].reshape(shape)
+    z = jnp.stack([_normal_from_words(w0), _normal_from_words(w1)], axis=-1)  # (..., ceil(C / 2), 2)
+    return z.reshape(grid[:-1] + (-1,))[..., :math.prod(shape[-1:])].reshape(shape)
 
 
 def standard_normal_like(tree: PyTree, key: jax.Array) -> PyTree:
     """A tree of N(0, 1) draws shaped and typed as `tree`'s leaves, independent across entries."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     key_words, key_rest = jax.random.split(key)
-    words_key = _threefry_words(key_words)
+    words_key = jax.random.key_data(key_words) if is_threefry(key_words) else None  # (2,) uint32
     out: list = [None] * len(leaves)
     offset = 0  # blocks used by the leaves before
     for i, leaf in enumerate(leaves):

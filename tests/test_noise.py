@@ -87,4 +87,6 @@ def test_the_hash_is_jax_threefry_bit_for_bit(n):
 
     key = jax.random.bits(jax.random.key(n), (2,), jnp.uint32)
     count = jax.random.bits(jax.random.key(n + 1), (n,), jnp.uint32)
-    np.testing.assert_array_equal(noise._threefry_2x32(key, count), threefry_2x32(key, count))
+    half = n // 2  # jax's convention: blocks (count[i], count[n/2 + i]), their two words concatenated
+    ours = jnp.concatenate(noise._threefry_pair(key, count[:half], count[half:]))
+    np.testing.assert_array_equal(ours, threefry_2x32(key, count))
