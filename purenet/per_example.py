@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from purenet._checks import check_hyperparameter
+from purenet._checks import check_hyperparameter, is_concrete
 from purenet.chunks import check_chunk_size, in_chunks, mean_in_chunks
 from purenet.layers import base
 from purenet.layers.base import Array, LayerLike, walk
@@ -26,6 +27,7 @@ from purenet.noise import add_gaussian
 
 __all__ = [
     "DPSGD", "PER_EXAMPLE", "clipped_value_and_grad", "per_example_grad_norms", "per_example_grads", "sq_norms_visit",
+    "trainable_mask",
 ]
 
 PyTree = Any
@@ -189,6 +191,13 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     `pn.privacy.poisson_batch`): only they are clipped and summed, and the
     sum and the noise are divided by `expected_batch_size` (q n, as Opacus
     does) instead of N; the value is then the mean loss of the marked examples.
+    Marks other than 0 and 1 are an error (a traced weight is clipped to
+    [0, 1]: no example ever contributes more than C), and
+    expected_batch_size must be positive.
+
+    The noise goes to the trainable parameters only: a parameter inside
+    `pn.Frozen` keeps its zero gradient. `noise_key` must be independent of
+    the forward's `key` (dropout); the same key for both is an error.
 
     chunk_size=k clips and sums k examples at a time (`mean_in_chunks`) and
     adds the noise once, to the whole batch's sum: the same gradient with a
@@ -198,12 +207,13 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     check_hyperparameter("clip_norm", clip_norm, 0.0, None, low_open=True)
     check_hyperparameter("noise_multiplier", noise_multiplier, 0.0, None)
     _check_per_example(net, params, train)
+    _check_independent_keys(key, noise_key)
     n = x.shape[0]
     if weight is not None:
-        if jnp.shape(weight) != (n,):
-            raise ValueError(f"weight must have shape ({n},) (one per example), got {jnp.shape(weight)}")
+        weight = _checked_marks(weight, n)
         if expected_batch_size is None:
             raise ValueError("a weighted (Poisson) batch needs expected_batch_size (q n) to normalise by")
+        check_hyperparameter("expected_batch_size", expected_batch_size, 0.0, None, low_open=True)
     divisor: float = n if expected_batch_size is None or weight is None else expected_batch_size
 
     def clipped(state, x, y, key):
@@ -216,9 +226,53 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
         if noise_key is None:
             raise ValueError("clipped_value_and_grad with noise_multiplier > 0 needs a noise_key")
-        grads = add_gaussian(grads, noise_key, noise_multiplier * clip_norm / divisor)
+        grads = _add_noise_to_trainable(net, params, grads, noise_key, noise_multiplier * clip_norm / divisor)
     value, grads = add_l2(net, params, l2, value, grads)
     return value, grads, state
+
+
+def _checked_marks(weight: Array, n: int) -> Array:
+    """A Poisson batch's marks as 0/1 factors: shape (n,), values in {0, 1} (checked when concrete).
+
+    A mark is how many times an example counts, so a 2 would double its clipped contribution (a
+    sensitivity of 2C the accountant does not know about). Traced marks cannot be checked and are
+    clipped to [0, 1], so no example ever contributes more than C."""
+    if jnp.shape(weight) != (n,):
+        raise ValueError(f"weight must have shape ({n},) (one 0/1 mark per example), got {jnp.shape(weight)}")
+    if is_concrete(weight):
+        values = np.asarray(weight)
+        bad = ~((values == 0) | (values == 1))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"weight must hold 0/1 marks (is example i in the Poisson batch?), got "
+                             f"{values[i]!r} at row {i}: a mark above 1 multiplies that example's clipped "
+                             f"contribution beyond clip_norm, which the privacy accounting does not cover")
+    return jnp.clip(weight, 0, 1)
+
+
+def _check_independent_keys(key: Array | None, noise_key: Array | None) -> None:
+    """The noise must not be a function of the randomness the forward draws (dropout masks)."""
+    if key is None or noise_key is None or not (is_concrete(key) and is_concrete(noise_key)):
+        return
+    if np.array_equal(np.asarray(jax.random.key_data(key)), np.asarray(jax.random.key_data(noise_key))):
+        raise ValueError("noise_key is the forward's key: the DP noise would repeat the dropout masks' random "
+                         "bits; split one key into independent branches, e.g. "
+                         "key, noise_key = jax.random.split(step_key)")
+
+
+def trainable_mask(net: LayerLike, params: PyTree) -> PyTree:
+    """True for every parameter that training moves: False inside `pn.Frozen`, a tree like params."""
+    return base.map_leaves(net, lambda layer, p, frozen: jax.tree_util.tree_map(lambda _: not frozen, p), params)
+
+
+def _add_noise_to_trainable(net, params, grads, key, std):
+    """grads + std * N(0, I) on the trainable leaves; frozen leaves keep their zero gradient, so a
+    frozen parameter never moves (the noise of the trainable leaves is what it would be without
+    them: the same draws in the same order)."""
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    mask = jax.tree_util.tree_leaves(trainable_mask(net, params))
+    noised = iter(add_gaussian([g for g, m in zip(leaves, mask) if m], key, std))
+    return jax.tree_util.tree_unflatten(treedef, [next(noised) if m else g for g, m in zip(leaves, mask)])
 
 
 SAMPLINGS = ("poisson", "shuffle")

@@ -221,3 +221,107 @@ def test_fit_records_epsilon_and_poisson_training_learns():
     shuffled = pn.fit(net, pn.optim.adam(3e-3), (data.x_train, data.y_train), key=jax.random.key(0), epochs=1,
                       batch_size=bs, dp=dataclasses.replace(dp, sampling="shuffle"))
     assert "epsilon" not in shuffled.history  # no accounting exists for shuffled batches
+
+
+# ---------------------------------------------------------------- hardening: DP meets the rest of the library
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecorder(pn.Layer):
+    """Identity that records the key its forward is given (through jax.debug.callback: inside scans too)."""
+
+    seen: list = dataclasses.field(default_factory=list, hash=False, compare=False)
+
+    def init(self, key, in_shape, dtype=None):
+        return {}, {}, pn.layers.base.as_shape(in_shape)
+
+    def forward(self, params, state, x, train=False, key=None):
+        if key is not None:
+            jax.debug.callback(lambda k: self.seen.append(tuple(np.asarray(k).ravel())), jax.random.key_data(key))
+        return x, state, None
+
+    def backward(self, params, cache, dy):
+        return {}, dy
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_dp_noise_draws_from_no_key_the_forward_draws_from(monkeypatch, chunk_size):
+    """Defect: dp_sgd drew the noise from fold_in(key, 2), which is Sequential's key for layer 2 (and
+    mean_in_chunks' key for chunk 2): the noise shared random bits with the dropout masks."""
+    from purenet import noise
+    from purenet.training.gradients import dp_sgd
+
+    recorders = [KeyRecorder() for _ in range(4)]
+    net = pn.Sequential([pn.Dense(4), recorders[0], recorders[1], pn.Dropout(0.2), recorders[2],
+                         pn.Sequential([recorders[3], pn.Dense(3)]), pn.Softmax()])
+    params, state = pn.init(net, jax.random.key(0), in_shape=5)
+    x, y = jax.random.normal(jax.random.key(1), (6, 5)), jnp.arange(6) % 3
+    noise_keys = []
+    original = noise.standard_normal_like
+
+    def recording(tree, key):  # the key add_gaussian is given, and the two it splits into
+        for k in (key, *jax.random.split(key)):
+            noise_keys.append(tuple(np.asarray(jax.random.key_data(k)).ravel()))
+        return original(tree, key)
+
+    monkeypatch.setattr(noise, "standard_normal_like", recording)
+    fn = dp_sgd(net, pn.DPSGD(1.0, noise_multiplier=1.0, chunk_size=chunk_size))
+    for step_key in jax.random.split(jax.random.key(7), 3):
+        fn(params, state, x, y, step_key)
+    jax.effects_barrier()
+    forward_keys = {k for r in recorders for k in r.seen}
+    assert len(forward_keys) >= 4 * 3 and len(noise_keys) == 3 * 3
+    assert not forward_keys & set(noise_keys)
+
+
+def test_clipped_value_and_grad_refuses_the_same_key_for_noise_and_forward():
+    net = pn.mlp([5, 4, 3], dropout=0.5)
+    params, state = pn.init(net, jax.random.key(0))
+    x, y = jax.random.normal(jax.random.key(1), (6, 5)), jnp.arange(6) % 3
+    k = jax.random.key(3)
+    with pytest.raises(ValueError, match="noise_key is the forward's key"):
+        pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0, noise_multiplier=1.0, noise_key=k,
+                                  train=True, key=k)
+
+
+def test_dp_sgd_leaves_frozen_parameters_where_they_are():
+    """Defect: the noise went to every leaf, so pn.Frozen weights moved under DP-SGD."""
+    body = pn.Sequential([pn.Dense(8), pn.ReLU()])
+    net = pn.Sequential([pn.Frozen(body), pn.Dense(10), pn.Softmax()])
+    data = pn.datasets.digits()
+    x, y = data.x_train[:128], data.y_train[:128]
+    params, state = pn.init(net, jax.random.key(0), in_shape=64)
+    result = pn.fit(net, pn.optim.sgd(0.1), (x, y), key=jax.random.key(1), epochs=2, batch_size=32,
+                    params=params, state=state, dp=pn.DPSGD(1.0, noise_multiplier=2.0))
+    chex.assert_trees_all_equal(result.params[0], params[0])
+    assert not np.allclose(result.params[1]["W"], params[1]["W"])
+    # the trainable leaves get the noise they would get in a network without the frozen part's leaves
+    _, noisy, _ = pn.clipped_value_and_grad(net, params, state, x[:8], y[:8], clip_norm=1.0, noise_multiplier=1.0,
+                                            noise_key=jax.random.key(4))
+    _, quiet, _ = pn.clipped_value_and_grad(net, params, state, x[:8], y[:8], clip_norm=1.0)
+    chex.assert_trees_all_equal(noisy[0], quiet[0])
+    expected = pn.noise.add_gaussian(jax.tree_util.tree_leaves(quiet[1:]), jax.random.key(4), 1.0 / 8)
+    chex.assert_trees_all_close(jax.tree_util.tree_leaves(noisy[1:]), expected, rtol=1e-6)
+
+
+def test_clipped_value_and_grad_checks_marks_and_the_expected_batch_size():
+    """Defect: any weight was accepted (a mark of 2 doubles an example's contribution to 2C) and any
+    expected_batch_size (0 divides by zero, a negative one flips the gradient)."""
+    net = pn.mlp([5, 4, 3])
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float64)
+    x, y = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64), jnp.arange(6) % 3
+    marks = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    for bad in (marks.at[0].set(2.0), marks.at[0].set(0.5), marks.at[1].set(-1.0)):
+        with pytest.raises(ValueError, match="0/1 marks"):
+            pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=0.1, weight=bad, expected_batch_size=4.0)
+    for bad in (0.0, -4.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="expected_batch_size"):
+            pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=0.1, weight=marks, expected_batch_size=bad)
+    # traced marks cannot be checked: they are clipped to [0, 1], so no example counts more than once
+    fn = jax.jit(lambda w: pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=0.1, weight=w,
+                                                     expected_batch_size=4.0)[1])
+    chex.assert_trees_all_close(fn(marks.at[0].set(2.0)), fn(marks), rtol=1e-14)
+    bool_marks = marks.astype(bool)
+    chex.assert_trees_all_close(
+        pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=0.1, weight=bool_marks,
+                                  expected_batch_size=4.0)[1], fn(marks), rtol=1e-12)

@@ -43,8 +43,11 @@ def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entr
 
     fn(params, state, x, y, key, weight=None): with `weight` (a padded Poisson
     batch's 0/1 marks) the clipped sum and the noise are divided by
-    `expected_batch_size`. Dropout draws from `key`, the noise from
-    fold_in(key, 2). Accumulated (`accumulate(fn, k)`), the batch is clipped
+    `expected_batch_size`. The step key splits once into two independent
+    branches, k_forward, k_noise = split(key): the forward (dropout, and the
+    chunks or micro-batches, fold_in(k_forward, i)) draws from the first,
+    the noise from the second, so no dropout mask shares random bits with
+    the noise. Accumulated (`accumulate(fn, k)`), the batch is clipped
     k micro-batches at a time and the noise is drawn once, for the whole
     batch's sum: averaging k noised micro-batch gradients would add sqrt(k)
     times the noise DP-SGD asks for.
@@ -57,9 +60,10 @@ def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entr
             chunk = -(-x.shape[0] // micro_batches)
         else:
             chunk = _micro_batch_size(x.shape[0], micro_batches)
+        k_forward, k_noise = jax.random.split(key)
         return per_example.clipped_value_and_grad(
             net, params, state, x, y, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
-            noise_key=jax.random.fold_in(key, 2), loss=loss, l2=l2, train=True, key=key, chunk_size=chunk,
+            noise_key=k_noise, loss=loss, l2=l2, train=True, key=k_forward, chunk_size=chunk,
             weight=weight, expected_batch_size=expected_batch_size, one_pass=dp.one_pass)
 
     # attributes of the function object (mypy sees a plain callable): accumulate(fn, k) calls micro_batched
