@@ -4,6 +4,12 @@ They act on a batch and are applied per mini-batch inside the training scan.
 Labels pass through unchanged except for mixup, which is why every
 augmentation takes and returns both. `compose` chains them, each drawing
 from its own key.
+
+An augmentation that mixes examples (row i of its output depends on other
+rows: mixup) says so with the attribute `mixes_examples = True` (set it on
+your own function with `mixing(fn)`); `mixes_examples(augment)` reads it.
+DP-SGD refuses such an augmentation: one example would reach two rows, so
+its influence on the clipped sum is no longer bounded by the clip norm.
 """
 import math
 from typing import Callable, Sequence
@@ -13,10 +19,21 @@ import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter
 
-__all__ = ["Augment", "compose", "gaussian_noise", "mixup", "random_translation"]
+__all__ = ["Augment", "compose", "gaussian_noise", "mixes_examples", "mixing", "mixup", "random_translation"]
 
 # An augmentation: (key, x, y) -> (x, y), on a batch.
 Augment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def mixing(augment: Augment) -> Augment:
+    """Mark `augment` as one that mixes examples (row i of its output reads other rows); returns it."""
+    augment.mixes_examples = True  # type: ignore[attr-defined]
+    return augment
+
+
+def mixes_examples(augment: Augment | None) -> bool:
+    """Whether `augment` mixes examples (mixup; anything marked with `mixing`, or composed of one)."""
+    return bool(getattr(augment, "mixes_examples", False))
 
 
 def gaussian_noise(std: float) -> Augment:
@@ -76,7 +93,7 @@ def mixup(alpha: float, num_classes: int) -> Augment:
         t = jax.nn.one_hot(y, num_classes, dtype=x.dtype) if jnp.ndim(y) == 1 else jnp.asarray(y, x.dtype)
         return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
 
-    return augment
+    return mixing(augment)
 
 
 def compose(*augments: Augment) -> Augment:
@@ -87,4 +104,4 @@ def compose(*augments: Augment) -> Augment:
             x, y = aug(jax.random.fold_in(key, i), x, y)
         return x, y
 
-    return augment
+    return mixing(augment) if any(map(mixes_examples, augments)) else augment

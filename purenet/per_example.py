@@ -296,6 +296,15 @@ class DPSGD:
     exists for it (no epsilon is recorded). `chunk_size` clips that many
     examples at a time (the same gradient, a smaller working set);
     `one_pass=False` uses the two-backward reference clipping.
+
+    Each step's key splits into independent branches for the forward
+    (dropout, chunks) and the noise. Every DP run needs its own key: two
+    runs with the same key draw the same batches and the same noise, and
+    the difference of their updates then carries no noise at all.
+    Only the trainable parameters are noised (not those in `pn.Frozen`).
+    A layer that couples the examples of a batch says so with
+    `mixes_examples = True` (BatchNorm in training) and is refused; an
+    augmentation that mixes examples (mixup) is refused too.
     """
 
     clip_norm: float
@@ -309,6 +318,10 @@ class DPSGD:
     def __post_init__(self) -> None:
         check_hyperparameter("clip_norm", self.clip_norm, 0.0, None, low_open=True)
         check_hyperparameter("noise_multiplier", self.noise_multiplier, 0.0, None)
+        for name in ("clip_norm", "noise_multiplier"):  # numpy / jax scalars -> float: hashable, and what
+            value = getattr(self, name)                  # the accountant reads
+            if is_concrete(value) and np.ndim(value) == 0 and type(value) not in (bool, int, float):
+                object.__setattr__(self, name, float(value))
         check_chunk_size(self.chunk_size)
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"DPSGD sampling must be one of {SAMPLINGS}, got {self.sampling!r}")

@@ -26,12 +26,13 @@ one batch on the device.
 """
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["ACCOUNTANTS", "PoissonBatch", "epsilon", "noise_multiplier_for", "poisson_batch",
+__all__ = ["ACCOUNTANTS", "PoissonBatch", "epsilon", "epsilon_of", "noise_multiplier_for", "poisson_batch",
            "poisson_batch_bound"]
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -47,17 +48,38 @@ def _accounting() -> Any:
     return dp_accounting
 
 
-def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> None:
+def _real(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    """`value` as a float, when it is a real scalar (Python, numpy or a concrete 0-d jax array; not a bool)
+    in the interval; else a ValueError that names it and the interval."""
+    ok = (isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
+          and not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0)
+    try:
+        v = float(value) if ok else math.nan
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        v = math.nan
+    inside = (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return v
+
+
+def _count(name: str, value: Any, low: int) -> int:
+    """`value` as an int >= low (Python or numpy integers; not a bool or a float)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check(noise_multiplier: Any, sample_rate: Any, steps: Any, delta: Any,
+           accountant: str) -> tuple[float, float, int, float]:
+    """The accountant's arguments checked and as Python numbers: a finite noise multiplier >= 0 (inf is
+    no mechanism dp-accounting can analyse), q in (0, 1], steps >= 0, delta in (0, 1)."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier must be a non-negative number, got {noise_multiplier!r}")
+    return (_real("noise_multiplier", noise_multiplier, 0.0, math.inf, False, True),
+            _real("sample_rate", sample_rate, 0.0, 1.0, True, False),
+            _count("steps", steps, 0), _real("delta", delta, 0.0, 1.0, True, True))
 
 
 def _event(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
@@ -84,21 +106,38 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
     sigma = 0 (no noise) is infinitely non-private (inf); no steps cost nothing (0).
     """
-    return _epsilon(noise_multiplier, sample_rate, steps, delta, accountant)
+    return epsilon_of([(noise_multiplier, sample_rate, steps)], delta, accountant)
 
 
-def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    _check(noise_multiplier, sample_rate, steps, delta, accountant)
-    if steps == 0:
+def epsilon_of(phases: Sequence[tuple[float, float, int]], delta: float, accountant: str = "pld") -> float:
+    """The epsilon of DP-SGD run in phases, each (noise multiplier sigma, sample rate q, steps): the
+    composition of every phase's `steps`-fold Poisson-subsampled Gaussian mechanism, at delta.
+
+    A run resumed with another noise multiplier or batch size is such a run: its epsilon covers the
+    steps taken under each setting (`fit` records one phase per epoch). Consecutive phases with the
+    same (sigma, q) compose as one; any phase with sigma = 0 and steps > 0 makes the run infinitely
+    non-private (inf).
+    """
+    delta = _real("delta", delta, 0.0, 1.0, True, True)
+    merged: list[list] = []
+    for phase in phases:
+        sigma, rate, steps, delta = _check(*phase, delta, accountant)
+        if merged and merged[-1][:2] == [sigma, rate]:
+            merged[-1][2] += steps
+        elif steps:
+            merged.append([sigma, rate, steps])
+    if not merged:
         return 0.0
-    if noise_multiplier == 0:
+    if any(sigma == 0 for sigma, _, _ in merged):
         return math.inf
-    if accountant == "pld":  # what PLDAccountant().compose(event).get_epsilon(delta) computes, its first step cached
-        identity = _accounting().pld.privacy_loss_distribution.identity(value_discretization_interval=_PLD_INTERVAL)
-        composed = identity.compose(_one_step_pld(float(noise_multiplier), float(sample_rate)).self_compose(steps))
+    if accountant == "pld":  # what PLDAccountant().compose(event).get_epsilon(delta) computes, each step cached
+        composed = _accounting().pld.privacy_loss_distribution.identity(value_discretization_interval=_PLD_INTERVAL)
+        for sigma, rate, steps in merged:
+            composed = composed.compose(_one_step_pld(sigma, rate).self_compose(steps))
         return float(composed.get_epsilon_for_delta(delta))
     acc = _accounting().rdp.RdpAccountant()
-    acc.compose(_event(noise_multiplier, sample_rate, steps))
+    for sigma, rate, steps in merged:
+        acc.compose(_event(sigma, rate, steps))
     return float(acc.get_epsilon(delta))
 
 
@@ -106,13 +145,13 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
                          accountant: str = "pld") -> float:
     """The smallest noise multiplier sigma whose `epsilon(sigma, sample_rate, steps, delta)` is <= epsilon
     (to 0.1%, found by bisection on the accountant itself; never below 0.25)."""
-    if not (isinstance(epsilon, (int, float)) and epsilon > 0):
-        raise ValueError(f"epsilon must be a positive number, got {epsilon!r}")
-    _check(1.0, sample_rate, steps, delta, accountant)
+    epsilon = _real("epsilon", epsilon, 0.0, math.inf, True, True)
+    _, sample_rate, steps, delta = _check(1.0, sample_rate, steps, delta, accountant)
     if steps == 0:
         return 0.0
+
     def eps(sigma: float) -> float:
-        return _epsilon(sigma, sample_rate, steps, delta, accountant)
+        return epsilon_of([(sigma, sample_rate, steps)], delta, accountant)
 
     # bracket [low, high] with eps(high) <= target < eps(low), then bisect in log sigma to 0.1%
     high = 1.0
@@ -147,6 +186,9 @@ def poisson_batch_bound(n: int, sample_rate: float, overflow: float = OVERFLOW_P
     1.43x the expected batch; a batch larger than B (probability <= 1e-9 a
     step) keeps its first B examples and counts as an overflow.
     """
+    n = _count("n", n, 1)
+    sample_rate = _real("sample_rate", sample_rate, 0.0, 1.0, True, False)
+    overflow = _real("overflow", overflow, 0.0, 1.0, True, True)
     m = n * sample_rate
     v = m * (1 - sample_rate)
     log = math.log(1 / overflow)

@@ -325,3 +325,131 @@ def test_clipped_value_and_grad_checks_marks_and_the_expected_batch_size():
     chex.assert_trees_all_close(
         pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=0.1, weight=bool_marks,
                                   expected_batch_size=4.0)[1], fn(marks), rtol=1e-12)
+
+
+def _digits_dp_case(n=256):
+    data = pn.datasets.digits()
+    return pn.mlp([64, 16, 10]), (data.x_train[:n], data.y_train[:n]), (data.x_test[:64], data.y_test[:64])
+
+
+def test_mixing_augmentations_are_refused_under_dp():
+    """Defect: augment=mixup was accepted with dp=: one example reaches two rows (sensitivity above C)."""
+    net, data, _ = _digits_dp_case()
+    mix = pn.augment.mixup(0.4, 10)
+    assert pn.augment.mixes_examples(mix) and pn.augment.mixes_examples(pn.augment.compose(
+        pn.augment.gaussian_noise(0.1), mix))
+    assert not pn.augment.mixes_examples(pn.augment.gaussian_noise(0.1))
+    for augment in (mix, pn.augment.compose(pn.augment.gaussian_noise(0.1), mix)):
+        for sampling in ("poisson", "shuffle"):
+            with pytest.raises(ValueError, match="mixes examples"):
+                pn.fit(net, pn.optim.sgd(0.1), data, key=jax.random.key(0), epochs=1, batch_size=32,
+                       augment=augment, dp=pn.DPSGD(1.0, 1.0, sampling=sampling))
+    result = pn.fit(net, pn.optim.sgd(0.1), data, key=jax.random.key(0), epochs=1, batch_size=32,
+                    augment=pn.augment.gaussian_noise(0.1), dp=pn.DPSGD(1.0, 1.0))
+    assert np.isfinite(result.history["epsilon"]).all()
+
+
+def test_a_resumed_dp_run_is_accounted_as_the_run_it_was(tmp_path):
+    """Defect: resuming with another noise multiplier or batch size recomputed every epoch's epsilon
+    from the new settings, rewriting the privacy history."""
+    import dp_accounting
+
+    net, data, _ = _digits_dp_case()
+    path, n = str(tmp_path / "run.ckpt"), data[0].shape[0]
+    kw = dict(key=jax.random.key(0), checkpoint=path)
+    pn.fit(net, pn.optim.sgd(0.1), data, epochs=2, batch_size=32, dp=pn.DPSGD(1.0, 1.0, accountant="rdp"), **kw)
+    resumed = pn.fit(net, pn.optim.sgd(0.1), data, epochs=4, batch_size=64, resume=True,
+                     dp=pn.DPSGD(1.0, 2.0, accountant="rdp"), **kw)
+
+    def rdp(phases):
+        acc = dp_accounting.rdp.RdpAccountant()
+        for sigma, b, epochs in phases:
+            acc.compose(dp_accounting.PoissonSampledDpEvent(b / n, dp_accounting.GaussianDpEvent(sigma)),
+                        epochs * (n // b))
+        return acc.get_epsilon(1e-5)
+
+    expected = [rdp([(1.0, 32, 1)]), rdp([(1.0, 32, 2)]), rdp([(1.0, 32, 2), (2.0, 64, 1)]),
+                rdp([(1.0, 32, 2), (2.0, 64, 2)])]
+    np.testing.assert_allclose(resumed.history["epsilon"], expected, rtol=1e-12)
+    assert expected[-1] > rdp([(2.0, 64, 4)]) * 1.5  # what the history said before: the new settings throughout
+    with pytest.raises(pn.CheckpointError, match="written by a DP-SGD run.*dp="):
+        pn.fit(net, pn.optim.sgd(0.1), data, epochs=5, batch_size=64, resume=True, **kw)
+    plain = str(tmp_path / "plain.ckpt")
+    pn.fit(net, pn.optim.sgd(0.1), data, epochs=1, batch_size=32, key=jax.random.key(0), checkpoint=plain)
+    with pytest.raises(pn.CheckpointError, match="without DP-SGD.*no privacy guarantee"):
+        pn.fit(net, pn.optim.sgd(0.1), data, epochs=2, batch_size=32, key=jax.random.key(0), checkpoint=plain,
+               resume=True, dp=pn.DPSGD(1.0, 1.0))
+
+
+def test_epsilon_of_phases_equals_dp_accountings_composition():
+    import dp_accounting
+
+    phases = [(1.1, 0.02, 30), (1.1, 0.02, 20), (2.0, 0.05, 40)]
+    event = dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), t) for s, q, t in phases])
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(event)
+    # consecutive phases of one setting compose as one self-composition (their PLD tails truncate
+    # once, not twice: the same composition to 1e-10); distinct settings compose exactly as the accountant
+    np.testing.assert_allclose(privacy.epsilon_of(phases, 1e-5), pld.get_epsilon(1e-5), rtol=1e-9)
+    distinct = dp_accounting.pld.PLDAccountant()
+    distinct.compose(dp_accounting.ComposedDpEvent(event.events[:1] + event.events[2:]))
+    assert privacy.epsilon_of(phases[:1] + phases[2:], 1e-5) == distinct.get_epsilon(1e-5)
+    rdp = dp_accounting.rdp.RdpAccountant()
+    rdp.compose(event)
+    np.testing.assert_allclose(privacy.epsilon_of(phases, 1e-5, "rdp"), rdp.get_epsilon(1e-5), rtol=1e-12)
+    assert privacy.epsilon_of([(1.0, 0.1, 0), (0.0, 0.1, 0)], 1e-5) == 0.0
+    assert privacy.epsilon_of([(1.0, 0.1, 3), (0.0, 0.1, 1)], 1e-5) == float("inf")
+
+
+def test_the_accounting_is_checked_before_training_and_takes_numpy_and_jax_scalars(monkeypatch):
+    """Defect: a numpy or jax scalar noise_multiplier passed DPSGD, trained every epoch, then killed fit
+    in the accountant after the last epoch (the result lost)."""
+    net, data, _ = _digits_dp_case()
+    for sigma in (np.float32(1.25), jnp.float32(1.25), np.float64(1.25)):
+        dp = pn.DPSGD(1.0, sigma, accountant="rdp")
+        assert type(dp.noise_multiplier) is float and hash(dp)
+        result = pn.fit(net, pn.optim.sgd(0.1), data, key=jax.random.key(0), epochs=1, batch_size=32, dp=dp)
+        assert result.history["epsilon"][0] == privacy.epsilon(1.25, 32 / 256, 8, 1e-5, "rdp")
+    assert privacy.epsilon(np.float32(1.25), np.float64(0.125), np.int64(8), 1e-5, "rdp") == \
+        privacy.epsilon(1.25, 0.125, 8, 1e-5, "rdp")
+    epochs_run = []
+    monkeypatch.setattr(privacy, "epsilon", lambda *a, **k: (_ for _ in ()).throw(ValueError("accountant says no")))
+    with pytest.raises(ValueError, match="accountant says no"):
+        pn.fit(net, pn.optim.sgd(0.1), data, key=jax.random.key(0), epochs=3, batch_size=32,
+               dp=pn.DPSGD(1.0, 1.0), progress=False, early_stopping=None,
+               augment=lambda k, x, y: (epochs_run.append(1), (x, y))[1])
+    assert not epochs_run  # refused before the first step was even traced
+
+
+def test_the_privacy_helpers_check_their_arguments():
+    """Defect: epsilon(noise_multiplier=inf) died inside dp_accounting; poisson_batch_bound checked nothing."""
+    for kwargs, match in [(dict(noise_multiplier=float("inf")), "noise_multiplier"),
+                          (dict(noise_multiplier=float("nan")), "noise_multiplier"),
+                          (dict(noise_multiplier=True), "noise_multiplier"),
+                          (dict(noise_multiplier="1.0"), "noise_multiplier"),
+                          (dict(sample_rate=float("nan")), "sample_rate"), (dict(steps=True), "steps"),
+                          (dict(steps=-1), "steps"), (dict(delta=1.0), "delta")]:
+        with pytest.raises(ValueError, match=match):
+            privacy.epsilon(**(dict(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5) | kwargs))
+    with pytest.raises(ValueError, match="epsilon"):
+        privacy.noise_multiplier_for(float("inf"), 1e-5, 0.1, 10)
+    for args, match in [((0, 0.1), "n must be"), ((10.5, 0.1), "n must be"), ((100, 0.0), "sample_rate"),
+                        ((100, 1.5), "sample_rate"), ((100, float("nan")), "sample_rate"),
+                        ((100, 0.1, 0.0), "overflow"), ((100, 0.1, 1.0), "overflow")]:
+        with pytest.raises(ValueError, match=match):
+            privacy.poisson_batch_bound(*args)
+    assert privacy.poisson_batch_bound(np.int64(1000), np.float32(0.05)) == privacy.poisson_batch_bound(1000, 0.05)
+
+
+def test_dp_metrics_may_not_be_computed_on_training_examples():
+    """Decision: the history's per-epoch metrics are private (post-processing of the DP params) only on
+    data that are not training data; a probe holding training examples is refused under dp=."""
+    net, data, validation = _digits_dp_case()
+    for option in ("validation", "diagnostics", "statistics"):
+        with pytest.raises(ValueError, match=f"{option}= holds 16 of the training examples"):
+            pn.fit(net, pn.optim.sgd(0.1), data, key=jax.random.key(0), epochs=1, batch_size=32,
+                   dp=pn.DPSGD(1.0, 1.0), **{option: (data[0][:16], data[1][:16])})
+    result = pn.fit(net, pn.optim.sgd(0.1), data, key=jax.random.key(0), epochs=1, batch_size=32,
+                    dp=pn.DPSGD(1.0, 1.0), validation=validation, diagnostics=validation)
+    assert {"epsilon", "val_loss", "update_ratio"} <= set(result.history)

@@ -69,7 +69,16 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     every params-shaped part of the optimizer state stay split over the mesh
     as pn.distributed.shard_params places them (the returned params and
     opt_state are sharded arrays). dp=pn.DPSGD(clip_norm, noise_multiplier)
-    trains with DP-SGD's per-example clipping and Gaussian noise.
+    trains with DP-SGD's per-example clipping and Gaussian noise; with
+    Poisson sampling history["epsilon"] is the privacy spent after each
+    epoch. The accountant's settings are checked before the first epoch;
+    validation=, diagnostics= and statistics= may not hold training
+    examples (their metrics would not be covered by epsilon); a checkpoint
+    keeps each epoch's (noise multiplier, sample rate, steps), so a run
+    resumed with other settings is accounted as the composition of what ran,
+    and resuming a DP run without DP-SGD (or the reverse) is an error. Each
+    DP run needs its own key: two runs with one key draw the same batches
+    and noise, and the difference of their updates carries no noise at all.
     diagnostics=(x_probe, y_probe) records purenet.diagnostics.gradient_flow
     on that batch and each Dense layer's update_ratio every epoch (arrays of
     shape (epochs, layers) in the history); it does not change training.
@@ -108,6 +117,9 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     for name, batch in (("diagnostics", probe), ("statistics", stats_probe)):
         if batch is not None:  # the probes get the training data's checks (labels, NaN rows, shapes)
             check_data(net, *batch, loss, train_state.opt_state.params, train_state.model_state, name=f"{name} x")
+    phase = _dp_phase(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
+    if phase is not None:
+        _check_dp_run(dp, phase, x, validation, probe, stats_probe)
     data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
@@ -116,9 +128,10 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
                                              sampling="poisson" if poisson(dp) else "shuffle"),
                           net, mesh, strategy))
     records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe, stats_probe)
+    phases: list | None = None if phase is None else []  # each epoch's DP-SGD mechanism (sigma, q, steps)
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         metrics = set(jax.eval_shape(run, (train_state, es), data)[1])
-        train_state, es, records = _resume(checkpoint, key, train_state, es, inputs, metrics)
+        train_state, es, records, phases = _resume(checkpoint, key, train_state, es, inputs, metrics, phase)
     data, train_state, es = place(mesh, data, batch_size, train_state, es, net, strategy)
     stopped_epoch = None
     if es is not None and bool(es.stopped):
@@ -129,6 +142,8 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     while stopped_epoch is None and int(train_state.epoch) < epochs:
         (train_state, es), record = run((train_state, es), data)
         records.append(jax.device_get(record))
+        if phases is not None:
+            phases.append(phase)
         done = int(train_state.epoch)
         if bar is not None:
             bar.update(1)
@@ -137,12 +152,12 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
         if es is not None and bool(es.stopped):
             stopped_epoch = done - 1
         if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs or stopped_epoch is not None):
-            _save_run(checkpoint, key, train_state, es, records, inputs)
+            _save_run(checkpoint, key, train_state, es, records, inputs, phases)
     if bar is not None:
         bar.close()
     history = _stack(records)
-    if poisson(dp) and history:
-        history["epsilon"] = _epsilons(dp, x.shape[0], batch_size_of(x.shape[0], batch_size), len(records))
+    if phases and history:
+        history["epsilon"] = _epsilons(dp, phases)
     params, model_state = train_state.opt_state.params, train_state.model_state
     if evaluate_with_ema:
         params = ema_params(train_state.opt_state)
@@ -151,13 +166,41 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     return FitResult(params, model_state, train_state.opt_state, history, stopped_epoch)
 
 
-def _epsilons(dp, n, batch_size, epochs):
-    """epsilon after each epoch of n // batch_size Poisson-sampled steps (pn.privacy.epsilon)."""
+def _dp_phase(dp, n, batch_size):
+    """One epoch of Poisson-sampled DP-SGD as the accountant sees it: (sigma, q, steps), or None
+    (no DP-SGD, or shuffled batches, which have no accounting)."""
+    if not poisson(dp):
+        return None
+    return (float(dp.noise_multiplier), batch_size / n, n // batch_size)
+
+
+def _check_dp_run(dp, phase, x, validation, probe, stats_probe):
+    """Before the first epoch: the accountant takes these settings (a bad one would otherwise fail after
+    the last epoch, losing the run), and no data whose metrics the history records each epoch holds a
+    training example. Those metrics are functions of the DP-SGD params (post-processing, covered by
+    epsilon) only when their data are not training data; gradients or losses of training examples
+    released beside epsilon are not private."""
     from purenet import privacy
 
-    steps, rate = n // batch_size, batch_size / n
-    return np.array([privacy.epsilon(dp.noise_multiplier, rate, steps * (e + 1), dp.target_delta, dp.accountant)
-                     for e in range(epochs)])
+    privacy.epsilon(*phase, dp.target_delta, dp.accountant)
+    rows = {np.ascontiguousarray(r).tobytes() for r in np.asarray(x)}
+    for name, batch in (("validation", validation), ("diagnostics", probe), ("statistics", stats_probe)):
+        if batch is None:
+            continue
+        shared = sum(np.ascontiguousarray(r).tobytes() in rows for r in np.asarray(batch[0]))
+        if shared:
+            raise ValueError(f"{name}= holds {shared} of the training examples: under dp= the history records "
+                             f"its metrics every epoch, and metrics of training examples are not covered by the "
+                             f"run's epsilon; pass held-out data")
+
+
+def _epsilons(dp, phases):
+    """epsilon after each epoch, composing every epoch's mechanism so far (`pn.privacy.epsilon_of`):
+    a run resumed with another noise multiplier or batch size is accounted as the run it was."""
+    from purenet import privacy
+
+    return np.array([privacy.epsilon_of(phases[:e + 1], dp.target_delta, dp.accountant)
+                     for e in range(len(phases))])
 
 
 def _stack(records):
@@ -185,13 +228,15 @@ _INPUTS = {"data": ("training data", "data"), "validation": ("validation data", 
            "statistics": ("statistics probe", "statistics=")}
 
 
-def _save_run(path, key, train_state, es, records, inputs):
-    """Save the run; a failed save warns and training goes on (the result is never lost)."""
+def _save_run(path, key, train_state, es, records, inputs, phases):
+    """Save the run; a failed save warns and training goes on (the result is never lost). `phases`
+    (Poisson DP-SGD runs) is each epoch's (sigma, q, steps): the privacy history a resume composes."""
     from purenet import checkpoint
 
+    privacy = None if phases is None else np.array(phases, np.float64).reshape(-1, 3)
     try:
         checkpoint.save(path, {"train_state": train_state, "early_stopping": es,
-                               "history": _stack(records), "key": key, "inputs": inputs})
+                               "history": _stack(records), "key": key, "inputs": inputs, "privacy": privacy})
     except OSError as e:
         warnings.warn(f"could not save checkpoint {path} after epoch {int(train_state.epoch)} ({e}); "
                       f"training goes on and fit still returns its result", RuntimeWarning, stacklevel=3)
@@ -215,7 +260,33 @@ def _check_same_inputs(path, saved, inputs):
                                   f"resume with the original {argument} (or use another checkpoint path)")
 
 
-def _resume(path, key, train_state, es, inputs, metrics):
+def _resumed_phases(path, saved, history, epochs, phase):
+    """The privacy history of the checkpointed epochs, which this run's `phase` continues: refuse to mix
+    private and non-private epochs; a checkpoint from before the history was kept is taken to have run
+    with this run's settings (with a warning)."""
+    from purenet.checkpoint import CheckpointError
+
+    was_private = saved.get("privacy") is not None or "poisson_overflow" in history
+    if was_private and phase is None:
+        raise CheckpointError(f"{path} was written by a DP-SGD run (Poisson sampling); resume it with a dp= "
+                              f"that samples Poisson batches, so its privacy history goes on being accounted")
+    if phase is None:
+        return None
+    if not was_private:
+        raise CheckpointError(f"{path} was written by a run without DP-SGD's Poisson sampling: its epochs have "
+                              f"no privacy guarantee, so no epsilon covers the resumed run; start a fresh DP run "
+                              f"(another checkpoint path)")
+    if saved.get("privacy") is None:
+        warnings.warn(f"{path} predates the privacy history in checkpoints: its {epochs} epochs are accounted "
+                      f"with this run's noise multiplier and batch size", RuntimeWarning, stacklevel=4)
+        return [phase] * epochs
+    phases = [(float(s), float(q), int(t)) for s, q, t in np.asarray(saved["privacy"], np.float64)]
+    if len(phases) != epochs:
+        raise CheckpointError(f"{path} records the privacy of {len(phases)} epochs for {epochs} epochs run")
+    return phases
+
+
+def _resume(path, key, train_state, es, inputs, metrics, phase):
     from purenet import checkpoint
 
     likes = {"train_state": train_state} if es is None else {"train_state": train_state, "early_stopping": es}
@@ -233,12 +304,13 @@ def _resume(path, key, train_state, es, inputs, metrics):
             raise checkpoint.CheckpointError(f"{path} was written by a run without early stopping")
         es = saved["early_stopping"]
     history = {k: np.asarray(v) for k, v in saved["history"].items()}
+    phases = _resumed_phases(path, saved, history, int(train_state.epoch), phase)
     if history and set(history) != metrics:
         raise checkpoint.CheckpointError(f"{path} records the metrics {sorted(history)}, this run records "
                                          f"{sorted(metrics)}; resume with the same validation=, diagnostics= "
                                          f"and statistics=")
     records = [{k: v[i] for k, v in history.items()} for i in range(int(train_state.epoch))]
-    return train_state, es, records
+    return train_state, es, records, phases
 
 
 def _progress(total):

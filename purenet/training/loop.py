@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from purenet import diagnostics, metrics, network, privacy, shuffle
+from purenet.augment import mixes_examples
 from purenet._checks import check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import Array, LayerLike, PyTree, id_layer
@@ -136,6 +137,11 @@ def build_step(net: LayerLike, opt: Any, *, loss: str | Loss = "cross_entropy", 
     """
     if poisson(dp) and batch_size is None:
         raise ValueError("DP-SGD with Poisson sampling needs the expected batch size: build_step(..., batch_size=)")
+    if dp is not None and mixes_examples(augment):
+        raise ValueError("augment= mixes examples (mixup), which DP-SGD cannot clip: one example reaches several "
+                         "rows of the batch (and, with Poisson sampling, padding rows mix into sampled ones), so "
+                         "its influence on the clipped sum exceeds clip_norm and the accounted epsilon does not "
+                         "hold; train with an augmentation that transforms each example on its own")
     fn = gradients(net, loss, l2, dp, accumulate, precision, extra_args=getattr(opt, "extra_args", ()),
                    expected_batch_size=batch_size if poisson(dp) else None,
                    extra_options=getattr(opt, "extra_options", None))
@@ -276,6 +282,11 @@ def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, bat
     (their history entries are NaN). The data are checked as `fit` checks
     them (value checks need concrete data: under jit only shapes and dtypes).
     Use `fit` for the same with progress and best-params restoring done for you.
+
+    With dp=pn.DPSGD(...) the history records no epsilon (the accountant is
+    Python, outside the jitted run); `fit` records it, or compute it as
+    pn.privacy.epsilon(dp.noise_multiplier, b / n, epochs * (n // b),
+    dp.target_delta, dp.accountant) for batch size b and n examples.
     """
     check_arguments(epochs, batch_size, l2, accumulate=accumulate)
     x, y, validation = as_arrays(data, validation)
