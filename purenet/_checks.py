@@ -4,6 +4,10 @@ Checks on shapes and dtypes run at trace time. Checks on values (label
 ranges, NaNs, hyperparameters) run only when the value is concrete: inside
 `jit` a traced value cannot be inspected, so those checks are skipped there
 and the callers that own concrete data (for example `fit`) run them up front.
+
+Integer ids and labels are checked on the caller's own array, before any
+cast: with x64 off JAX holds integers as int32, and jnp.asarray wraps a numpy
+int64 2**32 + 1 to 1 (a valid, wrong label) without a word.
 """
 import math
 from typing import Any
@@ -12,12 +16,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_finite_rows", "check_float_input", "check_hyperparameter", "is_concrete"]
+__all__ = ["as_array", "check_finite_rows", "check_float_input", "check_hyperparameter", "check_index_range",
+           "is_concrete"]
 
 
 def is_concrete(x: Any) -> bool:
     """True when `x` holds a value we can look at (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def check_index_range(x: Any, n: int, name: str, what: str = "token id", of: str = "embeddings") -> None:
+    """Raise naming the offending value unless the integers of `x` lie in [0, n) (n ids, or n classes).
+
+    Pass the caller's array as given, before any cast: the values are read
+    on their own dtype, so a numpy int64 2**32 + 1 is refused as itself
+    rather than passed as the 1 that int32 (x64 off) would make of it.
+    Traced values cannot be inspected: inside `jit` they pass unchecked.
+    """
+    if not is_concrete(x) or not np.size(x):
+        return
+    values = np.asarray(x)
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{name}: {what} {lo if lo < 0 else hi} is out of range for {n} {of} [0, {n})")
+
+
+def as_array(x: Any, name: str = "x") -> jax.Array:
+    """jnp.asarray(x), refusing concrete integers that the cast would wrap.
+
+    With x64 off JAX holds integers in 32 bits: a numpy int64 value outside
+    int32's range would wrap silently (2**32 + 1 becomes 1), so it is a
+    ValueError naming `name` and the value. Traced values pass unchecked.
+    """
+    if is_concrete(x) and not isinstance(x, jax.Array) and np.size(x):
+        values = np.asarray(x)
+        if values.dtype.kind in "iu":
+            target = jax.dtypes.canonicalize_dtype(values.dtype)
+            info = np.iinfo(target)
+            lo, hi = int(values.min()), int(values.max())
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"{name}: integer {lo if lo < info.min else hi} does not fit {target}, JAX's "
+                                 f"integers while x64 is off (it would wrap); use values in "
+                                 f"[{info.min}, {info.max}] or enable x64")
+    return jnp.asarray(x)
 
 
 def check_float_input(x: Any, name: str = "x", ids: Any = None) -> None:
@@ -35,12 +76,7 @@ def check_float_input(x: Any, name: str = "x", ids: Any = None) -> None:
                 f"{name} must be integer token ids (the network starts with {ids}), got dtype {dtype}; "
                 f"convert it first, e.g. {name}.astype(jnp.int32)"
             )
-        if is_concrete(x) and jnp.size(x):
-            values = np.asarray(x)
-            lo, hi, n = int(values.min()), int(values.max()), ids.num_embeddings
-            if lo < 0 or hi >= n:
-                raise ValueError(f"{name}: token id {lo if lo < 0 else hi} is out of range for {n} "
-                                 f"embeddings [0, {n})")
+        check_index_range(x, ids.num_embeddings, name)
     elif not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{name} must be a floating-point array, got dtype {dtype}; "

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from purenet._checks import check_hyperparameter
+from purenet._checks import check_hyperparameter, check_index_range
 from purenet.layers.base import Array, LayerLike, PyTree, decode, decode_init, id_layer, output_kind
 from purenet.network import _body_trees, _split_head
 
@@ -47,7 +47,9 @@ def generate(net: LayerLike, params: PyTree, state: PyTree, prompt_ids: Any, key
     Pure: the same key gives the same text. The whole loop is jit-compiled
     `lax.scan`s over the steps (net, steps and cache are static). cache: a
     key/value cache, one position a step (see the module docstring); the
-    tokens equal cache=False's.
+    tokens equal cache=False's. Concrete prompt ids must lie in [0, vocab),
+    checked as given, before the cast to int32 (an int64 2**32 + 1 is an
+    error, not id 1); traced prompt ids cannot be checked.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -60,9 +62,8 @@ def generate(net: LayerLike, params: PyTree, state: PyTree, prompt_ids: Any, key
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt_ids must have shape (T0,) or (batch, T0) with T0 >= 1, got {prompt.shape}")
     layer = id_layer(net)
-    if layer is not None:
-        from purenet.layers.embedding import check_ids
-        check_ids(prompt, layer.num_embeddings, "prompt_ids")
+    if layer is not None:  # the ids as given: jnp.asarray wraps int64 ids >= 2**31 when x64 is off
+        check_index_range(prompt_ids, layer.num_embeddings, "prompt_ids")
     kind = output_kind(net)
     if kind not in ("logits", "probabilities"):
         raise ValueError(f"pn.generate samples from a network that outputs next-token logits (pn.GPT) or "

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 
-from purenet._checks import is_concrete
+from purenet._checks import check_index_range, is_concrete
 from purenet.layers.base import Array, PyTree, positions, wide
 
 __all__ = [
@@ -103,8 +103,13 @@ def _as_float(target, out):
 
 
 def class_targets(name: str, out: Array, target: Any) -> Array:
-    """Integer labels (N,) -> one-hot rows; distributions (N, k) pass through checked."""
-    target = jnp.asarray(target)
+    """Integer labels (N,) -> one-hot rows; distributions (N, k) pass through checked.
+
+    Concrete labels must lie in [0, k), checked on the caller's array before
+    any cast (a numpy int64 2**32 + 1 is refused, not wrapped to label 1 as
+    int32 would with x64 off). Traced labels (inside `jit`) cannot be checked.
+    """
+    given, target = target, jnp.asarray(target)
     k = jnp.shape(out)[-1]
     if target.ndim == jnp.ndim(out) - 1:
         if not jnp.issubdtype(target.dtype, jnp.integer):
@@ -118,12 +123,7 @@ def class_targets(name: str, out: Array, target: Any) -> Array:
                 f"{name}: labels of shape {target.shape} do not match the batch of the "
                 f"output shape {jnp.shape(out)}"
             )
-        if is_concrete(target) and target.size:
-            values = np.asarray(target)
-            lo, hi = int(values.min()), int(values.max())
-            if lo < 0 or hi >= k:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"{name}: label {bad} is out of range for {k} classes [0, {k})")
+        check_index_range(given, k, name, "label", "classes")
         return jax.nn.one_hot(target, k, dtype=jnp.result_type(out))
     _check_same_shape(name, out, target)
     return _as_float(target, out)

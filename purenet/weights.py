@@ -408,6 +408,27 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
     return any(jnp.issubdtype(src, k) and jnp.issubdtype(dst, k) for k in kinds)
 
 
+def _cast(value: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+    """`value` as `dtype` (a kind `_castable` allows), refusing a cast that changes values rather than
+    rounding them: an integer outside dtype's range, or a finite float (complex) that overflows to
+    inf or NaN. A narrower float rounds to nearest (tiny values may become 0): that stays allowed."""
+    if value.dtype == dtype:
+        return value
+    if jnp.issubdtype(dtype, jnp.integer) and value.size:
+        info, low, high = jnp.iinfo(dtype), int(value.min()), int(value.max())
+        for v in (low, high):
+            if not info.min <= v <= info.max:
+                raise WeightsError(f"{where}: {v} is outside {dtype}'s range [{info.min}, {info.max}]")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = value.astype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        lost = np.isfinite(value) & ~np.isfinite(out)
+        if lost.any():
+            raise WeightsError(f"{where}: the finite {value.dtype} value {value[lost][0]} overflows {dtype} "
+                               f"(to {out[lost][0]})")
+    return out
+
+
 def from_state_dict(like: PyTree, state_dict: Mapping[str, Any], names: Mapping[str, str],
                     transforms: Mapping[str, str | Callable[[np.ndarray], np.ndarray]] | None = None, *,
                     strict: bool = True) -> PyTree:
@@ -418,8 +439,13 @@ def from_state_dict(like: PyTree, state_dict: Mapping[str, Any], names: Mapping[
     {purenet name: a name in LAYOUTS ("linear", "conv1d", "conv2d") or a function array -> array},
     applied to the state_dict's value (numpy; torch tensors converted) before the shape check.
     Each value must then have like's shape; it is cast to like's dtype within its kind (float to
-    float, int to int). With strict (the default) every state_dict key must be used. Any mismatch is
-    a WeightsError naming the tensors. Returns like's structure with jax arrays.
+    float, int to int), as JAX holds that dtype (int64 -> int32, float64 -> float32 without
+    jax_enable_x64). A cast that changes values is a WeightsError naming the tensor: an integer
+    outside the dtype's range, a finite float that overflows (to inf, or NaN in a float8 without
+    inf). Floats narrower than the value's round to nearest (float64 -> float32 keeps about 7
+    digits; values below float32's range become subnormal or 0), as torch's .float() does. With
+    strict (the default) every state_dict key must be used. Any mismatch is a WeightsError naming
+    the tensors. Returns like's structure with jax arrays.
     """
     wanted = flatten(like)
     names, transforms = dict(names), dict(transforms or {})
@@ -452,7 +478,8 @@ def from_state_dict(like: PyTree, state_dict: Mapping[str, Any], names: Mapping[
             raise WeightsError(f"state_dict[{key!r}] gives {name} shape {value.shape}, expected {shape}")
         if not _castable(value.dtype, dtype):
             raise WeightsError(f"state_dict[{key!r}] has dtype {value.dtype}, {name} needs {dtype}")
-        leaves.append(jnp.asarray(value.astype(dtype, copy=False)))
+        held = np.dtype(jax.dtypes.canonicalize_dtype(dtype))  # what jnp.asarray makes of dtype
+        leaves.append(jnp.asarray(_cast(value, held, f"state_dict[{key!r}] -> {name}")))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
 
 
@@ -502,6 +529,41 @@ def _nanogpt_rows(model: GPT, bias: bool) -> list[_Row]:
 
 
 _ORIG_MOD = "_orig_mod."  # torch.compile's prefix: nanoGPT's train.py saves the compiled model's state_dict
+_INT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # model_args' sizes
+
+
+def _positive_int(value: Any, what: str) -> int:
+    """`value` as an int: a positive int, numpy integer or integral float, never a bool; else a WeightsError."""
+    integral = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, (bool, np.bool_)) or not integral or value <= 0:
+        raise WeightsError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _dropout_rate(value: Any, what: str) -> float:
+    """`value` as a float in [0, 1) (an int or float, never a bool); else a WeightsError."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not 0 <= value < 1):
+        raise WeightsError(f"{what} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _model_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """model_args checked: sizes positive integers (as ints), bias a bool, dropout in [0, 1); None is absent."""
+    out = dict(args)
+    for name, value in args.items():
+        if value is None:
+            continue
+        if name in _INT_ARGS:
+            out[name] = _positive_int(value, f"the checkpoint's model_args' {name}")
+        elif name == "bias":
+            if not isinstance(value, (bool, np.bool_)):
+                raise WeightsError(f"the checkpoint's model_args' bias must be a bool, got {value!r}")
+            out[name] = bool(value)
+        elif name == "dropout":
+            out[name] = _dropout_rate(value, "the checkpoint's model_args' dropout")
+    return out
 
 
 def _nanogpt_input(state_dict: Mapping[str, Any], heads: int | None) -> tuple[dict[str, np.ndarray], dict, int]:
@@ -512,6 +574,9 @@ def _nanogpt_input(state_dict: Mapping[str, Any], heads: int | None) -> tuple[di
         if not isinstance(args, Mapping):
             raise WeightsError(f"the checkpoint's model_args is a {type(args).__name__}, not a dict")
         state_dict = state_dict["model"]
+    args = _model_args(args)
+    if heads is not None:
+        heads = _positive_int(heads, "heads")
     if heads is None:
         heads = args.get("n_head")
         if heads is None:
@@ -529,7 +594,7 @@ def _nanogpt_input(state_dict: Mapping[str, Any], heads: int | None) -> tuple[di
         if name in tensors:
             raise WeightsError(f"the state_dict has {name!r} twice (with and without {_ORIG_MOD!r})")
         tensors[name] = _to_numpy(value)
-    return tensors, dict(args), int(heads)
+    return tensors, args, heads
 
 
 def from_nanogpt(state_dict: Mapping[str, Any], heads: int | None = None, *,
@@ -546,8 +611,10 @@ def from_nanogpt(state_dict: Mapping[str, Any], heads: int | None = None, *,
     biases, detected from the keys) give the bias-free `NanoGPT`. lm_head.weight, when present, must
     equal transformer.wte.weight (nanoGPT ties them). The attention's causal-mask buffer
     (attn.bias, (1, 1, T, T), in checkpoints of PyTorch without flash attention) is checked and
-    dropped. dropout defaults to model_args' (else 0). The dtype is the state_dict's. A GPT keeps
-    no state arrays: `empty_state(net)` is the state pn.forward and pn.loss take.
+    dropped. dropout defaults to model_args' (else 0). heads and model_args' sizes must be positive
+    integers (ints, numpy integers or integral floats; not bools), bias a bool and dropout a number
+    in [0, 1), or a WeightsError names the field and the value. The dtype is the state_dict's. A
+    GPT keeps no state arrays: `empty_state(net)` is the state pn.forward and pn.loss take.
     """
     tensors, args, heads = _nanogpt_input(state_dict, heads)
     for key in ("transformer.wte.weight", "transformer.wpe.weight"):
@@ -583,6 +650,8 @@ def from_nanogpt(state_dict: Mapping[str, Any], heads: int | None = None, *,
             del tensors[f"transformer.h.{i}.attn.bias"]
     if dropout is None:
         dropout = float(args.get("dropout") or 0.0)
+    else:
+        dropout = _dropout_rate(dropout, "dropout")
     net = nanogpt(vocab, context, layers, heads, d, dropout, bias)
     dtype = jax.dtypes.canonicalize_dtype(wte.dtype)
     like = jax.eval_shape(lambda k: _init(net, k, dtype), jax.random.key(0))
@@ -636,17 +705,25 @@ def to_nanogpt(net: Any, params: PyTree, *, checkpoint: bool = False) -> dict[st
     layouts (the inverse of `from_nanogpt`; lm_head.weight is wte's array, as nanoGPT ties them), which
     `GPT.load_state_dict(..., strict=True)` accepts after torch.from_numpy. With checkpoint=True:
     {"model": that state_dict, "model_args": {...}}, the dict nanoGPT's train.py saves (torch.save it).
+    Every tensor must have the shape the net's init gives it (jax.eval_shape of pn.init), so the
+    model_args describe the tensors; else a WeightsError names the tensor and both shapes.
     """
+    prefix = "" if isinstance(net, GPT) else "0."
     model, params = _gpt_of(net, params)
     if not model.tie_embeddings:
         raise WeightsError("nanoGPT ties lm_head to wte; this GPT has an untied head")
     bias = bool(getattr(model, "bias", True))
     ours = {name: np.array(leaf) for name, leaf in flatten(params).items()}
-    rows = _nanogpt_rows(model, bias)
-    expected = [r[0] for r in rows]
+    shapes = jax.eval_shape(lambda k: init(model, k, (model.context,))[0], jax.random.key(0))
+    expected = {name: tuple(s.shape) for name, s in flatten(shapes).items()}
     missing, extra = [n for n in expected if n not in ours], [n for n in ours if n not in expected]
     if missing or extra:
         raise WeightsError(f"params do not match the net (bias={bias}): missing {missing}, extra {extra}")
+    for name, shape in expected.items():
+        if ours[name].shape != shape:
+            raise WeightsError(f"params do not fit the net: {prefix}{name} has shape {ours[name].shape}, "
+                               f"the net's is {shape}")
+    rows = _nanogpt_rows(model, bias)
     parts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for name, theirs, transposed, part in rows:
         w = ours[name].T if transposed else ours[name]

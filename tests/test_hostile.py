@@ -770,3 +770,146 @@ def test_load_without_like_rebuilds_ema_and_kfac_state(tmp_path):
         assert type(back) is type(state)
         assert [type(s) for s in back.slots] == [type(s) for s in state.slots]
         chex.assert_trees_all_equal(back, state)
+
+
+# ---------------------------------------------------------------- third round: int64 ids and labels, 1-D meshes,
+# ---------------------------------------------------------------- zero true gradients in check_grads
+
+BIG = [2**31, 2**32 + 1]  # 2**32 + 1 wraps to 1 as int32: a silent wrong label or id unless checked first
+
+
+@pytest.mark.parametrize("big", BIG)
+def test_int64_labels_beyond_int32_are_refused_without_x64(big):
+    with jax.enable_x64(False):
+        net, params, state, x, _ = _mlp_data()
+        y = np.array([0, 1, 2, 0, 1, 2, 0, big], np.int64)
+        for call in (pn.loss, pn.value_and_grad):
+            with pytest.raises(ValueError, match=f"cross_entropy: label {big} is out of range for 3 classes"):
+                call(net, params, state, x, y)
+
+
+@pytest.mark.parametrize("big", BIG)
+def test_int64_ids_beyond_int32_are_refused_without_x64(big):
+    with jax.enable_x64(False):
+        net = pn.gpt(vocab_size=7, context=5, layers=1, heads=1, features=4)
+        params, state = pn.init(net, jax.random.key(0))
+        ids = np.array([[1, 2, big]], np.int64)
+        with pytest.raises(ValueError, match=f"prompt_ids: token id {big} is out of range for 7 embeddings"):
+            pn.generate(net, params, state, ids, jax.random.key(1), steps=1)
+        with pytest.raises(ValueError, match=f"token id {big} is out of range for 7 embeddings"):
+            pn.forward(net, params, state, ids)
+        with pytest.raises(ValueError, match=f"label {big} is out of range for 7 classes"):
+            pn.value_and_grad(net, params, state, ids % 7, ids)
+
+
+@pytest.mark.parametrize("big", BIG)
+def test_as_array_refuses_integers_the_cast_would_wrap(big):
+    from purenet._checks import as_array
+
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match=f"y: integer {big} does not fit int32"):
+            as_array(np.array([0, big], np.int64), "y")
+        np.testing.assert_array_equal(as_array(np.array([0, 2**31 - 1], np.int64), "y"), [0, 2**31 - 1])
+    assert int(as_array(np.array([big], np.int64), "y")[0]) == big  # with x64 on int64 holds it
+
+
+@pytest.mark.parametrize("big", BIG)
+def test_fit_refuses_int64_labels_beyond_int32_without_x64(big):
+    with jax.enable_x64(False):
+        net, params, state, x, _ = _mlp_data()
+        y = np.array([0, 1, 2, 0, 1, 2, 0, big], np.int64)
+        with pytest.raises(ValueError, match=f"(?<![-\\d]){big}"):  # the value itself, not its wrapped -2**31
+            pn.fit(net, pn.optim.sgd(0.1), (x, y), key=jax.random.key(0), epochs=1)
+
+
+ONE_AXIS_MESHES = """
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+import purenet as pn
+from jax.sharding import PartitionSpec
+data = pn.datasets.digits(dtype=np.float64)
+x, y = data.x_train[:96], data.y_train[:96]
+net = pn.mlp([64, 16, 10], batchnorm=True)
+kw = dict(key=jax.random.key(2), epochs=2, batch_size=48)
+one = pn.fit(net, pn.optim.adam(1e-2), (x, y), **kw)
+model, batch = pn.distributed.mesh({"model": 8}), pn.distributed.data_mesh(axis="batch")
+for mesh, strategy in ((model, None), (batch, None), (batch, "fsdp"), (model, "tensor")):
+    (axis,) = mesh.axis_names
+    assert pn.distributed.shard_batch(x[:48], mesh).sharding.spec == PartitionSpec(axis)
+    assert pn.distributed.batch_ways(mesh) == 8
+    many = pn.fit(net, pn.optim.adam(1e-2), (x, y), mesh=mesh, strategy=strategy, **kw)
+    for a, b in zip(jax.tree_util.tree_leaves((many.params, many.state)),
+                    jax.tree_util.tree_leaves((one.params, one.state))):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    print("ok", axis, strategy)
+two = pn.distributed.mesh({"a": 2, "b": 4})
+assert pn.distributed.shard_batch(x[:48], two).sharding.spec == PartitionSpec()  # no data axis: whole batch
+try:
+    pn.distributed.shard_batch(x[:48], batch, axis="data")
+except ValueError as e:
+    assert "'data'" in str(e) and "('batch',)" in str(e), e
+else:
+    raise AssertionError("an axis the mesh lacks was accepted")
+print("ok errors")
+"""
+
+
+def test_fit_on_a_one_axis_mesh_of_any_name_equals_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", ONE_AXIS_MESHES], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split("\n")[:5] == ["ok model None", "ok batch None", "ok batch fsdp", "ok model tensor",
+                                            "ok errors"]
+
+
+def test_the_data_axis_of_a_one_axis_mesh_is_its_only_axis():
+    from jax.sharding import PartitionSpec
+
+    for mesh in (pn.distributed.data_mesh(axis="batch"), pn.distributed.mesh({"model": 1})):
+        (axis,) = mesh.axis_names
+        assert pn.distributed.data_axis(mesh) == axis
+        assert pn.distributed.batch_sharding(mesh).spec == PartitionSpec(axis)
+    assert pn.distributed.data_axis(pn.distributed.mesh({"data": 1, "model": 1})) == "data"
+    assert pn.distributed.data_axis(pn.distributed.mesh({"a": 1, "b": 1})) is None
+    with pytest.raises(ValueError, match=r"no axis 'data' to split the batch over; its axes are \('batch',\)"):
+        pn.distributed.batch_sharding(pn.distributed.data_mesh(axis="batch"), "data")
+    net, params, *_ = _mlp_data()
+    with pytest.raises(ValueError, match="not the tensor axis"):
+        pn.distributed.shard_params(net, params, pn.distributed.mesh({"model": 1}), "fsdp+tensor")
+
+
+class NoisyKeyBias(pn.MultiHeadAttention):
+    """Attention whose bk gradient (exactly zero in truth: softmax ignores a per-row shift) is garbage."""
+
+    def backward(self, params, cache, dy):
+        grads, dx = super().backward(params, cache, dy)
+        return {**grads, "bk": grads["bk"] + 1e-6 * jnp.arange(1.0, 1.0 + grads["bk"].size)}, dx
+
+
+class SlightlyWrongDense(pn.Dense):
+    """A Dense whose bias gradient is off by one part in a million."""
+
+    def backward(self, params, x, dy):
+        grads, dx = super().backward(params, x, dy)
+        return {**grads, "b": grads["b"] * (1 + 1e-6)}, dx
+
+
+def test_check_grads_passes_layers_whose_true_gradient_is_zero_in_a_leaf():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    report = pn.check_grads(pn.MultiHeadAttention(2), x)
+    assert report.errors["['params']['bk']"] < 1e-14  # judged against the whole gradient's scale
+    net = pn.gpt(vocab_size=11, context=6, layers=1, heads=2, features=8)
+    ids = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
+    pn.check_grads(net, ids, ids, loss="cross_entropy")
+
+
+def test_check_grads_still_fails_small_errors_and_garbage_where_the_truth_is_zero():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    report = pn.check_grads(NoisyKeyBias(2), x, raise_on_failure=False)
+    assert set(report.failures()) == {"['params']['bk']"} and report.errors["['params']['bk']"] > 1e-7
+    net = pn.Sequential([pn.Dense(4), pn.Tanh(), SlightlyWrongDense(3), pn.Softmax()])
+    xs = jax.random.normal(jax.random.key(0), (5, 2))
+    report = pn.check_grads(net, xs, jnp.arange(5) % 3, loss="cross_entropy", raise_on_failure=False)
+    assert set(report.failures()) == {"['params'][2]['b']"}
+    assert report.errors["['params'][2]['b']"] == pytest.approx(1e-6, rel=1e-3)

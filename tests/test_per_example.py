@@ -136,3 +136,71 @@ def test_fit_with_chunked_dp_sgd_equals_the_whole_batch():
                    epochs=2, batch_size=64, dp=pn.DPSGD(1.0, 0.5, chunk_size=k)) for k in (None, 16, 24)]
     for run in runs[1:]:
         assert max(compare_trees(run.params, runs[0].params).values()) <= 1e-9
+
+
+# ---------------------------------------------------------------- which cache leaves hold one row per example
+
+
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class CachesItsWeight(pn.Layer):
+    """y = x W, caching W itself beside x: with in_dim equal to the batch size, W has n leading rows."""
+
+    features: int = 3
+
+    def init(self, key, in_shape, dtype=None):
+        (d,) = pn.layers.base.as_shape(in_shape)
+        return {"W": jax.random.normal(key, (d, self.features), dtype or jnp.float32) / 2}, {}, (self.features,)
+
+    def forward(self, params, state, x, train=False, key=None):
+        return x @ params["W"], state, (x, params["W"])
+
+    def backward(self, params, cache, dy):
+        x, w = cache
+        return {"W": x.T @ dy}, dy @ w.T
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattensPositions(pn.Layer):
+    """y = x * g over (batch, T, d), caching x as (batch * T, d) rows: not sliceable per example."""
+
+    def init(self, key, in_shape, dtype=None):
+        shape = pn.layers.base.as_shape(in_shape)
+        return {"g": jnp.ones(shape[-1:], dtype or jnp.float32)}, {}, shape
+
+    def forward(self, params, state, x, train=False, key=None):
+        return x * params["g"], state, x.reshape(-1, x.shape[-1])
+
+    def backward(self, params, cache, dy):
+        return {"g": jnp.sum(cache * dy.reshape(cache.shape), 0)}, dy * params["g"]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_a_cached_parameter_with_batch_many_rows_is_not_sliced_per_example(chunk_size):
+    """Defect: the generic path sliced every cache leaf whose leading axis equalled the batch size, so a
+    layer caching its own (n, k) weight got wrong per-example norms at a batch (or chunk) of n."""
+    n = 4  # CachesItsWeight's W is (n, 3); its dx feeds the Dense before it
+    net = pn.Sequential([pn.Dense(n), pn.Tanh(), CachesItsWeight(3), pn.Tanh(), pn.Dense(2), pn.Softmax()])
+    params, state = pn.init(net, jax.random.key(0), in_shape=5, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2 * n if chunk_size else n, 5), jnp.float64)
+    y = jnp.arange(x.shape[0]) % 2
+    per = jax.vmap(lambda xi, yi: jax.grad(lambda p: pn.loss(net, p, state, xi[None], yi[None])[0])(params))(x, y)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(x.shape[0], -1) ** 2, 1) for g in jax.tree_util.tree_leaves(per)))
+    np.testing.assert_allclose(pn.per_example_grad_norms(net, params, state, x, y, chunk_size=chunk_size), norms,
+                               rtol=1e-12)
+    clip = float(jnp.median(norms))
+    clipped = jax.tree_util.tree_map(
+        lambda g: jnp.mean(g * jnp.minimum(1.0, clip / norms).reshape((-1,) + (1,) * (g.ndim - 1)), 0), per)
+    got = pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=clip, chunk_size=chunk_size)[1]
+    chex.assert_trees_all_close(got, clipped, rtol=1e-10, atol=1e-14)
+    chex.assert_trees_all_close(pn.per_example_grads(net, params, state, x, y)[1], per, rtol=1e-10, atol=1e-14)
+
+
+def test_a_cache_leaf_that_is_neither_batched_nor_shared_is_an_error_that_asks_for_a_declaration():
+    net = pn.Sequential([FlattensPositions(), pn.Dense(2), pn.Softmax()])
+    params, state = pn.init(net, jax.random.key(0), in_shape=(3, 2))
+    x, y = jax.random.normal(jax.random.key(1), (5, 3, 2)), jnp.zeros((5, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"FlattensPositions's cache has a leaf of shape \(15, 2\).*cache_batch_axes"):
+        pn.per_example_grad_norms(net, params, state, x, y)

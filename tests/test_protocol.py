@@ -294,8 +294,9 @@ def test_fast_paths_equal_the_generic_default(index, seed, l2):
     slow = base.generic_per_example_backward(layer, params, cache, dy)
     chex.assert_trees_all_close(fast, slow, rtol=1e-10, atol=1e-12)
     sq, dx = base.per_example_sq_norms(layer, params, cache, dy, l2)
-    sq_ref, dx_ref = base.generic_per_example_sq_norms(type("Bare", (), {
-        "backward": layer.backward, "roles": getattr(layer, "roles", {})})(), params, cache, dy, l2)
+    sq_ref, dx_ref = base.generic_per_example_sq_norms(type("Bare", (), {  # the three methods, no fast path
+        "init": layer.init, "forward": layer.forward, "backward": layer.backward,
+        "roles": getattr(layer, "roles", {})})(), params, cache, dy, l2)
     np.testing.assert_allclose(sq, sq_ref, rtol=1e-10, atol=1e-12)
     chex.assert_trees_all_close(dx, dx_ref, rtol=1e-10, atol=1e-12)
     grads = slow[0]

@@ -6,6 +6,7 @@ attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj / ln_f, lm_head tied to wte), with
 nanoGPT's `bias` switch (no Linear or LayerNorm biases when False).
 """
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -238,6 +239,69 @@ def test_nanogpt_errors_name_the_problem():
         pn.weights.to_nanogpt(net, pn.init(net, jax.random.key(0))[0])
 
 
+def test_to_nanogpt_refuses_params_that_do_not_fit_the_net():
+    net = pn.gpt(13, 8, 2, 2, 16)
+    params, _ = pn.init(net, jax.random.key(0))
+    wide, _ = pn.init(pn.gpt(13, 8, 2, 2, 32), jax.random.key(0))  # the same names, every shape different
+    for checkpoint in (False, True):
+        with pytest.raises(pn.weights.WeightsError, match=r"0.body.0.P has shape \(8, 32\), the net's is \(8, 16\)"):
+            pn.weights.to_nanogpt(net, wide, checkpoint=checkpoint)
+    bigger, _ = pn.init(pn.gpt(14, 8, 2, 2, 16), jax.random.key(0))  # one tensor off: model_args would lie
+    with pytest.raises(pn.weights.WeightsError, match=r"0.token.E has shape \(14, 16\), the net's is \(13, 16\)"):
+        pn.weights.to_nanogpt(net, bigger, checkpoint=True)
+    with pytest.raises(pn.weights.WeightsError, match=r"fit the net: token.E has shape \(14, 16\)"):  # a bare GPT
+        pn.weights.to_nanogpt(net.layers[0], bigger[0])
+    one = jax.tree_util.tree_map(lambda a: a, params)
+    one[0]["body"][2][1][1]["W"] = jnp.zeros((16, 63))
+    with pytest.raises(pn.weights.WeightsError, match=r"0.body.2.1.1.W has shape \(16, 63\), the net's is \(16, 64\)"):
+        pn.weights.to_nanogpt(net, one)
+    assert pn.weights.to_nanogpt(net, params, checkpoint=True)["model_args"]["n_embd"] == 16
+
+
+BAD_MODEL_ARGS = [("n_head", 2.7), ("n_head", True), ("n_head", 0), ("n_head", -2), ("n_head", "2"),
+                  ("n_layer", 2.5), ("n_layer", False), ("n_embd", True), ("n_embd", 16.5), ("block_size", 8.5),
+                  ("vocab_size", 0), ("vocab_size", np.float64(13.2)), ("vocab_size", [13])]
+
+
+@pytest.mark.parametrize("field,value", BAD_MODEL_ARGS, ids=[f"{f}={v!r}" for f, v in BAD_MODEL_ARGS])
+def test_from_nanogpt_needs_positive_integer_model_args(field, value):
+    model = torch_gpt(True)
+    ckpt = {"model": model.state_dict(), "model_args": {**model_args(model, True), field: value}}
+    with pytest.raises(pn.weights.WeightsError, match=rf"model_args' {field} must be a positive integer, "
+                                                       rf"got {re.escape(repr(value))}"):
+        pn.weights.from_nanogpt(ckpt)
+
+
+@pytest.mark.parametrize("value", [2.7, True, 0, -1, np.float32(2.5), "2"])
+def test_from_nanogpt_needs_a_positive_integer_heads(value):
+    pattern = rf"heads must be a positive integer, got {re.escape(repr(value))}"
+    with pytest.raises(pn.weights.WeightsError, match=pattern):
+        pn.weights.from_nanogpt(torch_gpt(True).state_dict(), heads=value)
+
+
+@pytest.mark.parametrize("value", [1.0, 1, -0.1, True, float("nan"), "0.1", np.float64(1.5)])
+def test_from_nanogpt_needs_a_dropout_in_0_1(value):
+    model = torch_gpt(True)
+    pattern = rf"dropout must be a number in \[0, 1\), got {re.escape(repr(value))}"
+    with pytest.raises(pn.weights.WeightsError, match="model_args' " + pattern):
+        pn.weights.from_nanogpt({"model": model.state_dict(), "model_args": {**model_args(model, True),
+                                                                             "dropout": value}})
+    with pytest.raises(pn.weights.WeightsError, match=pattern):
+        pn.weights.from_nanogpt(model.state_dict(), heads=2, dropout=value)
+
+
+def test_from_nanogpt_takes_numpy_integers_and_integral_floats():
+    model = torch_gpt(True)
+    args = {k: (np.int64(v) if type(v) is int else v) for k, v in model_args(model, True).items()}
+    for ckpt_args, heads in ((args, None), ({**args, "n_head": 2.0, "dropout": np.float32(0.25)}, None),
+                             ({**args, "n_head": None}, np.int32(2))):
+        net, _ = pn.weights.from_nanogpt({"model": model.state_dict(), "model_args": ckpt_args}, heads=heads)
+        assert type(net.layers[0].heads) is int and net.layers[0].heads == 2
+        assert net.layers[0].dropout == float(ckpt_args["dropout"])
+    with pytest.raises(pn.weights.WeightsError, match="model_args' bias must be a bool, got 1"):
+        pn.weights.from_nanogpt({"model": model.state_dict(), "model_args": {**args, "bias": 1}})
+
+
 # ---------------------------------------------------------------- any state_dict (the README's recipe)
 
 
@@ -275,6 +339,37 @@ def test_from_state_dict_maps_a_pytorch_cnn_as_the_readme_recipe_says():
         pn.weights.from_state_dict(like, linear.state_dict(), {"0.W": "weight", "0.b": "bias"}, {"0.W": "conv2d"})
     with pytest.raises(pn.weights.WeightsError, match="int64, 0.W needs float32"):
         pn.weights.from_state_dict(like, {"w": np.ones((5, 2), np.int64), "b": np.ones(2)}, {"0.W": "w", "0.b": "b"})
+
+
+def test_from_state_dict_refuses_casts_that_change_values_but_rounds_floats():
+    like = {"w": np.zeros(3, np.float32), "i": np.zeros(2, np.int32)}
+    names = {"w": "w", "i": "i"}
+    w = np.array([1 / 3, np.nan, -np.inf])  # float64: rounded to float32, NaN and inf kept
+    got = pn.weights.from_state_dict(like, {"w": w, "i": np.array([-2**31, 2**31 - 1])}, names)
+    assert got["w"].dtype == jnp.float32 and bits(got["w"]) == bits(w.astype(np.float32))
+    assert got["i"].dtype == jnp.int32 and got["i"].tolist() == [-2**31, 2**31 - 1]
+    with pytest.raises(pn.weights.WeightsError, match=r"state_dict\['i'\] -> i: 2147483648 is outside int32's "
+                                                       r"range \[-2147483648, 2147483647\]"):
+        pn.weights.from_state_dict(like, {"w": w, "i": np.array([0, 2**31])}, names)
+    with pytest.raises(pn.weights.WeightsError, match=r"state_dict\['w'\] -> w: the finite float64 value "
+                                                       r"1e\+39 overflows float32"):
+        pn.weights.from_state_dict(like, {"w": np.array([0.0, 1e39, 1.0]), "i": np.zeros(2, np.int64)}, names)
+    with pytest.raises(pn.weights.WeightsError, match=r"-> u: 4294967296 is outside uint32's range"):
+        pn.weights.from_state_dict({"u": np.zeros(1, np.uint32)}, {"u": np.array([2**32], np.uint64)}, {"u": "u"})
+    with pytest.raises(pn.weights.WeightsError, match=r"-> b: the finite float32 value 1000.0 overflows float8_e4m3fn"):
+        pn.weights.from_state_dict({"b": np.zeros(1, ml_dtypes.float8_e4m3fn)}, {"k": np.array([1e3], np.float32)},
+                                   {"b": "k"})
+
+
+def test_from_state_dict_without_x64_refuses_what_jax_would_overflow():
+    with jax.enable_x64(False):  # JAX holds like's int64 / float64 as int32 / float32: that is the cast checked
+        like = {"i": np.zeros(1, np.int64), "w": np.zeros(1, np.float64)}
+        got = pn.weights.from_state_dict(like, {"i": np.array([7]), "w": np.array([0.1])}, {"i": "i", "w": "w"})
+        assert got["i"].dtype == jnp.int32 and got["w"].dtype == jnp.float32 and float(got["w"][0]) == np.float32(0.1)
+        with pytest.raises(pn.weights.WeightsError, match=r"-> i: 1099511627776 is outside int32's range"):
+            pn.weights.from_state_dict(like, {"i": np.array([2**40]), "w": np.array([0.1])}, {"i": "i", "w": "w"})
+        with pytest.raises(pn.weights.WeightsError, match=r"-> w: the finite float64 value -1e\+300 overflows float32"):
+            pn.weights.from_state_dict(like, {"i": np.array([1]), "w": np.array([-1e300])}, {"i": "i", "w": "w"})
 
 
 # ---------------------------------------------------------------- safetensors

@@ -11,15 +11,15 @@ optimizer state ("fsdp", "tensor", "fsdp+tensor"), `checkpoints` saves and
 restores sharded arrays onto any mesh.
 """
 from purenet.distributed.checkpoints import load_sharded, save_sharded
-from purenet.distributed.data import (AXIS, batch_sharding, batch_ways, check_divisible, data_mesh, device_bytes,
-                                      global_batch, put, replicate, replicated, shard_batch)
+from purenet.distributed.data import (AXIS, batch_sharding, batch_ways, check_divisible, data_axis, data_mesh,
+                                      device_bytes, global_batch, put, replicate, replicated, shard_batch)
 from purenet.distributed.mesh import MODEL, mesh
 from purenet.distributed.strategies import (STRATEGIES, check_strategy, constrain, like_params, param_shardings,
                                             param_specs, shard_params, shard_tree, tensor_axes, tree_shardings)
 
 __all__ = [
     "AXIS", "MODEL", "STRATEGIES", "batch_sharding", "batch_ways", "check_divisible", "check_strategy", "constrain",
-    "data_mesh", "device_bytes", "global_batch", "like_params", "load_sharded", "mesh", "param_shardings",
+    "data_axis", "data_mesh", "device_bytes", "global_batch", "like_params", "load_sharded", "mesh", "param_shardings",
     "param_specs", "put", "replicate", "replicated", "save_sharded", "shard_batch", "shard_params", "shard_tree",
     "tensor_axes", "tree_shardings",
 ]

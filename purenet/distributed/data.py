@@ -1,8 +1,9 @@
 """Data parallelism on JAX's own machinery: a device mesh and named shardings.
 
-The batch is split over the mesh's "data" axis; parameters, optimizer state
-and batch-norm statistics are replicated. XLA's partitioner then inserts the
-collectives itself: the weight gradient  sum_batch h^T dy  becomes per-device
+The batch is split over the mesh's data axis (`data_axis`: the axis named
+"data", or the only axis of a 1-D mesh whatever its name); parameters,
+optimizer state and batch-norm statistics are replicated. XLA's partitioner
+then inserts the collectives itself: the weight gradient  sum_batch h^T dy  becomes per-device
 partial sums plus an all-reduce, and batch norm's mean and variance are taken
 over the *global* batch, so a sharded step computes what one device would.
 
@@ -20,32 +21,45 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
-    "AXIS", "batch_sharding", "batch_ways", "check_divisible", "data_mesh", "device_bytes", "global_batch", "put",
-    "replicate", "replicated", "shard_batch",
+    "AXIS", "batch_sharding", "batch_ways", "check_divisible", "data_axis", "data_mesh", "device_bytes",
+    "global_batch", "put", "replicate", "replicated", "shard_batch",
 ]
 
 AXIS = "data"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = AXIS) -> Mesh:
-    """A 1-D mesh over `devices` (default: every device of every process)."""
+    """A 1-D mesh over `devices` (default: every device of every process); its one axis, of any
+    name, is the data axis the batch splits over."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (axis,))
 
 
-def batch_sharding(mesh: Mesh, axis: str = AXIS) -> NamedSharding:
-    """Rows split over the mesh axis, everything else whole (on a mesh without that axis,
-    a multi-axis mesh such as {"model": 8}, the batch is whole on every device)."""
-    if axis not in mesh.axis_names and mesh.devices.ndim > 1:
-        return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, PartitionSpec(axis))
+def data_axis(mesh: Mesh, axis: str | None = None) -> str | None:
+    """The mesh axis a batch splits over: `axis` when given (it must be one of the mesh's axes), else
+    "data" (AXIS) when the mesh has it, else the only axis of a 1-D mesh (`data_mesh(axis="batch")`,
+    `mesh({"model": 8})`); None on a mesh of several axes without "data" (the batch stays whole)."""
+    if axis is not None:
+        if axis not in mesh.axis_names:
+            raise ValueError(f"the mesh has no axis {axis!r} to split the batch over; its axes are "
+                             f"{tuple(mesh.axis_names)}")
+        return axis
+    if AXIS in mesh.axis_names:
+        return AXIS
+    return str(mesh.axis_names[0]) if len(mesh.axis_names) == 1 else None
 
 
-def batch_ways(mesh: Mesh, axis: str = AXIS) -> int:
-    """How many parts a batch splits into: the size of the mesh's data axis (all devices of a 1-D mesh)."""
-    if axis in mesh.axis_names:
-        return int(mesh.shape[axis])
-    return int(mesh.devices.size) if mesh.devices.ndim == 1 else 1
+def batch_sharding(mesh: Mesh, axis: str | None = None) -> NamedSharding:
+    """Rows split over the mesh's data axis (`data_axis(mesh, axis)`), everything else whole
+    (on a mesh of several axes without "data", such as {"a": 2, "b": 4}, the batch is whole)."""
+    name = data_axis(mesh, axis)
+    return NamedSharding(mesh, PartitionSpec() if name is None else PartitionSpec(name))
+
+
+def batch_ways(mesh: Mesh, axis: str | None = None) -> int:
+    """How many parts a batch splits into: the size of the mesh's data axis (1 when it has none)."""
+    name = data_axis(mesh, axis)
+    return 1 if name is None else int(mesh.shape[name])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -53,19 +67,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_divisible(batch: int, mesh: Mesh, what: str = "batch size") -> None:
-    """Raise unless `batch` rows split evenly over the mesh's devices."""
-    n = batch_ways(mesh)
+def check_divisible(batch: int, mesh: Mesh, what: str = "batch size", axis: str | None = None) -> None:
+    """Raise unless `batch` rows split evenly over the mesh's data axis (`data_axis(mesh, axis)`)."""
+    n = batch_ways(mesh, axis)
     if batch % n:
         where = (f"the {n} devices of the mesh" if n == mesh.devices.size
-                 else f"the {n} devices of the mesh's {AXIS!r} axis")
+                 else f"the {n} devices of the mesh's {data_axis(mesh, axis)!r} axis")
         raise ValueError(f"{what} {batch} is not divisible by {where}; "
                          f"use a multiple of {n} (each device takes batch / {n} rows)")
 
 
-def shard_batch(x: Any, mesh: Mesh, axis: str = AXIS) -> jax.Array:
-    """Place x with its rows split over the mesh (rows must divide evenly)."""
-    check_divisible(np.shape(x)[0], mesh, "batch of")
+def shard_batch(x: Any, mesh: Mesh, axis: str | None = None) -> jax.Array:
+    """Place x with its rows split over the mesh's data axis (rows must divide evenly)."""
+    check_divisible(np.shape(x)[0], mesh, "batch of", axis)
     return jax.device_put(x, batch_sharding(mesh, axis))
 
 
@@ -88,7 +102,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda leaf: put(leaf, sharding), tree)
 
 
-def global_batch(local_rows: Any, mesh: Mesh, axis: str = AXIS) -> jax.Array:
+def global_batch(local_rows: Any, mesh: Mesh, axis: str | None = None) -> jax.Array:
     """A global array from this process's rows (multi-host: each host passes its own part)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh, axis), np.asarray(local_rows))
 

@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 
 __all__ = ["MODEL", "mesh"]
 
-MODEL = "model"  # the axis tensor parallelism splits over ("data", purenet.distributed.AXIS, splits the batch)
+MODEL = "model"  # the axis tensor parallelism splits over (the batch splits over distributed.data_axis(mesh))
 
 
 def mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -6,10 +6,12 @@ inserts the collectives. Every strategy therefore computes what one device
 computes (up to the order of float sums).
 
 "fsdp" (fully sharded data parallel, ZeRO-3): every parameter with an axis
-divisible by the mesh's "data" size n is split along its largest such axis,
-and so are the optimizer's slots (any subtree of the optimizer state shaped
-like params). The batch is split over "data" too. In the forward each layer's
-W is all-gathered just before use; in the backward the weight gradient
+divisible by the size n of the mesh's data axis ("data", or the only axis of
+a 1-D mesh: `purenet.distributed.data_axis`) is split along its largest such
+axis, and so are the optimizer's slots (any subtree of the optimizer state
+shaped like params). The batch is split over that axis too. In the forward
+each layer's W is all-gathered just before use; in the backward the weight
+gradient
     dW = sum over the global batch of h^T dy
 is a per-device partial sum that a reduce-scatter both sums and splits, so
 each device updates only its 1/n of W and of the slots.
@@ -36,15 +38,16 @@ replicated, its output whole). The layers are visited in forward order by
 the one traversal (`purenet.layers.base.map_leaves`). A split whose axis
 does not divide by the "model" size is dropped for that layer.
 
-"fsdp+tensor": the tensor split on "model", then FSDP's split on "data"
-along the largest remaining divisible axis.
+"fsdp+tensor": the tensor split on "model", then FSDP's split on the data
+axis (which must be another axis than "model") along the largest remaining
+divisible axis.
 """
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from purenet.distributed.data import AXIS, put
+from purenet.distributed.data import AXIS, data_axis, put
 from purenet.distributed.mesh import MODEL
 from purenet.layers.base import PyTree, has_params, map_leaves
 
@@ -62,11 +65,15 @@ def check_strategy(strategy: str, mesh: Mesh | None) -> None:
         raise ValueError(f"unknown sharding strategy {strategy!r}; use one of {STRATEGIES}")
     if mesh is None:
         raise ValueError(f"strategy={strategy!r} needs a mesh: pass mesh=pn.distributed.mesh({{...}})")
-    for axis, part in ((AXIS, "fsdp"), (MODEL, "tensor")):
-        if part in strategy and axis not in mesh.axis_names:
-            raise ValueError(f"strategy={strategy!r} splits parameters over the mesh axis {axis!r}, but the mesh "
-                             f"has axes {tuple(mesh.axis_names)}; build it with pn.distributed.mesh({{"
-                             f"{AXIS!r}: ..., {MODEL!r}: ...}})")
+    fix = f"build it with pn.distributed.mesh({{{AXIS!r}: ..., {MODEL!r}: ...}})"
+    if "tensor" in strategy and MODEL not in mesh.axis_names:
+        raise ValueError(f"strategy={strategy!r} splits parameters over the mesh axis {MODEL!r}, but the mesh "
+                         f"has axes {tuple(mesh.axis_names)}; {fix}")
+    data = data_axis(mesh)
+    if "fsdp" in strategy and (data is None or "tensor" in strategy and data == MODEL):
+        raise ValueError(f"strategy={strategy!r} splits parameters over the mesh's data axis ({AXIS!r}, or the "
+                         f"only axis of a 1-D mesh{', not the tensor axis' if data == MODEL else ''}), but the "
+                         f"mesh has axes {tuple(mesh.axis_names)}; {fix}")
 
 
 def _axis(shape: tuple[int, ...], a: int | None) -> int | None:
@@ -107,7 +114,8 @@ def param_specs(net: Any, params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
                                           is_leaf=lambda t: t is None)
     else:
         model = [None] * len(leaves)
-    n = int(mesh.shape[AXIS]) if "fsdp" in strategy else 1
+    data = data_axis(mesh)
+    n = int(mesh.shape[data]) if "fsdp" in strategy and data is not None else 1
     specs = []
     for v, m in zip(leaves, model):
         spec: list = [None] * len(v.shape)
@@ -116,7 +124,7 @@ def param_specs(net: Any, params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
         if n > 1:
             free = [a for a in range(len(v.shape)) if a != m and v.shape[a] % n == 0]
             if free:
-                spec[max(free, key=lambda a: (v.shape[a], -a))] = AXIS
+                spec[max(free, key=lambda a: (v.shape[a], -a))] = data
         specs.append(PartitionSpec(*spec))
     return jax.tree_util.tree_unflatten(treedef, specs)
 

@@ -26,9 +26,10 @@ dy (its leading slice) is the gradient of example i's own loss:
 Each calls the layer's method of that name when it has one (a fast path:
 Dense's ghost norm, Conv2D's taps, ...), and otherwise the generic
 default: the layer's own `backward`, `vmap`ped over the examples of its
-cache and dy (a cache leaf whose leading axis has the batch size is sliced
-per example; any other leaf is shared; a layer may say otherwise with
-`cache_batch_axes(cache, n)`). The test suite proves every fast path equal
+cache and dy (a cache leaf whose leading axis follows the batch size, as
+the layer's forward traced at two batch sizes shows, is sliced per
+example; a leaf whose shape does not change is shared; a layer may
+declare its own with `cache_batch_axes(cache, n)`). The test suite proves every fast path equal
 to the generic default. W in `l2 W` is every parameter whose role is
 "weight" (see roles below), so a fast path applies l2 to those.
 
@@ -460,12 +461,71 @@ def has_params(params: PyTree) -> bool:
     return bool(jax.tree_util.tree_leaves(params))
 
 
-def cache_batch_axes(layer: Any, cache: PyTree, n: int) -> list:
-    """Per cache leaf: 0 when it carries the batch axis first, None when it is shared by all examples."""
+def cache_batch_axes(layer: Any, cache: PyTree, n: int, params: PyTree = None, dy: PyTree = None) -> list:
+    """Per cache leaf: 0 when it carries the batch axis first, None when it is shared by all examples.
+
+    The layer's own `cache_batch_axes(cache, n)` when it has one. Otherwise the forward says: given
+    `params` and `dy`, the input's shape is that of the backward's dx, and the layer's cache is traced
+    (`jax.eval_shape`, nothing computed) at batch sizes n and n + 1. A leaf whose leading axis follows
+    the batch is batched; one whose shape does not change is shared (a cached parameter, even one
+    with n rows); any other (a cache of n * T rows) cannot be sliced per example and is an error
+    that asks the layer to declare its axes. Where the forward cannot be traced (no dx, an init
+    that needs values), a leaf with n leading rows is batched, unless a parameter has its very
+    shape: that is ambiguous, and an error too.
+    """
     if hasattr(layer, "cache_batch_axes"):
         return list(layer.cache_batch_axes(cache, n))
-    return [0 if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == n else None
-            for leaf in jax.tree_util.tree_leaves(cache)]
+    shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(cache)]
+    grown = None if params is None or dy is None else _cache_shapes_at(layer, params, cache, dy, n + 1)
+    if grown is None:
+        owned = {jnp.shape(p) for p in jax.tree_util.tree_leaves(params)}
+        for shape in shapes:
+            if len(shape) >= 1 and shape[0] == n and shape in owned:
+                raise ValueError(_undeclared(layer, shape, n, "a parameter has the same shape"))
+        return [0 if len(shape) >= 1 and shape[0] == n else None for shape in shapes]
+    axes: list[int | None] = []
+    for shape, other in zip(shapes, grown):
+        if len(shape) >= 1 and shape[0] == n and other == (n + 1,) + shape[1:]:
+            axes.append(0)
+        elif shape == other:
+            axes.append(None)
+        else:
+            raise ValueError(_undeclared(layer, shape, n, f"it has shape {other} for a batch of {n + 1}"))
+    return axes
+
+
+def _undeclared(layer: Any, shape: tuple, n: int, why: str) -> str:
+    return (f"{type(layer).__name__}'s cache has a leaf of shape {shape} at a batch of {n} examples, and "
+            f"{why}: the per-example path cannot tell whether it holds one row per example. Define "
+            f"cache_batch_axes(self, cache, n) on the layer, returning per cache leaf 0 (batch axis first) "
+            f"or None (shared by all examples), or give it a per_example_backward")
+
+
+def _cache_shapes_at(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, m: int) -> list | None:
+    """The shapes of the layer's cache leaves for a batch of m examples (traced, nothing computed), or
+    None where the forward cannot be traced from what the backward has, or does not reproduce `cache`."""
+    def shaped(t: Any) -> Any:
+        return jax.ShapeDtypeStruct(jnp.shape(t), jnp.result_type(t))
+
+    try:
+        dx = jax.eval_shape(lambda: layer.backward(params, cache, dy)[1])
+        if not isinstance(dx, jax.ShapeDtypeStruct) or len(dx.shape) < 1:
+            return None
+        in_shape, n = dx.shape[1:], dx.shape[0]
+        state = jax.eval_shape(lambda: layer.init(jax.random.key(0), in_shape, dx.dtype)[1])
+        p = jax.tree_util.tree_map(shaped, params)
+        actual = jax.tree_util.tree_structure(cache), [jnp.shape(t) for t in jax.tree_util.tree_leaves(cache)]
+        for train in (True, False):
+            def cache_of(batch: int) -> Any:
+                x = jax.ShapeDtypeStruct((batch, *in_shape), dx.dtype)
+                return jax.eval_shape(lambda p, s, x: layer.forward(p, s, x, train=train, key=jax.random.key(0))[2],
+                                      p, state, x)
+            at_n = cache_of(n)
+            if (jax.tree_util.tree_structure(at_n), [t.shape for t in jax.tree_util.tree_leaves(at_n)]) == actual:
+                return [t.shape for t in jax.tree_util.tree_leaves(cache_of(m))]
+    except Exception:  # noqa: BLE001 - a forward that needs values or other inputs: the fallback decides
+        return None
+    return None
 
 
 def generic_per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
@@ -478,7 +538,7 @@ def generic_per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: 
     """
     n = _batch_size(dy)
     leaves_, treedef = jax.tree_util.tree_flatten(cache)
-    axes = cache_batch_axes(layer, cache, n)
+    axes = cache_batch_axes(layer, cache, n, params, dy)
 
     def one(batched: list, dy_i: PyTree) -> tuple[PyTree, Any]:
         it = iter(batched)

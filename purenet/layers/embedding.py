@@ -13,10 +13,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from purenet._checks import is_concrete
+from purenet._checks import check_index_range
 from purenet.initializers import default_float
 from purenet.layers.base import Array, Layer, PyTree, Static, as_shape
 
@@ -29,13 +28,7 @@ def check_ids(ids: Array, num_embeddings: int, what: str = "Embedding") -> None:
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{what} takes integer token ids, got dtype {dtype}; "
                         f"convert them first, e.g. ids.astype(jnp.int32)")
-    if is_concrete(ids) and jnp.size(ids):
-        values = np.asarray(ids)
-        lo, hi = int(values.min()), int(values.max())
-        if lo < 0 or hi >= num_embeddings:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{what}: token id {bad} is out of range for {num_embeddings} embeddings "
-                             f"[0, {num_embeddings})")
+    check_index_range(ids, num_embeddings, what)
 
 
 def _check_positive(name, value):

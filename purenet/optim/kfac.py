@@ -178,6 +178,16 @@ def kfac(net: LayerLike, learning_rate: float | jax.Array | Schedule, momentum: 
     G from labels sampled from the model's predictive distribution.
     "exact" uses the loss Hessian's square root (KFLR), "empirical" the
     data's own gradients (purenet's default before; Kunstner et al. 2019).
+
+    damping is all that stands between a singular factor and an infinite
+    inverse: a layer with fewer examples (x positions) per step than its
+    input width has a singular A, and with a damping below about 1e-6 of the
+    factors' scale (float32's precision) its Cholesky factor breaks down, the
+    direction becomes NaN and training diverges. No check can see this before
+    the data do, so it is not refused: keep damping well above that (Martens &
+    Grosse start at 150 and adapt; 1e-3 to 1 is common). The symptom is a
+    NaN loss from the step after an inversion on; `apply_if_finite` does
+    not catch it (it checks the gradients, which are still finite).
     """
     from purenet.optim.alias import momentum as momentum_sgd
     from purenet.optim.alias import sgd

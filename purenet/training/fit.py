@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purenet import distributed
+from purenet._checks import as_array
 from purenet.optim import ema_params
 from purenet.training.checks import check_arguments, check_data, check_divisible, check_inputs, check_monitor
 from purenet.training.checks import batch_size_of
@@ -112,8 +113,10 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
 
         check_writable(checkpoint)  # fail now, not after the last epoch
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
-    probe = None if diagnostics is None else (jnp.asarray(diagnostics[0]), jnp.asarray(diagnostics[1]))
-    stats_probe = None if statistics is None else (jnp.asarray(statistics[0]), jnp.asarray(statistics[1]))
+    probe = None if diagnostics is None else (as_array(diagnostics[0], "diagnostics x"),
+                                              as_array(diagnostics[1], "diagnostics y"))
+    stats_probe = None if statistics is None else (as_array(statistics[0], "statistics x"),
+                                                   as_array(statistics[1], "statistics y"))
     for name, batch in (("diagnostics", probe), ("statistics", stats_probe)):
         if batch is not None:  # the probes get the training data's checks (labels, NaN rows, shapes)
             check_data(net, *batch, loss, train_state.opt_state.params, train_state.model_state, name=f"{name} x")

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from purenet import diagnostics, metrics, network, privacy, shuffle
 from purenet.augment import mixes_examples
-from purenet._checks import check_float_input
+from purenet._checks import as_array, check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import Array, LayerLike, PyTree, id_layer
 from purenet import stats
@@ -262,9 +262,10 @@ def init_run(net: LayerLike, opt: Any, x: Array, key: Array, params: PyTree, sta
 
 
 def as_arrays(data: tuple, validation: tuple | None) -> tuple[Array, Array, tuple[Array, Array] | None]:
-    x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
+    """The data and validation as jax arrays; integers the cast would wrap (int64 with x64 off) are an error."""
+    x, y = as_array(data[0], "x"), as_array(data[1], "y")
     if validation is not None:
-        validation = (jnp.asarray(validation[0]), jnp.asarray(validation[1]))
+        validation = (as_array(validation[0], "validation x"), as_array(validation[1], "validation y"))
     return x, y, validation
 
 
