@@ -18,7 +18,7 @@ data for every contender:
 The autodiff and BackPACK results are checked against purenet's first (max
 relative difference per leaf, each against its own largest entry).
 
-Part 2: one jitted training step (`purenet.training.loop.build_step`) of the
+Part 2: one jitted training step (`pn.training.build_step`) of the
 LeNet (examples/mnist_cnn.py) at batch 64 with pn.optim.kfac (fisher="mc":
 factors from sampled labels, inverses every 10 steps) against pn.optim.adam;
 two more K-FAC rows say where its overhead goes: fisher="empirical" (the
@@ -208,7 +208,7 @@ def ggn_part(batch, repeats, chunk, device, with_backpack=True):
 
 
 def kfac_part(batch, repeats, block):
-    from purenet.training.loop import build_step, init_run
+    from purenet.training import build_step, init_run
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))

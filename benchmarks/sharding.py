@@ -37,7 +37,7 @@ if n % 4 == 0 and n >= 4:
     setups["fsdp+tensor"] = (pn.distributed.mesh({"data": n // 4, "model": 4}), "fsdp+tensor")
 steps = {}
 for name, (mesh, strategy) in setups.items():
-    step = jax.jit(pn.training.loop.build_step(net, opt, mesh=mesh, strategy=strategy))
+    step = jax.jit(pn.training.build_step(net, opt, mesh=mesh, strategy=strategy))
     carry = ((pn.distributed.shard_tree(net, (opt.init(params), state), params, mesh, strategy) if strategy
               else pn.distributed.replicate((opt.init(params), state), mesh)))
     batch = (pn.distributed.shard_batch(tokens[:, :-1], mesh), pn.distributed.shard_batch(tokens[:, 1:], mesh),

@@ -9,7 +9,7 @@ the same initial parameters on the same batches. The question: does K-FAC
 reach Adam's epoch-10 held-out accuracy in fewer epochs, and what does each
 of its steps cost?
 
-Both runs are the step `pn.fit` runs (`purenet.training.loop.build_step`),
+Both runs are the step `pn.fit` runs (`pn.training.build_step`),
 one jitted epoch at a time (`run_epoch_steps`: fit's epoch, with every
 step's loss), so each step's loss and each epoch's wall time can be
 recorded. Prints the held-out accuracy of both after every epoch, the
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from purenet.training.loop import build_step, evaluate, init_run, run_epoch_steps
+from purenet.training import build_step, evaluate, init_run, run_epoch_steps
 from _common import FAST, epochs, mnist_split, save
 from mnist_cnn import DEFAULT, lenet
 

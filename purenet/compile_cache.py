@@ -2,8 +2,9 @@
 
 Every jitted program (a training epoch, an evaluation, even the small
 programs behind eager ops such as `pn.init`) is compiled by XLA the first
-time a process meets it: on a small CPU that is ~1 s for a digits-size
-training epoch, more than the training itself. With the cache on, compiled
+time a process meets it: on a small CPU that takes longer than training a
+digits-size model (measured in benchmarks/README.md, "Latest results
+(CPU)"). With the cache on, compiled
 executables are written to a directory keyed by a hash of the program, the
 compiler options, the JAX version and the device, and later processes load
 them instead of compiling. Tracing still runs; XLA does not.

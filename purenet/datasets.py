@@ -50,8 +50,9 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 
 
 def _load_digits():
     """(pixels float64 (1797, 64), labels int32): the CSV that scikit-learn ships,
-    read without importing scikit-learn (an import of ~1.5 s); its own
-    `load_digits` is the fallback should that file ever move."""
+    read without importing scikit-learn (a slow import: measured in
+    benchmarks/README.md, "Measurements behind choices in the source"); its
+    own `load_digits` is the fallback should that file ever move."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None:
         raise ImportError("digits() needs scikit-learn: pip install 'purenet[examples]'")

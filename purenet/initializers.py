@@ -55,10 +55,9 @@ def _bucket(n: int, key: jax.Array) -> int:
 
 def _draw(key: jax.Array, scale: jax.Array, distribution: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     """scale * a draw of `distribution` of `shape`, taken as the first entries of a flat draw: the
-    same values as drawing the shape itself, but XLA:CPU compiles a flat program in 0.2 s where a
-    small 4-D kernel's, (3, 3, 8, 16), took 3 s, and sizes share programs (`_bucket`). The
-    autoencoder example's start-up spent 4.8 s compiling its four kernels' draws, now 0.4 s
-    (benchmarks/README, whole processes)."""
+    same values as drawing the shape itself, but XLA:CPU compiles a flat program far faster than a
+    small 4-D kernel's, such as (3, 3, 8, 16), and sizes share programs (`_bucket`) (measured in
+    benchmarks/README.md, "Whole processes: the CNN and the autoencoder")."""
     n = math.prod(shape)
     flat = _flat_draw(key, scale, distribution, _bucket(n, key), jnp.dtype(dtype))
     return flat[:n].reshape(shape)

@@ -1,4 +1,4 @@
-"""Network-level pure functions: the only place that walks layers forward, then backward.
+"""Network-level pure functions: a network's forward, its loss, and the recipe every backward follows.
 
     value_and_grad:  x -> layer forwards (caches) -> loss and dL/d(output)
                        -> the one traversal back (`walk`), a visitor at each leaf -> grads (+ l2 W)
@@ -27,6 +27,7 @@ from purenet import losses
 from purenet._checks import check_float_input
 from purenet.layers import Sequential, Sigmoid, Softmax
 from purenet.layers.base import PLAIN, Visit, decay_mask, id_layer, output_kind, walk
+from purenet.layers.protocol import check_names
 
 PyTree = Any
 
@@ -75,7 +76,11 @@ def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
     `in_shape` is one example's shape (an int n means (n,); `in_dim=n` is an
     alias). It may be omitted for a Sequential that knows it (e.g. from `mlp`).
     `dtype` defaults to JAX's default float (float64 under jax_enable_x64).
+    A layer that defines a name close to an optional protocol name but not
+    one (`mixes_example`) is an AttributeError that suggests the name
+    (`purenet.layers.protocol.check_names`).
     """
+    check_names(net)
     if in_shape is None:
         in_shape = in_dim
     if in_shape is None:

@@ -2,15 +2,16 @@
 
     noisy = pn.noise.add_gaussian(grads, key, std)
 
-Speed. On the CPU the random bits, not the transform to a normal, are the
-cost of a noise draw: jax.random.normal of float32 spends ~85% of its time in
-Threefry. Its partitionable form (jax's default) runs one Threefry-2x32 block
-per 32-bit draw and xors the block's two output words into one. Here one
-block gives two draws, both its words (the words of a block are independent
-uniform words, which is what jax's non-partitionable mode and
-`jax.random.bits` at 64 bits also use): half the hash work for the same
-distribution. The uniforms are jax's own construction (23 mantissa bits on
-[nextafter(-1, 0), 1)) and the normal its inverse-erf transform,
+Speed. On the CPU the random bits, not the transform to a normal, are the cost
+of a noise draw: jax.random.normal of float32 spends most of its time in
+Threefry (measured in benchmarks/README.md, "DP-SGD step"). Its partitionable
+form (jax's default) runs one Threefry-2x32 block per 32-bit draw and xors the
+block's two output words into one. Here one block gives two draws, both its
+words (the words of a block are independent uniform words, which is what jax's
+non-partitionable mode and `jax.random.bits` at 64 bits also use): half the
+hash work for the same distribution. The uniforms are jax's own construction
+(23 mantissa bits on [nextafter(-1, 0), 1)) and the normal its inverse-erf
+transform,
 
     z = sqrt(2) erfinv(u),   u ~ U(-1, 1),
 
@@ -27,7 +28,7 @@ jax's `threefry_2x32`, written out round by round: XLA:CPU fuses the
 unrolled rounds into one pass, where jax's lowering loops over them (an XLA
 while loop, each iteration a pass over memory). float64 leaves (the
 gradient checks' precision) and keys of other PRNG implementations take
-jax.random.normal per leaf. Measured in benchmarks/README (DP).
+jax.random.normal per leaf. Measured in benchmarks/README.md, "DP-SGD step".
 """
 import math
 from typing import Any

@@ -94,8 +94,8 @@ _PLD_INTERVAL = 1e-4  # dp_accounting's PLDAccountant default: the grid of priva
 @functools.lru_cache(maxsize=16)
 def _one_step_pld(noise_multiplier: float, sample_rate: float) -> Any:
     """The privacy loss distribution of one Poisson-sampled Gaussian step, as PLDAccountant builds it.
-    Building it is the accountant's slow part (seconds of Python); composing it `steps` times is an FFT,
-    so `fit`'s epsilon after every epoch builds it once."""
+    Building it is the accountant's slow part (loops in Python); composing it `steps` times is an FFT, so
+    `fit`'s epsilon after every epoch builds it once."""
     pld = _accounting().pld.privacy_loss_distribution
     return pld.from_gaussian_mechanism(standard_deviation=noise_multiplier, sampling_prob=sample_rate,
                                        value_discretization_interval=_PLD_INTERVAL)

@@ -1,8 +1,9 @@
 """The epoch shuffle: a random permutation of arange(n) that is cheap to compile.
 
 `jax.random.permutation` draws sort keys with threefry, whose unrolled rounds
-cost ~0.3 s of XLA compile time on a small CPU: more than everything else in
-a digits-size training epoch. Shuffling mini-batches needs a permutation
+cost more XLA compile time on a small CPU than everything else in a
+digits-size training epoch (measured in benchmarks/README.md, "Reading
+against the targets"). Shuffling mini-batches needs a permutation
 that looks random, not cryptographic bits, so here each index is hashed and
 the hashes are sorted:
 

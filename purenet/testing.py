@@ -168,7 +168,8 @@ def _check_layer(layer, params, state, x, train, fwd_key, cot_key, rtol):
 
 def _check_network(network, net, params, state, x, y, loss, l2, train, fwd_key, rtol):
     # Both sides compiled, the data closed over (so input checks such as label ranges still see
-    # concrete values): a CNN's check takes a fifth of its op-by-op time.
+    # concrete values): a CNN's check is faster than op by op (measured in benchmarks/README.md,
+    # "Measurements behind choices in the source").
     value, grads, _ = jax.jit(lambda p: network.value_and_grad(net, p, state, x, y, loss=loss, l2=l2,
                                                                train=train, key=fwd_key))(params)
 

@@ -362,3 +362,89 @@ def test_a_cache_leaf_shared_by_all_examples_is_not_sliced():
     grads, dx = base.per_example_backward(layer, params, cache, dy)
     np.testing.assert_allclose(grads["w"], dy * x * 2.0, rtol=1e-12)
     np.testing.assert_allclose(dx, dy * 2.0, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- the protocol's inventory
+
+
+def test_every_name_the_library_reads_from_a_layer_is_in_the_inventory():
+    """The features probe layers by name: each such name must be listed (and so documented) once."""
+    import pathlib
+    import re
+
+    from purenet.layers.protocol import PROTOCOL
+
+    root = pathlib.Path(pn.__file__).parent
+    probed = set()
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        probed |= set(re.findall(r"(?:hasattr|getattr)\((?:layer|net|leaf\.layer|model)\b[^,]*, \"([a-z_]+)\"", text))
+    assert probed, "the probe pattern found nothing: update this test with the code"
+    probed -= {"__dict__", "bias"}  # the inventory's own scan; the nanoGPT converter reading NanoGPT's config
+    assert probed <= set(PROTOCOL), f"read from layers but not in the inventory: {sorted(probed - set(PROTOCOL))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CouplesExamples(pn.Layer):
+    """x - mean over the batch: couples the examples, and declares it with a misspelt name."""
+
+    mixes_example = True  # the misspelling DP-SGD would otherwise ignore
+
+    def init(self, key, in_shape, dtype=None):
+        return {}, {}, pn.layers.base.as_shape(in_shape)
+
+    def forward(self, params, state, x, train=False, key=None):
+        return x - jnp.mean(x, axis=0), state, None
+
+    def backward(self, params, cache, dy):
+        return {}, dy - jnp.mean(dy, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnHelpers(pn.Layer):
+    """A layer with helpers of its own whose names are nothing like the protocol's."""
+
+    scale: float = 2.0
+
+    def init(self, key, in_shape, dtype=None):
+        return {}, {}, pn.layers.base.as_shape(in_shape)
+
+    def forward(self, params, state, x, train=False, key=None):
+        return self.rescaled(x), state, None
+
+    def rescaled(self, x):
+        return x * self.scale
+
+    def _private_sq_norm(self):  # private names are never checked
+        return 0
+
+    def backward(self, params, cache, dy):
+        return {}, self.rescaled(dy)
+
+
+def test_a_misspelt_protocol_name_is_an_error_with_the_suggestion_at_init():
+    for net in (CouplesExamples(), pn.Sequential([pn.Dense(3), pn.Residual(pn.Sequential([CouplesExamples()]))])):
+        with pytest.raises(AttributeError, match=r"CouplesExamples defines 'mixes_example'.*did you mean "
+                                                 r"'mixes_examples'\?"):
+            pn.init(net, jax.random.key(0), in_shape=3)
+    misspelt_fast_path = type("Misspelt", (OwnHelpers,), {"per_example_sq_norm": lambda self, *a: None})
+    with pytest.raises(AttributeError, match="did you mean 'per_example_sq_norms'"):
+        pn.init(dataclasses.dataclass(frozen=True)(misspelt_fast_path)(), jax.random.key(0), in_shape=3)
+    params, state = pn.init(pn.Sequential([OwnHelpers(), pn.Dense(2)]), jax.random.key(0), in_shape=3)
+    assert params[1]["W"].shape == (3, 2)
+
+
+@pytest.mark.parametrize("layer", [
+    pn.Dense(3), pn.Softmax(), pn.Sigmoid(), pn.ReLU(), pn.LayerNorm(), pn.Conv2D(2, 3), pn.Conv1D(2, 3),
+    pn.ConvTranspose2D(2, 3), pn.MultiHeadAttention(2, init="he_normal", rope=True, block_size=4),
+    pn.SwiGLU(8, init="he_normal"), pn.LSTM(3), pn.GRU(3), pn.Embedding(5, 3), pn.Dropout(0.1), pn.BatchNorm(),
+    pn.GroupNorm(2), pn.MaxPool2D(2),
+], ids=lambda layer: type(layer).__name__)
+def test_layers_survive_dataclasses_replace_and_keep_their_docstrings(layer):
+    """A layer config is a dataclass: replace() rebuilds it equal (a field named unlike its argument broke
+    MultiHeadAttention and SwiGLU); its docstring is its own, not dataclass's generated signature."""
+    assert dataclasses.replace(layer) == layer and hash(dataclasses.replace(layer)) == hash(layer)
+    doc = type(layer).__doc__ or ""
+    assert len(doc) > 40 and not doc.startswith(type(layer).__name__ + "("), doc
+    if hasattr(layer, "initializer"):
+        assert dataclasses.replace(layer, initializer="lecun_normal").initializer == "lecun_normal"

@@ -131,12 +131,13 @@ class GELU(Elementwise):
     h' = c + a/2 (1 - t^2) k (1 + 3 * 0.044715 a^2).
 
     Phi is written through erf, as PyTorch writes it, not through erfc as
-    `jax.nn.gelu` does: erf is 1.3x faster on XLA:CPU (2% of a GPT step,
-    4% of its forward), and in a compiled step XLA shares the forward's
-    erf(a/sqrt 2) with the backward (one activation-sized buffer kept;
-    erfc's form kept three). The two agree to float rounding except in the
-    far negative tail: below a ~ -5.4, where Phi(a) < 3e-8, 1 + erf rounds
-    to 0 in float32 (erfc keeps the tiny values).
+    `jax.nn.gelu` does: erf is faster on XLA:CPU (measured in
+    benchmarks/README.md, "GPT train step"), and in a compiled step XLA
+    shares the forward's erf(a/sqrt 2) with the backward (one
+    activation-sized buffer kept; erfc's form kept three). The two agree to
+    float rounding except in the far negative tail: below a ~ -5.4, where
+    Phi(a) < 3e-8, 1 + erf rounds to 0 in float32 (erfc keeps the tiny
+    values).
     """
 
     approximate: bool = False

@@ -84,9 +84,10 @@ class MultiHeadAttention(Layer):
     "blockwise" keeps only the outputs and each query's log-sum-exp and
     recomputes P block by block in the backward (`attention_kernels`:
     memory linear in T); "auto" runs blockwise from T >= 1024 (on 2 CPU
-    cores dense is faster up to T = 512 and blockwise twice as fast at
-    1,024: benchmarks/attention.py; the GPU and TPU thresholds are not
-    measured yet). block_size: the
+    cores dense is faster up to T = 512 and blockwise faster from 1,024:
+    measured in benchmarks/README.md, "Long sequences: blockwise attention
+    and the KV cache"; the GPU and TPU thresholds are not measured yet).
+    block_size: the
     blockwise form's block (default `attention_kernels.default_block`).
 
     Backward, for dy = dL/dy, per head (P the probabilities, q already divided by sqrt(dh)):
@@ -136,7 +137,10 @@ class MultiHeadAttention(Layer):
 
     def __init__(self, num_heads: int, causal: bool = False, use_bias: bool = True,
                  num_kv_heads: int | None = None, rope: bool = False, implementation: str = "auto",
-                 init: str = "xavier_uniform", *, block_size: int | None = None) -> None:
+                 init: str = "xavier_uniform", *, block_size: int | None = None,
+                 initializer: str | None = None) -> None:
+        init = init if initializer is None else initializer  # the field's name: dataclasses.replace passes it
+
         def positive(name, value):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiHeadAttention {name} must be a positive integer, got {value!r}")

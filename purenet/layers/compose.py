@@ -236,9 +236,9 @@ class Remat(Wrapper):
     incoming dy, so XLA cannot merge it with the original forward (which
     would keep the activations alive again) on any backend: XLA:CPU removes
     barriers, and there `jax.checkpoint` saves nothing. Gradients are
-    exactly the plain block's. On a 16-layer tanh MLP (8 blocks of 2,
-    width 256, batch 512) the compiled step's temporary memory drops from
-    8.5 MiB to 5.0 MiB (`jax.checkpoint` of the same blocks: 12.5 MiB).
+    exactly the plain block's. The compiled step's temporary memory drops,
+    where `jax.checkpoint` of the same blocks raises it (measured in
+    benchmarks/README.md, "Measurements behind choices in the source").
     """
 
     block: LayerLike

@@ -41,9 +41,9 @@ IMPLEMENTATIONS = ("auto", "im2col", "xla")
 # What Conv2D(implementation="auto") runs, per backend, from benchmarks/cnn.py (see Conv2D's docstring).
 _FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 # Examples per chunk of the per-example convolution paths (per-example gradients and norms), per
-# backend; absent: the whole batch at once. On a 2-core CPU the LeNet's second conv (14x14x16 -> 32,
-# 5x5) took 86-113 ms for the norms of a batch of 256 at once and 22 ms in chunks of 16 (25 in 32s, 47
-# in 64s): the batch's per-tap slices and products no longer fit in the caches. benchmarks/dp.py.
+# backend; absent: the whole batch at once. On the CPU a whole batch's per-tap slices and products no
+# longer fit in the caches, and chunks of 16 were the fastest (measured in benchmarks/README.md,
+# "DP-SGD step").
 PER_EXAMPLE_CHUNK: dict[str, int] = {"cpu": 16}
 
 
@@ -219,7 +219,8 @@ def _conv(lhs, rhs, strides, pads, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
     """lax.conv_general_dilated on NHWC / HWIO operands. Every convolution here, the
     backward's included, is spelled in this one layout: XLA:CPU runs it on its fast
     path inside loops too, where the layouts autodiff emits for the transposes fall
-    to a ~50x slower one (jax-ml/jax#12868), and fit's epochs are loops."""
+    to a far slower one (jax-ml/jax#12868; measured in benchmarks/README.md, "CNN
+    train step"), and fit's epochs are loops."""
     return lax.conv_general_dilated(lhs, rhs, strides, pads, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                     dimension_numbers=_NHWC)
 
@@ -269,10 +270,9 @@ class Conv2D(Layer):
     (the products above on explicit patches). "auto" (the default) picks
     per backend what measured fastest (benchmarks/cnn.py): xla, except on
     the CPU for inputs of at most 3 channels, where im2col's patches are
-    small and XLA's convolution of few channels slow (a 5x5 conv of 28x28x1
-    images to 16 channels, batch 64: 2.3 against 3.3 ms; of 14x14x16 to 32:
-    10.0 against 5.1 ms). Autodiff's layouts for the two
-    transposes run ~50x slower inside a `lax.scan` on XLA:CPU; spelled in
+    small and XLA's convolution of few channels slow (measured in
+    benchmarks/README.md, "CNN train step"). Autodiff's layouts for the two
+    transposes run far slower inside a `lax.scan` on XLA:CPU; spelled in
     the forward's layout they do not, so a scanned epoch keeps the step's speed.
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through

@@ -113,8 +113,9 @@ class Dense(Layer):
 
         Where a sequence layer's dW_i = sum_t h_t dy_t^T is small (in * out <= 2 T (in + out): at most
         twice the memory of x and dy), it is formed once, for its norm and for sum_i w_i dW_i, instead
-        of the (T, T) Gram ghost norm followed by a second h^T (w dy) matmul: 20-37% faster for a GPT's
-        layers (batch 12, T 64, width 128 on the CPU), about even at 3-4 (benchmarks/README, DP).
+        of the (T, T) Gram ghost norm followed by a second h^T (w dy) matmul: faster for a GPT's
+        layers on the CPU, about even where in * out / (T (in + out)) reaches 3-4 (measured in
+        benchmarks/README.md, "DP-SGD step").
         Rows, and wider layers, keep the ghost norm and the backward of the rescaled dy.
         """
         x3, dy3 = _positions(x), _positions(dy)

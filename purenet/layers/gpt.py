@@ -125,7 +125,8 @@ class GPT(Container):
 
         All of them are cut, in order, from one standard-normal draw: one
         random-number program for XLA to compile instead of one per matrix
-        shape (a jitted init of nanoGPT's model compiles in 0.5 s, not 1.25 s).
+        shape, so a jitted init compiles faster (measured in benchmarks/README.md,
+        "The whole run against PyTorch eager").
         """
         token, body = dict(token), list(body)
         body[0] = dict(body[0])  # the positional embedding

@@ -179,7 +179,8 @@ class _Recurrent(Layer):
 def _gates_4(z: Array, h: int) -> Array:
     """[i, f, g, o] activated from the pre-activation z (..., 4h): sigmoid, sigmoid, tanh, sigmoid,
     as one elementwise pass over all 4h columns, tanh(z) = 2 sigmoid(2z) - 1 for g (no slices or
-    concatenation: a fifth faster a step on the CPU; the same values up to rounding)."""
+    concatenation: faster on the CPU, measured in benchmarks/README.md, "LSTM train step and
+    per-example norms"; the same values up to rounding)."""
     g = ((jnp.arange(4 * h) // h) == 2).astype(z.dtype)  # 1 in g's columns, else 0
     return (1 + g) * jax.nn.sigmoid((1 + g) * z) - g
 
@@ -237,7 +238,8 @@ class LSTM(_Recurrent):
         self._check_input(params, x)
         Wh, h = params["Wh"], self.features
         # b is added inside the step: added to the (T, B, 4h) product up front it took a second buffer
-        # of that size (the add does not fuse into the matmul): 16 of the 73.5 MiB of batch-64 norms
+        # of that size (the add does not fuse into the matmul; measured in benchmarks/README.md, "LSTM
+        # train step and per-example norms")
         xz, b = _project(x, params["Wx"]), params["b"]
         zero = jnp.zeros((x.shape[0], h), xz.dtype)
 

@@ -12,8 +12,6 @@ __all__ = ["Softmax"]
 
 @dataclasses.dataclass(frozen=True)
 class Softmax(Elementwise):
-    outputs = "probabilities"  # what `generate` and the losses read
-
     """y_k = exp(a_k) / sum_j exp(a_j) over the last axis (computed stably).
 
     The Jacobian is dy_k/da_j = y_k (delta_kj - y_j), so its vector product is
@@ -24,6 +22,8 @@ class Softmax(Elementwise):
     error on them). Followed by cross-entropy, the network functions skip
     this and use the fused, stable form dL/da = (y - t) / N instead.
     """
+
+    outputs = "probabilities"  # what `generate` and the losses read
 
     def apply(self, x: Array) -> tuple[Array, Array]:
         y = jax.nn.softmax(finite_logits(x), axis=-1)  # +inf logits give probability 1, not NaN

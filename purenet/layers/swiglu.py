@@ -49,7 +49,8 @@ class SwiGLU(Layer):
     roles = {"W1": "weight", "W2": "weight", "W3": "weight"}
     positionwise = True
 
-    def __init__(self, hidden: int, init: str = "xavier_uniform") -> None:
+    def __init__(self, hidden: int, init: str = "xavier_uniform", *, initializer: str | None = None) -> None:
+        init = init if initializer is None else initializer  # the field's name: dataclasses.replace passes it
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"SwiGLU hidden must be a positive integer, got {hidden!r}")
         initializers.get(init)

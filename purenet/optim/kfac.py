@@ -67,8 +67,9 @@ def _damped_inverses(f, damping):
 
 
 def _spd_inverse(m, eye):
-    """The inverse of a symmetric positive definite matrix by its Cholesky factor: 3.5x faster than
-    LU's jnp.linalg.inv on XLA:CPU (513 x 513, float32: 40 against 141 ms), as accurate."""
+    """The inverse of a symmetric positive definite matrix by its Cholesky factor: faster than LU's
+    jnp.linalg.inv on XLA:CPU and as accurate (measured in benchmarks/README.md, "Measurements
+    behind choices in the source")."""
     return cho_solve((jnp.linalg.cholesky(m), True), eye)
 
 
@@ -179,15 +180,16 @@ def kfac(net: LayerLike, learning_rate: float | jax.Array | Schedule, momentum: 
     "exact" uses the loss Hessian's square root (KFLR), "empirical" the
     data's own gradients (purenet's default before; Kunstner et al. 2019).
 
-    damping is all that stands between a singular factor and an infinite
-    inverse: a layer with fewer examples (x positions) per step than its
-    input width has a singular A, and with a damping below about 1e-6 of the
-    factors' scale (float32's precision) its Cholesky factor breaks down, the
-    direction becomes NaN and training diverges. No check can see this before
-    the data do, so it is not refused: keep damping well above that (Martens &
-    Grosse start at 150 and adapt; 1e-3 to 1 is common). The symptom is a
-    NaN loss from the step after an inversion on; `apply_if_finite` does
-    not catch it (it checks the gradients, which are still finite).
+    damping is all that bounds the step along a factor's null directions: a
+    layer with fewer examples (x positions) per step than its input width has
+    a singular A, the preconditioned gradient grows like 1 / damping there,
+    and a small damping diverges (a float32 Cholesky of a barely damped
+    singular factor breaks down outright, to NaN). No check can see this
+    before the data do, so it is not refused and not warned about: keep
+    damping at the scale of the factors (Martens & Grosse adapt it from 150;
+    the default 1.0 suits inputs of unit scale), or raise the batch. The
+    symptom is a loss that explodes or turns NaN from the first inversion
+    on; `apply_if_finite` does not catch it (the gradients stay finite).
     """
     from purenet.optim.alias import momentum as momentum_sgd
     from purenet.optim.alias import sgd

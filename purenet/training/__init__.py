@@ -6,7 +6,11 @@
                                                      fn(..., loss_scale=S) for a dynamic float16 scale
     make_step(grad_fn, opt, augment, mesh)           one pure update (reads a dynamic loss scale from
                                                      the optimizer state and passes it to grad_fn)
+    build_step(net, opt, ...)                        make_step(gradients(...)) from fit's options
+    init_run(net, opt, x, key, params, state)        a run's TrainState (params from the key if None)
     run_epoch(step, ...)                             a lax.scan of the step over an epoch's batches
+    run_epoch_steps(step, ...)                       the same, with every step's loss
+    evaluate(net, params, state, validation, loss)   val_loss and val_accuracy in one forward pass
     train(...)                                       every epoch in one scan: jittable, vmappable
     fit(...)                                         the thin driver: checks, progress, checkpoints
     sweep(...)                                       a grid of `train` runs, vmapped
@@ -19,13 +23,14 @@ from purenet.training.checks import check_data
 from purenet.training.early_stopping import EarlyStopping, EarlyStoppingState
 from purenet.training.fit import FitResult, fit
 from purenet.training.gradients import accumulate, dp_sgd, grad_fn
-from purenet.training.loop import TrainState, run_epoch, train, train_epoch
+from purenet.training.loop import (TrainState, build_step, evaluate, init_run, run_epoch, run_epoch_steps, train,
+                                   train_epoch)
 from purenet.training.precision import Precision, mixed_precision
 from purenet.training.step import make_step
 from purenet.training.sweep import SweepResult, sweep
 
 __all__ = [
     "EarlyStopping", "EarlyStoppingState", "FitResult", "Precision", "SweepResult", "TrainState", "accumulate",
-    "check_data", "dp_sgd", "fit", "grad_fn", "make_step", "mixed_precision", "run_epoch", "sweep", "train",
-    "train_epoch",
+    "build_step", "check_data", "dp_sgd", "evaluate", "fit", "grad_fn", "init_run", "make_step", "mixed_precision",
+    "run_epoch", "run_epoch_steps", "sweep", "train", "train_epoch",
 ]

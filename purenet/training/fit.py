@@ -24,6 +24,10 @@ __all__ = ["FitResult", "fit", "place"]
 
 
 class FitResult(NamedTuple):
+    """What `fit` returns: the trained (or best, with early stopping's restore_best) params and model
+    state, the optimizer state, the history (a dict of numpy arrays over the epochs run) and the epoch
+    early stopping fired at (None if it did not)."""
+
     params: Any
     state: Any
     opt_state: Any

@@ -171,7 +171,9 @@ def train_epoch(net: LayerLike, opt: Any, train_state: TrainState, x: Array, y: 
     return run_epoch(step, train_state, x, y, key, batch_size)
 
 
-EVALUATION_BATCH = 128  # validation rows a forward chunk: the LeNet's 2,000 MNIST images, CPU, 84 ms in 125s, 141 in 1000s
+# validation rows a forward chunk: small chunks evaluated the LeNet's held-out set faster on the CPU than
+# large ones (measured in benchmarks/README.md, "Whole processes: the CNN and the autoencoder")
+EVALUATION_BATCH = 128
 
 
 def evaluate(net: LayerLike, params: PyTree, model_state: PyTree, validation: tuple[Array, Array],
@@ -179,9 +181,9 @@ def evaluate(net: LayerLike, params: PyTree, model_state: PyTree, validation: tu
     """val_loss and val_accuracy from one forward pass over the validation set, EVALUATION_BATCH rows at
     a time: the loss from the body's output (logits where the loss is fused with the output layer),
     and the classes from those same logits as `metrics.predicted_classes` reads them. Where the body's
-    output is not a batch of logit rows (no fused head, sequences), accuracy runs its own pass. The
-    LeNet example's 2,000 images took 241 ms with the loss and the accuracy as two passes (the loss
-    on all rows at once), 84 ms as this one."""
+    output is not a batch of logit rows (no fused head, sequences), accuracy runs its own pass. One
+    pass is faster than the loss and the accuracy as two (measured in benchmarks/README.md, "Whole
+    processes: the CNN and the autoencoder")."""
     xv, yv = validation
     body, body_params, body_state, loss_fn, head = network.evaluation_body(net, params, model_state, loss)
     out = metrics.predict(body, body_params, body_state, xv, EVALUATION_BATCH)
@@ -246,6 +248,19 @@ def check_ema(evaluate_with_ema: bool, opt_state: Any) -> None:
 
 def init_run(net: LayerLike, opt: Any, x: Array, key: Array, params: PyTree, state: PyTree,
              dtype: Any = None) -> TrainState:
+    """A run's starting TrainState: the optimizer state of `params` (drawn by pn.init from fold_in(key, 0)
+    for x's example shape when None), the model `state` (init's, when params are drawn), epoch 0.
+
+    Args:
+      net: the network; opt: the optimizer (as the state will be stepped with).
+      x: the training inputs, checked as fit checks them (floats, or ids for a network that reads them).
+      key: the run's key; params, state: a starting point, or None for a fresh init.
+      dtype: the params' dtype when drawn (default: x's float dtype, else JAX's default float).
+    Returns:
+      TrainState(opt.init(params), state, 0).
+    Raises:
+      ValueError: x does not fit a network that declares its in_shape; state without params.
+    """
     check_float_input(x, ids=id_layer(net))
     declared = getattr(net, "in_shape", None)
     if params is None and declared is not None and tuple(declared) != tuple(x.shape[1:]):

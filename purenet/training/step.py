@@ -42,14 +42,14 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
     provided = tuple(getattr(grad_fn, "extra_args", ()))
     if set(needed) - set(provided):
         raise ValueError(f"the optimizer's step needs {needed} beside the gradient, which this gradient function "
-                         f"does not provide; build the step with pn.training.loop.build_step (it computes them)")
+                         f"does not provide; build the step with pn.training.build_step (it computes them)")
 
     skips = getattr(opt, "guard", None) == "skip"
     if strategy is not None:
         distributed.check_strategy(strategy, mesh)
         if net is None:
             raise ValueError(f"make_step(..., strategy={strategy!r}) needs net= (its layers say how their "
-                             f"parameters split); pn.training.loop.build_step passes it")
+                             f"parameters split); pn.training.build_step passes it")
 
     def step(carry, batch):
         opt_state, model_state = carry
