@@ -28,6 +28,8 @@ import purenet as pn
 from benchmarks import steps as S
 from benchmarks import to97
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 SIZES = {"digits": [64, 128, 128, 10], "mnist": [784, 1024, 1024, 10], "wide": [4096, 4096, 4096, 10]}
 CASES = [("digits", 64), ("mnist", 128), ("mnist", 1024)]
 GPU_CASES = [("digits", 64), ("mnist", 1024), ("wide", 4096)]

@@ -56,6 +56,8 @@ import numpy as np
 import purenet as pn
 from purenet.layers import attention_kernels as K
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 FULL = dict(batch=1, heads=8, t=4096, dh=64)
 SMOKE = dict(batch=1, heads=2, t=64, dh=16)
 BLOCKS = (64, 128, 256, 512)

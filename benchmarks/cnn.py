@@ -30,6 +30,8 @@ import numpy as np
 import purenet as pn
 from benchmarks import steps as S
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 LR = 1e-3
 LENET = dict(c1=16, c2=32, hidden=128)
 

@@ -44,6 +44,8 @@ import numpy as np
 
 import purenet as pn
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 SIZES = [784, 1024, 1024, 10]
 
 

@@ -25,6 +25,8 @@ import numpy as np
 
 import purenet as pn
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 
 def mlp_case(batch):
     net = pn.mlp([784, 256, 256, 10])

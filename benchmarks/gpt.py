@@ -35,6 +35,8 @@ import numpy as np
 import purenet as pn
 from benchmarks import torch_gpt
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 CONFIG = dict(vocab=65, context=64, layers=4, heads=4, features=128, batch=12)
 SMOKE = dict(vocab=11, context=8, layers=1, heads=2, features=16, batch=2)
 LR, B2, WD, CLIP = 1e-3, 0.99, 0.1, 1.0

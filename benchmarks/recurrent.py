@@ -40,6 +40,8 @@ import numpy as np
 import purenet as pn
 from benchmarks import steps as S
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 CONFIG = dict(batch=32, T=64, d=128, h=256, classes=16, norms_batch=64)
 SMOKE = dict(batch=2, T=3, d=4, h=5, classes=3, norms_batch=2)
 LR = 0.1

@@ -23,6 +23,8 @@ import numpy as np  # noqa: E402
 
 import purenet as pn  # noqa: E402
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 n = jax.device_count()

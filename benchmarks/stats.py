@@ -29,6 +29,8 @@ import numpy as np
 import purenet as pn
 from benchmarks import steps as S
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 
 def per_example(net, state):
     def grads(p, x, y):

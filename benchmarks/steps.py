@@ -13,6 +13,8 @@ import numpy as np
 
 import purenet as pn
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 LR = 1e-3
 
 

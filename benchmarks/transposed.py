@@ -25,6 +25,8 @@ from jax import lax
 import purenet as pn
 from purenet.layers.transposed import transpose_pads
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 SHAPES = [(64, 7, 32, 16, 3), (64, 14, 16, 1, 3), (64, 14, 16, 8, 4)]  # batch, H, in, out, kernel; stride 2
 
 

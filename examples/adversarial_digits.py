@@ -24,6 +24,8 @@ import numpy as np
 import purenet as pn
 from _common import FAST, epochs, save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 EPS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # a pixel level of the 8x8 digits is 1/16 = 0.0625
 
 

@@ -17,6 +17,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import purenet as pn  # noqa: E402
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 W1 = jnp.array([[0.1, 0.3, 0.8, -0.4], [-0.3, -0.2, 0.5, 0.5], [-0.3, 0.0, 0.5, 0.4], [0.2, 0.5, -0.9, 0.7]])
 W2 = jnp.array([[0.5, 0.8, 0.2, 0.4], [0.5, 0.2, 0.3, -0.5]])
 X = jnp.array([2.0, 5.0, 3.0, 3.0])

@@ -14,6 +14,8 @@ import numpy as np
 import purenet as pn
 from _common import epochs, save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 OPTIMIZERS = {  # learning rates picked per method from a coarse grid
     "vanilla GD": pn.optim.sgd(0.1),
     "momentum": pn.optim.momentum(0.03, 0.9),

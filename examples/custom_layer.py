@@ -24,6 +24,8 @@ import numpy as np
 import purenet as pn
 from _common import epochs, save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 
 @dataclasses.dataclass(frozen=True)
 class LowRankDense:

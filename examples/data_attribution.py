@@ -26,6 +26,8 @@ import numpy as np
 import purenet as pn
 from _common import epochs, save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,6 +21,8 @@ import numpy as np
 import purenet as pn
 from _common import epochs, save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 
 def plain(depth, width, hidden):
     return pn.mlp([64] + [width] * depth + [10], hidden=hidden)

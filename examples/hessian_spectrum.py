@@ -28,6 +28,8 @@ from jax.flatten_util import ravel_pytree
 import purenet as pn
 from _common import FAST, save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 RATES = (0.02, 0.1, 0.15, 0.2, 0.25)  # 0.3 diverges: the sharpness at initialisation is 20
 
 

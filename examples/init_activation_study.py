@@ -19,6 +19,8 @@ import numpy as np
 import purenet as pn
 from _common import save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 INITS = {"naive N(0,1)": "normal", "Xavier": "xavier_normal", "He": "he_normal"}
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 

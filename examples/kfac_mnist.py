@@ -33,6 +33,8 @@ from purenet.training import build_step, evaluate, init_run, run_epoch_steps
 from _common import FAST, epochs, mnist_split, save
 from mnist_cnn import DEFAULT, lenet
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "kfac_mnist.png"
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import purenet as pn
 from _common import FAST, epochs, mnist_split, save
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 

@@ -29,6 +29,8 @@ import purenet as pn
 from _common import FAST
 from shakespeare_gpt import DEFAULT, make_estimate, make_steps, plot
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 
 def model(vocab_size, embed, hidden):
     return pn.Sequential([pn.Embedding(vocab_size, embed), pn.LSTM(hidden), pn.Dense(vocab_size), pn.Softmax()])

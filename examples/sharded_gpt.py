@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 
 import purenet as pn  # noqa: E402
 
+pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
+
 
 def main(steps=4, batch=16, features=64):
     n = jax.device_count()

@@ -1,6 +1,6 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
 from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, interop,
-                     losses, metrics, noise, optim, shuffle, stats)
+                     losses, metrics, noise, optim, shuffle, stats, xla_flags)
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
@@ -45,7 +45,7 @@ __all__ = [
     # modules and checkpoints
     "CheckpointError", "augment", "checkpoint", "compile_cache", "datasets", "diagnostics", "distributed",
     "enable_compilation_cache", "initializers", "interop", "load", "losses", "metrics", "optim", "save", "schedules",
-    "shuffle", "stats", "training",
+    "shuffle", "stats", "training", "xla_flags",
     # weights in and out (safetensors, nanoGPT, PyTorch state_dicts)
     "WeightsError", "weights",
     # differential privacy's accounting and its noise

@@ -1,4 +1,4 @@
-"""Shared test setup: float64 on, hypothesis profiles.
+"""Shared test setup: float64 on, purenet's recommended XLA flags (`pn.xla_flags`), hypothesis profiles.
 
 Profiles (choose with PURENET_HYPOTHESIS_PROFILE): "ci" (default, sized for a
 few minutes on 2 cores) and "slow" (many more examples).
@@ -9,6 +9,10 @@ import jax
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
+
+import purenet  # noqa: E402  (after x64 is on, as every test module imports it)
+
+purenet.xla_flags.configure()  # before any computation; subprocesses: purenet.xla_flags.environ(...)
 
 settings.register_profile(
     "ci", max_examples=50, deadline=None, derandomize=True,

@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).with_name("_multidevice.py")
 
 
 def test_sharded_training_equals_single_device_training():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = pn.xla_flags.environ(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
     out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("value_and_grad", "shardings", "fit", "train", "divisibility", "dp"):

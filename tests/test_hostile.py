@@ -855,7 +855,7 @@ print("ok errors")
 
 
 def test_fit_on_a_one_axis_mesh_of_any_name_equals_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = pn.xla_flags.environ(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
     done = subprocess.run([sys.executable, "-c", ONE_AXIS_MESHES], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

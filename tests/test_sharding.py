@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).with_name("_sharded.py")
     pytest.param(("mlp", "cnn", "dp"), marks=pytest.mark.slow),
 ])
 def test_sharded_strategies_equal_one_device(checks):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = pn.xla_flags.environ(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
     out = subprocess.run([sys.executable, str(SCRIPT), *checks], capture_output=True, text=True, env=env,
                          timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -55,7 +55,7 @@ def _free_port():
 
 
 def test_two_processes_train_fsdp_as_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = pn.xla_flags.environ(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"))
     script, port = str(Path(__file__).with_name("_two_process.py")), str(_free_port())
     procs = [subprocess.Popen([sys.executable, script, str(i), port, str(tmp_path)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
@@ -188,7 +188,7 @@ print("ok sharded keys")
 
 
 def test_sharded_prng_keys_and_64_bit_leaves_round_trip_on_four_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = pn.xla_flags.environ(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"))
     out = subprocess.run([sys.executable, "-c", SHARDED_KEYS, str(tmp_path)], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0 and "ok sharded keys" in out.stdout, out.stdout + out.stderr
