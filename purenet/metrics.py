@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from purenet._checks import check_float_input
 from purenet.layers.base import Array, LayerLike, PyTree, id_layer
-from purenet.layers import Sequential, Sigmoid, Softmax
+from purenet.layers import Sequential
+from purenet.network import fused_loss, output_head
 
 __all__ = ["accuracy", "confusion_matrix", "per_class_accuracy", "predict", "predicted_classes"]
 
@@ -34,11 +35,11 @@ def predicted_classes(net: LayerLike, params: PyTree, state: PyTree, x: Array, b
     single output unit, class 1 when p > 1/2. A final Softmax or Sigmoid is
     monotone, so it is skipped and the logits decide (argmax z, or z > 0):
     the same classes without the exponentials, and no ties from rounding."""
-    head = net.layers[-1] if isinstance(net, Sequential) and net.layers else None
-    if isinstance(head, (Softmax, Sigmoid)):
-        seq = cast(Sequential, net)  # head is only set for a Sequential
+    head = output_head(net)
+    if head is not None and head is not net:  # the logits decide: the Sequential without its last layer
+        seq = cast(Sequential, net)
         net, params, state = Sequential(seq.layers[:-1], in_shape=seq.in_shape), params[:-1], state[:-1]
-    return classes_of(predict(net, params, state, x, batch_size), head)
+    return classes_of(predict(net, params, state, x, batch_size), head if head is not net else None)
 
 
 def classes_of(out: Array, head: Any = None) -> Array:
@@ -47,9 +48,10 @@ def classes_of(out: Array, head: Any = None) -> Array:
     head), or always (a Softmax over one unit is 1 everywhere)."""
     if out.shape[-1] > 1:
         return jnp.argmax(out, axis=-1)
-    if isinstance(head, Softmax):
+    kind = fused_loss(head)
+    if kind == "cross_entropy":  # a softmax over one unit
         return jnp.ones(out.shape[0], jnp.int32)
-    return (out[:, 0] > (0.0 if isinstance(head, Sigmoid) else 0.5)).astype(jnp.int32)
+    return (out[:, 0] > (0.0 if kind == "binary_cross_entropy" else 0.5)).astype(jnp.int32)
 
 
 def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, batch_size: int = 1024) -> Array:

@@ -25,14 +25,22 @@ import jax
 
 from purenet import losses
 from purenet._checks import check_float_input
-from purenet.layers import Sequential, Sigmoid, Softmax
+from purenet.layers import Sequential
 from purenet.layers.base import PLAIN, Visit, decay_mask, id_layer, output_kind, walk
 from purenet.layers.protocol import check_names
 
 PyTree = Any
 
-# Output activation -> the loss it fuses with.
-_FUSED = {Softmax: "cross_entropy", Sigmoid: "binary_cross_entropy"}
+def fused_loss(layer: Any) -> str | None:
+    """The loss an output layer fuses with (its `fuses_with`: Softmax's "cross_entropy"), or None."""
+    return getattr(layer, "fuses_with", None)
+
+
+def output_head(net: Any) -> Any:
+    """The last layer of `net` when it is an output activation that fuses with a loss (a Softmax or
+    Sigmoid ending a Sequential, or the network itself), else None."""
+    last = net.layers[-1] if isinstance(net, Sequential) and net.layers else net
+    return last if fused_loss(last) is not None else None
 
 
 def _split_head(net: Any, loss: Any) -> tuple[Any, bool]:
@@ -41,11 +49,12 @@ def _split_head(net: Any, loss: Any) -> tuple[Any, bool]:
     cross-entropy: either way the loss is computed from the logits."""
     if loss == "cross_entropy" and output_kind(net) == "logits":
         return net, True
-    if isinstance(net, Sequential) and net.layers and _FUSED.get(type(net.layers[-1])) == loss:
-        return Sequential(net.layers[:-1], in_shape=net.in_shape), True
-    if _FUSED.get(type(net)) == loss:
+    head = output_head(net)
+    if head is None or fused_loss(head) != loss:
+        return net, False
+    if head is net:
         return Sequential(()), True
-    return net, False
+    return Sequential(net.layers[:-1], in_shape=net.in_shape), True
 
 
 def _strips_head(net: Any, fused: bool) -> bool:

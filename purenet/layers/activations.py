@@ -29,6 +29,8 @@ class Sigmoid(Elementwise):
     Computed without overflow: h(+-1000) is exactly 1 or 0 and h' is 0.
     """
 
+    fuses_with = "binary_cross_entropy"  # as the last layer, that loss is computed from the logits
+
     def apply(self, x: Array) -> tuple[Array, Any]:
         y = jax.nn.sigmoid(x)
         return y, y

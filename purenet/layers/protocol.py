@@ -55,6 +55,8 @@ PROTOCOL: dict[str, Name] = {
     "positionwise": Name("declaration", "True: the layer acts on each position alone (decoding one token at a "
                                         "time needs no cache; the batch and positions may split)"),
     "outputs": Name("declaration", "what the layer outputs: 'probabilities', 'logits' or 'values'"),
+    "fuses_with": Name("declaration", "the loss this output activation fuses with as a network's last layer "
+                                      "(Softmax: 'cross_entropy'): the loss and its gradient come from the logits"),
     "piecewise_linear": Name("declaration", "True: the output is linear in each parameter and piecewise linear "
                                             "in the input (no second-order term: Hessian diagonal)"),
     "second_derivative": Name("declaration", "second_derivative(cache) -> g''(a) for an elementwise h = g(a)"),

@@ -24,6 +24,7 @@ class Softmax(Elementwise):
     """
 
     outputs = "probabilities"  # what `generate` and the losses read
+    fuses_with = "cross_entropy"  # the network functions compute that loss from the logits instead
 
     def apply(self, x: Array) -> tuple[Array, Array]:
         y = jax.nn.softmax(finite_logits(x), axis=-1)  # +inf logits give probability 1, not NaN
