@@ -361,3 +361,37 @@ def test_float16_with_dynamic_scaling_survives_overflows_on_digits_and_reaches_f
     assert int(half.opt_state.count) == 15 * (1438 // 32)  # every step counted, the overflowing ones skipped
     print("val accuracy float32, float16:", full.history["val_accuracy"][-1], half.history["val_accuracy"][-1])
     assert half.history["val_accuracy"][-1] >= full.history["val_accuracy"][-1] - 0.01
+
+
+def test_a_gradient_function_declares_its_contract_and_the_step_reads_it():
+    """GradFn replaces function attributes and signature sniffing: what a gradient function takes
+    (loss_scale, weight, count) and provides (K-FAC's factors) is declared, and the step checks it."""
+    x, y = _data()
+    x32 = x.astype(jnp.float32)
+    params, state = pn.init(NET, jax.random.key(1), 5, dtype=jnp.float32)
+    assert pn.training.grad_fn(NET).takes == frozenset()
+    assert pn.training.mixed_precision(NET, pn.Precision(compute="float16")).takes == {"loss_scale"}
+    assert pn.training.dp_sgd(NET, pn.DPSGD(1.0)).takes == {"weight"}
+    kfac = pn.training.gradients.kfac(NET)
+    assert kfac.takes == {"count"} and kfac.provides == ("factors",)
+    with pytest.raises(ValueError, match="may take"):
+        pn.training.GradFn(lambda *a: a, takes={"loss_scaling"})
+    with pytest.raises(ValueError, match="does not accumulate"):
+        pn.accumulate(kfac, 2)
+    with pytest.raises(ValueError, match="takes no weight="):
+        pn.make_step(pn.grad_fn(NET), pn.optim.sgd(0.1))((pn.optim.sgd(0.1).init(params), state),
+                                                         (x32, y, jax.random.key(2), jnp.ones(x.shape[0])))
+
+    def mine(params, state, x, y, key, loss_scale=None):  # a user's own: its signature is not read
+        value, grads, state = pn.value_and_grad(NET, params, state, x, y, train=True, key=key)
+        return value, jax.tree_util.tree_map(lambda g: g * loss_scale / loss_scale, grads), state
+
+    opt = pn.optim.chain(pn.optim.dynamic_loss_scale(initial=4.0), pn.optim.sgd(0.1))
+    start = (opt.init(params), state)
+    with pytest.raises(ValueError, match=r"takes no loss_scale=.*GradFn\(fn, takes=\{'loss_scale'\}\)"):
+        pn.make_step(mine, opt)(start, (x32, y, jax.random.key(2)))
+    (declared, _), _ = pn.make_step(pn.training.GradFn(mine, takes={"loss_scale"}), opt)(
+        start, (x32, y, jax.random.key(2)))
+    (plain, _), _ = pn.make_step(pn.grad_fn(NET), pn.optim.sgd(0.1))(
+        (pn.optim.sgd(0.1).init(params), state), (x32, y, jax.random.key(2)))
+    chex.assert_trees_all_close(declared.params, plain.params, rtol=1e-6)

@@ -1,6 +1,7 @@
 """Training as composed pure pieces (the lecture's loop: compute y_hat, compute L, update, till satisfied).
 
-    grad_fn(net, loss, l2)            (params, state, x, y, key) -> (loss, grads, state)
+    grad_fn(net, loss, l2)            (params, state, x, y, key) -> (loss, grads, state), a GradFn:
+                                      it declares what it takes (loss_scale, weight, count) and provides
       dp_sgd(net, dp, ...), accumulate(fn, k)        wrappers of the same signature
       mixed_precision(net, pn.Precision(...), ...)   bfloat16 / float16 compute, float32 master params;
                                                      fn(..., loss_scale=S) for a dynamic float16 scale
@@ -22,15 +23,16 @@ through the others.
 from purenet.training.checks import check_data
 from purenet.training.early_stopping import EarlyStopping, EarlyStoppingState
 from purenet.training.fit import FitResult, fit
-from purenet.training.gradients import accumulate, dp_sgd, grad_fn
+from purenet.training.gradients import GradFn, accumulate, dp_sgd, grad_fn
 from purenet.training.loop import (TrainState, build_step, evaluate, init_run, run_epoch, run_epoch_steps, train,
                                    train_epoch)
 from purenet.training.precision import Precision, mixed_precision
-from purenet.training.step import make_step
+from purenet.training.step import Step, make_step
 from purenet.training.sweep import SweepResult, sweep
 
 __all__ = [
-    "EarlyStopping", "EarlyStoppingState", "FitResult", "Precision", "SweepResult", "TrainState", "accumulate",
+    "EarlyStopping", "EarlyStoppingState", "FitResult", "GradFn", "Precision", "Step", "SweepResult", "TrainState",
+    "accumulate",
     "build_step", "check_data", "dp_sgd", "evaluate", "fit", "grad_fn", "init_run", "make_step", "mixed_precision",
     "run_epoch", "run_epoch_steps", "sweep", "train", "train_epoch",
 ]

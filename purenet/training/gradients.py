@@ -6,12 +6,16 @@ function of the same signature, so a training step composes them:
 
     fn = accumulate(dp_sgd(net, pn.DPSGD(1.0, 1.1)), micro_batches=4)
 
-`key` is the step's randomness (dropout masks; DP-SGD's noise). A
-gradient function that scales the seed gradient (`mixed_precision`) also
-takes `loss_scale=`; `accumulate` forwards it, and `make_step` passes the
-dynamic scale kept in the optimizer state to functions that take it.
+`key` is the step's randomness (dropout masks; DP-SGD's noise). Each is a
+`GradFn`, which declares its contract: the keywords it takes beside the
+five arguments (`loss_scale`: mixed precision scales its seed gradient;
+`weight`: DP-SGD's Poisson marks; `count`: K-FAC's factors every k-th
+step), the per-step arguments it provides the optimizer (K-FAC's
+"factors"), and how it accumulates itself (DP-SGD draws its noise once).
+`make_step` reads the contract; a plain function is a GradFn that takes
+and provides nothing else.
 """
-import inspect
+import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
@@ -23,22 +27,66 @@ from purenet.losses import Loss
 if TYPE_CHECKING:  # precision.py is imported where it is used (in `gradients`)
     from purenet.training.precision import Precision
 
-__all__ = ["accumulate", "dp_sgd", "grad_fn", "gradients", "kfac", "takes_loss_scale"]
+__all__ = ["GradFn", "TAKES", "accumulate", "as_grad_fn", "dp_sgd", "grad_fn", "gradients", "kfac"]
+
+# The keywords a gradient function may take beside (params, state, x, y, key).
+TAKES = ("loss_scale", "weight", "count")
 
 
-def grad_fn(net: LayerLike, loss: str | Loss = "cross_entropy",
-            l2: float | Array = 0.0) -> Callable[..., tuple[Array, PyTree, PyTree]]:
+@dataclasses.dataclass(frozen=True)
+class GradFn:
+    """A gradient function and its contract:
+
+        value, grads, state[, provided] = fn(params, state, x, y, key, **taken)
+
+    Attributes:
+      fn: the function.
+      takes: the keywords it takes beside the five arguments, a subset of TAKES: "loss_scale" (the
+        scale of its seed gradient: mixed precision; `make_step` passes the dynamic scale the
+        optimizer state keeps), "weight" (a padded Poisson batch's 0/1 marks: DP-SGD), "count"
+        (the optimizer's step count: K-FAC computes its factors every k-th step).
+      provides: the per-step arguments of the optimizer it returns, as a dict in a fourth value
+        (K-FAC's "factors").
+      micro_batched: k -> the GradFn that runs a batch as k micro-batches itself (DP-SGD clips them
+        one after another and draws the noise once), or None (`accumulate` averages k calls).
+    """
+
+    fn: Callable[..., tuple]
+    takes: frozenset = frozenset()
+    provides: tuple[str, ...] = ()
+    micro_batched: Callable[[int], "GradFn"] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"GradFn needs a callable, got {type(self.fn).__name__}")
+        object.__setattr__(self, "takes", frozenset(self.takes))
+        unknown = sorted(self.takes - set(TAKES))
+        if unknown:
+            raise ValueError(f"a gradient function may take {TAKES} beside (params, state, x, y, key), "
+                             f"got {unknown}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple:
+        return self.fn(*args, **kwargs)
+
+
+def as_grad_fn(fn: Callable[..., tuple]) -> GradFn:
+    """`fn` as a GradFn: itself, or a plain function (params, state, x, y, key) -> (loss, grads, state),
+    which takes and provides nothing else (wrap it in GradFn(fn, takes={"loss_scale"}) to say more)."""
+    return fn if isinstance(fn, GradFn) else GradFn(fn)
+
+
+def grad_fn(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0) -> GradFn:
     """The loss and its handwritten gradient on one batch, in training mode."""
 
     def fn(params, state, x, y, key):
         return network.value_and_grad(net, params, state, x, y, loss=loss, l2=l2, train=True, key=key)
 
-    return fn
+    return GradFn(fn)
 
 
 def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
            micro_batches: int = 1,
-           expected_batch_size: int | None = None) -> Callable[..., tuple[Array, PyTree, PyTree]]:
+           expected_batch_size: int | None = None) -> GradFn:
     """DP-SGD's clipped, noised gradient (`pn.clipped_value_and_grad`) for dp = pn.DPSGD(...).
 
     fn(params, state, x, y, key, weight=None): with `weight` (a padded Poisson
@@ -66,11 +114,8 @@ def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entr
             noise_key=k_noise, loss=loss, l2=l2, train=True, key=k_forward, chunk_size=chunk,
             weight=weight, expected_batch_size=expected_batch_size, one_pass=dp.one_pass)
 
-    # attributes of the function object (mypy sees a plain callable): accumulate(fn, k) calls micro_batched
-    fn.micro_batched = (  # type: ignore[attr-defined]
-        lambda k: dp_sgd(net, dp, loss, l2, micro_batches=k, expected_batch_size=expected_batch_size))
-    fn.takes_weight = True  # type: ignore[attr-defined]
-    return fn
+    return GradFn(fn, takes=frozenset({"weight"}), micro_batched=lambda k: dp_sgd(
+        net, dp, loss, l2, micro_batches=k, expected_batch_size=expected_batch_size))
 
 
 def _micro_batch_size(n, k):
@@ -80,7 +125,7 @@ def _micro_batch_size(n, k):
     return n // k
 
 
-def accumulate(fn: Callable[..., tuple], micro_batches: int) -> Callable[..., tuple]:
+def accumulate(fn: Callable[..., tuple], micro_batches: int) -> GradFn:
     """Run each batch as `micro_batches` equal micro-batches in a `lax.scan` and average.
 
     The loss is a mean over examples, so the mean of the micro-batches'
@@ -88,41 +133,35 @@ def accumulate(fn: Callable[..., tuple], micro_batches: int) -> Callable[..., tu
     with a k-times smaller working set. Model state threads through the
     micro-batches in order, so BatchNorm normalises each micro-batch by its
     own statistics and updates its running statistics k times; micro-batch
-    i draws its randomness from fold_in(key, i). A gradient function with a
-    `micro_batched(k)` method (DP-SGD's) accumulates itself.
+    i draws its randomness from fold_in(key, i). A GradFn with a
+    `micro_batched` rule (DP-SGD's) accumulates itself; one that provides
+    per-step arguments or takes the step count (K-FAC's) does not accumulate.
     """
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, float)) or micro_batches != micro_batches:
         raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {micro_batches!r}")
     k = int(micro_batches) if abs(micro_batches) != float("inf") else 0
     if k < 1 or k != micro_batches:
         raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {micro_batches!r}")
+    fn = as_grad_fn(fn)
     if k == 1:
         return fn
-    if hasattr(fn, "micro_batched"):
+    if fn.micro_batched is not None:
         return fn.micro_batched(k)
+    if fn.provides or fn.takes - {"loss_scale"}:
+        raise ValueError(f"this gradient function (takes {sorted(fn.takes)}, provides {list(fn.provides)}) does "
+                         f"not accumulate over micro-batches: only loss_scale passes through accumulate")
 
-    def accumulated(params, state, x, y, key, loss_scale=None):
-        scaled = {} if loss_scale is None else {"loss_scale": loss_scale}
+    def accumulated(params, state, x, y, key, **scaled):
         size = _micro_batch_size(x.shape[0], k)
         return chunks.mean_in_chunks(lambda state, xb, yb, kb: fn(params, state, xb, yb, kb, **scaled),
                                      size, state, x, y, key)
 
-    if takes_loss_scale(fn):
-        return accumulated
-    return lambda params, state, x, y, key: accumulated(params, state, x, y, key)
-
-
-def takes_loss_scale(fn: Callable[..., Any]) -> bool:
-    """Whether the gradient function `fn` takes a `loss_scale=` keyword (it scales its seed gradient)."""
-    try:
-        return "loss_scale" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a callable without a signature
-        return False
+    return GradFn(accumulated, takes=fn.takes)
 
 
 def kfac(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, fisher: str = "empirical",
          samples: int = 1,
-         factors_every: int = 1) -> Callable[..., tuple[Array, PyTree, PyTree, dict[str, Any]]]:
+         factors_every: int = 1) -> GradFn:
     """The gradient and the batch's K-FAC factors (`pn.stats.kfac_value_and_grad` with `fisher`):
     (params, state, x, y, key, count) -> (loss, grads, state, {"factors": factors}), for an
     optimizer whose extra_args name "factors" (`pn.optim.kfac`). With factors_every = k the
@@ -146,15 +185,13 @@ def kfac(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array =
             return with_factors(params, state, x, y, key)
         return jax.lax.cond(count % factors_every == 0, with_factors, without, params, state, x, y, key)
 
-    fn.extra_args = ("factors",)  # type: ignore[attr-defined]  # a function attribute: make_step reads it
-    fn.takes_count = True  # type: ignore[attr-defined]
-    return fn
+    return GradFn(fn, takes=frozenset({"count"}), provides=("factors",))
 
 
 def gradients(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
               dp: per_example.DPSGD | None = None, accumulate_steps: int = 1, precision: "Precision | None" = None,
               extra_args: tuple[str, ...] = (), expected_batch_size: int | None = None,
-              extra_options: dict | None = None) -> Callable[..., tuple]:
+              extra_options: dict | None = None) -> GradFn:
     """The gradient function `fit` and `train` build from their options; `extra_args` are the
     per-step arguments the optimizer needs beside the gradient (K-FAC's "factors"), computed
     with `extra_options` (the optimizer's: K-FAC's fisher, samples and factors_every)."""

@@ -61,7 +61,7 @@ def run_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: 
     step's loss (often inf in float16) does not make the epoch's loss NaN.
     """
     train_state, values = run_epoch_steps(step, train_state, x, y, key, batch_size)
-    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)
+    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)  # a Step, or a plain function
     return train_state, mean
 
 
@@ -112,7 +112,7 @@ def run_poisson_epoch(step: Callable[..., tuple], train_state: TrainState, x: Ar
 
     (opt_state, model_state), (values, overflow) = jax.lax.scan(
         body, (train_state.opt_state, train_state.model_state), jnp.arange(n // bs))
-    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)
+    mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)  # a Step, or a plain function
     return TrainState(opt_state, model_state, train_state.epoch + 1), mean, jnp.sum(overflow)
 
 

@@ -40,6 +40,7 @@ from purenet import network, optim
 from purenet._checks import check_hyperparameter
 from purenet.layers.base import Array, LayerLike, PyTree
 from purenet.losses import Loss
+from purenet.training.gradients import GradFn
 
 __all__ = ["Precision", "mixed_precision", "optimizer_for"]
 
@@ -92,7 +93,7 @@ def _cast(tree, dtype):
 
 
 def mixed_precision(net: LayerLike, precision: Precision, loss: str | Loss = "cross_entropy",
-                    l2: float | Array = 0.0) -> Callable[..., tuple[Array, PyTree, PyTree]]:
+                    l2: float | Array = 0.0) -> GradFn:
     """A gradient function (see `purenet.training.gradients`) that computes in precision.compute.
 
     fn(params, state, x, y, key, loss_scale=None): `loss_scale` (a scalar,
@@ -118,7 +119,7 @@ def mixed_precision(net: LayerLike, precision: Precision, loss: str | Loss = "cr
                                       grads)
         return value, grads, p.state
 
-    return fn
+    return GradFn(fn, takes=frozenset({"loss_scale"}))
 
 
 def _unscale(g, scale, dtype):

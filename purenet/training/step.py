@@ -1,4 +1,5 @@
 """One training step, pure: step((opt_state, model_state), (x, y, key)) -> ((opt_state, model_state), loss)."""
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -8,14 +9,27 @@ from jax.sharding import Mesh
 from purenet import distributed
 from purenet.layers.base import Array
 from purenet.optim import current_loss_scale, tree
-from purenet.training.gradients import takes_loss_scale
+from purenet.training.gradients import GradFn, as_grad_fn
 
-__all__ = ["make_step"]
+__all__ = ["Step", "make_step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A training step, step(carry, batch) -> (carry, loss), and whether it skips non-finite updates
+    (`skips`: an optimizer guarded by apply_if_finite(..., "skip"); an epoch then averages the loss over
+    the steps it applied)."""
+
+    fn: Callable[[tuple, tuple], tuple[tuple, Array]]
+    skips: bool = False
+
+    def __call__(self, carry: tuple, batch: tuple) -> tuple[tuple, Array]:
+        return self.fn(carry, batch)
 
 
 def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tuple[Array, Array]] | None = None,
               mesh: Mesh | None = None, strategy: str | None = None,
-              net: Any = None) -> Callable[[tuple, tuple], tuple[tuple, Array]]:
+              net: Any = None) -> Step:
     """A training step from a gradient function (see `purenet.training.gradients`) and an optimizer.
 
     The step's key splits in two: dropout (and DP noise) draw from the
@@ -27,9 +41,13 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
     the optimizer leaves params and slots. When the optimizer state keeps a
     dynamic loss scale (pn.optim.dynamic_loss_scale) the step passes it to
     grad_fn as `loss_scale=`; a grad_fn that does not take it is an error.
-    An optimizer with per-step arguments (`opt.extra_args`, K-FAC's factors)
-    needs a grad_fn that provides them (`grad_fn.extra_args`): it returns
-    (loss, grads, state, {name: value}) and the step passes them to `opt.step`.
+    What grad_fn takes and provides is its contract (`GradFn`; a plain
+    function takes and provides nothing else): an optimizer with per-step
+    arguments (`opt.extra_args`, K-FAC's factors) needs a grad_fn that
+    provides them (it returns (loss, grads, state, {name: value}) and the
+    step passes them to `opt.step`); a batch with a fourth entry (a Poisson
+    batch's marks) needs one that takes "weight"; one that takes "count"
+    gets the optimizer's step count.
 
     strategy="fsdp" | "tensor" | "fsdp+tensor" (with a `mesh` from
     pn.distributed.mesh, and the `net` whose layers say how they split) keeps
@@ -38,9 +56,9 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
     are pinned to the params' sharding, so XLA reduce-scatters them (FSDP)
     instead of all-reducing them, and each device updates only its part.
     """
+    grad_fn = as_grad_fn(grad_fn)
     needed = tuple(getattr(opt, "extra_args", ()))
-    provided = tuple(getattr(grad_fn, "extra_args", ()))
-    if set(needed) - set(provided):
+    if set(needed) - set(grad_fn.provides):
         raise ValueError(f"the optimizer's step needs {needed} beside the gradient, which this gradient function "
                          f"does not provide; build the step with pn.training.build_step (it computes them)")
 
@@ -59,8 +77,11 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
             x, y = (jax.lax.with_sharding_constraint(v, distributed.batch_sharding(mesh)) for v in (x, y))
         if augment is not None:
             x, y = augment(k_aug, x, y)
+        if weight and "weight" not in grad_fn.takes:
+            raise ValueError("the batch carries Poisson marks (a fourth entry), but the gradient function takes no "
+                             "weight=: Poisson batches are DP-SGD's (pn.training.dp_sgd)")
         marks = {"weight": weight[0]} if weight else {}
-        if getattr(grad_fn, "takes_count", False):  # K-FAC's factors on every k-th step only
+        if "count" in grad_fn.takes:  # K-FAC's factors on every k-th step only
             marks["count"] = opt_state.count
         out = grad_fn(opt_state.params, model_state, x, y, k_grad, **_scale_for(grad_fn, opt_state), **marks)
         value, grads, new_state = out[:3]
@@ -78,18 +99,18 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
                 net, new_opt_state, opt_state.params, mesh, strategy))
         return (new_opt_state, new_state), value
 
-    step.skips = skips  # type: ignore[attr-defined]  # run_epoch averages the loss over the applied steps only
-    return step
+    return Step(step, skips)
 
 
-def _scale_for(grad_fn, opt_state):
+def _scale_for(grad_fn: GradFn, opt_state: Any) -> dict:
     """{"loss_scale": S} when opt_state keeps a dynamic loss scale S, else {}."""
     scale = current_loss_scale(opt_state)
     if scale is None:
         return {}
-    if not takes_loss_scale(grad_fn):
+    if "loss_scale" not in grad_fn.takes:
         raise ValueError("the optimizer keeps a dynamic loss scale (pn.optim.dynamic_loss_scale), but the "
                          "gradient function takes no loss_scale=: train in float16 with "
-                         "precision=pn.Precision(compute='float16') (pn.training.mixed_precision)")
+                         "precision=pn.Precision(compute='float16') (pn.training.mixed_precision), or declare "
+                         "your own function's as pn.training.GradFn(fn, takes={'loss_scale'})")
     return {"loss_scale": scale}
 
