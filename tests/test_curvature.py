@@ -381,3 +381,20 @@ def test_attention_projections_get_kfac_factors_by_their_definition(tmp_path):
     pn.save(tmp_path / "kfac.pn", result.opt_state)  # the state with its KFACBlocks saves and loads
     back = pn.load(tmp_path / "kfac.pn")
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(result.opt_state)
+
+
+def test_kfac_names_the_layers_whose_weights_it_leaves_on_the_plain_gradient():
+    """K-FAC on pn.llama left SwiGLU (two thirds of a block's weights) unpreconditioned without a word."""
+    import warnings
+
+    net = pn.llama(vocab_size=7, context=4, layers=1, heads=2, features=4)
+    params, _ = pn.init(net, jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"keep the plain gradient.*SwiGLU at \(0, 1, 1, 0, 1\)"):
+        pn.optim.kfac(net, 0.1).init(params)
+    lstm = pn.Sequential([pn.LSTM(3), pn.Dense(2), pn.Softmax()])
+    with pytest.warns(UserWarning, match=r"LSTM at \(0,\)"):
+        pn.optim.kfac(lstm, 0.1).init(pn.init(lstm, jax.random.key(0), in_shape=(3, 2))[0])
+    frozen = pn.Sequential([pn.Frozen(pn.LSTM(3)), pn.LayerNorm(), pn.Dense(2), pn.Softmax()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # frozen layers and gains are nothing to precondition
+        pn.optim.kfac(frozen, 0.1).init(pn.init(frozen, jax.random.key(0), in_shape=(3, 2))[0])

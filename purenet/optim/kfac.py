@@ -28,10 +28,13 @@ pass, because the optimizer's `extra_args` name them:
            (A + pi sqrt(damping) I)^-1,   (G + sqrt(damping) / pi I)^-1,
     3. preconditions each Dense / Conv2D gradient with the stored inverses
        (other parameters, such as LayerNorm's, keep their plain gradient;
-       layers inside `pn.Frozen` have no factors),
+       layers inside `pn.Frozen` have no factors; a trainable layer with
+       weight matrices but no factors, SwiGLU or LSTM today, is named in a
+       warning when the state is initialised),
     4. hands the result to the rest of the chain (momentum SGD in `kfac`).
 Factors and inverses are kept in at least float32 (bfloat16 / float16 params too).
 """
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -121,6 +124,20 @@ def _check_every(name, value):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _warn_unpreconditioned(net: LayerLike, params: Any) -> None:
+    """Warn, naming them, about trainable layers with weight matrices that K-FAC leaves on the plain
+    gradient (no `kfac_factors` of their own), so a partly preconditioned network is never silent."""
+    from purenet.layers.base import kfac_eligible, layer_roles, leaves
+
+    plain = [f"{type(leaf.layer).__name__} at {leaf.path}" for leaf in leaves(net, params)
+             if not leaf.frozen and not kfac_eligible(leaf.layer)
+             and "weight" in jax.tree_util.tree_leaves(layer_roles(leaf.layer, leaf.params))]
+    if plain:
+        warnings.warn(f"pn.optim.kfac preconditions the weights of Dense, Conv1D, Conv2D and attention layers; "
+                      f"these layers' weights keep the plain gradient (they have no K-FAC factors): "
+                      f"{', '.join(plain)}", UserWarning, stacklevel=4)
+
+
 def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inverse_every: int = 10,
                   fisher: str = "mc", samples: int = 1, factors_every: int = 1) -> Transform:
     """K-FAC's preconditioning as a transform: direction = A^-1 [dW; db] G^-1 per K-FAC layer.
@@ -145,6 +162,7 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
 
     def init(params):
+        _warn_unpreconditioned(net, params)
         zeros = kfac_zeros(net, params)
         return KFACState(zeros, zeros)
 
