@@ -63,7 +63,7 @@ __all__ = ["CheckpointError", "MAGIC", "check_writable", "conform", "load", "loa
 
 MAGIC = b"PURENETCKPT1\n"
 _HEADER = len(MAGIC) + 8 + 32
-_MAX_MANIFEST = 1 << 28  # 256 MiB: about a million leaves; a larger claim is not a file of ours
+_MAX_MANIFEST = 1 << 28  # 2^28 bytes: about a million leaves; a larger claim is not a file of ours
 _MAX_NDIM = 32  # numpy 1.x's limit (numpy 2 allows 64): a checkpoint loads under both
 _MAX_BYTES = np.iinfo(np.intp).max  # numpy's bound on the bytes of any shape, zero-size ones included
 

@@ -180,7 +180,7 @@ def blockwise_attention_backward(q: Array, k: Array, v: Array, o: Array, lse: Ar
 
 def default_block(t: int, rows: int = 1) -> int:
     """The block size: the largest power of two in [64, 512] whose score block, rows (batch x
-    heads) x block^2, has at most 2^19 entries (2 MiB in float32, so it stays in cache; measured
+    heads) x block^2, has at most 2^19 entries (2^21 bytes in float32, so it stays in cache; measured
     in benchmarks/README.md, "Long sequences: blockwise attention and the KV cache"), and never
     more than T."""
     block = 512
