@@ -14,8 +14,9 @@ the same flags. The examples, the benchmarks and the test suite apply it.
 What it sets, and why (each only where the installed jaxlib knows the flag:
 XLA aborts the process on an unknown one):
 
-- --xla_cpu_experimental_ynn_fusion_type=-reduce: keep reductions out of
-  YNNPACK's fusions on the CPU. jaxlib 0.10.2's XLA:CPU fuses a dot whose
+- --xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_convolution:
+  keep reductions and convolutions out of YNNPACK on the CPU.
+  -reduce, for correctness: jaxlib 0.10.2's XLA:CPU fuses a dot whose
   output keeps the batch as its minor axis with a reduce (the shape of
   jax.vmap(lambda r: jnp.sum((M @ r) ** 2)), a per-example squared norm) and
   silently computes wrong rows once the batch exceeds 16,384 rows in float64
@@ -23,8 +24,12 @@ XLA aborts the process on an unknown one):
   39103). In purenet it corrupts `pn.stats.gradient_gram` with a large second
   batch (and gives NaN columns for attention with biases from a few thousand
   examples); tests/test_xla_cpu_guard.py checks the pattern and every
-  per-example quantity above 16,384 examples. Its cost on our shapes is
-  recorded in benchmarks/README.md ("XLA:CPU flags").
+  per-example quantity above 16,384 examples.
+  -individual_convolution, for speed: XLA's own (Eigen) convolutions run
+  the LeNet's 32 -> 64 forward, dx and dW and its whole step markedly
+  faster than YNNPACK's on our shapes (the autoencoder's strided backward
+  passes a little slower). Both measured in benchmarks/README.md ("XLA:CPU
+  flags" and "XLA:CPU levers per operation").
 """
 import functools
 import mmap
@@ -36,8 +41,9 @@ __all__ = ["RECOMMENDED", "configure", "environ", "merged", "recommended"]
 
 # flag -> why (one clause); `recommended()` keeps the ones the installed jaxlib knows
 RECOMMENDED: dict[str, str] = {
-    "--xla_cpu_experimental_ynn_fusion_type=-reduce":
-        "YNNPACK's reduce fusion miscomputes per-example squared norms above 16,384 rows (jax issue 39103)",
+    "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_convolution":
+        "YNNPACK's reduce fusion miscomputes per-example squared norms above 16,384 rows (jax issue 39103); "
+        "XLA's own convolutions are faster on our conv shapes",
 }
 
 
