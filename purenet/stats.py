@@ -341,6 +341,10 @@ def gradient_gram(net: LayerLike, params: PyTree, state: PyTree, batch1: tuple[A
     No g_i is formed for Dense or Conv2D; other layers contract the
     per-example gradients they form. This is TracIn's (Pruthi et al., 2020)
     inner product between training and test examples. Data loss only.
+
+    The larger batch is walked first (the result transposed back): with
+    the smaller one first, jaxlib 0.10.2's XLA:CPU miscomputes the columns
+    beyond 16,384 unless `pn.xla_flags.configure()` ran (jax issue 39103).
     """
     batch2 = batch1 if batch2 is None else batch2
     for name, batch in (("batch1", batch1), ("batch2", batch2)):
@@ -350,6 +354,8 @@ def gradient_gram(net: LayerLike, params: PyTree, state: PyTree, batch1: tuple[A
                             + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
                             + "; call gradient_gram(net, params, state, (x1, y1), (x2, y2))")
     (x1, y1), (x2, y2) = batch1, batch2
+    if jnp.shape(x2)[0] > jnp.shape(x1)[0]:  # the larger batch first, as rows: jax issue 39103's miscompile
+        return gradient_gram(net, params, state, batch2, batch1, loss, train, key).T  # hits the other layout
     p1 = loss_pass(net, params, state, x1, loss, train, key)
     p2 = loss_pass(net, params, state, x2, loss, train, key)
     dys = (p1.per_example_seed(y1), p2.per_example_seed(y2))
