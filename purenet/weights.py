@@ -708,8 +708,8 @@ def to_nanogpt(net: Any, params: PyTree, *, checkpoint: bool = False) -> dict[st
     Every tensor must have the shape the net's init gives it (jax.eval_shape of pn.init), so the
     model_args describe the tensors; else a WeightsError names the tensor and both shapes.
     """
-    prefix = "" if isinstance(net, GPT) else "0."
     model, params = _gpt_of(net, params)
+    prefix = "" if model is net else "0."  # the user's tree path: inside pn.gpt's Sequential, or a bare GPT
     if not model.tie_embeddings:
         raise WeightsError("nanoGPT ties lm_head to wte; this GPT has an untied head")
     bias = bool(getattr(model, "bias", True))

@@ -11,6 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def _smoke_results(module, tmp_path):
+    """Run `python -m module --smoke --json FILE` from the repository root; its results, once it exits 0."""
+    path = tmp_path / "results.json"
+    out = subprocess.run([sys.executable, "-m", module, "--smoke", "--json", str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(path.read_text())
+
 @pytest.mark.slow
 def test_benchmark_smoke_mode_runs_every_case(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--json", str(tmp_path / "r.json")],
@@ -43,10 +52,7 @@ def test_gpu_mode_runs_its_bfloat16_steps_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.gpt", "--smoke", "--json", str(tmp_path / "g.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "g.json").read_text())["results"]
+    results = _smoke_results("benchmarks.gpt", tmp_path)["results"]
     assert results["purenet"]["paired_time_over_purenet"] == 1.0
     for name in ("purenet", "jax.grad"):
         assert results[name]["median_s"] > 0 and results[name]["temp_bytes"] > 0
@@ -54,10 +60,7 @@ def test_gpt_benchmark_smoke_mode_runs_every_contender(tmp_path):
 
 @pytest.mark.slow
 def test_recurrent_benchmark_smoke_mode_runs_every_contender(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.recurrent", "--smoke", "--json", str(tmp_path / "r.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "r.json").read_text())
+    results = _smoke_results("benchmarks.recurrent", tmp_path)
     step = results["train_step"]
     assert step["purenet"]["paired_time_over_purenet"] == 1.0
     assert {"purenet", "purenet unroll=2", "purenet 2 parts", "jax.grad", "pytorch eager (1 thread)"} <= set(step)
@@ -88,10 +91,7 @@ def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
 
 
 def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.stats", "--smoke", "--json", str(tmp_path / "s.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "s.json").read_text())
+    results = _smoke_results("benchmarks.stats", tmp_path)
     assert set(results["cases"]) == {"Fisher diagonal", "gradient noise scale", "gradient Gram matrix", "K-FAC factors"}
     for row in results["cases"].values():
         assert row["max_relative_difference"] <= 1e-4
@@ -135,10 +135,7 @@ def test_gpt_whole_run_pytorch_learning_rate_is_the_examples_schedule():
 
 @pytest.mark.slow
 def test_dp_benchmark_smoke_mode_runs_every_case(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.dp", "--smoke", "--json", str(tmp_path / "r.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "r.json").read_text())
+    results = _smoke_results("benchmarks.dp", tmp_path)
     for case in ("mlp", "cnn", "gpt"):
         assert results[case]["dp_ms"] > 0 and results[case]["plain_ms"] > 0
     for mode in ("opacus_hooks", "opacus_ghost"):
@@ -147,10 +144,7 @@ def test_dp_benchmark_smoke_mode_runs_every_case(tmp_path):
 
 @pytest.mark.slow
 def test_attention_benchmark_smoke_mode_runs_every_case(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--smoke", "--json", str(tmp_path / "a.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "a.json").read_text())
+    results = _smoke_results("benchmarks.attention", tmp_path)
     main = results["kernel"]["main"]
     assert main["blockwise"]["paired_over_blockwise"] == 1.0
     for name in ("blockwise", "jax.vjp dense", "purenet dense"):
@@ -173,10 +167,7 @@ def test_attention_benchmark_gpu_mode_says_it_needs_a_gpu():
 
 @pytest.mark.slow
 def test_xla_levers_benchmark_smoke_mode_runs_every_configuration_in_its_own_process(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.xla_levers", "--smoke", "--json", str(tmp_path / "x.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "x.json").read_text())
+    results = _smoke_results("benchmarks.xla_levers", tmp_path)
     configs = results["configurations"]
     assert configs["default"]["available"]
     assert "ynn_fusion_type" not in configs["default"]["XLA_FLAGS"]  # the suite's own -reduce is taken out
