@@ -58,7 +58,8 @@ def sq_norms_visit(l2: Any) -> base.Visit:
                       shaped=False)
 
 
-def _per_example_values(p, y):
+def per_example_values(p: Any, y: Any) -> Array:
+    """(batch,) each example's own loss L_i from a loss pass (`network.loss_pass`)."""
     return jax.vmap(lambda o, t: p.loss_fn.value(o[None], t[None]))(p.out, jnp.asarray(y))
 
 
@@ -72,7 +73,7 @@ def per_example_grads(net: LayerLike, params: PyTree, state: PyTree, x: Array, y
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     grads = backward_pass(p, net, y, PER_EXAMPLE, seed=lambda d: d * p.out.shape[0])
-    values, grads = add_l2(net, params, l2, _per_example_values(p, y), grads)
+    values, grads = add_l2(net, params, l2, per_example_values(p, y), grads)
     n = p.out.shape[0]
     return values, jax.tree_util.tree_map(lambda g: jnp.broadcast_to(g, (n,) + g.shape[1:]), grads)
 
@@ -160,7 +161,7 @@ def _clipped_mean(net, params, state, x, y, clip_norm, loss, train, key, one_pas
     if weight is None:
         value = p.loss_fn.value(p.out, labels)
     else:
-        value = jnp.mean(_per_example_values(p, labels) * weight.astype(p.out.dtype))
+        value = jnp.mean(per_example_values(p, labels) * weight.astype(p.out.dtype))
     return value, grads, p.state
 
 
@@ -168,8 +169,8 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
                            noise_multiplier: float = 0.0, noise_key: Array | None = None,
                            loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
                            key: Array | None = None, chunk_size: int | None = None, weight: Array | None = None,
-                           expected_batch_size: float | None = None,
-                           one_pass: bool = True) -> tuple[Array, PyTree, PyTree]:
+                           expected_batch_size: float | None = None, one_pass: bool = True,
+                           canaries: Any = None, canary_marks: Array | None = None) -> tuple[Array, PyTree, PyTree]:
     """DP-SGD's gradient (Abadi et al., 2016): clip each example, sum, add noise, average.
 
         g = (1/N) [ sum_i g_i min(1, C / ||g_i||) + sigma C z ],   z ~ N(0, I)
@@ -203,6 +204,11 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     adds the noise once, to the whole batch's sum: the same gradient with a
     working set of k examples. BatchNorm in training mode (which mixes the
     examples) is an error.
+
+    canaries (`pn.privacy.gradient_canaries`) with canary_marks (count,) 0/1
+    add the marked canaries' gradients, clip_norm e_c each, to the clipped
+    sum before the noise (a privacy audit's white-box canaries, as if they
+    were examples of the batch).
     """
     check_hyperparameter("clip_norm", clip_norm, 0.0, None, low_open=True)
     check_hyperparameter("noise_multiplier", noise_multiplier, 0.0, None)
@@ -223,6 +229,11 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     if weight is not None:  # means over the N rows -> sums -> divided by the expected batch size
         grads = jax.tree_util.tree_map(lambda g: g * (n / divisor), grads)
         value = value * n / jnp.maximum(jnp.sum(weight), 1).astype(value.dtype)
+    if canaries is not None:
+        if canary_marks is None or jnp.shape(canary_marks) != (canaries.count,):
+            raise ValueError(f"canaries need canary_marks of shape ({canaries.count},): which of them join this batch")
+        inserted = canaries.gradient(jnp.clip(canary_marks, 0, 1), clip_norm, grads)
+        grads = jax.tree_util.tree_map(lambda g, c: g + c / divisor, grads, inserted)
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
         if noise_key is None:
             raise ValueError("clipped_value_and_grad with noise_multiplier > 0 needs a noise_key")
@@ -305,6 +316,12 @@ class DPSGD:
     A layer that couples the examples of a batch says so with
     `mixes_examples = True` (BatchNorm in training) and is refused; an
     augmentation that mixes examples (mixup) is refused too.
+
+    `canaries` (`pn.privacy.gradient_canaries`, Poisson sampling only) puts
+    white-box gradient canaries into the run for a privacy audit: each step
+    the member canaries join with the canaries' sample rate (which `fit`
+    checks is batch_size / n) and are summed with the clipped gradients
+    before the noise (see `purenet.privacy.canaries`).
     """
 
     clip_norm: float
@@ -314,6 +331,7 @@ class DPSGD:
     delta: float | None = None
     accountant: str = "pld"
     one_pass: bool = True
+    canaries: Any = None
 
     def __post_init__(self) -> None:
         check_hyperparameter("clip_norm", self.clip_norm, 0.0, None, low_open=True)
@@ -329,6 +347,14 @@ class DPSGD:
             raise ValueError(f"DPSGD delta must be in (0, 1), got {self.delta!r}")
         if self.accountant not in ("pld", "rdp"):
             raise ValueError(f"DPSGD accountant must be 'pld' or 'rdp', got {self.accountant!r}")
+        if self.canaries is not None:
+            from purenet.privacy.canaries import GradientCanaries
+            if not isinstance(self.canaries, GradientCanaries):
+                raise TypeError(f"DPSGD canaries must come from pn.privacy.gradient_canaries, got "
+                                f"{type(self.canaries).__name__}")
+            if self.sampling != "poisson":
+                raise ValueError("DPSGD canaries join each step's batch with the Poisson rate, so they need "
+                                 "sampling='poisson'")
 
     @property
     def target_delta(self) -> float:

@@ -188,3 +188,11 @@ def test_xla_levers_benchmark_smoke_mode_runs_every_configuration_in_its_own_pro
     if importlib.util.find_spec("torch"):
         assert ops["LeNet value_and_grad"]["pytorch"]["median_s"] > 0
     assert set(results["verdict_vs_reduce"]) == set(available) - {"default", "-reduce"}
+
+
+def test_dp_audit_benchmark_smoke_mode_never_refutes_the_gaussian_mechanism(tmp_path):
+    rows = _smoke_results("benchmarks.dp_audit", tmp_path)["idealized_gaussian"]
+    assert len(rows) >= 8
+    for row in rows.values():  # the mechanism is exactly the Gaussian one: no bound may exceed its epsilon
+        assert 0 <= row["epsilon_one_run"] <= row["epsilon_fdp"] < row["epsilon_true"]
+        assert 0 <= row["epsilon_one_run_k"] <= row["epsilon_fdp_k"] < row["epsilon_true"]

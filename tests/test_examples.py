@@ -74,6 +74,7 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
     slow("mnist_autoencoder.py", IMAGES, ["held-out reconstruction error"]),
     slow("noise_scale.py", IMAGES, ["B_simple", "x the minimum steps"]),
     slow("dp_mnist.py", IMAGES, ["noise multiplier for epsilon 3.0", "final: epsilon"]),
+    slow("dp_audit.py", IMAGES, ["white box (every step)", "black box (final model)", "claimed: epsilon"]),
     slow("kfac_mnist.py", IMAGES, ["held-out accuracy per epoch", "K-FAC step / Adam step"]),
     slow("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
     slow("shakespeare_lstm.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),

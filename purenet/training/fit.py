@@ -16,7 +16,8 @@ from purenet._checks import as_array
 from purenet.optim import ema_params
 from purenet.training.checks import check_arguments, check_data, check_divisible, check_inputs, check_monitor
 from purenet.training.checks import batch_size_of
-from purenet.training.loop import as_arrays, build_step, check_ema, epoch_with_metrics, init_run, poisson
+from purenet.training.loop import (as_arrays, build_step, check_canaries, check_ema, epoch_with_metrics, init_run,
+                                   poisson)
 from purenet.training.precision import optimizer_for
 
 
@@ -127,6 +128,7 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     phase = _dp_phase(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
     if phase is not None:
         _check_dp_run(dp, phase, x, validation, probe, stats_probe)
+    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
     data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)

@@ -98,7 +98,8 @@ def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entr
     the noise. Accumulated (`accumulate(fn, k)`), the batch is clipped
     k micro-batches at a time and the noise is drawn once, for the whole
     batch's sum: averaging k noised micro-batch gradients would add sqrt(k)
-    times the noise DP-SGD asks for.
+    times the noise DP-SGD asks for. With `dp.canaries` the key splits in
+    three: the third draws which member canaries join the step.
     """
 
     def fn(params, state, x, y, key, weight=None):
@@ -108,11 +109,16 @@ def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entr
             chunk = -(-x.shape[0] // micro_batches)
         else:
             chunk = _micro_batch_size(x.shape[0], micro_batches)
-        k_forward, k_noise = jax.random.split(key)
+        if dp.canaries is None:
+            k_forward, k_noise = jax.random.split(key)
+            canaries = {}
+        else:
+            k_forward, k_noise, k_canary = jax.random.split(key, 3)
+            canaries = {"canaries": dp.canaries, "canary_marks": dp.canaries.marks(k_canary)}
         return per_example.clipped_value_and_grad(
             net, params, state, x, y, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
             noise_key=k_noise, loss=loss, l2=l2, train=True, key=k_forward, chunk_size=chunk,
-            weight=weight, expected_batch_size=expected_batch_size, one_pass=dp.one_pass)
+            weight=weight, expected_batch_size=expected_batch_size, one_pass=dp.one_pass, **canaries)
 
     return GradFn(fn, takes=frozenset({"weight"}), micro_batched=lambda k: dp_sgd(
         net, dp, loss, l2, micro_batches=k, expected_batch_size=expected_batch_size))

@@ -39,7 +39,7 @@ from purenet.training.precision import Precision, optimizer_for
 from purenet.training.step import make_step
 
 __all__ = [
-    "TrainState", "as_arrays", "build_step", "check_ema", "epoch_with_metrics", "evaluate", "init_run", "poisson",
+    "TrainState", "as_arrays", "build_step", "check_canaries", "check_ema", "epoch_with_metrics", "evaluate", "init_run", "poisson",
     "run_epoch", "run_epoch_steps", "run_poisson_epoch", "train", "train_epoch",
 ]
 
@@ -121,6 +121,18 @@ def poisson(dp: DPSGD | None) -> bool:
     return dp is not None and dp.sampling == "poisson"
 
 
+def check_canaries(dp: DPSGD | None, n: int, batch_size: int) -> None:
+    """DP-SGD's canaries must join each step at the rate the examples do, batch_size / n: an audit of
+    canaries sampled at another rate audits another mechanism."""
+    if dp is None or dp.canaries is None:
+        return
+    rate = batch_size / n
+    if abs(dp.canaries.sample_rate - rate) > 1e-12 * rate:
+        raise ValueError(f"the DPSGD canaries join at sample_rate={dp.canaries.sample_rate}, but this run samples "
+                         f"each example with q = batch_size / n = {batch_size} / {n} = {rate}: make them with "
+                         f"pn.privacy.gradient_canaries(..., sample_rate={batch_size} / {n})")
+
+
 def build_step(net: LayerLike, opt: Any, *, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
                augment: Callable[..., tuple[Array, Array]] | None = None, mesh: Mesh | None = None,
                dp: DPSGD | None = None, accumulate: int = 1, precision: Precision | None = None,
@@ -164,6 +176,7 @@ def train_epoch(net: LayerLike, opt: Any, train_state: TrainState, x: Array, y: 
     """
     opt = optimizer_for(opt, precision)
     bs = batch_size_of(x.shape[0], batch_size)
+    check_canaries(dp, x.shape[0], bs)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision, batch_size=bs, strategy=strategy)
     if poisson(dp):
@@ -313,6 +326,7 @@ def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, bat
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     check_divisible(mesh, x.shape[0], batch_size)
+    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
     epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,

@@ -1,4 +1,4 @@
-"""Privacy accounting for DP-SGD, and Poisson sampling of batches with static shapes.
+"""Privacy accounting for DP-SGD: the epsilon of a run, and the noise multiplier for a target epsilon.
 
     eps = pn.privacy.epsilon(noise_multiplier=1.1, sample_rate=256 / 60000, steps=14062, delta=1e-5)
     sigma = pn.privacy.noise_multiplier_for(epsilon=3.0, delta=1e-5, sample_rate=256 / 60000, steps=14062)
@@ -18,25 +18,19 @@ Gaussian mechanism. Its (epsilon, delta) comes from Google's `dp-accounting`
 Both use the add-or-remove-one neighbouring relation. On TF-Privacy's MNIST
 setting (q = 256/60000, sigma 1.12, 14,062 steps, delta 1e-5) PLD gives 2.31
 and RDP 2.52. Only Poisson sampling has this accounting: shuffled
-fixed-size batches (`DPSGD(sampling="shuffle")`) have none.
-
-`poisson_batch_bound(n, q)` is the static size of the padded batch that
-`sampling="poisson"` draws into (see its docstring); `poisson_batch` draws
-one batch on the device.
+fixed-size batches (`DPSGD(sampling="shuffle")`) have none
+(`purenet.privacy.sampling` draws the Poisson batches).
 """
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ACCOUNTANTS", "PoissonBatch", "epsilon", "epsilon_of", "noise_multiplier_for", "poisson_batch",
-           "poisson_batch_bound"]
+__all__ = ["ACCOUNTANTS", "epsilon", "epsilon_of", "noise_multiplier_for"]
 
 ACCOUNTANTS = ("pld", "rdp")
-OVERFLOW_PROBABILITY = 1e-9  # per step: the chance a Poisson batch exceeds its static bound
 
 
 def _accounting() -> Any:
@@ -171,43 +165,3 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
 
 
 _SIGMA_FLOOR = 0.25  # below this the subsampled Gaussian is all but non-private (and PLD's grid explodes)
-
-
-# ---------------------------------------------------------------- Poisson batches
-
-
-def poisson_batch_bound(n: int, sample_rate: float, overflow: float = OVERFLOW_PROBABILITY) -> int:
-    """The static size B of a padded Poisson batch: P(Binomial(n, q) > B) <= overflow.
-
-    Bernstein's inequality for a sum of n Bernoulli(q) with mean m = n q and
-    variance v = n q (1 - q) <= m:  P(X > m + t) <= exp(-t^2 / (2 (v + t/3))),
-    so with L = ln(1/overflow), t = L/3 + sqrt((L/3)^2 + 2 v L) suffices and
-    B = ceil(m + t) (at most n). For n = 60,000 and q = 256/60,000: B = 366,
-    1.43x the expected batch; a batch larger than B (probability <= 1e-9 a
-    step) keeps its first B examples and counts as an overflow.
-    """
-    n = _count("n", n, 1)
-    sample_rate = _real("sample_rate", sample_rate, 0.0, 1.0, True, False)
-    overflow = _real("overflow", overflow, 0.0, 1.0, True, True)
-    m = n * sample_rate
-    v = m * (1 - sample_rate)
-    log = math.log(1 / overflow)
-    t = log / 3 + math.sqrt((log / 3) ** 2 + 2 * v * log)
-    return int(min(n, math.ceil(m + t)))
-
-
-class PoissonBatch(NamedTuple):
-    """One step's Poisson sample as a padded batch of static size B."""
-
-    rows: jax.Array      # (B,) example indices (padding points at example 0)
-    weight: jax.Array    # (B,) 1 for a sampled example, 0 for padding
-    overflow: jax.Array  # () int32: sampled examples that did not fit in B (0 almost surely)
-
-
-def poisson_batch(key: jax.Array, n: int, sample_rate: float, bound: int) -> PoissonBatch:
-    """Each of n examples joins with probability sample_rate, independently; at most `bound` are kept."""
-    joined = jax.random.bernoulli(key, sample_rate, (n,))
-    count = jnp.sum(joined, dtype=jnp.int32)
-    (index,) = jnp.nonzero(joined, size=bound, fill_value=0)
-    weight = (jnp.arange(bound) < count).astype(jnp.float32)
-    return PoissonBatch(index.astype(jnp.int32), weight, jnp.maximum(count - bound, 0))

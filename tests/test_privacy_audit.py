@@ -1,0 +1,325 @@
+"""Privacy audits of our own DP-SGD: the one-run estimator against its formula and jax_privacy, canaries
+inside real runs, the correct mechanism below every claim, and four broken mechanisms caught.
+
+Every run is seeded, so each audit's number is fixed; the correct and the broken mechanism of each
+test run through the same harness, differing only in the defect."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import purenet as pn
+from purenet.layers.base import scale_rows
+from purenet.privacy import auditing as audit_module
+from purenet.training.loop import run_poisson_epoch
+
+DELTA = 1e-5
+# one seed in the default run; four more with -m slow (each broken mechanism is caught, and the correct one
+# stays below its claim, in every one of them)
+SEEDS = [0] + [pytest.param(seed, marks=pytest.mark.slow) for seed in (1, 2, 3, 4)]
+
+
+# ---------------------------------------------------------------- the estimator
+
+
+def _synthetic(m, shift, seed, rounding=None):
+    rng = np.random.default_rng(seed)
+    members = rng.random(m) < 0.5
+    s = rng.normal(size=m) + shift * members
+    if rounding is not None:
+        s = np.round(s, rounding)  # ties between members and non-members
+    return s[members], s[~members]
+
+
+@pytest.mark.parametrize("m,shift,seed,rounding", [(200, 1.0, 0, None), (1000, 2.0, 1, None), (1000, 0.2, 2, 1),
+                                                   (50, 5.0, 3, None), (2000, 3.0, 4, 2)])
+def test_audit_equals_jax_privacy(m, shift, seed, rounding):
+    from jax_privacy.auditing import CanaryScoreAuditor
+
+    s_in, s_out = _synthetic(m, shift, seed, rounding)
+    reference = CanaryScoreAuditor(s_in, s_out)
+    for confidence in (0.95, 0.99):
+        result = pn.privacy.audit(s_in, s_out, DELTA, confidence)
+        np.testing.assert_allclose(result.epsilon, reference.epsilon_one_run(1 - confidence, DELTA), atol=1e-5)
+        np.testing.assert_allclose(result.epsilon_fdp, reference.epsilon_one_run_fdp(1 - confidence, DELTA),
+                                   atol=1e-5)
+    np.testing.assert_allclose(result.auroc, reference.attack_auroc(), rtol=1e-12)
+    assert result.members == s_in.size and result.non_members == s_out.size
+    assert result.fpr[0] == result.tpr[0] == 0 and result.fpr[-1] == result.tpr[-1] == 1
+    assert np.all(np.diff(result.fpr) >= 0) and np.all(np.diff(result.tpr) >= 0)
+
+
+def test_p_value_is_the_published_formula():
+    """Steinke et al. (2023), Theorem 3.1 with k- = 0: beta + 2 m delta alpha, sums written out."""
+    m, guesses, correct, eps, delta = 40, 12, 10, 0.7, 1e-3
+    q = math.exp(eps) / (1 + math.exp(eps))
+
+    def tail(k):  # P[Binomial(guesses, q) >= k]
+        return sum(math.comb(guesses, j) * q ** j * (1 - q) ** (guesses - j) for j in range(max(k, 0), guesses + 1))
+
+    beta = tail(correct)
+    alpha = max((tail(correct - i) - beta) / i for i in range(1, correct + 1))
+    np.testing.assert_allclose(audit_module._p_value(m, guesses, correct, eps, delta),
+                               min(beta + 2 * m * delta * alpha, 1.0), rtol=1e-12)
+    np.testing.assert_allclose(audit_module._p_value(m, guesses, correct, eps, 0.0), beta, rtol=1e-12)
+
+
+def test_perfect_guesses_give_the_closed_form_bound():
+    """k members scoring above every non-member: with delta ~ 0 the bound solves
+    q^k = level, q = e^eps / (1 + e^eps), at the Bonferroni level over the hull's thresholds."""
+    k = 60
+    s_in, s_out = np.arange(k) + 100.0, np.arange(k, dtype=float)
+    fn, _ = audit_module._counts(s_in, s_out)
+    level = 0.05 / fn.size
+    q = level ** (1 / k)
+    eps = pn.privacy.epsilon_one_run(s_in, s_out, delta=1e-300, confidence=0.95)
+    np.testing.assert_allclose(eps, math.log(q / (1 - q)), atol=1e-5)
+    assert pn.privacy.epsilon_one_run(s_out, s_in, delta=DELTA) == 0.0  # the guesses all wrong refute nothing
+
+
+def test_audit_refuses_bad_input():
+    good = np.arange(5.0)
+    for bad, match in [(np.zeros(0), "non-empty 1-D"), (np.zeros((2, 2)), "non-empty 1-D"),
+                       (np.array([1.0, np.nan]), "finite")]:
+        with pytest.raises(ValueError, match=match):
+            pn.privacy.audit(bad, good, DELTA)
+        with pytest.raises(ValueError, match=match):
+            pn.privacy.audit(good, bad, DELTA)
+    for delta in (0.0, 1.5, "x"):
+        with pytest.raises(ValueError, match="delta"):
+            pn.privacy.audit(good, good, delta)
+    for confidence in (0.0, 1.0):
+        with pytest.raises(ValueError, match="confidence"):
+            pn.privacy.audit(good, good, DELTA, confidence)
+
+
+# ---------------------------------------------------------------- canaries
+
+
+def _digits(n=1024):
+    """sklearn's digits in [0, 1], with 64 more inputs that are zero in every example: their first-layer
+    weights get no gradient from the data, so Dirac canaries there see only themselves and the noise."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data[:n] / 16.0).astype(np.float32)
+    return jnp.asarray(np.concatenate([x, np.zeros_like(x)], axis=1)), jnp.asarray(d.target[:n].astype(np.int32))
+
+
+def _mlp(first=None):
+    return pn.Sequential([first or pn.Dense(128), pn.ReLU(), pn.Dense(10), pn.Softmax()])
+
+
+def _quiet(params):
+    """The first-layer weights of the always-zero inputs."""
+    where = jax.tree_util.tree_map(lambda p: np.zeros(p.shape, bool), params)
+    where[0]["W"][64:] = True
+    return where
+
+
+def test_canaries_are_placed_projected_and_inserted_exactly():
+    net = _mlp()
+    params, state = pn.init(net, jax.random.key(0), (128,))
+    c = pn.privacy.gradient_canaries(params, 300, jax.random.key(1), sample_rate=0.5, net=net, where=_quiet(params))
+    assert c.count == 300 and set(np.unique(c.leaf)) == {0} and np.all(c.entry % 128 + 128 * 64 <= c.entry)
+    assert len({(int(a), int(b)) for a, b in zip(c.leaf, c.entry)}) == 300  # distinct entries
+    assert 100 < c.members.sum() < 200
+    marks = jnp.asarray(np.random.default_rng(0).random(300) < 0.5, jnp.float32)
+    g = c.gradient(marks, 2.0, params)
+    np.testing.assert_array_equal(np.asarray(c.project(g)), 2.0 * np.asarray(marks))
+    assert float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(g))) == pytest.approx(2.0 * marks.sum())
+    # only members ever join, each at the sample rate
+    joined = np.stack([np.asarray(c.marks(jax.random.key(i))) for i in range(200)])
+    assert joined[:, ~c.members].sum() == 0
+    np.testing.assert_allclose(joined[:, c.members].mean(), 0.5, atol=0.02)
+    # inside DP-SGD's gradient (no noise): the clipped mean plus C marks / B at the canaries' entries
+    x, y = _digits(64)
+    weight = jnp.ones(64)
+    kw = dict(clip_norm=1.0, weight=weight, expected_batch_size=32.0)
+    _, plain, _ = pn.clipped_value_and_grad(net, params, state, x, y, **kw)
+    _, with_canaries, _ = pn.clipped_value_and_grad(net, params, state, x, y, canaries=c, canary_marks=marks, **kw)
+    np.testing.assert_allclose(np.asarray(c.project(with_canaries) - c.project(plain)), np.asarray(marks) / 32.0,
+                               atol=1e-6)
+
+
+def test_canaries_refuse_what_would_audit_another_mechanism():
+    net = _mlp()
+    params, _ = pn.init(net, jax.random.key(0), (128,))
+    x, y = _digits(128)
+    with pytest.raises(ValueError, match="allowed trainable parameter entries"):
+        pn.privacy.gradient_canaries(params, 10_000, jax.random.key(1), 0.5, where=_quiet(params))
+    with pytest.raises(ValueError, match="shaped like params"):
+        pn.privacy.gradient_canaries(params, 10, jax.random.key(1), 0.5, where=[np.ones(3, bool)])
+    c = pn.privacy.gradient_canaries(params, 10, jax.random.key(1), 0.25)
+    with pytest.raises(ValueError, match="sampling='poisson'"):
+        pn.DPSGD(1.0, 1.0, sampling="shuffle", canaries=c)
+    with pytest.raises(TypeError, match="gradient_canaries"):
+        pn.DPSGD(1.0, 1.0, canaries=object())
+    with pytest.raises(ValueError, match=r"q = batch_size / n = 64 / 128 = 0.5"):
+        pn.fit(net, pn.optim.sgd(0.1), (x, y), key=jax.random.key(2), epochs=1, batch_size=64,
+               dp=pn.DPSGD(1.0, 1.0, canaries=c))
+    with pytest.raises(ValueError, match="no canary observations"):
+        c.scores(pn.optim.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match="leaf shapes"):
+        c.project({"W": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="statistic"):
+        c.scores(pn.optim.chain(c.observe(), pn.optim.sgd(0.1)).init(params), "median")
+
+
+def _white_box_fit(sigma, seed, m=2000, steps=20):
+    """One full-batch DP-SGD run through `fit` with m Dirac canaries; the audit of the sum statistic."""
+    x, y = _digits()
+    net = _mlp()
+    params, state = pn.init(net, jax.random.key(0), (128,))
+    c = pn.privacy.gradient_canaries(params, m, jax.random.key(seed), sample_rate=1.0, net=net, where=_quiet(params))
+    opt = pn.optim.chain(c.observe(), pn.optim.sgd(0.5))
+    run = pn.fit(net, opt, (x, y), key=jax.random.key(100 + seed), epochs=steps, batch_size=x.shape[0],
+                 params=params, state=state, dp=pn.DPSGD(1.0, sigma, canaries=c))
+    return pn.privacy.audit(*c.scores(run.opt_state), DELTA), run
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("claimed", [1, 2, 4, 8])
+def test_the_correct_mechanism_audits_below_every_claim(claimed, seed):
+    """Full-batch DP-SGD (q = 1, 20 steps) is the Gaussian mechanism composed: its trade-off curve is
+    Gaussian, so both bounds apply, and neither may exceed the accountant's epsilon."""
+    sigma = pn.privacy.noise_multiplier_for(claimed, DELTA, 1.0, 20)
+    result, run = _white_box_fit(sigma, 10 * claimed + seed)
+    assert run.history["epsilon"][-1] <= claimed * 1.001
+    assert result.epsilon < claimed and result.epsilon_fdp < claimed
+    assert result.auroc > 0.55  # the canaries are seen: the audit has power, it is just not above the claim
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_noise_a_third_of_what_the_accountant_was_told_is_caught(seed):
+    claimed = 4.0
+    sigma = pn.privacy.noise_multiplier_for(claimed, DELTA, 1.0, 20)
+    correct, _ = _white_box_fit(sigma, seed)
+    broken, _ = _white_box_fit(sigma / 3, seed)
+    assert correct.epsilon_fdp < claimed < broken.epsilon_fdp
+
+
+def _poisson_run(net, grad_fn, opt, x, y, params, state, epochs, batch, key):
+    step = pn.make_step(grad_fn, opt)
+    epoch = jax.jit(lambda ts, k: run_poisson_epoch(step, ts, x, y, k, batch)[0])
+    ts = pn.training.init_run(net, opt, x, key, params, state)
+    for _ in range(epochs):
+        ts = epoch(ts, key)
+    return ts.opt_state
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_noise_key_reused_across_steps_is_caught(seed):
+    """The same noise every step cancels out of the differences between steps: the variance of a canary's
+    entry over the steps is then its sampling alone, zero for non-members."""
+    claimed, q, steps = 2.0, 0.5, 20
+    x, y = _digits()
+    net = _mlp()
+    params, state = pn.init(net, jax.random.key(0), (128,))
+    batch = int(q * x.shape[0])
+    sigma = pn.privacy.noise_multiplier_for(claimed, DELTA, q, steps)
+    c = pn.privacy.gradient_canaries(params, 2000, jax.random.key(seed), sample_rate=q, net=net, where=_quiet(params))
+    dp = pn.DPSGD(1.0, sigma, canaries=c)
+    fixed = jax.random.key(1000 + seed)
+
+    def reused_key(params, state, x, y, key, weight=None):
+        k_forward, _, k_canary = jax.random.split(key, 3)
+        return pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0, noise_multiplier=sigma,
+                                         noise_key=fixed, train=True, key=k_forward, weight=weight,
+                                         expected_batch_size=batch, canaries=c, canary_marks=c.marks(k_canary))
+
+    found = {}
+    for name, fn in [("correct", pn.training.dp_sgd(net, dp, expected_batch_size=batch)),
+                     ("reused", pn.training.GradFn(reused_key, takes={"weight"}))]:
+        opt = pn.optim.chain(c.observe(), pn.optim.sgd(0.5))
+        state_out = _poisson_run(net, fn, opt, x, y, params, state, steps * batch // x.shape[0], batch,
+                                 jax.random.key(100 + seed))
+        found[name] = pn.privacy.audit(*c.scores(state_out, "variance"), DELTA)
+    assert found["correct"].epsilon < claimed < found["reused"].epsilon
+
+
+class _UnclippedDense(pn.Dense):
+    """A Dense whose one-pass clipping fast path forgets the clip factor (it keeps the Poisson marks):
+    its gradient enters the sum unclipped, and its norm is not counted."""
+
+    def sq_norms_and_weighted_sum(self, params, x, dy):
+        sq, dx, _ = super().sq_norms_and_weighted_sum(params, x, dy)
+        marked = lambda w: self.backward(params, x, scale_rows((w > 0).astype(dy.dtype), dy))[0]  # noqa: E731
+        return jnp.zeros_like(sq), dx, marked
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_clipping_skipped_on_one_layer_is_caught_by_black_box_canaries(seed):
+    """1,000 out-of-distribution canaries (large inputs on the always-zero features, random labels), each
+    in the training set with probability 1/2, scored by their loss under the final model."""
+    claimed, steps, m = 2.0, 20, 1000
+    x, y = _digits()
+    rng = np.random.default_rng(seed)
+    canary_x = np.zeros((m, 128), np.float32)
+    canary_x[:, 64:] = 100 * rng.normal(size=(m, 64)) / 8
+    canary_y = rng.integers(0, 10, m).astype(np.int32)
+    xt, yt, members = pn.privacy.insert_canaries(x, y, canary_x, canary_y, jax.random.key(seed))
+    assert xt.shape[0] == x.shape[0] + members.sum()
+    sigma = pn.privacy.noise_multiplier_for(claimed, DELTA, 1.0, steps)
+    found = {}
+    for name, first in [("correct", pn.Dense(128)), ("unclipped", _UnclippedDense(128))]:
+        net = _mlp(first)
+        params, state = pn.init(net, jax.random.key(0), (128,))
+        run = pn.fit(net, pn.optim.sgd(0.5), (xt, yt), key=jax.random.key(100 + seed), epochs=steps, batch_size=xt.shape[0],
+                     params=params, state=state, dp=pn.DPSGD(1.0, sigma))
+        found[name] = pn.privacy.audit(*pn.privacy.loss_scores(net, run.params, run.state, canary_x, canary_y,
+                                                               members), DELTA)
+    assert found["correct"].epsilon < claimed < found["unclipped"].epsilon
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_batch_normalised_by_its_realised_size_is_caught(seed):
+    """Nasr et al. (2021)'s worst case, run 20,000 times (a fair coin each run for the canary): one example
+    whose clipped gradient is +C and a canary whose clipped gradient is -C, full-batch Poisson (q = 1) with
+    expected batch size 2. Divided by 2, the canary shifts the release by C/2 under noise sigma C/2 (what
+    the accountant analyses). Divided by the realised size, a run without it releases N(C, (sigma C)^2) and
+    one with it N(0, (sigma C / 2)^2): far-out releases betray its absence. DP's add-or-remove relation is
+    symmetric, so guessing "out" is audited as guessing "in" is."""
+    claimed, runs = 1.0, 20_000
+    sigma = pn.privacy.noise_multiplier_for(claimed, DELTA, 1.0, 1)
+    net = pn.Dense(1, use_bias=False)
+    params, state = pn.init(net, jax.random.key(0), (1,))
+    params = jax.tree_util.tree_map(jnp.zeros_like, params)
+    x, y = jnp.ones((2, 1)), jnp.array([[-10.0], [10.0]])  # gradients +20 and -20, clipped to +C and -C
+
+    def release(key, member, realised):
+        weight = jnp.stack([jnp.ones(()), member])
+        _, g, _ = pn.clipped_value_and_grad(net, params, state, x, y, clip_norm=1.0, noise_multiplier=sigma,
+                                            noise_key=key, loss="mse", weight=weight,
+                                            expected_batch_size=jnp.sum(weight) if realised else 2.0)
+        return g["W"][0, 0]
+
+    members = np.random.default_rng(seed).random(runs) < 0.5
+    keys = jax.random.split(jax.random.key(100 + seed), runs)
+    found = {}
+    for realised in (False, True):
+        g = np.asarray(jax.jit(jax.vmap(lambda k, b: release(k, b, realised)))(keys, jnp.asarray(members, float)))
+        s = np.abs(g)  # a release far from 0: guess the canary was out
+        found[realised] = pn.privacy.audit(s[~members], s[members], DELTA)
+    assert found[False].epsilon < claimed < found[True].epsilon
+    assert found[False].epsilon_fdp < claimed < found[True].epsilon_fdp
+
+
+
+@pytest.mark.parametrize("k", [1, 37, 250])
+def test_guesses_fixed_before_the_run_equal_jax_privacys_explicit_threshold(k):
+    from jax_privacy.auditing import CanaryScoreAuditor, Explicit
+
+    s_in, s_out = _synthetic(1000, 1.5, 5)
+    t = np.sort(np.concatenate([s_in, s_out]))[::-1][k - 1]
+    reference = CanaryScoreAuditor(s_in, s_out)
+    result = pn.privacy.audit(s_in, s_out, DELTA, guesses=k)
+    np.testing.assert_allclose(result.epsilon, reference.epsilon_one_run(0.05, DELTA, threshold_strategy=Explicit(t)),
+                               atol=1e-5)
+    np.testing.assert_allclose(result.epsilon_fdp, reference.epsilon_one_run_fdp(
+        0.05, DELTA, threshold_strategy=Explicit(t)), atol=1e-5)
+    for bad in (0, 1001, 2.0, True):
+        with pytest.raises(ValueError, match="guesses"):
+            pn.privacy.audit(s_in, s_out, DELTA, guesses=bad)
