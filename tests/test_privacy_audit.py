@@ -254,7 +254,7 @@ class _UnclippedDense(pn.Dense):
 def test_clipping_skipped_on_one_layer_is_caught_by_black_box_canaries(seed):
     """1,000 out-of-distribution canaries (large inputs on the always-zero features, random labels), each
     in the training set with probability 1/2, scored by their loss under the final model."""
-    claimed, steps, m = 2.0, 20, 1000
+    claimed, steps, m = 1.0, 20, 1000
     x, y = _digits()
     rng = np.random.default_rng(seed)
     canary_x = np.zeros((m, 128), np.float32)
