@@ -18,23 +18,17 @@ scores, the attacks' ROC curves against the claim's, and the bounds.
 
     python examples/dp_audit.py [--epsilon 3] [--canaries 5000] [--out dp_audit.png]
 """
-import argparse
-import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, mnist_split, save
-from dp_mnist import cnn
+from _common import FAST, mnist_split, save
+from dp_mnist import cnn, run_arguments
 
 pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
-
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
 
 def quietest(net, params, state, x, y, count):
     """A tree of bools like params: the `count` entries where the gradient of (x, y) at the start is smallest
@@ -47,16 +41,9 @@ def quietest(net, params, state, x, y, count):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("PURENET_MNIST", str(DEFAULT)))
-    parser.add_argument("--epsilon", type=float, default=3.0)
-    parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--epochs", type=int, default=epochs(15, fast=1))
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=4e-3)
+    parser = run_arguments(__doc__)
     parser.add_argument("--canaries", type=int, default=5000, help="white-box gradient canaries")
     parser.add_argument("--black-box", type=int, default=1000, help="mislabelled example canaries")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="dp_audit.png")
     args = parser.parse_args()
 
@@ -71,7 +58,11 @@ def main():
     n = x_train.shape[0]
     q = args.batch_size / n
     steps = args.epochs * (n // args.batch_size)
-    sigma = pn.privacy.noise_multiplier_for(args.epsilon, args.delta, q, steps)
+    # sigma from the expected training-set size, so the noise does not depend on which canaries are in;
+    # fit's accountant then reports the epsilon of the q and steps that ran
+    expected_n = n_train + m_black // 2
+    sigma = pn.privacy.noise_multiplier_for(args.epsilon, args.delta, args.batch_size / expected_n,
+                                            args.epochs * (expected_n // args.batch_size))
     print(f"MNIST: {n_train} training images + {int(members.sum())} of {m_black} mislabelled canaries; "
           f"q = {q:.4f}, {steps} steps, sigma = {sigma:.4f} for epsilon {args.epsilon} at delta {args.delta}")
 
@@ -95,13 +86,13 @@ def main():
                                                                             jnp.asarray(canary_y), members),
                                                     args.delta),
     }
-    print(f"{'audit':<26} {'canaries':>8} {'AUROC':>6} {'eps one-run':>11} {'eps f-DP':>8} "
-          f"{'of the claim':>12}")
+    print(f"{'audit':<26} {'canaries':>8} {'AUROC':>6} {'eps one-run':>11} {'eps f-DP':>8} {'of the claim':>13}")
     for name, a in audits.items():
         print(f"{name:<26} {a.members + a.non_members:>8} {a.auroc:>6.3f} {a.epsilon:>11.3f} {a.epsilon_fdp:>8.3f} "
-              f"{max(a.epsilon, a.epsilon_fdp) / claimed:>11.0%}")
-    print(f"claimed: epsilon {claimed:.3f} at delta {args.delta}; an audit above it would refute the claim "
-          f"(with 95% confidence)")
+              f"{a.epsilon / claimed:>6.0%} / {a.epsilon_fdp / claimed:.0%}")
+    print(f"claimed: epsilon {claimed:.3f} at delta {args.delta}; a one-run bound above it would refute the claim "
+          f"(with 95% confidence); the f-DP bound refutes the Gaussian trade-off curve through it, which "
+          f"Poisson-sampled DP-SGD only approaches")
 
     import matplotlib
 
@@ -126,14 +117,16 @@ def main():
     names = list(audits)
     at = np.arange(len(names))
     ax3.bar(at - 0.2, [audits[k].epsilon for k in names], 0.4, label="one-run (Steinke et al.)")
-    ax3.bar(at + 0.2, [audits[k].epsilon_fdp for k in names], 0.4, label="f-DP one-run (Mahloujifar et al.)")
+    ax3.bar(at + 0.2, [audits[k].epsilon_fdp for k in names], 0.4,
+            label="f-DP one-run (Mahloujifar et al.; Gaussian curve)")
     ax3.axhline(claimed, color="k", linestyle="--", label=f"claimed epsilon {claimed:.2f}")
     ax3.set_xticks(at, names), ax3.set_ylabel("epsilon lower bound (95%)"), ax3.legend(fontsize=8)
     ax3.set_title("what the audits prove")
     fig.suptitle(f"Auditing DP-SGD on MNIST in one run: {run.history['val_accuracy'][-1]:.2%} held-out accuracy")
     save(fig, args.out)
-    if any(a.epsilon > claimed or a.epsilon_fdp > claimed for a in audits.values()):
-        raise SystemExit("an audit exceeds the claimed epsilon: the run is not as private as its accountant says")
+    if any(a.epsilon > claimed for a in audits.values()):
+        raise SystemExit("a one-run bound exceeds the claimed epsilon: the run is not as private as its accountant "
+                         "says")
 
 
 if __name__ == "__main__":

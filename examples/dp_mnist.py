@@ -41,18 +41,24 @@ def cnn():
     ], in_shape=(28, 28, 1))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(doc: str) -> argparse.ArgumentParser:
+    """The DP run's options, shared with dp_audit.py (which audits this run)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("PURENET_MNIST", str(DEFAULT)))
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--epochs", type=int, default=epochs(15, fast=1))
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main():
+    parser = run_arguments(__doc__)
+    parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--train", type=int, default=8000)
     parser.add_argument("--held-out", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="dp_mnist.png")
     args = parser.parse_args()
 

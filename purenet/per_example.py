@@ -26,8 +26,8 @@ from purenet.network import add_l2, backward_pass, loss_pass
 from purenet.noise import add_gaussian
 
 __all__ = [
-    "DPSGD", "PER_EXAMPLE", "clipped_value_and_grad", "per_example_grad_norms", "per_example_grads", "sq_norms_visit",
-    "trainable_mask",
+    "DPSGD", "PER_EXAMPLE", "clipped_value_and_grad", "per_example_grad_norms", "per_example_grads",
+    "per_example_values", "sq_norms_visit", "trainable_mask",
 ]
 
 PyTree = Any
@@ -230,9 +230,7 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
         grads = jax.tree_util.tree_map(lambda g: g * (n / divisor), grads)
         value = value * n / jnp.maximum(jnp.sum(weight), 1).astype(value.dtype)
     if canaries is not None:
-        if canary_marks is None or jnp.shape(canary_marks) != (canaries.count,):
-            raise ValueError(f"canaries need canary_marks of shape ({canaries.count},): which of them join this batch")
-        inserted = canaries.gradient(jnp.clip(canary_marks, 0, 1), clip_norm, grads)
+        inserted = canaries.gradient(_checked_canary_marks(canaries, canary_marks, net, params), clip_norm, grads)
         grads = jax.tree_util.tree_map(lambda g, c: g + c / divisor, grads, inserted)
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
         if noise_key is None:
@@ -259,6 +257,25 @@ def _checked_marks(weight: Array, n: int) -> Array:
                              f"{values[i]!r} at row {i}: a mark above 1 multiplies that example's clipped "
                              f"contribution beyond clip_norm, which the privacy accounting does not cover")
     return jnp.clip(weight, 0, 1)
+
+
+def _checked_canary_marks(canaries: Any, marks: Any, net: LayerLike, params: PyTree) -> Array:
+    """The step's canary marks, checked: shape (count,), 0/1, members only (when concrete), canaries on
+    trainable leaves only (a frozen leaf gets no noise, so a canary there would be released bare)."""
+    if marks is None or jnp.shape(marks) != (canaries.count,):
+        raise ValueError(f"canaries need canary_marks of shape ({canaries.count},): which of them join this batch")
+    trainable = jax.tree_util.tree_leaves(trainable_mask(net, params))
+    frozen = sorted({int(i) for i in canaries.leaf if not trainable[int(i)]})
+    if frozen:
+        raise ValueError(f"canaries sit on frozen parameters (leaves {frozen}, inside pn.Frozen): those get no noise, "
+                         f"so the canaries would be released as they are; make them with "
+                         f"pn.privacy.gradient_canaries(..., net=net)")
+    if is_concrete(marks):
+        values = np.asarray(marks)
+        if not np.all((values == 0) | (values == 1)) or np.any(values[~canaries.members] != 0):
+            raise ValueError("canary_marks must be 0/1 and 0 for every non-member canary (canaries.marks(key) draws "
+                             "them)")
+    return jnp.clip(marks, 0, 1)
 
 
 def _check_independent_keys(key: Array | None, noise_key: Array | None) -> None:

@@ -8,13 +8,13 @@
 DP-SGD itself (clipping and noise) is `pn.DPSGD` / `pn.clipped_value_and_grad`.
 """
 from purenet.privacy.accounting import ACCOUNTANTS, epsilon, epsilon_of, noise_multiplier_for
-from purenet.privacy.auditing import AuditResult, audit, epsilon_one_run
+from purenet.privacy.auditing import THRESHOLDS, AuditResult, audit, epsilon_one_run, guess_grid
 from purenet.privacy.canaries import (CanaryObservations, GradientCanaries, gradient_canaries, insert_canaries,
                                       loss_scores)
 from purenet.privacy.sampling import OVERFLOW_PROBABILITY, PoissonBatch, poisson_batch, poisson_batch_bound
 
 __all__ = [
     "ACCOUNTANTS", "AuditResult", "CanaryObservations", "GradientCanaries", "OVERFLOW_PROBABILITY", "PoissonBatch",
-    "audit", "epsilon", "epsilon_of", "epsilon_one_run", "gradient_canaries", "insert_canaries", "loss_scores",
+    "THRESHOLDS", "audit", "epsilon", "epsilon_of", "epsilon_one_run", "gradient_canaries", "guess_grid", "insert_canaries", "loss_scores",
     "noise_multiplier_for", "poisson_batch", "poisson_batch_bound",
 ]

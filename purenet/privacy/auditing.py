@@ -18,21 +18,37 @@ guesses) the chance of `correct` or more right answers is at most
 
 Every epsilon with p(epsilon) <= 1 - confidence is refuted; the audit's
 bound is the largest refuted epsilon over the thresholds, each tested at
-(1 - confidence) / (number of thresholds) (Bonferroni). The thresholds are
-the vertices of the ROC curve's upper convex hull (a threshold inside the
-hull is never the best). This is jax_privacy's
-`CanaryScoreAuditor(in_scores, out_scores).epsilon_one_run(significance=1 - confidence,
-delta=delta)` (tested equal), written here with numpy and scipy so the
-`privacy` extra needs no jax-privacy (which pins jax >= 0.7.1). With
-`guesses=k` fixed before the run, only the k highest scores are guessed
-"in", tested at 1 - confidence (jax_privacy's `Explicit` threshold). Note
-the delta term: 2 m delta grows with the number of canaries, so m well
-below 1/delta keeps it small.
+(1 - confidence) / (number of thresholds) (Bonferroni):
+
+- thresholds="grid" (the default): guess "in" for the k highest scores, for
+  k = m/2, m/2^1.5, m/4, ... 1 (`guess_grid(m)`, about 2 log2 m of them).
+  The candidates depend on m alone, so the union bound over them holds
+  whatever the memberships: a valid bound.
+- thresholds="hull": the vertices of the ROC curve's upper convex hull,
+  jax_privacy's `CanaryScoreAuditor(in_scores, out_scores).epsilon_one_run(
+  significance=1 - confidence, delta=delta)` (tested equal). Which
+  thresholds are vertices depends on the memberships the guesses must not
+  see, so dividing by their number undercounts the tests: for an exactly
+  epsilon-DP randomized response with m = 30,000 it exceeded epsilon in 6.6%
+  of 6,000 audits at a nominal 5%. (Bonferroni over every distinct score is
+  valid, but with m of thousands its level falls below Steinke et al.'s
+  delta term, 2 m delta alpha, and refutes nothing.)
+- guesses=k, fixed before the run: only the k highest scores are guessed
+  "in", tested at 1 - confidence (jax_privacy's `Explicit` threshold).
+
+The delta term 2 m delta grows with the number of canaries: m well below
+1/delta keeps it small. Written with numpy and scipy, so the `privacy` extra
+needs no jax-privacy (which pins jax >= 0.7.1).
 
 `epsilon_fdp` is the f-DP variant (Mahloujifar, Melis & Chaudhuri 2024,
-"Auditing f-Differential Privacy in One Run"): the same guesses tested
-against the Gaussian trade-off curve of the (epsilon, delta) claim, tighter
-for the Gaussian mechanism DP-SGD is (jax_privacy's `epsilon_one_run_fdp`).
+"Auditing f-Differential Privacy in One Run"; jax_privacy's
+`epsilon_one_run_fdp`): the same guesses tested against the Gaussian
+trade-off curve through (epsilon, delta). It refutes that curve, not
+(epsilon, delta)-DP itself: it is a lower bound on epsilon for a mechanism
+whose privacy is Gaussian (the Gaussian mechanism; full-batch DP-GD, q = 1),
+and only approximately for Poisson-subsampled DP-SGD (its many-step limit,
+Dong, Roth & Su 2019); an exactly 1-DP randomized response can score above
+1. Much tighter where it applies.
 
 The same bound holds when each "canary" is an independent run of the
 mechanism (m runs, each with or without one canary, chosen by a fair coin):
@@ -40,6 +56,7 @@ the one-run theorem generalises the many-run audits of Jagielski et al.
 (2020) and Nasr et al. (2021).
 """
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -62,7 +79,8 @@ class AuditResult(NamedTuple):
 
     Attributes:
       epsilon: the one-run lower bound on epsilon (Steinke et al. 2023) at `confidence`.
-      epsilon_fdp: the f-DP one-run lower bound (Mahloujifar et al. 2024) at `confidence`.
+      epsilon_fdp: the f-DP one-run bound (Mahloujifar et al. 2024) at `confidence`: a lower bound
+        on epsilon when the mechanism's trade-off curve is Gaussian (see the module docstring).
       auroc: the area under the attack's ROC curve (its upper convex hull, as jax_privacy's
         `attack_auroc`: classifiers may randomise between two thresholds).
       fpr, tpr: the ROC curve, one point per threshold (both increasing, from (0, 0) to (1, 1)).
@@ -92,9 +110,12 @@ def _scores(name: str, scores: Any) -> np.ndarray:
 
 
 def _check_level(delta: Any, confidence: Any) -> tuple[float, float]:
-    if not (isinstance(delta, (int, float, np.floating)) and 0 < delta <= 1):
+    def real(x: Any) -> bool:
+        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+    if not (real(delta) and 0 < delta <= 1):
         raise ValueError(f"delta must be a number in (0, 1], got {delta!r}")
-    if not (isinstance(confidence, (int, float, np.floating)) and 0 < confidence < 1):
+    if not (real(confidence) and 0 < confidence < 1):
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     return float(delta), float(confidence)
 
@@ -113,8 +134,8 @@ def _hull(points: np.ndarray) -> np.ndarray:
 
 
 def _counts(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false negatives, true negatives) at each threshold of the ROC hull: a canary scoring >= t is
-    guessed in. Thresholds: every distinct score and +inf (no guesses)."""
+    """(false negatives, true negatives) at each vertex of the ROC's upper convex hull, among the
+    thresholds t = every distinct score and +inf (a canary scoring >= t is guessed in)."""
     thresholds = np.concatenate([np.union1d(in_scores, out_scores), [np.inf]])
     fn = np.searchsorted(np.sort(in_scores), thresholds, side="left")
     tn = np.searchsorted(np.sort(out_scores), thresholds, side="left")
@@ -179,17 +200,34 @@ def _refuted(m: int, g: int, c: int, delta: float, level: float, fdp: bool, low:
     return _largest_refuted(lambda eps: level - _p_value(m, g, c, eps, delta), low)
 
 
+def _top(in_scores: np.ndarray, out_scores: np.ndarray, k: int) -> tuple[int, int]:
+    """(guesses, right) when the k highest scores (and every score tied with the k-th) are guessed in."""
+    t = np.partition(np.concatenate([in_scores, out_scores]), -k)[-k]
+    right, wrong = int(np.sum(in_scores >= t)), int(np.sum(out_scores >= t))
+    return right + wrong, right
+
+
+def guess_grid(m: int) -> np.ndarray:
+    """The numbers of guesses `thresholds="grid"` tests: m / 2^(j/2) for j = 2, 3, ... down to 1, rounded
+    and distinct (a factor sqrt(2) apart: about 2 log2(m) of them, fixed by m alone)."""
+    k = np.round(m * 2.0 ** (-np.arange(2, 2 * math.log2(max(m, 2)) + 2) / 2)).astype(np.int64)
+    return np.unique(np.concatenate([[1], k[k >= 1]]))
+
+
 def _one_run(in_scores: np.ndarray, out_scores: np.ndarray, delta: float, significance: float, fdp: bool,
-             guesses: int | None = None) -> float:
+             thresholds: str = "grid", guesses: int | None = None) -> float:
     m = in_scores.size + out_scores.size
-    if guesses is not None:  # one threshold, fixed before the run: the k-th highest score
-        t = np.sort(np.concatenate([in_scores, out_scores]))[::-1][guesses - 1]
-        right, wrong = int(np.sum(in_scores >= t)), int(np.sum(out_scores >= t))
-        return _refuted(m, right + wrong, right, delta, significance, fdp, 0.0)
-    fn, tn = _counts(in_scores, out_scores)
-    tp, fp = in_scores.size - fn, out_scores.size - tn
-    level = significance / fn.size  # Bonferroni over the hull's thresholds
-    total = tp + fp
+    if guesses is not None:  # one number of guesses, fixed before the run
+        return _refuted(m, *_top(in_scores, out_scores, guesses), delta, significance, fdp, 0.0)
+    if thresholds == "grid":  # the same candidates whatever the memberships: Bonferroni over them is valid
+        pairs = np.array([_top(in_scores, out_scores, int(k)) for k in guess_grid(m)])
+        total, tp = pairs[:, 0], pairs[:, 1]
+    else:  # the ROC hull's vertices, as jax_privacy
+        fn, tn = _counts(in_scores, out_scores)
+        tp = in_scores.size - fn
+        total = tp + out_scores.size - tn
+    level = significance / total.size  # Bonferroni over the thresholds tested
+    fp = total - tp
     # thresholds in order of decreasing precision (Clopper-Pearson lower bound): once a bound eps is found, a
     # threshold whose raw precision is at most e^eps / (1 + e^eps) cannot refute a larger one
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -198,6 +236,15 @@ def _one_run(in_scores: np.ndarray, out_scores: np.ndarray, delta: float, signif
     for j in np.argsort(-np.nan_to_num(precision_low), kind="stable"):
         best = _refuted(m, int(total[j]), int(tp[j]), delta, level, fdp, best)
     return best
+
+
+THRESHOLDS = ("grid", "hull")
+
+
+def _check_thresholds(thresholds: Any) -> str:
+    if thresholds not in THRESHOLDS:
+        raise ValueError(f"thresholds must be one of {THRESHOLDS}, got {thresholds!r}")
+    return thresholds
 
 
 def _check_guesses(guesses: Any, m: int) -> int | None:
@@ -209,31 +256,27 @@ def _check_guesses(guesses: Any, m: int) -> int | None:
 
 
 def epsilon_one_run(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.95,
-                    fdp: bool = False, guesses: int | None = None) -> float:
+                    fdp: bool = False, thresholds: str = "grid", guesses: int | None = None) -> float:
     """The one-run lower bound on epsilon from canary scores (see the module docstring).
 
     Args:
-      in_scores: (members,) scores of the canaries that were in the training set; higher means
-        "more likely in".
-      out_scores: (non_members,) scores of the canaries that were not.
-      delta: the delta of the (epsilon, delta) claim under audit, in (0, 1].
-      confidence: the probability the bound holds, in (0, 1); 0.95 by default.
+      in_scores, out_scores, delta, confidence, thresholds, guesses: as for `audit`.
       fdp: False for Steinke et al.'s bound, True for Mahloujifar et al.'s f-DP bound.
-      guesses: None to test every threshold of the ROC hull (Bonferroni), or k to guess "in" for the k
-        highest scores only (Steinke et al.'s k+), a number fixed before the run.
 
     Returns:
       The largest epsilon the guesses refute at `confidence` (0.0 when they refute none).
 
     Raises:
-      ValueError: empty, non-1-D or non-finite scores; delta, confidence or guesses out of range.
+      ValueError: empty, non-1-D or non-finite scores; delta, confidence, thresholds or guesses out of
+        range.
     """
     delta, confidence = _check_level(delta, confidence)
     s_in, s_out = _scores("in_scores", in_scores), _scores("out_scores", out_scores)
-    return _one_run(s_in, s_out, delta, 1 - confidence, fdp, _check_guesses(guesses, s_in.size + s_out.size))
+    return _one_run(s_in, s_out, delta, 1 - confidence, fdp, _check_thresholds(thresholds),
+                    _check_guesses(guesses, s_in.size + s_out.size))
 
 
-def audit(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.95,
+def audit(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.95, thresholds: str = "grid",
           guesses: int | None = None) -> AuditResult:
     """Audit a run from its canaries' scores: the one-run and f-DP lower bounds on epsilon, and the ROC.
 
@@ -242,30 +285,39 @@ def audit(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.9
         "more likely in" (negate a loss).
       out_scores: (non_members,) scores of the canaries that were not.
       delta: the delta of the (epsilon, delta) claim under audit, in (0, 1].
-      confidence: the probability the bounds hold, in (0, 1).
-      guesses: None (every threshold of the ROC hull, at (1 - confidence) / their number), or k: guess
-        "in" for the k highest scores only, at 1 - confidence. A k fixed before the run (from a
-        simulation, say) avoids Bonferroni's price, which grows with the number of canaries.
+      confidence: the probability the bound holds, in (0, 1); 0.95 by default.
+      thresholds: "grid" (guess "in" for the k highest scores, k = m / 2^(j/2) down to 1, each at
+        (1 - confidence) / their number: candidates fixed by m alone, a valid bound) or "hull" (the
+        vertices of the ROC's upper convex hull, at (1 - confidence) / their number: jax_privacy's
+        estimator; which thresholds are vertices depends on the memberships, so its confidence is
+        not guaranteed).
+      guesses: None (the thresholds above), or k: guess "in" for the k highest scores (and every score
+        tied with the k-th) only, at 1 - confidence; k must be fixed before the run (from a
+        simulation, say): it avoids Bonferroni's price, which grows with the number of canaries.
 
     Returns:
-      An `AuditResult`. A bound above the claimed epsilon means the run is not (epsilon, delta)-DP,
-      with probability `confidence`; a bound below it says nothing either way.
+      An `AuditResult`. `epsilon` above the claimed epsilon means the run is not (epsilon, delta)-DP,
+      with probability `confidence`; `epsilon_fdp` above it means the run's privacy is not the
+      Gaussian trade-off curve through (epsilon, delta) (see the module docstring); a bound below
+      the claim says nothing either way.
 
     Raises:
-      ValueError: empty, non-1-D or non-finite scores; delta or confidence out of range.
+      ValueError: empty, non-1-D or non-finite scores; delta, confidence, thresholds or guesses out of
+        range.
     """
     delta, confidence = _check_level(delta, confidence)
     s_in, s_out = _scores("in_scores", in_scores), _scores("out_scores", out_scores)
+    thresholds = _check_thresholds(thresholds)
     k = _check_guesses(guesses, s_in.size + s_out.size)
-    thresholds = np.concatenate([[np.inf], np.union1d(s_in, s_out)[::-1]])
-    fpr = 1 - np.searchsorted(np.sort(s_out), thresholds, side="left") / s_out.size  # share scoring >= t
-    tpr = 1 - np.searchsorted(np.sort(s_in), thresholds, side="left") / s_in.size
+    cuts = np.concatenate([[np.inf], np.union1d(s_in, s_out)[::-1]])
+    fpr = 1 - np.searchsorted(np.sort(s_out), cuts, side="left") / s_out.size  # share scoring >= t
+    tpr = 1 - np.searchsorted(np.sort(s_in), cuts, side="left") / s_in.size
     fn, tn = _counts(s_in, s_out)
     tnr, fnr = tn / s_out.size, fn / s_in.size
     auroc = float(0.5 * np.dot(tnr[:-1] + tnr[1:], fnr[1:] - fnr[:-1]))
     return AuditResult(
-        epsilon=_one_run(s_in, s_out, delta, 1 - confidence, False, k),
-        epsilon_fdp=_one_run(s_in, s_out, delta, 1 - confidence, True, k),
+        epsilon=_one_run(s_in, s_out, delta, 1 - confidence, False, thresholds, k),
+        epsilon_fdp=_one_run(s_in, s_out, delta, 1 - confidence, True, thresholds, k),
         auroc=auroc, fpr=fpr, tpr=tpr, delta=delta, confidence=confidence,
         members=int(s_in.size), non_members=int(s_out.size))
 

@@ -23,6 +23,7 @@ the final model by their negated loss (`loss_scores`). Weaker than the white
 box, and what an attacker without the training trace can do.
 """
 import dataclasses
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -47,9 +48,10 @@ def _host_rng(key: Array) -> np.random.Generator:
 class CanaryObservations(NamedTuple):
     """The observer's optimizer slot: running sums of each canary's gradient entry over the steps."""
 
-    total: jax.Array    # (count,) sum_t g_t[c]
-    squares: jax.Array  # (count,) sum_t g_t[c]^2
-    steps: jax.Array    # () steps observed
+    total: jax.Array        # (count,) sum_t g_t[c]
+    squares: jax.Array      # (count,) sum_t g_t[c]^2
+    steps: jax.Array        # () steps observed
+    fingerprint: jax.Array  # () int32: which canaries these are (`GradientCanaries.fingerprint`)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,27 +62,36 @@ class GradientCanaries:
       leaf: (count,) the index of each canary's leaf in params' flattened leaves.
       entry: (count,) the flat index of each canary's entry within its leaf.
       members: (count,) bool: whether the canary is in the training set.
-      sample_rate: q, the rate at which a member joins each step's batch (the run's batch_size / n).
-      shapes: the shapes of params' leaves, to check the trees it meets.
+      sample_rate: q, the rate at which a member joins each step's batch (the run's batch_size / n;
+        `fit` checks it, a loop of your own must pass that value).
+      structure: the parameter tree's structure and leaf shapes, to check the trees it meets.
     """
 
     leaf: np.ndarray
     entry: np.ndarray
     members: np.ndarray
     sample_rate: float
-    shapes: tuple
+    structure: tuple
 
     @property
     def count(self) -> int:
+        """How many canaries."""
         return int(self.members.size)
 
+    @property
+    def fingerprint(self) -> int:
+        """A checksum of the canaries' places and memberships: the observer's slot carries it, so scores
+        are never read from another set of canaries' observations."""
+        data = np.concatenate([self.leaf, self.entry, self.members]).astype(np.int64).tobytes()
+        return zlib.crc32(data) & 0x7FFFFFFF
+
     def _check(self, tree: PyTree) -> list:
-        leaves = jax.tree_util.tree_leaves(tree)
-        shapes = tuple(tuple(np.shape(x)) for x in leaves)
-        if shapes != self.shapes:
-            raise ValueError(f"these canaries were placed in a parameter tree with leaf shapes {self.shapes}; "
-                             f"this tree's are {shapes}: make them with gradient_canaries(params, ...) of this "
-                             f"network")
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        found = (str(treedef), tuple(tuple(np.shape(x)) for x in leaves))
+        if found != self.structure:
+            raise ValueError(f"these canaries were placed in a parameter tree with leaf shapes {self.structure[1]} "
+                             f"({self.structure[0]}); this tree has {found[1]} ({found[0]}): make them with "
+                             f"gradient_canaries(params, ...) of this network")
         return leaves
 
     def gradient(self, marks: Array, clip_norm: float, like: PyTree) -> PyTree:
@@ -106,7 +117,14 @@ class GradientCanaries:
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def project(self, grads: PyTree) -> Array:
-        """(count,) each canary's entry of `grads`: <grads, e_c>."""
+        """Each canary's entry of a gradient tree.
+
+        Args:
+          grads: a tree like the params the canaries were placed in.
+
+        Returns:
+          (count,) <grads, e_c> for every canary c.
+        """
         leaves = self._check(grads)
         out = jnp.zeros((self.count,), jnp.result_type(*leaves) if leaves else jnp.float32)
         for i, x in enumerate(leaves):
@@ -116,22 +134,37 @@ class GradientCanaries:
         return out
 
     def marks(self, key: Array) -> Array:
-        """(count,) float 0/1: the members that join one step's batch, each with probability q."""
+        """Which canaries join one step's batch: each member independently with probability q.
+
+        Args:
+          key: the step's canary key (independent of its batch sampling and its noise).
+
+        Returns:
+          (count,) float32 0/1 marks; non-members are always 0.
+        """
         joined = jax.random.bernoulli(key, self.sample_rate, (self.count,))
         return (joined & jnp.asarray(self.members)).astype(jnp.float32)
 
     def observe(self) -> Transform:
-        """An optimizer transform that records each canary's entry of every gradient it receives and
-        passes the gradient on unchanged: chain it first (`pn.optim.chain(canaries.observe(), opt)`),
-        so what it sees is DP-SGD's privatized gradient."""
+        """The white-box observer: an optimizer transform that records each canary's entry of every
+        gradient it receives and passes the gradient on unchanged.
+
+        Returns:
+          A `pn.optim.Transform` whose slot is `CanaryObservations`; chain it first
+          (`pn.optim.chain(canaries.observe(), opt)`), so what it sees is DP-SGD's privatized gradient
+          (after another transform it sees that transform's output: a weaker audit, still valid).
+        """
+        fingerprint = self.fingerprint
+
         def init(params):
             self._check(params)
             zeros = jnp.zeros((self.count,), jnp.float32)
-            return CanaryObservations(zeros, zeros, jnp.zeros((), jnp.int32))
+            return CanaryObservations(zeros, zeros, jnp.zeros((), jnp.int32), jnp.asarray(fingerprint, jnp.int32))
 
         def update(direction, slot, params, count):
             seen = self.project(direction).astype(jnp.float32)
-            return direction, CanaryObservations(slot.total + seen, slot.squares + seen * seen, slot.steps + 1)
+            return direction, slot._replace(total=slot.total + seen, squares=slot.squares + seen * seen,
+                                            steps=slot.steps + 1)
 
         return Transform(init, update)
 
@@ -151,6 +184,9 @@ class GradientCanaries:
         if slot is None:
             raise ValueError("the optimizer state holds no canary observations: chain canaries.observe() first "
                              "in the optimizer, pn.optim.chain(canaries.observe(), opt)")
+        if int(slot.fingerprint) != self.fingerprint:
+            raise ValueError("the optimizer state's observations are of other canaries (their places or "
+                             "memberships differ): read them with the canaries whose observe() made the slot")
         total, squares = np.asarray(slot.total, np.float64), np.asarray(slot.squares, np.float64)
         steps = max(int(slot.steps), 1)
         s = total if statistic == "sum" else squares / steps - (total / steps) ** 2
@@ -192,9 +228,12 @@ def gradient_canaries(params: PyTree, count: int, key: Array, sample_rate: float
     if where is None:
         allowed = [np.ones(np.shape(x), bool) for x in leaves]
     else:
-        allowed = [np.asarray(w, bool) for w in jax.tree_util.tree_leaves(where)]
-        if [a.shape for a in allowed] != [np.shape(x) for x in leaves]:
-            raise ValueError("where must be a tree of bools shaped like params (one per parameter entry)")
+        allowed = [np.asarray(w) for w in jax.tree_util.tree_leaves(where)]
+        if (str(jax.tree_util.tree_structure(where)) != str(jax.tree_util.tree_structure(params))
+                or [a.shape for a in allowed] != [np.shape(x) for x in leaves]
+                or any(a.dtype != np.bool_ for a in allowed)):
+            raise ValueError("where must be a tree like params of bool arrays (one per parameter entry), "
+                             "e.g. jax.tree_util.tree_map(lambda p: np.zeros(p.shape, bool), params)")
     places = [(i, np.flatnonzero(a.ravel())) for i, (a, t) in enumerate(zip(allowed, trainable)) if t]
     leaf_of = np.concatenate([np.full(e.size, i) for i, e in places] or [np.zeros(0, int)])
     entry_of = np.concatenate([e for _, e in places] or [np.zeros(0, int)])
@@ -204,8 +243,9 @@ def gradient_canaries(params: PyTree, count: int, key: Array, sample_rate: float
     rng = _host_rng(key)
     chosen = np.sort(rng.choice(leaf_of.size, size=count, replace=False))
     members = rng.random(count) < 0.5
+    structure = (str(jax.tree_util.tree_structure(params)), tuple(tuple(np.shape(x)) for x in leaves))
     return GradientCanaries(leaf=leaf_of[chosen], entry=entry_of[chosen], members=members,
-                            sample_rate=sample_rate, shapes=tuple(tuple(np.shape(x)) for x in leaves))
+                            sample_rate=sample_rate, structure=structure)
 
 
 def insert_canaries(x: Array, y: Array, canary_x: Array, canary_y: Array,
@@ -236,14 +276,23 @@ def loss_scores(net: LayerLike, params: PyTree, state: PyTree, canary_x: Array, 
                 members: np.ndarray, loss: Any = "cross_entropy") -> tuple[np.ndarray, np.ndarray]:
     """Black-box scores: each canary's negated loss under the final model (evaluation mode).
 
+    Args:
+      net, params, state: the trained network.
+      canary_x, canary_y: (m, ...) the canaries, as given to `insert_canaries`.
+      members: (m,) bool, from `insert_canaries`.
+      loss: the loss the run trained with.
+
     Returns:
       (members' scores, non-members' scores), for `pn.privacy.audit`.
+
+    Raises:
+      ValueError: members not one bool per canary.
     """
     from purenet.network import loss_pass
     from purenet.per_example import per_example_values
     p = loss_pass(net, params, state, jnp.asarray(canary_x), loss, False, None)
     s = -np.asarray(per_example_values(p, jnp.asarray(canary_y)), np.float64)
-    members = np.asarray(members, bool)
-    if members.shape != s.shape:
+    members = np.asarray(members)
+    if members.shape != s.shape or members.dtype != np.bool_:
         raise ValueError(f"members must be a ({s.size},) bool array (one per canary), got shape {members.shape}")
     return s[members], s[~members]

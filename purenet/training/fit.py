@@ -128,7 +128,7 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     phase = _dp_phase(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
     if phase is not None:
         _check_dp_run(dp, phase, x, validation, probe, stats_probe)
-    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
+    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size), train_state.opt_state)
     data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)

@@ -121,11 +121,19 @@ def poisson(dp: DPSGD | None) -> bool:
     return dp is not None and dp.sampling == "poisson"
 
 
-def check_canaries(dp: DPSGD | None, n: int, batch_size: int) -> None:
+def check_canaries(dp: DPSGD | None, n: int, batch_size: int, opt_state: Any = None) -> None:
     """DP-SGD's canaries must join each step at the rate the examples do, batch_size / n: an audit of
-    canaries sampled at another rate audits another mechanism."""
+    canaries sampled at another rate audits another mechanism. Without an observer in the optimizer
+    (`canaries.observe()`) nothing records their scores: a warning says so."""
     if dp is None or dp.canaries is None:
         return
+    from purenet.optim import find_slot
+    from purenet.privacy.canaries import CanaryObservations
+    if opt_state is not None and find_slot(opt_state, CanaryObservations) is None:
+        import warnings
+        warnings.warn("DPSGD(canaries=) puts white-box canaries into the run, but the optimizer has no observer to "
+                      "record them: chain canaries.observe() first, pn.optim.chain(canaries.observe(), opt)",
+                      stacklevel=3)
     rate = batch_size / n
     if abs(dp.canaries.sample_rate - rate) > 1e-12 * rate:
         raise ValueError(f"the DPSGD canaries join at sample_rate={dp.canaries.sample_rate}, but this run samples "
@@ -176,7 +184,7 @@ def train_epoch(net: LayerLike, opt: Any, train_state: TrainState, x: Array, y: 
     """
     opt = optimizer_for(opt, precision)
     bs = batch_size_of(x.shape[0], batch_size)
-    check_canaries(dp, x.shape[0], bs)
+    check_canaries(dp, x.shape[0], bs, train_state.opt_state)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision, batch_size=bs, strategy=strategy)
     if poisson(dp):
@@ -326,7 +334,7 @@ def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, bat
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     check_divisible(mesh, x.shape[0], batch_size)
-    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
+    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size), train_state.opt_state)
     step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
                       precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
     epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
