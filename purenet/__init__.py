@@ -1,6 +1,6 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
 from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, interop,
-                     losses, metrics, noise, optim, shuffle, stats, xla_flags)
+                     losses, metrics, optim, shuffle, stats, xla_flags)
 from purenet.checkpoint import CheckpointError, load, save
 from purenet.compile_cache import enable_compilation_cache
 from purenet.layers import (
@@ -17,10 +17,12 @@ from purenet.generate import generate
 from purenet.interop import as_function, ggn_vp, hvp
 from purenet.network import forward, init, input_grad, loss, value_and_grad
 from purenet.optim import schedules
-from purenet.per_example import DPSGD, clipped_value_and_grad, per_example_grad_norms, per_example_grads
+from purenet.per_example import per_example_grad_norms, per_example_grads
+from purenet.privacy.clipping import DPSGD, clipped_value_and_grad
 from purenet.testing import check_grads
 from purenet import training
 from purenet import privacy, weights
+from purenet.privacy import noise
 from purenet.weights import WeightsError
 from purenet.training import (EarlyStopping, FitResult, Precision, SweepResult, TrainState, accumulate, fit, grad_fn,
                               make_step, sweep, train, train_epoch)

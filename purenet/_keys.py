@@ -1,5 +1,5 @@
 """PRNG keys: which implementation a key belongs to, for code whose draws rely on threefry's properties
-(`purenet.noise` hashes with it itself; `purenet.initializers` relies on its partitionable prefixes)."""
+(`purenet.privacy.noise` hashes with it itself; `purenet.initializers` relies on its partitionable prefixes)."""
 import jax
 
 

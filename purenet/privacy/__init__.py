@@ -5,7 +5,8 @@
     pn.privacy.audit(in_scores, out_scores, delta)                   auditing.py
     pn.privacy.gradient_canaries(...), pn.privacy.insert_canaries(...) canaries.py
 
-DP-SGD itself (clipping and noise) is `pn.DPSGD` / `pn.clipped_value_and_grad`.
+    pn.DPSGD, pn.clipped_value_and_grad                              clipping.py
+    pn.noise.add_gaussian(...)                                        noise.py
 """
 from purenet.privacy.accounting import ACCOUNTANTS, epsilon, epsilon_of, noise_multiplier_for
 from purenet.privacy.auditing import THRESHOLDS, AuditResult, audit, epsilon_one_run, guess_grid

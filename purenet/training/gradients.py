@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 
-from purenet import chunks, network, per_example
+from purenet import chunks, network
+from purenet.privacy import clipping
 from purenet.layers.base import Array, LayerLike, PyTree
 from purenet.losses import Loss
 
@@ -84,7 +85,7 @@ def grad_fn(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Arra
     return GradFn(fn)
 
 
-def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
+def dp_sgd(net: LayerLike, dp: clipping.DPSGD, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
            micro_batches: int = 1,
            expected_batch_size: int | None = None) -> GradFn:
     """DP-SGD's clipped, noised gradient (`pn.clipped_value_and_grad`) for dp = pn.DPSGD(...).
@@ -115,7 +116,7 @@ def dp_sgd(net: LayerLike, dp: per_example.DPSGD, loss: str | Loss = "cross_entr
         else:
             k_forward, k_noise, k_canary = jax.random.split(key, 3)
             canaries = {"canaries": dp.canaries, "canary_marks": dp.canaries.marks(k_canary)}
-        return per_example.clipped_value_and_grad(
+        return clipping.clipped_value_and_grad(
             net, params, state, x, y, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
             noise_key=k_noise, loss=loss, l2=l2, train=True, key=k_forward, chunk_size=chunk,
             weight=weight, expected_batch_size=expected_batch_size, one_pass=dp.one_pass, **canaries)
@@ -195,7 +196,7 @@ def kfac(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array =
 
 
 def gradients(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0,
-              dp: per_example.DPSGD | None = None, accumulate_steps: int = 1, precision: "Precision | None" = None,
+              dp: clipping.DPSGD | None = None, accumulate_steps: int = 1, precision: "Precision | None" = None,
               extra_args: tuple[str, ...] = (), expected_batch_size: int | None = None,
               extra_options: dict | None = None) -> GradFn:
     """The gradient function `fit` and `train` build from their options; `extra_args` are the

@@ -30,7 +30,7 @@ from purenet.layers.base import Array, LayerLike, PyTree, id_layer
 from purenet import stats
 from purenet.losses import Loss
 from purenet.optim import current_loss_scale, ema_params, has_ema
-from purenet.per_example import DPSGD
+from purenet.privacy.clipping import DPSGD
 from purenet.training.checks import (batch_size_of, check_arguments, check_divisible, check_inputs,
                                      check_monitor)
 from purenet.training.early_stopping import EarlyStopping, EarlyStoppingState
