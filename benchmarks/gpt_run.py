@@ -102,8 +102,8 @@ def purenet_run(c, data, cache=None):
 
 
 def _datasets_without_jax():
-    """purenet/datasets.py (numpy only) loaded on its own: the same split and vocabulary, no JAX import."""
-    spec = importlib.util.spec_from_file_location("purenet_datasets", ROOT / "purenet" / "datasets.py")
+    """purenet/data/datasets.py (numpy only) loaded on its own: the same split and vocabulary, no JAX import."""
+    spec = importlib.util.spec_from_file_location("purenet_datasets", ROOT / "purenet" / "data" / "datasets.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

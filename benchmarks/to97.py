@@ -52,9 +52,9 @@ def purenet_run(target, max_epochs, cache=None):
 
 
 def _datasets_without_jax():
-    """purenet/datasets.py (numpy only) loaded on its own: the same digits split without importing JAX."""
+    """purenet/data/datasets.py (numpy only) loaded on its own: the same digits split without importing JAX."""
     folder = importlib.util.find_spec("purenet").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("purenet_datasets", os.path.join(folder, "datasets.py"))
+    spec = importlib.util.spec_from_file_location("purenet_datasets", os.path.join(folder, "data", "datasets.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

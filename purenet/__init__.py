@@ -1,8 +1,9 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import (augment, checkpoint, compile_cache, datasets, diagnostics, distributed, initializers, interop,
-                     losses, metrics, optim, shuffle, stats, xla_flags)
-from purenet.checkpoint import CheckpointError, load, save
-from purenet.compile_cache import enable_compilation_cache
+from purenet import diagnostics, distributed, initializers, interop, losses, metrics, optim, stats, xla_flags
+from purenet.data import augment, datasets, shuffle
+from purenet.io import checkpoint, compile_cache
+from purenet.io.checkpoint import CheckpointError, load, save
+from purenet.io.compile_cache import enable_compilation_cache
 from purenet.layers import (
     ELU, GELU, AvgPool2D, BatchNorm, Conv2D, Dense, Frozen, GlobalAvgPool2D, MaxPool2D, Dropout, Elementwise, Flatten,
     Identity, LayerNorm, LeakyReLU, Parallel, ReLU, Remat, Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax,
@@ -21,9 +22,10 @@ from purenet.per_example import per_example_grad_norms, per_example_grads
 from purenet.privacy.clipping import DPSGD, clipped_value_and_grad
 from purenet.testing import check_grads
 from purenet import training
-from purenet import privacy, weights
+from purenet import privacy
+from purenet.io import weights
 from purenet.privacy import noise
-from purenet.weights import WeightsError
+from purenet.io.weights import WeightsError
 from purenet.training import (EarlyStopping, FitResult, Precision, SweepResult, TrainState, accumulate, fit, grad_fn,
                               make_step, sweep, train, train_epoch)
 

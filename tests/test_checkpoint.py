@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import purenet as pn
-from purenet.checkpoint import CheckpointError
+from purenet.io.checkpoint import CheckpointError
 
 
 def sample_tree():
@@ -235,7 +235,7 @@ def test_resume_says_which_input_differs(tmp_path, small):
 WRITER = """
 import sys
 import numpy as np
-from purenet.checkpoint import save
+from purenet.io.checkpoint import save
 path = sys.argv[1]
 i = int(sys.argv[2])
 print("ready", flush=True)

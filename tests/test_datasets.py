@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import purenet as pn
-from purenet.datasets import IDXError
+from purenet.data.datasets import IDXError
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -45,7 +45,7 @@ def test_digits_split_is_fixed_and_standardised_with_training_statistics():
 
 def test_digits_are_exactly_scikit_learns_without_importing_it():
     """digits() reads the CSV scikit-learn ships (no ~1.5 s import); it must be load_digits, pixel for pixel."""
-    code = "import sys, purenet; purenet.datasets.digits(); print('sklearn' in sys.modules)"
+    code = "import sys, purenet; purenet.data.datasets.digits(); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     from sklearn.datasets import load_digits

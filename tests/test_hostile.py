@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 import purenet as pn
-from purenet.checkpoint import MAGIC, CheckpointError
+from purenet.io.checkpoint import MAGIC, CheckpointError
 
 NET = pn.mlp([4, 5, 3])
 
@@ -439,7 +439,7 @@ def test_sweep_checks_every_grid_point_before_training():
 
 
 def test_a_fit_checkpoint_holding_a_user_named_tuple_resumes_by_field_name(tmp_path):
-    from purenet.checkpoint import load_entries
+    from purenet.io.checkpoint import load_entries
 
     path = pn.save(tmp_path / "run.ckpt", {"train_state": AB(jnp.zeros(2), jnp.ones(2)), "history": {}})
     loaded = load_entries(path, {"train_state": BA(jnp.zeros(2), jnp.zeros(2))})

@@ -178,7 +178,8 @@ def test_grads_that_do_not_match_params_name_the_key_path():
 
 def test_optimizer_checkpoint_and_gradient_checker_report_one_mismatch_the_same_way():
     """The three tree comparers share one walk (purenet._trees): the same first mismatch for each."""
-    from purenet import _trees, checkpoint
+    from purenet import _trees
+    from purenet.io import checkpoint
 
     params = {"layer": {"W": jnp.ones((2, 3), jnp.float32), "b": jnp.ones(3)}, "z": jnp.zeros(2)}
     wrong = {"layer": {"W": params["layer"]["W"], "b": jnp.ones(4)}, "z": jnp.zeros((1, 2))}

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from purenet.shuffle import permutation
+from purenet.data.shuffle import permutation
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])

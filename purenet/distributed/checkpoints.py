@@ -10,7 +10,7 @@
     shards-<id>-<p>.ckpt        process p's shards: for each leaf, the parts its devices hold
                                 (one copy of each: a replicated part is written once, by its first holder)
 
-Every file is a purenet checkpoint (`purenet.checkpoint`): checksummed,
+Every file is a purenet checkpoint (`purenet.io.checkpoint`): checksummed,
 written atomically, loaded without executing anything. A save writes its
 shard files under a fresh id first, then (process 0, after every process
 has written) the index that names that id, then removes older saves'
@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purenet import checkpoint
-from purenet.checkpoint import CheckpointError
+from purenet.io import checkpoint
+from purenet.io.checkpoint import CheckpointError
 
 __all__ = ["load_sharded", "save_sharded"]
 
@@ -265,7 +265,7 @@ def load_sharded(path: str | os.PathLike[str], like: Any = None, shardings: Any 
     """The tree saved by `save_sharded`, bit-identical, placed with `shardings`.
 
     like: a tree of the expected structure (key paths, shapes and dtypes are
-    checked, as `purenet.checkpoint.load(like=)` does); None rebuilds the
+    checked, as `purenet.io.checkpoint.load(like=)` does); None rebuilds the
     saved structure. shardings: one `jax.sharding.Sharding` for every leaf,
     a tree of them like the result, or None (arrays on the default device):
     the mesh may have any shape, unrelated to the one that saved. Leaves JAX

@@ -60,7 +60,7 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
 
     checkpoint=path saves the whole run (optimizer and model state, epoch,
     early stopping, history, key) every `checkpoint_every` epochs and at the
-    end, atomically (see purenet.checkpoint). With resume=True a run whose
+    end, atomically (see purenet.io.checkpoint). With resume=True a run whose
     checkpoint exists continues from it, bit-identical to a run that was
     never interrupted; without the file it starts fresh. The path is checked
     writable before training; a save that fails later warns and training goes
@@ -114,7 +114,7 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     check_ema(evaluate_with_ema, train_state.opt_state)
     check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
     if checkpoint is not None:
-        from purenet.checkpoint import check_writable
+        from purenet.io.checkpoint import check_writable
 
         check_writable(checkpoint)  # fail now, not after the last epoch
     es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
@@ -240,7 +240,7 @@ _INPUTS = {"data": ("training data", "data"), "validation": ("validation data", 
 def _save_run(path, key, train_state, es, records, inputs, phases):
     """Save the run; a failed save warns and training goes on (the result is never lost). `phases`
     (Poisson DP-SGD runs) is each epoch's (sigma, q, steps): the privacy history a resume composes."""
-    from purenet import checkpoint
+    from purenet.io import checkpoint
 
     privacy = None if phases is None else np.array(phases, np.float64).reshape(-1, 3)
     try:
@@ -253,7 +253,7 @@ def _save_run(path, key, train_state, es, records, inputs, phases):
 
 def _check_same_inputs(path, saved, inputs):
     """Raise naming the input that differs from the run that wrote the checkpoint."""
-    from purenet.checkpoint import CheckpointError
+    from purenet.io.checkpoint import CheckpointError
 
     for name, (what, argument) in _INPUTS.items():
         old, new = saved.get(name), inputs[name]
@@ -273,7 +273,7 @@ def _resumed_phases(path, saved, history, epochs, phase):
     """The privacy history of the checkpointed epochs, which this run's `phase` continues: refuse to mix
     private and non-private epochs; a checkpoint from before the history was kept is taken to have run
     with this run's settings (with a warning)."""
-    from purenet.checkpoint import CheckpointError
+    from purenet.io.checkpoint import CheckpointError
 
     was_private = saved.get("privacy") is not None or "poisson_overflow" in history
     if was_private and phase is None:
@@ -296,7 +296,7 @@ def _resumed_phases(path, saved, history, epochs, phase):
 
 
 def _resume(path, key, train_state, es, inputs, metrics, phase):
-    from purenet import checkpoint
+    from purenet.io import checkpoint
 
     likes = {"train_state": train_state} if es is None else {"train_state": train_state, "early_stopping": es}
     saved = checkpoint.load_entries(path, likes)  # structure from this run's state: field names must match

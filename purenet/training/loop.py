@@ -12,7 +12,7 @@ is new every epoch, no example is left out for good (each is skipped in an
 epoch with probability (n mod batch_size) / n). A batch_size above n is n.
 
 Keys: a run's key k gives the initial params from fold_in(k, 0) (when none
-are passed); epoch e shuffles with purenet.shuffle.permutation(k1, n, salt=e),
+are passed); epoch e shuffles with purenet.data.shuffle.permutation(k1, n, salt=e),
 k1 = fold_in(k, 1), and step i of epoch e draws from fold_in(fold_in(k1, e), i + 1).
 The same key gives bit-identical results; nothing reads global random state.
 """
@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from purenet import diagnostics, metrics, network, privacy, shuffle
-from purenet.augment import mixes_examples
+from purenet import diagnostics, metrics, network, privacy
+from purenet.data import shuffle
+from purenet.data.augment import mixes_examples
 from purenet._checks import as_array, check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import Array, LayerLike, PyTree, id_layer

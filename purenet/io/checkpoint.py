@@ -84,7 +84,10 @@ _NAMED_TUPLES = {
     "purenet.optim.kfac:KFACState": ("purenet.optim.kfac", "KFACState"),
     "purenet.layers.base:KFACFactors": ("purenet.layers.base", "KFACFactors"),
     "purenet.layers.base:KFACBlocks": ("purenet.layers.base", "KFACBlocks"),
-    "purenet.datasets:Split": ("purenet.datasets", "Split"),
+    "purenet.data.datasets:Split": ("purenet.data.datasets", "Split"),
+    "purenet.privacy.canaries:CanaryObservations": ("purenet.privacy.canaries", "CanaryObservations"),
+    # the names checkpoints written before the data, io and privacy packages record
+    "purenet.datasets:Split": ("purenet.data.datasets", "Split"),
 }
 
 # Dtypes a checkpoint may hold: numbers and bool by name, fixed-width strings by "<U<n>" / "|S<n>".

@@ -36,7 +36,7 @@ Tensors are written in order of decreasing item size (tree order among
 equal sizes), so each tensor starts at a multiple of its item size (the
 header's length is a multiple of 8). Writes are atomic, as `pn.save`'s:
 a temporary file beside the target, flushed and fsync'ed, `os.replace`d
-over it, and the directory fsync'ed (purenet.checkpoint's helpers).
+over it, and the directory fsync'ed (purenet.io.checkpoint's helpers).
 
 Loading executes nothing the file names (JSON and raw bytes only) and
 validates the whole header before reading any tensor: the 8-byte length
@@ -80,7 +80,7 @@ import ml_dtypes
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from purenet.checkpoint import CheckpointError, write_atomically
+from purenet.io.checkpoint import CheckpointError, write_atomically
 from purenet.layers.gpt import GPT, gpt
 from purenet.layers.nanogpt import NanoGPT
 from purenet.layers.sequential import Sequential
