@@ -1,5 +1,6 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
-from purenet import diagnostics, distributed, initializers, interop, losses, metrics, optim, stats, xla_flags
+from purenet import distributed, initializers, losses, metrics, optim, xla_flags
+from purenet.analysis import curvature, diagnostics, interop, per_example, stats
 from purenet.data import augment, datasets, shuffle
 from purenet.io import checkpoint, compile_cache
 from purenet.io.checkpoint import CheckpointError, load, save
@@ -15,10 +16,10 @@ from purenet.layers.base import Container, Layer, Static, Wrapper, decay_mask, r
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
 from purenet.generate import generate
-from purenet.interop import as_function, ggn_vp, hvp
+from purenet.analysis.interop import as_function, ggn_vp, hvp
 from purenet.network import forward, init, input_grad, loss, value_and_grad
 from purenet.optim import schedules
-from purenet.per_example import per_example_grad_norms, per_example_grads
+from purenet.analysis.per_example import per_example_grad_norms, per_example_grads
 from purenet.privacy.clipping import DPSGD, clipped_value_and_grad
 from purenet.testing import check_grads
 from purenet import training

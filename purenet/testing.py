@@ -189,7 +189,8 @@ def check_per_example(net: "LayerLike", x: jax.Array, y: Any, *, loss: "str | Lo
     by more than rtol (relative, per leaf), or when `pn.per_example_grad_norms`
     differs from the norms of the reference gradients by more than 1e-8.
     """
-    from purenet import network, per_example
+    from purenet import network
+    from purenet.analysis import per_example
 
     def one(xi, yi):
         return jax.grad(lambda p: network.loss(net, p, state, xi[None], yi[None], loss=loss, l2=l2)[0])(params)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import purenet as pn
-from purenet import curvature
+from purenet.analysis import curvature
 from purenet.network import loss_pass
 from tests.conftest import scaled
 

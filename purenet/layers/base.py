@@ -37,7 +37,7 @@ K-FAC reads `kfac_factors(params, cache, dy) -> (KFACFactors, dx)` and
 `kfac_dims(params) -> (dim A, dim G)` where a layer has them (Dense, Conv2D);
 a layer with several weight matrices returns `KFACBlocks` of them (and of
 the dims: attention's four projections). Curvature
-(`purenet.curvature`) runs the same functions once per cotangent column,
+(`purenet.analysis.curvature`) runs the same functions once per cotangent column,
 inside a `vmap` that sums over the columns (`per_example_sq_columns`).
 
 The Hessian's diagonal (`pn.stats.hessian_diagonal`) needs each layer's
@@ -625,7 +625,7 @@ def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tup
 
 def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, axis_name: str) -> tuple[PyTree, Any]:
     """(sum over the examples and over the cotangent columns of g**2, like params; dx), inside a
-    `vmap` over the columns named `axis_name` (`purenet.curvature.column_walk`): the layer's
+    `vmap` over the columns named `axis_name` (`purenet.analysis.curvature.column_walk`): the layer's
     fast path, or its `per_example_sq` summed over the columns with `lax.psum`."""
     if hasattr(layer, "per_example_sq_columns"):
         return layer.per_example_sq_columns(params, cache, dy, axis_name)

@@ -150,8 +150,8 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
     (kfac-jax's curvature_update_period), and the slot's running factors
     move only on those steps.
     """
-    from purenet.curvature import FISHERS
-    from purenet.stats import kfac_zeros
+    from purenet.analysis.curvature import FISHERS
+    from purenet.analysis.stats import kfac_zeros
 
     check_hyperparameter("damping", damping, 0.0, None, low_open=True)
     check_hyperparameter("ema", ema, 0.0, 1.0)

@@ -223,7 +223,7 @@ def gradient_canaries(params: PyTree, count: int, key: Array, sample_rate: float
     if net is None:
         trainable = [True] * len(leaves)
     else:
-        from purenet.per_example import trainable_mask
+        from purenet.analysis.per_example import trainable_mask
         trainable = jax.tree_util.tree_leaves(trainable_mask(net, params))
     if where is None:
         allowed = [np.ones(np.shape(x), bool) for x in leaves]
@@ -289,7 +289,7 @@ def loss_scores(net: LayerLike, params: PyTree, state: PyTree, canary_x: Array, 
       ValueError: members not one bool per canary.
     """
     from purenet.network import loss_pass
-    from purenet.per_example import per_example_values
+    from purenet.analysis.per_example import per_example_values
     p = loss_pass(net, params, state, jnp.asarray(canary_x), loss, False, None)
     s = -np.asarray(per_example_values(p, jnp.asarray(canary_y)), np.float64)
     members = np.asarray(members)

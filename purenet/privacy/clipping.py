@@ -6,7 +6,7 @@
 
 Each example's gradient is linear in its row of dL/d(output), so the
 clipped sum is the backward of the clip-scaled rows: the per-example norms
-come from the layers' fast paths (`purenet.per_example`), and no
+come from the layers' fast paths (`purenet.analysis.per_example`), and no
 per-example gradient is formed.
 """
 import dataclasses
@@ -22,7 +22,7 @@ from purenet.layers import base
 from purenet.layers.base import Array, LayerLike, PyTree, walk
 from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
-from purenet.per_example import _sq_norms, per_example_values, trainable_mask
+from purenet.analysis.per_example import _sq_norms, per_example_values, trainable_mask
 from purenet.privacy.noise import add_gaussian
 
 __all__ = ["DPSGD", "SAMPLINGS", "clipped_value_and_grad"]

@@ -85,7 +85,7 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     and resuming a DP run without DP-SGD (or the reverse) is an error. Each
     DP run needs its own key: two runs with one key draw the same batches
     and noise, and the difference of their updates carries no noise at all.
-    diagnostics=(x_probe, y_probe) records purenet.diagnostics.gradient_flow
+    diagnostics=(x_probe, y_probe) records purenet.analysis.diagnostics.gradient_flow
     on that batch and each Dense layer's update_ratio every epoch (arrays of
     shape (epochs, layers) in the history); it does not change training.
     statistics=(x_probe, y_probe) records pn.stats.gradient_noise on that

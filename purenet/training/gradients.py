@@ -174,7 +174,7 @@ def kfac(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array =
     optimizer whose extra_args name "factors" (`pn.optim.kfac`). With factors_every = k the
     factors are computed only when count % k == 0 (zeros otherwise, which the optimizer ignores);
     the Monte-Carlo labels draw from fold_in(key, 1), dropout from key."""
-    from purenet import stats
+    from purenet.analysis import stats
 
     def with_factors(params, state, x, y, key):
         value, grads, factors, state = stats.kfac_value_and_grad(net, params, state, x, y, loss=loss, l2=l2,

@@ -22,13 +22,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from purenet import diagnostics, metrics, network, privacy
+from purenet import metrics, network, privacy
+from purenet.analysis import diagnostics
 from purenet.data import shuffle
 from purenet.data.augment import mixes_examples
 from purenet._checks import as_array, check_float_input
 from purenet.initializers import default_float
 from purenet.layers.base import Array, LayerLike, PyTree, id_layer
-from purenet import stats
+from purenet.analysis import stats
 from purenet.losses import Loss
 from purenet.optim import current_loss_scale, ema_params, has_ema
 from purenet.privacy.clipping import DPSGD

@@ -31,13 +31,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from purenet import curvature
-from purenet.curvature import COLUMNS
+from purenet.analysis import curvature
+from purenet.analysis.curvature import COLUMNS
 from purenet.layers import base
 from purenet.layers.base import Array, KFACBlocks, KFACFactors, LayerLike, PyTree, Visit, kfac_eligible, walk
 from purenet.losses import Loss
 from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
-from purenet.per_example import sq_norms_visit
+from purenet.analysis.per_example import sq_norms_visit
 
 __all__ = ["KFACBlocks", "KFACFactors", "NoiseScale", "fisher_diagonal", "ggn_diagonal", "gradient_gram", "gradient_noise",
            "gradient_noise_scale", "hessian_diagonal", "kfac_factors", "kfac_value_and_grad", "kfac_zeros"]
@@ -101,7 +101,7 @@ def fisher_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: 
     fisher="mc": `samples` columns from labels drawn from the model (key;
     the labels use fold_in(key, 1), the forward's dropout `key` itself), an
     unbiased estimate of the GGN diagonal. fisher="exact": the GGN diagonal
-    (`ggn_diagonal`). See `purenet.curvature` for the columns.
+    (`ggn_diagonal`). See `purenet.analysis.curvature` for the columns.
 
     Identity: for Dense rows dW_ic = h_i dy_ic^T, so sum_ic dW_ic**2 =
     (h**2)^T sum_c (dy_c**2): one matmul, no per-example gradient formed
@@ -428,7 +428,7 @@ def kfac_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Array,
     N dL/d(output) (linear, so the gradient is that pass's result over N),
     each Dense and Conv2D layer reading its factors on the way. "mc" /
     "exact": the gradient's backward, then the factors' G from the
-    columns of `purenet.curvature` (one more backward per column; A is the
+    columns of `purenet.analysis.curvature` (one more backward per column; A is the
     same). grads include the l2 term; the factors do not. BatchNorm in
     training mode is allowed here (the factors use each row's
     backpropagated gradient as it is).
@@ -475,7 +475,7 @@ def kfac_factors(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any
     preconditioned gradient (A (x) G)^-1 vec(g) is A^-1 [dW; db] G^-1.
     Cost: one matmul per factor; no per-example gradient formed.
 
-    `fisher` picks the output cotangents dy (`purenet.curvature`):
+    `fisher` picks the output cotangents dy (`purenet.analysis.curvature`):
     "empirical" (the default) the data's per-example gradients as above;
     "mc" Martens & Grosse's K-FAC proper, G = 1/N sum_{i,s,t} dy dy^T over
     `samples` labels drawn from the model (key; BackPACK's KFAC); "exact"

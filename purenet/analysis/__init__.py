@@ -1,0 +1,14 @@
+"""The analyses: visitors of the traversal that read the same caches and output gradients as the
+handwritten backward.
+
+    pn.per_example_grads, pn.per_example_grad_norms   per_example.py: each example's gradient or its norm
+    pn.stats                                          stats.py: diagonals (Fisher, GGN), K-FAC factors,
+                                                      gradient Gram, noise scale
+    pn.analysis.curvature                             curvature.py: per-column walks for exact curvature
+    pn.diagnostics                                    diagnostics.py: per-layer norms while training
+    pn.as_function, pn.hvp, pn.ggn_vp                 interop.py: the backward inside jax.grad (the one
+                                                      module allowed custom_vjp and jvp)
+"""
+from purenet.analysis import curvature, per_example, stats, diagnostics, interop  # noqa: I001 (dependency order)
+
+__all__ = ["curvature", "diagnostics", "interop", "per_example", "stats"]
