@@ -8,14 +8,15 @@ from purenet.io.compile_cache import enable_compilation_cache
 from purenet.layers import (
     ELU, GELU, AvgPool2D, BatchNorm, Conv2D, Dense, Frozen, GlobalAvgPool2D, MaxPool2D, Dropout, Elementwise, Flatten,
     Identity, LayerNorm, LeakyReLU, Parallel, ReLU, Remat, Residual, RMSNorm, Sequential, SiLU, Sigmoid, Softmax,
-    Softplus, Tanh, mlp, GPT, Embedding, MultiHeadAttention, PositionalEmbedding, gpt, LLaMA, SwiGLU, llama,
+    Softplus, Tanh, mlp, Embedding, MultiHeadAttention, PositionalEmbedding, SwiGLU,
 )
 from purenet.layers import GRU, LSTM
 from purenet.layers import Conv1D, ConvTranspose2D, GroupNorm, Upsample2D
 from purenet.layers.base import Container, Layer, Static, Wrapper, decay_mask, roles
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
-from purenet.generate import generate
+from purenet import analysis, data, io, models
+from purenet.models import GPT, LLaMA, generate, gpt, llama
 from purenet.analysis.interop import as_function, ggn_vp, hvp
 from purenet.network import forward, init, input_grad, loss, value_and_grad
 from purenet.optim import schedules
@@ -51,6 +52,8 @@ __all__ = [
     "CheckpointError", "augment", "checkpoint", "compile_cache", "datasets", "diagnostics", "distributed",
     "enable_compilation_cache", "initializers", "interop", "load", "losses", "metrics", "optim", "save", "schedules",
     "shuffle", "stats", "training", "xla_flags",
+    # the packages behind them: the traversal's analyses, data, weights and runs in and out, models
+    "analysis", "data", "io", "models",
     # weights in and out (safetensors, nanoGPT, PyTorch state_dicts)
     "WeightsError", "weights",
     # differential privacy's accounting and its noise

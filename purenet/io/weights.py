@@ -81,8 +81,8 @@ import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from purenet.io.checkpoint import CheckpointError, write_atomically
-from purenet.layers.gpt import GPT, gpt
-from purenet.layers.nanogpt import NanoGPT
+from purenet.models.gpt import GPT, gpt
+from purenet.models.nanogpt import NanoGPT
 from purenet.layers.sequential import Sequential
 from purenet.layers.softmax import Softmax
 from purenet.network import init
@@ -489,7 +489,7 @@ def from_state_dict(like: PyTree, state_dict: Mapping[str, Any], names: Mapping[
 def nanogpt(vocab_size: int, context: int, layers: int, heads: int, features: int, dropout: float = 0.0,
             bias: bool = True) -> Sequential:
     """nanoGPT's GPT as a purenet net: `pn.gpt(...)` when bias (the same net), else the bias-free
-    `NanoGPT` (purenet.layers.nanogpt) in the same Sequential([model, Softmax()])."""
+    `NanoGPT` (purenet.models.nanogpt) in the same Sequential([model, Softmax()])."""
     if bias:
         return gpt(vocab_size, context, layers, heads, features, dropout)
     model = NanoGPT(vocab_size, context, layers, heads, features, dropout, bias=False)

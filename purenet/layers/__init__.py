@@ -8,8 +8,6 @@ from purenet.layers.conv import AvgPool2D, Conv1D, Conv2D, GlobalAvgPool2D, MaxP
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import Embedding, PositionalEmbedding
-from purenet.layers.gpt import GPT, gpt
-from purenet.layers.llama import LLaMA, llama
 from purenet.layers.norm import GroupNorm, LayerNorm, RMSNorm
 from purenet.layers.recurrent import GRU, LSTM
 from purenet.layers.sequential import Sequential, mlp
@@ -25,3 +23,14 @@ __all__ = [
     "Sequential", "SiLU", "Sigmoid", "Softmax", "Softplus", "SwiGLU", "Tanh", "gpt", "llama", "mlp",
     "Conv1D", "ConvTranspose2D", "GroupNorm", "Upsample2D",
 ]
+
+
+_MODELS = ("GPT", "LLaMA", "gpt", "llama")
+
+
+def __getattr__(name: str):
+    """The models live in purenet.models (they are built from these layers); their names stay here too."""
+    if name in _MODELS:
+        from purenet import models
+        return getattr(models, name)
+    raise AttributeError(f"module 'purenet.layers' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from purenet.layers.base import Array, PyTree, Visit, Wrapper, as_shape, walk
 from purenet.layers.compose import Residual
 from purenet.layers.dense import Dense
 from purenet.layers.embedding import Embedding, check_ids
-from purenet.layers.gpt import check_model_sizes
+from purenet.models.gpt import check_model_sizes
 from purenet.layers.norm import RMSNorm
 from purenet.layers.sequential import Sequential
 from purenet.layers.swiglu import SwiGLU

@@ -19,7 +19,7 @@ from purenet.layers.attention import MultiHeadAttention
 from purenet.layers.compose import Residual
 from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import PositionalEmbedding
-from purenet.layers.gpt import _STD, GPT
+from purenet.models.gpt import _STD, GPT
 from purenet.layers.norm import LayerNorm
 from purenet.layers.sequential import Sequential
 
