@@ -403,3 +403,21 @@ def test_micro_batches_and_chunks_insert_the_canaries_once():
                                                            expected_batch_size=32)):
         _, grads, _ = fn(*args, weight=jnp.ones(64))
         np.testing.assert_allclose(np.asarray(c.project(grads)), np.asarray(c.project(reference)), atol=1e-6)
+
+
+def test_a_resumed_run_observes_its_canaries_as_the_uninterrupted_run(tmp_path):
+    """The observer's slot is optimizer state: a fit checkpoint keeps it, and a resumed run's scores are
+    the uninterrupted run's."""
+    x, y = _digits(256)
+    net = _mlp()
+    params, state = pn.init(net, jax.random.key(0), (128,))
+    c = pn.privacy.gradient_canaries(params, 50, jax.random.key(1), sample_rate=64 / 256, net=net)
+    opt = pn.optim.chain(c.observe(), pn.optim.sgd(0.1))
+    kw = dict(key=jax.random.key(2), batch_size=64, params=params, state=state, dp=pn.DPSGD(1.0, 1.0, canaries=c))
+    whole = pn.fit(net, opt, (x, y), epochs=2, **kw)
+    path = str(tmp_path / "run.ckpt")
+    pn.fit(net, opt, (x, y), epochs=1, checkpoint=path, **kw)
+    resumed = pn.fit(net, opt, (x, y), epochs=2, checkpoint=path, resume=True, **kw)
+    for a, b in zip(c.scores(whole.opt_state), c.scores(resumed.opt_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert int(pn.optim.find_slot(resumed.opt_state, pn.privacy.CanaryObservations).steps) == 2 * 256 // 64
