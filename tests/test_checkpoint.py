@@ -267,3 +267,42 @@ def test_sigkill_while_saving_never_loses_the_last_checkpoint(tmp_path):
     assert kills >= 5 and last > 0
     leftovers = [f for f in os.listdir(tmp_path) if f != "crash.ckpt"]
     assert all(f.endswith(".tmp") for f in leftovers)  # a killed writer may leave its temp file, never a bad target
+
+
+# ---------------------------------------------------------------- checkpoints written before the tree moved
+
+DATA = Path(__file__).resolve().parent / "data"  # written by tests/data/write_7208650.py at commit 7208650
+
+
+def test_checkpoints_written_before_the_tree_moved_load_as_they_were(tmp_path):
+    """7208650 kept datasets, checkpoint and the analyses at the package root; its files name
+    purenet.datasets:Split and the training types. They load to the same types and arrays, and a fit
+    checkpoint resumes."""
+    import shutil
+
+    split = pn.load(DATA / "split_7208650.ckpt")["split"]
+    assert type(split) is pn.datasets.Split
+    digits = pn.datasets.digits()
+    for saved, now in zip(split, digits):
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(now)[:4])
+    run = pn.load(DATA / "fit_7208650.ckpt")
+    assert type(run["train_state"]).__name__ == "TrainState"
+    assert type(run["train_state"].opt_state) is pn.optim.OptState
+    assert type(run["early_stopping"]).__name__ == "EarlyStoppingState"
+    path = tmp_path / "run.ckpt"
+    shutil.copy(DATA / "fit_7208650.ckpt", path)
+    # resumed in a process of its own: the file is float32, and this process may run with x64 switched on
+    script = f"""
+import jax, numpy as np, purenet as pn
+d = pn.datasets.digits()
+run = pn.load({str(DATA / "fit_7208650.ckpt")!r})
+resumed = pn.fit(pn.mlp([64, 8, 10]), pn.optim.adam(1e-2), (d.x_train[:64], d.y_train[:64]), key=jax.random.key(0),
+                 epochs=2, batch_size=32, early_stopping=pn.EarlyStopping(patience=3),
+                 validation=(d.x_test[:32], d.y_test[:32]), checkpoint={str(path)!r}, resume=True)
+assert len(resumed.history["loss"]) == 2
+np.testing.assert_array_equal(resumed.history["loss"][:1], run["history"]["loss"])
+print("resumed")
+"""
+    env = pn.xla_flags.environ(dict(os.environ, JAX_ENABLE_X64="0", JAX_PLATFORMS="cpu"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "resumed" in out.stdout, out.stderr
