@@ -1,0 +1,240 @@
+"""The generic per-example defaults: every per-example feature from a layer's own `backward`.
+
+    grads_i, dx = per_example_backward(layer, params, cache, dy)      # leaves (batch, ...)
+    sq, dx      = per_example_sq_norms(layer, params, cache, dy, l2)  # ||g_i + l2 W||^2, (batch,)
+    sq, dx      = per_example_sq(layer, params, cache, dy)            # sum_i g_i**2, like params
+    gram, dxa, dxb = per_example_gram(layer, params, ca, dya, cb, dyb)
+    sq, dx, wsum = sq_norms_and_weighted_sum(layer, params, cache, dy)  # wsum(w) = sum_i w_i g_i
+
+Each calls the layer's method of that name when it has one (a fast path), and otherwise the
+default: the layer's `backward`, `vmap`ped over the examples of its cache and dy (`cache_batch_axes`
+says which cache leaves follow the batch). The test suite proves every fast path equal to it.
+"""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from purenet.layers.base import Array, PyTree
+from purenet.layers.roles import DECAYED, layer_roles
+
+__all__ = [
+    "cache_batch_axes", "feature_split", "generic_per_example_backward", "generic_per_example_sq_norms",
+    "has_params", "kfac_eligible", "per_example_backward", "per_example_gram", "per_example_sq",
+    "per_example_sq_columns", "per_example_sq_norms", "scale_rows", "sq_norms_and_weighted_sum", "sum_leaves",
+]
+
+
+def _batch_size(dy: PyTree) -> int:
+    return jax.tree_util.tree_leaves(dy)[0].shape[0]
+
+
+def has_params(params: PyTree) -> bool:
+    return bool(jax.tree_util.tree_leaves(params))
+
+
+def cache_batch_axes(layer: Any, cache: PyTree, n: int, params: PyTree = None, dy: PyTree = None) -> list:
+    """Per cache leaf: 0 when it carries the batch axis first, None when it is shared by all examples.
+
+    The layer's own `cache_batch_axes(cache, n)` when it has one. Otherwise the forward says: given
+    `params` and `dy`, the input's shape is that of the backward's dx, and the layer's cache is traced
+    (`jax.eval_shape`, nothing computed) at batch sizes n and n + 1. A leaf whose leading axis follows
+    the batch is batched; one whose shape does not change is shared (a cached parameter, even one
+    with n rows); any other (a cache of n * T rows) cannot be sliced per example and is an error
+    that asks the layer to declare its axes. Where the forward cannot be traced (no dx, an init
+    that needs values), a leaf with n leading rows is batched, unless a parameter has its very
+    shape: that is ambiguous, and an error too.
+    """
+    if hasattr(layer, "cache_batch_axes"):
+        return list(layer.cache_batch_axes(cache, n))
+    shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(cache)]
+    grown = None if params is None or dy is None else _cache_shapes_at(layer, params, cache, dy, n + 1)
+    if grown is None:
+        owned = {jnp.shape(p) for p in jax.tree_util.tree_leaves(params)}
+        for shape in shapes:
+            if len(shape) >= 1 and shape[0] == n and shape in owned:
+                raise ValueError(_undeclared(layer, shape, n, "a parameter has the same shape"))
+        return [0 if len(shape) >= 1 and shape[0] == n else None for shape in shapes]
+    axes: list[int | None] = []
+    for shape, other in zip(shapes, grown):
+        if len(shape) >= 1 and shape[0] == n and other == (n + 1,) + shape[1:]:
+            axes.append(0)
+        elif shape == other:
+            axes.append(None)
+        else:
+            raise ValueError(_undeclared(layer, shape, n, f"it has shape {other} for a batch of {n + 1}"))
+    return axes
+
+
+def _undeclared(layer: Any, shape: tuple, n: int, why: str) -> str:
+    return (f"{type(layer).__name__}'s cache has a leaf of shape {shape} at a batch of {n} examples, and "
+            f"{why}: the per-example path cannot tell whether it holds one row per example. Define "
+            f"cache_batch_axes(self, cache, n) on the layer, returning per cache leaf 0 (batch axis first) "
+            f"or None (shared by all examples), or give it a per_example_backward")
+
+
+def _cache_shapes_at(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, m: int) -> list | None:
+    """The shapes of the layer's cache leaves for a batch of m examples (traced, nothing computed), or
+    None where the forward cannot be traced from what the backward has, or does not reproduce `cache`."""
+    def shaped(t: Any) -> Any:
+        return jax.ShapeDtypeStruct(jnp.shape(t), jnp.result_type(t))
+
+    try:
+        dx = jax.eval_shape(lambda: layer.backward(params, cache, dy)[1])
+        if not isinstance(dx, jax.ShapeDtypeStruct) or len(dx.shape) < 1:
+            return None
+        in_shape, n = dx.shape[1:], dx.shape[0]
+        state = jax.eval_shape(lambda: layer.init(jax.random.key(0), in_shape, dx.dtype)[1])
+        p = jax.tree_util.tree_map(shaped, params)
+        actual = jax.tree_util.tree_structure(cache), [jnp.shape(t) for t in jax.tree_util.tree_leaves(cache)]
+        for train in (True, False):
+            def cache_of(batch: int) -> Any:
+                x = jax.ShapeDtypeStruct((batch, *in_shape), dx.dtype)
+                return jax.eval_shape(lambda p, s, x: layer.forward(p, s, x, train=train, key=jax.random.key(0))[2],
+                                      p, state, x)
+            at_n = cache_of(n)
+            if (jax.tree_util.tree_structure(at_n), [t.shape for t in jax.tree_util.tree_leaves(at_n)]) == actual:
+                return [t.shape for t in jax.tree_util.tree_leaves(cache_of(m))]
+    except Exception:  # noqa: BLE001 - a forward that needs values or other inputs: the fallback decides
+        return None
+    return None
+
+
+def generic_per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """Each example's gradients by the layer's own backward, vmapped over the examples.
+
+    Example i's backward sees its slice of every batched cache leaf and of dy,
+    with a batch axis of one, and the shared leaves whole. The batch's dx is
+    the examples' dx rows (a layer that mixes examples, like BatchNorm in
+    training, must not use this path).
+    """
+    n = _batch_size(dy)
+    leaves_, treedef = jax.tree_util.tree_flatten(cache)
+    axes = cache_batch_axes(layer, cache, n, params, dy)
+
+    def one(batched: list, dy_i: PyTree) -> tuple[PyTree, Any]:
+        it = iter(batched)
+        full = [next(it)[None] if ax == 0 else leaf for leaf, ax in zip(leaves_, axes)]
+        g, dx = layer.backward(params, jax.tree_util.tree_unflatten(treedef, full),
+                               jax.tree_util.tree_map(lambda t: t[None], dy_i))
+        return g, jax.tree_util.tree_map(lambda t: t[0], dx)
+
+    batched = [leaf for leaf, ax in zip(leaves_, axes) if ax == 0]
+    return jax.vmap(one)(batched, dy)
+
+
+def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """(grads with a leading batch axis, dx): the layer's fast path, or the generic default."""
+    if hasattr(layer, "per_example_backward"):
+        return layer.per_example_backward(params, cache, dy)
+    if not has_params(params):
+        return params, layer.backward(params, cache, dy)[1]
+    return generic_per_example_backward(layer, params, cache, dy)
+
+
+def sum_leaves(tree: PyTree, zero: Array) -> Array:
+    total = zero
+    for leaf in jax.tree_util.tree_leaves(tree):
+        total = total + leaf
+    return total
+
+
+def _rows_sq(g: Array) -> Array:
+    return jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=-1)
+
+
+def generic_per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
+                                 l2: Any = 0.0) -> tuple[Array, Any]:
+    """||g_i + l2 W||^2 from the per-example gradients (W: the layer's weight-role parameters)."""
+    grads, dx = per_example_backward(layer, params, cache, dy)
+    n = _batch_size(dy)
+    zero = jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype)
+    if not has_params(params):
+        return zero, dx
+    if not (isinstance(l2, (int, float)) and l2 == 0):
+        mask = jax.tree_util.tree_map(lambda r: r in DECAYED, layer_roles(layer, params))
+        grads = jax.tree_util.tree_map(lambda g, p, m: g + l2 * p if m else g, grads, params, mask)
+    return sum_leaves(jax.tree_util.tree_map(_rows_sq, grads), zero), dx
+
+
+def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
+                         l2: Any = 0.0) -> tuple[Array, Any]:
+    """(||g_i + l2 W||^2 per example, dx): the layer's fast path, or from per-example gradients."""
+    if hasattr(layer, "per_example_sq_norms"):
+        return layer.per_example_sq_norms(params, cache, dy, l2)
+    return generic_per_example_sq_norms(layer, params, cache, dy, l2)
+
+
+def scale_rows(w: Array, t: PyTree) -> PyTree:
+    """Each array of t with row i (its leading slice) multiplied by w_i."""
+    return jax.tree_util.tree_map(lambda a: a * w.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), t)
+
+
+def sq_norms_and_weighted_sum(layer: Any, params: PyTree, cache: PyTree,
+                              dy: PyTree) -> tuple[Array, Any, Callable[[Array], PyTree]]:
+    """(||g_i||^2 per example, dx, w -> sum_i w_i g_i): the pieces of one-pass clipping.
+
+    g_i is linear in example i's rows of dy, so sum_i w_i g_i is the
+    parameter gradient of the rescaled rows w_i dy_i: by default the layer's
+    backward of them. A layer whose backward first maps dy to an inner
+    gradient (attention's dL/d[q k v], a recurrent layer's gate gradients)
+    says so with its own `sq_norms_and_weighted_sum`, which rescales that
+    inner gradient instead of running its backward twice.
+    """
+    if hasattr(layer, "sq_norms_and_weighted_sum"):
+        return layer.sq_norms_and_weighted_sum(params, cache, dy)
+    sq, dx = per_example_sq_norms(layer, params, cache, dy, 0.0)
+    return sq, dx, lambda w: layer.backward(params, cache, scale_rows(w, dy))[0]
+
+
+def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """(sum_i g_i**2 elementwise, like params; dx)."""
+    if hasattr(layer, "per_example_sq"):
+        return layer.per_example_sq(params, cache, dy)
+    grads, dx = per_example_backward(layer, params, cache, dy)
+    return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads), dx
+
+
+def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, axis_name: str) -> tuple[PyTree, Any]:
+    """(sum over the examples and over the cotangent columns of g**2, like params; dx), inside a
+    `vmap` over the columns named `axis_name` (`purenet.analysis.curvature.column_walk`): the layer's
+    fast path, or its `per_example_sq` summed over the columns with `lax.psum`."""
+    if hasattr(layer, "per_example_sq_columns"):
+        return layer.per_example_sq_columns(params, cache, dy, axis_name)
+    sq, dx = per_example_sq(layer, params, cache, dy)
+    return jax.lax.psum(sq, axis_name), dx
+
+
+def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, cache_b: PyTree,
+                     dy_b: PyTree) -> tuple[Array, Any, Any]:
+    """((na, nb) matrix of <g_i, g_j>, dxa, dxb)."""
+    if hasattr(layer, "per_example_gram"):
+        return layer.per_example_gram(params, cache_a, dy_a, cache_b, dy_b)
+    ga, dxa = per_example_backward(layer, params, cache_a, dy_a)
+    gb, dxb = per_example_backward(layer, params, cache_b, dy_b)
+    na, nb = _batch_size(dy_a), _batch_size(dy_b)
+    products = jax.tree_util.tree_map(
+        lambda u, v: jnp.reshape(u, (na, -1)) @ jnp.reshape(v, (nb, -1)).T, ga, gb)
+    zero = jnp.zeros((na, nb), jax.tree_util.tree_leaves(dy_a)[0].dtype)
+    return sum_leaves(products, zero), dxa, dxb
+
+
+def feature_split(params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
+    """Megatron's split of  y = x W + b  (W: (..., in, out)) over a "model" axis of size m.
+
+    Input whole: column parallel, W[..., :, j-block] and b[j-block] per device,
+    y comes out split over its features (no collective). Input split: row
+    parallel, W[..., i-block, :] per device, b whole; each device's x_i W_i
+    is a partial sum of y, which one all-reduce adds (and b is added once).
+    The backward is the dual: dL/dx = dy W^T is split (row) or a partial sum
+    to all-reduce (column).
+    """
+    if split_in:
+        return {k: (-2 if k == "W" else None) for k in params}, False
+    return {k: (-1 if k == "W" else 0) for k in params}, True
+
+
+def kfac_eligible(layer: Any) -> bool:
+    return hasattr(layer, "kfac_factors") and hasattr(layer, "kfac_dims")
+
+
