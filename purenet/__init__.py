@@ -12,7 +12,8 @@ from purenet.layers import (
 )
 from purenet.layers import GRU, LSTM
 from purenet.layers import Conv1D, ConvTranspose2D, GroupNorm, Upsample2D
-from purenet.layers.base import Container, Layer, Static, Wrapper, decay_mask, roles
+from purenet.layers.base import Container, Layer, Static, Wrapper
+from purenet.layers.roles import decay_mask, roles
 from purenet.losses import Loss
 from purenet._checks import check_finite_rows
 from purenet import analysis, data, io, models

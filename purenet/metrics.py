@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_float_input
-from purenet.layers.base import Array, LayerLike, PyTree, id_layer
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.roles import id_layer
 from purenet.layers import Sequential
 from purenet.network import fused_loss, output_head
 

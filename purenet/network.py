@@ -26,7 +26,9 @@ import jax
 from purenet import losses
 from purenet._checks import check_float_input
 from purenet.layers import Sequential
-from purenet.layers.base import PLAIN, Visit, decay_mask, id_layer, output_kind, walk
+from purenet.layers.base import Visit
+from purenet.layers.roles import decay_mask, id_layer, output_kind
+from purenet.layers.traversal import PLAIN, walk
 from purenet.layers.protocol import check_names
 
 PyTree = Any

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from purenet import losses
-from purenet.layers.base import Array, PyTree, Visit, walk
+from purenet.layers.base import Array, PyTree, Visit
+from purenet.layers.traversal import walk
 from purenet.network import LossPass
 
 __all__ = ["COLUMNS", "FISHERS", "column_walk", "exact_columns", "loss_kind", "mc_columns", "output_columns",

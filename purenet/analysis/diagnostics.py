@@ -27,7 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import Visit, has_params, layer_roles, leaves, walk, walk_leaves
+from purenet.layers.base import Visit
+from purenet.layers.defaults import has_params
+from purenet.layers.roles import layer_roles
+from purenet.layers.traversal import leaves, walk, walk_leaves
 from purenet.network import value_and_grad
 
 __all__ = ["gradient_flow", "layer_names", "plot_gradient_flow", "update_ratio"]

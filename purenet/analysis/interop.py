@@ -29,7 +29,8 @@ import numpy as np
 
 from purenet import losses
 from purenet._checks import check_float_input
-from purenet.layers.base import Array, LayerLike, PyTree, decay_mask, id_layer
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.roles import decay_mask, id_layer
 from purenet.network import _body_trees, _full_trees, _prepare, value_and_grad
 
 __all__ = ["as_function", "ggn_vp", "hvp"]

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 from purenet.analysis import curvature
 from purenet.analysis.curvature import COLUMNS
 from purenet.layers import base
-from purenet.layers.base import Array, KFACBlocks, KFACFactors, LayerLike, PyTree, Visit, kfac_eligible, walk
+from purenet.layers.base import Array, KFACBlocks, KFACFactors, LayerLike, PyTree, Visit
+from purenet.layers.defaults import kfac_eligible
+from purenet.layers.traversal import walk
 from purenet.losses import Loss
 from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
 from purenet.analysis.per_example import sq_norms_visit
@@ -177,7 +179,7 @@ def _column_squares(layer, params, cache, cols, per_example):
 
 def _diagonal_columns(r: Array) -> tuple[Array, Array]:
     """diag(r) per example as signed columns: (sqrt(max(r, 0)) e_d, sqrt(max(-r, 0)) e_d), d over units."""
-    n, shape = r.shape[0], r.shape[1:]
+    shape = r.shape[1:]
     eye = jnp.eye(math.prod(shape), dtype=r.dtype).reshape(-1, 1, *shape)
     return eye * jnp.sqrt(jnp.maximum(r, 0))[None], eye * jnp.sqrt(jnp.maximum(-r, 0))[None]
 

@@ -49,7 +49,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from purenet.distributed.data import AXIS, data_axis, put
 from purenet.distributed.mesh import MODEL
-from purenet.layers.base import PyTree, has_params, map_leaves
+from purenet.layers.base import PyTree
+from purenet.layers.defaults import has_params
+from purenet.layers.traversal import map_leaves
 
 __all__ = [
     "STRATEGIES", "check_strategy", "constrain", "like_params", "param_shardings", "param_specs", "shard_params",

@@ -24,7 +24,8 @@ from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import attention_kernels as kernels
 from purenet.layers import dense
-from purenet.layers.base import Array, KFACBlocks, Layer, PyTree, Static, as_shape, kfac_key, scale_rows
+from purenet.layers.base import Array, KFACBlocks, Layer, PyTree, Static, as_shape, kfac_key
+from purenet.layers.defaults import scale_rows
 
 __all__ = ["IMPLEMENTATIONS", "MultiHeadAttention", "rope", "rope_angles", "rope_backward"]
 

@@ -19,8 +19,8 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 
-from purenet.layers.base import (Array, Container, Wrapper, LayerLike, ParameterFree, PyTree, Static, Visit, as_shape,
-                                 decode, frozen_input_grads, walk)
+from purenet.layers.base import Array, Container, Wrapper, LayerLike, ParameterFree, PyTree, Static, Visit, as_shape
+from purenet.layers.traversal import decode, frozen_input_grads, walk
 
 __all__ = ["Flatten", "Frozen", "Parallel", "Remat", "Residual"]
 

@@ -29,7 +29,8 @@ from jax import lax
 
 from purenet import chunks, initializers
 from purenet.initializers import default_float
-from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree, Static, as_shape, feature_split
+from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree, Static, as_shape
+from purenet.layers.defaults import feature_split
 from purenet.layers import dense
 
 __all__ = [

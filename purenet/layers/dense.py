@@ -7,7 +7,8 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, feature_split, scale_rows, wide
+from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, wide
+from purenet.layers.defaults import feature_split, scale_rows
 
 __all__ = ["Dense", "kfac_factors", "per_example_grads", "per_example_gram", "per_example_sq", "per_example_sq_norms"]
 

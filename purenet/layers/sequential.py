@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid
-from purenet.layers.base import Array, Container, PyTree, Visit, as_shape, decode, decode_init, walk
+from purenet.layers.base import Array, Container, PyTree, Visit, as_shape
+from purenet.layers.traversal import decode, decode_init, walk
 from purenet.layers.batchnorm import BatchNorm
 from purenet.layers.dense import Dense
 from purenet.layers.dropout import Dropout

@@ -9,7 +9,8 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import dense
-from purenet.layers.base import Array, Layer, PyTree, as_shape, scale_rows
+from purenet.layers.base import Array, Layer, PyTree, as_shape
+from purenet.layers.defaults import scale_rows
 
 __all__ = ["SwiGLU"]
 

@@ -20,7 +20,8 @@ from jax import lax
 from purenet.layers import dense
 from purenet.layers.activations import GELU
 from purenet.layers.attention import MultiHeadAttention
-from purenet.layers.base import Array, Container, Layer, PyTree, Visit, as_shape, decode, decode_init, walk
+from purenet.layers.base import Array, Container, Layer, PyTree, Visit, as_shape
+from purenet.layers.traversal import decode, decode_init, walk
 from purenet.layers.compose import Residual
 from purenet.layers.dropout import Dropout
 from purenet.layers.embedding import (Embedding, PositionalEmbedding, check_ids, per_example_scatter,

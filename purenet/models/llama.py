@@ -14,7 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from purenet.layers.attention import MultiHeadAttention
-from purenet.layers.base import Array, PyTree, Visit, Wrapper, as_shape, walk
+from purenet.layers.base import Array, PyTree, Visit, Wrapper, as_shape
+from purenet.layers.traversal import walk
 from purenet.layers.compose import Residual
 from purenet.layers.dense import Dense
 from purenet.layers.embedding import Embedding, check_ids

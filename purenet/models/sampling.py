@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from purenet._checks import check_hyperparameter, check_index_range
-from purenet.layers.base import Array, LayerLike, PyTree, decode, decode_init, id_layer, output_kind
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.roles import id_layer, output_kind
+from purenet.layers.traversal import decode, decode_init
 from purenet.network import _body_trees, _split_head
 
 __all__ = ["generate"]

@@ -43,7 +43,7 @@ from jax.scipy.linalg import cho_solve
 
 from purenet._checks import check_hyperparameter
 from purenet.layers.base import KFACBlocks, KFACFactors, LayerLike, kfac_pair
-from purenet.layers.base import roles as param_roles
+from purenet.layers.roles import roles as param_roles
 from purenet.optim.base import Optimizer, Transform, chain
 from purenet.optim.schedules import Schedule
 

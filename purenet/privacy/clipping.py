@@ -19,7 +19,8 @@ import numpy as np
 from purenet._checks import check_hyperparameter, is_concrete
 from purenet.chunks import check_chunk_size, mean_in_chunks
 from purenet.layers import base
-from purenet.layers.base import Array, LayerLike, PyTree, walk
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.traversal import walk
 from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
 from purenet.analysis.per_example import _sq_norms, per_example_values, trainable_mask

@@ -110,7 +110,7 @@ def standard_normal_like(tree: PyTree, key: jax.Array) -> PyTree:
         blocks = math.prod(_grid(leaf.shape))
         if offset + blocks > 2**32:
             raise ValueError(f"standard_normal_like draws at most 2^32 Threefry blocks (about 2^33 entries) in "
-                             f"one call; this tree needs more: split it and give each part its own key")
+                             "one call; this tree needs more: split it and give each part its own key")
         out[i] = _leaf_normal(words_key, leaf.shape, offset).astype(leaf.dtype)
         offset += blocks
     rest = [i for i in range(len(leaves)) if out[i] is None]

@@ -8,7 +8,8 @@ from jax.sharding import Mesh
 
 from purenet import distributed, losses, network
 from purenet._checks import check_finite_rows, check_float_input, check_hyperparameter
-from purenet.layers.base import Array, LayerLike, PyTree, id_layer
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.roles import id_layer
 from purenet.training.early_stopping import EarlyStopping
 
 __all__ = [

@@ -28,7 +28,8 @@ from purenet.data import shuffle
 from purenet.data.augment import mixes_examples
 from purenet._checks import as_array, check_float_input
 from purenet.initializers import default_float
-from purenet.layers.base import Array, LayerLike, PyTree, id_layer
+from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.roles import id_layer
 from purenet.analysis import stats
 from purenet.losses import Loss
 from purenet.optim import current_loss_scale, ema_params, has_ema
