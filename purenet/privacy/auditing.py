@@ -61,6 +61,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from purenet.privacy.accounting import _count, _real
+
 __all__ = ["AuditResult", "audit", "epsilon_one_run"]
 
 
@@ -110,14 +112,8 @@ def _scores(name: str, scores: Any) -> np.ndarray:
 
 
 def _check_level(delta: Any, confidence: Any) -> tuple[float, float]:
-    def real(x: Any) -> bool:
-        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-
-    if not (real(delta) and 0 < delta <= 1):
-        raise ValueError(f"delta must be a number in (0, 1], got {delta!r}")
-    if not (real(confidence) and 0 < confidence < 1):
-        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    return float(delta), float(confidence)
+    return (_real("delta", delta, 0.0, 1.0, True, False),
+            _real("confidence", confidence, 0.0, 1.0, True, True))
 
 
 def _hull(points: np.ndarray) -> np.ndarray:
@@ -214,19 +210,25 @@ def guess_grid(m: int) -> np.ndarray:
     return np.unique(np.concatenate([[1], k[k >= 1]]))
 
 
-def _one_run(in_scores: np.ndarray, out_scores: np.ndarray, delta: float, significance: float, fdp: bool,
-             thresholds: str = "grid", guesses: int | None = None) -> float:
-    m = in_scores.size + out_scores.size
-    if guesses is not None:  # one number of guesses, fixed before the run
-        return _refuted(m, *_top(in_scores, out_scores, guesses), delta, significance, fdp, 0.0)
-    if thresholds == "grid":  # the same candidates whatever the memberships: Bonferroni over them is valid
-        pairs = np.array([_top(in_scores, out_scores, int(k)) for k in guess_grid(m)])
-        total, tp = pairs[:, 0], pairs[:, 1]
+def _candidates(in_scores: np.ndarray, out_scores: np.ndarray, thresholds: str,
+                guesses: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(guesses, right guesses) at each threshold tested: one k fixed before the run, the grid's, or
+    the ROC hull's vertices."""
+    if guesses is not None:
+        pairs = np.array([_top(in_scores, out_scores, guesses)])
+    elif thresholds == "grid":  # the same candidates whatever the memberships: Bonferroni over them is valid
+        pairs = np.array([_top(in_scores, out_scores, int(k)) for k in guess_grid(in_scores.size + out_scores.size)])
     else:  # the ROC hull's vertices, as jax_privacy
         fn, tn = _counts(in_scores, out_scores)
         tp = in_scores.size - fn
-        total = tp + out_scores.size - tn
-    level = significance / total.size  # Bonferroni over the thresholds tested
+        return tp + out_scores.size - tn, tp
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _one_run(m: int, total: np.ndarray, tp: np.ndarray, delta: float, significance: float, fdp: bool) -> float:
+    """The largest epsilon refuted at any of the candidates (total[j] guesses, tp[j] right), each at
+    significance / their number (Bonferroni)."""
+    level = significance / total.size
     fp = total - tp
     # thresholds in order of decreasing precision (Clopper-Pearson lower bound): once a bound eps is found, a
     # threshold whose raw precision is at most e^eps / (1 + e^eps) cannot refute a larger one
@@ -250,9 +252,10 @@ def _check_thresholds(thresholds: Any) -> str:
 def _check_guesses(guesses: Any, m: int) -> int | None:
     if guesses is None:
         return None
-    if isinstance(guesses, (bool, np.bool_)) or not isinstance(guesses, (int, np.integer)) or not 1 <= guesses <= m:
+    k = _count("guesses", guesses, 1)
+    if k > m:
         raise ValueError(f"guesses must be None or an int in [1, {m}] (the number of canaries), got {guesses!r}")
-    return int(guesses)
+    return k
 
 
 def epsilon_one_run(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.95,
@@ -272,8 +275,9 @@ def epsilon_one_run(in_scores: Any, out_scores: Any, delta: float, confidence: f
     """
     delta, confidence = _check_level(delta, confidence)
     s_in, s_out = _scores("in_scores", in_scores), _scores("out_scores", out_scores)
-    return _one_run(s_in, s_out, delta, 1 - confidence, fdp, _check_thresholds(thresholds),
-                    _check_guesses(guesses, s_in.size + s_out.size))
+    m = s_in.size + s_out.size
+    total, tp = _candidates(s_in, s_out, _check_thresholds(thresholds), _check_guesses(guesses, m))
+    return _one_run(m, total, tp, delta, 1 - confidence, fdp)
 
 
 def audit(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.95, thresholds: str = "grid",
@@ -307,8 +311,8 @@ def audit(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.9
     """
     delta, confidence = _check_level(delta, confidence)
     s_in, s_out = _scores("in_scores", in_scores), _scores("out_scores", out_scores)
-    thresholds = _check_thresholds(thresholds)
-    k = _check_guesses(guesses, s_in.size + s_out.size)
+    m = s_in.size + s_out.size
+    total, tp = _candidates(s_in, s_out, _check_thresholds(thresholds), _check_guesses(guesses, m))
     cuts = np.concatenate([[np.inf], np.union1d(s_in, s_out)[::-1]])
     fpr = 1 - np.searchsorted(np.sort(s_out), cuts, side="left") / s_out.size  # share scoring >= t
     tpr = 1 - np.searchsorted(np.sort(s_in), cuts, side="left") / s_in.size
@@ -316,8 +320,8 @@ def audit(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.9
     tnr, fnr = tn / s_out.size, fn / s_in.size
     auroc = float(0.5 * np.dot(tnr[:-1] + tnr[1:], fnr[1:] - fnr[:-1]))
     return AuditResult(
-        epsilon=_one_run(s_in, s_out, delta, 1 - confidence, False, thresholds, k),
-        epsilon_fdp=_one_run(s_in, s_out, delta, 1 - confidence, True, thresholds, k),
+        epsilon=_one_run(m, total, tp, delta, 1 - confidence, False),
+        epsilon_fdp=_one_run(m, total, tp, delta, 1 - confidence, True),
         auroc=auroc, fpr=fpr, tpr=tpr, delta=delta, confidence=confidence,
         members=int(s_in.size), non_members=int(s_out.size))
 

@@ -105,16 +105,27 @@ class GradientCanaries:
         Returns:
           A tree like `like`, zero except at the marked canaries' entries.
         """
-        leaves = self._check(like)
-        treedef = jax.tree_util.tree_structure(like)
-        out = []
-        for i, x in enumerate(leaves):
+        return self.add(jax.tree_util.tree_map(jnp.zeros_like, like), marks, clip_norm)
+
+    def add(self, tree: PyTree, marks: Array, scale: Any) -> PyTree:
+        """tree + scale sum_c marks_c e_c: the marked canaries scattered into their entries of `tree` (the
+        leaves without canaries are passed through untouched).
+
+        Args:
+          tree: a tree like the params the canaries were placed in (a gradient).
+          marks: (count,) 0/1: which canaries to add.
+          scale: each canary's size (DP-SGD's clip_norm over its divisor).
+
+        Returns:
+          A tree like `tree`.
+        """
+        leaves = self._check(tree)
+        out = list(leaves)
+        for i in np.unique(self.leaf):
             mine = np.flatnonzero(self.leaf == i)
-            g = jnp.zeros((x.size,), x.dtype)
-            if mine.size:
-                g = g.at[self.entry[mine]].add((clip_norm * marks[mine]).astype(x.dtype))
-            out.append(g.reshape(x.shape))
-        return jax.tree_util.tree_unflatten(treedef, out)
+            x = leaves[i]
+            out[i] = jnp.ravel(x).at[self.entry[mine]].add((scale * marks[mine]).astype(x.dtype)).reshape(x.shape)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), out)
 
     def project(self, grads: PyTree) -> Array:
         """Each canary's entry of a gradient tree.

@@ -154,8 +154,7 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
         grads = jax.tree_util.tree_map(lambda g: g * (n / divisor), grads)
         value = value * n / jnp.maximum(jnp.sum(weight), 1).astype(value.dtype)
     if canaries is not None:
-        inserted = canaries.gradient(_checked_canary_marks(canaries, canary_marks, net, params), clip_norm, grads)
-        grads = jax.tree_util.tree_map(lambda g, c: g + c / divisor, grads, inserted)
+        grads = canaries.add(grads, _checked_canary_marks(canaries, canary_marks, net, params), clip_norm / divisor)
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0):
         if noise_key is None:
             raise ValueError("clipped_value_and_grad with noise_multiplier > 0 needs a noise_key")

@@ -109,7 +109,7 @@ def standard_normal_like(tree: PyTree, key: jax.Array) -> PyTree:
             continue
         blocks = math.prod(_grid(leaf.shape))
         if offset + blocks > 2**32:
-            raise ValueError(f"standard_normal_like draws at most 2^32 Threefry blocks (about 2^33 entries) in "
+            raise ValueError("standard_normal_like draws at most 2^32 Threefry blocks (about 2^33 entries) in "
                              "one call; this tree needs more: split it and give each part its own key")
         out[i] = _leaf_normal(words_key, leaf.shape, offset).astype(leaf.dtype)
         offset += blocks
