@@ -42,8 +42,9 @@ from purenet.layers.base import Array, PyTree, positions, wide
 __all__ = [
     "LOSSES", "LOSSES_FROM_LOGITS", "Loss", "add_l2_gradient", "binary_cross_entropy", "binary_cross_entropy_backward",
     "checked", "class_targets", "cross_entropy", "cross_entropy_backward", "finite_logits", "get", "has_l2",
-    "l2_backward", "l2_penalty", "mse", "mse_backward", "sigmoid_binary_cross_entropy",
-    "sigmoid_binary_cross_entropy_backward", "softmax_cross_entropy", "softmax_cross_entropy_backward", "value_targets",
+    "l2_backward", "l2_penalty", "mse", "mse_backward", "mse_hessian_sqrt", "mse_sample", "sigmoid_binary_cross_entropy",
+    "sigmoid_binary_cross_entropy_backward", "sigmoid_hessian_sqrt", "sigmoid_sample", "softmax_cross_entropy",
+    "softmax_cross_entropy_backward", "softmax_hessian_sqrt", "softmax_sample", "value_targets",
 ]
 
 
@@ -68,11 +69,26 @@ class Loss:
     `pn.check_grads(net, x, y, loss=pn.Loss(...))` checks the backward
     against autodiff of the value. Per-example functions take example i's
     loss as value(out[i:i+1], y[i:i+1]), so value must average over axis 0.
+
+    What the rest of the library asks a loss, it declares (all optional):
+
+        targets        "classes" (integer labels of the output's shape without its last axis,
+                       or distributions), "values" (the output's exact shape), or None: the
+                       loss's own backward judges them (the input checks run it on shapes)
+        hessian_sqrt   out -> R (*out.shape[:-1], k, k), the rows of R at each position a square
+                       root of that position's loss Hessian times the positions P (sum_c r_c r_c^T =
+                       P d^2 L / d out^2 at batch 1): fisher="exact" (GGN, KFLR) reads it
+        sample         (out, key, samples) -> targets (samples, *targets' shape) drawn from the
+                       model's predictive distribution, whose negative log-likelihood this loss
+                       is: fisher="mc" reads it
     """
 
     value: Callable
     backward: Callable
     name: str | None = None
+    targets: str | None = None
+    hessian_sqrt: Callable | None = None
+    sample: Callable | None = None
 
     def __post_init__(self) -> None:
         if not (callable(self.value) and callable(self.backward)):
@@ -217,18 +233,58 @@ def sigmoid_binary_cross_entropy_backward(z: Array, t: Any) -> Array:
     return ((jax.nn.sigmoid(zw) - t) / _batch_size(z)).astype(jnp.result_type(z))
 
 
+# ---------------------------------------------------------------- the Hessians' square roots and sampling
+
+
+def mse_hessian_sqrt(y: Array) -> Array:
+    """sqrt(2) I at every position: the Hessian of (y - t)^2 summed over the k outputs is 2 I."""
+    k = y.shape[-1]
+    return jnp.broadcast_to(np.sqrt(2.0) * jnp.eye(k, dtype=y.dtype), (*y.shape[:-1], k, k))
+
+
+def softmax_hessian_sqrt(z: Array) -> Array:
+    """Rows r_c = sqrt(p_c) (e_c - p): sum_c r_c r_c^T = diag(p) - p p^T, cross-entropy's Hessian in
+    the logits (p = softmax(z))."""
+    p = jax.nn.softmax(finite_logits(z), axis=-1)
+    return jnp.sqrt(p)[..., :, None] * (jnp.eye(z.shape[-1], dtype=z.dtype) - p[..., None, :])
+
+
+def sigmoid_hessian_sqrt(z: Array) -> Array:
+    """diag(sqrt(p (1 - p))), p = sigmoid(z): binary cross-entropy's Hessian in the logits."""
+    p = jax.nn.sigmoid(finite_logits(z))
+    return jnp.sqrt(p * (1 - p))[..., :, None] * jnp.eye(z.shape[-1], dtype=z.dtype)
+
+
+def mse_sample(y: Array, key: Array, samples: int) -> Array:
+    """f + N(0, I/2): the Gaussian whose negative log-likelihood is the squared error (up to a constant)."""
+    return y + np.sqrt(0.5) * jax.random.normal(key, (samples, *y.shape), y.dtype)
+
+
+def softmax_sample(z: Array, key: Array, samples: int) -> Array:
+    """Class labels drawn from softmax(z), (samples, *z.shape[:-1])."""
+    return jax.random.categorical(key, finite_logits(z), axis=-1, shape=(samples, *z.shape[:-1]))
+
+
+def sigmoid_sample(z: Array, key: Array, samples: int) -> Array:
+    """0/1 targets drawn from sigmoid(z)."""
+    return jax.random.bernoulli(key, jax.nn.sigmoid(finite_logits(z)), (samples, *z.shape)).astype(z.dtype)
+
+
+_MSE = Loss(mse, mse_backward, targets="values", hessian_sqrt=mse_hessian_sqrt, sample=mse_sample)
+_SOFTMAX_CE = Loss(softmax_cross_entropy, softmax_cross_entropy_backward, targets="classes",
+                   hessian_sqrt=softmax_hessian_sqrt, sample=softmax_sample)
+_SIGMOID_BCE = Loss(sigmoid_binary_cross_entropy, sigmoid_binary_cross_entropy_backward, targets="values",
+                    hessian_sqrt=sigmoid_hessian_sqrt, sample=sigmoid_sample)
+
 LOSSES = {
-    "mse": Loss(mse, mse_backward),
-    "cross_entropy": Loss(cross_entropy, cross_entropy_backward),
-    "binary_cross_entropy": Loss(binary_cross_entropy, binary_cross_entropy_backward),
-    "softmax_cross_entropy": Loss(softmax_cross_entropy, softmax_cross_entropy_backward),
-    "sigmoid_binary_cross_entropy": Loss(sigmoid_binary_cross_entropy, sigmoid_binary_cross_entropy_backward),
+    "mse": _MSE,
+    "cross_entropy": Loss(cross_entropy, cross_entropy_backward, targets="classes"),
+    "binary_cross_entropy": Loss(binary_cross_entropy, binary_cross_entropy_backward, targets="values"),
+    "softmax_cross_entropy": _SOFTMAX_CE,
+    "sigmoid_binary_cross_entropy": _SIGMOID_BCE,
 }
 # The same losses computed from the logits of the output activation they follow.
-LOSSES_FROM_LOGITS = {
-    "cross_entropy": Loss(softmax_cross_entropy, softmax_cross_entropy_backward),
-    "binary_cross_entropy": Loss(sigmoid_binary_cross_entropy, sigmoid_binary_cross_entropy_backward),
-}
+LOSSES_FROM_LOGITS = {"cross_entropy": _SOFTMAX_CE, "binary_cross_entropy": _SIGMOID_BCE}
 
 
 def get(loss: str | Loss) -> Loss:
@@ -278,7 +334,7 @@ def checked(loss: Loss) -> Loss:
                              f"the output's shape {jnp.shape(out)}")
         return d
 
-    return Loss(value, backward, name=str(loss))
+    return dataclasses.replace(loss, value=value, backward=backward, name=str(loss))  # its declarations kept
 
 
 # ---------------------------------------------------------------- L2

@@ -28,8 +28,9 @@ from purenet._checks import check_float_input
 from purenet.layers import Sequential
 from purenet.layers.base import Visit
 from purenet.layers.roles import decay_mask, id_layer, output_kind
-from purenet.layers.traversal import PLAIN, walk
+from purenet.layers.traversal import PLAIN, map_leaves, walk
 from purenet.layers.protocol import check_names
+from purenet.layers.structure import check as check_structure
 
 PyTree = Any
 
@@ -89,7 +90,9 @@ def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
     `dtype` defaults to JAX's default float (float64 under jax_enable_x64).
     A layer that defines a name close to an optional protocol name but not
     one (`mixes_example`) is an AttributeError that suggests the name
-    (`purenet.layers.protocol.check_names`).
+    (`purenet.layers.protocol.check_names`); a layer whose declared
+    structure leaves out a parameter or places one twice is a ValueError
+    (`purenet.layers.structure.check`).
     """
     check_names(net)
     if in_shape is None:
@@ -100,6 +103,7 @@ def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
         raise ValueError(f"pn.init needs in_dim or in_shape for {type(net).__name__} "
                          f"(the shape of one example, e.g. the width of the input rows)")
     params, state, _ = net.init(key, in_shape, dtype=dtype)
+    map_leaves(net, lambda layer, p, frozen: check_structure(layer, p), params)
     return params, state
 
 

@@ -89,7 +89,7 @@ for model, (net, x, y) in MODELS.items():
         for slot in ("m", "v"):  # Adam's moments are split as the params are
             assert jax.tree_util.tree_all(jax.tree_util.tree_map(
                 lambda p, m: p.sharding.is_equivalent_to(m.sharding, p.ndim), many.params,
-                many.opt_state.slots[0][slot]))
+                getattr(many.opt_state.slots[0], slot)))
         # per-device bytes of params + optimizer state <= 1/n of the whole + the leaves not split n ways
         whole = sum(v.nbytes for v in jax.tree_util.tree_leaves(many.opt_state))
         small = sum(v.nbytes for v in jax.tree_util.tree_leaves(many.opt_state)

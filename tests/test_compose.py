@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import purenet as pn
+from purenet.layers import base
 from tests.conftest import scaled
 from purenet.testing import check_per_example, compare_trees, net_cases
 
@@ -249,9 +250,9 @@ def test_dense_per_example_norms_over_positions(positions):
     x = jax.random.normal(jax.random.key(1), (5, positions, 4))
     dy = jax.random.normal(jax.random.key(2), (5, positions, 3))
     _, _, cache = layer.forward(params, {}, x)
-    grads, _ = layer.per_example_backward(params, cache, dy)
+    grads, _ = base.per_example_backward(layer, params, cache, dy)
     np.testing.assert_allclose(grads["W"][2], x[2].T @ dy[2], rtol=1e-12)
-    sq, _ = layer.per_example_sq_norms(params, cache, dy, l2=0.3)
+    sq, _ = base.per_example_sq_norms(layer, params, cache, dy, l2=0.3)
     explicit = (jnp.sum((grads["W"] + 0.3 * params["W"]) ** 2, axis=(1, 2))
                 + jnp.sum((grads["b"] + 0.0) ** 2, axis=1))
     np.testing.assert_allclose(sq, explicit, rtol=1e-10)

@@ -90,7 +90,7 @@ def test_conv_per_example_paths_in_chunks_equal_the_generic_default(out_channels
     @jax.jit
     def paths(params, x, dy):
         _, _, cache = layer.forward(params, {}, x)
-        return (layer.per_example_backward(params, cache, dy), layer.per_example_sq_norms(params, cache, dy, 0.1),
+        return (base.per_example_backward(layer, params, cache, dy), base.per_example_sq_norms(layer, params, cache, dy, 0.1),
                 base.generic_per_example_backward(layer, params, cache, dy), layer.backward(params, cache, dy)[1])
 
     (grads, dx), (sq, dx2), (ref, _), dx_ref = paths(params, x, dy)

@@ -235,12 +235,12 @@ def test_fast_paths_equal_the_generic_defaults(layer, shape):
     x = jax.random.normal(jax.random.key(7), shape, jnp.float64)
     y, _, cache = layer.forward(params, {}, x)
     dy = jax.random.normal(jax.random.key(8), y.shape, jnp.float64)
-    fast, dx = layer.per_example_backward(params, cache, dy)
+    fast, dx = base.per_example_backward(layer, params, cache, dy)
     slow, dx_slow = base.generic_per_example_backward(layer, params, cache, dy)
     for path, err in pn.testing.compare_trees(fast, slow).items():
         assert err <= 1e-12, path
     np.testing.assert_allclose(dx, dx_slow, rtol=1e-12, atol=1e-14)
-    sq, _ = layer.per_example_sq_norms(params, cache, dy, 0.3)
+    sq, _ = base.per_example_sq_norms(layer, params, cache, dy, 0.3)
     np.testing.assert_allclose(sq, base.generic_per_example_sq_norms(layer, params, cache, dy, 0.3)[0], rtol=1e-10)
 
 

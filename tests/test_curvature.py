@@ -4,6 +4,7 @@ References, in float64: autodiff (the diagonal of J^T H J from `jax.jacobian`,
 the diagonal of `jax.hessian` of `pn.loss`) and BackPACK 1.7 (KFLR, KFAC,
 DiagGGNExact, DiagGGNMC, DiagHessian and their per-sample versions).
 """
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import purenet as pn
+from purenet.analysis.kfac import kfac_eligible, layer_kfac_factors
 from purenet.analysis import curvature
+from purenet.testing import compare_trees
 from purenet.network import loss_pass
 from tests.conftest import scaled
 
@@ -221,7 +224,7 @@ def test_against_backpack(model, loss):
     scale = 1.0 if loss == "cross_entropy" else 1.0 / N
     xt = torch.tensor(np.asarray(x)) if model == "mlp" else _fresh_nchw(x)
     yt = torch.tensor(np.asarray(y))
-    ours_at = [i for i, layer in enumerate(fused.layers) if hasattr(layer, "kfac_factors")]
+    ours_at = [i for i, layer in enumerate(fused.layers) if kfac_eligible(layer, params[i])]
     theirs = [m for m in tm if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
     def check(ours, attr, factor, per_example=False):
@@ -353,7 +356,7 @@ def test_attention_projections_get_kfac_factors_by_their_definition(tmp_path):
     y, _, cache = layer.forward(params, {}, x)
     np.testing.assert_allclose(y, o @ params["Wo"] + params["bo"], rtol=1e-12)  # the same layout
     dqkv = jax.grad(lambda z: jnp.sum((attend(z) @ params["Wo"]) * dy))(qkv)
-    blocks, _ = layer.kfac_factors(params, cache, dy)
+    blocks, _ = layer_kfac_factors(layer, params, cache, dy)
     assert sorted(blocks.factors) == ["Wk|bk", "Wo|bo", "Wq|bq", "Wv|bv"]  # each weight with its bias
 
     def factors(inputs, grads):
@@ -384,17 +387,57 @@ def test_attention_projections_get_kfac_factors_by_their_definition(tmp_path):
 
 
 def test_kfac_names_the_layers_whose_weights_it_leaves_on_the_plain_gradient():
-    """K-FAC on pn.llama left SwiGLU (two thirds of a block's weights) unpreconditioned without a word."""
+    """K-FAC on pn.llama once left SwiGLU (two thirds of a block's weights) unpreconditioned without a
+    word; now every layer that declares dense products is covered, and any weight left over is named."""
     import warnings
 
-    net = pn.llama(vocab_size=7, context=4, layers=1, heads=2, features=4)
-    params, _ = pn.init(net, jax.random.key(0))
-    with pytest.warns(UserWarning, match=r"keep the plain gradient.*SwiGLU at \(0, 1, 1, 0, 1\)"):
-        pn.optim.kfac(net, 0.1).init(params)
-    lstm = pn.Sequential([pn.LSTM(3), pn.Dense(2), pn.Softmax()])
-    with pytest.warns(UserWarning, match=r"LSTM at \(0,\)"):
-        pn.optim.kfac(lstm, 0.1).init(pn.init(lstm, jax.random.key(0), in_shape=(3, 2))[0])
-    frozen = pn.Sequential([pn.Frozen(pn.LSTM(3)), pn.LayerNorm(), pn.Dense(2), pn.Softmax()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # llama, an LSTM / GRU network: every weight preconditioned
+        for net, shape in ((pn.llama(vocab_size=7, context=4, layers=1, heads=2, features=4), None),
+                           (pn.Sequential([pn.LSTM(3), pn.GRU(2), pn.Dense(2), pn.Softmax()]), (3, 2))):
+            pn.optim.kfac(net, 0.1).init(pn.init(net, jax.random.key(0), in_shape=shape)[0])
+    untied = pn.gpt(vocab_size=7, context=4, layers=1, heads=2, features=4, tie_embeddings=False)
+    with pytest.warns(UserWarning, match=r"keep the plain gradient.*TiedEnds at .*\['head'\]\['W'\]"):
+        pn.optim.kfac(untied, 0.1).init(pn.init(untied, jax.random.key(0))[0])
+
+    @dataclasses.dataclass(frozen=True)
+    class Scaled(pn.Layer):  # a weight matrix, no structure declared: the generic path, no K-FAC
+        roles = {"M": "weight"}
+
+        def init(self, key, in_shape, dtype=None):
+            return {"M": jnp.eye(in_shape[-1])}, {}, in_shape
+
+        def forward(self, params, state, x, train=False, key=None):
+            return x @ params["M"], state, x
+
+        def backward(self, params, x, dy):
+            return {"M": x.T @ dy}, dy @ params["M"].T
+
+    custom = pn.Sequential([Scaled(), pn.Dense(2), pn.Softmax()])
+    with pytest.warns(UserWarning, match=r"Scaled at \(0,\) \(\['M'\]\)"):
+        pn.optim.kfac(custom, 0.1).init(pn.init(custom, jax.random.key(0), in_shape=3)[0])
+    frozen = pn.Sequential([pn.Frozen(custom.layers[0]), pn.LayerNorm(), pn.Dense(2), pn.Softmax()])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # frozen layers and gains are nothing to precondition
-        pn.optim.kfac(frozen, 0.1).init(pn.init(frozen, jax.random.key(0), in_shape=(3, 2))[0])
+        pn.optim.kfac(frozen, 0.1).init(pn.init(frozen, jax.random.key(0), in_shape=3)[0])
+
+
+def test_a_loss_declares_its_hessian_root_and_sampling_and_the_curvature_reads_them():
+    """fisher="exact" / "mc" ask the loss (`hessian_sqrt`, `sample`), never which function it is: a user's
+    Loss that declares them gets the same GGN as the registered name; one that does not is named."""
+    net = pn.Sequential([pn.Dense(3), pn.Tanh(), pn.Dense(2)])
+    params, state = pn.init(net, jax.random.key(0), in_shape=4)
+    x, y = jax.random.normal(jax.random.key(1), (5, 4)), jax.random.normal(jax.random.key(2), (5, 2))
+    mine = pn.Loss(pn.losses.mse, pn.losses.mse_backward, name="my mse", targets="values",
+                   hessian_sqrt=pn.losses.mse_hessian_sqrt, sample=pn.losses.mse_sample)
+    ref = pn.stats.ggn_diagonal(net, params, state, x, y, loss="mse")
+    assert max(compare_trees(pn.stats.ggn_diagonal(net, params, state, x, y, loss=mine), ref).values()) <= 1e-12
+    key = jax.random.key(3)
+    np.testing.assert_allclose(pn.stats.kfac_factors(net, params, state, x, y, loss=mine, fisher="mc", key=key)[0].G,
+                               pn.stats.kfac_factors(net, params, state, x, y, loss="mse", fisher="mc", key=key)[0].G,
+                               rtol=1e-12)
+    bare = pn.Loss(pn.losses.mse, pn.losses.mse_backward, name="bare mse")
+    with pytest.raises(ValueError, match=r"fisher='exact' needs the loss's Hessian square root.*bare mse"):
+        pn.stats.ggn_diagonal(net, params, state, x, y, loss=bare)
+    with pytest.raises(ValueError, match=r"fisher='mc' needs the loss's sampling.*bare mse"):
+        pn.stats.fisher_diagonal(net, params, state, x, y, loss=bare, fisher="mc", key=key)

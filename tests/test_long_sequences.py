@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import purenet as pn
 from purenet.layers import attention_kernels as kernels
 from purenet.layers.attention import rope, rope_angles
+from purenet.analysis.per_example import per_example_backward, per_example_sq_norms
 from purenet.layers.base import decode_init, generic_per_example_backward, generic_per_example_sq_norms
 from purenet.testing import check_grads, check_per_example
 
@@ -181,10 +182,10 @@ def test_blockwise_per_example_norms_equal_vmap_of_autodiff_without_a_square_arr
     assert cache.stats.shape == (3, 1, 2, 6)
     # the fast paths equal the generic defaults
     dy = jax.random.normal(jax.random.key(4), x.shape)
-    fast, _ = attention.per_example_backward(params[0], cache, dy)
+    fast, _ = per_example_backward(attention, params[0], cache, dy)
     generic, _ = generic_per_example_backward(attention, params[0], cache, dy)
     assert_grads_close(fast, generic)
-    assert_grads_close(attention.per_example_sq_norms(params[0], cache, dy, 0.1)[0],
+    assert_grads_close(per_example_sq_norms(attention, params[0], cache, dy, 0.1)[0],
                        generic_per_example_sq_norms(attention, params[0], cache, dy, 0.1)[0])
 
 
@@ -195,9 +196,9 @@ def test_swiglu_gradients_and_per_example_paths():
     params, _, _ = layer.init(jax.random.key(1), (4, 5))
     _, _, cache = layer.forward(params, {}, x)
     dy = jax.random.normal(jax.random.key(2), (3, 4, 5))
-    assert_grads_close(layer.per_example_backward(params, cache, dy)[0],
+    assert_grads_close(per_example_backward(layer, params, cache, dy)[0],
                        generic_per_example_backward(layer, params, cache, dy)[0])
-    assert_grads_close(layer.per_example_sq_norms(params, cache, dy, 0.3)[0],
+    assert_grads_close(per_example_sq_norms(layer, params, cache, dy, 0.3)[0],
                        generic_per_example_sq_norms(layer, params, cache, dy, 0.3)[0])
     a, b = x @ params["W1"], x @ params["W3"]
     np.testing.assert_allclose(layer.forward(params, {}, x)[0], (jax.nn.silu(a) * b) @ params["W2"], rtol=1e-12)

@@ -279,3 +279,22 @@ def test_fits_the_lecture_example(name):
         "sgd": pn.optim.sgd(1.0), "momentum": pn.optim.momentum(0.5), "nesterov": pn.optim.nesterov(0.5)}[name]
     final = jax.jit(lambda p: _run(opt, f, p, 2000))(params)
     assert float(f(final.params)) < 1e-3 < float(f(params))
+
+
+def test_adam_slot_is_a_named_state_and_a_saved_dict_slot_still_steps(tmp_path):
+    """scale_by_adam's slot is AdamState(m, v); a state saved as the dict {"m", "v"} (before) steps the
+    same and keeps its form, and loads into an AdamState-shaped `like`."""
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([0.5, 0.25])}
+    opt = pn.optim.adam(0.1)
+    state = opt.init(params)
+    assert isinstance(state.slots[0], pn.optim.AdamState)
+    old = state._replace(slots=({"m": state.slots[0].m, "v": state.slots[0].v},))
+    new_step, old_step = opt.step(state, grads), opt.step(old, grads)
+    np.testing.assert_array_equal(new_step.params["w"], old_step.params["w"])
+    assert isinstance(old_step.slots[0], dict)
+    np.testing.assert_array_equal(old_step.slots[0]["m"]["w"], new_step.slots[0].m["w"])
+    pn.save(tmp_path / "old.ckpt", old_step)
+    back = pn.load(tmp_path / "old.ckpt", like=new_step)
+    assert isinstance(back.slots[0], pn.optim.AdamState)
+    np.testing.assert_array_equal(back.slots[0].v["w"], new_step.slots[0].v["w"])

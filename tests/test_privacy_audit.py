@@ -302,7 +302,7 @@ class _UnclippedDense(pn.Dense):
     its gradient enters the sum unclipped, and its norm is not counted."""
 
     def sq_norms_and_weighted_sum(self, params, x, dy):
-        sq, dx, _ = super().sq_norms_and_weighted_sum(params, x, dy)
+        sq, dx, _ = pn.layers.base.sq_norms_and_weighted_sum(pn.Dense(self.features), params, x, dy)
         marked = lambda w: self.backward(params, x, scale_rows((w > 0).astype(dy.dtype), dy))[0]  # noqa: E731
         return jnp.zeros_like(sq), dx, marked
 

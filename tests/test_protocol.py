@@ -300,13 +300,11 @@ def test_fast_paths_equal_the_generic_default(index, seed, l2):
     np.testing.assert_allclose(sq, sq_ref, rtol=1e-10, atol=1e-12)
     chex.assert_trees_all_close(dx, dx_ref, rtol=1e-10, atol=1e-12)
     grads = slow[0]
-    if hasattr(layer, "per_example_sq"):
-        chex.assert_trees_all_close(layer.per_example_sq(params, cache, dy)[0],
-                                    jax.tree_util.tree_map(lambda g: jnp.sum(g * g, 0), grads), rtol=1e-10, atol=1e-12)
-    if hasattr(layer, "per_example_gram"):
-        flat = jnp.concatenate([g.reshape(3, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
-        np.testing.assert_allclose(layer.per_example_gram(params, cache, dy, cache, dy)[0], flat @ flat.T,
-                                   rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(base.per_example_sq(layer, params, cache, dy)[0],
+                                jax.tree_util.tree_map(lambda g: jnp.sum(g * g, 0), grads), rtol=1e-10, atol=1e-12)
+    flat = jnp.concatenate([g.reshape(3, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
+    np.testing.assert_allclose(base.per_example_gram(layer, params, cache, dy, cache, dy)[0], flat @ flat.T,
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_gpt_ends_fast_path_equals_the_generic_default():

@@ -43,68 +43,46 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from purenet import losses
 from purenet.layers.base import Array, PyTree, Visit
 from purenet.layers.traversal import walk
 from purenet.network import LossPass
 
-__all__ = ["COLUMNS", "FISHERS", "column_walk", "exact_columns", "loss_kind", "mc_columns", "output_columns",
-           "sample_targets"]
+__all__ = ["COLUMNS", "FISHERS", "column_walk", "exact_columns", "mc_columns", "output_columns", "sample_targets"]
 
 COLUMNS = "columns"  # the vmap axis name of the cotangent columns
 FISHERS = ("empirical", "mc", "exact")
 
-_KINDS: dict[Any, str] = {losses.softmax_cross_entropy: "softmax", losses.mse: "mse",
-                          losses.sigmoid_binary_cross_entropy: "sigmoid"}
-
-
-def loss_kind(p: LossPass) -> str:
-    """"softmax", "mse" or "sigmoid": the losses whose Hessian has a known square root."""
-    kind = _KINDS.get(getattr(p.loss_fn, "value", None))
-    if kind is None:
+def _declared(p: LossPass, what: str, fisher: str) -> Any:
+    """The loss's `what` (hessian_sqrt or sample), or an error naming the losses that declare it."""
+    fn = getattr(p.loss_fn, what, None)
+    if fn is None:
         raise ValueError(
-            f"fisher='exact' / 'mc' need the loss's Hessian, known for cross-entropy on logits (after a Softmax, "
-            f"on a logits network, or 'softmax_cross_entropy'), 'mse', and binary cross-entropy on logits "
-            f"(after a Sigmoid, or 'sigmoid_binary_cross_entropy'); this loss is {p.loss_fn}: use "
-            f"fisher='empirical' or one of those losses")
-    return kind
+            f"fisher={fisher!r} needs the loss's {'Hessian square root' if what == 'hessian_sqrt' else 'sampling'}, "
+            f"which cross-entropy on logits (after a Softmax, on a logits network, or 'softmax_cross_entropy'), "
+            f"'mse' and binary cross-entropy on logits (after a Sigmoid, or 'sigmoid_binary_cross_entropy') "
+            f"declare; this loss is {p.loss_fn}: use fisher='empirical', one of those losses, or a "
+            f"pn.Loss(..., {what}=...)")
+    return fn
 
 
 def _positions(out: Array) -> int:
     return math.prod(out.shape[1:-1])
 
 
-def _probabilities(p: LossPass) -> Array:
-    z = losses.finite_logits(p.out)
-    return jax.nn.softmax(z, axis=-1) if loss_kind(p) == "softmax" else jax.nn.sigmoid(z)
-
-
 def exact_columns(p: LossPass) -> Array:
-    """H_i's square root: (P k, N, *out) columns with sum_c s_c s_c^T = H_i for every example i."""
-    out, kind = p.out, loss_kind(p)
+    """H_i's square root: (P k, N, *out) columns with sum_c s_c s_c^T = H_i for every example i, from
+    the loss's declared `hessian_sqrt` at every position."""
+    out = p.out
     n, k, npos = out.shape[0], out.shape[-1], _positions(out)
-    eye = jnp.eye(k, dtype=out.dtype)
-    if kind == "mse":
-        root = jnp.broadcast_to(math.sqrt(2.0) * eye, (n, npos, k, k))
-    else:
-        prob = _probabilities(p).reshape(n, npos, k)
-        if kind == "softmax":   # root[., c, :] = sqrt(p_c) (e_c - p)
-            root = jnp.sqrt(prob)[..., :, None] * (eye - prob[..., None, :])
-        else:                   # diag(sqrt(p (1 - p)))
-            root = jnp.sqrt(prob * (1 - prob))[..., :, None] * eye
+    root = _declared(p, "hessian_sqrt", "exact")(out).reshape(n, npos, k, k)
     cols = jnp.einsum("pq,npck->pcnqk", jnp.eye(npos, dtype=out.dtype), root) / math.sqrt(npos)
     return cols.reshape(npos * k, *out.shape).astype(out.dtype)
 
 
 def sample_targets(p: LossPass, key: Array, samples: int) -> Array:
-    """`samples` targets drawn from the model's predictive distribution, (samples, *targets' shape):
-    class labels (softmax), 0/1 values (sigmoid), or f + N(0, I/2) (mse)."""
-    kind, out = loss_kind(p), p.out
-    if kind == "mse":
-        return out + math.sqrt(0.5) * jax.random.normal(key, (samples, *out.shape), out.dtype)
-    if kind == "softmax":
-        return jax.random.categorical(key, losses.finite_logits(out), axis=-1, shape=(samples, *out.shape[:-1]))
-    return jax.random.bernoulli(key, _probabilities(p), (samples, *out.shape)).astype(out.dtype)
+    """`samples` targets drawn from the model's predictive distribution, (samples, *targets' shape), by
+    the loss's declared `sample`: class labels (softmax), 0/1 values (sigmoid), or f + N(0, I/2) (mse)."""
+    return _declared(p, "sample", "mc")(p.out, key, samples)
 
 
 def mc_columns(p: LossPass, key: Array, samples: int) -> Array:

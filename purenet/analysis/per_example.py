@@ -15,17 +15,154 @@ import jax
 import jax.numpy as jnp
 
 from purenet.chunks import in_chunks
-from purenet.layers import base
+from purenet.layers import base, conv, dense, structure
 from purenet.layers.base import Array, LayerLike
+from purenet.layers.defaults import generic_per_example_backward, has_params, sq_norms_of
+from purenet.layers.embedding import per_example_scatter, sq_norm_of_scatter
+from purenet.layers.roles import DECAYED, layer_roles
+from purenet.layers.structure import Convolution, DenseProduct, Lookup, ScaleShift
 from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
 
 __all__ = [
-    "DPSGD", "PER_EXAMPLE", "clipped_value_and_grad", "per_example_grad_norms", "per_example_grads",
-    "per_example_values", "sq_norms_visit", "trainable_mask",
+    "DPSGD", "GRADS", "PER_EXAMPLE", "SQ_NORMS", "clipped_value_and_grad", "per_example_backward",
+    "per_example_grad_norms", "per_example_grads", "per_example_sq_norms", "per_example_values", "sq_norms_visit",
+    "trainable_mask",
 ]
 
 PyTree = Any
+
+
+# ---------------------------------------------------------------- one layer: the rules per product kind
+
+
+def _dense_grads(p: DenseProduct, params: PyTree) -> dict:
+    """dW_i = sum_t a_it^T g_it, db_i = sum_t g_it (`purenet.layers.dense.per_example_grads`)."""
+    a3, g3 = structure.positions_of(p.a), structure.positions_of(p.g)
+    return structure.split_columns(p, params, jnp.einsum("bti,btj->bij", a3, g3), jnp.sum(g3, axis=1), (a3.shape[0],))
+
+
+def _scale_shift_grads(p: ScaleShift, params: PyTree) -> dict:
+    """ds_i = sum_t xhat_it g_it, dt_i = sum_t g_it."""
+    out = {p.scale: base.per_example_sum(p.g * p.xhat).astype(params[p.scale].dtype)}
+    if p.shift is not None:
+        out[p.shift] = base.per_example_sum(p.g).astype(params[p.shift].dtype)
+    return out
+
+
+def _lookup_grads(p: Lookup, params: PyTree) -> dict:
+    """dE_i = sum_t onehot(ids_it) g_it^T: each example's own scatter, (n, rows, d)."""
+    table = params[p.table]
+    return {p.table: per_example_scatter(table.shape[0], p.ids, p.g).astype(table.dtype)}
+
+
+def _conv_grads(p: Convolution, params: PyTree) -> dict:
+    """dW_i[tap] = S_tap,i^T g_i (each tap's input slice against g_i, no patches formed), db_i = sum g_i;
+    on the CPU PER_EXAMPLE_CHUNK examples at a time (`purenet.layers.conv.in_chunks`)."""
+    w = structure.conv_weight(p, params)
+
+    def grads_of(cache: Any, g: Array) -> dict:
+        taps, _ = conv.per_example_taps(p.conv, w, cache, g)
+        out = {p.weight: jnp.stack(taps, axis=1).reshape(g.shape[0], *params[p.weight].shape)}
+        if p.bias is not None:
+            out[p.bias] = jnp.sum(g, axis=(1, 2))
+        return out
+
+    return conv.in_chunks(grads_of, p.cache, p.g)
+
+
+# Each example's gradients of one product's parameters, {key: (n, *shape)}.
+GRADS = {DenseProduct: _dense_grads, ScaleShift: _scale_shift_grads, Lookup: _lookup_grads,
+         Convolution: _conv_grads}
+
+
+def _decayed_l2(l2: Any, key: str, roles: dict) -> Any:
+    """l2 for a parameter whose role l2 covers (`DECAYED`), else 0."""
+    return l2 if roles.get(key) in DECAYED else 0.0
+
+
+def _is_zero(l2: Any) -> bool:
+    return isinstance(l2, (int, float)) and l2 == 0
+
+
+def _dense_sq_norms(p: DenseProduct, params: PyTree, l2: Any, roles: dict) -> Array:
+    """||dW_i + l2 W||^2 + ||db_i||^2 by the ghost norm over positions, or dW_i formed, whichever is
+    smaller (`purenet.layers.dense.per_example_sq_norms`); the bias columns' ||db_i||^2 and the l2
+    terms of the decayed weights added."""
+    cols = structure.columns(p, params)
+    w = jnp.concatenate([jnp.reshape(params[k], (p.a.shape[-1], -1)) for k, *_ in cols], axis=1) \
+        if len(cols) > 1 else jnp.reshape(params[cols[0][0]], (p.a.shape[-1], -1))
+    sq = dense.per_example_sq_norms(p.a, p.g, w, False)
+    biased = [(s, n) for _, b, s, n in cols if b is not None]
+    if biased:
+        db = structure.positions_of(p.g).sum(axis=1)
+        sq = sq + sum(jnp.sum(db[:, s:s + n] ** 2, axis=-1) for s, n in biased)
+    if _is_zero(l2) or not any(roles.get(k) in DECAYED for k, *_ in cols):
+        return sq
+    w_l2 = jnp.concatenate([w[:, s:s + n] * (1.0 if roles.get(k) in DECAYED else 0.0) for k, _, s, n in cols], axis=1)
+    cross = jnp.sum(jnp.reshape((p.a @ w_l2) * p.g, (p.a.shape[0], -1)), axis=-1)  # <dW_i, W> = sum_t a_t W . g_t
+    return sq + 2 * l2 * cross + l2 * l2 * jnp.sum(w_l2 * w_l2)
+
+
+def _lookup_sq_norms(p: Lookup, params: PyTree, l2: Any, roles: dict) -> Array:
+    """||dE_i||^2 = sum_{t,t'} [ids_t = ids_t'] g_t . g_t' (no (n, rows, d) table formed), when l2 does
+    not cover the table (its role "embedding" is not decayed); else from the formed dE_i."""
+    if _is_zero(_decayed_l2(l2, p.table, roles)):
+        return sq_norm_of_scatter(p.ids, p.g)
+    return _sq_norms_from_grads(p, params, l2, roles)
+
+
+def _sq_norms_from_grads(p: Any, params: PyTree, l2: Any, roles: dict) -> Array:
+    """||g_i + l2 W||^2 from the product's per-example gradients (a kind whose gradients are small)."""
+    grads = GRADS[type(p)](p, params)
+    return sq_norms_of({k: _decayed_l2(l2, k, roles) for k in grads}, grads, {k: params[k] for k in grads})
+
+
+def _conv_sq_norms(p: Convolution, params: PyTree, l2: Any, roles: dict) -> Array:
+    """By tap, or the ghost norm over the output pixels, whichever costs fewer flops
+    (`purenet.layers.conv.tap_sq_norms`), in chunks on the CPU; plus ||db_i||^2."""
+    w, l2w = structure.conv_weight(p, params), _decayed_l2(l2, p.weight, roles)
+    sq = conv.in_chunks(lambda cache, g: conv.tap_sq_norms(p.conv, w, cache, g, l2w), p.cache, p.g)
+    if p.bias is not None:
+        sq = sq + jnp.sum(jnp.sum(p.g, axis=(1, 2)) ** 2, axis=-1)
+    return sq
+
+
+# Each example's ||g_i + l2 W||^2 over one product's parameters, (n,); a kind absent forms its gradients.
+SQ_NORMS = {DenseProduct: _dense_sq_norms, Lookup: _lookup_sq_norms, Convolution: _conv_sq_norms}
+
+
+def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """(each example's gradients, leaves (batch, ...); dx): the layer's own `per_example_backward`,
+    else the rules of the products it declares (`purenet.layers.structure`), else the generic
+    default (its backward, vmapped over the examples)."""
+    if hasattr(layer, "per_example_backward"):
+        return layer.per_example_backward(params, cache, dy)
+    if not has_params(params):
+        return params, layer.backward(params, cache, dy)[1]
+    found = structure.declared(layer, params, cache, dy)
+    if found is None:
+        return generic_per_example_backward(layer, params, cache, dy)
+    products, dx = found
+    return structure.tree_of(params, [GRADS[type(p)](p, params) for p in products]), dx
+
+
+def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, l2: Any = 0.0) -> tuple[Array, Any]:
+    """(||g_i + l2 W||^2 per example, dx), W the parameters whose role l2 covers: the layer's own
+    method, else its products' rules, else from its per-example gradients."""
+    if hasattr(layer, "per_example_sq_norms"):
+        return layer.per_example_sq_norms(params, cache, dy, l2)
+    found = structure.declared(layer, params, cache, dy) if has_params(params) else None
+    if found is None:
+        grads, dx = per_example_backward(layer, params, cache, dy)
+        n = jax.tree_util.tree_leaves(dy)[0].shape[0]
+        if not has_params(params):
+            return jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype), dx
+        l2s = jax.tree_util.tree_map(lambda r: l2 if r in DECAYED else 0.0, layer_roles(layer, params))
+        return sq_norms_of(l2s, grads, params), dx
+    products, dx = found
+    roles = layer_roles(layer, params)
+    return sum(SQ_NORMS.get(type(p), _sq_norms_from_grads)(p, params, l2, roles) for p in products), dx
 
 
 def _one_stream(fn):
@@ -42,13 +179,13 @@ def _frozen_per_example(params, dys):
     return jax.tree_util.tree_map(lambda p: jnp.zeros((n, *p.shape), p.dtype), params)
 
 
-PER_EXAMPLE = base.Visit(_one_stream(base.per_example_backward), _frozen_per_example)
+PER_EXAMPLE = base.Visit(_one_stream(per_example_backward), _frozen_per_example)
 
 
 def sq_norms_visit(l2: Any) -> base.Visit:
     """||g_i + l2 W||^2 at each leaf layer (a (batch,) array per leaf; zero inside Frozen)."""
     def leaf(layer, params, cache, dy):
-        return base.per_example_sq_norms(layer, params, cache, dy, l2)
+        return per_example_sq_norms(layer, params, cache, dy, l2)
     return base.Visit(_one_stream(leaf), lambda params, dys: jnp.zeros(dys[0].shape[:1], dys[0].dtype),
                       shaped=False)
 

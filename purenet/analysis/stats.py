@@ -33,16 +33,143 @@ import jax.numpy as jnp
 
 from purenet.analysis import curvature
 from purenet.analysis.curvature import COLUMNS
-from purenet.layers import base
+from purenet.analysis.kfac import kfac_eligible, layer_kfac_dims, layer_kfac_factors
+from purenet.analysis.per_example import GRADS, per_example_backward, sq_norms_visit
+from purenet.layers import base, conv, dense, structure
 from purenet.layers.base import Array, KFACBlocks, KFACFactors, LayerLike, PyTree, Visit
-from purenet.layers.defaults import kfac_eligible
+from purenet.layers.defaults import has_params, sum_leaves
+from purenet.layers.structure import Convolution, DenseProduct
 from purenet.layers.traversal import walk
 from purenet.losses import Loss
 from purenet.network import _full_trees, add_l2, backward_pass, loss_pass
-from purenet.analysis.per_example import sq_norms_visit
 
-__all__ = ["KFACBlocks", "KFACFactors", "NoiseScale", "fisher_diagonal", "ggn_diagonal", "gradient_gram", "gradient_noise",
-           "gradient_noise_scale", "hessian_diagonal", "kfac_factors", "kfac_value_and_grad", "kfac_zeros"]
+__all__ = ["COLUMN_RULES", "GRAM_RULES", "KFACBlocks", "KFACFactors", "NoiseScale", "SQUARE_RULES", "fisher_diagonal",
+           "ggn_diagonal", "gradient_gram", "gradient_noise", "gradient_noise_scale", "hessian_diagonal", "kfac_factors",
+           "kfac_value_and_grad", "kfac_zeros", "per_example_gram", "per_example_sq", "per_example_sq_columns"]
+
+
+# ---------------------------------------------------------------- one layer: the rules per product kind
+
+
+def _dense_sq(p: DenseProduct, params: PyTree) -> dict:
+    """sum_i dW_i**2 and sum_i db_i**2 without forming dW_i for rows: (a**2)^T (g**2), one matmul
+    (`purenet.layers.dense.per_example_sq`)."""
+    sq = dense.per_example_sq(p.a, p.g, True)
+    return structure.split_columns(p, params, sq["W"], sq["b"], ())
+
+
+def _sq_from_grads(p, params):
+    return {k: jnp.sum(g * g, axis=0) for k, g in GRADS[type(p)](p, params).items()}
+
+
+def _conv_sq(p: Convolution, params: PyTree) -> dict:
+    """sum_i dW_i**2, sum_i db_i**2, dW_i formed one tap at a time."""
+    w = structure.conv_weight(p, params)
+    taps, _ = conv.per_example_taps(p.conv, w, p.cache, p.g)
+    out = {p.weight: jnp.stack([jnp.sum(d * d, axis=0) for d in taps]).reshape(params[p.weight].shape)}
+    if p.bias is not None:
+        out[p.bias] = jnp.sum(jnp.sum(p.g, axis=(1, 2)) ** 2, axis=0)
+    return out
+
+
+# sum over the examples of g_i**2 (elementwise) for one product's parameters; a kind absent forms its g_i.
+SQUARE_RULES = {DenseProduct: _dense_sq, Convolution: _conv_sq}
+
+
+def _dense_sq_columns(p: DenseProduct, params: PyTree, axis_name: str) -> dict:
+    """For rows, (a**2)^T sum_c g_c**2: the cotangent columns c (the vmap axis `axis_name`) summed
+    before the one matmul (BackPACK's DiagGGN einsum); with positions, each column's squares summed."""
+    if p.a.ndim != 2:
+        return jax.lax.psum(_dense_sq(p, params), axis_name)
+    g2 = jax.lax.psum(p.g * p.g, axis_name)
+    w = jax.lax.dot_general(p.a * p.a, g2, (((0,), (0,)), ((), ())))
+    return structure.split_columns(p, params, w, jnp.sum(g2, axis=0), ())
+
+
+# The same summed over the cotangent columns of a `vmap` named axis_name (curvature's column walk).
+COLUMN_RULES = {DenseProduct: _dense_sq_columns}
+
+
+def _dense_gram(pa: DenseProduct, pb: DenseProduct, params: PyTree) -> Array:
+    """<g_i, g_j> = (Ha Hb^T) * (Ga Gb^T) for rows (summed over position pairs with positions, or dW_i
+    formed when smaller: `purenet.layers.dense.per_example_gram`), plus the bias columns' products."""
+    gram = dense.per_example_gram(pa.a, pa.g, pb.a, pb.g, False)
+    biased = [(s, n) for _, b, s, n in structure.columns(pa, params) if b is not None]
+    if biased:
+        da, db = structure.positions_of(pa.g).sum(axis=1), structure.positions_of(pb.g).sum(axis=1)
+        gram = gram + sum(da[:, s:s + n] @ db[:, s:s + n].T for s, n in biased)
+    return gram
+
+
+def _gram_from_grads(pa, pb, params):
+    ga, gb = GRADS[type(pa)](pa, params), GRADS[type(pb)](pb, params)
+    return sum(jnp.reshape(ga[k], (ga[k].shape[0], -1)) @ jnp.reshape(gb[k], (gb[k].shape[0], -1)).T for k in ga)
+
+
+def _conv_gram(pa: Convolution, pb: Convolution, params: PyTree) -> Array:
+    """<g_i, g_j> = sum_tap <dW_i[tap], dW_j[tap]> (+ <db_i, db_j>), one tap at a time."""
+    w = structure.conv_weight(pa, params)
+    ta, _ = conv.per_example_taps(pa.conv, w, pa.cache, pa.g)
+    tb, _ = conv.per_example_taps(pb.conv, w, pb.cache, pb.g)
+    gram = sum(jax.lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb))
+    if pa.bias is not None:
+        gram = gram + jnp.sum(pa.g, axis=(1, 2)) @ jnp.sum(pb.g, axis=(1, 2)).T
+    return gram
+
+
+# (na, nb) inner products <g_i, g_j> of one product's parameters over two batches.
+GRAM_RULES = {DenseProduct: _dense_gram, Convolution: _conv_gram}
+
+
+def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
+    """(sum_i g_i**2 elementwise, like params; dx): the layer's own method, its products' rules, or
+    its per-example gradients squared."""
+    if hasattr(layer, "per_example_sq"):
+        return layer.per_example_sq(params, cache, dy)
+    found = structure.declared(layer, params, cache, dy) if has_params(params) else None
+    if found is not None:
+        products, dx = found
+        return structure.tree_of(params, [SQUARE_RULES.get(type(p), _sq_from_grads)(p, params)
+                                          for p in products]), dx
+    grads, dx = per_example_backward(layer, params, cache, dy)
+    return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads), dx
+
+
+def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
+                           axis_name: str) -> tuple[PyTree, Any]:
+    """(sum over the examples and the cotangent columns of g**2, like params; dx), inside a `vmap`
+    over the columns named `axis_name` (`purenet.analysis.curvature.column_walk`): the layer's own
+    method, its products' rules, or `per_example_sq` summed over the columns with `lax.psum`."""
+    if hasattr(layer, "per_example_sq_columns"):
+        return layer.per_example_sq_columns(params, cache, dy, axis_name)
+    found = structure.declared(layer, params, cache, dy) if has_params(params) else None
+    if found is not None:
+        products, dx = found
+        return structure.tree_of(params, [
+            COLUMN_RULES[type(p)](p, params, axis_name) if type(p) in COLUMN_RULES
+            else jax.lax.psum(SQUARE_RULES.get(type(p), _sq_from_grads)(p, params), axis_name)
+            for p in products]), dx
+    sq, dx = per_example_sq(layer, params, cache, dy)
+    return jax.lax.psum(sq, axis_name), dx
+
+
+def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, cache_b: PyTree,
+                     dy_b: PyTree) -> tuple[Array, Any, Any]:
+    """((na, nb) matrix of <g_i, g_j>, dxa, dxb): the layer's own method, its products' rules, or
+    the products of its per-example gradients."""
+    if hasattr(layer, "per_example_gram"):
+        return layer.per_example_gram(params, cache_a, dy_a, cache_b, dy_b)
+    na, nb = jax.tree_util.tree_leaves(dy_a)[0].shape[0], jax.tree_util.tree_leaves(dy_b)[0].shape[0]
+    zero = jnp.zeros((na, nb), jax.tree_util.tree_leaves(dy_a)[0].dtype)
+    found = structure.declared(layer, params, cache_a, dy_a) if has_params(params) else None
+    if found is not None:
+        (pas, dxa), (pbs, dxb) = found, structure.declared(layer, params, cache_b, dy_b)
+        return sum((GRAM_RULES.get(type(pa), _gram_from_grads)(pa, pb, params) for pa, pb in zip(pas, pbs)),
+                   zero), dxa, dxb
+    ga, dxa = per_example_backward(layer, params, cache_a, dy_a)
+    gb, dxb = per_example_backward(layer, params, cache_b, dy_b)
+    products = jax.tree_util.tree_map(lambda u, v: jnp.reshape(u, (na, -1)) @ jnp.reshape(v, (nb, -1)).T, ga, gb)
+    return sum_leaves(products, zero), dxa, dxb
 
 
 def _per_example_seed(p):
@@ -55,13 +182,13 @@ def _per_example_seed(p):
 
 def _sq_leaf(layer, params, caches, dys):
     (cache,), (dy,) = caches, dys
-    sq, dx = base.per_example_sq_columns(layer, params, cache, dy, COLUMNS)
+    sq, dx = per_example_sq_columns(layer, params, cache, dy, COLUMNS)
     return sq, (dx,)
 
 
 def _rows_sq_leaf(layer, params, caches, dys):
     (cache,), (dy,) = caches, dys
-    grads, dx = base.per_example_backward(layer, params, cache, dy)
+    grads, dx = per_example_backward(layer, params, cache, dy)
     return jax.lax.psum(jax.tree_util.tree_map(lambda g: g * g, grads), COLUMNS), (dx,)
 
 
@@ -170,9 +297,9 @@ def _column_squares(layer, params, cache, cols, per_example):
     """sum over the columns of the examples' summed g**2 (or each example's), and the columns' dx."""
     def one(dy):
         if per_example:
-            grads, dx = base.per_example_backward(layer, params, cache, dy)
+            grads, dx = per_example_backward(layer, params, cache, dy)
             return jax.tree_util.tree_map(lambda g: g * g, grads), dx
-        return base.per_example_sq(layer, params, cache, dy)
+        return per_example_sq(layer, params, cache, dy)
     sq, dx = jax.vmap(one)(cols)
     return jax.tree_util.tree_map(lambda t: jnp.sum(t, axis=0), sq), dx
 
@@ -319,7 +446,7 @@ def gradient_noise_scale(net: LayerLike, params: PyTree, state: PyTree, x: Array
 
 def _gram_leaf(layer, params, caches, dys):
     (ca, cb), (da, db) = caches, dys
-    gram, dxa, dxb = base.per_example_gram(layer, params, ca, da, cb, db)
+    gram, dxa, dxb = per_example_gram(layer, params, ca, da, cb, db)
     return gram, (dxa, dxb)
 
 
@@ -373,8 +500,8 @@ def _kfac_visit(found: list) -> Visit:
     def leaf(layer, params, caches, dys):
         (cache,), (dy,) = caches, dys
         grads, dx = layer.backward(params, cache, dy)
-        if kfac_eligible(layer):
-            found.append(layer.kfac_factors(params, cache, dy)[0])
+        if kfac_eligible(layer, params):
+            found.append(layer_kfac_factors(layer, params, cache, dy)[0])
         return grads, (dx,)
     return Visit(leaf, lambda params, dys: base.zeros_like_tree(params))
 
@@ -385,11 +512,11 @@ def _factor_tree(net, params, factors):
     it = iter(factors) if factors is not None else None
 
     def leaf(layer, p):
-        if not kfac_eligible(layer):
+        if not kfac_eligible(layer, p):
             return None
         if it is not None:
             return next(it)
-        dims = layer.kfac_dims(p)
+        dims = layer_kfac_dims(layer, p)
         dtype = jnp.promote_types(jax.tree_util.tree_leaves(p)[0].dtype, jnp.float32)  # factors in >= float32
 
         def zeros(ag):
@@ -410,8 +537,8 @@ def kfac_zeros(net: LayerLike, params: PyTree) -> PyTree:
 def _kfac_columns_leaf(layer, params, caches, dys):
     """At a K-FAC layer its factors, G summed over the columns (A does not depend on them)."""
     (cache,), (dy,) = caches, dys
-    if kfac_eligible(layer):
-        f, dx = layer.kfac_factors(params, cache, dy)
+    if kfac_eligible(layer, params):
+        f, dx = layer_kfac_factors(layer, params, cache, dy)
         return jax.tree_util.tree_map(lambda t: KFACFactors(t.A, jax.lax.psum(t.G, COLUMNS)), f,
                                       is_leaf=lambda t: isinstance(t, KFACFactors)), (dx,)
     return None, (layer.backward(params, cache, dy)[1],)

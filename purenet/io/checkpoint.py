@@ -81,6 +81,7 @@ _NAMED_TUPLES = {
     "purenet.optim.base:OptState": ("purenet.optim.base", "OptState"),
     "purenet.optim.loss_scale:LossScale": ("purenet.optim.loss_scale", "LossScale"),
     "purenet.optim.wrappers:EMAState": ("purenet.optim.wrappers", "EMAState"),
+    "purenet.optim.transforms:AdamState": ("purenet.optim.transforms", "AdamState"),
     "purenet.optim.kfac:KFACState": ("purenet.optim.kfac", "KFACState"),
     "purenet.layers.base:KFACFactors": ("purenet.layers.base", "KFACFactors"),
     "purenet.layers.base:KFACBlocks": ("purenet.layers.base", "KFACBlocks"),
@@ -538,15 +539,26 @@ def _dtype(x):
     return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
 
 
+def _named(path: str) -> str:
+    """A key path with every identifier dict key written as a field (['m'] -> .m): a named tuple and a
+    dict of the same names are one structure to `like` (Adam's slot was the dict {"m", "v"} before it
+    was AdamState(m, v); checkpoints of either resume into the other)."""
+    return re.sub(r"\['([A-Za-z_][A-Za-z0-9_]*)'\]", r".\1", path)
+
+
 def _conform_leaves(pairs, like, where):
-    """The leaves of `pairs` ((key path, leaf), ...) placed into like's structure, checked."""
-    by_path, wanted = dict(pairs), _trees.by_path(like)
+    """The leaves of `pairs` ((key path, leaf), ...) placed into like's structure, checked (errors name
+    the paths as written: the file's for extra leaves, like's for the others)."""
+    saved = {_named(k): k for k, _ in pairs}
+    expected = {_named(k): k for k in _trees.by_path(like)}
+    by_path = {_named(k): v for k, v in pairs}
+    wanted = {_named(k): v for k, v in _trees.by_path(like).items()}
     m = _trees.first_mismatch(by_path, wanted, dtype=_dtype)
     if m is not None and m.kind == "paths":
-        raise CheckpointError(f"{where} does not match the expected structure: missing leaves {m.missing}, "
-                              f"extra leaves {m.extra}")
+        raise CheckpointError(f"{where} does not match the expected structure: missing leaves "
+                              f"{[expected[k] for k in m.missing]}, extra leaves {[saved[k] for k in m.extra]}")
     if m is not None:
-        raise CheckpointError(f"{where}: leaf {m.path} has {m.kind} {m.actual}, expected {m.expected}")
+        raise CheckpointError(f"{where}: leaf {expected[m.path]} has {m.kind} {m.actual}, expected {m.expected}")
     out = [by_path[key] for key in wanted]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out)
 

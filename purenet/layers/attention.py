@@ -14,7 +14,7 @@ The three input projections run as one matrix product x [Wq Wk Wv]; the
 core softmax(q k^T) v is `attention_kernels`' dense or blockwise form.
 """
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,8 @@ from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import attention_kernels as kernels
 from purenet.layers import dense
-from purenet.layers.base import Array, KFACBlocks, Layer, PyTree, Static, as_shape, kfac_key
-from purenet.layers.defaults import scale_rows
+from purenet.layers.base import Array, Layer, PyTree, Static, as_shape
+from purenet.layers.structure import DenseProduct
 
 __all__ = ["IMPLEMENTATIONS", "MultiHeadAttention", "rope", "rope_angles", "rope_backward"]
 
@@ -322,49 +322,15 @@ class MultiHeadAttention(Layer):
     def _dx(self, params, dqkv):
         return lax.dot_general(dqkv, self._w_qkv(params), (((2,), (1,)), ((), ())))
 
-    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        """Each example's gradients: its own sums over positions of the four projections' outer products."""
+    def structure(self, params: PyTree) -> tuple[DenseProduct, DenseProduct]:
+        """Two dense products over the positions: x [Wq Wk Wv] (+ [bq bk bv]) and concat_i(o_i) Wo (+ bo).
+        Every per-example feature and K-FAC (each projection its own G, Wq, Wk, Wv sharing A) come
+        from their rules."""
+        b = self.use_bias
+        return (DenseProduct(("Wq", "Wk", "Wv"), ("bq", "bk", "bv") if b else (None,) * 3),
+                DenseProduct(("Wo",), ("bo" if b else None,)))
+
+    def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
+        """(x, dL/d[q k v]) and (the heads' concatenation, dy), from one attention backward; dx."""
         dqkv = self._d_qkv(params, cache, dy)
-        grads_in = dense.per_example_grads(cache.x, dqkv, self.use_bias)
-        grads_out = dense.per_example_grads(cache.o, dy, self.use_bias)
-        return self._collect(params, grads_in, grads_out), self._dx(params, dqkv)
-
-    def _kfac_key(self, n: str) -> str:
-        return kfac_key(f"W{n}", f"b{n}" if self.use_bias else None)
-
-    def kfac_factors(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[KFACBlocks, Array]:
-        """K-FAC's factors of the four projections, each a Dense over the positions (KFC):
-        Wq, Wk, Wv share A = E[a a^T] of the input rows a = [x_t, 1] and take their own
-        G = E_i[sum_t dz_t dz_t^T] of dL/d(x W + b); Wo's A is of the heads' concatenation."""
-        dqkv = self._d_qkv(params, cache, dy)
-        d = params["Wq"].shape[0]
-        widths = (d, *(2 * [self.kv_heads * (d // self.num_heads)]))
-        starts = [sum(widths[:i]) for i in range(3)]
-        factors = {self._kfac_key(n): dense.kfac_factors(cache.x, dqkv[..., a:a + w], self.use_bias)
-                   for n, a, w in zip(_NAMES, starts, widths)}
-        factors[self._kfac_key("o")] = dense.kfac_factors(cache.o, dy, self.use_bias)
-        return KFACBlocks(factors), self._dx(params, dqkv)
-
-    def kfac_dims(self, params: PyTree) -> KFACBlocks:
-        """The sizes of each projection's A and G."""
-        return KFACBlocks({self._kfac_key(n): (params[f"W{n}"].shape[0] + self.use_bias, params[f"W{n}"].shape[1])
-                           for n in (*_NAMES, "o")})
-
-    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
-        """The projections' ghost norms (see `purenet.layers.dense.per_example_sq_norms`); l2
-        covers the four weight matrices (their role), not the biases."""
-        dqkv = self._d_qkv(params, cache, dy)
-        return self._sq_norms(params, cache, dqkv, dy, l2), self._dx(params, dqkv)
-
-    def _sq_norms(self, params, cache, dqkv, dy, l2):
-        return (dense.per_example_sq_norms(cache.x, dqkv, self._w_qkv(params), self.use_bias, l2)
-                + dense.per_example_sq_norms(cache.o, dy, params["Wo"], self.use_bias, l2))
-
-    def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
-                                  dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
-        """One-pass clipping's pieces from one attention backward: dL/d[q k v] is linear in dy row
-        by row, so sum_i w_i g_i is the projections' gradients of the rescaled rows of it and of
-        dy; the scores are not recomputed a second time."""
-        dqkv = self._d_qkv(params, cache, dy)
-        return (self._sq_norms(params, cache, dqkv, dy, 0.0), self._dx(params, dqkv),
-                lambda w: self._grads(params, cache, *scale_rows(w, (dqkv, dy)))[0])
+        return ((cache.x, dqkv), (cache.o, dy)), self._dx(params, dqkv)

@@ -24,22 +24,20 @@ dy (its leading slice) is the gradient of example i's own loss:
     gram, dxa, dxb = per_example_gram(layer, params, ca, dya, cb, dyb)  # (na, nb) <g_i, g_j>
     sq, dx, wsum = sq_norms_and_weighted_sum(layer, params, cache, dy)  # wsum(w) = sum_i w_i g_i
 
-Each calls the layer's method of that name when it has one (a fast path:
-Dense's ghost norm, Conv2D's taps, ...), and otherwise the generic
-default: the layer's own `backward`, `vmap`ped over the examples of its
-cache and dy (a cache leaf whose leading axis follows the batch size, as
-the layer's forward traced at two batch sizes shows, is sliced per
-example; a leaf whose shape does not change is shared; a layer may
-declare its own with `cache_batch_axes(cache, n)`). The test suite proves every fast path equal
-to the generic default. W in `l2 W` is every parameter whose role is
-"weight" (see roles below), so a fast path applies l2 to those.
-
-K-FAC reads `kfac_factors(params, cache, dy) -> (KFACFactors, dx)` and
-`kfac_dims(params) -> (dim A, dim G)` where a layer has them (Dense, Conv2D);
-a layer with several weight matrices returns `KFACBlocks` of them (and of
-the dims: attention's four projections). Curvature
-(`purenet.analysis.curvature`) runs the same functions once per cotangent column,
-inside a `vmap` that sums over the columns (`per_example_sq_columns`).
+(each lives in its feature's module; the names stay importable here). A
+layer that declares its structure (`purenet.layers.structure`: the products
+its parameters enter, a dense product over positions, a scale-and-shift, a
+lookup, a convolution) gets each of them, and K-FAC's factors, from that
+feature's rule for each product kind: Dense's ghost norm, Conv2D's taps,
+attention's projections. A layer that declares nothing gets the generic
+default: its own `backward`, `vmap`ped over the examples of its cache and
+dy (a cache leaf whose leading axis follows the batch size, as the layer's
+forward traced at two batch sizes shows, is sliced per example; a leaf
+whose shape does not change is shared; a layer may declare its own with
+`cache_batch_axes(cache, n)`). A layer may also define a feature's method
+itself, which comes first. The test suite proves every rule and method
+equal to the generic default. W in `l2 W` is every parameter whose role is
+"weight" (see roles below), so the rules apply l2 to those.
 
 The Hessian's diagonal (`pn.stats.hessian_diagonal`) needs each layer's
 second-order term, which three methods cannot reveal, so a layer declares
@@ -333,6 +331,20 @@ from purenet.layers.traversal import (PLAIN, Leaf, decode, decode_init, frozen_i
                                       leaves, map_in_walk_order, map_leaves, walk, walk_leaves, zeros_like_tree)
 from purenet.layers.roles import DECAYED, ROLES, decay_mask, id_layer, layer_roles, output_kind, roles  # noqa: E402
 from purenet.layers.defaults import (cache_batch_axes, feature_split, generic_per_example_backward,  # noqa: E402
-                                     generic_per_example_sq_norms, has_params, kfac_eligible, per_example_backward,
-                                     per_example_gram, per_example_sq, per_example_sq_columns, per_example_sq_norms,
-                                     scale_rows, sq_norms_and_weighted_sum, sum_leaves)
+                                     generic_per_example_sq_norms, has_params, scale_rows, sum_leaves)
+
+# Each per-example feature lives with its rules per product kind, in that feature's module (above the
+# kernel, so imported when first asked for); the names stay importable from here.
+_FEATURES = {
+    "per_example_backward": "purenet.analysis.per_example", "per_example_sq_norms": "purenet.analysis.per_example",
+    "sq_norms_and_weighted_sum": "purenet.privacy.clipping", "per_example_sq": "purenet.analysis.stats",
+    "per_example_sq_columns": "purenet.analysis.stats", "per_example_gram": "purenet.analysis.stats",
+    "kfac_eligible": "purenet.analysis.kfac",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FEATURES:
+        import importlib
+        return getattr(importlib.import_module(_FEATURES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,9 +29,9 @@ from jax import lax
 
 from purenet import chunks, initializers
 from purenet.initializers import default_float
-from purenet.layers.base import Array, KFACFactors, Layer, ParameterFree, PyTree, Static, as_shape
+from purenet.layers.base import Array, Layer, ParameterFree, PyTree, Static, as_shape
 from purenet.layers.defaults import feature_split
-from purenet.layers import dense
+from purenet.layers.structure import Convolution
 
 __all__ = [
     "AvgPool2D", "Conv1D", "Conv2D", "Geometry", "GlobalAvgPool2D", "IMPLEMENTATIONS", "MaxPool2D", "geometry", "patches",
@@ -377,119 +377,89 @@ class Conv2D(Layer):
         c = W.shape[2]
         return untap([dp[..., t * c:(t + 1) * c] for t in range(len(g.taps()))], g, in_place=True)
 
-    def _taps(self, W, cache, g):
-        """Each tap's (N, Ho, Wo, C) input slice: cut from the cached patches (im2col), else from x."""
-        if self._impl(W) == "im2col":
-            p, n = cache.inputs, len(g.taps())
-            c = p.shape[-1] // n
-            return [p[..., t * c:(t + 1) * c] for t in range(n)]
-        return tap_slices(_pad(cache.inputs, g), g)
+    def structure(self, params: PyTree) -> tuple[Convolution]:
+        """One convolution product: every per-example feature (by tap, or the ghost norm over output
+        pixels) and K-FAC (on the patches) come from its rules, which read this layer's geometry."""
+        return (Convolution("W", "b" if self.use_bias else None),)
 
-    def _patches(self, W, cache):
-        if self._impl(W) == "im2col":
-            return cache.inputs
-        return patches(cache.inputs, self._geometry(cache.in_hw.value))
+    def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
+        """(its cache, dy, itself), and dx."""
+        return ((cache, dy, self),), self._dx_of(params, cache, dy)
 
     def _dx_of(self, params, cache, dy):
         return self._dx(params["W"], cache, dy, self._geometry(cache.in_hw.value))
 
-    def _per_example_taps(self, W, cache, dy):
-        """Example i's weight gradient by tap, dW_i[tap] = S_tap,i^T g_i, (N, C, F) each, S_tap the
-        input slice the tap reads. From x (xla) one tap at a time, so no patches are formed; from
-        cached patches (im2col) in one product P_i^T g_i, cut by tap."""
-        g = self._geometry(cache.in_hw.value)
-        if self._impl(W) == "im2col":
-            n, c = dy.shape[0], W.shape[2]
-            p, d = cache.inputs.reshape(n, -1, cache.inputs.shape[-1]), dy.reshape(n, -1, dy.shape[-1])
-            dw = lax.dot_general(p, d, (((1,), (1,)), ((0,), (0,))))  # (N, kh kw C, F)
-            return [dw[:, t * c:(t + 1) * c] for t in range(len(g.taps()))], g
-        return [_per_example_tap_grad(s, dy) for s in self._taps(W, cache, g)], g
 
-    def _in_chunks(self, fn: Any, cache: PyTree, dy: Array) -> Any:
-        """fn(cache, dy) -> per-example rows, evaluated PER_EXAMPLE_CHUNK examples at a time on the CPU
-        (`purenet.chunks.in_chunks`): the per-tap products of a whole large batch fall out of the
-        caches there, and in chunks they do not (see PER_EXAMPLE_CHUNK). Other backends: one call."""
-        chunk = PER_EXAMPLE_CHUNK.get(jax.default_backend())
-        if chunk is None or dy.shape[0] <= chunk:
-            return fn(cache, dy)
-        return chunks.in_chunks(lambda inputs, d, _: fn(_ConvCache(inputs, cache.in_hw), d), chunk,
-                                cache.inputs, dy)
+# ---------------------------------------------------------------- the convolution product's pieces
+# (what the rules of `purenet.layers.structure.Convolution` compute with, in the feature modules)
 
-    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        """Example i's gradients: dW_i[tap] = S_tap,i^T g_i (summed over its output pixels), db_i = sum g_i."""
-        W = params["W"]
 
-        def grads_of(c: PyTree, d: Array) -> PyTree:
-            taps, _ = self._per_example_taps(W, c, d)
-            grads = {"W": jnp.stack(taps, axis=1).reshape(d.shape[0], *W.shape)}
-            if self.use_bias:
-                grads["b"] = jnp.sum(d, axis=(1, 2))
-            return grads
+def taps(conv: "Conv2D", W: Array, cache: PyTree, g: Geometry) -> list[Array]:
+    """Each tap's (N, Ho, Wo, C) input slice: cut from the cached patches (im2col), else from x."""
+    if conv._impl(W) == "im2col":
+        p, n = cache.inputs, len(g.taps())
+        c = p.shape[-1] // n
+        return [p[..., t * c:(t + 1) * c] for t in range(n)]
+    return tap_slices(_pad(cache.inputs, g), g)
 
-        return self._in_chunks(grads_of, cache, dy), self._dx(W, cache, dy, self._geometry(cache.in_hw.value))
 
-    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
-        """||dW_i + l2 W||^2 + ||db_i||^2 without forming patches, whichever of two ways costs fewer flops.
+def conv_patches(conv: "Conv2D", W: Array, cache: PyTree) -> Array:
+    """The im2col patches P (N, Ho, Wo, kh kw C): the cache (im2col), or cut from x."""
+    if conv._impl(W) == "im2col":
+        return cache.inputs
+    return patches(cache.inputs, conv._geometry(cache.in_hw.value))
 
-        Formed by tap (`_per_example_taps`):  sum_tap ||S_tap,i^T g_i + l2 W_tap||^2, O(N T K F) flops.
-        Ghost norm over the T = Ho Wo output pixels (K = kh kw C, the patch length):
 
-            ||sum_t p_t g_t^T||^2 = sum_{t,t'} (p_t . p_t') (g_t . g_t'),
-            p_t . p_t' = sum_tap S_tap,t . S_tap,t'   (accumulated tap by tap),
+def per_example_taps(conv: "Conv2D", W: Array, cache: PyTree, dy: Array) -> tuple[list[Array], Geometry]:
+    """Example i's weight gradient by tap, dW_i[tap] = S_tap,i^T g_i, (N, C, F) each, S_tap the
+    input slice the tap reads. From x (xla) one tap at a time, so no patches are formed; from
+    cached patches (im2col) in one product P_i^T g_i, cut by tap."""
+    g = conv._geometry(cache.in_hw.value)
+    if conv._impl(W) == "im2col":
+        n, c = dy.shape[0], W.shape[2]
+        p, d = cache.inputs.reshape(n, -1, cache.inputs.shape[-1]), dy.reshape(n, -1, dy.shape[-1])
+        dw = lax.dot_general(p, d, (((1,), (1,)), ((0,), (0,))))  # (N, kh kw C, F)
+        return [dw[:, t * c:(t + 1) * c] for t in range(len(g.taps()))], g
+    return [_per_example_tap_grad(s, dy) for s in taps(conv, W, cache, g)], g
 
-        O(N T^2 (K + F)) flops and O(N T^2) memory, used when T (K + F) < K F:
-        small late feature maps with wide kernels. The l2 cross term is
-        <dW_i, W> = sum_t (p_t W2) . g_t = sum_t (y_t - b) . g_t, read off the forward.
-        On the CPU either runs on PER_EXAMPLE_CHUNK examples at a time.
-        """
-        W = params["W"]
-        g = self._geometry(cache.in_hw.value)
-        return self._in_chunks(lambda c, d: self._sq_norms(W, c, d, g, l2), cache, dy), self._dx(W, cache, dy, g)
 
-    def _sq_norms(self, W: Array, cache: PyTree, dy: Array, g: Geometry, l2: Any) -> Array:
-        n, t, k, f = dy.shape[0], math.prod(g.out_hw), W.size // W.shape[-1], W.shape[-1]
-        if t * (k + f) < k * f:
-            taps = self._taps(W, cache, g)
-            s3 = [s.reshape(n, t, -1) for s in taps]
-            pp = sum(jnp.einsum("btc,bsc->bts", s, s) for s in s3)
-            dy3 = dy.reshape(n, t, f)
-            sq = jnp.sum(pp * jnp.einsum("btj,bsj->bts", dy3, dy3), axis=(1, 2))
-            if not (isinstance(l2, (int, float)) and l2 == 0):
-                cross = sum(jnp.sum(_tap_dot(s, W[i, j]) * dy, axis=(1, 2, 3)) for (i, j), s in zip(g.taps(), taps))
-                sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
-        else:
-            formed, _ = self._per_example_taps(W, cache, dy)
-            sq = cast(Array, sum(jnp.sum((d + l2 * W[i, j]) ** 2, axis=(1, 2)) for (i, j), d in zip(g.taps(), formed)))
-        if self.use_bias:
-            sq = sq + jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=-1)
+def in_chunks(fn: Any, cache: PyTree, dy: Array) -> Any:
+    """fn(cache, dy) -> per-example rows, evaluated PER_EXAMPLE_CHUNK examples at a time on the CPU
+    (`purenet.chunks.in_chunks`): the per-tap products of a whole large batch fall out of the
+    caches there, and in chunks they do not (see PER_EXAMPLE_CHUNK). Other backends: one call."""
+    chunk = PER_EXAMPLE_CHUNK.get(jax.default_backend())
+    if chunk is None or dy.shape[0] <= chunk:
+        return fn(cache, dy)
+    return chunks.in_chunks(lambda inputs, d, _: fn(_ConvCache(inputs, cache.in_hw), d), chunk, cache.inputs, dy)
+
+
+def tap_sq_norms(conv: "Conv2D", W: Array, cache: PyTree, dy: Array, l2: Any) -> Array:
+    """||dW_i + l2 W||^2 without forming patches, whichever of two ways costs fewer flops.
+
+    Formed by tap (`per_example_taps`):  sum_tap ||S_tap,i^T g_i + l2 W_tap||^2, O(N T K F) flops.
+    Ghost norm over the T = Ho Wo output pixels (K = kh kw C, the patch length):
+
+        ||sum_t p_t g_t^T||^2 = sum_{t,t'} (p_t . p_t') (g_t . g_t'),
+        p_t . p_t' = sum_tap S_tap,t . S_tap,t'   (accumulated tap by tap),
+
+    O(N T^2 (K + F)) flops and O(N T^2) memory, used when T (K + F) < K F:
+    small late feature maps with wide kernels. The l2 cross term is
+    <dW_i, W> = sum_t (p_t W2) . g_t, read off the forward's product.
+    """
+    g = conv._geometry(cache.in_hw.value)
+    n, t, k, f = dy.shape[0], math.prod(g.out_hw), W.size // W.shape[-1], W.shape[-1]
+    if t * (k + f) < k * f:
+        slices = taps(conv, W, cache, g)
+        s3 = [s.reshape(n, t, -1) for s in slices]
+        pp = sum(jnp.einsum("btc,bsc->bts", s, s) for s in s3)
+        dy3 = dy.reshape(n, t, f)
+        sq = jnp.sum(pp * jnp.einsum("btj,bsj->bts", dy3, dy3), axis=(1, 2))
+        if not (isinstance(l2, (int, float)) and l2 == 0):
+            cross = sum(jnp.sum(_tap_dot(s, W[i, j]) * dy, axis=(1, 2, 3)) for (i, j), s in zip(g.taps(), slices))
+            sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
         return sq
-
-    def per_example_sq(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        """sum_i dW_i**2, sum_i db_i**2, dW_i formed one tap at a time."""
-        taps, g = self._per_example_taps(params["W"], cache, dy)
-        sq = {"W": jnp.stack([jnp.sum(d * d, axis=0) for d in taps]).reshape(params["W"].shape)}
-        if self.use_bias:
-            sq["b"] = jnp.sum(jnp.sum(dy, axis=(1, 2)) ** 2, axis=0)
-        return sq, self._dx(params["W"], cache, dy, g)
-
-    def per_example_gram(self, params: PyTree, cache_a: PyTree, dya: Array, cache_b: PyTree,
-                         dyb: Array) -> tuple[Array, Array, Array]:
-        """<grad_i, grad_j> = sum_tap <dW_i[tap], dW_j[tap]> (+ <db_i, db_j>), one tap at a time."""
-        W = params["W"]
-        (ta, g), (tb, _) = self._per_example_taps(W, cache_a, dya), self._per_example_taps(W, cache_b, dyb)
-        gram = cast(Array, sum(lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb)))
-        if self.use_bias:
-            gram = gram + jnp.sum(dya, axis=(1, 2)) @ jnp.sum(dyb, axis=(1, 2)).T
-        return gram, self._dx(params["W"], cache_a, dya, g), self._dx(params["W"], cache_b, dyb, g)
-
-    def kfac_factors(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[KFACFactors, Array]:
-        """K-FAC factors on the patches (KFC, Grosse & Martens, 2016): A over every output pixel's
-        patch [p, 1], G summed over the Ho Wo pixels; W2 = W reshaped to (kh kw C, F) is the matrix."""
-        return dense.kfac_factors(self._patches(params["W"], cache), dy, self.use_bias), self._dx_of(params, cache, dy)
-
-    def kfac_dims(self, params: PyTree) -> tuple[int, int]:
-        W = params["W"]
-        return W.shape[0] * W.shape[1] * W.shape[2] + self.use_bias, W.shape[3]
+    formed, _ = per_example_taps(conv, W, cache, dy)
+    return cast(Array, sum(jnp.sum((d + l2 * W[i, j]) ** 2, axis=(1, 2)) for (i, j), d in zip(g.taps(), formed)))
 
 
 # ---------------------------------------------------------------- Conv1D
@@ -628,31 +598,12 @@ class Conv1D(Layer):
         grads, dx = self.conv2d.backward(self._w2(params), cache, dy[:, None])
         return self._w1(grads), dx[:, 0]
 
-    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        """Conv2D's per-example taps: dW_i[tap] = S_tap,i^T g_i, db_i = sum g_i."""
-        grads, dx = self.conv2d.per_example_backward(self._w2(params), cache, dy[:, None])
-        return self._w1(grads, 1), dx[:, 0]
+    def structure(self, params: PyTree) -> tuple[Convolution]:
+        """Conv2D's convolution product on a height of one: W (k, in, out) read as (1, k, in, out)."""
+        return (Convolution("W", "b" if self.use_bias else None),)
 
-    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
-        """Conv2D's: by tap, or the ghost norm over output positions, whichever costs fewer flops."""
-        sq, dx = self.conv2d.per_example_sq_norms(self._w2(params), cache, dy[:, None], l2)
-        return sq, dx[:, 0]
-
-    def per_example_sq(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        sq, dx = self.conv2d.per_example_sq(self._w2(params), cache, dy[:, None])
-        return self._w1(sq), dx[:, 0]
-
-    def per_example_gram(self, params: PyTree, cache_a: PyTree, dya: Array, cache_b: PyTree,
-                         dyb: Array) -> tuple[Array, Array, Array]:
-        gram, dxa, dxb = self.conv2d.per_example_gram(self._w2(params), cache_a, dya[:, None], cache_b, dyb[:, None])
-        return gram, dxa[:, 0], dxb[:, 0]
-
-    def kfac_factors(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[KFACFactors, Array]:
-        factors, dx = self.conv2d.kfac_factors(self._w2(params), cache, dy[:, None])
-        return factors, dx[:, 0]
-
-    def kfac_dims(self, params: PyTree) -> tuple[int, int]:
-        return self.conv2d.kfac_dims(self._w2(params))
+    def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
+        return ((cache, dy[:, None], self.conv2d),), self.conv2d._dx_of(self._w2(params), cache, dy[:, None])[:, 0]
 
 
 # ---------------------------------------------------------------- pooling

@@ -1,16 +1,17 @@
-"""The generic per-example defaults: every per-example feature from a layer's own `backward`.
+"""The generic per-example defaults: each example's gradients from a layer's own `backward`.
 
-    grads_i, dx = per_example_backward(layer, params, cache, dy)      # leaves (batch, ...)
-    sq, dx      = per_example_sq_norms(layer, params, cache, dy, l2)  # ||g_i + l2 W||^2, (batch,)
-    sq, dx      = per_example_sq(layer, params, cache, dy)            # sum_i g_i**2, like params
-    gram, dxa, dxb = per_example_gram(layer, params, ca, dya, cb, dyb)
-    sq, dx, wsum = sq_norms_and_weighted_sum(layer, params, cache, dy)  # wsum(w) = sum_i w_i g_i
+    grads_i, dx = generic_per_example_backward(layer, params, cache, dy)   # leaves (batch, ...)
+    sq, dx      = generic_per_example_sq_norms(layer, params, cache, dy, l2)  # ||g_i + l2 W||^2, (batch,)
 
-Each calls the layer's method of that name when it has one (a fast path), and otherwise the
-default: the layer's `backward`, `vmap`ped over the examples of its cache and dy (`cache_batch_axes`
-says which cache leaves follow the batch). The test suite proves every fast path equal to it.
+The layer's `backward`, `vmap`ped over the examples of its cache and dy
+(`cache_batch_axes` says which cache leaves follow the batch). Every
+per-example feature falls back on these for a layer that declares no products
+(`purenet.layers.structure`): per-example gradients and norms
+(`purenet.analysis.per_example`), one-pass clipping (`purenet.privacy.clipping`),
+sums of squares, curvature columns and Gram matrices (`purenet.analysis.stats`),
+and the test suite proves every product rule equal to them.
 """
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,7 @@ from purenet.layers.roles import DECAYED, layer_roles
 
 __all__ = [
     "cache_batch_axes", "feature_split", "generic_per_example_backward", "generic_per_example_sq_norms",
-    "has_params", "kfac_eligible", "per_example_backward", "per_example_gram", "per_example_sq",
-    "per_example_sq_columns", "per_example_sq_norms", "scale_rows", "sq_norms_and_weighted_sum", "sum_leaves",
+    "has_params", "scale_rows", "sq_norms_of", "sum_leaves",
 ]
 
 
@@ -123,15 +123,6 @@ def generic_per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: 
     return jax.vmap(one)(batched, dy)
 
 
-def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
-    """(grads with a leading batch axis, dx): the layer's fast path, or the generic default."""
-    if hasattr(layer, "per_example_backward"):
-        return layer.per_example_backward(params, cache, dy)
-    if not has_params(params):
-        return params, layer.backward(params, cache, dy)[1]
-    return generic_per_example_backward(layer, params, cache, dy)
-
-
 def sum_leaves(tree: PyTree, zero: Array) -> Array:
     total = zero
     for leaf in jax.tree_util.tree_leaves(tree):
@@ -143,80 +134,30 @@ def _rows_sq(g: Array) -> Array:
     return jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=-1)
 
 
+def sq_norms_of(l2s: PyTree, grads: PyTree, params: PyTree) -> Array:
+    """sum over the leaves of ||g_i + l2 W||^2 per example: grads with a leading batch axis, l2s a tree
+    like params of each parameter's l2 (0 where l2 does not cover it)."""
+    def one(l2: Any, g: Array, p: Array) -> Array:
+        return _rows_sq(g if isinstance(l2, (int, float)) and l2 == 0 else g + l2 * p)
+    n = jax.tree_util.tree_leaves(grads)[0].shape[0]
+    zero = jnp.zeros((n,), jax.tree_util.tree_leaves(grads)[0].dtype)
+    return sum_leaves(jax.tree_util.tree_map(one, l2s, grads, params), zero)
+
+
 def generic_per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
                                  l2: Any = 0.0) -> tuple[Array, Any]:
-    """||g_i + l2 W||^2 from the per-example gradients (W: the layer's weight-role parameters)."""
-    grads, dx = per_example_backward(layer, params, cache, dy)
+    """||g_i + l2 W||^2 from the generic per-example gradients (W: the parameters whose role l2 covers)."""
     n = _batch_size(dy)
-    zero = jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype)
     if not has_params(params):
-        return zero, dx
-    if not (isinstance(l2, (int, float)) and l2 == 0):
-        mask = jax.tree_util.tree_map(lambda r: r in DECAYED, layer_roles(layer, params))
-        grads = jax.tree_util.tree_map(lambda g, p, m: g + l2 * p if m else g, grads, params, mask)
-    return sum_leaves(jax.tree_util.tree_map(_rows_sq, grads), zero), dx
-
-
-def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
-                         l2: Any = 0.0) -> tuple[Array, Any]:
-    """(||g_i + l2 W||^2 per example, dx): the layer's fast path, or from per-example gradients."""
-    if hasattr(layer, "per_example_sq_norms"):
-        return layer.per_example_sq_norms(params, cache, dy, l2)
-    return generic_per_example_sq_norms(layer, params, cache, dy, l2)
+        return jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype), layer.backward(params, cache, dy)[1]
+    grads, dx = generic_per_example_backward(layer, params, cache, dy)
+    l2s = jax.tree_util.tree_map(lambda r: l2 if r in DECAYED else 0.0, layer_roles(layer, params))
+    return sq_norms_of(l2s, grads, params), dx
 
 
 def scale_rows(w: Array, t: PyTree) -> PyTree:
     """Each array of t with row i (its leading slice) multiplied by w_i."""
     return jax.tree_util.tree_map(lambda a: a * w.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), t)
-
-
-def sq_norms_and_weighted_sum(layer: Any, params: PyTree, cache: PyTree,
-                              dy: PyTree) -> tuple[Array, Any, Callable[[Array], PyTree]]:
-    """(||g_i||^2 per example, dx, w -> sum_i w_i g_i): the pieces of one-pass clipping.
-
-    g_i is linear in example i's rows of dy, so sum_i w_i g_i is the
-    parameter gradient of the rescaled rows w_i dy_i: by default the layer's
-    backward of them. A layer whose backward first maps dy to an inner
-    gradient (attention's dL/d[q k v], a recurrent layer's gate gradients)
-    says so with its own `sq_norms_and_weighted_sum`, which rescales that
-    inner gradient instead of running its backward twice.
-    """
-    if hasattr(layer, "sq_norms_and_weighted_sum"):
-        return layer.sq_norms_and_weighted_sum(params, cache, dy)
-    sq, dx = per_example_sq_norms(layer, params, cache, dy, 0.0)
-    return sq, dx, lambda w: layer.backward(params, cache, scale_rows(w, dy))[0]
-
-
-def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
-    """(sum_i g_i**2 elementwise, like params; dx)."""
-    if hasattr(layer, "per_example_sq"):
-        return layer.per_example_sq(params, cache, dy)
-    grads, dx = per_example_backward(layer, params, cache, dy)
-    return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads), dx
-
-
-def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, axis_name: str) -> tuple[PyTree, Any]:
-    """(sum over the examples and over the cotangent columns of g**2, like params; dx), inside a
-    `vmap` over the columns named `axis_name` (`purenet.analysis.curvature.column_walk`): the layer's
-    fast path, or its `per_example_sq` summed over the columns with `lax.psum`."""
-    if hasattr(layer, "per_example_sq_columns"):
-        return layer.per_example_sq_columns(params, cache, dy, axis_name)
-    sq, dx = per_example_sq(layer, params, cache, dy)
-    return jax.lax.psum(sq, axis_name), dx
-
-
-def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, cache_b: PyTree,
-                     dy_b: PyTree) -> tuple[Array, Any, Any]:
-    """((na, nb) matrix of <g_i, g_j>, dxa, dxb)."""
-    if hasattr(layer, "per_example_gram"):
-        return layer.per_example_gram(params, cache_a, dy_a, cache_b, dy_b)
-    ga, dxa = per_example_backward(layer, params, cache_a, dy_a)
-    gb, dxb = per_example_backward(layer, params, cache_b, dy_b)
-    na, nb = _batch_size(dy_a), _batch_size(dy_b)
-    products = jax.tree_util.tree_map(
-        lambda u, v: jnp.reshape(u, (na, -1)) @ jnp.reshape(v, (nb, -1)).T, ga, gb)
-    zero = jnp.zeros((na, nb), jax.tree_util.tree_leaves(dy_a)[0].dtype)
-    return sum_leaves(products, zero), dxa, dxb
 
 
 def feature_split(params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
@@ -232,9 +173,3 @@ def feature_split(params: PyTree, split_in: bool) -> tuple[PyTree, bool]:
     if split_in:
         return {k: (-2 if k == "W" else None) for k in params}, False
     return {k: (-1 if k == "W" else 0) for k in params}, True
-
-
-def kfac_eligible(layer: Any) -> bool:
-    return hasattr(layer, "kfac_factors") and hasattr(layer, "kfac_dims")
-
-

@@ -8,7 +8,8 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, wide
-from purenet.layers.defaults import feature_split, scale_rows
+from purenet.layers.defaults import feature_split
+from purenet.layers.structure import DenseProduct
 
 __all__ = ["Dense", "kfac_factors", "per_example_grads", "per_example_gram", "per_example_sq", "per_example_sq_norms"]
 
@@ -99,73 +100,13 @@ class Dense(Layer):
     def _dx(self, params, dy):
         return lax.dot_general(dy, params["W"], (((dy.ndim - 1,), (1,)), ((), ())))
 
-    def per_example_backward(self, params: PyTree, x: Array, dy: Array) -> tuple[PyTree, Array]:
-        """Example i's gradients: dW_i = sum_t h_it dy_it^T (an outer product per position t),
-        db_i = sum_t dy_it; for rows (no positions) dW_i = h_i dy_i^T, db_i = dy_i."""
-        return per_example_grads(x, dy, self.use_bias), self._dx(params, dy)
+    def structure(self, params: PyTree) -> tuple[DenseProduct]:
+        """One dense product: every per-example feature and K-FAC come from its rules."""
+        return (DenseProduct(("W",), ("b" if self.use_bias else None,)),)
 
-    def per_example_sq_norms(self, params: PyTree, x: Array, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
-        """||dW_i + l2 W||^2 + ||db_i||^2, without forming dW_i where an identity is cheaper
-        (see `per_example_sq_norms`)."""
-        return per_example_sq_norms(x, dy, params["W"], self.use_bias, l2), self._dx(params, dy)
-
-    def sq_norms_and_weighted_sum(self, params: PyTree, x: Array, dy: Array) -> tuple[Array, Array, Any]:
-        """One-pass clipping's (||g_i||^2, dx, w -> sum_i w_i g_i) (`purenet.layers.base`).
-
-        Where a sequence layer's dW_i = sum_t h_t dy_t^T is small (in * out <= 2 T (in + out): at most
-        twice the memory of x and dy), it is formed once, for its norm and for sum_i w_i dW_i, instead
-        of the (T, T) Gram ghost norm followed by a second h^T (w dy) matmul: faster for a GPT's
-        layers on the CPU, about even where in * out / (T (in + out)) reaches 3-4 (measured in
-        benchmarks/README.md, "DP-SGD step").
-        Rows, and wider layers, keep the ghost norm and the backward of the rescaled dy.
-        """
-        x3, dy3 = _positions(x), _positions(dy)
-        t, (n_in, n_out) = x3.shape[1], params["W"].shape
-        if x.ndim == 2 or n_in * n_out > 2 * t * (n_in + n_out):
-            sq, dx = self.per_example_sq_norms(params, x, dy)
-            return sq, dx, lambda w: self.backward(params, x, scale_rows(w, dy))[0]
-        acc = jnp.promote_types(dy3.dtype, jnp.float32)  # bfloat16 activations sum over T positions in float32
-        grads = {"W": jnp.einsum("bti,btj->bij", x3, dy3, preferred_element_type=acc)}
-        sq = jnp.sum(grads["W"] ** 2, axis=(1, 2))
-        if self.use_bias:
-            grads["b"] = jnp.sum(dy3, axis=1, dtype=acc)
-            sq = sq + jnp.sum(grads["b"] ** 2, axis=1)
-
-        def weighted_sum(w: Array) -> PyTree:
-            return {k: jnp.tensordot(w.astype(acc), g, axes=1).astype(params[k].dtype) for k, g in grads.items()}
-
-        return sq.astype(x.dtype), self._dx(params, dy), weighted_sum
-
-    def per_example_sq(self, params: PyTree, x: Array, dy: Array) -> tuple[PyTree, Array]:
-        """sum_i dW_i**2 and sum_i db_i**2 (elementwise) without forming dW_i for rows:
-        (h**2)^T (dy**2), one matmul (see `per_example_sq`)."""
-        return per_example_sq(x, dy, self.use_bias), self._dx(params, dy)
-
-    def per_example_sq_columns(self, params: PyTree, x: Array, dy: Array, axis_name: str) -> tuple[PyTree, Array]:
-        """sum_c sum_i dW_ic**2 over cotangent columns c (the vmap axis `axis_name`): for rows
-        (h**2)^T sum_c dy_c**2, the columns summed before the one matmul (BackPACK's DiagGGN einsum)."""
-        if x.ndim != 2:
-            sq, dx = self.per_example_sq(params, x, dy)
-            return lax.psum(sq, axis_name), dx
-        d2 = lax.psum(dy * dy, axis_name)
-        sq = {"W": lax.dot_general(x * x, d2, (((0,), (0,)), ((), ())))}
-        if self.use_bias:
-            sq["b"] = jnp.sum(d2, axis=0)
-        return sq, self._dx(params, dy)
-
-    def per_example_gram(self, params: PyTree, xa: Array, dya: Array, xb: Array,
-                         dyb: Array) -> tuple[Array, Array, Array]:
-        """<grad_i, grad_j> for i in batch a, j in batch b: (Ha Hb^T) * (Da Db^T) (+ Da Db^T for
-        the bias) for rows, without forming any grad_i (see `per_example_gram`)."""
-        return per_example_gram(xa, dya, xb, dyb, self.use_bias), self._dx(params, dya), self._dx(params, dyb)
-
-    def kfac_factors(self, params: PyTree, x: Array, dy: Array) -> tuple[KFACFactors, Array]:
-        """K-FAC's A = E[a a^T] (a = [h, 1] with a bias) and G = E_i[sum_t dy_t dy_t^T]."""
-        return kfac_factors(x, dy, self.use_bias), self._dx(params, dy)
-
-    def kfac_dims(self, params: PyTree) -> tuple[int, int]:
-        """The sizes of A and G."""
-        return params["W"].shape[0] + self.use_bias, params["W"].shape[1]
+    def products(self, params: PyTree, x: Array, dy: Array) -> tuple[tuple, Array]:
+        """Its input h and output gradient dy, and dx = dy W^T."""
+        return ((x, dy),), self._dx(params, dy)
 
 
 def per_example_grads(x: Array, dy: Array, use_bias: bool) -> dict[str, Array]:

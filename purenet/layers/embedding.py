@@ -18,6 +18,7 @@ from jax import lax
 from purenet._checks import check_index_range
 from purenet.initializers import default_float
 from purenet.layers.base import Array, Layer, PyTree, Static, as_shape
+from purenet.layers.structure import Lookup
 
 __all__ = ["Embedding", "PositionalEmbedding", "check_ids", "per_example_scatter", "scatter_rows", "sq_norm_of_scatter"]
 
@@ -81,13 +82,12 @@ class Embedding(Layer):
     def backward(self, params: PyTree, ids: Array, dy: Array) -> tuple[PyTree, None]:
         return {"E": scatter_rows(params["E"].shape[0], ids, dy)}, None
 
-    def per_example_backward(self, params: PyTree, ids: Array, dy: Array) -> tuple[PyTree, None]:
-        """Example i's dE_i: its own dy rows scattered into a (V, features) table, (batch, V, features)."""
-        return {"E": per_example_scatter(params["E"].shape[0], ids, dy)}, None
+    def structure(self, params: PyTree) -> tuple[Lookup]:
+        """A lookup of E's rows: its rules give every per-example feature (||dE_i||^2 without forming dE_i)."""
+        return (Lookup("E"),)
 
-    def per_example_sq_norms(self, params: PyTree, ids: Array, dy: Array, l2: Any = 0.0) -> tuple[Array, None]:
-        """||dE_i||^2 without forming dE_i (E's role is "embedding", which l2 does not cover)."""
-        return sq_norm_of_scatter(ids, dy), None
+    def products(self, params: PyTree, ids: Array, dy: Array) -> tuple[tuple, None]:
+        return ((ids, dy),), None
 
 
 def scatter_rows(num_rows: int, ids: Array, dy: Array) -> Array:

@@ -14,7 +14,7 @@ gradients (the output does not depend on it).
 """
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -22,6 +22,7 @@ from jax import lax
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
 from purenet.layers.base import Array, Layer, PyTree, as_shape, per_example_sum, wide
+from purenet.layers.structure import ScaleShift
 
 __all__ = ["GroupNorm", "LayerNorm", "RMSNorm"]
 
@@ -91,13 +92,12 @@ class _FeatureNorm(Layer):
     def backward(self, params: PyTree, cache: _NormCache, dy: Array) -> tuple[PyTree, Array]:
         return _gamma_grads(params, cache, dy, False), self._dx(params, cache, dy)
 
-    def per_example_backward(self, params: PyTree, cache: _NormCache, dy: Array) -> tuple[PyTree, Array]:
-        """Example i's gradients: its own sums of g xhat and g over its positions."""
-        return _gamma_grads(params, cache, dy, True), self._dx(params, cache, dy)
+    def structure(self, params: PyTree) -> tuple[ScaleShift]:
+        """y = xhat * gamma + beta: a scale and shift, whose rules give every per-example feature."""
+        return (ScaleShift("gamma", "beta" if "beta" in params else None),)
 
-    def per_example_sq_norms(self, params: PyTree, cache: _NormCache, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
-        grads, dx = self.per_example_backward(params, cache, dy)
-        return cast(Array, sum(jnp.sum(g * g, axis=-1) for g in grads.values())), dx  # gamma is always there
+    def products(self, params: PyTree, cache: _NormCache, dy: Array) -> tuple[tuple, Array]:
+        return ((cache.xhat, dy),), self._dx(params, cache, dy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,12 @@ path would silently fall back to the generic default).
     PROTOCOL["mixes_examples"]   # Name(kind="declaration", meaning="...")
 
 Kinds: "required" (every layer), "container" (layers made of layers),
-"declaration" (a class attribute or method that says what the layer is),
-"fast path" (an optional method the test suite proves equal to the generic
-default), "feature" (an optional method one feature reads).
+"declaration" (a class attribute or method that says what the layer is:
+`structure` and `products` give every per-example feature and K-FAC from one
+rule per product kind, `purenet.layers.structure`), "fast path" (a feature's
+method a layer may define itself, which comes before the rules; the test
+suite proves it equal to the generic default), "feature" (an optional method
+one feature reads).
 """
 import dataclasses
 import difflib
@@ -49,6 +52,11 @@ PROTOCOL: dict[str, Name] = {
     "chain": Name("container", "True: the children run one after another (pn.Sequential), so second-order "
                                "columns pass through"),
     # declarations
+    "structure": Name("declaration", "structure(params) -> the products the parameters enter (DenseProduct, ScaleShift, "
+                                     "Lookup of purenet.layers.structure): every per-example feature and K-FAC "
+                                     "come from one rule per product kind"),
+    "products": Name("declaration", "products(params, cache, dy) -> (each product's input arrays, dx), in the "
+                                    "order of structure(params)"),
     "roles": Name("declaration", "{param key: role}: 'weight', 'bias', 'gain', 'embedding', 'other'"),
     "param_roles": Name("declaration", "param_roles(params) -> a tree of role names like params"),
     "accepts_ids": Name("declaration", "True: the layer reads integer token ids (an Embedding first)"),
@@ -64,7 +72,8 @@ PROTOCOL: dict[str, Name] = {
                                           "in training): no per-example gradient, refused by DP-SGD"),
     "in_shape": Name("declaration", "one example's shape, when the layer knows it (pn.init may omit it)"),
     "context": Name("declaration", "the longest sequence the model reads (pn.generate crops to it)"),
-    # fast paths: each equals the generic default (vmap of the layer's own backward)
+    # fast paths: a feature's own method on a layer, before its products' rules; each equals the generic
+    # default (vmap of the layer's own backward)
     "per_example_backward": Name("fast path", "per_example_backward(params, cache, dy) -> (grads with a "
                                               "leading batch axis, dx)"),
     "per_example_sq_norms": Name("fast path", "per_example_sq_norms(params, cache, dy, l2) -> "

@@ -10,17 +10,17 @@ pairs: dWx = sum_t x_t^T dz_t, dWh = sum_t h_{t-1}^T dz_t, from the
 pre-activation gradients dz_t the reverse scan stacks.
 
 Per-example quantities come from the same dz_t (each example's recursion
-only involves itself): example i's dWx_i = sum_t x_it dz_it^T is Dense's
-per-position gradient, so the ghost norm over time steps,
+only involves itself): each layer declares its structure as two dense
+products over the time steps, (x, dz) and (h_{t-1}, dz), so example i's
+dWx_i = sum_t x_it dz_it^T, the ghost norm over time steps
 
     ||sum_t a_t b_t^T||^2 = sum_{t,s} (a_t . a_s)(b_t . b_s),
 
-and its choice between the (T, T) Gram matrices and the explicit outer
-product are `purenet.layers.dense.per_example_sq_norms`, applied to
-(x, dz) and (h_{t-1}, dz).
+one-pass clipping, the statistics and K-FAC (over the time steps) are the
+dense product's rules (`purenet.layers.structure`).
 """
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from jax import lax
 
 from purenet import initializers
 from purenet.initializers import default_float
-from purenet.layers import dense
+from purenet.layers.structure import DenseProduct
 from purenet.layers.base import Array, Layer, PyTree, as_shape
 
 __all__ = ["GRU", "LSTM"]
@@ -134,42 +134,20 @@ class _Recurrent(Layer):
         """(dL/d(x_t Wx), dL/d(h_{t-1} Wh)) for every step, time-major (T, B, k) each."""
         raise NotImplementedError
 
-    def _grads(self, per_example: bool, params: PyTree, cache: PyTree, dx_in: Array, dh_in: Array) -> PyTree:
-        raise NotImplementedError
-
-    def _sq_norms(self, params: PyTree, cache: PyTree, dx_in: Array, dh_in: Array, l2: Any) -> Array:
+    def _grads(self, params: PyTree, cache: PyTree, dx_in: Array, dh_in: Array) -> PyTree:
         raise NotImplementedError
 
     def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         dx_in, dh_in = self._dz(params, cache, dy)
-        return self._grads(False, params, cache, dx_in, dh_in), _dx(params, dx_in)
+        return self._grads(params, cache, dx_in, dh_in), _dx(params, dx_in)
 
-    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        """Each example's gradients from the batch's one reverse scan (each dz_t row belongs to one
-        example): dWx_i = sum_t x_it dz_it^T, dWh_i = sum_t h_i,t-1 dz_it^T, the biases sum_t dz_it."""
+    def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
+        """(x, dz_x) and (h_{t-1}, dz_h), batch first, from the batch's one reverse scan (each dz_t row
+        belongs to one example); dx."""
         dx_in, dh_in = self._dz(params, cache, dy)
-        return self._grads(True, params, cache, dx_in, dh_in), _dx(params, dx_in)
-
-    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
-        """||g_i + l2 [Wx, Wh]||^2 (the weight-role params) by the ghost norm over time steps: no
-        per-example gradient is formed where the (T, T) Gram matrices are smaller (see
-        `purenet.layers.dense.per_example_sq_norms`)."""
-        dx_in, dh_in = self._dz(params, cache, dy)
-        return self._sq_norms(params, cache, dx_in, dh_in, l2), _dx(params, dx_in)
-
-    def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
-                                  dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
-        """One-pass clipping's pieces from one reverse scan: the step gradients dz are linear in
-        dy example by example, so sum_i w_i g_i is the batch gradient of the rescaled dz (its
-        batch axis is the second, time-major)."""
-        dx_in, dh_in = self._dz(params, cache, dy)
-
-        def weighted_sum(w: Array) -> PyTree:
-            over_batch = jnp.reshape(w, (1, -1, 1))
-            return self._grads(False, params, cache, dx_in * over_batch.astype(dx_in.dtype),
-                               dh_in * over_batch.astype(dh_in.dtype))
-
-        return self._sq_norms(params, cache, dx_in, dh_in, 0.0), _dx(params, dx_in), weighted_sum
+        dzx = _time_major(dx_in)
+        dzh = dzx if dh_in is dx_in else _time_major(dh_in)
+        return ((cache.x, dzx), (_shift(cache.y), dzh)), _dx(params, dx_in)
 
     def cached_input(self, cache: PyTree) -> Array:
         """The layer's input, read from its cache (diagnostics' input_rms)."""
@@ -274,18 +252,15 @@ class LSTM(_Recurrent):
         _, dz = lax.scan(step, (zero, zero), xs, reverse=True, unroll=self.unroll)
         return dz, dz
 
-    def _grads(self, per_example: bool, params: PyTree, cache: LSTMCache, dx_in: Array, dh_in: Array) -> PyTree:
-        h_prev = _shift(cache.y)
-        if per_example:
-            gx = dense.per_example_grads(cache.x, _time_major(dx_in), True)
-            gh = dense.per_example_grads(h_prev, _time_major(dh_in), False)
-            return {"Wx": gx["W"], "Wh": gh["W"], "b": gx["b"]}
-        return {"Wx": _sum_outer(cache.x, dx_in), "Wh": _sum_outer(h_prev, dh_in), "b": jnp.sum(dx_in, axis=(0, 1))}
+    def structure(self, params: PyTree) -> tuple[DenseProduct, DenseProduct]:
+        """z_t = x_t Wx + h_{t-1} Wh + b: two dense products over the time steps, (x, dz) with the
+        bias and (h_{t-1}, dz) without. Per-example features and K-FAC (over the steps, KFAC-expand)
+        come from their rules."""
+        return DenseProduct(("Wx",), ("b",)), DenseProduct(("Wh",), (None,))
 
-    def _sq_norms(self, params: PyTree, cache: LSTMCache, dx_in: Array, dh_in: Array, l2: Any) -> Array:
-        dz = _time_major(dx_in)
-        return (dense.per_example_sq_norms(cache.x, dz, params["Wx"], True, l2)
-                + dense.per_example_sq_norms(_shift(cache.y), dz, params["Wh"], False, l2))
+    def _grads(self, params: PyTree, cache: LSTMCache, dx_in: Array, dh_in: Array) -> PyTree:
+        h_prev = _shift(cache.y)
+        return {"Wx": _sum_outer(cache.x, dx_in), "Wh": _sum_outer(h_prev, dh_in), "b": jnp.sum(dx_in, axis=(0, 1))}
 
 
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
@@ -370,18 +345,15 @@ class GRU(_Recurrent):
                                  unroll=self.unroll)
         return dgx, dgh
 
-    def _grads(self, per_example: bool, params: PyTree, cache: GRUCache, dx_in: Array, dh_in: Array) -> PyTree:
+    def structure(self, params: PyTree) -> tuple[DenseProduct, DenseProduct]:
+        """gx = x_t Wx + bx and gh = h_{t-1} Wh + bh: two dense products over the time steps, each with
+        its bias. Per-example features and K-FAC (over the steps, KFAC-expand) come from their rules."""
+        return DenseProduct(("Wx",), ("bx",)), DenseProduct(("Wh",), ("bh",))
+
+    def _grads(self, params: PyTree, cache: GRUCache, dx_in: Array, dh_in: Array) -> PyTree:
         h_prev = _shift(cache.y)
-        if per_example:
-            gx = dense.per_example_grads(cache.x, _time_major(dx_in), True)
-            gh = dense.per_example_grads(h_prev, _time_major(dh_in), True)
-            return {"Wx": gx["W"], "Wh": gh["W"], "bx": gx["b"], "bh": gh["b"]}
         return {"Wx": _sum_outer(cache.x, dx_in), "Wh": _sum_outer(h_prev, dh_in),
                 "bx": jnp.sum(dx_in, axis=(0, 1)), "bh": jnp.sum(dh_in, axis=(0, 1))}
-
-    def _sq_norms(self, params: PyTree, cache: GRUCache, dx_in: Array, dh_in: Array, l2: Any) -> Array:
-        return (dense.per_example_sq_norms(cache.x, _time_major(dx_in), params["Wx"], True, l2)
-                + dense.per_example_sq_norms(_shift(cache.y), _time_major(dh_in), params["Wh"], True, l2))
 
 
 def _dx(params: PyTree, dx_in: Array) -> Array:

@@ -3,7 +3,6 @@ import dataclasses
 from typing import Any, ClassVar, Iterable
 
 import jax
-import jax.numpy as jnp
 
 from purenet._checks import is_concrete
 from purenet.layers.activations import ACTIVATIONS, Identity, Sigmoid

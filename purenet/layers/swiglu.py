@@ -1,6 +1,6 @@
 """SwiGLU, the gated MLP of LLaMA-style blocks (Shazeer 2020), with its handwritten backward."""
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers import dense
 from purenet.layers.base import Array, Layer, PyTree, as_shape
-from purenet.layers.defaults import scale_rows
+from purenet.layers.structure import DenseProduct
 
 __all__ = ["SwiGLU"]
 
@@ -40,8 +40,9 @@ class SwiGLU(Layer):
         db  = du * silu(a)
         dW1 = x^T da,  dW3 = x^T db,  dx = da W1^T + db W3^T
 
-    (each x^T . summed over every position, as Dense's). Per-example
-    gradients and norms are Dense's, on the pairs (x, [da db]) and (u, g).
+    (each x^T . summed over every position, as Dense's). Its structure is
+    two dense products, (x, [da db]) and (u, g): per-example gradients and
+    norms, one-pass clipping, the statistics and K-FAC come from their rules.
     """
 
     hidden: int
@@ -100,25 +101,12 @@ class SwiGLU(Layer):
     def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         return self._grads(params, cache, self._d_gates(params, cache, dy), dy)
 
-    def per_example_backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
-        dgates = self._d_gates(params, cache, dy)
-        g_in = dense.per_example_grads(cache.x, dgates, False)
-        g_out = dense.per_example_grads(cache.u, dy, False)
-        return self._collect(g_in, g_out), _t(dgates, self._w_in(params))
+    def structure(self, params: PyTree) -> tuple[DenseProduct, DenseProduct]:
+        """Two dense products: x [W1 W3] and u W2. Every per-example feature and K-FAC (W1, W3 sharing
+        A, each its own G) come from their rules."""
+        return DenseProduct(("W1", "W3"), (None, None)), DenseProduct(("W2",), (None,))
 
-    def per_example_sq_norms(self, params: PyTree, cache: PyTree, dy: Array, l2: Any = 0.0) -> tuple[Array, Array]:
-        """Dense's ghost norms of the two products (the l2 term over all three weights)."""
+    def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
+        """(x, [da db]) and (u, dy), and dx = [da db] [W1 W3]^T."""
         dgates = self._d_gates(params, cache, dy)
-        return self._sq_norms(params, cache, dgates, dy, l2), _t(dgates, self._w_in(params))
-
-    def _sq_norms(self, params, cache, dgates, dy, l2):
-        return (dense.per_example_sq_norms(cache.x, dgates, self._w_in(params), False, l2)
-                + dense.per_example_sq_norms(cache.u, dy, params["W2"], False, l2))
-
-    def sq_norms_and_weighted_sum(self, params: PyTree, cache: PyTree,
-                                  dy: Array) -> tuple[Array, Array, Callable[[Array], PyTree]]:
-        """One-pass clipping's pieces: sum_i w_i g_i from the rescaled rows of the gate gradients
-        and of dy, without a second dy W2^T."""
-        dgates = self._d_gates(params, cache, dy)
-        return (self._sq_norms(params, cache, dgates, dy, 0.0), _t(dgates, self._w_in(params)),
-                lambda w: self._grads(params, cache, *scale_rows(w, (dgates, dy)))[0])
+        return ((cache.x, dgates), (cache.u, dy)), _t(dgates, self._w_in(params))

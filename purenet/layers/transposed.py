@@ -17,7 +17,8 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers.base import Array, Layer, ParameterFree, PyTree, Static
-from purenet.layers.conv import _check_images, _conv, _image_shape, _is_int, _pair
+from purenet.layers.conv import _check_images, _conv, _image_shape, _is_int, _pair, geometry, patches
+from purenet.layers.structure import DenseProduct
 
 __all__ = ["ConvTranspose2D", "Upsample2D", "transpose_pads"]
 
@@ -93,8 +94,9 @@ class ConvTranspose2D(Layer):
     formulation against autodiff of the same forward and
     against a col2im one (a matmul x W2 and each tap's piece added in
     place), 3x3 stride 2, 7x7x32 -> 14x14x16 at batch 64: the one chosen
-    for every backend. Per-example gradients use the generic default (each
-    example's own backward, vmapped).
+    for every backend. Its structure is one dense product on the patches of
+    the dilated input (`structure`), so per-example gradients and norms,
+    one-pass clipping, the statistics and K-FAC come from that product's rules.
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
@@ -176,6 +178,22 @@ class ConvTranspose2D(Layer):
         if self.use_bias:
             grads["b"] = jnp.sum(dy, axis=(0, 1, 2))
         return grads, self._dx(W, dy, g)
+
+    def structure(self, params: PyTree) -> tuple[DenseProduct]:
+        """A dense product on the im2col patches of the dilated, padded input (W read as (kh kw C, F)):
+        every per-example feature and K-FAC (KFC's factors on those patches) come from its rules."""
+        return (DenseProduct(("W",), ("b" if self.use_bias else None,)),)
+
+    def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
+        """(P, dy): y = P W2 + b, P the (N, Ho, Wo, kh kw C) patches of x dilated by the strides and
+        padded (the zeros between pixels included), W2 = W reshaped to (kh kw C, F); and dx."""
+        g = self._geometry(cache.in_hw.value)
+        x = cache.x
+        (hl, hh), (wl, wh) = g.pads
+        (sh, sw) = self.strides
+        xd = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (hl, hh, sh - 1), (wl, wh, sw - 1), (0, 0, 0)))
+        window = geometry(xd.shape[1:3], self.kernel_size, (1, 1), (1, 1), "VALID", self)
+        return ((patches(xd, window), dy),), self._dx(params["W"], dy, g)
 
 
 def _factor(value):

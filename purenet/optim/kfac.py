@@ -125,17 +125,17 @@ def _check_every(name, value):
 
 
 def _warn_unpreconditioned(net: LayerLike, params: Any) -> None:
-    """Warn, naming them, about trainable layers with weight matrices that K-FAC leaves on the plain
-    gradient (no `kfac_factors` of their own), so a partly preconditioned network is never silent."""
-    from purenet.layers.base import kfac_eligible, layer_roles, leaves
+    """Warn, naming them, about trainable weights (role "weight") that K-FAC leaves on the plain
+    gradient (their layer has no K-FAC rule for them), so a partly preconditioned network is never silent."""
+    from purenet.analysis.kfac import uncovered_weights
+    from purenet.layers.traversal import leaves
 
-    plain = [f"{type(leaf.layer).__name__} at {leaf.path}" for leaf in leaves(net, params)
-             if not leaf.frozen and not kfac_eligible(leaf.layer)
-             and "weight" in jax.tree_util.tree_leaves(layer_roles(leaf.layer, leaf.params))]
+    plain = [f"{type(leaf.layer).__name__} at {leaf.path} ({', '.join(missing)})" for leaf in leaves(net, params)
+             if not leaf.frozen and (missing := uncovered_weights(leaf.layer, leaf.params))]
     if plain:
-        warnings.warn(f"pn.optim.kfac preconditions the weights of Dense, Conv1D, Conv2D and attention layers; "
-                      f"these layers' weights keep the plain gradient (they have no K-FAC factors): "
-                      f"{', '.join(plain)}", UserWarning, stacklevel=4)
+        warnings.warn(f"pn.optim.kfac preconditions the weights of dense products (Dense, convolutions, "
+                      f"attention, SwiGLU, LSTM, GRU, ...); these weights keep the plain gradient (their layer "
+                      f"declares no product K-FAC has a rule for): {'; '.join(plain)}", UserWarning, stacklevel=4)
 
 
 def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inverse_every: int = 10,

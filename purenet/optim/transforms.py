@@ -3,7 +3,7 @@
 Each is the math of one idea; the optimizers in `alias` are chains of these.
 Conventions follow optax, so trajectories match its aliases exactly.
 """
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
@@ -13,7 +13,7 @@ from purenet.layers.base import PyTree
 from purenet.optim.base import Transform
 
 __all__ = [
-    "add_decayed_weights", "clip_by_global_norm", "scale_by_adam", "scale_by_momentum", "scale_by_rms", "scale_by_rss",
+    "AdamState", "add_decayed_weights", "clip_by_global_norm", "scale_by_adam", "scale_by_momentum", "scale_by_rms", "scale_by_rss",
 ]
 
 
@@ -73,29 +73,39 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8) -> Transform:
     return Transform(init=tree.zeros_like, update=update)
 
 
+class AdamState(NamedTuple):
+    """Adam's slot: the running moments m (of g) and v (of g**2), each a tree like params."""
+
+    m: PyTree
+    v: PyTree
+
+
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
     """Adam's scaling (Kingma & Ba, 2015), for step t = count + 1:
 
         m <- b1 m + (1 - b1) g          mhat = m / (1 - b1^t)
         v <- b2 v + (1 - b2) g^2        vhat = v / (1 - b2^t)
         d  = mhat / (sqrt(vhat) + eps)  (eps outside the root)
+
+    Its slot is an AdamState(m, v) (a state saved as the dict {"m", "v"} before resumes as well).
     """
     check_hyperparameter("b1", b1, 0.0, 1.0)
     check_hyperparameter("b2", b2, 0.0, 1.0)
     check_hyperparameter("eps", eps, 0.0, None)
 
     def init(params):
-        return {"m": tree.zeros_like(params), "v": tree.zeros_like(params)}
+        return AdamState(tree.zeros_like(params), tree.zeros_like(params))
 
     def update(g, slots, params, count):
-        m = tree.map(lambda g, m: (1 - b1) * g + b1 * m, g, slots["m"])
-        v = tree.map(lambda g, v: (1 - b2) * g**2 + b2 * v, g, slots["v"])
+        m0, v0 = (slots["m"], slots["v"]) if isinstance(slots, dict) else slots
+        m = tree.map(lambda g, m: (1 - b1) * g + b1 * m, g, m0)
+        v = tree.map(lambda g, v: (1 - b2) * g**2 + b2 * v, g, v0)
         t = count + 1
         c1, c2 = 1 - b1**t, 1 - b2**t
         d = tree.map(
             lambda m, v: (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps), m, v
         )
-        return d, {"m": m, "v": v}
+        return d, ({"m": m, "v": v} if isinstance(slots, dict) else AdamState(m, v))  # an old state keeps its form
 
     return Transform(init=init, update=update)
 

@@ -10,7 +10,7 @@ come from the layers' fast paths (`purenet.analysis.per_example`), and no
 per-example gradient is formed.
 """
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,22 +18,88 @@ import numpy as np
 
 from purenet._checks import check_hyperparameter, is_concrete
 from purenet.chunks import check_chunk_size, mean_in_chunks
-from purenet.layers import base
+from purenet.layers import base, structure
 from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.defaults import has_params, scale_rows
+from purenet.layers.structure import DenseProduct
 from purenet.layers.traversal import walk
 from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
-from purenet.analysis.per_example import _sq_norms, per_example_values, trainable_mask
+from purenet.analysis.per_example import (SQ_NORMS, _sq_norms, _sq_norms_from_grads, per_example_sq_norms,
+                                          per_example_values, trainable_mask)
 from purenet.privacy.noise import add_gaussian
 
-__all__ = ["DPSGD", "SAMPLINGS", "clipped_value_and_grad"]
+__all__ = ["DPSGD", "SAMPLINGS", "WEIGHTED_SUMS", "clipped_value_and_grad", "sq_norms_and_weighted_sum"]
+
+WeightedSum = Callable[[Array], PyTree]
+
+
+# ---------------------------------------------------------------- one layer: the rules per product kind
+
+
+def _dense_weighted_sum(p: DenseProduct, params: PyTree) -> tuple[Array, WeightedSum]:
+    """(||g_i||^2, w -> sum_i w_i g_i) of a dense product.
+
+    Where a sequence product's dW_i = sum_t a_t g_t^T is small (in * out <= 2 T (in + out): at most
+    twice the memory of a and g), it is formed once, for its norm and for sum_i w_i dW_i, instead of
+    the (T, T) Gram ghost norm followed by a second a^T (w g) matmul: faster for a GPT's layers on
+    the CPU, about even where in * out / (T (in + out)) reaches 3-4 (benchmarks/README.md, "DP-SGD
+    step"). Rows, and wider products, keep the ghost norm and the batch gradient of the rescaled g.
+    """
+    a3, g3 = structure.positions_of(p.a), structure.positions_of(p.g)
+    t, n_in, n_out = a3.shape[1], a3.shape[2], g3.shape[2]
+    if p.a.ndim == 2 or n_in * n_out > 2 * t * (n_in + n_out):
+        return _by_rescaling(p, params)
+    acc = jnp.promote_types(g3.dtype, jnp.float32)  # bfloat16 activations sum over T positions in float32
+    dw = jnp.einsum("bti,btj->bij", a3, g3, preferred_element_type=acc)
+    db = jnp.sum(g3, axis=1, dtype=acc)
+    grads = structure.split_columns(p, params, dw, db, (a3.shape[0],))
+    grads = {k: g.astype(acc) for k, g in grads.items()}
+    sq = sum(jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=1) for g in grads.values())
+
+    def weighted_sum(w: Array) -> PyTree:
+        return {k: jnp.tensordot(w.astype(acc), g, axes=1).astype(params[k].dtype) for k, g in grads.items()}
+
+    return sq.astype(p.a.dtype), weighted_sum
+
+
+def _by_rescaling(p: Any, params: PyTree) -> tuple[Array, WeightedSum]:
+    """The product's norms rule, and sum_i w_i g_i as its batch gradient of the rescaled rows w_i g_i."""
+    sq = SQ_NORMS.get(type(p), _sq_norms_from_grads)(p, params, 0.0, {})
+    return sq, lambda w: structure.batch_grads(structure.scaled(p, w), params)
+
+
+# One-pass clipping's (||g_i||^2, w -> sum_i w_i g_i) over one product's parameters.
+WEIGHTED_SUMS = {DenseProduct: _dense_weighted_sum}
+
+
+def sq_norms_and_weighted_sum(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[Array, Any, WeightedSum]:
+    """(||g_i||^2 per example, dx, w -> sum_i w_i g_i): the pieces of one-pass clipping.
+
+    g_i is linear in example i's rows of dy, so sum_i w_i g_i is the
+    parameter gradient of the rescaled rows w_i dy_i. A layer that declares
+    its products rescales each product's output gradient (attention's dL/d[q
+    k v], a recurrent layer's step gradients) instead of running its whole
+    backward twice; one that declares none runs its backward of w_i dy_i. A
+    layer's own `sq_norms_and_weighted_sum` method comes first.
+    """
+    if hasattr(layer, "sq_norms_and_weighted_sum"):
+        return layer.sq_norms_and_weighted_sum(params, cache, dy)
+    found = structure.declared(layer, params, cache, dy) if has_params(params) else None
+    if found is None:
+        sq, dx = per_example_sq_norms(layer, params, cache, dy, 0.0)
+        return sq, dx, lambda w: layer.backward(params, cache, scale_rows(w, dy))[0]
+    products, dx = found
+    parts = [WEIGHTED_SUMS.get(type(p), _by_rescaling)(p, params) for p in products]
+    return (sum(sq for sq, _ in parts), dx,
+            lambda w: structure.tree_of(params, [weighted(w) for _, weighted in parts]))
 
 
 def _recording_visit(found: list) -> base.Visit:
     """Per-example squared norms at each leaf, recording its w -> sum_i w_i g_i in walk order."""
     def leaf(layer, params, caches, dys):
         (cache,), (dy,) = caches, dys
-        sq, dx, weighted_sum = base.sq_norms_and_weighted_sum(layer, params, cache, dy)
+        sq, dx, weighted_sum = sq_norms_and_weighted_sum(layer, params, cache, dy)
         found.append(weighted_sum)
         return sq, (dx,)
     return base.Visit(leaf, lambda params, dys: jnp.zeros(dys[0].shape[:1], dys[0].dtype), shaped=False)

@@ -58,11 +58,11 @@ def check_data(net: LayerLike, x: Array, y: Array, loss: str | losses.Loss, para
     out = jax.eval_shape(lambda p, s, x: network.forward(net, p, s, x)[0], params, state,
                          jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
     loss_fn = losses.get(loss)
-    if isinstance(loss, losses.Loss):  # a user's loss judges its own targets (and its shapes are checked)
+    if loss_fn.targets is None:  # a loss that declares no target kind judges its own (its shapes are checked)
         jax.eval_shape(losses.checked(loss_fn).backward, out, jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)))
         return
-    target_check = losses.class_targets if loss in ("cross_entropy", "softmax_cross_entropy") else losses.value_targets
-    target_check(loss, jnp.zeros(out.shape, out.dtype), y)
+    target_check = losses.class_targets if loss_fn.targets == "classes" else losses.value_targets
+    target_check(str(loss), jnp.zeros(out.shape, out.dtype), y)
 
 
 def check_inputs(net: LayerLike, x: Array, y: Array, validation: tuple[Array, Array] | None, loss: str | losses.Loss,

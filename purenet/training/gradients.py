@@ -22,7 +22,7 @@ import jax
 
 from purenet import chunks, network
 from purenet.privacy import clipping
-from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.base import Array, LayerLike
 from purenet.losses import Loss
 
 if TYPE_CHECKING:  # precision.py is imported where it is used (in `gradients`)

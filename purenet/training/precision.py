@@ -31,14 +31,14 @@ into the optimizer yourself and keep the static factor at 1. `fit` and
 `train` record S after each epoch as the history's "loss_scale".
 """
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from purenet import network, optim
 from purenet._checks import check_hyperparameter
-from purenet.layers.base import Array, LayerLike, PyTree
+from purenet.layers.base import Array, LayerLike
 from purenet.losses import Loss
 from purenet.training.gradients import GradFn
 
