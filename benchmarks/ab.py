@@ -38,9 +38,11 @@ for name, case, batch in (("mlp", dp.mlp_case, 256), ("lenet", dp.cnn_case, 256)
     net, x, y = case(batch)
     params, state = pn.init(net, jax.random.key(0), in_shape=x.shape[1:])
     if name != "gpt":
-        for stat, fn in (("fisher_diagonal", lambda p: pn.stats.fisher_diagonal(net, p, state, x, y)),
-                         ("gradient_gram", lambda p: pn.stats.gradient_gram(net, p, state, (x, y), (x[:64], y[:64]))),
-                         ("kfac_factors", lambda p: pn.stats.kfac_factors(net, p, state, x, y))):
+        for stat in ("fisher_diagonal", "gradient_gram", "kfac_factors"):
+            def fn(p, stat=stat, net=net, state=state, x=x, y=y):
+                if stat == "gradient_gram":
+                    return pn.stats.gradient_gram(net, p, state, (x, y), (x[:64], y[:64]))
+                return getattr(pn.stats, stat)(net, p, state, x, y)
             cases[f"{name} {stat}"] = (jax.jit(fn), params, False)
 lstm = pn.Sequential([pn.LSTM(128), pn.Flatten(), pn.Dense(10), pn.Softmax()])
 xl = jax.random.normal(jax.random.key(1), (64, 32, 32))
@@ -64,8 +66,11 @@ print("RESULT " + json.dumps({k: statistics.median(v) for k, v in times.items()}
 
 def run_tree(tree: str, repeats: int, steps: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(repeats), str(steps)], env=env, cwd=tree,
-                         capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([sys.executable, "-c", CHILD, str(repeats), str(steps)], env=env, cwd=tree,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the run on {tree} failed:\n{done.stderr[-3000:]}")
+    out = done.stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 

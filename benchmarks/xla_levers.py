@@ -175,7 +175,7 @@ def _jax_ops(smoke):
 
     def per_tap(x, dy):
         d2 = dy.reshape(-1, f)
-        taps = convs.tap_slices(convs._pad(x, g), g)
+        taps = convs.tap_slices(convs.pad(x, g), g)
         return jnp.stack([lax.dot_general(t.reshape(-1, c), d2, outer) for t in taps]).reshape(kh, kw, c, f)
 
     ops["conv2 dW jax.vjp(lax.conv)"] = ("conv2 dW formulations", vjp_conv, (x2, w, dy2))

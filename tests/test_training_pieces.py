@@ -395,3 +395,23 @@ def test_a_gradient_function_declares_its_contract_and_the_step_reads_it():
     (plain, _), _ = pn.make_step(pn.grad_fn(NET), pn.optim.sgd(0.1))(
         (pn.optim.sgd(0.1).init(params), state), (x32, y, jax.random.key(2)))
     chex.assert_trees_all_close(declared.params, plain.params, rtol=1e-6)
+
+
+def test_fit_and_train_share_one_preparation_of_a_run():
+    """pn.training.prepare_run is what fit and train run before their epochs: its epoch, run by hand,
+    gives train's first epoch and fit's history; and its checks are theirs (one error for all three)."""
+    net = pn.mlp([4, 8, 3])
+    x, y = jax.random.normal(jax.random.key(0), (32, 4)), jnp.arange(32) % 3
+    opt, key = pn.optim.adam(1e-2), jax.random.key(1)
+    run = pn.training.prepare_run(net, opt, (x, y), key=key, epochs=1, batch_size=8)
+    assert isinstance(run, pn.training.Run) and run.es is None
+    (state, _), record = jax.jit(run.epoch)((run.train_state, run.es), (run.x, run.y, None, jax.random.fold_in(key, 1),
+                                                                       None, None))
+    trained, history, _ = pn.training.train(net, opt, (x, y), key=key, epochs=1, batch_size=8)
+    fitted = pn.fit(net, opt, (x, y), key=key, epochs=1, batch_size=8, progress=False)
+    np.testing.assert_allclose(record["loss"], history["loss"][0], rtol=1e-6)
+    np.testing.assert_allclose(record["loss"], fitted.history["loss"][0], rtol=1e-6)
+    assert max(compare_trees(state.opt_state.params, trained.opt_state.params).values()) <= 1e-6
+    for entry in (pn.training.prepare_run, pn.training.train, pn.fit):
+        with pytest.raises(ValueError, match="batch_size"):
+            entry(net, opt, (x, y), key=key, epochs=1, batch_size=0)

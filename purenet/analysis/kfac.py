@@ -35,9 +35,12 @@ __all__ = ["KFAC_RULES", "kfac_eligible", "kfac_weights", "layer_kfac_dims", "la
 def _dense_factors(p: DenseProduct, params: PyTree, weights: list) -> dict:
     """{(weight, bias): KFACFactors} for the product's K-FAC weights: A of its input rows (with the 1
     of a bias), G of each weight's columns of g."""
-    cols = {w: (b, s, n) for w, b, s, n in structure.columns(p, params)}
-    return {(w, cols[w][0]): dense.kfac_factors(p.a, p.g[..., cols[w][1]:cols[w][1] + cols[w][2]],
-                                                cols[w][0] is not None) for w in weights}
+    out = {}
+    for w, b, s, n in structure.columns(p, params):
+        if w in weights:
+            g = p.g if n == p.g.shape[-1] else p.g[..., s:s + n]
+            out[(w, b)] = dense.kfac_factors(p.a, g, b is not None)
+    return out
 
 
 def _dense_dims(p: DenseProduct, params: PyTree, weights: list) -> dict:

@@ -92,8 +92,9 @@ def _dense_sq_norms(p: DenseProduct, params: PyTree, l2: Any, roles: dict) -> Ar
     cols = structure.columns(p, params)
     w = jnp.concatenate([jnp.reshape(params[k], (p.a.shape[-1], -1)) for k, *_ in cols], axis=1) \
         if len(cols) > 1 else jnp.reshape(params[cols[0][0]], (p.a.shape[-1], -1))
-    sq = dense.per_example_sq_norms(p.a, p.g, w, False)
-    biased = [(s, n) for _, b, s, n in cols if b is not None]
+    every = all(b is not None for b in p.biases)  # every column biased (Dense, attention): one pass
+    sq = dense.per_example_sq_norms(p.a, p.g, w, every)
+    biased = [] if every else [(s, n) for _, b, s, n in cols if b is not None]
     if biased:
         db = structure.positions_of(p.g).sum(axis=1)
         sq = sq + sum(jnp.sum(db[:, s:s + n] ** 2, axis=-1) for s, n in biased)

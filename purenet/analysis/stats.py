@@ -93,8 +93,9 @@ COLUMN_RULES = {DenseProduct: _dense_sq_columns}
 def _dense_gram(pa: DenseProduct, pb: DenseProduct, params: PyTree) -> Array:
     """<g_i, g_j> = (Ha Hb^T) * (Ga Gb^T) for rows (summed over position pairs with positions, or dW_i
     formed when smaller: `purenet.layers.dense.per_example_gram`), plus the bias columns' products."""
-    gram = dense.per_example_gram(pa.a, pa.g, pb.a, pb.g, False)
-    biased = [(s, n) for _, b, s, n in structure.columns(pa, params) if b is not None]
+    every = all(b is not None for b in pa.biases)  # every column biased (Dense, attention): one pass
+    gram = dense.per_example_gram(pa.a, pa.g, pb.a, pb.g, every)
+    biased = [] if every else [(s, n) for _, b, s, n in structure.columns(pa, params) if b is not None]
     if biased:
         da, db = structure.positions_of(pa.g).sum(axis=1), structure.positions_of(pb.g).sum(axis=1)
         gram = gram + sum(da[:, s:s + n] @ db[:, s:s + n].T for s, n in biased)

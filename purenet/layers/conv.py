@@ -1,41 +1,28 @@
-"""Convolution and pooling on NHWC images, each with its backward written out.
-
-Shapes: x (N, H, W, C); a kernel of kh x kw taps with strides (sh, sw),
-dilation (dh, dw) and padding (lo, hi) per spatial axis gives
-
-    Ho = (H + lo + hi - ((kh - 1) dh + 1)) // sh + 1     (likewise Wo)
-
-"SAME" pads so that Ho = ceil(H / sh), the odd pixel going to the high side;
-"VALID" pads nothing; explicit padding is ((lo, hi), (lo, hi)) or an int.
-
-Window view. Tap (i, j) of output pixel (p, q) reads the padded input at
-(p sh + i dh, q sw + j dw). Stacking, for each tap, the strided slice of
-the padded input it reads gives the patches P (N, Ho, Wo, kh kw C) (im2col):
-a convolution is then one matrix product, y = P W2 with W2 = W reshaped to
-(kh kw C, F), and every gradient is a Dense layer's gradient on P. Going
-back, each tap's slice of dL/dP is put back where it was read (a pad with
-interior zeros, the transpose of a strided slice) and the taps are summed
-(col2im): the chain rule summed over every window a pixel belongs to.
+"""Convolutions on NHWC images (Conv2D, and Conv1D as Conv2D on a height of one), each with its backward
+written out; the windows' geometry and im2col taps are `purenet.layers.windows`, the pools
+`purenet.layers.pooling` (their names stay importable from here).
 """
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
+from typing import Any, NamedTuple, Sequence, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from purenet import chunks, initializers
 from purenet.initializers import default_float
-from purenet.layers.base import Array, Layer, ParameterFree, PyTree, Static, as_shape
+from purenet.layers.base import Array, Layer, PyTree, Static, as_shape
 from purenet.layers.defaults import feature_split
 from purenet.layers.structure import Convolution
+from purenet.layers.windows import (Geometry, check_images, conv_dw, conv_dx, conv_nhwc, geometry, image_shape, is_int,
+                                    pad, padding_config, pair, patches, per_example_tap_grad, tap_dot, tap_slices, untap)
+from purenet.layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 
 __all__ = [
-    "AvgPool2D", "Conv1D", "Conv2D", "Geometry", "GlobalAvgPool2D", "IMPLEMENTATIONS", "MaxPool2D", "geometry", "patches",
-    "tap_slices", "untap",
+    "AvgPool2D", "Conv1D", "Conv2D", "Geometry", "GlobalAvgPool2D", "IMPLEMENTATIONS", "MaxPool2D", "conv_patches",
+    "geometry", "in_chunks", "patches", "per_example_taps", "tap_slices", "tap_sq_norms", "taps", "untap",
 ]
 
 IMPLEMENTATIONS = ("auto", "im2col", "xla")
@@ -46,197 +33,6 @@ _FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 # longer fit in the caches, and chunks of 16 were the fastest (measured in benchmarks/README.md,
 # "DP-SGD step").
 PER_EXAMPLE_CHUNK: dict[str, int] = {"cpu": 16}
-
-
-# ---------------------------------------------------------------- geometry
-
-
-def _is_int(v) -> bool:
-    """A Python or numpy integer, not a bool (1.7 or True is never a pixel count)."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _pair(value, name):
-    if _is_int(value):
-        value = (value, value)
-    value = tuple(value) if isinstance(value, (tuple, list)) else value
-    if not (isinstance(value, tuple) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return tuple(int(v) for v in value)
-
-
-def _padding_config(padding, name="padding"):
-    """'SAME', 'VALID', or explicit ((lo, hi), (lo, hi)) of non-negative ints, from an int or pairs."""
-    if isinstance(padding, str) and padding in ("SAME", "VALID"):
-        return padding
-    if _is_int(padding):
-        padding = ((padding, padding), (padding, padding))
-    if isinstance(padding, np.ndarray):
-        padding = padding.tolist()
-    if not (isinstance(padding, (tuple, list)) and len(padding) == 2
-            and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
-                    for p in padding)):
-        raise ValueError(f"{name} must be 'SAME', 'VALID', a non-negative int or ((lo, hi), (lo, hi)) of "
-                         f"non-negative ints, got {padding!r}")
-    return tuple(tuple(int(v) for v in p) for p in padding)
-
-
-class Geometry(NamedTuple):
-    """Everything static about one windowed operation on an (H, W) input."""
-
-    window: tuple
-    strides: tuple
-    dilation: tuple
-    pads: tuple      # ((lo, hi), (lo, hi))
-    in_hw: tuple
-    out_hw: tuple
-
-    @property
-    def padded_hw(self) -> tuple[int, ...]:
-        return tuple(n + lo + hi for n, (lo, hi) in zip(self.in_hw, self.pads))
-
-    def taps(self) -> list[tuple[int, int]]:
-        """(i, j) for every tap of the window, in row-major order."""
-        return [(i, j) for i in range(self.window[0]) for j in range(self.window[1])]
-
-
-def geometry(in_hw: Sequence[int], window: tuple[int, int], strides: tuple[int, int], dilation: tuple[int, int],
-             padding: Any, owner: Any) -> Geometry:
-    """The geometry of a window over an (H, W) input; padding is "SAME", "VALID" or ((lo, hi), (lo, hi)),
-    and `owner` names the layer in the error when the window does not fit."""
-    span = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
-    pads: Any  # ((lo, hi), (lo, hi)) in the end
-    if padding == "VALID":
-        pads = ((0, 0), (0, 0))
-    elif padding == "SAME":
-        pads = []
-        for n, s, k in zip(in_hw, strides, span):
-            total = max((-(-n // s) - 1) * s + k - n, 0)
-            pads.append((total // 2, total - total // 2))
-        pads = tuple(pads)
-    else:
-        pads = padding
-    out_hw = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(in_hw, pads, span, strides))
-    if min(out_hw) < 1:
-        raise ValueError(f"{owner}: a window spanning {tuple(span)} pixels does not fit the input of "
-                         f"{tuple(in_hw)} pixels padded by {pads}")
-    return Geometry(window, strides, dilation, pads, tuple(in_hw), out_hw)
-
-
-def _pad(x, g, value=0.0):
-    (hl, hh), (wl, wh) = g.pads
-    return lax.pad(x, jnp.asarray(value, x.dtype), ((0, 0, 0), (hl, hh, 0), (wl, wh, 0), (0, 0, 0)))
-
-
-def tap_slices(xp: Array, g: Geometry) -> list[Array]:
-    """For each tap (i, j), the strided slice of the padded input xp it reads: (N, Ho, Wo, C) each."""
-    (sh, sw), (dh, dw), (ho, wo) = g.strides, g.dilation, g.out_hw
-    n, c = xp.shape[0], xp.shape[-1]
-    return [lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                      (1, sh, sw, 1)) for i, j in g.taps()]
-
-
-def untap(pieces: Sequence[Array], g: Geometry, in_place: bool = False) -> Array:
-    """The transpose of `tap_slices` followed by cropping the padding: each tap's
-    (N, Ho, Wo, C) piece goes back where it was read, and overlaps add up.
-
-    By default every piece is padded to the image and the pads summed (XLA
-    fuses it all: fastest for a pool's few taps). in_place=True adds each
-    piece, spread out by the strides, into the window it was read from, in
-    one image-sized buffer: for a convolution's many taps XLA may otherwise
-    keep one padded image per tap alive (25 for a 5x5 kernel)."""
-    (sh, sw), (dh, dw), (ho, wo) = g.strides, g.dilation, g.out_hw
-    hp, wp = g.padded_hw
-    n, c, zero = pieces[0].shape[0], pieces[0].shape[-1], jnp.zeros((), pieces[0].dtype)
-    total: Any = jnp.zeros((n, hp, wp, c), pieces[0].dtype) if in_place else None  # else the first piece starts it
-    for (i, j), piece in zip(g.taps(), pieces):
-        if in_place:
-            spread = lax.pad(piece, zero, ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0)))
-            start = (0, i * dh, j * dw, 0)
-            total = lax.dynamic_update_slice(total, lax.dynamic_slice(total, start, spread.shape) + spread, start)
-            continue
-        placed = lax.pad(piece, zero, ((0, 0, 0), (i * dh, hp - i * dh - (ho - 1) * sh - 1, sh - 1),
-                                       (j * dw, wp - j * dw - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
-        total = placed if total is None else total + placed
-    (hl, _), (wl, _) = g.pads
-    return lax.slice(total, (0, hl, wl, 0), (n, hl + g.in_hw[0], wl + g.in_hw[1], c))
-
-
-def patches(x: Array, g: Geometry) -> Array:
-    """im2col: (N, H, W, C) -> (N, Ho, Wo, kh kw C), taps major, channels minor (W's row order)."""
-    slices = tap_slices(_pad(x, g), g)
-    return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
-
-
-def _image_shape(owner, in_shape):
-    in_shape = as_shape(in_shape)
-    if len(in_shape) != 3:
-        raise ValueError(f"{owner} expects images: an example shape (height, width, channels), got {in_shape}")
-    return in_shape
-
-
-def _check_images(owner, x):
-    if jnp.ndim(x) != 4:
-        raise ValueError(f"{owner} expects images of shape (batch, height, width, channels), "
-                         f"got x of shape {jnp.shape(x)}")
-
-
-def _tap_dot(s, w):
-    """One tap's share of the output: S_tap (N, Ho, Wo, C) times W_tap (C, F)."""
-    return lax.dot_general(s, w, (((3,), (0,)), ((), ())))
-
-
-def _per_example_tap_grad(s, dy):
-    """S_tap,i^T g_i for every example i: (N, C, F)."""
-    return lax.dot_general(s, dy, (((1, 2), (1, 2)), ((0,), (0,))))
-
-
-# ---------------------------------------------------------------- XLA's own transposes
-
-
-def _dilated(n, d):
-    return 0 if n == 0 else 1 + d * (n - 1)
-
-
-def _dx_pads(g):
-    """Padding of dy's convolution with the flipped kernel that gives dL/dx (XLA's rule)."""
-    pads = []
-    for n, k, s, d, o, (lo, _) in zip(g.in_hw, g.window, g.strides, g.dilation, g.out_hw, g.pads):
-        before = _dilated(k, d) - lo - 1
-        pads.append((before, n + _dilated(k, d) - 1 - _dilated(o, s) - before))
-    return pads
-
-
-def _dw_pads(g):
-    """Padding of x's convolution with dy that gives dL/dW (XLA's rule)."""
-    return [(lo, _dilated(o, s) - n + _dilated(k, d) - lo - 1)
-            for n, k, s, d, o, (lo, _) in zip(g.in_hw, g.window, g.strides, g.dilation, g.out_hw, g.pads)]
-
-
-_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-
-
-def _conv(lhs, rhs, strides, pads, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
-    """lax.conv_general_dilated on NHWC / HWIO operands. Every convolution here, the
-    backward's included, is spelled in this one layout: XLA:CPU runs it on its fast
-    path inside loops too, where the layouts autodiff emits for the transposes fall
-    to a far slower one (jax-ml/jax#12868; measured in benchmarks/README.md, "CNN
-    train step"), and fit's epochs are loops."""
-    return lax.conv_general_dilated(lhs, rhs, strides, pads, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                                    dimension_numbers=_NHWC)
-
-
-def _conv_dx(dy, W, g):
-    """dL/dx: dy, dilated by the strides, convolved with the flipped kernel read as (kh, kw, F, C)."""
-    return _conv(dy, jnp.transpose(lax.rev(W, (0, 1)), (0, 1, 3, 2)), (1, 1), _dx_pads(g), g.strides, g.dilation)
-
-
-def _conv_dw(x, dy, g):
-    """dL/dW: x with batch and channels swapped (C, H, W, N) convolved with dy read as a
-    (Ho, Wo, N, F) kernel dilated by the strides; (C, kh, kw, F) back to (kh, kw, C, F)."""
-    dw = _conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), g.dilation, _dw_pads(g),
-               rhs_dilation=g.strides)
-    return jnp.transpose(dw, (1, 2, 0, 3))
 
 
 # ---------------------------------------------------------------- Conv2D
@@ -267,7 +63,7 @@ class Conv2D(Layer):
     "xla" (lax.conv_general_dilated, and for the backward XLA's own
     transposes: dx is dy, dilated by the strides, convolved with the
     spatially flipped kernel; dW is x convolved with dy, batch and channels
-    swapped; all three spelled in NHWC / HWIO, see `_conv`) and "im2col"
+    swapped; all three spelled in NHWC / HWIO, see `conv_nhwc`) and "im2col"
     (the products above on explicit patches). "auto" (the default) picks
     per backend what measured fastest (benchmarks/cnn.py): xla, except on
     the CPU for inputs of at most 3 channels, where im2col's patches are
@@ -303,10 +99,10 @@ class Conv2D(Layer):
         initializers.get(init)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Conv2D implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-        for name, value in (("features", features), ("kernel_size", _pair(kernel_size, "Conv2D kernel_size")),
-                            ("strides", _pair(strides, "Conv2D strides")),
-                            ("padding", _padding_config(padding, "Conv2D padding")),
-                            ("dilation", _pair(dilation, "Conv2D dilation")), ("initializer", init),
+        for name, value in (("features", features), ("kernel_size", pair(kernel_size, "Conv2D kernel_size")),
+                            ("strides", pair(strides, "Conv2D strides")),
+                            ("padding", padding_config(padding, "Conv2D padding")),
+                            ("dilation", pair(dilation, "Conv2D dilation")), ("initializer", init),
                             ("use_bias", bool(use_bias)), ("implementation", implementation)):
             object.__setattr__(self, name, value)
 
@@ -330,7 +126,7 @@ class Conv2D(Layer):
         return _FASTEST.get(backend, "xla")
 
     def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
-        h, w, c = _image_shape(self, in_shape)
+        h, w, c = image_shape(self, in_shape)
         g = self._geometry((h, w))
         dtype = dtype or default_float()
         params = {"W": initializers.get(self.initializer)(key, (*self.kernel_size, c, self.features), dtype)}
@@ -342,13 +138,13 @@ class Conv2D(Layer):
                 key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del train, key
         W = params["W"]
-        _check_images(self, x)
+        check_images(self, x)
         if x.shape[-1] != W.shape[2]:
             raise ValueError(f"{self} expects {W.shape[2]} input channels (W has shape {W.shape}), "
                              f"got x of shape {x.shape}")
         g = self._geometry(x.shape[1:3])
         if self._impl(W) == "xla":
-            y = _conv(x, W, g.strides, g.pads, rhs_dilation=g.dilation)
+            y = conv_nhwc(x, W, g.strides, g.pads, rhs_dilation=g.dilation)
             inputs = x
         else:
             inputs = patches(x, g)
@@ -361,7 +157,7 @@ class Conv2D(Layer):
         W = params["W"]
         g = self._geometry(cache.in_hw.value)
         if self._impl(W) == "xla":
-            dW = _conv_dw(cache.inputs, dy, g)
+            dW = conv_dw(cache.inputs, dy, g)
         else:
             p2, dy2 = cache.inputs.reshape(-1, cache.inputs.shape[-1]), dy.reshape(-1, dy.shape[-1])
             dW = lax.dot_general(dy2, p2, (((0,), (0,)), ((), ()))).T.reshape(W.shape)  # P^T g, as Dense
@@ -372,7 +168,7 @@ class Conv2D(Layer):
 
     def _dx(self, W, cache, dy, g):
         if self._impl(W) == "xla":
-            return _conv_dx(dy, W, g)
+            return conv_dx(dy, W, g)
         dp = lax.dot_general(dy, W.reshape(-1, W.shape[-1]), (((3,), (1,)), ((), ())))  # g W2^T
         c = W.shape[2]
         return untap([dp[..., t * c:(t + 1) * c] for t in range(len(g.taps()))], g, in_place=True)
@@ -400,7 +196,7 @@ def taps(conv: "Conv2D", W: Array, cache: PyTree, g: Geometry) -> list[Array]:
         p, n = cache.inputs, len(g.taps())
         c = p.shape[-1] // n
         return [p[..., t * c:(t + 1) * c] for t in range(n)]
-    return tap_slices(_pad(cache.inputs, g), g)
+    return tap_slices(pad(cache.inputs, g), g)
 
 
 def conv_patches(conv: "Conv2D", W: Array, cache: PyTree) -> Array:
@@ -420,7 +216,7 @@ def per_example_taps(conv: "Conv2D", W: Array, cache: PyTree, dy: Array) -> tupl
         p, d = cache.inputs.reshape(n, -1, cache.inputs.shape[-1]), dy.reshape(n, -1, dy.shape[-1])
         dw = lax.dot_general(p, d, (((1,), (1,)), ((0,), (0,))))  # (N, kh kw C, F)
         return [dw[:, t * c:(t + 1) * c] for t in range(len(g.taps()))], g
-    return [_per_example_tap_grad(s, dy) for s in taps(conv, W, cache, g)], g
+    return [per_example_tap_grad(s, dy) for s in taps(conv, W, cache, g)], g
 
 
 def in_chunks(fn: Any, cache: PyTree, dy: Array) -> Any:
@@ -455,7 +251,7 @@ def tap_sq_norms(conv: "Conv2D", W: Array, cache: PyTree, dy: Array, l2: Any) ->
         dy3 = dy.reshape(n, t, f)
         sq = jnp.sum(pp * jnp.einsum("btj,bsj->bts", dy3, dy3), axis=(1, 2))
         if not (isinstance(l2, (int, float)) and l2 == 0):
-            cross = sum(jnp.sum(_tap_dot(s, W[i, j]) * dy, axis=(1, 2, 3)) for (i, j), s in zip(g.taps(), slices))
+            cross = sum(jnp.sum(tap_dot(s, W[i, j]) * dy, axis=(1, 2, 3)) for (i, j), s in zip(g.taps(), slices))
             sq = sq + 2 * l2 * cross + l2 * l2 * jnp.sum(W * W)
         return sq
     formed, _ = per_example_taps(conv, W, cache, dy)
@@ -468,7 +264,7 @@ def tap_sq_norms(conv: "Conv2D", W: Array, cache: PyTree, dy: Array, l2: Any) ->
 def _positive_int(value, name):
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
-    if not (_is_int(value) and value >= 1):
+    if not (is_int(value) and value >= 1):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
@@ -477,10 +273,10 @@ def _padding_1d(padding):
     """'SAME', 'VALID', 'CAUSAL', a non-negative int, or (lo, hi) of non-negative ints."""
     if isinstance(padding, str) and padding in ("SAME", "VALID", "CAUSAL"):
         return padding
-    if _is_int(padding) and padding >= 0:
+    if is_int(padding) and padding >= 0:
         return (int(padding), int(padding))
     if (isinstance(padding, (tuple, list)) and len(padding) == 2
-            and all(_is_int(v) and v >= 0 for v in padding)):
+            and all(is_int(v) and v >= 0 for v in padding)):
         return (int(padding[0]), int(padding[1]))
     raise ValueError(f"Conv1D padding must be 'SAME', 'VALID', 'CAUSAL', a non-negative int or (lo, hi) of "
                      f"non-negative ints, got {padding!r}")
@@ -604,117 +400,3 @@ class Conv1D(Layer):
 
     def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
         return ((cache, dy[:, None], self.conv2d),), self.conv2d._dx_of(self._w2(params), cache, dy[:, None])[:, 0]
-
-
-# ---------------------------------------------------------------- pooling
-
-
-class _Pool(ParameterFree):
-    """Shared by the window pools: window, strides (default: the window), padding."""
-    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
-
-    if TYPE_CHECKING:  # the subclasses' fields
-        window: tuple
-        strides: tuple
-        padding: Any
-
-    def __init__(self, window: int | Sequence[int], strides: int | Sequence[int] | None = None,
-                 padding: str | int | Sequence[Sequence[int]] = "VALID") -> None:
-        name = type(self).__name__
-        object.__setattr__(self, "window", _pair(window, f"{name} window"))
-        object.__setattr__(self, "strides", self.window if strides is None else _pair(strides, f"{name} strides"))
-        object.__setattr__(self, "padding", _padding_config(padding, f"{name} padding"))
-
-    def _geometry(self, in_hw):
-        return geometry(in_hw, self.window, self.strides, (1, 1), self.padding, self)
-
-    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        h, w, c = _image_shape(self, in_shape)
-        return (*self._geometry((h, w)).out_hw, c)
-
-    def _reduce(self, x, init, op):
-        g = self._geometry(x.shape[1:3])
-        # a numpy init value: concrete even under jit, so XLA (and autodiff) see a max / sum pool
-        y = lax.reduce_window(x, np.asarray(init, x.dtype), op, (1, *g.window, 1), (1, *g.strides, 1),
-                              ((0, 0), *g.pads, (0, 0)))
-        return y, g
-
-
-@dataclasses.dataclass(frozen=True, init=False)
-class MaxPool2D(_Pool):
-    """y = the largest input in each window (padding counts as -inf; padding that
-    leaves a window without input is refused, so no output is -inf).
-
-    Backward: each window's dy goes to the input it took the maximum from,
-    and inputs that win several overlapping windows collect from each. When
-    a window holds the maximum more than once, the first in row-major order
-    takes it, as XLA's select-and-scatter (reduce_window's autodiff) does.
-    """
-
-    window: tuple
-    strides: tuple
-    padding: object
-
-    def _geometry(self, in_hw):
-        """The pool's geometry; refuses padding that leaves a window without input (its max: -inf)."""
-        g = super()._geometry(in_hw)
-        for n, (lo, _), k, s, o in zip(g.in_hw, g.pads, g.window, g.strides, g.out_hw):
-            # the first window ends at k, the last starts at (o - 1) s; the input is [lo, lo + n)
-            if lo >= k or (o - 1) * s >= lo + n:
-                raise ValueError(f"{self}: padding {g.pads} leaves a window of {g.window} pixels holding only "
-                                 f"padding on an input of {g.in_hw} pixels (its max would be -inf); "
-                                 f"pad less than the window on each side (PyTorch allows at most half)")
-        return g
-
-    def apply(self, x: Array) -> tuple[Array, tuple[Array, Static]]:
-        _check_images(self, x)
-        y, g = self._reduce(x, -jnp.inf, lax.max)
-        # which tap each output took: the first that equals the max (scanning the taps backwards)
-        taps = tap_slices(_pad(x, g, -jnp.inf), g)
-        chosen = jnp.full(y.shape, len(taps), jnp.int32)
-        for t in reversed(range(len(taps))):
-            chosen = jnp.where(taps[t] == y, t, chosen)
-        return y, (chosen, Static(x.shape[1:3]))
-
-    def grad(self, cache: tuple[Array, Static], dy: Array) -> Array:
-        chosen, in_hw = cache
-        g = self._geometry(in_hw.value)
-        zero = jnp.zeros_like(dy)
-        return untap([jnp.where(chosen == t, dy, zero) for t in range(len(g.taps()))], g)
-
-
-@dataclasses.dataclass(frozen=True, init=False)
-class AvgPool2D(_Pool):
-    """y = the mean of each window: its sum over kh kw (padding counts as zeros, as
-    PyTorch's count_include_pad=True). Backward: dy / (kh kw) to every input of the window."""
-
-    window: tuple
-    strides: tuple
-    padding: object
-
-    def apply(self, x: Array) -> tuple[Array, Static]:
-        _check_images(self, x)
-        y, g = self._reduce(x, 0.0, lax.add)
-        return y / math.prod(g.window), Static(x.shape[1:3])
-
-    def grad(self, in_hw: Static, dy: Array) -> Array:
-        g = self._geometry(in_hw.value)
-        share = dy / math.prod(g.window)
-        return untap([share] * len(g.taps()), g)
-
-
-@dataclasses.dataclass(frozen=True)
-class GlobalAvgPool2D(ParameterFree):
-    """(N, H, W, C) -> (N, C): y = the mean over every pixel;  dL/dx = dy / (H W) at every pixel."""
-    piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
-
-    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (_image_shape(self, in_shape)[-1],)
-
-    def apply(self, x: Array) -> tuple[Array, Static]:
-        _check_images(self, x)
-        return jnp.mean(x, axis=(1, 2)), Static(x.shape[1:3])
-
-    def grad(self, in_hw: Static, dy: Array) -> Array:
-        h, w = in_hw.value
-        return jnp.broadcast_to(dy[:, None, None, :] / (h * w), (dy.shape[0], h, w, dy.shape[-1]))

@@ -17,7 +17,7 @@ from jax import lax
 from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers.base import Array, Layer, ParameterFree, PyTree, Static
-from purenet.layers.conv import _check_images, _conv, _image_shape, _is_int, _pair, geometry, patches
+from purenet.layers.windows import check_images, conv_nhwc, geometry, image_shape, is_int, pair, patches
 from purenet.layers.structure import DenseProduct
 
 __all__ = ["ConvTranspose2D", "Upsample2D", "transpose_pads"]
@@ -39,15 +39,15 @@ def transpose_pads(kernel: Sequence[int], strides: Sequence[int], padding: Any) 
     return tuple(pads)
 
 
-def _padding_config(padding):
+def padding_config(padding):
     if isinstance(padding, str) and padding in ("SAME", "VALID"):
         return padding
-    if _is_int(padding) and padding >= 0:
+    if is_int(padding) and padding >= 0:
         return ((int(padding), int(padding)),) * 2
     if isinstance(padding, np.ndarray):
         padding = padding.tolist()
     if (isinstance(padding, (tuple, list)) and len(padding) == 2
-            and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
+            and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(is_int(v) and v >= 0 for v in p)
                     for p in padding)):
         return tuple(tuple(int(v) for v in p) for p in padding)
     raise ValueError(f"ConvTranspose2D padding must be 'SAME', 'VALID', a non-negative int or ((lo, hi), (lo, hi)) "
@@ -88,7 +88,7 @@ class ConvTranspose2D(Layer):
                                                   (H, W, N, C) kernel dilated by s, flipped back
         dL/db    = sum g
 
-    Each is spelled in NHWC / HWIO (Conv2D's `_conv`): on XLA:CPU autodiff's
+    Each is spelled in NHWC / HWIO (Conv2D's `conv_nhwc`): on XLA:CPU autodiff's
     transposes of the forward fall off the fast path inside loops. Measured
     on the CPU (benchmarks/README.md, "Transposed convolution"), this
     formulation against autodiff of the same forward and
@@ -116,9 +116,9 @@ class ConvTranspose2D(Layer):
             raise ValueError(f"ConvTranspose2D features must be a positive integer, got {features!r}")
         init = initializer or init
         initializers.get(init)
-        for name, value in (("features", features), ("kernel_size", _pair(kernel_size, "ConvTranspose2D kernel_size")),
-                            ("strides", _pair(strides, "ConvTranspose2D strides")),
-                            ("padding", _padding_config(padding)), ("initializer", init),
+        for name, value in (("features", features), ("kernel_size", pair(kernel_size, "ConvTranspose2D kernel_size")),
+                            ("strides", pair(strides, "ConvTranspose2D strides")),
+                            ("padding", padding_config(padding)), ("initializer", init),
                             ("use_bias", bool(use_bias))):
             object.__setattr__(self, name, value)
 
@@ -137,7 +137,7 @@ class ConvTranspose2D(Layer):
         return _Geometry(pads, tuple(in_hw), out_hw)
 
     def init(self, key: Array, in_shape: Any, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
-        h, w, c = _image_shape(self, in_shape)
+        h, w, c = image_shape(self, in_shape)
         g = self._geometry((h, w))
         dtype = dtype or default_float()
         params = {"W": initializers.get(self.initializer)(key, (*self.kernel_size, c, self.features), dtype)}
@@ -149,12 +149,12 @@ class ConvTranspose2D(Layer):
                 key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         del train, key
         W = params["W"]
-        _check_images(self, x)
+        check_images(self, x)
         if x.shape[-1] != W.shape[2]:
             raise ValueError(f"{self} expects {W.shape[2]} input channels (W has shape {W.shape}), "
                              f"got x of shape {x.shape}")
         g = self._geometry(x.shape[1:3])
-        y = _conv(x, W, (1, 1), g.pads, lhs_dilation=self.strides)
+        y = conv_nhwc(x, W, (1, 1), g.pads, lhs_dilation=self.strides)
         if self.use_bias:
             y = y + params["b"]
         return y, state, _Cache(x, Static(x.shape[1:3]))
@@ -162,12 +162,12 @@ class ConvTranspose2D(Layer):
     def _dx(self, W, dy, g):
         pads = [(k - 1 - lo, (n - 1) * s + lo + 1 - o)  # hi: dy's padded length is (n - 1) s + k
                 for k, s, n, o, (lo, _) in zip(self.kernel_size, self.strides, g.in_hw, g.out_hw, g.pads)]
-        return _conv(dy, jnp.transpose(lax.rev(W, (0, 1)), (0, 1, 3, 2)), self.strides, pads)
+        return conv_nhwc(dy, jnp.transpose(lax.rev(W, (0, 1)), (0, 1, 3, 2)), self.strides, pads)
 
     def _dw(self, x, dy, g):
         pads = [(k - 1 - lo, (n - 1) * s + lo + 1 - o)
                 for k, s, n, o, (lo, _) in zip(self.kernel_size, self.strides, g.in_hw, g.out_hw, g.pads)]
-        flipped = _conv(jnp.transpose(dy, (3, 1, 2, 0)), jnp.transpose(x, (1, 2, 0, 3)), (1, 1), pads,
+        flipped = conv_nhwc(jnp.transpose(dy, (3, 1, 2, 0)), jnp.transpose(x, (1, 2, 0, 3)), (1, 1), pads,
                         rhs_dilation=self.strides)  # (F, kh, kw, C), taps reversed
         return lax.rev(jnp.transpose(flipped, (1, 2, 3, 0)), (0, 1))
 
@@ -198,7 +198,7 @@ class ConvTranspose2D(Layer):
 
 def _factor(value):
     try:
-        return _pair(value, "Upsample2D factor")
+        return pair(value, "Upsample2D factor")
     except ValueError:
         raise ValueError(f"Upsample2D factor must be a positive int or a pair of positive ints, got {value!r}") \
             from None
@@ -222,11 +222,11 @@ class Upsample2D(ParameterFree):
         object.__setattr__(self, "factor", _factor(factor))
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        h, w, c = _image_shape(self, in_shape)
+        h, w, c = image_shape(self, in_shape)
         return (h * self.factor[0], w * self.factor[1], c)
 
     def apply(self, x: Array) -> tuple[Array, Static]:
-        _check_images(self, x)
+        check_images(self, x)
         n, h, w, c = x.shape
         (fh, fw) = self.factor
         y = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, fh, w, fw, c)).reshape(n, h * fh, w * fw, c)

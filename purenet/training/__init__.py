@@ -9,6 +9,8 @@
                                                      the optimizer state and passes it to grad_fn)
     build_step(net, opt, ...)                        make_step(gradients(...)) from fit's options
     init_run(net, opt, x, key, params, state)        a run's TrainState (params from the key if None)
+    prepare_run(net, opt, data, key=..., ...)        one preparation shared by fit and train (and sweep):
+                                                     checks, optimizer, states, step, epoch (a Run)
     run_epoch(step, ...)                             a lax.scan of the step over an epoch's batches
     run_epoch_steps(step, ...)                       the same, with every step's loss
     evaluate(net, params, state, validation, loss)   val_loss and val_accuracy in one forward pass
@@ -24,15 +26,15 @@ from purenet.training.checks import check_data
 from purenet.training.early_stopping import EarlyStopping, EarlyStoppingState
 from purenet.training.fit import FitResult, fit
 from purenet.training.gradients import GradFn, accumulate, dp_sgd, grad_fn
-from purenet.training.loop import (TrainState, build_step, evaluate, init_run, run_epoch, run_epoch_steps, train,
-                                   train_epoch)
+from purenet.training.loop import (Run, TrainState, build_step, evaluate, init_run, prepare_run, run_epoch,
+                                   run_epoch_steps, train, train_epoch)
 from purenet.training.precision import Precision, mixed_precision
 from purenet.training.step import Step, make_step
 from purenet.training.sweep import SweepResult, sweep
 
 __all__ = [
-    "EarlyStopping", "EarlyStoppingState", "FitResult", "GradFn", "Precision", "Step", "SweepResult", "TrainState",
+    "EarlyStopping", "EarlyStoppingState", "FitResult", "GradFn", "Precision", "Run", "Step", "SweepResult", "TrainState",
     "accumulate",
     "build_step", "check_data", "dp_sgd", "evaluate", "fit", "grad_fn", "init_run", "make_step", "mixed_precision",
-    "run_epoch", "run_epoch_steps", "sweep", "train", "train_epoch",
+    "prepare_run", "run_epoch", "run_epoch_steps", "sweep", "train", "train_epoch",
 ]

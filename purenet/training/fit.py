@@ -8,17 +8,13 @@ import warnings
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from purenet import distributed
 from purenet._checks import as_array
 from purenet.optim import ema_params
-from purenet.training.checks import check_arguments, check_data, check_divisible, check_inputs, check_monitor
-from purenet.training.checks import batch_size_of
-from purenet.training.loop import (as_arrays, build_step, check_canaries, check_ema, epoch_with_metrics, init_run,
-                                   poisson)
-from purenet.training.precision import optimizer_for
+from purenet.training.checks import batch_size_of, check_data, check_divisible
+from purenet.training.loop import poisson, prepare_run
 
 
 __all__ = ["FitResult", "fit", "place"]
@@ -106,18 +102,15 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
     """
-    check_arguments(epochs, batch_size, l2, checkpoint_every, accumulate)
-    x, y, validation = as_arrays(data, validation)
-    check_monitor(early_stopping, validation)
-    opt = optimizer_for(opt, precision)
-    train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
-    check_ema(evaluate_with_ema, train_state.opt_state)
-    check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
+    r = prepare_run(net, opt, data, key=key, epochs=epochs, batch_size=batch_size, loss=loss, l2=l2, params=params,
+                    state=state, validation=validation, early_stopping=early_stopping, augment=augment, mesh=mesh,
+                    dp=dp, accumulate=accumulate, evaluate_with_ema=evaluate_with_ema, precision=precision,
+                    strategy=strategy, checkpoint_every=checkpoint_every)
+    x, y, validation, train_state, es = r.x, r.y, r.validation, r.train_state, r.es
     if checkpoint is not None:
         from purenet.io.checkpoint import check_writable
 
         check_writable(checkpoint)  # fail now, not after the last epoch
-    es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
     probe = None if diagnostics is None else (as_array(diagnostics[0], "diagnostics x"),
                                               as_array(diagnostics[1], "diagnostics y"))
     stats_probe = None if statistics is None else (as_array(statistics[0], "statistics x"),
@@ -128,14 +121,8 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     phase = _dp_phase(dp, x.shape[0], batch_size_of(x.shape[0], batch_size))
     if phase is not None:
         _check_dp_run(dp, phase, x, validation, probe, stats_probe)
-    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size), train_state.opt_state)
     data = (x, y, validation, jax.random.fold_in(key, 1), probe, stats_probe)
-    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
-    run = jax.jit(_pinned(epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2,
-                                             early_stopping=early_stopping, evaluate_with_ema=evaluate_with_ema,
-                                             sampling="poisson" if poisson(dp) else "shuffle"),
-                          net, mesh, strategy))
+    run = jax.jit(_pinned(r.epoch, net, mesh, strategy))
     records, inputs = [], None if checkpoint is None else _fingerprints(x, y, validation, probe, stats_probe)
     phases: list | None = None if phase is None else []  # each epoch's DP-SGD mechanism (sigma, q, steps)
     if checkpoint is not None and resume and os.path.exists(checkpoint):

@@ -42,8 +42,8 @@ from purenet.training.precision import Precision, optimizer_for
 from purenet.training.step import make_step
 
 __all__ = [
-    "TrainState", "as_arrays", "build_step", "check_canaries", "check_ema", "epoch_with_metrics", "evaluate", "init_run", "poisson",
-    "run_epoch", "run_epoch_steps", "run_poisson_epoch", "train", "train_epoch",
+    "Run", "TrainState", "as_arrays", "build_step", "check_canaries", "check_ema", "epoch_with_metrics", "evaluate", "init_run", "poisson",
+    "prepare_run", "run_epoch", "run_epoch_steps", "run_poisson_epoch", "train", "train_epoch",
 ]
 
 
@@ -308,6 +308,48 @@ def as_arrays(data: tuple, validation: tuple | None) -> tuple[Array, Array, tupl
     return x, y, validation
 
 
+class Run(NamedTuple):
+    """A prepared run (`prepare_run`): the checked data, the optimizer, the initial states, the step and
+    one epoch with its metrics, `epoch((train_state, es), (x, y, validation, key, probe, stats_probe))`."""
+
+    x: Array
+    y: Array
+    validation: tuple[Array, Array] | None
+    opt: Any
+    train_state: TrainState
+    es: EarlyStoppingState | None
+    step: Callable[..., tuple]
+    epoch: Callable[..., tuple]
+
+
+def prepare_run(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, batch_size: int | None = 64,
+                loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, params: PyTree = None,
+                state: PyTree = None, validation: tuple | None = None,
+                early_stopping: EarlyStopping | None = None, augment: Callable[..., tuple[Array, Array]] | None = None,
+                mesh: Mesh | None = None, dp: DPSGD | None = None, accumulate: int = 1,
+                evaluate_with_ema: bool = False, precision: Precision | None = None, strategy: str | None = None,
+                checkpoint_every: int = 1) -> Run:
+    """One preparation of a run, shared by `fit` and `train` (and `sweep`, through `train`): the
+    arguments and the data checked, the optimizer for the precision, the initial train state (params
+    from fold_in(key, 0) unless given), early stopping's state, the step built from the options and
+    one epoch with its metrics. Nothing is compiled."""
+    check_arguments(epochs, batch_size, l2, checkpoint_every, accumulate)
+    x, y, validation = as_arrays(data, validation)
+    check_monitor(early_stopping, validation)
+    opt = optimizer_for(opt, precision)
+    train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
+    check_ema(evaluate_with_ema, train_state.opt_state)
+    check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
+    check_divisible(mesh, x.shape[0], batch_size)
+    es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
+    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size), train_state.opt_state)
+    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
+                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
+    epoch = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
+                               evaluate_with_ema=evaluate_with_ema, sampling="poisson" if poisson(dp) else "shuffle")
+    return Run(x, y, validation, opt, train_state, es, step, epoch)
+
+
 def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, batch_size: int | None = 64,
           loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, params: PyTree = None, state: PyTree = None,
           validation: tuple | None = None, early_stopping: EarlyStopping | None = None,
@@ -328,20 +370,11 @@ def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, bat
     pn.privacy.epsilon(dp.noise_multiplier, b / n, epochs * (n // b),
     dp.target_delta, dp.accountant) for batch size b and n examples.
     """
-    check_arguments(epochs, batch_size, l2, accumulate=accumulate)
-    x, y, validation = as_arrays(data, validation)
-    check_monitor(early_stopping, validation)
-    opt = optimizer_for(opt, precision)
-    train_state = init_run(net, opt, x, key, params, state, precision and jnp.dtype(precision.params))
-    check_ema(evaluate_with_ema, train_state.opt_state)
-    check_inputs(net, x, y, validation, loss, train_state.opt_state.params, train_state.model_state)
-    es = early_stopping.init(train_state.opt_state.params, train_state.model_state) if early_stopping else None
-    check_divisible(mesh, x.shape[0], batch_size)
-    check_canaries(dp, x.shape[0], batch_size_of(x.shape[0], batch_size), train_state.opt_state)
-    step = build_step(net, opt, loss=loss, l2=l2, augment=augment, mesh=mesh, dp=dp, accumulate=accumulate,
-                      precision=precision, batch_size=batch_size_of(x.shape[0], batch_size), strategy=strategy)
-    epoch_fn = epoch_with_metrics(net, step, batch_size=batch_size, loss=loss, l2=l2, early_stopping=early_stopping,
-                                  evaluate_with_ema=evaluate_with_ema, sampling="poisson" if poisson(dp) else "shuffle")
+    r = prepare_run(net, opt, data, key=key, epochs=epochs, batch_size=batch_size, loss=loss, l2=l2, params=params,
+                    state=state, validation=validation, early_stopping=early_stopping, augment=augment, mesh=mesh,
+                    dp=dp, accumulate=accumulate, evaluate_with_ema=evaluate_with_ema, precision=precision,
+                    strategy=strategy)
+    x, y, validation, train_state, es, epoch_fn = r.x, r.y, r.validation, r.train_state, r.es, r.epoch
     data = (x, y, validation, jax.random.fold_in(key, 1), None, None)
     run = lambda carry: epoch_fn(carry, data)  # noqa: E731
     record_shape = jax.eval_shape(run, (train_state, es))[1]
