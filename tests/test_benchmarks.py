@@ -197,3 +197,14 @@ def test_dp_audit_benchmark_smoke_mode_never_refutes_the_gaussian_mechanism(tmp_
         for name in ("epsilon_one_run", "epsilon_fdp", "epsilon_hull", "epsilon_fdp_hull", "epsilon_one_run_k",
                      "epsilon_fdp_k"):
             assert 0 <= row[name] < row["epsilon_true"], name
+
+
+@pytest.mark.slow
+def test_ab_benchmark_smoke_mode_finds_a_tree_runs_the_same_programs_as_itself(tmp_path):
+    path = tmp_path / "ab.json"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ab", str(ROOT), str(ROOT), "--smoke", "--json", str(path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(path.read_text())["summary"]
+    assert {"mlp plain step", "mlp dp step", "mlp fisher_diagonal", "mlp gradient_gram", "mlp kfac_factors"} == set(summary)
+    assert all(case["same_program"] and case["new_ms"] > 0 for case in summary.values())

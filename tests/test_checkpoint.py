@@ -196,7 +196,7 @@ def fit_small(data, epochs, **kw):
 
 
 def test_fit_checks_the_checkpoint_path_before_training(tmp_path, small, monkeypatch):
-    monkeypatch.setattr(sys.modules["purenet.training.fit"], "epoch_with_metrics", None)  # no training: it would fail
+    monkeypatch.setattr(sys.modules["purenet.training.fit"], "prepare_run", None)  # no run is prepared: it would fail
     with pytest.raises(CheckpointError, match="the directory .*missing does not exist"):
         fit_small(small[0], 2, checkpoint=tmp_path / "missing" / "run.ckpt", checkpoint_every=10)
     with pytest.raises(CheckpointError, match="is a directory"):

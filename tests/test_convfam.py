@@ -227,23 +227,6 @@ def test_networks_match_autodiff_and_vmap_of_grad_per_example(make):
         assert err <= 1e-10, path
 
 
-@pytest.mark.parametrize("layer,shape", [(pn.Conv1D(5, 3, 2, implementation="im2col"), (3, 7, 2)),
-                                         (pn.Conv1D(40, 2, implementation="xla"), (3, 4, 3)),  # the ghost norm
-                                         (pn.GroupNorm(3), (3, 2, 2, 6)), (pn.GroupNorm(2), (3, 4))])
-def test_fast_paths_equal_the_generic_defaults(layer, shape):
-    params, _ = _params(layer, shape[1:])
-    x = jax.random.normal(jax.random.key(7), shape, jnp.float64)
-    y, _, cache = layer.forward(params, {}, x)
-    dy = jax.random.normal(jax.random.key(8), y.shape, jnp.float64)
-    fast, dx = base.per_example_backward(layer, params, cache, dy)
-    slow, dx_slow = base.generic_per_example_backward(layer, params, cache, dy)
-    for path, err in pn.testing.compare_trees(fast, slow).items():
-        assert err <= 1e-12, path
-    np.testing.assert_allclose(dx, dx_slow, rtol=1e-12, atol=1e-14)
-    sq, _ = base.per_example_sq_norms(layer, params, cache, dy, 0.3)
-    np.testing.assert_allclose(sq, base.generic_per_example_sq_norms(layer, params, cache, dy, 0.3)[0], rtol=1e-10)
-
-
 def test_dp_clipping_of_a_group_norm_cnn_in_training_mode():
     net = pn.Sequential([pn.Conv2D(4, 3), pn.GroupNorm(2), pn.ReLU(), pn.MaxPool2D(2), pn.Flatten(), pn.Dense(3),
                          pn.Softmax()], in_shape=(4, 4, 1))

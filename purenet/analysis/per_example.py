@@ -37,7 +37,7 @@ PyTree = Any
 
 
 def _dense_grads(p: DenseProduct, params: PyTree) -> dict:
-    """dW_i = sum_t a_it^T g_it, db_i = sum_t g_it (`purenet.layers.dense.per_example_grads`)."""
+    """dW_i = sum_t a_it^T g_it (an outer product per position t), db_i = sum_t g_it."""
     a3, g3 = structure.positions_of(p.a), structure.positions_of(p.g)
     return structure.split_columns(p, params, jnp.einsum("bti,btj->bij", a3, g3), jnp.sum(g3, axis=1), (a3.shape[0],))
 
@@ -221,11 +221,13 @@ def per_example_grad_norms(net: LayerLike, params: PyTree, state: PyTree, x: Arr
                            key: Array | None = None, chunk_size: int | None = None) -> Array:
     """||grad of L_i|| for every example i, without forming the per-example gradients.
 
-    Dense layers use ||h_i dy_i^T|| = ||h_i|| ||dy_i|| (Goodfellow, 2015), so
-    memory is O(batch x (in + out)) rather than O(batch x params); Conv2D
-    forms dW_i one kernel tap at a time, or takes the ghost norm; a layer
-    without a fast path forms its own per-example gradients (its backward,
-    vmapped over the examples).
+    Dense products (Dense, attention's projections, SwiGLU, the recurrent
+    layers' steps) use ||h_i dy_i^T|| = ||h_i|| ||dy_i|| (Goodfellow, 2015)
+    or the ghost norm over positions, so memory is O(batch x (in + out))
+    rather than O(batch x params); Conv2D forms dW_i one kernel tap at a
+    time, or takes the ghost norm (the `SQ_NORMS` rules above); a layer that
+    declares no structure forms its own per-example gradients (its
+    backward, vmapped over the examples).
 
     chunk_size=k runs the batch k examples at a time, one chunk after
     another (see `in_chunks`): the working set (activations, their

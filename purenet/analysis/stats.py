@@ -8,7 +8,7 @@ an identity allows, without forming any per-example gradient g_i:
 
     fisher_diagonal       (1/N) sum_i g_i**2                    Dense: (h**2)^T (dy**2), one matmul
     gradient_noise_scale  B_simple = tr(S) / |G|^2              from ||g_i||^2 (ghost norms) and G
-    kfac_factors          A = E[a a^T], G = E[dy dy^T]          per Dense / Conv2D layer
+    kfac_factors          A = E[a a^T], G = E[dy dy^T]          per dense product (`purenet.analysis.kfac`)
     gradient_gram         <g_i, g_j> for two batches            Dense: (H1 H2^T) * (D1 D2^T)
 
 g_i is the gradient of example i's own loss, as `pn.per_example_grads`
@@ -19,11 +19,12 @@ inner products describe the data). Per-example statistics are undefined
 through BatchNorm in training mode (it couples the examples): evaluate
 with train=False.
 
-Layers supply the identities through optional methods (`per_example_sq`,
-`per_example_gram`, `kfac_factors`; see `purenet.layers.base`); a layer
-without them falls back on its `per_example_backward`, squaring or
-contracting the per-example gradients it forms (correct, with more memory).
-Each is a visitor of the one traversal (`purenet.layers.base.walk`).
+The identities are rules per product kind (`SQUARE_RULES`, `COLUMN_RULES`,
+`GRAM_RULES` below, K-FAC's in `purenet.analysis.kfac`), applied to the
+products a layer declares (`purenet.layers.structure`); a kind without a
+rule, and a layer that declares none, square or contract the per-example
+gradients they form (correct, with more memory). Each is a visitor of the
+one traversal (`purenet.layers.base.walk`).
 """
 import math
 from typing import Any, NamedTuple

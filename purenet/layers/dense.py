@@ -1,4 +1,5 @@
-"""The fully connected layer."""
+"""The fully connected layer, and the dense product's identities its rules use (ghost norms, squares,
+Gram matrices, K-FAC factors; `purenet.layers.structure.DenseProduct`)."""
 import dataclasses
 from typing import Any
 
@@ -11,7 +12,7 @@ from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, wid
 from purenet.layers.defaults import feature_split
 from purenet.layers.structure import DenseProduct
 
-__all__ = ["Dense", "kfac_factors", "per_example_grads", "per_example_gram", "per_example_sq", "per_example_sq_norms"]
+__all__ = ["Dense", "kfac_factors", "per_example_gram", "per_example_sq", "per_example_sq_norms"]
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -107,15 +108,6 @@ class Dense(Layer):
     def products(self, params: PyTree, x: Array, dy: Array) -> tuple[tuple, Array]:
         """Its input h and output gradient dy, and dx = dy W^T."""
         return ((x, dy),), self._dx(params, dy)
-
-
-def per_example_grads(x: Array, dy: Array, use_bias: bool) -> dict[str, Array]:
-    """{"W": (batch, in, out), "b": (batch, out)}: each example's sum over its positions."""
-    x3, dy3 = _positions(x), _positions(dy)
-    grads = {"W": jnp.einsum("bti,btj->bij", x3, dy3)}
-    if use_bias:
-        grads["b"] = jnp.sum(dy3, axis=1)
-    return grads
 
 
 def per_example_sq_norms(x: Array, dy: Array, W: Array, use_bias: bool, l2: Any = 0.0) -> Array:

@@ -204,8 +204,8 @@ class GroupNorm(_FeatureNorm):
 
     Examples never interact, so per-example gradients exist (and DP-SGD
     clips them, where BatchNorm is refused): example i's are its own sums
-    over positions, sum g_i xhat_i and sum g_i, a (B, C) array each (the
-    fast path). num_groups = 1 is LayerNorm over every entry of an example
+    over positions, sum g_i xhat_i and sum g_i, a (B, C) array each (its
+    structure: a scale and shift). num_groups = 1 is LayerNorm over every entry of an example
     (with per-channel gamma); num_groups = C is instance normalisation.
     Groups of any float32 magnitude normalise exactly (see the module docstring).
     """

@@ -102,15 +102,15 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     Returns FitResult(params, state, opt_state, history, stopped_epoch), with
     history a dict of numpy arrays over the epochs run.
     """
+    if checkpoint is not None:
+        from purenet.io.checkpoint import check_writable
+
+        check_writable(checkpoint)  # fail now, not after the last epoch
     r = prepare_run(net, opt, data, key=key, epochs=epochs, batch_size=batch_size, loss=loss, l2=l2, params=params,
                     state=state, validation=validation, early_stopping=early_stopping, augment=augment, mesh=mesh,
                     dp=dp, accumulate=accumulate, evaluate_with_ema=evaluate_with_ema, precision=precision,
                     strategy=strategy, checkpoint_every=checkpoint_every)
     x, y, validation, train_state, es = r.x, r.y, r.validation, r.train_state, r.es
-    if checkpoint is not None:
-        from purenet.io.checkpoint import check_writable
-
-        check_writable(checkpoint)  # fail now, not after the last epoch
     probe = None if diagnostics is None else (as_array(diagnostics[0], "diagnostics x"),
                                               as_array(diagnostics[1], "diagnostics y"))
     stats_probe = None if statistics is None else (as_array(statistics[0], "statistics x"),
