@@ -72,11 +72,12 @@ def _weight_keys(p: Any) -> tuple:
     return ()
 
 
-def kfac_weights(layer: Any, params: PyTree) -> list[tuple[Any, list[str]]]:
-    """[(product, its "weight"-role keys K-FAC preconditions)] of a layer that declares a structure."""
+def kfac_weights(layer: Any, params: PyTree, products: Any = None) -> list[tuple[Any, list[str]]]:
+    """[(product, its "weight"-role keys K-FAC preconditions)] of a layer that declares a structure: of
+    its structure's products, or of `products` (the same, with their arrays)."""
     roles = layer_roles(layer, params)
     found = []
-    for p in layer.structure(params):
+    for p in layer.structure(params) if products is None else products:
         weights = [w for w in _weight_keys(p) if roles.get(w) == "weight"]
         if weights and type(p) in KFAC_RULES:
             found.append((p, weights))
@@ -111,10 +112,9 @@ def layer_kfac_factors(layer: Any, params: PyTree, cache: PyTree, dy: Array) -> 
     if hasattr(layer, "kfac_factors"):
         return layer.kfac_factors(params, cache, dy)
     products, dx = structure.declared(layer, params, cache, dy)
-    bound = dict(zip(layer.structure(params), products))
     pairs: dict = {}
-    for tag, weights in kfac_weights(layer, params):
-        pairs.update(KFAC_RULES[type(tag)][0](bound[tag], params, weights))
+    for p, weights in kfac_weights(layer, params, products):
+        pairs.update(KFAC_RULES[type(p)][0](p, params, weights))
     return _assemble(layer, params, pairs), dx
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from purenet.chunks import in_chunks
 from purenet.layers import base, conv, dense, structure
 from purenet.layers.base import Array, LayerLike
-from purenet.layers.defaults import generic_per_example_backward, has_params, sq_norms_of
+from purenet.layers.defaults import generic_per_example_backward, has_params, l2_tree, sq_norms_of
 from purenet.layers.embedding import per_example_scatter, sq_norm_of_scatter
 from purenet.layers.roles import DECAYED, layer_roles
 from purenet.layers.structure import Convolution, DenseProduct, Lookup, ScaleShift
@@ -159,8 +159,7 @@ def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, 
         n = jax.tree_util.tree_leaves(dy)[0].shape[0]
         if not has_params(params):
             return jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype), dx
-        l2s = jax.tree_util.tree_map(lambda r: l2 if r in DECAYED else 0.0, layer_roles(layer, params))
-        return sq_norms_of(l2s, grads, params), dx
+        return sq_norms_of(l2_tree(layer, params, l2), grads, params), dx
     products, dx = found
     roles = layer_roles(layer, params)
     return sum(SQ_NORMS.get(type(p), _sq_norms_from_grads)(p, params, l2, roles) for p in products), dx

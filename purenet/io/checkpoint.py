@@ -549,10 +549,11 @@ def _named(path: str) -> str:
 def _conform_leaves(pairs, like, where):
     """The leaves of `pairs` ((key path, leaf), ...) placed into like's structure, checked (errors name
     the paths as written: the file's for extra leaves, like's for the others)."""
+    like_paths = _trees.by_path(like)
     saved = {_named(k): k for k, _ in pairs}
-    expected = {_named(k): k for k in _trees.by_path(like)}
+    expected = {_named(k): k for k in like_paths}
     by_path = {_named(k): v for k, v in pairs}
-    wanted = {_named(k): v for k, v in _trees.by_path(like).items()}
+    wanted = {_named(k): v for k, v in like_paths.items()}
     m = _trees.first_mismatch(by_path, wanted, dtype=_dtype)
     if m is not None and m.kind == "paths":
         raise CheckpointError(f"{where} does not match the expected structure: missing leaves "

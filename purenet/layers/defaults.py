@@ -21,7 +21,7 @@ from purenet.layers.roles import DECAYED, layer_roles
 
 __all__ = [
     "cache_batch_axes", "feature_split", "generic_per_example_backward", "generic_per_example_sq_norms",
-    "has_params", "scale_rows", "sq_norms_of", "sum_leaves",
+    "has_params", "l2_tree", "scale_rows", "sq_norms_of", "sum_leaves",
 ]
 
 
@@ -144,6 +144,11 @@ def sq_norms_of(l2s: PyTree, grads: PyTree, params: PyTree) -> Array:
     return sum_leaves(jax.tree_util.tree_map(one, l2s, grads, params), zero)
 
 
+def l2_tree(layer: Any, params: PyTree, l2: Any) -> PyTree:
+    """A tree like params: l2 where the parameter's role is one l2 covers (`DECAYED`), else 0."""
+    return jax.tree_util.tree_map(lambda r: l2 if r in DECAYED else 0.0, layer_roles(layer, params))
+
+
 def generic_per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
                                  l2: Any = 0.0) -> tuple[Array, Any]:
     """||g_i + l2 W||^2 from the generic per-example gradients (W: the parameters whose role l2 covers)."""
@@ -151,8 +156,7 @@ def generic_per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: 
     if not has_params(params):
         return jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype), layer.backward(params, cache, dy)[1]
     grads, dx = generic_per_example_backward(layer, params, cache, dy)
-    l2s = jax.tree_util.tree_map(lambda r: l2 if r in DECAYED else 0.0, layer_roles(layer, params))
-    return sq_norms_of(l2s, grads, params), dx
+    return sq_norms_of(l2_tree(layer, params, l2), grads, params), dx
 
 
 def scale_rows(w: Array, t: PyTree) -> PyTree:

@@ -10,7 +10,7 @@ from purenet import initializers
 from purenet.initializers import default_float
 from purenet.layers.base import Array, KFACFactors, Layer, PyTree, as_shape, wide
 from purenet.layers.defaults import feature_split
-from purenet.layers.structure import DenseProduct
+from purenet.layers.structure import DenseProduct, positions_of
 
 __all__ = ["Dense", "kfac_factors", "per_example_gram", "per_example_sq", "per_example_sq_norms"]
 
@@ -128,7 +128,7 @@ def per_example_sq_norms(x: Array, dy: Array, W: Array, use_bias: bool, l2: Any 
         if use_bias:
             sq = sq + dy_sq
     else:
-        x3, dy3 = _positions(x), _positions(dy)
+        x3, dy3 = positions_of(x), positions_of(dy)
         t = x3.shape[1]
         if t * t <= W.size:
             sq = jnp.sum(jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("btj,bsj->bts", dy3, dy3), axis=(1, 2))
@@ -160,7 +160,7 @@ def per_example_sq(x: Array, dy: Array, use_bias: bool) -> dict[str, Array]:
         if use_bias:
             sq["b"] = jnp.sum(dy * dy, axis=0)
         return sq
-    x3, dy3 = _positions(x), _positions(dy)
+    x3, dy3 = positions_of(x), positions_of(dy)
     n, t, i, o = x3.shape[0], x3.shape[1], x3.shape[2], dy3.shape[2]
     if t * t * (i + o) <= i * o:
         hh = (x3[:, :, None, :] * x3[:, None, :, :]).reshape(n * t * t, i)
@@ -187,7 +187,7 @@ def per_example_gram(xa: Array, dya: Array, xb: Array, dyb: Array, use_bias: boo
         dd = dya @ dyb.T
         gram = (xa @ xb.T) * dd
         return gram + dd if use_bias else gram
-    xa3, dya3, xb3, dyb3 = _positions(xa), _positions(dya), _positions(xb), _positions(dyb)
+    xa3, dya3, xb3, dyb3 = positions_of(xa), positions_of(dya), positions_of(xb), positions_of(dyb)
     na, nb, ta, tb = xa3.shape[0], xb3.shape[0], xa3.shape[1], xb3.shape[1]
     if na * nb * ta * tb <= (na + nb) * xa3.shape[2] * dya3.shape[2]:
         gram = jnp.sum(jnp.einsum("ati,bsi->abts", xa3, xb3) * jnp.einsum("atj,bsj->abts", dya3, dyb3), axis=(2, 3))
@@ -216,8 +216,3 @@ def kfac_factors(x: Array, dy: Array, use_bias: bool) -> KFACFactors:
     a = lax.dot_general(x2, x2, (((0,), (0,)), ((), ()))) / x2.shape[0]
     g = lax.dot_general(dy2, dy2, (((0,), (0,)), ((), ()))) / dy.shape[0]
     return KFACFactors(a, g)
-
-
-def _positions(t):
-    """(batch, ..., d) -> (batch, positions, d)."""
-    return jnp.reshape(t, (t.shape[0], -1, t.shape[-1]))

@@ -21,7 +21,8 @@ from jax import lax
 
 from purenet._checks import check_hyperparameter
 from purenet.initializers import default_float
-from purenet.layers.base import Array, Layer, PyTree, as_shape, per_example_sum, wide
+from purenet.layers.base import Array, Layer, PyTree, as_shape, wide
+from purenet.layers import structure
 from purenet.layers.structure import ScaleShift
 
 __all__ = ["GroupNorm", "LayerNorm", "RMSNorm"]
@@ -37,20 +38,6 @@ def _row_scale(x):
     in [1, max(|x|, 1)], so x / c is exact and |x / c| < 2."""
     _, e = jnp.frexp(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
     return lax.stop_gradient(jnp.ldexp(jnp.ones((), x.dtype), jnp.maximum(e - 1, 0)))
-
-
-def _leading_axes(t):
-    return tuple(range(t.ndim - 1))
-
-
-def _gamma_grads(params, cache, dy, per_example):
-    """dL/dgamma = sum g xhat, dL/dbeta = sum g: over the whole batch, or per example."""
-    reduce = per_example_sum if per_example else (lambda t: jnp.sum(t, axis=_leading_axes(t)))
-    dtype = params["gamma"].dtype
-    grads = {"gamma": reduce(dy * cache.xhat).astype(dtype)}
-    if "beta" in params:
-        grads["beta"] = reduce(dy).astype(dtype)
-    return grads
 
 
 class _FeatureNorm(Layer):
@@ -90,7 +77,8 @@ class _FeatureNorm(Layer):
         return y, state, _NormCache(xhat, inv)
 
     def backward(self, params: PyTree, cache: _NormCache, dy: Array) -> tuple[PyTree, Array]:
-        return _gamma_grads(params, cache, dy, False), self._dx(params, cache, dy)
+        (tag,) = self.structure(params)  # dL/dgamma = sum g xhat, dL/dbeta = sum g
+        return structure.batch_grads(tag._replace(xhat=cache.xhat, g=dy), params), self._dx(params, cache, dy)
 
     def structure(self, params: PyTree) -> tuple[ScaleShift]:
         """y = xhat * gamma + beta: a scale and shift, whose rules give every per-example feature."""

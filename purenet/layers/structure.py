@@ -177,11 +177,9 @@ def batch_grads(product: Any, params: PyTree) -> dict[str, Array]:
             out[product.shift] = jnp.sum(product.g, axis=lead).astype(params[product.shift].dtype)
         return out
     if isinstance(product, Lookup):
+        from purenet.layers.embedding import scatter_rows  # late: embedding declares its Lookup from here
         table = params[product.table]
-        d = product.g.shape[-1]
-        flat = jnp.zeros(table.shape, product.g.dtype).at[jnp.reshape(product.ids, (-1,))].add(
-            jnp.reshape(product.g, (-1, d)))
-        return {product.table: flat.astype(table.dtype)}
+        return {product.table: scatter_rows(table.shape[0], product.ids, product.g).astype(table.dtype)}
     if isinstance(product, Convolution):
         w = params[product.weight]
         own = {"W": conv_weight(product, params)} | ({"b": params[product.bias]} if product.bias else {})
