@@ -42,8 +42,13 @@ def fused_loss(layer: Any) -> str | None:
 def output_head(net: Any) -> Any:
     """The last layer of `net` when it is an output activation that fuses with a loss (a Softmax or
     Sigmoid ending a Sequential, or the network itself), else None."""
-    last = net.layers[-1] if isinstance(net, Sequential) and net.layers else net
-    return last if fused_loss(last) is not None else None
+    last = net.output_child() if _is_chain(net) else net
+    return last if last is not None and fused_loss(last) is not None else None
+
+
+def _is_chain(net: Any) -> bool:
+    """A container whose output is its last child's and that can leave it out (`without_output`)."""
+    return bool(getattr(net, "chain", False)) and hasattr(net, "without_output")
 
 
 def _split_head(net: Any, loss: Any) -> tuple[Any, bool]:
@@ -57,7 +62,7 @@ def _split_head(net: Any, loss: Any) -> tuple[Any, bool]:
         return net, False
     if head is net:
         return Sequential(()), True
-    return Sequential(net.layers[:-1], in_shape=net.in_shape), True
+    return net.without_output(), True
 
 
 def _strips_head(net: Any, fused: bool) -> bool:
@@ -68,16 +73,17 @@ def _strips_head(net: Any, fused: bool) -> bool:
 def _body_trees(net: Any, fused: bool, params: PyTree, state: PyTree) -> tuple[PyTree, PyTree]:
     if not _strips_head(net, fused):
         return params, state
-    if isinstance(net, Sequential):
-        return params[:-1], state[:-1]
+    if _is_chain(net):
+        body = net.without_output()
+        return body.join(net.split(params)[:-1]), body.join(net.split(state)[:-1])
     return (), ()
 
 
 def _full_trees(net: Any, fused: bool, body_tree: PyTree, head_tree: PyTree) -> PyTree:
     if not _strips_head(net, fused):
         return body_tree
-    if isinstance(net, Sequential):
-        return tuple(body_tree) + (head_tree,)
+    if _is_chain(net):
+        return net.join([*net.without_output().split(body_tree), head_tree])
     return head_tree
 
 
@@ -128,7 +134,7 @@ def evaluation_body(net: Any, params: PyTree, state: PyTree, loss: Any) -> tuple
     loss left out, or None): what an evaluation pass runs forward. With a head, the output is its logits."""
     body, fused, chosen = _prepare(net, loss)
     body_params, body_state = _body_trees(net, fused, params, state)
-    head = net.layers[-1] if _strips_head(net, fused) and isinstance(net, Sequential) else None
+    head = net.output_child() if _strips_head(net, fused) and _is_chain(net) else None
     return body, body_params, body_state, chosen, head
 
 
@@ -159,7 +165,7 @@ def loss_pass(net: Any, params: PyTree, state: PyTree, x: jax.Array, loss: Any, 
     body, fused, chosen = _prepare(net, loss)
     bparams, bstate = _body_trees(net, fused, params, state)
     out, new_bstate, cache = body.forward(bparams, bstate, x, train=train, key=key)
-    head_state = state[-1] if _strips_head(net, fused) and isinstance(net, Sequential) else state
+    head_state = net.split(state)[-1] if _strips_head(net, fused) and _is_chain(net) else state
     return LossPass(body, fused, bparams, out, cache, _full_trees(net, fused, new_bstate, head_state), chosen)
 
 

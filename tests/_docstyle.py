@@ -21,13 +21,18 @@ ENTRY = re.compile(r"^\s*\**([A-Za-z_][A-Za-z0-9_]*)\s*(\([^)]*\))?\s*:")
 
 
 def public_modules() -> dict[str, types.ModuleType]:
-    """{"pn.stats": module, ...}: the module objects of pn.__all__, keyed by how users reach them."""
+    """{"pn.stats": module, ...}: the module objects of pn.__all__ and, below them, of their own
+    `__all__` (pn.analysis.curvature), each once, keyed by the shortest way users reach it."""
     import purenet as pn
-    out = {"pn": pn}
-    for name in pn.__all__:
-        obj = getattr(pn, name)
-        if isinstance(obj, types.ModuleType):
-            out[f"pn.{name}"] = obj
+    out: dict[str, types.ModuleType] = {"pn": pn}
+    todo = ["pn"]
+    while todo:
+        where = todo.pop(0)
+        for name in getattr(out[where], "__all__", []):
+            obj = getattr(out[where], name)
+            if isinstance(obj, types.ModuleType) and obj not in out.values():
+                out[f"{where}.{name}"] = obj
+                todo.append(f"{where}.{name}")
     return out
 
 

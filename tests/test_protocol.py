@@ -303,23 +303,6 @@ def test_fast_paths_equal_the_generic_default(index, seed, l2):
                                rtol=1e-10, atol=1e-12)
 
 
-def test_gpt_ends_fast_path_equals_the_generic_default():
-    for tied in (True, False):
-        net = pn.GPT(vocab_size=7, context=5, layers=1, heads=2, features=4, tie_embeddings=tied)
-        params, state, _ = net.init(jax.random.key(0), (5,), jnp.float64)
-        ids = jax.random.randint(jax.random.key(1), (3, 5), 0, 7)
-        _, _, (x, _, h) = net.forward(params, state, ids)
-        dy = (jax.random.normal(jax.random.key(2), (3, 5, 4), jnp.float64),
-              jax.random.normal(jax.random.key(3), (3, 5, 7), jnp.float64))
-        ends, ends_params = net.ends, net.split(params)[0]
-        fast = ends.per_example_backward(ends_params, (ids, h), dy)
-        slow = base.generic_per_example_backward(ends, ends_params, (ids, h), dy)
-        chex.assert_trees_all_close(fast[0], slow[0], rtol=1e-10, atol=1e-12)
-        sq, _ = ends.per_example_sq_norms(ends_params, (ids, h), dy, 0.2)
-        ref, _ = base.generic_per_example_sq_norms(ends, ends_params, (ids, h), dy, 0.2)
-        np.testing.assert_allclose(sq, ref, rtol=1e-10)
-
-
 def test_a_cache_leaf_shared_by_all_examples_is_not_sliced():
     """A leaf whose leading axis is not the batch (here a (2,) vector) reaches every example's backward whole."""
 

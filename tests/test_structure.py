@@ -15,6 +15,7 @@ from purenet.analysis import stats
 from purenet.analysis.kfac import kfac_eligible, layer_kfac_factors, uncovered_weights
 from purenet.analysis.per_example import per_example_backward, per_example_sq_norms
 from purenet.layers import base, structure
+from purenet.models.gpt import TiedEnds
 from purenet.privacy.clipping import sq_norms_and_weighted_sum
 
 jax.config.update("jax_enable_x64", True)
@@ -38,8 +39,8 @@ LAYERS = [
 
 def _bare(layer):
     """The three methods and the roles: what the generic default sees."""
-    return type("Bare", (), {"init": layer.init, "forward": layer.forward, "backward": layer.backward,
-                             "roles": getattr(layer, "roles", {})})()
+    roles = {"param_roles": layer.param_roles} if hasattr(layer, "param_roles") else {"roles": getattr(layer, "roles", {})}
+    return type("Bare", (), {"init": layer.init, "forward": layer.forward, "backward": layer.backward, **roles})()
 
 
 def _batch(layer, shape, ids, n, seed):
@@ -76,14 +77,18 @@ def _every_feature(index, params, state, x, dy, x_b, dy_b):
     program per layer: compiled once, far faster than op by op)."""
     layer = LAYERS[index][0]
     cache, cache_b = layer.forward(params, state, x)[2], layer.forward(params, state, x_b)[2]
-    w = jnp.linspace(0.5, 2.0, dy.shape[0])
-    out = {}
-    out["generic"], out["dx_ref"] = base.generic_per_example_backward(layer, params, cache, dy)
-    out["generic_b"], _ = base.generic_per_example_backward(layer, params, cache_b, dy_b)
 
     def one(x_i, dy_i):  # autodiff: example i's gradient of <y_i, dy_i>
         return jax.grad(lambda p: jnp.sum(layer.forward(p, state, x_i[None])[0] * dy_i[None]))(params)
-    out["autodiff"] = jax.vmap(one)(x, dy)
+    return {"autodiff": jax.vmap(one)(x, dy), **_features(layer, params, cache, dy, cache_b, dy_b)}
+
+
+def _features(layer, params, cache, dy, cache_b, dy_b):
+    """Every feature by the layer's rules, and the generic default they must equal."""
+    w = jnp.linspace(0.5, 2.0, jax.tree_util.tree_leaves(dy)[0].shape[0])
+    out = {}
+    out["generic"], out["dx_ref"] = base.generic_per_example_backward(layer, params, cache, dy)
+    out["generic_b"], _ = base.generic_per_example_backward(layer, params, cache_b, dy_b)
     out["grads"], out["dx"] = per_example_backward(layer, params, cache, dy)
     for l2 in (0.0, 0.3):
         out[f"sq {l2}"] = per_example_sq_norms(layer, params, cache, dy, l2)[0]
@@ -92,7 +97,7 @@ def _every_feature(index, params, state, x, dy, x_b, dy_b):
     out["weighted"] = weighted_sum(w)
     out["weighted_ref"] = jax.tree_util.tree_map(lambda g: jnp.tensordot(w, g, axes=1), out["generic"])
     out["squares"] = stats.per_example_sq(layer, params, cache, dy)[0]
-    columns = jnp.stack([dy, 2 * dy])  # two cotangent columns: their squares sum to 5 x one column's
+    columns = jax.tree_util.tree_map(lambda d: jnp.stack([d, 2 * d]), dy)  # two columns: squares sum to 5 x one's
     summed = jax.vmap(lambda d: stats.per_example_sq_columns(layer, params, cache, d, "c")[0], axis_name="c")(columns)
     out["columns"] = jax.tree_util.tree_map(lambda t: t[0], summed)
     out["gram"] = stats.per_example_gram(layer, params, cache, dy, cache_b, dy_b)[0]
@@ -105,7 +110,10 @@ def test_every_rule_equals_the_generic_default_and_autodiff(index):
     assert hasattr(layer, "structure"), "every family here declares its products"
     *_, x_b, _, dy_b = _setup(index, n=2, seed=5)
     r = _every_feature(index, params, state, x, dy, x_b, dy_b)
-    n = dy.shape[0]
+    _check_features(r, dy.shape[0])
+
+
+def _check_features(r, n):
     _close(r["generic"], r["autodiff"])
     _close(r["grads"], r["generic"])
     if r["dx_ref"] is not None:
@@ -118,6 +126,46 @@ def test_every_rule_equals_the_generic_default_and_autodiff(index):
     _close(r["squares"], squares)
     _close(r["columns"], jax.tree_util.tree_map(lambda s: 5 * s, squares))
     np.testing.assert_allclose(r["gram"], _rows(r["generic"], n) @ _rows(r["generic_b"], 2).T, rtol=1e-10, atol=1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _tied_ends_features(tied, params, batches):
+    """GPT's ends (cache (ids, h), dy (dL/dh0, dL/dlogits)): every rule, the generic default and autodiff."""
+    layer = TiedEnds(tied)
+    (cache, dy), (cache_b, dy_b) = batches
+
+    def one(ids, h, dh0, dlogits):  # example i's gradient of <E[ids], dh0> + <h M, dlogits>
+        def f(p):
+            head = p["token"]["E"].T if tied else p["head"]["W"]
+            return jnp.sum(p["token"]["E"][ids] * dh0) + jnp.sum((h @ head) * dlogits)
+        return jax.grad(f)(params)
+    return {"autodiff": jax.vmap(one)(*cache, *dy), **_features(layer, params, cache, dy, cache_b, dy_b)}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gpt_tied_ends_rules_equal_the_generic_default_and_autodiff(tied):
+    """GPT's ends declare a TiedTable (E looked up and read out, the norm's cross term) or a Lookup
+    and a dense head: every feature from the rules, none from methods of the layer."""
+    vocab, d = 5, 3
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"token": {"E": jax.random.normal(k[0], (vocab, d), jnp.float64)}}
+    if not tied:
+        params["head"] = {"W": jax.random.normal(k[1], (d, vocab), jnp.float64)}
+    layer = TiedEnds(tied)
+    structure.check(layer, params)
+    assert not any(hasattr(layer, m) for m in ("per_example_backward", "per_example_sq_norms"))
+
+    def batch(key, n, t=4):
+        ks = jax.random.split(key, 4)
+        ids = jax.random.randint(ks[0], (n, t), 0, vocab).at[:, 1].set(2)  # a repeated id: the scatter adds
+        h, dh0 = jax.random.normal(ks[1], (n, t, d), jnp.float64), jax.random.normal(ks[2], (n, t, d), jnp.float64)
+        return (ids, h), (dh0, jax.random.normal(ks[3], (n, t, vocab), jnp.float64))
+    r = _tied_ends_features(tied, params, (batch(k[2], 3), batch(k[3], 2)))
+    _check_features(r, 3)
+    if not tied:  # the head is a dense product: K-FAC preconditions it
+        assert kfac_eligible(layer, params) and not uncovered_weights(layer, params)
+        (ids, h), dy = batch(k[2], 3)
+        _check_factors(layer_kfac_factors(layer, params, (ids, h), dy)[0], "head/W", h, dy[1], False, 3)
 
 
 def test_every_kind_has_every_rule_or_a_stated_default():

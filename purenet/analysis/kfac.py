@@ -75,7 +75,7 @@ def _weight_keys(p: Any) -> tuple:
 def kfac_weights(layer: Any, params: PyTree, products: Any = None) -> list[tuple[Any, list[str]]]:
     """[(product, its "weight"-role keys K-FAC preconditions)] of a layer that declares a structure: of
     its structure's products, or of `products` (the same, with their arrays)."""
-    roles = layer_roles(layer, params)
+    roles = structure.flat(layer_roles(layer, params))
     found = []
     for p in layer.structure(params) if products is None else products:
         weights = [w for w in _weight_keys(p) if roles.get(w) == "weight"]
@@ -95,7 +95,7 @@ def _single(layer: Any, params: PyTree, pairs: dict) -> bool:
     """One weight with every bias of the layer: a plain KFACFactors (Dense, a convolution), else blocks."""
     if len(pairs) != 1:
         return False
-    roles = layer_roles(layer, params)
+    roles = structure.flat(layer_roles(layer, params))
     (w, b), = pairs
     biases = [k for k, r in roles.items() if r == "bias"]
     return [k for k, r in roles.items() if r == "weight"] == [w] and biases == ([b] if b is not None else [])
@@ -114,7 +114,7 @@ def layer_kfac_factors(layer: Any, params: PyTree, cache: PyTree, dy: Array) -> 
     products, dx = structure.declared(layer, params, cache, dy)
     pairs: dict = {}
     for p, weights in kfac_weights(layer, params, products):
-        pairs.update(KFAC_RULES[type(p)][0](p, params, weights))
+        pairs.update(KFAC_RULES[type(p)][0](p, structure.flat(params), weights))
     return _assemble(layer, params, pairs), dx
 
 
@@ -124,7 +124,7 @@ def layer_kfac_dims(layer: Any, params: PyTree) -> Any:
         return layer.kfac_dims(params)
     pairs: dict = {}
     for tag, weights in kfac_weights(layer, params):
-        pairs.update(KFAC_RULES[type(tag)][1](tag, params, weights))
+        pairs.update(KFAC_RULES[type(tag)][1](tag, structure.flat(params), weights))
     return _assemble(layer, params, pairs)
 
 
@@ -137,5 +137,6 @@ def uncovered_weights(layer: Any, params: PyTree) -> list[str]:
         return []
     if not hasattr(layer, "structure"):
         return weights
-    covered = {jax.tree_util.keystr((jax.tree_util.DictKey(w),)) for _, ws in kfac_weights(layer, params) for w in ws}
+    covered = {jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in w.split("/")))
+               for _, ws in kfac_weights(layer, params) for w in ws}
     return [w for w in weights if w not in covered]

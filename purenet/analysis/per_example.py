@@ -20,7 +20,7 @@ from purenet.layers.base import Array, LayerLike
 from purenet.layers.defaults import generic_per_example_backward, has_params, l2_tree, sq_norms_of
 from purenet.layers.embedding import per_example_scatter, sq_norm_of_scatter
 from purenet.layers.roles import DECAYED, layer_roles
-from purenet.layers.structure import Convolution, DenseProduct, Lookup, ScaleShift
+from purenet.layers.structure import Convolution, DenseProduct, Lookup, ScaleShift, TiedTable
 from purenet.losses import Loss
 from purenet.network import add_l2, backward_pass, loss_pass
 
@@ -71,9 +71,16 @@ def _conv_grads(p: Convolution, params: PyTree) -> dict:
     return conv.in_chunks(grads_of, p.cache, p.g)
 
 
+def _tied_grads(p: TiedTable, params: PyTree) -> dict:
+    """dE_i = sum_t onehot(ids_it) g_it^T + sum_s g_out_is^T h_is: (n, rows, d)."""
+    table = params[p.table]
+    readout = jnp.einsum("bsv,bsd->bvd", structure.positions_of(p.g_out), structure.positions_of(p.h))
+    return {p.table: (per_example_scatter(table.shape[0], p.ids, p.g) + readout).astype(table.dtype)}
+
+
 # Each example's gradients of one product's parameters, {key: (n, *shape)}.
 GRADS = {DenseProduct: _dense_grads, ScaleShift: _scale_shift_grads, Lookup: _lookup_grads,
-         Convolution: _conv_grads}
+         Convolution: _conv_grads, TiedTable: _tied_grads}
 
 
 def _decayed_l2(l2: Any, key: str, roles: dict) -> Any:
@@ -129,8 +136,27 @@ def _conv_sq_norms(p: Convolution, params: PyTree, l2: Any, roles: dict) -> Arra
     return sq
 
 
+def _tied_sq_norms(p: TiedTable, params: PyTree, l2: Any, roles: dict) -> Array:
+    """||A_i + B_i||^2 = ||A_i||^2 + ||B_i||^2 + 2 <A_i, B_i>, A_i the lookup's scatter, B_i = g_out_i^T h_i,
+    with no (n, rows, d) tensor formed (when l2 does not cover the table, else from dE_i formed):
+
+        <A_i, B_i> = sum_t g_it . B_i[ids_it] = sum_{t,s} (g_it . h_is) g_out_is[ids_it]
+    """
+    if not _is_zero(_decayed_l2(l2, p.table, roles)):
+        return _sq_norms_from_grads(p, params, l2, roles)
+    h, g_out = structure.positions_of(p.h), structure.positions_of(p.g_out)
+    ids = jnp.reshape(p.ids, (p.ids.shape[0], -1))
+    readout_sq = dense.per_example_sq_norms(h, g_out, params[p.table].T, False)
+    gram = jnp.einsum("btd,bsd->bts", structure.positions_of(p.g), h)
+    b, t = ids.shape
+    picked = jnp.take_along_axis(g_out, jnp.broadcast_to(ids[:, None, :], (b, g_out.shape[1], t)), axis=2)
+    cross = jnp.einsum("bts,bst->b", gram, picked)
+    return sq_norm_of_scatter(p.ids, p.g) + readout_sq + 2 * cross
+
+
 # Each example's ||g_i + l2 W||^2 over one product's parameters, (n,); a kind absent forms its gradients.
-SQ_NORMS = {DenseProduct: _dense_sq_norms, Lookup: _lookup_sq_norms, Convolution: _conv_sq_norms}
+SQ_NORMS = {DenseProduct: _dense_sq_norms, Lookup: _lookup_sq_norms, Convolution: _conv_sq_norms,
+            TiedTable: _tied_sq_norms}
 
 
 def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
@@ -145,7 +171,8 @@ def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) 
     if found is None:
         return generic_per_example_backward(layer, params, cache, dy)
     products, dx = found
-    return structure.tree_of(params, [GRADS[type(p)](p, params) for p in products]), dx
+    named = structure.flat(params)
+    return structure.tree_of(params, [GRADS[type(p)](p, named) for p in products]), dx
 
 
 def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, l2: Any = 0.0) -> tuple[Array, Any]:
@@ -161,8 +188,8 @@ def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, 
             return jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype), dx
         return sq_norms_of(l2_tree(layer, params, l2), grads, params), dx
     products, dx = found
-    roles = layer_roles(layer, params)
-    return sum(SQ_NORMS.get(type(p), _sq_norms_from_grads)(p, params, l2, roles) for p in products), dx
+    named, roles = structure.flat(params), structure.flat(layer_roles(layer, params))
+    return sum(SQ_NORMS.get(type(p), _sq_norms_from_grads)(p, named, l2, roles) for p in products), dx
 
 
 def _one_stream(fn):

@@ -131,7 +131,8 @@ def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tup
     found = structure.declared(layer, params, cache, dy) if has_params(params) else None
     if found is not None:
         products, dx = found
-        return structure.tree_of(params, [SQUARE_RULES.get(type(p), _sq_from_grads)(p, params)
+        named = structure.flat(params)
+        return structure.tree_of(params, [SQUARE_RULES.get(type(p), _sq_from_grads)(p, named)
                                           for p in products]), dx
     grads, dx = per_example_backward(layer, params, cache, dy)
     return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads), dx
@@ -147,9 +148,10 @@ def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree
     found = structure.declared(layer, params, cache, dy) if has_params(params) else None
     if found is not None:
         products, dx = found
+        named = structure.flat(params)
         return structure.tree_of(params, [
-            COLUMN_RULES[type(p)](p, params, axis_name) if type(p) in COLUMN_RULES
-            else jax.lax.psum(SQUARE_RULES.get(type(p), _sq_from_grads)(p, params), axis_name)
+            COLUMN_RULES[type(p)](p, named, axis_name) if type(p) in COLUMN_RULES
+            else jax.lax.psum(SQUARE_RULES.get(type(p), _sq_from_grads)(p, named), axis_name)
             for p in products]), dx
     sq, dx = per_example_sq(layer, params, cache, dy)
     return jax.lax.psum(sq, axis_name), dx
@@ -166,7 +168,8 @@ def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, 
     found = structure.declared(layer, params, cache_a, dy_a) if has_params(params) else None
     if found is not None:
         (pas, dxa), (pbs, dxb) = found, structure.declared(layer, params, cache_b, dy_b)
-        return sum((GRAM_RULES.get(type(pa), _gram_from_grads)(pa, pb, params) for pa, pb in zip(pas, pbs)),
+        named = structure.flat(params)
+        return sum((GRAM_RULES.get(type(pa), _gram_from_grads)(pa, pb, named) for pa, pb in zip(pas, pbs)),
                    zero), dxa, dxb
     ga, dxa = per_example_backward(layer, params, cache_a, dy_a)
     gb, dxb = per_example_backward(layer, params, cache_b, dy_b)

@@ -48,6 +48,8 @@ PROTOCOL: dict[str, Name] = {
     "output_child": Name("container", "output_child() -> the child whose output is the container's, or None"),
     "walk_back": Name("container", "walk_back(visit, params, caches, dys) -> (outs, dxs): the backward with a "
                                    "visitor at each leaf layer"),
+    "without_output": Name("container", "without_output() -> the chain without its output child (a loss that "
+                                        "fuses with that child reads the logits before it)"),
     "freezes": Name("container", "True: the children's parameters get no gradient (pn.Frozen)"),
     "chain": Name("container", "True: the children run one after another (pn.Sequential), so second-order "
                                "columns pass through"),

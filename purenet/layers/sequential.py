@@ -91,6 +91,10 @@ class Sequential(Container):
     def join(self, parts: tuple | list) -> PyTree:
         return tuple(parts)
 
+    def without_output(self) -> "Sequential":
+        """The chain without its last layer (a loss fused with that layer reads the logits before it)."""
+        return Sequential(self.layers[:-1], in_shape=self.in_shape)
+
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         """The chain rule in reverse: layer i turns dL/dh_i into its own part and dL/dh_{i-1}."""
         outs = [None] * len(self.layers)

@@ -17,8 +17,11 @@ dL/dx. The kinds, each with the gradient that defines it:
     ScaleShift(scale, shift)       inputs (xhat, g)  y = xhat * s + t on the last axis; ds = sum_pos xhat g, dt = sum_pos g
     Lookup(table)                  inputs (ids, g)   y = E[ids];  dE = sum_pos onehot(ids) g^T
     Convolution(weight, bias)      inputs (cache, g, conv)   a Conv2D's product, by tap (see the class)
+    TiedTable(table)               inputs (ids, g, h, g_out)  a table looked up and read out:
+                                   y = E[ids], logits = h E^T;  dE = sum_pos onehot(ids) g^T + g_out^T h
 
-Arrays have the batch axis first: a (n, ..., d_in), g (n, ..., d_out); "pos"
+A layer whose parameters nest (GPT's ends: {"token": {"E"}, "head": {"W"}})
+names them by path, "token/E" (`flat`). Arrays have the batch axis first: a (n, ..., d_in), g (n, ..., d_out); "pos"
 is every axis between (positions, time steps, pixels). Every parameter of the
 layer enters exactly one product (`check`, which `pn.init` runs), so the rules
 cover the whole gradient. A layer that declares nothing gets the generic
@@ -32,8 +35,8 @@ from jax import lax
 
 from purenet.layers.base import Array, PyTree, wide
 
-__all__ = ["Convolution", "DenseProduct", "KINDS", "conv_weight", "Lookup", "ScaleShift", "batch_grads", "bind", "check", "columns", "declared",
-           "keys_of", "positions_of", "scaled", "split_columns", "tree_of"]
+__all__ = ["Convolution", "DenseProduct", "KINDS", "Lookup", "ScaleShift", "TiedTable", "batch_grads", "bind", "check", "columns",
+           "conv_weight", "declared", "flat", "keys_of", "positions_of", "scaled", "split_columns", "tree_of"]
 
 
 class DenseProduct(NamedTuple):
@@ -80,10 +83,26 @@ class Convolution(NamedTuple):
     conv: Any = None               # the Conv2D that ran (its geometry and formulation)
 
 
-KINDS = (DenseProduct, ScaleShift, Lookup, Convolution)
-# The arrays each kind's inputs fill, in order.
+class TiedTable(NamedTuple):
+    """One table E (rows, d) read two ways (GPT's tied ends): looked up, y = E[ids], and read out,
+    logits = h E^T. Its gradient is the two products' sum:
+
+        dE_i = sum_t onehot(ids_it) g_it^T + sum_s g_out_is^T h_is
+
+    so its norm has a cross term 2 <lookup_i, readout_i> (the rules in `purenet.analysis.per_example`)."""
+
+    table: str
+    ids: Any = None                # (n, T) integers
+    g: Any = None                  # (n, T, d): dL/d(looked-up rows)
+    h: Any = None                  # (n, S, d): the read-out's input
+    g_out: Any = None              # (n, S, rows): dL/dlogits
+
+
+KINDS = (DenseProduct, ScaleShift, Lookup, Convolution, TiedTable)
+# The arrays each kind's inputs fill, in order, and which of them are output gradients (linear in dL/dy).
 _INPUTS = {DenseProduct: ("a", "g"), ScaleShift: ("xhat", "g"), Lookup: ("ids", "g"),
-           Convolution: ("cache", "g", "conv")}
+           Convolution: ("cache", "g", "conv"), TiedTable: ("ids", "g", "h", "g_out")}
+_GRADIENTS = {TiedTable: ("g", "g_out")}
 
 
 def keys_of(product: Any) -> list[str]:
@@ -92,7 +111,7 @@ def keys_of(product: Any) -> list[str]:
         return [*product.weights, *(b for b in product.biases if b is not None)]
     if isinstance(product, ScaleShift):
         return [product.scale] + ([product.shift] if product.shift is not None else [])
-    if isinstance(product, Lookup):
+    if isinstance(product, (Lookup, TiedTable)):
         return [product.table]
     if isinstance(product, Convolution):
         return [product.weight] + ([product.bias] if product.bias is not None else [])
@@ -111,7 +130,7 @@ def check(layer: Any, params: PyTree) -> None:
         raise TypeError(f"{name}.structure needs a dict of parameters, got {type(params).__name__}")
     seen: list[str] = [k for p in layer.structure(params) for k in keys_of(p)]
     twice = sorted({k for k in seen if seen.count(k) > 1})
-    missing, unknown = sorted(set(params) - set(seen)), sorted(set(seen) - set(params))
+    missing, unknown = sorted(set(flat(params)) - set(seen)), sorted(set(seen) - set(flat(params)))
     if twice or missing or unknown:
         raise ValueError(f"{name}.structure must place every parameter in exactly one product: "
                          + "; ".join(f"{what} {keys}" for what, keys in (("in two", twice), ("missing", missing),
@@ -132,6 +151,17 @@ def declared(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[tup
         return None
     inputs, dx = layer.products(params, cache, dy)
     return bind(layer.structure(params), inputs, layer), dx
+
+
+def flat(tree: PyTree) -> dict:
+    """A layer's parameters (or roles) keyed by path, "token/E" for tree["token"]["E"]; a flat dict
+    is returned as it is. The rules read parameters by these keys."""
+    if not any(isinstance(v, dict) for v in tree.values()):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        out.update({f"{k}/{sub}": leaf for sub, leaf in flat(v).items()} if isinstance(v, dict) else {k: v})
+    return out
 
 
 def positions_of(t: Array) -> Array:
@@ -180,6 +210,12 @@ def batch_grads(product: Any, params: PyTree) -> dict[str, Array]:
         from purenet.layers.embedding import scatter_rows  # late: embedding declares its Lookup from here
         table = params[product.table]
         return {product.table: scatter_rows(table.shape[0], product.ids, product.g).astype(table.dtype)}
+    if isinstance(product, TiedTable):
+        from purenet.layers.embedding import scatter_rows
+        table = params[product.table]
+        h2, g2 = jnp.reshape(product.h, (-1, product.h.shape[-1])), jnp.reshape(product.g_out, (-1, table.shape[0]))
+        readout = lax.dot_general(g2, h2, (((0,), (0,)), ((), ())))  # g_out^T h: (rows, d)
+        return {product.table: (scatter_rows(table.shape[0], product.ids, product.g) + readout).astype(table.dtype)}
     if isinstance(product, Convolution):
         w = params[product.weight]
         own = {"W": conv_weight(product, params)} | ({"b": params[product.bias]} if product.bias else {})
@@ -199,13 +235,18 @@ def conv_weight(product: "Convolution", params: PyTree) -> Array:
 def scaled(product: Any, w: Array) -> Any:
     """The product with example i's output gradient rows multiplied by w_i (sum_i w_i g_i is then its
     batch gradient: every gradient above is linear in g)."""
-    g = product.g
-    return product._replace(g=g * jnp.reshape(w, (-1,) + (1,) * (g.ndim - 1)).astype(g.dtype))
+    def times_w(g: Array) -> Array:
+        return g * jnp.reshape(w, (-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+    return product._replace(**{f: times_w(getattr(product, f)) for f in _GRADIENTS.get(type(product), ("g",))})
 
 
 def tree_of(layer_params: PyTree, parts: Sequence[dict]) -> PyTree:
-    """The layer's gradient dict from its products' parts, in the params' own key order."""
+    """The layer's gradient dict from its products' parts (keyed as `flat` keys them), nested and
+    ordered as the layer's params."""
     merged: dict = {}
     for part in parts:
         merged.update(part)
-    return {k: merged[k] for k in layer_params}
+
+    def nest(tree: dict, prefix: str) -> dict:
+        return {k: nest(v, f"{prefix}{k}/") if isinstance(v, dict) else merged[prefix + k] for k, v in tree.items()}
+    return nest(layer_params, "")

@@ -17,18 +17,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from purenet.layers import dense
+from purenet.layers import dense, structure
 from purenet.layers.activations import GELU
 from purenet.layers.attention import MultiHeadAttention
 from purenet.layers.base import Array, Container, Layer, PyTree, Visit, as_shape
 from purenet.layers.traversal import decode, decode_init, walk
 from purenet.layers.compose import Residual
 from purenet.layers.dropout import Dropout
-from purenet.layers.embedding import (Embedding, PositionalEmbedding, check_ids, per_example_scatter,
-                                      scatter_rows, sq_norm_of_scatter)
+from purenet.layers.embedding import Embedding, PositionalEmbedding, check_ids
 from purenet.layers.norm import LayerNorm
 from purenet.layers.sequential import Sequential
 from purenet.layers.softmax import Softmax
+from purenet.layers.structure import DenseProduct, Lookup, TiedTable
 
 __all__ = ["GPT", "TiedEnds", "check_model_sizes", "gpt"]
 
@@ -177,6 +177,8 @@ class GPT(Container):
         return (self.ends, self.body)
 
     def split(self, tree: PyTree) -> tuple:
+        if "ends" in tree:  # a visitor's one value for the ends (the untied head's K-FAC factors)
+            return tree["ends"], tree["body"]
         return {k: tree[k] for k in ("token", "head") if k in tree}, tree["body"]
 
     def parts(self, outs: Any) -> tuple:
@@ -184,8 +186,10 @@ class GPT(Container):
 
     def join(self, parts: tuple | list) -> PyTree:
         ends, body = parts
-        if ends is None:  # a visitor that has nothing for the ends (K-FAC's factors)
+        if ends is None:  # a visitor that has nothing for the ends (the tied table's K-FAC factors)
             ends = {"token": None} if self.tie_embeddings else {"token": None, "head": None}
+        if not isinstance(ends, dict):  # one value for the whole leaf (the untied head's K-FAC factors)
+            return {"ends": ends, "body": body}
         return {"token": ends["token"], "body": body, **({"head": ends["head"]} if "head" in ends else {})}
 
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
@@ -206,8 +210,8 @@ class TiedEnds(Layer):
     projection logits = h M (M = E^T when tied, else the head's W), which may share E.
 
     params {"token": {"E"}} (+ {"head": {"W"}} untied); cache (ids, h); dy = (dL/dh0, dL/dlogits).
-    backward: dE = scatter_add(ids, dL/dh0) + (dL/dlogits)^T h (tied), dW = h^T dL/dlogits (untied).
-    The ids get no gradient.
+    backward: dE = scatter_add(ids, dL/dh0) + (dL/dlogits)^T h (tied), dW = h^T dL/dlogits (untied):
+    the batch gradients of the products it declares (`structure`). The ids get no gradient.
     """
 
     tied: bool
@@ -230,39 +234,24 @@ class TiedEnds(Layer):
                 train: bool = False, key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
         raise TypeError("TiedEnds is a part of GPT's traversal, not a layer to run on its own")
 
+    def structure(self, params: PyTree) -> tuple:
+        """Tied: one TiedTable (E looked up and read out). Untied: a Lookup of E and a dense product
+        h W, so every per-example feature and K-FAC (on the head) come from their rules."""
+        if self.tied:
+            return (TiedTable("token/E"),)
+        return Lookup("token/E"), DenseProduct(("head/W",), (None,))
+
     # dy is the pair (dL/dh0, dL/dlogits): typed Any, as the protocol's dy is an array.
+    def products(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[tuple, None]:
+        (ids, h), (dh0, dlogits) = cache, dy
+        if self.tied:
+            return ((ids, dh0, h, dlogits),), None
+        return ((ids, dh0), (h, dlogits)), None
+
     def backward(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[PyTree, None]:
-        (ids, h), (dh0, dlogits) = cache, dy
-        h2, dy2 = jnp.reshape(h, (-1, h.shape[-1])), jnp.reshape(dlogits, (-1, dlogits.shape[-1]))
-        d_out = lax.dot_general(dy2, h2, (((0,), (0,)), ((), ())))  # dy^T h: (vocab, d)
-        d_lookup = scatter_rows(params["token"]["E"].shape[0], ids, dh0)
-        if self.tied:
-            return {"token": {"E": d_lookup + d_out}}, None
-        return {"token": {"E": d_lookup}, "head": {"W": d_out.T}}, None
-
-    def per_example_backward(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[PyTree, None]:
-        (ids, h), (dh0, dlogits) = cache, dy
-        d_out = jnp.einsum("btv,btd->bvd", dlogits, h)  # (batch, vocab, d)
-        d_lookup = per_example_scatter(params["token"]["E"].shape[0], ids, dh0)
-        if self.tied:
-            return {"token": {"E": d_lookup + d_out}}, None
-        return {"token": {"E": d_lookup}, "head": {"W": jnp.swapaxes(d_out, 1, 2)}}, None
-
-    def per_example_sq_norms(self, params: PyTree, cache: tuple[Array, Array], dy: Any,
-                             l2: Any = 0.0) -> tuple[Array, None]:
-        """||A + B||^2 = ||A||^2 + ||B||^2 + 2 <A, B> (A: the lookup's scatter, B: dy_i^T h_i), so no
-        (batch, vocab, d) tensor is formed. l2 reaches the untied head's W (a weight), not E."""
-        (ids, h), (dh0, dy) = cache, dy
-        lookup_sq = sq_norm_of_scatter(ids, dh0)
-        if not self.tied:
-            return lookup_sq + dense.per_example_sq_norms(h, dy, params["head"]["W"], False, l2), None
-        out_sq = dense.per_example_sq_norms(h, dy, params["token"]["E"].T, False)
-        # <A_i, B_i> = sum_t dh0_t . B_i[ids_t] = sum_{t,s} (dh0_t . h_s) dy[s, ids_t]
-        gram = jnp.einsum("btd,bsd->bts", dh0, h)
-        b, t = ids.shape
-        picked = jnp.take_along_axis(dy, jnp.broadcast_to(ids[:, None, :], (b, dy.shape[1], t)), axis=2)
-        cross = jnp.einsum("bts,bst->b", gram, picked)
-        return lookup_sq + out_sq + 2 * cross, None
+        products, _ = structure.declared(self, params, cache, dy)
+        named = structure.flat(params)
+        return structure.tree_of(params, [structure.batch_grads(p, named) for p in products]), None
 
 
 def gpt(vocab_size: int, context: int, layers: int, heads: int, features: int, dropout: float = 0.0,

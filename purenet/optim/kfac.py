@@ -43,7 +43,9 @@ from jax.scipy.linalg import cho_solve
 
 from purenet._checks import check_hyperparameter
 from purenet.layers.base import KFACBlocks, KFACFactors, LayerLike, kfac_pair
-from purenet.layers.roles import roles as param_roles
+from purenet.layers.roles import layer_roles
+from purenet.layers.traversal import is_container
+from purenet.layers.structure import flat, tree_of
 from purenet.optim.base import Optimizer, Transform, chain
 from purenet.optim.schedules import Schedule
 
@@ -82,13 +84,26 @@ def _precondition(inverse: Any, grads: Any, roles: Any) -> Any:
     layer of several weights (KFACBlocks) each weight with the bias the layer pairs it with."""
     if inverse is None:
         return grads
+    named, roles = flat(grads), flat(roles)  # a layer of nested parameters keys them by path
     if isinstance(inverse, KFACBlocks):
-        out = dict(grads)
+        out = dict(named)
         for key, block in inverse.factors.items():
-            out.update(_precondition_pair(block, grads, *kfac_pair(key)))
-        return out
-    (w,) = [k for k, r in roles.items() if r == "weight"]
-    return {**grads, **_precondition_pair(inverse, grads, w, [k for k, r in roles.items() if r == "bias"])}
+            out.update(_precondition_pair(block, named, *kfac_pair(key)))
+    else:
+        (w,) = [k for k, r in roles.items() if r == "weight"]
+        out = {**named, **_precondition_pair(inverse, named, w, [k for k, r in roles.items() if r == "bias"])}
+    return tree_of(grads, [out])
+
+
+def _precondition_tree(net: Any, inverses: Any, grads: Any, params: Any) -> Any:
+    """Each leaf layer's gradients preconditioned by its inverses, walking the network as the factor
+    tree was built (a container may place a leaf's factors where its params have several keys)."""
+    if not jax.tree_util.tree_leaves(inverses):  # no K-FAC layer below (None, a Frozen subtree, {"token": None})
+        return grads
+    if is_container(net):
+        parts = zip(net.children(), net.split(inverses), net.split(grads), net.split(params))
+        return net.join([_precondition_tree(*part) for part in parts])
+    return _precondition(inverses, grads, layer_roles(net, params))
 
 
 def _precondition_pair(inverse: KFACFactors, grads: Any, w: str, bias: list) -> dict:
@@ -177,9 +192,7 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
             lambda f: jax.tree_util.tree_map(lambda t: None if t is None else _damped_inverses(t, damping),
                                              f, is_leaf=_is_factors),
             lambda f: slot.inverses, running)
-        direction = jax.tree_util.tree_map(_precondition, inverses, grads, param_roles(net, params),
-                                           is_leaf=lambda t: _is_factors(t) or isinstance(t, KFACBlocks))
-        return direction, KFACState(running, inverses)
+        return _precondition_tree(net, inverses, grads, params), KFACState(running, inverses)
 
     return Transform(init=init, update=update, extra_args=("factors",),
                      options={"fisher": fisher, "samples": samples, "factors_every": factors_every})

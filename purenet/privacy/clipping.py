@@ -90,7 +90,8 @@ def sq_norms_and_weighted_sum(layer: Any, params: PyTree, cache: PyTree, dy: PyT
         sq, dx = per_example_sq_norms(layer, params, cache, dy, 0.0)
         return sq, dx, lambda w: layer.backward(params, cache, scale_rows(w, dy))[0]
     products, dx = found
-    parts = [WEIGHTED_SUMS.get(type(p), _by_rescaling)(p, params) for p in products]
+    named = structure.flat(params)
+    parts = [WEIGHTED_SUMS.get(type(p), _by_rescaling)(p, named) for p in products]
     return (sum(sq for sq, _ in parts), dx,
             lambda w: structure.tree_of(params, [weighted(w) for _, weighted in parts]))
 
