@@ -21,17 +21,35 @@ __all__ = ["as_array", "check_finite_rows", "check_float_input", "check_hyperpar
 
 
 def is_concrete(x: Any) -> bool:
-    """True when `x` holds a value we can look at (not a tracer)."""
+    """True when `x` holds a value we can look at (not a tracer).
+
+    Args:
+        x: any value: an array, a Python or NumPy scalar, or a JAX tracer.
+
+    Returns:
+        False for a JAX tracer (inside `jit`, `vmap`, `grad`), True otherwise.
+    """
     return not isinstance(x, jax.core.Tracer)
 
 
 def check_index_range(x: Any, n: int, name: str, what: str = "token id", of: str = "embeddings") -> None:
-    """Raise naming the offending value unless the integers of `x` lie in [0, n) (n ids, or n classes).
+    """Raise naming the offending value unless the integers of `x` lie in [0, n).
 
-    Pass the caller's array as given, before any cast: the values are read
-    on their own dtype, so a numpy int64 2**32 + 1 is refused as itself
-    rather than passed as the 1 that int32 (x64 off) would make of it.
-    Traced values cannot be inspected: inside `jit` they pass unchecked.
+    `n` counts ids (embedding rows) or classes. Pass the caller's array as
+    given, before any cast: the values are read on their own dtype, so a
+    numpy int64 `2**32 + 1` is refused as itself rather than passed as the 1
+    that int32 (x64 off) would make of it. Traced values cannot be
+    inspected: inside `jit` they pass unchecked.
+
+    Args:
+        x: integer ids or labels, any shape; an empty array passes.
+        n: the number of valid values (ids or classes): the range is [0, n).
+        name: what `x` is called in the error message (e.g. "labels").
+        what: what one value of `x` is, for the message ("token id", "label").
+        of: what `n` counts, for the message ("embeddings", "classes").
+
+    Raises:
+        ValueError: if a concrete value of `x` is negative or at least `n`.
     """
     if not is_concrete(x) or not np.size(x):
         return
@@ -42,11 +60,22 @@ def check_index_range(x: Any, n: int, name: str, what: str = "token id", of: str
 
 
 def as_array(x: Any, name: str = "x") -> jax.Array:
-    """jnp.asarray(x), refusing concrete integers that the cast would wrap.
+    """`jnp.asarray(x)`, refusing concrete integers that the cast would wrap.
 
     With x64 off JAX holds integers in 32 bits: a numpy int64 value outside
-    int32's range would wrap silently (2**32 + 1 becomes 1), so it is a
+    int32's range would wrap silently (`2**32 + 1` becomes 1), so it is a
     ValueError naming `name` and the value. Traced values pass unchecked.
+
+    Args:
+        x: an array-like (numpy array, list, scalar, JAX array or tracer).
+        name: what `x` is called in the error message.
+
+    Returns:
+        `x` as a JAX array (JAX arrays and tracers are returned as they are).
+
+    Raises:
+        ValueError: if `x` holds concrete integers outside the range of JAX's
+            integer dtype (int32 while x64 is off).
     """
     if is_concrete(x) and not isinstance(x, jax.Array) and np.size(x):
         values = np.asarray(x)
@@ -68,6 +97,17 @@ def check_float_input(x: Any, name: str = "x", ids: Any = None) -> None:
     ids (an Embedding first, see `purenet.layers.base.id_layer`): then x
     must be integers in [0, ids.num_embeddings) instead (the range is
     checked when x is concrete).
+
+    Args:
+        x: a network input, shape (batch, *in_shape).
+        name: what `x` is called in the error messages.
+        ids: the layer that reads integer ids (it has `num_embeddings`), or
+            None for a network that reads floats.
+
+    Raises:
+        TypeError: if `x` is not floating point (or, with `ids`, not integer).
+        ValueError: if `x` is a scalar or an empty batch, or (with `ids`) a
+            concrete id lies outside [0, ids.num_embeddings).
     """
     dtype = jnp.result_type(x)
     if ids is not None:
@@ -90,7 +130,19 @@ def check_float_input(x: Any, name: str = "x", ids: Any = None) -> None:
 
 
 def check_finite_rows(x: Any, name: str = "x") -> None:
-    """Raise naming the first row of `x` that holds a NaN or infinity."""
+    """Raise naming the first row of `x` that holds a NaN or infinity.
+
+    Use it on data before training: a non-finite input makes every gradient
+    NaN. Traced values (inside `jit`) cannot be inspected and pass unchecked.
+
+    Args:
+        x: a numeric array with a leading batch axis, shape (batch, ...).
+        name: what `x` is called in the error message.
+
+    Raises:
+        ValueError: if a concrete `x` holds a NaN or an infinity; the message
+            names the first such row and how many rows are bad.
+    """
     if not is_concrete(x):
         return
     bad = ~np.isfinite(np.asarray(x)).reshape(np.shape(x)[0], -1).all(axis=1)
@@ -108,7 +160,19 @@ def check_hyperparameter(name: str, value: Any, low: float | None = None, high: 
 
     The accepted interval is [low, high) by default; `low_open` and
     `high_open` choose open or closed ends. A missing bound is an open
-    infinite end: values must be finite. Traced values pass unchecked.
+    infinite end: values must be finite. Traced values pass unchecked, and
+    so do None, callables (schedules) and arrays of rank >= 1.
+
+    Args:
+        name: the hyperparameter's name, for the error message.
+        value: its value.
+        low: the lower bound, or None for none (-inf, open).
+        high: the upper bound, or None for none (+inf, open).
+        low_open: True to exclude `low` itself.
+        high_open: True (the default) to exclude `high` itself.
+
+    Raises:
+        ValueError: if a concrete scalar `value` is NaN or outside the interval.
     """
     if value is None or callable(value) or not is_concrete(value):
         return

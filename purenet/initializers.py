@@ -1,5 +1,8 @@
 """Weight initializers, drawn exactly as `jax.nn.initializers` of the same name.
 
+(Except "normal": here N(0, 1), where JAX's `normal()` defaults to a
+standard deviation of 0.01.)
+
 For a weight of shape (fan_in, fan_out) and a scale s, variance scaling draws
 with variance  s / fan,  where fan is fan_in or (fan_in + fan_out) / 2. A
 convolution kernel (kh, kw, in, out) has a receptive field of kh kw inputs
@@ -102,7 +105,20 @@ INITIALIZERS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] 
 
 
 def get(name: str) -> Callable[[jax.Array, tuple[int, ...], Any], jax.Array]:
-    """The initializer `(key, shape, dtype) -> array` called `name`."""
+    """The initializer `(key, shape, dtype) -> array` called `name`.
+
+    Args:
+        name: a key of `INITIALIZERS`: "xavier_uniform", "xavier_normal",
+            "he_normal", "he_uniform", "lecun_normal", "normal" or "zeros".
+
+    Returns:
+        The function `init(key, shape, dtype)` that draws an array of that
+            shape and dtype. The variance-scaling ones need a shape of rank >= 2
+            (fan_in, fan_out last) and raise a ValueError otherwise.
+
+    Raises:
+        ValueError: if `name` names no initializer.
+    """
     try:
         return INITIALIZERS[name]
     except KeyError:
@@ -112,5 +128,9 @@ def get(name: str) -> Callable[[jax.Array, tuple[int, ...], Any], jax.Array]:
 
 
 def default_float() -> np.dtype:
-    """JAX's default float dtype: float64 under jax_enable_x64, else float32."""
+    """JAX's default float dtype: float64 under jax_enable_x64, else float32.
+
+    Returns:
+        The dtype `jnp.float64` canonicalises to (a NumPy dtype).
+    """
     return jax.dtypes.canonicalize_dtype(jnp.float64)

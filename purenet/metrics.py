@@ -15,7 +15,26 @@ __all__ = ["accuracy", "confusion_matrix", "per_class_accuracy", "predict", "pre
 
 
 def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size: int = 1024) -> Array:
-    """The network's outputs on x (evaluation mode), `batch_size` rows at a time."""
+    """The network's outputs on x (evaluation mode), `batch_size` rows at a time.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (read in evaluation mode, never updated).
+        x: inputs (n, *in_shape): floats, or integer ids for a network that
+            starts with an embedding.
+        batch_size: rows per forward pass (default 1024); larger inputs run
+            in chunks of this size under `lax.map`.
+
+    Returns:
+        The outputs (n, *out_shape), as `pn.forward` with train=False gives them.
+
+    Raises:
+        TypeError: if `x` is not floating point (integer for a network that
+            reads ids).
+        ValueError: if `x` has no batch axis or an empty one, an id lies
+            outside the vocabulary, or a layer refuses the input.
+    """
     check_float_input(x, ids=id_layer(net))
     n = x.shape[0]
     if n <= batch_size:  # one chunk: no loop, no padding
@@ -32,10 +51,32 @@ def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size:
 
 
 def predicted_classes(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size: int = 1024) -> Array:
-    """The most probable class of each row: argmax of the outputs, or for a
-    single output unit, class 1 when p > 1/2. A final Softmax or Sigmoid is
-    monotone, so it is skipped and the logits decide (argmax z, or z > 0):
-    the same classes without the exponentials, and no ties from rounding."""
+    """The most probable class of each row.
+
+    The argmax of the outputs, or for a single output unit, class 1 when
+    p > 1/2. A final Softmax or Sigmoid is monotone, so it is skipped and
+    the logits decide (argmax z, or z > 0): the same classes without the
+    exponentials, and no ties from rounding.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (read in evaluation mode, never updated).
+        x: inputs (n, *in_shape): floats, or integer ids for a network that
+            starts with an embedding.
+        batch_size: rows per forward pass (default 1024); larger inputs run
+            in chunks of this size under `lax.map`.
+
+    Returns:
+        Integer classes: (n,) for outputs (n, k); (n, T) for sequence outputs
+            (n, T, k).
+
+    Raises:
+        TypeError: if `x` is not floating point (integer for a network that
+            reads ids).
+        ValueError: if `x` has no batch axis or an empty one, an id lies
+            outside the vocabulary, or a layer refuses the input.
+    """
     head = output_head(net)
     if head is not None and head is not net:  # the logits decide: the Sequential without its last layer
         seq = cast(Sequential, net)
@@ -56,7 +97,29 @@ def classes_of(out: Array, head: Any = None) -> Array:
 
 
 def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, batch_size: int = 1024) -> Array:
-    """Fraction of rows whose most probable class is the label (labels or distributions)."""
+    """Fraction of rows whose most probable class is the label (labels or distributions).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (read in evaluation mode, never updated).
+        x: inputs (n, *in_shape): floats, or integer ids for a network that
+            starts with an embedding.
+        y: the labels: integer classes (n,), distributions over the classes
+            (n, k) (their argmax is the label), or one unit's targets (n, 1)
+            (class 1 where the target is above 1/2).
+        batch_size: rows per forward pass (default 1024); larger inputs run
+            in chunks of this size under `lax.map`.
+
+    Returns:
+        The accuracy, a float scalar in [0, 1].
+
+    Raises:
+        TypeError: if `x` is not floating point (integer for a network that
+            reads ids).
+        ValueError: if `x` has no batch axis or an empty one, an id lies
+            outside the vocabulary, or a layer refuses the input.
+    """
     return jnp.mean(predicted_classes(net, params, state, x, batch_size) == labels_of(y))
 
 
@@ -71,12 +134,47 @@ def labels_of(y: Any) -> Array:
 
 def confusion_matrix(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, num_classes: int,
                      batch_size: int = 1024) -> Array:
-    """C[i, j] = number of examples of class i predicted as class j."""
+    """The confusion matrix: C[i, j] = number of examples of class i predicted as class j.
+
+    Labels or predictions outside [0, num_classes) are not counted (the
+    scatter drops them).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (read in evaluation mode, never updated).
+        x: inputs (n, *in_shape): floats, or integer ids for a network that
+            starts with an embedding.
+        y: the labels: integer classes (n,), distributions over the classes
+            (n, k) (their argmax is the label), or one unit's targets (n, 1)
+            (class 1 where the target is above 1/2).
+        num_classes: k, the number of classes (the matrix is k x k).
+        batch_size: rows per forward pass (default 1024); larger inputs run
+            in chunks of this size under `lax.map`.
+
+    Returns:
+        C, int32 (num_classes, num_classes): rows are true classes, columns
+            predicted ones.
+
+    Raises:
+        TypeError: if `x` is not floating point (integer for a network that
+            reads ids).
+        ValueError: if `x` has no batch axis or an empty one, an id lies
+            outside the vocabulary, or a layer refuses the input.
+    """
     pred = predicted_classes(net, params, state, x, batch_size)
     return jnp.zeros((num_classes, num_classes), jnp.int32).at[labels_of(y), pred].add(1)
 
 
 def per_class_accuracy(confusion: Array) -> Array:
-    """Recall of each class from a confusion matrix (NaN for a class with no examples)."""
+    """Recall of each class from a confusion matrix (NaN for a class with no examples).
+
+    Args:
+        confusion: C (k, k) from `confusion_matrix`, rows the true classes.
+
+    Returns:
+        (k,) floats: C[i, i] / sum_j C[i, j] for each class i, NaN where the
+            row sums to zero.
+    """
     totals = jnp.sum(confusion, axis=1)
     return jnp.diagonal(confusion) / jnp.where(totals == 0, jnp.nan, totals)

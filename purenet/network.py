@@ -99,6 +99,27 @@ def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
     (`purenet.layers.protocol.check_names`); a layer whose declared
     structure leaves out a parameter or places one twice is a ValueError
     (`purenet.layers.structure.check`).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        key: the PRNG key every initial weight is drawn from.
+        in_shape: one example's shape, without the batch axis (an int n means
+            (n,)); None when `in_dim` is given or the network knows its shape.
+        dtype: the parameters' floating dtype; None for JAX's default float.
+        in_dim: an alias of `in_shape` for a width (keyword only).
+
+    Returns:
+        (params, state): the parameters, a pytree (tuples for containers,
+            dicts of arrays for layers), and the state (BatchNorm's running
+            statistics; empty for most layers), each shaped like the network.
+
+    Raises:
+        ValueError: if no input shape is given or known, a layer refuses the
+            shape (its message names the layer), or a layer's declared
+            structure misplaces a parameter.
+        AttributeError: if a layer defines a misspelt optional protocol name.
+        TypeError: if the shape is not an int or a tuple of ints, or a layer
+            declares a structure without `products`.
     """
     check_names(net)
     if in_shape is None:
@@ -115,7 +136,31 @@ def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
 
 def forward(net: Any, params: PyTree, state: PyTree, x: jax.Array, train: bool = False,
             key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
-    """The network's output: returns (y, state); state changes only in training."""
+    """The network's output: returns (y, state); state changes only in training.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, as `pn.init` returns them.
+        state: its state (BatchNorm's running statistics; empty tuples and
+            dicts for most layers).
+        x: inputs (batch, *in_shape): floats, or integer token ids (batch, T)
+            for a network that starts with an embedding.
+        train: True for training mode (Dropout drops, BatchNorm uses and
+            updates the batch statistics); False (the default) to evaluate.
+        key: a PRNG key, needed in training by layers that draw (Dropout).
+
+    Returns:
+        (y, state): the output (batch, *out_shape) (probabilities after a
+            final Softmax, logits for a `pn.GPT` or `pn.llama`) and the new state
+            (the given one in evaluation).
+
+    Raises:
+        TypeError: if `x` is not floating point (integer for a network that
+            reads ids).
+        ValueError: if `x` has no batch axis or an empty one, an id lies
+            outside the vocabulary (checked when concrete), or a layer
+            refuses the input (its message names the layer).
+    """
     check_float_input(x, ids=id_layer(net))
     y, state, _ = net.forward(params, state, x, train=train, key=key)
     return y, state
@@ -199,6 +244,38 @@ def loss(net: Any, params: PyTree, state: PyTree, x: jax.Array, y: Any, loss: An
     """The loss of the network on (x, y) plus l2/2 sum W^2: returns (value, state).
 
     Plain JAX and differentiable: its autodiff gradient is the reference.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, as `pn.init` returns them.
+        state: its state (BatchNorm's running statistics; empty tuples and
+            dicts for most layers).
+        x: inputs (batch, *in_shape): floats, or integer token ids (batch, T)
+            for a network that starts with an embedding.
+        y: targets: for cross-entropy, integer labels of the output's shape
+            without its last axis ((batch,), or (batch, T) for a sequence) or
+            distributions of the output's shape; for mse and binary
+            cross-entropy, the output's exact shape (a `pn.Loss` declares its own).
+        loss: a loss name ("cross_entropy", the default, "mse",
+            "binary_cross_entropy", "softmax_cross_entropy",
+            "sigmoid_binary_cross_entropy") or a `pn.Loss`.
+        l2: the coefficient of the penalty l2/2 sum W^2 over the parameters
+            whose role is "weight" (default 0: no penalty).
+        train: True for training mode (Dropout drops, BatchNorm uses and
+            updates the batch statistics); False (the default) to evaluate.
+        key: a PRNG key, needed in training by layers that draw (Dropout).
+
+    Returns:
+        (value, state): the scalar loss (the mean over the batch, plus the l2
+            penalty) and the new state.
+
+    Raises:
+        TypeError: if `x` is not floating point (integer for a network that
+            reads ids), or cross-entropy labels are not integers.
+        ValueError: if `x` has no batch axis or an empty one, an id or label
+            lies outside its range (checked when concrete), `loss` is an
+            unknown name, the targets' shape does not fit the output, or a
+            layer refuses the input (its message names the layer).
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     return p.loss_fn.value(p.out, y) + l2_terms(net, params, l2)[0], p.state
@@ -210,6 +287,39 @@ def value_and_grad(net: Any, params: PyTree, state: PyTree, x: jax.Array, y: Any
     """The loss and its gradient by the handwritten backward: returns (value, grads, state).
 
     grads has the structure of params; no autodiff is involved.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, as `pn.init` returns them.
+        state: its state (BatchNorm's running statistics; empty tuples and
+            dicts for most layers).
+        x: inputs (batch, *in_shape): floats, or integer token ids (batch, T)
+            for a network that starts with an embedding.
+        y: targets: for cross-entropy, integer labels of the output's shape
+            without its last axis ((batch,), or (batch, T) for a sequence) or
+            distributions of the output's shape; for mse and binary
+            cross-entropy, the output's exact shape (a `pn.Loss` declares its own).
+        loss: a loss name ("cross_entropy", the default, "mse",
+            "binary_cross_entropy", "softmax_cross_entropy",
+            "sigmoid_binary_cross_entropy") or a `pn.Loss`.
+        l2: the coefficient of the penalty l2/2 sum W^2 over the parameters
+            whose role is "weight" (default 0: no penalty).
+        train: True for training mode (Dropout drops, BatchNorm uses and
+            updates the batch statistics); False (the default) to evaluate.
+        key: a PRNG key, needed in training by layers that draw (Dropout).
+
+    Returns:
+        (value, grads, state): the scalar loss (as `pn.loss` gives it), its
+            gradient with respect to params (params' structure, l2 W included)
+            and the new state.
+
+    Raises:
+        TypeError: if `x` is not floating point (integer for a network that
+            reads ids), or cross-entropy labels are not integers.
+        ValueError: if `x` has no batch axis or an empty one, an id or label
+            lies outside its range (checked when concrete), `loss` is an
+            unknown name, the targets' shape does not fit the output, or a
+            layer refuses the input (its message names the layer).
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     value, grads = add_l2(net, params, l2, p.loss_fn.value(p.out, y), backward_pass(p, net, y))
@@ -225,6 +335,34 @@ def input_grad(net: Any, params: PyTree, state: PyTree, x: jax.Array, y: Any, lo
     on x). Has x's shape; the basis of input attacks (FGSM, PGD) and saliency.
     A network that reads integer ids (an Embedding first) has no input
     gradient: that is an error.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, as `pn.init` returns them.
+        state: its state (BatchNorm's running statistics; empty tuples and
+            dicts for most layers).
+        x: float inputs (batch, *in_shape).
+        y: targets: for cross-entropy, integer labels of the output's shape
+            without its last axis ((batch,), or (batch, T) for a sequence) or
+            distributions of the output's shape; for mse and binary
+            cross-entropy, the output's exact shape (a `pn.Loss` declares its own).
+        loss: a loss name ("cross_entropy", the default, "mse",
+            "binary_cross_entropy", "softmax_cross_entropy",
+            "sigmoid_binary_cross_entropy") or a `pn.Loss`.
+        train: True for training mode (Dropout drops, BatchNorm uses and
+            updates the batch statistics); False (the default) to evaluate.
+        key: a PRNG key, needed in training by layers that draw (Dropout).
+
+    Returns:
+        dL/dx, x's shape (batch, *in_shape): the gradient of the batch's mean
+            loss with respect to each input.
+
+    Raises:
+        ValueError: if the network reads integer ids, `x` has no batch axis or
+            an empty one, `loss` is an unknown name, the targets' shape does
+            not fit the output, or a layer refuses the input.
+        TypeError: if `x` is not floating point, or cross-entropy labels are
+            not integers.
     """
     if id_layer(net) is not None:
         raise ValueError(f"input_grad: {type(id_layer(net)).__name__} reads integer ids, which have no gradient; "

@@ -90,7 +90,14 @@ class ReLU(Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class LeakyReLU(Elementwise):
-    """h = a if a >= 0 else s a,  h' = 1 if a >= 0 else s (so leaky_relu'(0) = 1)."""
+    """h = a if a >= 0 else s a,  h' = 1 if a >= 0 else s (so leaky_relu'(0) = 1).
+
+    Args:
+        negative_slope: s, the slope below zero (default 0.01, as PyTorch and `jax.nn`).
+
+    Raises:
+        ValueError: if `negative_slope` is NaN or infinite.
+    """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
     negative_slope: float = 0.01
@@ -133,13 +140,17 @@ class GELU(Elementwise):
     h' = c + a/2 (1 - t^2) k (1 + 3 * 0.044715 a^2).
 
     Phi is written through erf, as PyTorch writes it, not through erfc as
-    `jax.nn.gelu` does: erf is faster on XLA:CPU (measured in
-    benchmarks/README.md, "GPT train step"), and in a compiled step XLA
+    `jax.nn.gelu` does: erf is the faster of the two on XLA:CPU
+    (benchmarks/README.md, section "GPT train step"), and in a compiled step XLA
     shares the forward's erf(a/sqrt 2) with the backward (one
     activation-sized buffer kept; erfc's form kept three). The two agree to
     float rounding except in the far negative tail: below a ~ -5.4, where
     Phi(a) < 3e-8, 1 + erf rounds to 0 in float32 (erfc keeps the tiny
     values).
+
+    Args:
+        approximate: False (the default) for the exact erf form, True for the
+            tanh form (GPT-2's "gelu_new", PyTorch's approximate="tanh").
     """
 
     approximate: bool = False
@@ -197,9 +208,15 @@ class SiLU(Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class ELU(Elementwise):
-    """Exponential linear unit (Clevert et al., 2015):
+    """Exponential linear unit (Clevert et al., 2015).
 
         h = a if a > 0 else alpha (e^a - 1),   h' = 1 if a > 0 else alpha e^a.
+
+    Args:
+        alpha: the scale of the negative side, which tends to -alpha (default 1.0).
+
+    Raises:
+        ValueError: if `alpha` is NaN or infinite.
     """
 
     alpha: float = 1.0

@@ -39,23 +39,49 @@ _BLOCKWISE_FROM = {"cpu": 1024, "gpu": 1024, "tpu": 1024}
 
 
 def rope_angles(positions: Array, dh: int, dtype: Any) -> tuple[Array, Array]:
-    """(cos, sin) of the angles pos * 10000^(-2j/dh), j < dh/2: each (len(positions), dh/2)."""
+    """The rotary angles' cosines and sines, `pos * 10000^(-2j/dh)` for j < dh/2.
+
+    Args:
+        positions: the positions, shape (T,) (integers or floats).
+        dh: the head width (even).
+        dtype: the dtype of the result (the angles are computed in at least float32).
+
+    Returns:
+        (cos, sin): each of shape (T, dh/2) and dtype `dtype`.
+    """
     j = jnp.arange(dh // 2, dtype=jnp.promote_types(dtype, jnp.float32))
     angle = jnp.asarray(positions, j.dtype)[:, None] * (10000.0 ** (-2.0 * j / dh))[None, :]
     return jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
 
 
 def rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate-half RoPE (Su et al. 2021) on the last axis, positions on the one before it:
+    """Rotate-half RoPE (Su et al. 2021) on the last axis, positions on the one before it.
 
         y_j = x_j cos - x_{j+dh/2} sin,   y_{j+dh/2} = x_{j+dh/2} cos + x_j sin     (j < dh/2)
+
+    Args:
+        x: queries or keys, shape (..., T, dh) with dh even.
+        cos: the angles' cosines from `rope_angles`, shape (T, dh/2).
+        sin: the angles' sines from `rope_angles`, shape (T, dh/2).
+
+    Returns:
+        The rotated x, x's shape.
     """
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def rope_backward(dy: Array, cos: Array, sin: Array) -> Array:
-    """The transpose of `rope` (a rotation): rotate dy back by the same angles."""
+    """The transpose of `rope` (a rotation): rotate dy back by the same angles.
+
+    Args:
+        dy: the gradient with respect to `rope`'s output, shape (..., T, dh).
+        cos: the cosines `rope` used, shape (T, dh/2).
+        sin: the sines `rope` used, shape (T, dh/2).
+
+    Returns:
+        The gradient with respect to `rope`'s input, dy's shape.
+    """
     d1, d2 = jnp.split(dy, 2, axis=-1)
     return jnp.concatenate([d1 * cos + d2 * sin, d2 * cos - d1 * sin], axis=-1)
 
@@ -84,12 +110,12 @@ class MultiHeadAttention(Layer):
     implementation: "dense" keeps P (batch, h, T, T) for the backward;
     "blockwise" keeps only the outputs and each query's log-sum-exp and
     recomputes P block by block in the backward (`attention_kernels`:
-    memory linear in T); "auto" runs blockwise from T >= 1024 (on 2 CPU
-    cores dense is faster up to T = 512 and blockwise faster from 1,024:
-    measured in benchmarks/README.md, "Long sequences: blockwise attention
-    and the KV cache"; the GPU and TPU thresholds are not measured yet).
-    block_size: the
-    blockwise form's block (default `attention_kernels.default_block`).
+    memory linear in T); "auto" runs blockwise from T >= 1024, the length
+    from which the blockwise form is the faster one on the CPU
+    (benchmarks/README.md, section "Long sequences: blockwise attention and
+    the KV cache"; GPUs and TPUs use the same threshold, not measured there
+    yet). block_size: the blockwise form's block (default
+    `attention_kernels.default_block`).
 
     Backward, for dy = dL/dy, per head (P the probabilities, q already divided by sqrt(dh)):
 
@@ -117,6 +143,31 @@ class MultiHeadAttention(Layer):
     Decoding (`pn.generate(cache=True)`): `decode_init` makes a key/value
     cache of kv heads only, (batch, hk, length, dh) each, and `decode` runs one
     position against it.
+
+    Args:
+        num_heads: h, the number of query heads; the width d of the input
+            must be a multiple of it (head width dh = d / h).
+        causal: True to let position t attend only to positions s <= t.
+        use_bias: True to give the four projections biases (bq, bk, bv, bo).
+        num_kv_heads: hk, the key/value heads (grouped-query attention); it
+            must divide `num_heads`. None (the default) means `num_heads`;
+            1 is multi-query attention.
+        rope: True to rotate each head's queries and keys by their position
+            (rotary embeddings; the head width must be even).
+        implementation: "auto" (the default), "dense" or "blockwise": how the
+            core softmax(q k^T) v and its backward are computed (see above).
+        init: the name of the weights' initializer (`purenet.initializers`),
+            default "xavier_uniform".
+        block_size: the blockwise form's block length (keyword only); None
+            for `attention_kernels.default_block`.
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `num_heads`, `num_kv_heads` or `block_size` is not a
+            positive integer, `num_heads` is not a multiple of
+            `num_kv_heads`, `implementation` is unknown, or `init` names no
+            initializer.
     """
 
     num_heads: int

@@ -112,22 +112,42 @@ def as_shape(shape: Any, what: str = "in_shape") -> tuple[int, ...]:
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class Static:
-    """A hashable value carried in a cache as static data (no array leaves): a size, a flag."""
+    """A hashable value carried in a cache as static data (no array leaves): a size, a flag.
+
+    Registered as a pytree with no leaves, so `jit`, `vmap` and `tree_map`
+    pass it through as part of the tree's structure.
+
+    Args:
+        value: the value (hashable: an int, a tuple of ints, a string, a bool).
+    """
 
     value: Any
 
 
 class KFACFactors(NamedTuple):
-    """K-FAC's Kronecker factors of one layer: F_W ~ A (x) G (see `pn.stats.kfac_factors`)."""
+    """K-FAC's Kronecker factors of one layer: F_W ~ A (x) G (see `pn.stats.kfac_factors`).
 
-    A: Array  # (in + bias, in + bias): E over examples and positions of a a^T, a = [h, 1]
-    G: Array  # (out, out): E over examples of sum over positions of dy dy^T
+    Attributes:
+        A: the input factor, (in + 1, in + 1) with a bias, else (in, in): the
+            mean over examples and positions of `a a^T`, a = [h, 1].
+        G: the output-gradient factor, (out, out): the mean over examples of
+            the sum over positions of `dy dy^T`.
+    """
+
+    A: Array
+    G: Array
 
 
 class KFACBlocks(NamedTuple):
-    """K-FAC's factors of a layer with several weight matrices (attention's Wq, Wk, Wv, Wo):
+    """K-FAC's factors of a layer with several weight matrices (attention's Wq, Wk, Wv, Wo).
+
     factors[key] = KFACFactors(A, G), keyed "W" for a weight without a bias or "W|b" for weight W
-    with its bias b: the layer declares the pairing (`kfac_key`), the preconditioner reads it."""
+    with its bias b: the layer declares the pairing (`kfac_key`), the preconditioner reads it.
+
+    Attributes:
+        factors: {key: KFACFactors} with one entry per weight matrix, keyed as
+            `kfac_key(weight, bias)` gives ("Wo", or "Wq|bq" with a bias).
+    """
 
     factors: dict
 

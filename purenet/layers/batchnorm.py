@@ -48,6 +48,16 @@ class BatchNorm(Layer):
     (the mean term is the path through mu; the xhat term, through var).
     In evaluation the statistics are constants: dL/dx = s dL/dxhat.
     A training batch of one example has no variance and is an error.
+
+    Args:
+        momentum: the running statistics' decay, in [0, 1] (default 0.9): the
+            weight of the old value. PyTorch's `momentum` is 1 minus this.
+        eps: added to the variance before the square root, > 0 (default 1e-5).
+
+    Raises:
+        ValueError: if `momentum` is outside [0, 1] or `eps` is not a positive
+            finite number (and, in `forward` with train=True, for a batch of
+            fewer than 2 values per feature).
     """
 
     momentum: float = 0.9

@@ -41,7 +41,12 @@ class Residual(Wrapper):
 
         dL/dparams = block's dL/dparams,   dL/dx = dy + block's dL/dx.
 
-    The block must keep the shape of its input.
+    The block must keep the shape of its input (`init` raises a ValueError
+    naming both shapes otherwise).
+
+    Args:
+        block: the layer or container on the residual branch; its output
+            shape must equal its input shape.
     """
 
     block: LayerLike
@@ -85,6 +90,16 @@ class Parallel(Container):
     axis for concat, all of dy for sum), and x fans out to every branch, so
     its gradient is the sum over the branches (the chain rule summed over
     every path):  dL/dx = sum_i b_i's dL/dx.
+
+    Args:
+        branches: the branch layers (any iterable, stored as a tuple), at
+            least one; each reads the same x.
+        merge: "concat" (the default) or "sum".
+
+    Raises:
+        ValueError: if there are no branches or `merge` is neither "concat"
+            nor "sum" (and, at `init`, if the branch outputs' shapes do not
+            fit the merge).
     """
 
     branches: tuple
@@ -187,14 +202,18 @@ class Flatten(ParameterFree):
 
 @dataclasses.dataclass(frozen=True)
 class Frozen(Wrapper):
-    """`block` with its parameters held fixed: the same forward, and a backward that
-    passes dL/dx through but returns zero parameter gradients.
+    """`block` with its parameters held fixed.
 
-    No parameter gradient is computed at all: under jit, XLA drops the
-    block's dL/dW products, whose results nothing uses (a frozen Dense costs
-    one matrix product in the backward instead of two). params and state are
+    The same forward, and a backward that passes dL/dx through but returns
+    zero parameter gradients. No parameter gradient is computed at all:
+    under jit, XLA drops the block's dL/dW products, whose results nothing
+    uses (a frozen Dense costs one matrix product in the backward instead of
+    two). params and state are
     the block's own, so a checkpoint of the unfrozen network loads as is.
     Pair with `pn.optim.masked` when weight decay must not move them either.
+
+    Args:
+        block: the layer or container whose parameters stay fixed.
     """
 
     block: LayerLike
@@ -226,8 +245,10 @@ class _RematCache:
 
 @dataclasses.dataclass(frozen=True)
 class Remat(Wrapper):
-    """`block` rematerialised: the forward keeps only its input, and the backward
-    runs the block's forward again (same params, state and key, so dropout masks
+    """`block` rematerialised: its activations are recomputed in the backward instead of kept.
+
+    The forward keeps only the block's input, and the backward runs the
+    block's forward again (same params, state and key, so dropout masks
     agree) to rebuild the cache it needs, then the block's backward.
 
     Memory for time: the activations inside the block are not held between
@@ -237,8 +258,12 @@ class Remat(Wrapper):
     would keep the activations alive again) on any backend: XLA:CPU removes
     barriers, and there `jax.checkpoint` saves nothing. Gradients are
     exactly the plain block's. The compiled step's temporary memory drops,
-    where `jax.checkpoint` of the same blocks raises it (measured in
-    benchmarks/README.md, "Measurements behind choices in the source").
+    where `jax.checkpoint` of the same blocks raises it (benchmarks/README.md,
+    section "Measurements behind choices in the source").
+
+    Args:
+        block: the layer or container to rematerialise (typically one
+            transformer or residual block).
     """
 
     block: LayerLike

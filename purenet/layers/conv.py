@@ -51,7 +51,7 @@ class Conv2D(Layer):
     when use_bias=False); fans for the initializer count the receptive field.
 
         y[n, p, q, f] = b[f] + sum_{i, j, c} x_pad[n, p sh + i dh, q sw + j dw, c] W[i, j, c, f]
-                      = (P W2)[n, p, q, f]          (P: the patches, see the module docstring)
+                      = (P W2)[n, p, q, f]          (P: the patches, see `purenet.layers.windows`)
 
     Backward, for dL/dy = g:
 
@@ -67,10 +67,30 @@ class Conv2D(Layer):
     (the products above on explicit patches). "auto" (the default) picks
     per backend what measured fastest (benchmarks/cnn.py): xla, except on
     the CPU for inputs of at most 3 channels, where im2col's patches are
-    small and XLA's convolution of few channels slow (measured in
-    benchmarks/README.md, "CNN train step"). Autodiff's layouts for the two
+    small and XLA's convolution of few channels slow (benchmarks/README.md,
+    section "CNN train step"). Autodiff's layouts for the two
     transposes run far slower inside a `lax.scan` on XLA:CPU; spelled in
     the forward's layout they do not, so a scanned epoch keeps the step's speed.
+
+    Args:
+        features: F, the output channels (a positive int).
+        kernel_size: (kh, kw), or an int k for (k, k).
+        strides: (sh, sw), or an int for both (default 1).
+        padding: "SAME" (the default: Ho = ceil(H / sh)), "VALID", an int p
+            for ((p, p), (p, p)), or explicit ((lo, hi), (lo, hi)).
+        dilation: (dh, dw), the kernel's dilation, or an int for both (default 1).
+        init: the name of W's initializer (`purenet.initializers`), default
+            "he_normal"; the bias starts at zero.
+        use_bias: True (the default) to add a bias b (features,).
+        implementation: "auto" (the default), "xla" or "im2col" (see above).
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `features` is not a positive int, `kernel_size`,
+            `strides`, `dilation` or `padding` is malformed, `init` names no
+            initializer, or `implementation` is unknown (and, at `init` or
+            `forward`, if the kernel does not fit the padded input).
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
@@ -301,6 +321,26 @@ class Conv1D(Layer):
     XLA's NHWC transposes), both formulations and their per-backend choice
     ("auto"), the per-example taps and ghost norms and K-FAC's factors are
     Conv2D's (see its docstring), with W reshaped on the way in and out.
+
+    Args:
+        features: F, the output channels (a positive int).
+        kernel_size: k, the kernel's length (a positive int).
+        strides: s, the stride (a positive int, default 1).
+        padding: "SAME" (the default), "VALID", "CAUSAL", a non-negative int p
+            for (p, p), or (lo, hi).
+        dilation: d, the kernel's dilation (a positive int, default 1).
+        init: the name of W's initializer (`purenet.initializers`), default
+            "he_normal"; the bias starts at zero.
+        use_bias: True (the default) to add a bias b (features,).
+        implementation: "auto" (the default), "xla" or "im2col", as Conv2D's.
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `features`, `kernel_size`, `strides` or `dilation` is
+            not a positive int, `padding` is malformed, `init` names no
+            initializer, or `implementation` is unknown (and, at `init` or
+            `forward`, if the kernel does not fit the padded input).
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 

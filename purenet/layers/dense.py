@@ -17,7 +17,9 @@ __all__ = ["Dense", "kfac_factors", "per_example_gram", "per_example_sq", "per_e
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Dense(Layer):
-    """Pre-activation  a = h W + b  for a batch of rows h (the lecture's a = W h + b, transposed).
+    """Fully connected layer: the pre-activation  a = h W + b  for a batch of rows h.
+
+    The lecture's a = W h + b, transposed.
 
     Acts on the last axis: an input (batch, ..., in) gives (batch, ..., features),
     the same W at every position.
@@ -28,9 +30,23 @@ class Dense(Layer):
     either name, so the repr is a constructor call and dataclasses.replace works.
 
     Backward, for dL/da = dy:
+
         dL/dW = h^T dy        (summed over the batch and every position)
         dL/db = sum_batch dy
         dL/dh = dy W^T
+
+    Args:
+        features: the output width (a positive int).
+        init: the name of W's initializer (`purenet.initializers`), default
+            "he_normal".
+        use_bias: True (the default) to add a bias b (features,).
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `features` is not a positive int or `init` names no
+            initializer (and, in `forward`, if x's last axis is not W's input
+            width).
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
@@ -143,10 +159,10 @@ def per_example_sq_norms(x: Array, dy: Array, W: Array, use_bias: bool, l2: Any 
 
 
 def per_example_sq(x: Array, dy: Array, use_bias: bool) -> dict[str, Array]:
-    """{"W": sum_i dW_i**2, "b": sum_i db_i**2} (elementwise squares) for y = x W + b.
+    """`{"W": sum_i dW_i**2, "b": sum_i db_i**2}` (elementwise squares) for y = x W + b.
 
-    Rows: dW_i = h_i dy_i^T, so dW_i**2 = (h_i**2)(dy_i**2)^T and the sum over
-    examples is one matmul, (h**2)^T (dy**2): no dW_i is formed.
+    Rows: `dW_i = h_i dy_i^T`, so `dW_i**2 = (h_i**2)(dy_i**2)^T` and the sum over
+    examples is one matmul, `(h**2)^T (dy**2)`: no dW_i is formed.
     T positions: dW_i[a, b] = sum_t h_ta dy_tb, so
 
         dW_i[a, b]**2 = sum_{t,t'} (h_ta h_t'a) (dy_tb dy_t'b),

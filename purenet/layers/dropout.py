@@ -23,6 +23,15 @@ class Dropout:
     probability of *dropping* (stax had it backwards: jax#849). Training needs
     an explicit `key`; each Dropout layer in a Sequential draws from its own
     key (folded in by position), so masks are independent across layers.
+
+    Args:
+        rate: the probability of dropping a unit, in [0, 1); 0 makes the
+            layer the identity.
+
+    Raises:
+        ValueError: if a concrete `rate` is NaN or outside [0, 1) (and, in
+            `forward` with train=True, if no `key` is given while the rate
+            is not a concrete 0).
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 

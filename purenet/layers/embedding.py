@@ -24,7 +24,17 @@ __all__ = ["Embedding", "PositionalEmbedding", "check_ids", "per_example_scatter
 
 
 def check_ids(ids: Array, num_embeddings: int, what: str = "Embedding") -> None:
-    """Integer ids in [0, num_embeddings): the dtype at trace time, the values when concrete."""
+    """Require integer ids in [0, num_embeddings): the dtype at trace time, the values when concrete.
+
+    Args:
+        ids: token ids, any shape.
+        num_embeddings: the number of rows of the table the ids index.
+        what: the name of the layer, for the error messages.
+
+    Raises:
+        TypeError: if `ids` is not of an integer dtype.
+        ValueError: if a concrete id lies outside [0, num_embeddings).
+    """
     dtype = jnp.result_type(ids)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{what} takes integer token ids, got dtype {dtype}; "
@@ -53,6 +63,16 @@ class Embedding(Layer):
     n = num_embeddings, an id >= n or < -n gives a row of NaN (jnp.take's
     fill mode) and its gradient is dropped, while an id in [-n, 0) wraps
     around as in NumPy, reading (and getting the gradient of) row n + id.
+
+    Args:
+        num_embeddings: n, the table's rows (the vocabulary size), a positive int.
+        features: the width of each row, a positive int.
+        stddev: the standard deviation of the initial rows (default 1.0).
+
+    Raises:
+        ValueError: if `num_embeddings` or `features` is not a positive int
+            (and, in `forward`, if a concrete id lies outside [0, n)).
+        TypeError: in `forward`, if the ids are not integers.
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
@@ -91,7 +111,16 @@ class Embedding(Layer):
 
 
 def scatter_rows(num_rows: int, ids: Array, dy: Array) -> Array:
-    """sum_p onehot(ids[p]) dy[p]^T: (num_rows, d), the transpose of a row gather."""
+    """The scatter-add `sum_p onehot(ids[p]) dy[p]^T`, the transpose of a row gather.
+
+    Args:
+        num_rows: the table's rows.
+        ids: integer ids, shape (batch, ...).
+        dy: the gradient of the gathered rows, shape (batch, ..., d).
+
+    Returns:
+        (num_rows, d): row r holds the sum of dy over the positions whose id is r.
+    """
     d = dy.shape[-1]
     return jnp.zeros((num_rows, d), dy.dtype).at[jnp.reshape(ids, (-1,))].add(jnp.reshape(dy, (-1, d)))
 
@@ -120,6 +149,14 @@ class PositionalEmbedding(Layer):
     params {"P": (context, d)}, drawn from N(0, stddev^2). Backward:
     dL/dP[t] = sum_batch dy[:, t] for t < T (zero for the unused positions),
     dL/dx = dy.
+
+    Args:
+        context: the longest sequence, a positive int (P's rows).
+        stddev: the standard deviation of the initial P (default 1.0).
+
+    Raises:
+        ValueError: if `context` is not a positive int (and, at `init` or in
+            `forward`, for inputs that are not (batch, T, d) with T <= context).
     """
 
     context: int

@@ -108,6 +108,14 @@ class LayerNorm(_FeatureNorm):
     The mean term is the path through mu: d mu/dx_k = 1/d. The xhat term is
     the path through var: d s/dx_k = -s^3 (x_k - mu) / d = -s^2 xhat_k / d.
     Rows of any float32 magnitude (1e20 too) normalise exactly: see the module docstring.
+
+    Args:
+        eps: added to the variance before the square root, > 0 (default 1e-5).
+        use_bias: True (the default) for the shift beta; False leaves y = gamma xhat.
+
+    Raises:
+        ValueError: if `eps` is not a positive finite number (and, in
+            `forward`, if x's last axis is not gamma's width).
     """
 
     eps: float = 1e-5
@@ -151,6 +159,13 @@ class RMSNorm(_FeatureNorm):
         dL/dx = r (dL/dxhat - xhat mean(dL/dxhat xhat)),   dL/dxhat = g gamma.
 
     Rows of any float32 magnitude (1e20 too) normalise exactly: see the module docstring.
+
+    Args:
+        eps: added to mean(x^2) before the square root, > 0 (default 1e-6).
+
+    Raises:
+        ValueError: if `eps` is not a positive finite number (and, in
+            `forward`, if x's last axis is not gamma's width).
     """
 
     eps: float = 1e-6
@@ -196,6 +211,17 @@ class GroupNorm(_FeatureNorm):
     structure: a scale and shift). num_groups = 1 is LayerNorm over every entry of an example
     (with per-channel gamma); num_groups = C is instance normalisation.
     Groups of any float32 magnitude normalise exactly (see the module docstring).
+
+    Args:
+        num_groups: G, the number of groups (a positive int); the channels C
+            must be a multiple of it.
+        eps: added to each group's variance before the square root, > 0
+            (default 1e-5).
+
+    Raises:
+        ValueError: if `num_groups` is not a positive int or `eps` is not a
+            positive finite number (and, at `init` or in `forward`, if the
+            channels do not split into `num_groups` groups).
     """
 
     num_groups: int

@@ -46,13 +46,27 @@ class _Pool(ParameterFree):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class MaxPool2D(_Pool):
-    """y = the largest input in each window (padding counts as -inf; padding that
-    leaves a window without input is refused, so no output is -inf).
+    """Max pooling on NHWC images: y = the largest input in each window.
+
+    Padding counts as -inf; padding that leaves a window without input is
+    refused, so no output is -inf.
 
     Backward: each window's dy goes to the input it took the maximum from,
     and inputs that win several overlapping windows collect from each. When
     a window holds the maximum more than once, the first in row-major order
     takes it, as XLA's select-and-scatter (reduce_window's autodiff) does.
+
+    Attributes:
+        window: (kh, kw); the constructor also takes an int k for (k, k).
+        strides: (sh, sw); the constructor also takes an int for both, or
+            None (the default) for the window.
+        padding: "VALID" (the default), "SAME", or explicit ((lo, hi), (lo, hi));
+            the constructor also takes an int p for ((p, p), (p, p)).
+
+    Raises:
+        ValueError: if `window`, `strides` or `padding` is malformed (and, at
+            `init` or in `forward`, if a window holds only padding or does not
+            fit the input).
     """
 
     window: tuple
@@ -89,8 +103,23 @@ class MaxPool2D(_Pool):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class AvgPool2D(_Pool):
-    """y = the mean of each window: its sum over kh kw (padding counts as zeros, as
-    PyTorch's count_include_pad=True). Backward: dy / (kh kw) to every input of the window."""
+    """Average pooling on NHWC images: y = the mean of each window.
+
+    The mean is the window's sum over kh kw (padding counts as zeros, as
+    PyTorch's count_include_pad=True). Backward: dy / (kh kw) to every input
+    of the window.
+
+    Attributes:
+        window: (kh, kw); the constructor also takes an int k for (k, k).
+        strides: (sh, sw); the constructor also takes an int for both, or
+            None (the default) for the window.
+        padding: "VALID" (the default), "SAME", or explicit ((lo, hi), (lo, hi));
+            the constructor also takes an int p for ((p, p), (p, p)).
+
+    Raises:
+        ValueError: if `window`, `strides` or `padding` is malformed (and, at
+            `init` or in `forward`, if the window does not fit the input).
+    """
 
     window: tuple
     strides: tuple

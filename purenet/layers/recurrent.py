@@ -196,6 +196,25 @@ class LSTM(_Recurrent):
 
         dWx = sum_t x_t^T dz_t,   dWh = sum_t h_{t-1}^T dz_t,   db = sum_t dz_t,
         dx_t = dz_t Wx^T.
+
+    The constructor's arguments are its fields (`init` is stored as `initializer`):
+
+    Attributes:
+        features: h, the hidden state's width (a positive int).
+        init: (constructor only) "pytorch" (the default: PyTorch's
+            U(-1/sqrt(h), 1/sqrt(h)) draws, see above) or the name of an
+            initializer in `purenet.initializers` for Wx and Wh (the biases
+            then start at zero). Stored as `initializer`; the attribute `init`
+            is the protocol method.
+        unroll: steps per loop iteration of the forward and backward
+            `lax.scan` (a positive int, default 1); results do not change.
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `features` or `unroll` is not a positive int or `init`
+            names no initializer (and, in `forward`, for x not of shape
+            (batch, T, d) with W's input width d).
     """
 
     roles = {"Wx": "weight", "Wh": "weight", "b": "bias"}
@@ -294,6 +313,25 @@ class GRU(_Recurrent):
 
         dWx = sum_t x_t^T dgx_t,   dbx = sum_t dgx_t,   dx_t = dgx_t Wx^T
         dWh = sum_t h_{t-1}^T dgh_t,   dbh = sum_t dgh_t.
+
+    The constructor's arguments are its fields (`init` is stored as `initializer`):
+
+    Attributes:
+        features: h, the hidden state's width (a positive int).
+        init: (constructor only) "pytorch" (the default: PyTorch's
+            U(-1/sqrt(h), 1/sqrt(h)) draws, see above) or the name of an
+            initializer in `purenet.initializers` for Wx and Wh (the biases
+            then start at zero). Stored as `initializer`; the attribute `init`
+            is the protocol method.
+        unroll: steps per loop iteration of the forward and backward
+            `lax.scan` (a positive int, default 1); results do not change.
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `features` or `unroll` is not a positive int or `init`
+            names no initializer (and, in `forward`, for x not of shape
+            (batch, T, d) with W's input width d).
     """
 
     roles = {"Wx": "weight", "Wh": "weight", "bx": "bias", "bh": "bias"}

@@ -29,7 +29,17 @@ def _default_role(value: Any) -> str:
 
 
 def layer_roles(layer: Any, params: PyTree) -> PyTree:
-    """The role of each of one leaf layer's parameters, a tree of strings like params."""
+    """The role of each of one leaf layer's parameters, a tree of strings like params.
+
+    Args:
+        layer: a leaf layer (not a container).
+        params: that layer's parameters.
+
+    Returns:
+        A tree like `params` of role names: the layer's `param_roles(params)`
+            when it has one, else its `roles` entry for each key, else "weight"
+            for a leaf of rank >= 2 and "other" below.
+    """
     if hasattr(layer, "param_roles"):
         return layer.param_roles(params)
     declared = getattr(layer, "roles", {}) or {}
@@ -40,7 +50,16 @@ def layer_roles(layer: Any, params: PyTree) -> PyTree:
 
 
 def roles(net: Any, params: PyTree) -> PyTree:
-    """Every parameter's role ("weight", "bias", "gain", "embedding", "other"), a tree like params."""
+    """Every parameter's role ("weight", "bias", "gain", "embedding", "other"), a tree like params.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, as `pn.init` returns them.
+
+    Returns:
+        A tree with the structure of `params` holding one role name (a str)
+            per parameter leaf.
+    """
     return map_leaves(net, lambda layer, p, frozen: layer_roles(layer, p), params)
 
 
@@ -50,6 +69,16 @@ def decay_mask(net: Any, params: PyTree, decayed: tuple[str, ...] = DECAYED) -> 
     The mask `l2` uses, and the default for weight decay
     (`pn.optim.add_decayed_weights(..., mask=pn.decay_mask(net, params))`).
     Frozen parameters are never decayed.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, as `pn.init` returns them.
+        decayed: the roles to decay (default ("weight",)); e.g.
+            ("weight", "embedding") decays embedding tables too.
+
+    Returns:
+        A tree with the structure of `params` holding one bool per parameter
+            leaf: True where the leaf is decayed.
     """
     def leaf(layer: Any, p: PyTree, frozen: bool) -> PyTree:
         return jax.tree_util.tree_map(lambda r: (not frozen) and r in decayed, layer_roles(layer, p))
@@ -61,6 +90,13 @@ def id_layer(layer: Any) -> Any:
 
     A layer says so with the class attribute `accepts_ids = True`; a container
     takes ids when a child that reads its input does (any wrapper, any depth).
+
+    Args:
+        layer: a layer or a container.
+
+    Returns:
+        The first layer that reads the input as ids (it has `num_embeddings`),
+            or None for a network that reads floats.
     """
     if getattr(layer, "accepts_ids", False):
         return layer
@@ -77,6 +113,12 @@ def output_kind(net: Any) -> str:
 
     A layer says so with the class attribute `outputs`; a container outputs
     what its output child does (through any wrapper, any depth).
+
+    Args:
+        net: a layer or a container.
+
+    Returns:
+        "probabilities", "logits" or "values".
     """
     while getattr(net, "outputs", None) is None and is_container(net) and net.output_child() is not None:
         net = net.output_child()

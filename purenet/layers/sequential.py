@@ -26,6 +26,19 @@ class Sequential(Container):
     Layer i draws its randomness from fold_in(key, i).
     `in_shape` (one example's shape; `in_dim=n` means (n,)), when given, lets
     `pn.init` omit it.
+
+    Args:
+        layers: the layers in forward order (any iterable, stored as a tuple).
+        in_shape: one example's shape (an int n means (n,)), or None to pass
+            it to `pn.init` instead.
+        in_dim: an alias of `in_shape` for a width (keyword only);
+            `in_shape` wins when both are given.
+
+    Raises:
+        ValueError: if the shape given is not a positive int or a non-empty
+            tuple of positive ints (and, in `init` and `forward`, a layer's
+            ValueError or TypeError, prefixed with the layer's index and type).
+        TypeError: if the shape given is neither an int nor a sequence of ints.
     """
 
     layers: tuple
@@ -142,6 +155,28 @@ def mlp(sizes: Iterable[int], hidden: str = "relu", output: str = "softmax", ini
     `init=None` picks He (he_normal) for relu-type hidden units (relu, leaky
     relu, elu, gelu, silu, softplus) and Xavier (xavier_normal) for the
     others, as the lecture advises.
+
+    Args:
+        sizes: the widths [in_dim, hidden..., out_dim]: at least two positive ints.
+        hidden: the hidden activation's name, a key of `pn.layers.ACTIVATIONS`
+            (default "relu").
+        output: the output activation: "softmax" (the default), "sigmoid",
+            "identity" or "linear" (the last two are the same).
+        init: the Dense layers' initializer name (`purenet.initializers`), or
+            None for He or Xavier by `hidden` (see above).
+        dropout: the Dropout rate after each hidden activation, in [0, 1);
+            0 (the default) adds no Dropout layer.
+        batchnorm: True to put a BatchNorm between each hidden Dense (then
+            without a bias) and its activation.
+
+    Returns:
+        A `Sequential` that knows its input shape (sizes[0],), so
+            `pn.init(net, key)` needs no shape.
+
+    Raises:
+        ValueError: if `sizes` has fewer than two entries or one that is not a
+            positive int, `hidden` or `output` is unknown, `init` names no
+            initializer, or `dropout` is outside [0, 1).
     """
     sizes = list(sizes)
     if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):

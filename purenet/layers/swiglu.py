@@ -29,11 +29,12 @@ def _t(y, W):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class SwiGLU(Layer):
-    """y = (silu(x W1) * (x W3)) W2 on the last axis; params {"W1", "W3": (d, hidden), "W2": (hidden, d)}, no bias.
+    """The gated MLP `y = (silu(x W1) * (x W3)) W2` on the last axis.
 
-    silu(a) = a s(a), s the sigmoid; weights from the initializer `init`
-    (default xavier_uniform). With a = x W1, b = x W3, u = silu(a) * b and
-    g = dL/dy:
+    params {"W1", "W3": (d, hidden), "W2": (hidden, d)}, no bias; the output
+    keeps x's width d. silu(a) = a s(a), s the sigmoid; weights from the
+    initializer `init` (default xavier_uniform). With a = x W1, b = x W3,
+    `u = silu(a) * b` and g = dL/dy:
 
         dW2 = u^T g,               du = g W2^T
         da  = du * b * silu'(a),   silu'(a) = s(a) (1 + a (1 - s(a)))
@@ -43,6 +44,18 @@ class SwiGLU(Layer):
     (each x^T . summed over every position, as Dense's). Its structure is
     two dense products, (x, [da db]) and (u, g): per-example gradients and
     norms, one-pass clipping, the statistics and K-FAC come from their rules.
+
+    Args:
+        hidden: the gated inner width (a positive int); LLaMA uses about 8d/3.
+        init: the name of the weights' initializer (`purenet.initializers`),
+            default "xavier_uniform".
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `hidden` is not a positive int or `init` names no
+            initializer (and, in `forward`, for x of rank < 2 or of a width
+            other than W1's).
     """
 
     hidden: int
@@ -107,6 +120,6 @@ class SwiGLU(Layer):
         return DenseProduct(("W1", "W3"), (None, None)), DenseProduct(("W2",), (None,))
 
     def products(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[tuple, Array]:
-        """(x, [da db]) and (u, dy), and dx = [da db] [W1 W3]^T."""
+        """(x, `[da db]`) and (u, dy), and `dx = [da db] [W1 W3]^T`."""
         dgates = self._d_gates(params, cache, dy)
         return ((cache.x, dgates), (cache.u, dy)), _t(dgates, self._w_in(params))

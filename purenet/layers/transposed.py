@@ -39,7 +39,19 @@ def transpose_pads(kernel: Sequence[int], strides: Sequence[int], padding: Any) 
     return tuple(pads)
 
 
-def padding_config(padding):
+def padding_config(padding: Any):
+    """ConvTranspose2D's padding: "SAME", "VALID", or explicit ((lo, hi), (lo, hi)) from an int or pairs.
+
+    Args:
+        padding: "SAME", "VALID", a non-negative int p for ((p, p), (p, p)),
+            or ((lo, hi), (lo, hi)) of non-negative ints (a NumPy array too).
+
+    Returns:
+        The padding as "SAME", "VALID" or a tuple of two (lo, hi) int tuples.
+
+    Raises:
+        ValueError: for any other value.
+    """
     if isinstance(padding, str) and padding in ("SAME", "VALID"):
         return padding
     if is_int(padding) and padding >= 0:
@@ -89,14 +101,34 @@ class ConvTranspose2D(Layer):
         dL/db    = sum g
 
     Each is spelled in NHWC / HWIO (Conv2D's `conv_nhwc`): on XLA:CPU autodiff's
-    transposes of the forward fall off the fast path inside loops. Measured
-    on the CPU (benchmarks/README.md, "Transposed convolution"), this
-    formulation against autodiff of the same forward and
-    against a col2im one (a matmul x W2 and each tap's piece added in
-    place), 3x3 stride 2, 7x7x32 -> 14x14x16 at batch 64: the one chosen
-    for every backend. Its structure is one dense product on the patches of
-    the dilated input (`structure`), so per-example gradients and norms,
-    one-pass clipping, the statistics and K-FAC come from that product's rules.
+    transposes of the forward fall off the fast path inside loops. This
+    formulation is the one chosen for every backend, over autodiff of the
+    same forward and over a col2im one (a matmul x W2 and each tap's piece
+    added in place), because it was the fastest of the three on the CPU
+    (benchmarks/README.md, section "Transposed convolution"). Its structure
+    is one dense product on the patches of the dilated input (`structure`),
+    so per-example gradients and norms, one-pass clipping, the statistics
+    and K-FAC come from that product's rules.
+
+    Args:
+        features: F, the output channels (a positive int).
+        kernel_size: (kh, kw), or an int k for (k, k).
+        strides: (sh, sw), the dilation of the input (the upsampling factor),
+            or an int for both (default 1).
+        padding: "SAME" (the default: Ho = H s), "VALID" (Ho = H s +
+            max(k - s, 0)), an int p for ((p, p), (p, p)), or explicit
+            ((lo, hi), (lo, hi)) of the dilated input.
+        init: the name of W's initializer (`purenet.initializers`), default
+            "he_normal"; the bias starts at zero.
+        use_bias: True (the default) to add a bias b (features,).
+        initializer: the same as `init` under the field's name (keyword only;
+            `dataclasses.replace` passes it); it wins when given.
+
+    Raises:
+        ValueError: if `features` is not a positive int, `kernel_size`,
+            `strides` or `padding` is malformed, or `init` names no
+            initializer (and, at `init` or in `forward`, if the padding leaves
+            no output).
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 
@@ -208,11 +240,17 @@ def _factor(value):
 class Upsample2D(ParameterFree):
     """Nearest-neighbour upsampling of NHWC images by (fh, fw): each pixel becomes an fh x fw block.
 
-        y[n, p, q, c] = x[n, p // fh, q // fw, c]          (N, H fh, W fw, C), jnp.repeat on both axes
+        y[n, p, q, c] = x[n, p // fh, q // fw, c]     (N, H fh, W fw, C), as jnp.repeat on both axes
 
     Backward: each input pixel collects the gradients of its block, a sum pool of dy:
 
         dL/dx[n, h, w, c] = sum_{a < fh, b < fw} g[n, h fh + a, w fw + b, c]
+
+    Args:
+        factor: (fh, fw), or an int f for (f, f) (default 2).
+
+    Raises:
+        ValueError: if `factor` is not a positive int or a pair of positive ints.
     """
     piecewise_linear = True  # no second-order term: pn.stats.hessian_diagonal passes through
 

@@ -36,7 +36,17 @@ _STD = 0.02  # GPT-2's initial standard deviation for every matrix
 
 
 def check_model_sizes(model: Any, builder: str) -> None:
-    """A language model's sizes (GPT's, LLaMA's): positive integers, and features divisible by heads."""
+    """Check a language model's sizes (GPT's, LLaMA's): positive integers, and features divisible by heads.
+
+    Args:
+        model: the model, with the attributes vocab_size, context, layers,
+            heads and features.
+        builder: the builder's name ("gpt", "llama"), for the error messages.
+
+    Raises:
+        ValueError: if a size is not a positive int or features is not a
+            multiple of heads.
+    """
     for name in ("vocab_size", "context", "layers", "heads", "features"):
         value = getattr(model, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -47,9 +57,9 @@ def check_model_sizes(model: Any, builder: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GPT(Container):
-    """A transformer language model from token ids to logits, with the token
-    embedding optionally tied to the output projection.
+    """A GPT-2 style transformer language model from token ids to logits.
 
+    The token embedding is optionally tied to the output projection.
     params: {"token": {"E": (vocab, d)}, "body": (the Sequential's params),
     and "head": {"W": (d, vocab)} when not tied}; body = [PositionalEmbedding,
     (Dropout), blocks..., LayerNorm]. Initialised as GPT-2: E, P and every
@@ -69,6 +79,22 @@ class GPT(Container):
     expands ||A + B||^2 = ||A||^2 + ||B||^2 + 2 <A, B> so that no
     (batch, vocab, d) tensor is formed. GPT outputs logits; `pn.gpt` puts
     a Softmax after it.
+
+    Args:
+        vocab_size: the number of token ids (E's rows).
+        context: the longest sequence T (the positional embedding's rows).
+        layers: the number of transformer blocks.
+        heads: the attention heads per block; `features` must be a multiple of it.
+        features: d, the model width.
+        dropout: the Dropout rate after the embeddings and on each residual
+            branch, in [0, 1) (default 0: no Dropout layers).
+        tie_embeddings: True (the default) to use E^T as the output
+            projection; False for a separate head W (d, vocab).
+
+    Raises:
+        ValueError: if `vocab_size`, `context`, `layers`, `heads` or
+            `features` is not a positive int, or `features` is not a multiple
+            of `heads` (and, at `init`, for a `dropout` outside [0, 1)).
     """
 
     vocab_size: int
@@ -206,12 +232,17 @@ class GPT(Container):
 
 @dataclasses.dataclass(frozen=True)
 class TiedEnds(Layer):
-    """GPT's two ends as one leaf of the traversal: the token lookup h0 = E[ids] and the output
-    projection logits = h M (M = E^T when tied, else the head's W), which may share E.
+    """GPT's two ends as one leaf of the traversal: the token lookup and the output projection.
+
+    The lookup h0 = E[ids] and the output projection logits = h M (M = E^T
+    when tied, else the head's W), which may share E.
 
     params {"token": {"E"}} (+ {"head": {"W"}} untied); cache (ids, h); dy = (dL/dh0, dL/dlogits).
     backward: dE = scatter_add(ids, dL/dh0) + (dL/dlogits)^T h (tied), dW = h^T dL/dlogits (untied):
     the batch gradients of the products it declares (`structure`). The ids get no gradient.
+
+    Args:
+        tied: True when E is also the output projection (GPT's tie_embeddings).
     """
 
     tied: bool
@@ -256,8 +287,9 @@ class TiedEnds(Layer):
 
 def gpt(vocab_size: int, context: int, layers: int, heads: int, features: int, dropout: float = 0.0,
         tie_embeddings: bool = True) -> Sequential:
-    """A GPT language model: integer ids (batch, T <= context) -> next-token probabilities (batch, T, vocab).
+    """Build a GPT language model: integer ids -> next-token probabilities.
 
+    Maps ids (batch, T <= context) to probabilities (batch, T, vocab):
     Sequential([GPT(...), Softmax()]); train it with loss="cross_entropy" and
     labels (batch, T) (the ids shifted by one): the loss averages over every
     position, computed stably from the logits. See `GPT` for the blocks, the
@@ -265,6 +297,25 @@ def gpt(vocab_size: int, context: int, layers: int, heads: int, features: int, d
 
         net = pn.gpt(vocab_size=65, context=64, layers=4, heads=4, features=128)
         params, state = pn.init(net, key)
+
+    Args:
+        vocab_size: the number of token ids.
+        context: the longest sequence T.
+        layers: the number of transformer blocks.
+        heads: the attention heads per block; `features` must be a multiple of it.
+        features: d, the model width.
+        dropout: the Dropout rate after the embeddings and on each residual
+            branch, in [0, 1) (default 0).
+        tie_embeddings: True (the default) to share the token embedding with
+            the output projection.
+
+    Returns:
+        A `Sequential` of the `GPT` and a `Softmax`, knowing its input shape
+            (context,), so `pn.init(net, key)` needs no shape.
+
+    Raises:
+        ValueError: if a size is not a positive int or `features` is not a
+            multiple of `heads`.
     """
     model = GPT(vocab_size, context, layers, heads, features, dropout, bool(tie_embeddings))
     return Sequential([model, Softmax()], in_shape=(context,))

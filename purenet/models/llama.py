@@ -28,19 +28,46 @@ __all__ = ["LLaMA", "llama"]
 
 
 def default_hidden(features: int) -> int:
-    """SwiGLU's width: 8d/3 (the parameters of a 4d two-matrix MLP), rounded up to a multiple of 8."""
+    """SwiGLU's width: 8d/3 (the parameters of a 4d two-matrix MLP), rounded up to a multiple of 8.
+
+    Args:
+        features: d, the model width.
+
+    Returns:
+        The smallest multiple of 8 that is at least 8 d / 3.
+    """
     return -(-8 * features // 3 // 8) * 8
 
 
 @dataclasses.dataclass(frozen=True)
 class LLaMA(Wrapper):
-    """A LLaMA-style decoder from token ids to next-token logits; its params are its body's (a Sequential).
+    """A LLaMA-style decoder from token ids to next-token logits.
 
+    Its params are its body's (a Sequential, the property `block`):
     body = [Embedding (N(0, 0.02^2)), blocks..., RMSNorm, Dense(vocab, no bias)]:
     every block a pre-RMSNorm residual attention (causal, RoPE, no biases,
     grouped-query with kv_heads) and a pre-RMSNorm residual SwiGLU(hidden).
     Every gradient is the body's (one Sequential's walk); train it with
     loss="cross_entropy" (computed from the logits) and labels (batch, T).
+
+    Args:
+        vocab_size: the number of token ids (the embedding's rows and the logits' width).
+        context: the longest sequence T.
+        layers: the number of transformer blocks.
+        heads: the attention (query) heads per block; `features` must be a multiple of it.
+        features: d, the model width.
+        kv_heads: grouped-query attention's key/value heads, dividing `heads`;
+            None (the default) for `heads`.
+        hidden: the SwiGLU width; None (the default) for 8 features / 3,
+            rounded up to a multiple of 8.
+        implementation: the attention's formulation: "auto" (the default),
+            "dense" or "blockwise" (see `pn.MultiHeadAttention`).
+
+    Raises:
+        ValueError: if `vocab_size`, `context`, `layers`, `heads` or
+            `features` is not a positive int, or `features` is not a multiple
+            of `heads` (and, at `init`, if `kv_heads` does not divide `heads`,
+            `hidden` is not a positive int or `implementation` is unknown).
     """
 
     vocab_size: int
@@ -98,14 +125,36 @@ class LLaMA(Wrapper):
 
 def llama(vocab_size: int, context: int, layers: int, heads: int, features: int, kv_heads: int | None = None,
           hidden: int | None = None, *, implementation: str = "auto") -> LLaMA:
-    """A LLaMA-style language model: ids (batch, T <= context) -> next-token logits (batch, T, vocab).
+    """Build a LLaMA-style language model: integer ids -> next-token logits.
 
-    kv_heads: grouped-query attention's key/value heads (default `heads`);
-    hidden: the SwiGLU width (default 8 features / 3, rounded up to a multiple
-    of 8); implementation: the attention's ("auto", "dense", "blockwise").
+    Maps ids (batch, T <= context) to logits (batch, T, vocab). kv_heads:
+    grouped-query attention's key/value heads (default `heads`); hidden: the
+    SwiGLU width (default 8 features / 3, rounded up to a multiple of 8);
+    implementation: the attention's ("auto", "dense", "blockwise").
 
         net = pn.llama(vocab_size=65, context=256, layers=4, heads=8, features=256, kv_heads=2)
         params, state = pn.init(net, key)
         value, grads, state = pn.value_and_grad(net, params, state, ids, labels, loss="cross_entropy")
+
+    Args:
+        vocab_size: the number of token ids (the embedding's rows and the logits' width).
+        context: the longest sequence T.
+        layers: the number of transformer blocks.
+        heads: the attention (query) heads per block; `features` must be a multiple of it.
+        features: d, the model width.
+        kv_heads: grouped-query attention's key/value heads, dividing `heads`;
+            None (the default) for `heads`.
+        hidden: the SwiGLU width; None (the default) for 8 features / 3,
+            rounded up to a multiple of 8.
+        implementation: the attention's formulation: "auto" (the default),
+            "dense" or "blockwise" (see `pn.MultiHeadAttention`); keyword only.
+
+    Returns:
+        The `LLaMA` model; it knows its input shape (context,), so
+            `pn.init(net, key)` needs no shape.
+
+    Raises:
+        ValueError: if a size is not a positive int or `features` is not a
+            multiple of `heads`.
     """
     return LLaMA(vocab_size, context, layers, heads, features, kv_heads, hidden, implementation)

@@ -44,14 +44,40 @@ def _context(net):
 
 def generate(net: LayerLike, params: PyTree, state: PyTree, prompt_ids: Any, key: Array, steps: int,
              temperature: float = 1.0, cache: bool = True) -> Array:
-    """Extend `prompt_ids` (batch, T0) (or (T0,)) by `steps` sampled ids: returns (batch, T0 + steps).
+    """Extend `prompt_ids` by `steps` ids sampled from the language model `net`.
 
     Pure: the same key gives the same text. The whole loop is jit-compiled
     `lax.scan`s over the steps (net, steps and cache are static). cache: a
     key/value cache, one position a step (see the module docstring); the
     tokens equal cache=False's. Concrete prompt ids must lie in [0, vocab),
-    checked as given, before the cast to int32 (an int64 2**32 + 1 is an
+    checked as given, before the cast to int32 (an int64 `2**32 + 1` is an
     error, not id 1); traced prompt ids cannot be checked.
+
+    Args:
+        net: a causal language model that reads integer ids and outputs
+            next-token logits or probabilities (`pn.gpt`, `pn.llama`, `pn.GPT`).
+        params: its parameters.
+        state: its state.
+        prompt_ids: integer ids (batch, T0) or (T0,), T0 >= 1.
+        key: the PRNG key the draws come from (one split per step).
+        steps: how many ids to add (a non-negative int; static).
+        temperature: the logits are divided by it before sampling, >= 0
+            (default 1.0); 0 takes the most likely id (greedy).
+        cache: True (the default) to decode one position a step against a
+            key/value cache; False to rerun the network on the window of ids
+            before each new position.
+
+    Returns:
+        int32 ids (batch, T0 + steps), the prompt followed by the sampled ids;
+            (T0 + steps,) for a 1-D prompt.
+
+    Raises:
+        ValueError: if `steps` is not a non-negative int, `temperature` is
+            NaN, negative or infinite, `prompt_ids` is not (T0,) or (batch, T0)
+            with T0 >= 1, a concrete prompt id lies outside [0, vocab), or
+            `net` outputs neither logits nor probabilities or has no context
+            length.
+        TypeError: if `prompt_ids` is not of an integer dtype.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
