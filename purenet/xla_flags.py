@@ -26,8 +26,8 @@ XLA aborts the process on an unknown one):
   examples); tests/test_xla_cpu_guard.py checks the pattern and every
   per-example quantity above 16,384 examples.
   -individual_convolution, for speed: XLA's own (Eigen) convolutions run
-  the LeNet's 32 -> 64 forward, dx and dW and its whole step markedly
-  faster than YNNPACK's on our shapes (the autoencoder's strided backward
+  the LeNet's 16 -> 32 convolution's forward, dx and dW and its whole step
+  markedly faster than YNNPACK's on our shapes (the autoencoder's strided backward
   passes a little slower). Both measured in benchmarks/README.md ("XLA:CPU
   flags" and "XLA:CPU levers per operation").
 """
@@ -45,6 +45,8 @@ RECOMMENDED: dict[str, str] = {
         "YNNPACK's reduce fusion miscomputes per-example squared norms above 16,384 rows (jax issue 39103); "
         "XLA's own convolutions are faster on our conv shapes",
 }
+"""purenet's recommended XLA flags: {flag: why, in one clause}; `recommended()` keeps those the installed
+jaxlib knows."""
 
 
 def _name(flag: str) -> str:
@@ -67,21 +69,44 @@ def _known(name: str) -> bool:
 
 
 def recommended() -> tuple[str, ...]:
-    """The recommended flags (`RECOMMENDED`) that the installed jaxlib knows."""
+    """The recommended flags (`RECOMMENDED`) that the installed jaxlib knows.
+
+    A flag counts as known when its name appears in one of jaxlib's shared
+    libraries (XLA aborts the process on an unknown flag).
+
+    Returns:
+        The flags, each "--name=value", in `RECOMMENDED`'s order.
+    """
     return tuple(flag for flag in RECOMMENDED if _known(_name(flag)))
 
 
 def merged(current: str, flags: tuple[str, ...]) -> str:
-    """XLA_FLAGS `current` with each of `flags` appended, unless a flag of that name is already set there
-    (the user's value wins)."""
+    """XLA_FLAGS `current` with each of `flags` appended, unless a flag of that name is already set there.
+
+    The user's value wins: a flag whose name `current` sets is not added.
+
+    Args:
+        current: an XLA_FLAGS value, flags separated by whitespace ("" for none).
+        flags: the flags to add, each "--name" or "--name=value".
+
+    Returns:
+        The merged XLA_FLAGS value, stripped.
+    """
     present = {_name(f) for f in current.split()}
     extra = [f for f in flags if _name(f) not in present]
     return " ".join([current.strip(), *extra]).strip()
 
 
 def environ(env: Mapping[str, str] | None = None, flags: tuple[str, ...] | None = None) -> dict[str, str]:
-    """A copy of `env` (default: this process's environment) whose XLA_FLAGS also hold `flags` (default:
-    `recommended()`): the environment of a subprocess that should run as configured."""
+    """A copy of `env` whose XLA_FLAGS also hold `flags`: a subprocess's environment, configured.
+
+    Args:
+        env: the environment to copy; None for this process's (`os.environ`).
+        flags: the flags to add (see `merged`); None for `recommended()`.
+
+    Returns:
+        A new dict, `env` with XLA_FLAGS merged; `env` itself is not changed.
+    """
     env = dict(os.environ if env is None else env)
     env["XLA_FLAGS"] = merged(env.get("XLA_FLAGS", ""), recommended() if flags is None else flags)
     return env
@@ -99,12 +124,17 @@ def configure(flags: tuple[str, ...] | None = None) -> str:
     """Add `flags` (default: `recommended()`) to this process's XLA_FLAGS, before JAX starts its backend.
 
     Args:
-      flags: the flags to add; a flag whose name XLA_FLAGS already sets keeps the user's value.
+        flags: the flags to add (None: `recommended()`); a flag whose name
+            XLA_FLAGS already sets keeps the user's value.
+
     Returns:
-      The XLA_FLAGS now in force.
+        The XLA_FLAGS now in force.
+
     Raises:
-      RuntimeError: JAX has already created a backend (XLA has read its flags): call configure() before
-        the first JAX computation, or set XLA_FLAGS in the environment before starting Python.
+        RuntimeError: if the flags would change XLA_FLAGS and JAX has already
+            created a backend (XLA has read its flags): call configure()
+            before the first JAX computation, or set XLA_FLAGS in the
+            environment before starting Python.
     """
     value = environ(flags=flags)["XLA_FLAGS"]
     if value == os.environ.get("XLA_FLAGS", "").strip():

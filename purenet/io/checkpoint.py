@@ -50,7 +50,7 @@ import re
 import secrets
 import stat
 import struct
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,7 @@ from purenet import _trees
 __all__ = ["CheckpointError", "MAGIC", "check_writable", "conform", "load", "load_entries", "save", "write_atomically"]
 
 MAGIC = b"PURENETCKPT1\n"
+"""The first 13 bytes of every checkpoint file (format version 1)."""
 _HEADER = len(MAGIC) + 8 + 32
 _MAX_MANIFEST = 1 << 28  # 2^28 bytes: about a million leaves; a larger claim is not a file of ours
 _MAX_NDIM = 32  # numpy 1.x's limit (numpy 2 allows 64): a checkpoint loads under both
@@ -196,7 +197,24 @@ def _leaf_record(path, value):
 
 
 def save(path: str | os.PathLike[str], tree: Any) -> str:
-    """Write `tree` (a pytree of arrays) to `path` atomically; returns the path."""
+    """Write `tree` (a pytree of arrays) to `path` atomically; returns the path.
+
+    Args:
+        path: the file to write (replaced whole if it exists; its directory must exist).
+        tree: dicts with string keys, lists, tuples, named tuples and None, with
+            arrays (jax or numpy: numbers, bool, ml_dtypes floats, fixed-width
+            strings; PRNG keys) or scalars as leaves.
+
+    Returns:
+        `path`, as a str.
+
+    Raises:
+        TypeError: if the tree holds another container type, a dict key that
+            is not a string, or a leaf that is not an array of a stored dtype.
+        ValueError: if a leaf has more than 32 dimensions, or a string leaf
+            holds a code point that is not a Unicode character.
+        OSError: if the file cannot be written.
+    """
     path = os.fspath(path)
     leaves: list = []
     structure = _encode(tree, leaves)
@@ -222,10 +240,27 @@ def save(path: str | os.PathLike[str], tree: Any) -> str:
     return write_atomically(path, write)
 
 
-def write_atomically(path, write):
-    """write(f) into a temporary file beside `path`, fsync it, then os.replace it over `path` and fsync
-    the directory: a crash leaves the old file or the new one, never a mix. Stale temporary files of
-    this path from killed writers are removed; a new file gets the umask's mode, a replaced one keeps its."""
+def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]):
+    """Replace the file `path` by what `write` writes, atomically.
+
+    write(f) fills a temporary file beside `path`, which is fsync'ed, then
+    os.replace'd over `path`, and the directory is fsync'ed: a crash leaves
+    the old file or the new one, never a mix. Stale temporary files of this
+    path from killed writers are removed; a new file gets the umask's mode,
+    a replaced one keeps its.
+
+    Args:
+        path: the file to write.
+        write: called once with the temporary file, open for binary writing.
+
+    Returns:
+        `path`, as given.
+
+    Raises:
+        OSError: if the temporary file cannot be created, written or moved
+            over `path`; whatever `write` raises is raised too, the temporary
+            file removed.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_temporary(path)
     started = os.fstat(fd).st_mtime_ns  # the file system's clock, as the stale files' mtimes
@@ -288,7 +323,17 @@ def _keep_mode(path, tmp):
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
-    """Raise CheckpointError, before any work is done, when `save(path, ...)` could not write."""
+    """Raise CheckpointError, before any work is done, when `save(path, ...)` could not write.
+
+    It creates and removes a temporary file beside `path`, as `save` would.
+
+    Args:
+        path: the checkpoint file a later `save` will write.
+
+    Raises:
+        CheckpointError: if the directory does not exist, `path` is a
+            directory, or a file cannot be created there.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -496,6 +541,22 @@ def load(path: str | os.PathLike[str], like: Any = None) -> Any:
 
     Leaves JAX cannot hold exactly (float64/int64/uint64 without
     jax_enable_x64, strings) come back as numpy arrays of the saved dtype.
+
+    Args:
+        path: the checkpoint file.
+        like: a tree of arrays of the expected structure, shapes and dtypes
+            (e.g. freshly initialised params), or None to rebuild the saved
+            structure.
+
+    Returns:
+        The saved tree: jax arrays (numpy where JAX cannot hold the dtype), in
+            like's structure when `like` is given.
+
+    Raises:
+        CheckpointError: if the file is not a purenet checkpoint, is truncated,
+            corrupted or malformed, or does not match `like` (key paths,
+            shapes or dtypes).
+        OSError: if the file cannot be read (FileNotFoundError if it does not exist).
     """
     structure, labels, leaves = _read(path)
     if like is None:
@@ -504,8 +565,23 @@ def load(path: str | os.PathLike[str], like: Any = None) -> Any:
 
 
 def load_entries(path: str | os.PathLike[str], likes: Mapping[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint whose root is a dict: the entries named in `likes` as load(like=likes[name])
-    would give them (an entry saved as None stays None), the others as load() would."""
+    """Load a checkpoint whose root is a dict, each entry named in `likes` conformed to its like.
+
+    The entries named in `likes` come back as load(like=likes[name]) would
+    give them (an entry saved as None stays None), the others as load() would.
+
+    Args:
+        path: the checkpoint file.
+        likes: {entry name: a tree of that entry's expected structure}.
+
+    Returns:
+        {entry name: entry}, every entry of the saved dict.
+
+    Raises:
+        CheckpointError: if the file's root is not a dict, the file cannot be
+            trusted (as `load`), or an entry does not match its like.
+        OSError: if the file cannot be read.
+    """
     path = os.fspath(path)
     structure, _, leaves = _read(path)
     if structure["t"] != "dict":
@@ -565,6 +641,22 @@ def _conform_leaves(pairs, like, where):
 
 
 def conform(tree: Any, like: Any, where: str = "checkpoint") -> Any:
-    """`tree` rebuilt with like's structure, after checking key paths, shapes and dtypes."""
+    """`tree` rebuilt with like's structure, after checking key paths, shapes and dtypes.
+
+    Key paths are compared with dict keys and named-tuple fields of the same
+    name as one (a slot saved as a dict fits its named tuple).
+
+    Args:
+        tree: the tree whose leaves to keep.
+        like: a tree of the expected structure.
+        where: what the error messages name as the tree's origin.
+
+    Returns:
+        `tree`'s leaves in like's structure.
+
+    Raises:
+        CheckpointError: if a key path is missing or extra, or a leaf's shape
+            or dtype differs from like's.
+    """
     pairs = [(keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
     return _conform_leaves(pairs, like, where)

@@ -25,10 +25,16 @@ from jax.experimental.compilation_cache import compilation_cache
 __all__ = ["ENV_VAR", "default_directory", "enable_compilation_cache"]
 
 ENV_VAR = "PURENET_COMPILATION_CACHE"
+"""The environment variable that names the default cache directory."""
 
 
 def default_directory() -> str:
-    """$PURENET_COMPILATION_CACHE if set, else ~/.cache/purenet/xla."""
+    """The default cache directory: $PURENET_COMPILATION_CACHE if set, else ~/.cache/purenet/xla.
+
+    Returns:
+        The directory, not created: the variable's value as it is, or the
+            path under the user's home directory.
+    """
     return os.environ.get(ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "purenet", "xla")
 
 
@@ -38,6 +44,20 @@ def enable_compilation_cache(directory: str | os.PathLike[str] | None = None, mi
     JAX's own default caches only programs that took >= 1 s to compile,
     which on a CPU leaves most of a small model's programs uncached: here
     the threshold defaults to 0 and the entry-size floor is off.
+
+    Args:
+        directory: where to keep the cache (created if missing; ~ expanded);
+            None for `default_directory()`.
+        min_compile_time_s: cache only programs whose compilation took at
+            least this many seconds (>= 0).
+
+    Returns:
+        The cache directory, as an absolute path.
+
+    Raises:
+        ValueError: if `min_compile_time_s` is negative.
+        OSError: if the directory cannot be created.
+        PermissionError: if the directory is not writable.
     """
     directory = os.path.abspath(os.path.expanduser(directory or default_directory()))
     if min_compile_time_s < 0:

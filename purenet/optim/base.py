@@ -28,11 +28,13 @@ _Slot = TypeVar("_Slot")
 class OptState(NamedTuple):
     """Everything an optimizer carries between steps (a pytree).
 
-    params:        the current parameters.
-    count:         steps taken so far (int32).
-    slots:         a tuple with each transform's state (velocity, moments, ...).
-    learning_rate: the rate the most recent step used (before any step: the
-                   rate the first step will use).
+    Attributes:
+        params: the current parameters (a pytree).
+        count: steps taken so far, an int32 scalar.
+        slots: a tuple with each transform's state (velocity, moments, ...),
+            one per transform, in the chain's order.
+        learning_rate: the rate the most recent step used, a float scalar
+            (before any step: the rate the first step will use).
     """
 
     params: Any
@@ -42,7 +44,10 @@ class OptState(NamedTuple):
 
 
 class Transform(NamedTuple):
-    """init(params) -> slots;  update(grads, slots, params, count, **extra) -> (direction, slots).
+    """One gradient transform: its slot's initialiser and its update, gradient -> direction.
+
+        init(params) -> slots
+        update(grads, slots, params, count, **extra) -> (direction, slots)
 
     `after(slots, new_params, count) -> slots`, when given, runs once the
     step has moved the params (a parameter average keeps its slot this way).
@@ -57,6 +62,17 @@ class Transform(NamedTuple):
     {"fisher": "mc", "samples": 1, "factors_every": 1}), read by the
     training step's gradient function (`Optimizer.extra_options`).
     A transform's slot is found by its type (`find_slot`), never by position.
+
+    Attributes:
+        init: `init(params) -> slots`, the transform's state before the first step.
+        update: `update(grads, slots, params, count, **extra) -> (direction, slots)`:
+            the incoming direction (a tree like params) turned into the outgoing one.
+        after: `after(slots, new_params, count) -> slots`, run after the params
+            moved, or None.
+        on_skip: `on_skip(slots) -> slots`, the slot after a step the "skip"
+            guard skipped, or None (the slot stays unchanged).
+        extra_args: the names of the per-step keyword arguments `update` takes.
+        options: how the training step computes those arguments (a dict), or None.
     """
 
     init: Callable
@@ -77,7 +93,18 @@ class Optimizer:
     """A chain of transforms and a learning rate (a float, a traced scalar or a schedule).
 
     `guard` ("skip" or "raise", see `apply_if_finite`) decides what a step
-    with NaN/inf gradients does; None trusts the gradients.
+    with NaN/inf gradients does; None trusts the gradients. Build one with
+    `chain` or an alias (`pn.optim.adam`, ...) rather than directly.
+
+    Args:
+        transforms: the `Transform`s, applied in order to the gradient.
+        learning_rate: a float, a traced scalar, or a schedule step -> rate.
+        guard: "skip", "raise" or None: what a step with non-finite gradients does.
+
+    Raises:
+        ValueError: if a concrete `learning_rate` is negative, NaN or infinite;
+            if `guard` is not None, "skip" or "raise"; if a transform has
+            `on_skip` (a dynamic loss scale) and `guard` is not "skip".
     """
 
     transforms: tuple
@@ -109,11 +136,43 @@ class Optimizer:
         return merged
 
     def init(self, params: PyTree) -> OptState:
+        """The state before the first step.
+
+        Args:
+            params: the initial parameters (a pytree of arrays).
+
+        Returns:
+            An `OptState` with these params, count 0, each transform's initial
+                slot and the rate the first step will use.
+        """
         slots = tuple(t.init(params) for t in self.transforms)
         count = jnp.zeros((), jnp.int32)
         return OptState(params, count, slots, _rate(self.learning_rate, count))
 
     def step(self, state: OptState, grads: PyTree, **extra: Any) -> OptState:
+        """One step: `params <- params - learning_rate(count) * direction`.
+
+        The gradients run through the transforms in order (in at least
+        float32), the params move, then each transform's `after` runs. With
+        guard "skip", a step whose gradients are not all finite keeps params
+        and slots (the count and rate still advance).
+
+        Args:
+            state: the optimizer state (from `init` or a previous `step`).
+            grads: the gradients, a tree with the params' key paths and shapes.
+            **extra: the per-step arguments the transforms' `extra_args` name
+                (K-FAC's `factors`), and no others.
+
+        Returns:
+            The next `OptState`.
+
+        Raises:
+            TypeError: if `extra` misses a name in `extra_args` or holds one not in it.
+            ValueError: if `grads` does not match the params' key paths, shapes
+                or structure; if the state has another number of slots than
+                this optimizer has transforms; with guard "raise", if a
+                gradient is NaN or inf (under jit: a runtime error).
+        """
         missing = [n for n in self.extra_args if n not in extra]
         unknown = [n for n in extra if n not in self.extra_args]
         if missing or unknown:
@@ -155,6 +214,16 @@ def find_slot(opt_state: Any, kind: type[_Slot]) -> _Slot | None:
 
     Found by type through any wrapper: `masked`, `chain`, `apply_if_finite`
     all keep a flat tuple of their transforms' slots. More than one is an error.
+
+    Args:
+        opt_state: an optimizer state (`OptState`); anything without `slots` has none.
+        kind: the slot's type, e.g. `pn.optim.EMAState`.
+
+    Returns:
+        The one slot of that type, or None if the state holds none.
+
+    Raises:
+        ValueError: if the state holds more than one slot of type `kind`.
     """
     found = [slot for slot in getattr(opt_state, "slots", ()) if isinstance(slot, kind)]
     if len(found) > 1:
@@ -170,6 +239,21 @@ def chain(*parts: "Transform | Optimizer", learning_rate: float | jax.Array | Sc
 
     The guard is the strictest of the parts' ("raise", then "skip"); a
     transform with `on_skip` (pn.optim.dynamic_loss_scale) implies "skip".
+
+    Args:
+        *parts: `Transform`s and `Optimizer`s, in the order the gradient meets
+            them (an Optimizer contributes its transforms, rate and guard).
+        learning_rate: the rate, when no part is an Optimizer: a float, a
+            traced scalar, or a schedule step -> rate.
+
+    Returns:
+        An `Optimizer` of every part's transforms, in order.
+
+    Raises:
+        TypeError: if a part is neither a Transform nor an Optimizer.
+        ValueError: unless exactly one learning rate is given (one Optimizer
+            among the parts, or `learning_rate`); if a concrete rate is
+            negative, NaN or infinite.
     """
     transforms: list[Transform]
     rates: list[Any]
@@ -203,6 +287,17 @@ def apply_if_finite(opt: Optimizer, policy: str = "skip") -> Optimizer:
     slots unchanged (the count still advances, so schedules stay aligned).
     policy="raise": raise (eagerly: a ValueError; under jit: a runtime error
     from jax.debug.callback) naming the first bad leaf.
+
+    Args:
+        opt: the optimizer to guard.
+        policy: "skip" or "raise".
+
+    Returns:
+        A copy of `opt` with guard `policy`.
+
+    Raises:
+        ValueError: if `policy` is not "skip" or "raise", or if it is "raise"
+            and `opt` holds a transform with `on_skip` (a dynamic loss scale).
     """
     if policy not in ("skip", "raise"):
         raise ValueError(f"apply_if_finite policy must be 'skip' or 'raise', got {policy!r}")

@@ -1,10 +1,13 @@
 """K-FAC (Martens & Grosse, 2015): gradients preconditioned by Kronecker-factored curvature.
 
-For a Dense layer (and Conv2D, on its patches: KFC, Grosse & Martens, 2016)
-the empirical Fisher of the weights [W; b] is approximated as A (x) G, with
-A = E[a a^T] over the layer's bias-augmented inputs and G = E[dy dy^T] over
-its per-example output gradients (`pn.stats.kfac_factors` states the
-scaling). Its inverse applied to the gradient is two small solves:
+For a dense product y = a W + b (a Dense layer; a convolution on its
+patches: KFC, Grosse & Martens, 2016; the weight matrices of attention,
+SwiGLU and the recurrent layers) the Fisher of the weights [W; b] is
+approximated as A (x) G, with A = E[a a^T] over the product's
+bias-augmented inputs and G = E[dy dy^T] over its per-example output
+gradients: those of labels sampled from the model with `fisher="mc"` (the
+default), the data's own with "empirical" (`pn.stats.kfac_factors` states
+the scaling). Its inverse applied to the gradient is two small solves:
 
     (A (x) G)^-1 vec([dW; db]) = A^-1 [dW; db] G^-1
 
@@ -17,21 +20,25 @@ pass, because the optimizer's `extra_args` name them:
 
     opt = pn.optim.kfac(net, learning_rate=0.05)     # chain(scale_by_kfac(net, ...), momentum(0.05))
     opt_state = opt.init(params)
-    value, grads, factors, state = pn.stats.kfac_value_and_grad(net, opt_state.params, state, x, y)
+    value, grads, factors, state = pn.stats.kfac_value_and_grad(net, opt_state.params, state, x, y,
+                                                                fisher="mc", key=key)  # opt.extra_options' Fisher
     opt_state = opt.step(opt_state, grads, factors=factors)
 
 `pn.fit` does this by itself. Each step
+
     1. averages the factors:  F <- ema F + (1 - ema) F_batch  (the first step takes F_batch),
-    2. every `inverse_every` steps (the first included) inverts the damped factors,
+    2. every inverse_every steps (the first included) inverts the damped factors,
        with Tikhonov damping split between them (Martens & Grosse, 2015, sec. 6.3):
            pi = sqrt((tr A / dim A) / (tr G / dim G)),
            (A + pi sqrt(damping) I)^-1,   (G + sqrt(damping) / pi I)^-1,
-    3. preconditions each Dense / Conv2D gradient with the stored inverses
-       (other parameters, such as LayerNorm's, keep their plain gradient;
-       layers inside `pn.Frozen` have no factors; a trainable layer with
-       weight matrices but no factors, SwiGLU or LSTM today, is named in a
-       warning when the state is initialised),
-    4. hands the result to the rest of the chain (momentum SGD in `kfac`).
+    3. preconditions the gradient of each weight of a dense product (with
+       its bias) by the stored inverses (other parameters, such as
+       LayerNorm's, keep their plain gradient; layers inside pn.Frozen
+       have no factors; a trainable weight K-FAC has no rule for, in a layer
+       that declares no products, is named in a warning when the state is
+       initialised),
+    4. hands the result to the rest of the chain (momentum SGD in kfac).
+
 Factors and inverses are kept in at least float32 (bfloat16 / float16 params too).
 """
 import warnings
@@ -51,9 +58,18 @@ from purenet.optim.schedules import Schedule
 
 
 class KFACState(NamedTuple):
-    """K-FAC's slot: the running factors and the inverses of their damped versions."""
+    """K-FAC's slot: the running factors and the inverses of their damped versions.
 
-    factors: Any   # tree like params, KFACFactors(A, G) per Dense / Conv2D layer, None elsewhere
+    Attributes:
+        factors: a tree like params with, in place of each K-FAC layer's
+            params, its running `KFACFactors(A, G)` (A of shape (in + bias,
+            in + bias), G of shape (out, out); a `KFACBlocks` of them for a
+            layer of several weight matrices), None elsewhere.
+        inverses: the same structure, `KFACFactors(A_damped^-1, G_damped^-1)`
+            as of the last inversion step.
+    """
+
+    factors: Any   # tree like params: KFACFactors(A, G) (or KFACBlocks) per K-FAC layer, None elsewhere
     inverses: Any  # the same structure, KFACFactors(A_damped^-1, G_damped^-1)
 
 
@@ -155,7 +171,7 @@ def _warn_unpreconditioned(net: LayerLike, params: Any) -> None:
 
 def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inverse_every: int = 10,
                   fisher: str = "mc", samples: int = 1, factors_every: int = 1) -> Transform:
-    """K-FAC's preconditioning as a transform: direction = A^-1 [dW; db] G^-1 per K-FAC layer.
+    """K-FAC's preconditioning as a transform: `direction = A^-1 [dW; db] G^-1` per K-FAC layer.
 
     Its slot is a KFACState; its update takes the batch's `factors`
     (`pn.stats.kfac_value_and_grad`). See the module docstring for the steps.
@@ -164,6 +180,27 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
     defined; "exact", "empirical") on every `factors_every`-th step
     (kfac-jax's curvature_update_period), and the slot's running factors
     move only on those steps.
+
+    Args:
+        net: the network whose layers' factors the steps receive (a layer or
+            a container, e.g. `pn.Sequential`): the one the params belong to.
+        damping: the Tikhonov damping (> 0), split between A and G.
+        ema: the running factors' decay, in [0, 1).
+        inverse_every: steps between inversions (a positive int; step 0 inverts).
+        fisher: "mc", "exact" or "empirical": which Fisher the factors approximate.
+        samples: labels sampled per example for `fisher="mc"` (a positive int).
+        factors_every: steps between factor computations (a positive int).
+
+    Returns:
+        A `Transform` with `extra_args` ("factors",) and a `KFACState` slot.
+            Its `init` warns (UserWarning) naming any trainable weight left on the
+            plain gradient; its `update` raises ValueError when the factors do not
+            match `net`'s layers or widths.
+
+    Raises:
+        ValueError: if `damping` is not positive and finite, `ema` is outside
+            [0, 1), `inverse_every`, `factors_every` or `samples` is not a
+            positive int, or `fisher` is not one of "empirical", "mc", "exact".
     """
     from purenet.analysis.curvature import FISHERS
     from purenet.analysis.stats import kfac_zeros
@@ -201,10 +238,10 @@ def scale_by_kfac(net: LayerLike, damping: float = 1.0, ema: float = 0.95, inver
 def kfac(net: LayerLike, learning_rate: float | jax.Array | Schedule, momentum: float = 0.9, damping: float = 1.0,
          ema: float = 0.95, inverse_every: int = 10, fisher: str = "mc", samples: int = 1,
          factors_every: int = 1) -> Optimizer:
-    """K-FAC with momentum SGD after it (plain SGD for momentum=0): an Optimizer like any other,
+    """K-FAC with momentum SGD after it (plain SGD for momentum=0): an Optimizer like any other.
 
         chain(scale_by_kfac(net, damping, ema, inverse_every, fisher, samples, factors_every),
-              momentum(learning_rate, momentum)).
+              momentum(learning_rate, momentum))
 
     fisher="mc" (the default) is K-FAC as Martens & Grosse (2015) define it:
     G from labels sampled from the model's predictive distribution.
@@ -221,6 +258,27 @@ def kfac(net: LayerLike, learning_rate: float | jax.Array | Schedule, momentum: 
     the default 1.0 suits inputs of unit scale), or raise the batch. The
     symptom is a loss that explodes or turns NaN from the first inversion
     on; `apply_if_finite` does not catch it (the gradients stay finite).
+
+    Args:
+        net: the network whose layers' factors the steps receive (a layer or
+            a container, e.g. `pn.Sequential`): the one the params belong to.
+        learning_rate: the step size: a float, a traced scalar, or a schedule
+            step -> rate (`pn.schedules`).
+        momentum: the momentum SGD's beta, in [0, 1); 0 for plain SGD.
+        damping: the Tikhonov damping (> 0), split between A and G.
+        ema: the running factors' decay, in [0, 1).
+        inverse_every: steps between inversions (a positive int; step 0 inverts).
+        fisher: "mc", "exact" or "empirical": which Fisher the factors approximate.
+        samples: labels sampled per example for `fisher="mc"` (a positive int).
+        factors_every: steps between factor computations (a positive int).
+
+    Returns:
+        An `Optimizer` whose `step` takes `factors=` (`extra_args` ("factors",)).
+
+    Raises:
+        ValueError: if a hyperparameter is out of range (see `scale_by_kfac`;
+            `momentum` outside [0, 1), a concrete `learning_rate` negative,
+            NaN or infinite).
     """
     from purenet.optim.alias import momentum as momentum_sgd
     from purenet.optim.alias import sgd

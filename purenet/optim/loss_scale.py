@@ -34,16 +34,31 @@ __all__ = ["LossScale", "current_loss_scale", "dynamic_loss_scale", "grow", "shr
 
 
 class LossScale(NamedTuple):
-    """The slot of `dynamic_loss_scale`: scale S (float32) and good_steps n (int32),
-    the finite steps since S last changed."""
+    """The slot of `dynamic_loss_scale`: the scale S and the finite steps since it last changed.
+
+    Attributes:
+        scale: S, a float32 scalar: the factor the seed gradient is multiplied by.
+        good_steps: n, an int32 scalar: the finite steps since S last changed.
+    """
 
     scale: jnp.ndarray
     good_steps: jnp.ndarray
 
 
 def grow(slot: LossScale, growth_interval: int, factor: float) -> LossScale:
-    """After a finite step: count it; at growth_interval finite steps multiply S by factor
-    (unless that overflows float32) and restart the count."""
+    """After a finite step: count it; at `growth_interval` finite steps multiply S by `factor`.
+
+    S stays as it is when `factor * S` would overflow float32; the count
+    restarts either way.
+
+    Args:
+        slot: the current `LossScale`.
+        growth_interval: finite steps between growths (>= 1).
+        factor: the growth factor (> 1).
+
+    Returns:
+        The next `LossScale`, in the slot's dtypes.
+    """
     good = slot.good_steps + 1
     bigger = slot.scale * factor
     due = good >= growth_interval
@@ -52,7 +67,16 @@ def grow(slot: LossScale, growth_interval: int, factor: float) -> LossScale:
 
 
 def shrink(slot: LossScale, factor: float, minimum: float) -> LossScale:
-    """After an overflow: divide S by factor (not below minimum) and restart the count."""
+    """After an overflow: divide S by `factor` (not below `minimum`) and restart the count.
+
+    Args:
+        slot: the current `LossScale`.
+        factor: the shrink factor (> 1).
+        minimum: the floor S never shrinks below.
+
+    Returns:
+        The next `LossScale`, with `good_steps` 0.
+    """
     scale = jnp.maximum(slot.scale / factor, minimum).astype(slot.scale.dtype)
     return LossScale(scale, jnp.zeros_like(slot.good_steps))
 
@@ -71,15 +95,27 @@ def _check_float32(name: str, value, low: float = 0.0) -> None:
 
 def dynamic_loss_scale(initial: float = 2.0 ** 15, growth_interval: int = 2000, factor: float = 2.0,
                        minimum: float = 1.0) -> Transform:
-    """A Transform that keeps the dynamic loss scale (see the module docstring); gradients pass
-    through unchanged (they arrive unscaled).
+    """A Transform that keeps the dynamic loss scale (see the module docstring).
 
-    initial: S before the first step; growth_interval: finite steps between
-    growths; factor (> 1): the growth and shrink factor (a power of two keeps
-    scaling exact); minimum: the floor S never shrinks below. initial, factor
-    and minimum must stay finite (and initial, minimum non-zero, factor > 1)
-    in float32, S's dtype; growth_interval is an int in [1, 2**31).
-    The optimizer must use the "skip" guard (`chain` implies it).
+    Gradients pass through unchanged (they arrive unscaled). `initial`,
+    `factor` and `minimum` must stay finite (and `initial`, `minimum`
+    positive, `factor` > 1) in float32, S's dtype. The optimizer must use
+    the "skip" guard (`chain` implies it).
+
+    Args:
+        initial: S before the first step.
+        growth_interval: finite steps between growths, an int in `[1, 2**31)`.
+        factor: the growth and shrink factor, > 1 (a power of two keeps
+            scaling exact).
+        minimum: the floor S never shrinks below, > 0.
+
+    Returns:
+        A `Transform` whose slot is a `LossScale` and which has `on_skip` (the shrink).
+
+    Raises:
+        ValueError: if `initial` or `minimum` is not positive, `factor` is not
+            above 1, any of them is NaN or not finite in float32, or
+            `growth_interval` is not an int in `[1, 2**31)`.
     """
     _check_float32("dynamic_loss_scale initial", initial)
     _check_float32("loss scale factor", factor, low=1.0)
@@ -99,7 +135,17 @@ def dynamic_loss_scale(initial: float = 2.0 ** 15, growth_interval: int = 2000, 
 
 
 def current_loss_scale(opt_state: Any) -> jnp.ndarray | None:
-    """The scale S a `dynamic_loss_scale` slot of opt_state holds (a float32 scalar), or None."""
+    """The scale S a `dynamic_loss_scale` slot of opt_state holds (a float32 scalar), or None.
+
+    Args:
+        opt_state: an optimizer state (`OptState`); anything without `slots` has none.
+
+    Returns:
+        S, a float32 scalar, or None when the optimizer keeps no dynamic loss scale.
+
+    Raises:
+        ValueError: if the state holds more than one `LossScale` slot.
+    """
     scales = [slot.scale for slot in getattr(opt_state, "slots", ()) if isinstance(slot, LossScale)]
     if len(scales) > 1:
         raise ValueError(f"the optimizer keeps {len(scales)} dynamic loss scales; chain one "

@@ -18,7 +18,17 @@ def to_optax(opt: Optimizer) -> "optax.GradientTransformation":
     """Wrap a purenet optimizer as an optax GradientTransformation.
 
     The optax state is purenet's OptState; `update` steps from the params it
-    is given and returns the difference as the updates.
+    is given and returns the difference as the updates (`optax.apply_updates`
+    then lands on purenet's new params, up to rounding). `update` passes no per-step
+    arguments, so an optimizer with `extra_args` (K-FAC) cannot be wrapped
+    usefully: its step raises TypeError.
+
+    Args:
+        opt: the purenet optimizer.
+
+    Returns:
+        An `optax.GradientTransformation` whose `init` is `opt.init` and whose
+            `update(grads, state, params)` raises ValueError when `params` is None.
     """
     import optax
 
@@ -37,6 +47,13 @@ def from_optax(tx: "optax.GradientTransformation") -> Optimizer:
     optax's updates already carry the learning rate and sign, so the purenet
     rate is 1 and the direction is minus optax's updates; the state's
     `learning_rate` then reads 1.0.
+
+    Args:
+        tx: the optax transformation (an `optax.GradientTransformation`); its
+            state is the optimizer's one slot.
+
+    Returns:
+        An `Optimizer` of one transform, with learning rate 1.0 and no guard.
     """
 
     def update(g, slots, params, count):

@@ -29,6 +29,16 @@ def scale_by_momentum(momentum: float = 0.9, nesterov: bool = False) -> Transfor
         d  = g + momentum * v        (nesterov, with the new v)
 
     Velocity starts at zero. This is optax.sgd(..., momentum, nesterov).
+
+    Args:
+        momentum: the velocity's decay, in [0, 1).
+        nesterov: use Nesterov's look-ahead direction instead of the velocity.
+
+    Returns:
+        A `Transform` whose slot is the velocity, a tree like params.
+
+    Raises:
+        ValueError: if `momentum` is outside [0, 1).
     """
     check_hyperparameter("momentum", momentum, 0.0, 1.0)
 
@@ -45,6 +55,16 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> T
 
         G <- G + g^2              (G starts at initial_accumulator_value)
         d  = g / sqrt(G + eps)    (0 where G = 0)
+
+    Args:
+        initial_accumulator_value: where the sum of squares G starts (>= 0).
+        eps: added to G inside the square root (>= 0).
+
+    Returns:
+        A `Transform` whose slot is G, a tree like params (in at least float32).
+
+    Raises:
+        ValueError: if `initial_accumulator_value` or `eps` is negative, NaN or infinite.
     """
     check_hyperparameter("initial_accumulator_value", initial_accumulator_value, 0.0, None)
     check_hyperparameter("eps", eps, 0.0, None)
@@ -62,6 +82,16 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8) -> Transform:
 
         s <- decay * s + (1 - decay) * g^2     (s starts at 0)
         d  = g / sqrt(s + eps)                 (eps inside the root, as optax)
+
+    Args:
+        decay: the running mean's decay, in [0, 1).
+        eps: added to s inside the square root (>= 0).
+
+    Returns:
+        A `Transform` whose slot is s, a tree like params (in at least float32).
+
+    Raises:
+        ValueError: if `decay` is outside [0, 1), or `eps` is negative, NaN or infinite.
     """
     check_hyperparameter("decay", decay, 0.0, 1.0)
     check_hyperparameter("eps", eps, 0.0, None)
@@ -74,7 +104,12 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8) -> Transform:
 
 
 class AdamState(NamedTuple):
-    """Adam's slot: the running moments m (of g) and v (of g**2), each a tree like params."""
+    """Adam's slot: the running moments m (of g) and v (of `g**2`), each a tree like params.
+
+    Attributes:
+        m: the first moment's running mean, a tree like params (in at least float32).
+        v: the second moment's running mean, a tree like params (in at least float32).
+    """
 
     m: PyTree
     v: PyTree
@@ -88,6 +123,17 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
         d  = mhat / (sqrt(vhat) + eps)  (eps outside the root)
 
     Its slot is an AdamState(m, v) (a state saved as the dict {"m", "v"} before resumes as well).
+
+    Args:
+        b1: the first moment's decay, in [0, 1).
+        b2: the second moment's decay, in [0, 1).
+        eps: added to `sqrt(vhat)`, outside the root (>= 0).
+
+    Returns:
+        A `Transform` whose slot is an `AdamState`.
+
+    Raises:
+        ValueError: if `b1` or `b2` is outside [0, 1), or `eps` is negative, NaN or infinite.
     """
     check_hyperparameter("b1", b1, 0.0, 1.0)
     check_hyperparameter("b2", b2, 0.0, 1.0)
@@ -112,12 +158,23 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
 
 def add_decayed_weights(weight_decay: float = 1e-4,
                         mask: Callable[[PyTree], PyTree] | PyTree | None = None) -> Transform:
-    """Decoupled weight decay (Loshchilov & Hutter, 2019): d <- d + weight_decay * params.
+    """Decoupled weight decay (Loshchilov & Hutter, 2019): `d <- d + weight_decay * params`.
 
-    Chained before the learning rate, the step becomes w <- w - lr (d + wd w).
+    Chained before the learning rate, the step becomes `w <- w - lr (d + wd w)`.
     `mask`, if given, is a tree of booleans like params (True where to decay),
     or a function params -> that tree; `pn.decay_mask(net, params)` is the
     roles' choice (trainable weight matrices, not biases, gains or embeddings).
+
+    Args:
+        weight_decay: the decay coefficient (>= 0).
+        mask: a tree of Python bools like params, a function params -> that
+            tree, or None to decay every leaf.
+
+    Returns:
+        A stateless `Transform`.
+
+    Raises:
+        ValueError: if `weight_decay` is negative, NaN or infinite.
     """
     check_hyperparameter("weight_decay", weight_decay, 0.0, None)
 
@@ -129,10 +186,21 @@ def add_decayed_weights(weight_decay: float = 1e-4,
 
 
 def clip_by_global_norm(max_norm: float) -> Transform:
-    """Rescale the whole gradient when its global norm exceeds max_norm:
+    """Rescale the whole gradient when its global norm exceeds `max_norm`:
 
         d = g                          if ||g|| < max_norm
         d = g * max_norm / ||g||       otherwise
+
+    `||g||` is the norm of every leaf's entries together (as optax).
+
+    Args:
+        max_norm: the largest global norm a direction keeps (> 0).
+
+    Returns:
+        A stateless `Transform`.
+
+    Raises:
+        ValueError: if `max_norm` is not positive and finite.
     """
     check_hyperparameter("max_norm", max_norm, 0.0, None, low_open=True)
 

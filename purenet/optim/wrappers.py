@@ -35,6 +35,16 @@ def masked(opt: Optimizer, trainable: PyTree | Callable[[PyTree], PyTree]) -> Op
     with jax.tree_util.tree_map_with_path) or a function params -> that tree.
     A frozen layer's weight gradient is still computed by `value_and_grad`;
     wrap the layer in `pn.Frozen` to skip it.
+
+    Args:
+        opt: the optimizer to restrict.
+        trainable: a tree of Python bools like params (True: train the leaf),
+            or a function params -> that tree.
+
+    Returns:
+        An `Optimizer`: `opt`'s transforms between two that zero the frozen
+            leaves, with `opt`'s learning rate and guard. Its `step` raises
+            ValueError when `trainable` does not match the params' key paths.
     """
 
     def zero_frozen(d, slots, params, count):
@@ -46,13 +56,17 @@ def masked(opt: Optimizer, trainable: PyTree | Callable[[PyTree], PyTree]) -> Op
 
 
 class EMAState(NamedTuple):
-    """`ema`'s slot: the moving average of the params (a tree like them)."""
+    """`ema`'s slot: the moving average of the params (a tree like them).
+
+    Attributes:
+        average: the averaged params, a tree like params in their dtypes.
+    """
 
     average: Any
 
 
 def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
-    """Keep an exponential moving average of the params (Polyak averaging) in the optimizer state:
+    """Keep an exponential moving average of the params (Polyak averaging) in the optimizer state.
 
         avg_0 = params_0,   avg_t = decay avg_{t-1} + (1 - decay) params_t   after step t.
 
@@ -60,6 +74,16 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
     chain or wrapper; `ema_params(opt_state)` finds it. It does not change
     training. `fit(..., evaluate_with_ema=True)` validates (and returns) the
     averaged params.
+
+    Args:
+        opt: the optimizer whose params to average.
+        decay: the average's decay, in [0, 1).
+
+    Returns:
+        An `Optimizer`: `opt`'s transforms and one more whose slot is an `EMAState`.
+
+    Raises:
+        ValueError: if `decay` is outside [0, 1).
     """
     check_hyperparameter("ema decay", decay, 0.0, 1.0)
 
@@ -72,12 +96,32 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
 
 
 def has_ema(opt_state: Any) -> bool:
-    """Whether the optimizer state keeps a parameter average (`pn.optim.ema`)."""
+    """Whether the optimizer state keeps a parameter average (`pn.optim.ema`).
+
+    Args:
+        opt_state: an optimizer state (`OptState`).
+
+    Returns:
+        True when it holds an `EMAState` slot.
+
+    Raises:
+        ValueError: if it holds more than one `EMAState` slot.
+    """
     return find_slot(opt_state, EMAState) is not None
 
 
 def ema_params(opt_state: Any) -> PyTree:
-    """The moving average of the params kept by `ema`, found by its slot's type through any wrapper."""
+    """The moving average of the params kept by `ema`, found by its slot's type through any wrapper.
+
+    Args:
+        opt_state: an optimizer state (`OptState`) of an optimizer wrapped in `ema`.
+
+    Returns:
+        The averaged params, a tree like params.
+
+    Raises:
+        ValueError: if the state keeps no parameter average, or more than one.
+    """
     slot = find_slot(opt_state, EMAState)
     if slot is None:
         raise ValueError("this optimizer keeps no parameter average: wrap it in pn.optim.ema(opt, decay) to "
