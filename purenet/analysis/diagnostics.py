@@ -53,7 +53,15 @@ def _with_params(net: Any, params: Any) -> list:
 
 
 def layer_names(net: Any, params: Any) -> list[str]:
-    """The names of the layers `gradient_flow` reports, in its order ("3: Dense", ...)."""
+    """The names of the layers `gradient_flow` reports, in its order ("3: Dense", ...).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters (only which layers hold parameters is read).
+
+    Returns:
+        One "index: layer class" string per layer with parameters, in forward order (length L).
+    """
     return [f"{i}: {type(leaf.layer).__name__}" for i, leaf in enumerate(_with_params(net, params))]
 
 
@@ -71,7 +79,34 @@ def _record(layer: Any, params: Any, caches: tuple, dys: tuple) -> tuple:
 
 def gradient_flow(net: Any, params: Any, state: Any, x: jax.Array, y: Any, loss: Any = "cross_entropy",
                   l2: Any = 0.0) -> dict[str, jax.Array]:
-    """Per-layer gradient and activation statistics on (x, y); see the module docstring."""
+    """Per-layer gradient and activation statistics on (x, y); see the module docstring.
+
+    One `pn.value_and_grad` for the gradients and one forward in evaluation mode
+    (train=False) for the inputs and activations.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: a probe batch of inputs, shape `(batch, *in_shape)` (integer token ids when the
+            network starts with an Embedding).
+        y: the probe batch's targets for `loss`.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight" (it enters
+            the gradients whose norms are reported).
+
+    Returns:
+        A dict of 1-D arrays: "grad_norm", "weight_norm", "input_rms" (L,), one entry per
+            layer with parameters (forward order, as `layer_names`), and "dead_fraction",
+            "saturated_fraction" (A,), one per activation layer; NaN where a measure does
+            not apply.
+
+    Raises:
+        ValueError: if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch
+            axis or is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
+    """
     _, grads, _ = value_and_grad(net, params, state, x, y, loss=loss, l2=l2)
     out, _, cache = net.forward(params, state, x, train=False)
     records, _ = walk(net, Visit(_record, None, shaped=False), params, (cache,), (jnp.zeros_like(out),))
@@ -103,7 +138,17 @@ def gradient_flow(net: Any, params: Any, state: Any, x: jax.Array, y: Any, loss:
 
 
 def update_ratio(net: Any, old_params: Any, new_params: Any) -> jax.Array:
-    """||W_new - W_old|| / ||W_old|| for each layer with parameters (its weight matrices, see above)."""
+    """`||W_new - W_old|| / ||W_old||` for each layer with parameters (its weight matrices, see above).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        old_params: the parameters before the update.
+        new_params: the parameters after it (the same structure).
+
+    Returns:
+        (L,) the relative change of each layer with parameters, in `layer_names`' order
+            ((0,) for a network without parameters).
+    """
     pairs = [(_selected(a.layer, a.params), _selected(a.layer, b.params))
              for a, b in zip(_with_params(net, old_params), _with_params(net, new_params))]
     if not pairs:
@@ -113,7 +158,22 @@ def update_ratio(net: Any, old_params: Any, new_params: Any) -> jax.Array:
 
 def plot_gradient_flow(history: dict, ax: Any = None, label: str | None = None, epoch: int = 0,
                        key: str = "grad_norm") -> Any:
-    """Plot history[key][epoch] against layer number (log scale); returns the axes."""
+    """Plot `history[key][epoch]` against layer number (log scale); returns the axes.
+
+    Needs matplotlib.
+
+    Args:
+        history: a training history holding per-epoch diagnostics (from
+            `fit(..., diagnostics=(x_probe, y_probe))`): `history[key]` holds one row per epoch.
+        ax: the matplotlib axes to draw on (None: the current axes, `plt.gca()`).
+        label: the line's legend label, or None.
+        epoch: which epoch's row of `history[key]` to draw.
+        key: which diagnostic: "grad_norm", "weight_norm", "input_rms", "dead_fraction"
+            or "saturated_fraction".
+
+    Returns:
+        The matplotlib axes drawn on.
+    """
     import matplotlib.pyplot as plt
 
     ax = ax or plt.gca()

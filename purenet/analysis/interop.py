@@ -73,6 +73,15 @@ def as_function(net: LayerLike) -> Callable[..., tuple[Array, PyTree]]:
     `train` selects the computation and must be a Python bool. Forward mode
     (jvp, jacfwd, hessian) is not defined for a custom_vjp; for curvature
     of the loss use `pn.hvp` or `pn.ggn_vp`.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+
+    Returns:
+        `apply(params, state, x, train=False, key=None) -> (y, new_state)`, a plain JAX
+            function (its `net` attribute is the network). Calling it raises TypeError when
+            `train` is a traced value or `x` has the wrong dtype, and ValueError when `x`
+            has no batch axis.
     """
     bridge = _bridge(net)
 
@@ -143,6 +152,29 @@ def hvp(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, v: PyTr
     and shapes; state, x, y, train and key are held fixed (as in
     `pn.value_and_grad`, e.g. batch statistics are functions of params in
     training mode).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, the point at which the curvature is taken.
+        state: its state (held fixed).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`.
+        v: the vector, a tree with params' structure and leaf shapes (cast to params' dtypes).
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight"; its penalty
+            `l2/2 sum W^2` is part of the loss differentiated.
+        train: training mode (dropout, batch statistics); a Python bool.
+        key: PRNG key for the forward's randomness (dropout), or None; held fixed.
+
+    Returns:
+        H v, a tree like params.
+
+    Raises:
+        ValueError: if `v` does not have params' structure and leaf shapes; if `loss` is not
+            a registered name or a `pn.Loss`; if `x` has no batch axis or is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     v = _tangent(params, v)
 
@@ -169,6 +201,29 @@ def ggn_vp(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, v: P
         J v          forward-mode derivative (`jax.jvp`) of the forward along v
         H_out (J v)  forward-mode derivative of the handwritten dL/dout along J v
         J^T (...)    the layers' handwritten backward, with the forward's caches
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters, the point at which the curvature is taken.
+        state: its state (held fixed).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`.
+        v: the vector, a tree with params' structure and leaf shapes (cast to params' dtypes).
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight": adds `l2 v` on those
+            parameters (the penalty's Hessian).
+        train: training mode (dropout, batch statistics); a Python bool.
+        key: PRNG key for the forward's randomness (dropout), or None; held fixed.
+
+    Returns:
+        G v, a tree like params.
+
+    Raises:
+        ValueError: if `v` does not have params' structure and leaf shapes; if `loss` is not
+            a registered name or a `pn.Loss`; if `x` has no batch axis or is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     v = _tangent(params, v)
     check_float_input(x, ids=id_layer(net))

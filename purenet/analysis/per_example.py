@@ -228,7 +228,31 @@ def per_example_grads(net: LayerLike, params: PyTree, state: PyTree, x: Array, y
     """(values, grads): each example's own loss L_i (+ l2 penalty) and its gradient.
 
     grads has params' structure with a leading batch axis on every leaf; its
-    mean over the batch is pn.value_and_grad's gradient.
+    mean over the batch is `pn.value_and_grad`'s gradient.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight": each example's
+            loss gets the penalty `l2/2 sum W^2` and its gradient `l2 W`.
+        train: training mode (dropout, batch statistics); a Python bool. BatchNorm in training
+            mode couples the examples, so per-example gradients are not defined through it.
+        key: PRNG key for the forward's randomness (dropout), or None.
+
+    Returns:
+        (values, grads): values (batch,) each example's loss L_i (plus the l2 penalty); grads
+            like params with a leading batch axis, leaves `(batch, *leaf_shape)`.
+
+    Raises:
+        ValueError: if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch
+            axis or is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     grads = backward_pass(p, net, y, PER_EXAMPLE, seed=lambda d: d * p.out.shape[0])
@@ -245,7 +269,7 @@ def _sq_norms(net, p, y, l2):
 def per_example_grad_norms(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
                            loss: str | Loss = "cross_entropy", l2: float | Array = 0.0, train: bool = False,
                            key: Array | None = None, chunk_size: int | None = None) -> Array:
-    """||grad of L_i|| for every example i, without forming the per-example gradients.
+    """`||grad of L_i||` for every example i, without forming the per-example gradients.
 
     Dense products (Dense, attention's projections, SwiGLU, the recurrent
     layers' steps) use ||h_i dy_i^T|| = ||h_i|| ||dy_i|| (Goodfellow, 2015)
@@ -258,6 +282,30 @@ def per_example_grad_norms(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     chunk_size=k runs the batch k examples at a time, one chunk after
     another (see `in_chunks`): the working set (activations, their
     gradients) shrinks by batch / k and the norms are the same.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight": the norms
+            are of `g_i + l2 W`, W the parameters l2 covers.
+        train: training mode (dropout, batch statistics); a Python bool. BatchNorm in training
+            mode couples the examples, so per-example gradients are not defined through it.
+        key: PRNG key for the forward's randomness (dropout), or None.
+        chunk_size: examples per chunk (a positive int), or None for the whole batch at once.
+
+    Returns:
+        (batch,) the norm of each example's gradient.
+
+    Raises:
+        ValueError: if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch
+            axis or is empty, or if `chunk_size` is neither None nor a positive int.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     def norms(x, y, key):
         p = loss_pass(net, params, state, x, loss, train, key)

@@ -124,8 +124,21 @@ GRAM_RULES = {DenseProduct: _dense_gram, Convolution: _conv_gram}
 
 
 def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
-    """(sum_i g_i**2 elementwise, like params; dx): the layer's own method, its products' rules, or
-    its per-example gradients squared."""
+    """(`sum_i g_i**2` elementwise, like params; dx): the layer's own method, its products' rules, or
+    its per-example gradients squared.
+
+    Args:
+        layer: one leaf layer (not a container).
+        params: the layer's parameters.
+        cache: the cache of the layer's forward on the batch.
+        dy: the per-example output gradients, shape `(batch, *out_shape)`: row i the gradient
+            of example i's own loss with respect to the layer's output (N dL/d(output)).
+
+    Returns:
+        (sq, dx): sq like params, the sum over the examples of each entry's squared
+            per-example gradient; dx the gradient with respect to the layer's input (None for
+            integer ids).
+    """
     if hasattr(layer, "per_example_sq"):
         return layer.per_example_sq(params, cache, dy)
     found = structure.declared(layer, params, cache, dy) if has_params(params) else None
@@ -140,9 +153,21 @@ def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tup
 
 def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree,
                            axis_name: str) -> tuple[PyTree, Any]:
-    """(sum over the examples and the cotangent columns of g**2, like params; dx), inside a `vmap`
+    """(sum over the examples and the cotangent columns of `g**2`, like params; dx), inside a `vmap`
     over the columns named `axis_name` (`purenet.analysis.curvature.column_walk`): the layer's own
-    method, its products' rules, or `per_example_sq` summed over the columns with `lax.psum`."""
+    method, its products' rules, or `per_example_sq` summed over the columns with `lax.psum`.
+
+    Args:
+        layer: one leaf layer (not a container).
+        params: the layer's parameters.
+        cache: the cache of the layer's forward on the batch.
+        dy: this column's per-example output gradients, shape `(batch, *out_shape)`.
+        axis_name: the name of the `vmap` axis over the cotangent columns (the sum runs over it).
+
+    Returns:
+        (sq, dx): sq like params, summed over the examples and the columns; dx this column's
+            gradient with respect to the layer's input.
+    """
     if hasattr(layer, "per_example_sq_columns"):
         return layer.per_example_sq_columns(params, cache, dy, axis_name)
     found = structure.declared(layer, params, cache, dy) if has_params(params) else None
@@ -159,8 +184,22 @@ def per_example_sq_columns(layer: Any, params: PyTree, cache: PyTree, dy: PyTree
 
 def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, cache_b: PyTree,
                      dy_b: PyTree) -> tuple[Array, Any, Any]:
-    """((na, nb) matrix of <g_i, g_j>, dxa, dxb): the layer's own method, its products' rules, or
-    the products of its per-example gradients."""
+    """((na, nb) matrix of `<g_i, g_j>`, dxa, dxb): the layer's own method, its products' rules, or
+    the products of its per-example gradients.
+
+    Args:
+        layer: one leaf layer (not a container).
+        params: the layer's parameters.
+        cache_a: the cache of the layer's forward on batch a.
+        dy_a: batch a's per-example output gradients, shape `(na, *out_shape)`.
+        cache_b: the cache of the layer's forward on batch b.
+        dy_b: batch b's per-example output gradients, shape `(nb, *out_shape)`.
+
+    Returns:
+        (gram, dxa, dxb): gram (na, nb), entry (i, j) the inner product of example i's (batch a)
+            and example j's (batch b) gradients of the layer's parameters; dxa, dxb the
+            gradients with respect to the layer's input for each batch.
+    """
     if hasattr(layer, "per_example_gram"):
         return layer.per_example_gram(params, cache_a, dy_a, cache_b, dy_b)
     na, nb = jax.tree_util.tree_leaves(dy_a)[0].shape[0], jax.tree_util.tree_leaves(dy_b)[0].shape[0]
@@ -228,22 +267,51 @@ def _squares(net, params, state, x, y, loss, fisher, key, samples, per_example, 
 def fisher_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any,
                     loss: str | Loss = "cross_entropy", train: bool = False, key: Array | None = None,
                     fisher: str = "empirical", samples: int = 1) -> PyTree:
-    """The Fisher's diagonal, (1/N) sum_i sum_c (J_i^T s_ic)**2, a tree like params.
+    """The Fisher's diagonal, `(1/N) sum_i sum_c (J_i^T s_ic)**2`, a tree like params.
 
     fisher="empirical" (the default, as before): one column, the data
-    gradient, so this is (1/N) sum_i g_i**2, the empirical Fisher.
+    gradient, so this is `(1/N) sum_i g_i**2`, the empirical Fisher.
     fisher="mc": `samples` columns from labels drawn from the model (key;
     the labels use fold_in(key, 1), the forward's dropout `key` itself), an
     unbiased estimate of the GGN diagonal. fisher="exact": the GGN diagonal
     (`ggn_diagonal`). See `purenet.analysis.curvature` for the columns.
 
-    Identity: for Dense rows dW_ic = h_i dy_ic^T, so sum_ic dW_ic**2 =
-    (h**2)^T sum_c (dy_c**2): one matmul, no per-example gradient formed
+    Identity: for Dense rows dW_ic = h_i dy_ic^T, so `sum_ic dW_ic**2 =
+    (h**2)^T sum_c (dy_c**2)`: one matmul, no per-example gradient formed
     (positions: a matmul over pairs of positions, or dW_i formed when
     smaller; see `purenet.layers.dense.per_example_sq`). Conv2D does the
     same on its patches; other layers square the per-example gradients they
     form (any layer without a fast path forms them with its own backward,
     vmapped). Data loss only (no l2 term); zero inside Frozen.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example (read by fisher="empirical").
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        train: training mode (dropout, batch statistics); a Python bool. Keep it False with
+            BatchNorm, whose training mode couples the examples.
+        key: PRNG key for the forward's randomness (dropout) and, folded with 1, for the
+            labels fisher="mc" draws; required by "mc".
+        fisher: which output cotangents (`purenet.analysis.curvature`): "empirical" (the data
+            gradient), "mc" (labels sampled from the model) or "exact" (the loss Hessian's
+            square-root columns).
+        samples: labels drawn per example with fisher="mc" (a positive int).
+
+    Returns:
+        The diagonal, a tree like params.
+
+    Raises:
+        ValueError: if `fisher` is not "empirical", "mc" or "exact"; if fisher="mc" has no
+            `key` or `samples` is not a positive int; if "mc" or "exact" is asked of a loss
+            that declares no sampling or Hessian square root;
+            if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch axis or
+            is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     _check_fisher_args(fisher)
     return _squares(net, params, state, x, y, loss, fisher, key, samples, False, train)
@@ -265,6 +333,37 @@ def ggn_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any
     per_example=True: each example's own diag(J_i^T H_i J_i), leaves
     (N, ...), whose mean over the rows is the default's result.
     The labels y are not read by "exact" / "mc" (the GGN does not depend on them).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss` (not read: the GGN does not depend on them).
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        per_example: True for each example's own diagonal (leaves `(batch, *leaf_shape)`),
+            False for their mean.
+        train: training mode (dropout, batch statistics); a Python bool. Keep it False with
+            BatchNorm, whose training mode couples the examples.
+        key: PRNG key for the forward's randomness (dropout) and, folded with 1, for the
+            labels fisher="mc" draws; required by "mc".
+        fisher: "exact" (the loss Hessian's square-root columns) or "mc" (`samples` labels
+            drawn from the model).
+        samples: labels drawn per example with fisher="mc" (a positive int).
+
+    Returns:
+        The diagonal, a tree like params (leaves with a leading batch axis when
+            `per_example`).
+
+    Raises:
+        ValueError: if fisher="empirical" (that is `fisher_diagonal`) or any other value
+            than "exact" and "mc"; if fisher="mc" has no `key` or `samples` is not a positive
+            int; if the loss declares no Hessian square root (or sampling, for "mc");
+            if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch axis or
+            is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     if fisher == "empirical":
         raise ValueError("ggn_diagonal is the exact (or Monte-Carlo) GGN: use fisher='exact' or 'mc'; "
@@ -366,12 +465,38 @@ def hessian_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y:
     h = g(a) adds its residual term diag(g''(a) dL/dh), as columns
     sqrt(max(r, 0)) e_d to P and sqrt(max(-r, 0)) e_d to Q (one per unit).
     A layer's parameters, in which its output is linear, get
-    sum_c (J_theta^T p_c)**2 - sum_c (J_theta^T q_c)**2. Each activation
+    `sum_c (J_theta^T p_c)**2 - sum_c (J_theta^T q_c)**2`. Each activation
     adds as many columns as it has units per example: meant for small
     networks and tests (the GGN is the scalable curvature).
     Supported: chains (Sequential) of layers that declare their second-order
     term (see `purenet.layers.base`); anything else is an error that names it.
     per_example=True: each example's own Hessian diagonal (leaves (N, ...)).
+
+    Args:
+        net: the network (a layer, or a `pn.Sequential` chain).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        per_example: True for each example's own diagonal (leaves `(batch, *leaf_shape)`),
+            False for their mean.
+        train: training mode (dropout, batch statistics); a Python bool. Keep it False with
+            BatchNorm, whose training mode couples the examples.
+        key: PRNG key for the forward's randomness (dropout), or None.
+
+    Returns:
+        The diagonal of the data loss's Hessian (no l2 term), a tree like params.
+
+    Raises:
+        ValueError: if the network is not a chain (a Residual, Parallel, GPT or Frozen
+            inside), or a layer declares no second-order term (neither `piecewise_linear`
+            nor `second_derivative`); if the loss declares no Hessian square root;
+            if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch axis or
+            is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     _check_chain(net)
     p = loss_pass(net, params, state, x, loss, train, key)
@@ -387,7 +512,14 @@ def hessian_diagonal(net: LayerLike, params: PyTree, state: PyTree, x: Array, y:
 
 
 class NoiseScale(NamedTuple):
-    """The parts of the gradient noise scale, from one batch of n examples."""
+    """The parts of the gradient noise scale, from one batch of n examples.
+
+    Attributes:
+        b_simple: `trace_cov / grad_sq_norm`, the simple noise scale B_simple (a scalar).
+        trace_cov: tr(S), S the unbiased sample covariance of the per-example gradients g_i.
+        grad_sq_norm: `|G|^2`, G = (1/n) sum_i g_i the batch's gradient.
+        mean_sq_norm: `(1/n) sum_i |g_i|^2`, the trace of the empirical Fisher (with l2 = 0).
+    """
 
     b_simple: jnp.ndarray      # trace_cov / grad_sq_norm
     trace_cov: jnp.ndarray     # tr(S), S the unbiased sample covariance of the g_i
@@ -414,6 +546,30 @@ def gradient_noise(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: A
     removes the bias with two batch sizes, and `unbiased` in
     `gradient_noise_scale` uses |G|^2 - tr(S)/n from this one batch instead.
     With l2, every g_i shifts by l2 W: S is unchanged and G includes it.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight": every g_i
+            (and so G) includes `l2 W`.
+        train: training mode (dropout, batch statistics); a Python bool. Keep it False with
+            BatchNorm, whose training mode couples the examples.
+        key: PRNG key for the forward's randomness (dropout), or None.
+
+    Returns:
+        A `NoiseScale` of scalars.
+
+    Raises:
+        ValueError: if the batch has fewer than 2 examples;
+            if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch axis or
+            is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     p = loss_pass(net, params, state, x, loss, train, key)
     n = p.out.shape[0]
@@ -438,6 +594,31 @@ def gradient_noise_scale(net: LayerLike, params: PyTree, state: PyTree, x: Array
     noisier, and negative when the batch's gradient is mostly noise).
     Identity: ||h_i dy_i^T||^2 = ||h_i||^2 ||dy_i||^2 (Goodfellow, 2015) via
     `pn.per_example_grad_norms`' machinery; no per-example gradient formed.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight" (see
+            `gradient_noise`).
+        unbiased: divide by `|G|^2 - tr(S)/n` instead of `|G|^2`.
+        train: training mode (dropout, batch statistics); a Python bool. Keep it False with
+            BatchNorm, whose training mode couples the examples.
+        key: PRNG key for the forward's randomness (dropout), or None.
+
+    Returns:
+        B_simple, a scalar.
+
+    Raises:
+        ValueError: if the batch has fewer than 2 examples;
+            if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch axis or
+            is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     parts = gradient_noise(net, params, state, x, y, loss=loss, l2=l2, train=train, key=key)
     if not unbiased:
@@ -462,7 +643,7 @@ GRAM = Visit(_gram_leaf, lambda params, dys: jnp.zeros((dys[0].shape[0], dys[1].
 def gradient_gram(net: LayerLike, params: PyTree, state: PyTree, batch1: tuple[Array, Any],
                   batch2: tuple[Array, Any] | None = None, loss: str | Loss = "cross_entropy", train: bool = False,
                   key: Array | None = None) -> Array:
-    """The (n1, n2) matrix of per-example gradient inner products <g_i, g_j>, i in batch1, j in batch2.
+    """The (n1, n2) matrix of per-example gradient inner products `<g_i, g_j>`, i in batch1, j in batch2.
 
     batch1 = (x1, y1), batch2 = (x2, y2) (default: batch1 again). Each batch
     runs forward and its own per-example backward; at every Dense layer the
@@ -479,6 +660,26 @@ def gradient_gram(net: LayerLike, params: PyTree, state: PyTree, batch1: tuple[A
     The larger batch is walked first (the result transposed back): with
     the smaller one first, jaxlib 0.10.2's XLA:CPU miscomputes the columns
     beyond 16,384 unless `pn.xla_flags.configure()` ran (jax issue 39103).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        batch1: (x1, y1), inputs `(n1, *in_shape)` and their targets.
+        batch2: (x2, y2), inputs `(n2, *in_shape)` and their targets; None for batch1 again.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        train: training mode (dropout, batch statistics); a Python bool. Keep it False with
+            BatchNorm, whose training mode couples the examples.
+        key: PRNG key for the forward's randomness (dropout), or None.
+
+    Returns:
+        (n1, n2) the inner products of the data loss's per-example gradients.
+
+    Raises:
+        TypeError: if a batch is not a pair (x, y), or an `x` is not floating point (integer
+            ids for a network that starts with an Embedding).
+        ValueError: if `loss` is not a registered name or a `pn.Loss`, or an `x` has no batch
+            axis or is empty.
     """
     batch2 = batch1 if batch2 is None else batch2
     for name, batch in (("batch1", batch1), ("batch2", batch2)):
@@ -535,7 +736,16 @@ def _factor_tree(net, params, factors):
 
 
 def kfac_zeros(net: LayerLike, params: PyTree) -> PyTree:
-    """A factor tree like `kfac_factors`' with zero matrices (K-FAC's optimizer state starts from it)."""
+    """A factor tree like `kfac_factors`' with zero matrices (K-FAC's optimizer state starts from it).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters (their shapes fix the factors' sizes).
+
+    Returns:
+        A tree like params with `KFACFactors` (or `KFACBlocks`) of zero matrices, at least
+            float32, in place of each K-FAC layer's params, and None elsewhere.
+    """
     return _factor_tree(net, params, None)
 
 
@@ -566,6 +776,37 @@ def kfac_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Array,
     same). grads include the l2 term; the factors do not. BatchNorm in
     training mode is allowed here (the factors use each row's
     backpropagated gradient as it is).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight" (in the value
+            and grads, not in the factors).
+        train: training mode (dropout, batch statistics); a Python bool.
+        key: PRNG key for the forward's randomness (dropout) and, folded with 1, for the
+            labels fisher="mc" draws; required by "mc".
+        fisher: which output cotangents (`purenet.analysis.curvature`): "empirical" (the data
+            gradient), "mc" (labels sampled from the model) or "exact" (the loss Hessian's
+            square-root columns).
+        samples: labels drawn per example with fisher="mc" (a positive int).
+
+    Returns:
+        (value, grads, factors, state): the loss (with the l2 penalty); grads like params;
+            factors as `kfac_factors` returns them; the network's new state.
+
+    Raises:
+        ValueError: if `fisher` is not "empirical", "mc" or "exact"; if fisher="mc" has no
+            `key` or `samples` is not a positive int; if "mc" or "exact" is asked of a loss
+            that declares no sampling or Hessian square root;
+            if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch axis or
+            is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     _check_fisher_args(fisher)
     p = loss_pass(net, params, state, x, loss, train, key)
@@ -617,6 +858,37 @@ def kfac_factors(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any
     follow KFC (A averages over the output positions, G sums over them);
     BackPACK's KFAC / KFLR for Conv2d sums A over the positions instead, so
     its A is T times ours and its G is ours / T (the product agrees).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        train: training mode (dropout, batch statistics); a Python bool.
+        key: PRNG key for the forward's randomness (dropout) and, folded with 1, for the
+            labels fisher="mc" draws; required by "mc".
+        fisher: which output cotangents (`purenet.analysis.curvature`): "empirical" (the data
+            gradient), "mc" (labels sampled from the model) or "exact" (the loss Hessian's
+            square-root columns).
+        samples: labels drawn per example with fisher="mc" (a positive int).
+
+    Returns:
+        A tree like params holding, in place of each K-FAC layer's params, `KFACFactors(A, G)`
+            (A `(in + 1, in + 1)` with a bias, else `(in, in)`; G `(out, out)`; at least
+            float32), or `KFACBlocks` for a layer with several weight matrices (attention);
+            None for other layers and inside Frozen.
+
+    Raises:
+        ValueError: if `fisher` is not "empirical", "mc" or "exact"; if fisher="mc" has no
+            `key` or `samples` is not a positive int; if "mc" or "exact" is asked of a loss
+            that declares no sampling or Hessian square root;
+            if `loss` is not a registered name or a `pn.Loss`, or `x` has no batch axis or
+            is empty.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     _, _, factors, _ = kfac_value_and_grad(net, params, state, x, y, loss=loss, train=train, key=key,
                                            fisher=fisher, samples=samples)

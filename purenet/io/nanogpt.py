@@ -27,7 +27,21 @@ PyTree = Any
 def nanogpt(vocab_size: int, context: int, layers: int, heads: int, features: int, dropout: float = 0.0,
             bias: bool = True) -> Sequential:
     """nanoGPT's GPT as a purenet net: `pn.gpt(...)` when bias (the same net), else the bias-free
-    `NanoGPT` (purenet.models.nanogpt) in the same Sequential([model, Softmax()])."""
+    `NanoGPT` (purenet.models.nanogpt) in the same Sequential([model, Softmax()]).
+
+    Args:
+        vocab_size: the number of token ids (nanoGPT's vocab_size).
+        context: the longest sequence, T (block_size).
+        layers: the number of transformer blocks (n_layer).
+        heads: attention heads per block (n_head).
+        features: the model width d (n_embd).
+        dropout: the dropout rate, in [0, 1).
+        bias: True for Linear and LayerNorm biases (nanoGPT's bias=True), False for none.
+
+    Returns:
+        A `pn.Sequential` of the GPT and a final Softmax; it reads integer token ids of shape
+            (batch, T).
+    """
     if bias:
         return gpt(vocab_size, context, layers, heads, features, dropout)
     model = NanoGPT(vocab_size, context, layers, heads, features, dropout, bias=False)
@@ -139,20 +153,36 @@ def from_nanogpt(state_dict: Mapping[str, Any], heads: int | None = None, *,
                  dropout: float | None = None) -> tuple[Sequential, PyTree]:
     """nanoGPT's GPT (model.py) -> (net, params): `pn.gpt` (or the bias-free `NanoGPT`) and its params.
 
-    state_dict: model.state_dict() (torch tensors or numpy arrays), or the dict train.py saves
-    ({"model": state_dict, "model_args": {n_layer, n_head, n_embd, block_size, bias, vocab_size,
-    dropout}, ...}); keys may carry torch.compile's "_orig_mod." prefix. heads: n_head (read from
-    model_args when given the checkpoint dict). Layouts: wte/wpe as they are; attn.c_attn.weight
-    (3d, d) is split into Wq, Wk, Wv (rows [0, d), [d, 2d), [2d, 3d), each transposed, as nanoGPT's
-    q, k, v = c_attn(x).split(d)); every other Linear weight (out, in) is transposed to Dense's
-    (in, out); LayerNorm weight/bias -> gamma/beta. bias=False checkpoints (no Linear or LayerNorm
-    biases, detected from the keys) give the bias-free `NanoGPT`. lm_head.weight, when present, must
-    equal transformer.wte.weight (nanoGPT ties them). The attention's causal-mask buffer
-    (attn.bias, (1, 1, T, T), in checkpoints of PyTorch without flash attention) is checked and
-    dropped. dropout defaults to model_args' (else 0). heads and model_args' sizes must be positive
-    integers (ints, numpy integers or integral floats; not bools), bias a bool and dropout a number
-    in [0, 1), or a WeightsError names the field and the value. The dtype is the state_dict's. A
-    GPT keeps no state arrays: `empty_state(net)` is the state pn.forward and pn.loss take.
+    Layouts: wte/wpe as they are; attn.c_attn.weight (3d, d) is split into Wq, Wk, Wv (rows [0, d),
+    [d, 2d), [2d, 3d), each transposed, as nanoGPT's q, k, v = c_attn(x).split(d)); every other
+    Linear weight (out, in) is transposed to Dense's (in, out); LayerNorm weight/bias -> gamma/beta.
+    bias=False checkpoints (no Linear or LayerNorm biases, detected from the keys) give the
+    bias-free `NanoGPT`. lm_head.weight, when present, must equal transformer.wte.weight (nanoGPT
+    ties them). The attention's causal-mask buffer (attn.bias, (1, 1, T, T), in checkpoints of
+    PyTorch without flash attention) is checked and dropped. dropout defaults to model_args' (else
+    0). heads and model_args' sizes must be positive integers (ints, numpy integers or integral
+    floats; not bools), bias a bool and dropout a number in [0, 1), or a WeightsError names the
+    field and the value. The dtype is the state_dict's. A GPT keeps no state arrays:
+    `empty_state(net)` is the state pn.forward and pn.loss take.
+
+    Args:
+        state_dict: model.state_dict() (torch tensors or numpy arrays), or the dict train.py
+            saves ({"model": state_dict, "model_args": {n_layer, n_head, n_embd, block_size,
+            bias, vocab_size, dropout}, ...}); keys may carry torch.compile's "_orig_mod."
+            prefix.
+        heads: n_head, the attention heads per block (read from model_args when given the
+            checkpoint dict; required with a bare state_dict).
+        dropout: the net's dropout rate in [0, 1); None for model_args' (else 0).
+
+    Returns:
+        (net, params): the `pn.Sequential` of `nanogpt(...)` and its parameters, in the
+            state_dict's dtype.
+
+    Raises:
+        WeightsError: if the state_dict is not a nanoGPT one (missing or misshaped tensors,
+            non-string keys, a key twice, a non-float embedding, lm_head.weight not tied to
+            wte, an attn.bias that is not the causal mask), if heads or model_args are
+            missing, malformed or disagree with the tensors, or if dropout is not in [0, 1).
     """
     tensors, args, heads = _nanogpt_input(state_dict, heads)
     for key in ("transformer.wte.weight", "transformer.wpe.weight"):
@@ -212,7 +242,20 @@ def _init(net: Any, key: Any, dtype: Any) -> PyTree:
 def empty_state(net: Any, in_shape: Any = None) -> PyTree:
     """The state tree of a network that keeps no state arrays (pn.gpt's: empty containers), for
     pn.forward / pn.loss after `from_nanogpt` or `load_safetensors`, found without initialising
-    anything (jax.eval_shape of pn.init). A network with state arrays (BatchNorm) is a ValueError."""
+    anything (jax.eval_shape of pn.init). A network with state arrays (BatchNorm) is a ValueError.
+
+    Args:
+        net: the network.
+        in_shape: the shape of one example, as `pn.init` takes it; None for the network's own
+            (a GPT's is (context,)).
+
+    Returns:
+        The state tree (empty containers, no arrays).
+
+    Raises:
+        ValueError: if the network keeps state arrays, or `pn.init` needs an in_shape the
+            network does not record.
+    """
     state = jax.eval_shape(lambda k: init(net, k, in_shape)[1], jax.random.key(0))
     if jax.tree_util.tree_leaves(state):
         raise ValueError(f"{type(net).__name__} keeps state arrays; load or initialise them (pn.init)")
@@ -245,6 +288,20 @@ def to_nanogpt(net: Any, params: PyTree, *, checkpoint: bool = False) -> dict[st
     {"model": that state_dict, "model_args": {...}}, the dict nanoGPT's train.py saves (torch.save it).
     Every tensor must have the shape the net's init gives it (jax.eval_shape of pn.init), so the
     model_args describe the tensors; else a WeightsError names the tensor and both shapes.
+
+    Args:
+        net: a `pn.gpt` network (or the `nanogpt(...)` one, or a bare `pn.GPT`).
+        params: its parameters.
+        checkpoint: False for the bare state_dict, True for train.py's checkpoint dict.
+
+    Returns:
+        {nanoGPT name: numpy array} in model.py's order, or with checkpoint=True
+            {"model": that state_dict, "model_args": {...}}.
+
+    Raises:
+        TypeError: if `net` is not a `pn.gpt` network or a `pn.GPT`.
+        WeightsError: if the GPT's head is not tied to its token embedding, or params do not
+            match the net (missing or extra tensors, or a shape that differs).
     """
     model, params = _gpt_of(net, params)
     prefix = "" if model is net else "0."  # the user's tree path: inside pn.gpt's Sequential, or a bare GPT

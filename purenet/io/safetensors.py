@@ -26,7 +26,7 @@ named-tuple field by its name. So pn.gpt's params `(gpt, softmax)` have
 "0.token.E", "0.body.0.P", "0.body.1.0.1.Wq" (the first block's attention),
 and a flat dict {"transformer.wte.weight": w} keeps its keys as names.
 `flatten(tree)` lists them. Two leaves with one name, an empty name (a bare
-array as the tree) and the reserved "__metadata__" are errors.
+array as the tree) and the reserved `"__metadata__"` are errors.
 
 Tensors are written in order of decreasing item size (tree order among
 equal sizes), so each tensor starts at a multiple of its item size (the
@@ -38,7 +38,7 @@ Loading executes nothing the file names (JSON and raw bytes only) and
 validates the whole header before reading any tensor: the 8-byte length
 against a bound (100,000,000 bytes, the `safetensors` library's) and the
 file size, UTF-8 JSON that is an object starting with "{" without
-duplicate names, "__metadata__" a str -> str object, each entry exactly
+duplicate names, `"__metadata__"` a str -> str object, each entry exactly
 {"dtype", "shape", "data_offsets"} with a known dtype, a shape of at most
 32 non-negative integers, offsets [begin, end] with end - begin =
 prod(shape) * itemsize, and the ranges, sorted, contiguous from 0 to the
@@ -52,7 +52,7 @@ tells them apart.
 
 Values come back exactly as saved, as `pn.load` returns them: with `like`
 a jax array where JAX holds the dtype exactly, else (float64, int64,
-complex64 without jax_enable_x64) a numpy array of the saved dtype;
+uint64 without jax_enable_x64) a numpy array of the saved dtype;
 without `like` a dict {name: numpy array} in the file's header order.
 
 Values of torch tensors are converted with .detach().cpu().numpy() (torch
@@ -139,7 +139,18 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
-    """{name: leaf} in tree order, each name the leaf's key path joined with "." (the module docstring's rule)."""
+    """{name: leaf} in tree order, each name the leaf's key path joined with "." (the module docstring's rule).
+
+    Args:
+        tree: a tree (dicts with string keys, lists, tuples, named tuples) of arrays.
+
+    Returns:
+        {name: leaf}, the leaves themselves (not copied), in tree order.
+
+    Raises:
+        TypeError: if a dict key is not a string, or the tree is a bare array (an empty name).
+        ValueError: if two leaves get one name, or a name is the reserved `"__metadata__"`.
+    """
     out: dict[str, Any] = {}
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         name = ".".join(_key_name(k) for k in key_path)
@@ -166,9 +177,24 @@ def save_safetensors(path: str | os.PathLike[str], params: PyTree,
                      metadata: Mapping[str, str] | None = None) -> str:
     """Write `params` (a tree of arrays: jax, numpy or torch) as a safetensors file, atomically; returns the path.
 
-    Names follow the module docstring's rule; `metadata` (str -> str) is stored as "__metadata__"
+    Names follow the module docstring's rule; `metadata` (str -> str) is stored as `"__metadata__"`
     (read it back with `safetensors_metadata`). A dtype safetensors cannot name is a TypeError naming
     the leaf, raised before anything is written.
+
+    Args:
+        path: the file to write (replaced atomically if it exists).
+        params: a tree of arrays (jax, numpy or torch tensors).
+        metadata: {str: str} to store in the header, or None.
+
+    Returns:
+        The path written, as a str.
+
+    Raises:
+        TypeError: if metadata is not a str -> str mapping, a leaf has a dtype safetensors
+            cannot name (or is a PRNG key), a dict key is not a string, or params is a bare
+            array.
+        ValueError: if two leaves get one name or one is named `"__metadata__"`, a tensor has
+            more than 32 dimensions, or the header would exceed 100,000,000 bytes.
     """
     path = os.fspath(path)
     if metadata is not None and (not isinstance(metadata, Mapping) or not all(
@@ -320,7 +346,18 @@ def _read_tensor(path: str, f: Any, start: int, e: _Entry) -> np.ndarray:
 
 
 def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """A safetensors file's "__metadata__" ({} when it has none); reads and validates the header only."""
+    """A safetensors file's `"__metadata__"` ({} when it has none); reads and validates the header only.
+
+    Args:
+        path: the safetensors file.
+
+    Returns:
+        {str: str}, the header's `"__metadata__"` ({} when it has none).
+
+    Raises:
+        WeightsError: if the header is not valid (see the module docstring).
+        OSError: if the file cannot be read.
+    """
     path = os.fspath(path)
     with open(path, "rb") as f:
         _, metadata, _ = _read_header(path, f, os.fstat(f.fileno()).st_size)
@@ -340,6 +377,22 @@ def load_safetensors(path: str | os.PathLike[str], like: PyTree = None) -> Any:
     structure; the file must hold exactly like's tensor names (the module docstring's rule), each
     with like's shape and dtype, or a WeightsError names every missing and extra tensor, or the
     tensor and both shapes / dtypes. Without it: {name: numpy array} in the file's order.
+
+    Args:
+        path: the safetensors file.
+        like: a tree of arrays or `jax.ShapeDtypeStruct`s whose names, shapes and dtypes the
+            file must match, or None to read every tensor by name.
+
+    Returns:
+        With `like`, a tree like it (jax arrays; numpy arrays for dtypes JAX does not hold
+            exactly, e.g. float64 without jax_enable_x64); without, {name: numpy array} in the
+            header's order.
+
+    Raises:
+        WeightsError: if the file is not a valid safetensors file, or (with `like`) its names,
+            shapes or dtypes differ from like's.
+        TypeError: if `like` has a non-string dict key or is a bare array.
+        OSError: if the file cannot be read.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:

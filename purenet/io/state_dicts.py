@@ -67,18 +67,35 @@ def from_state_dict(like: PyTree, state_dict: Mapping[str, Any], names: Mapping[
                     strict: bool = True) -> PyTree:
     """Fill a params tree shaped like `like` from a PyTorch-style state_dict.
 
-    names: {purenet tensor name (`flatten(like)`'s keys): state_dict key}, one for every leaf
-    of like (several leaves may read one key, e.g. slices of a fused matrix). transforms:
-    {purenet name: a name in LAYOUTS ("linear", "conv1d", "conv2d") or a function array -> array},
-    applied to the state_dict's value (numpy; torch tensors converted) before the shape check.
-    Each value must then have like's shape; it is cast to like's dtype within its kind (float to
-    float, int to int), as JAX holds that dtype (int64 -> int32, float64 -> float32 without
+    Transforms apply to the state_dict's value (numpy; torch tensors converted) before the shape
+    check. Each value must then have like's shape; it is cast to like's dtype within its kind (float
+    to float, int to int), as JAX holds that dtype (int64 -> int32, float64 -> float32 without
     jax_enable_x64). A cast that changes values is a WeightsError naming the tensor: an integer
     outside the dtype's range, a finite float that overflows (to inf, or NaN in a float8 without
     inf). Floats narrower than the value's round to nearest (float64 -> float32 keeps about 7
     digits; values below float32's range become subnormal or 0), as torch's .float() does. With
     strict (the default) every state_dict key must be used. Any mismatch is a WeightsError naming
     the tensors. Returns like's structure with jax arrays.
+
+    Args:
+        like: the params tree to fill (arrays or `jax.ShapeDtypeStruct`s, e.g. jax.eval_shape
+            of `pn.init`): its names, shapes and dtypes.
+        state_dict: {key: tensor} (torch tensors or numpy arrays).
+        names: {purenet tensor name (`flatten(like)`'s keys): state_dict key}, one for every
+            leaf of like (several leaves may read one key, e.g. slices of a fused matrix).
+        transforms: {purenet name: a name in LAYOUTS ("linear", "conv1d", "conv2d") or a
+            function array -> array}, applied to the state_dict's value before the shape check;
+            None (or a name left out) for none.
+        strict: True to require that every state_dict key is used.
+
+    Returns:
+        A tree like `like` of jax arrays, in the dtypes JAX holds for like's.
+
+    Raises:
+        WeightsError: if the name map does not match like's leaves, a key is absent from the
+            state_dict, (strict) a state_dict key is unused, a transform fails, or a value has
+            the wrong shape, an incompatible dtype kind, or a value the cast would change.
+        ValueError: if a transform names a layout not in LAYOUTS.
     """
     wanted = flatten(like)
     names, transforms = dict(names), dict(transforms or {})

@@ -99,6 +99,22 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     """The epsilon of `steps` DP-SGD steps with Poisson sampling rate q and noise multiplier sigma, at delta.
 
     sigma = 0 (no noise) is infinitely non-private (inf); no steps cost nothing (0).
+
+    Args:
+        noise_multiplier: sigma, the noise's std over the clip norm (finite, >= 0).
+        sample_rate: q, each example's probability of joining a step's batch, in (0, 1].
+        steps: the number of steps T (an int >= 0).
+        delta: the delta of the (epsilon, delta) guarantee, in (0, 1).
+        accountant: "pld" (privacy loss distributions, numerically tight; the default) or
+            "rdp" (Renyi DP, an upper bound).
+
+    Returns:
+        epsilon (a float; inf for sigma = 0 with steps > 0, 0.0 for no steps).
+
+    Raises:
+        ValueError: if an argument is out of its range or not a real scalar (steps not an int),
+            or `accountant` is not "pld" or "rdp".
+        ImportError: if Google's dp-accounting is not installed (`pip install 'purenet[privacy]'`).
     """
     return epsilon_of([(noise_multiplier, sample_rate, steps)], delta, accountant)
 
@@ -111,6 +127,21 @@ def epsilon_of(phases: Sequence[tuple[float, float, int]], delta: float, account
     steps taken under each setting (`fit` records one phase per epoch). Consecutive phases with the
     same (sigma, q) compose as one; any phase with sigma = 0 and steps > 0 makes the run infinitely
     non-private (inf).
+
+    Args:
+        phases: the run's phases in order, each a tuple (noise multiplier sigma, sample rate q,
+            steps), checked as `epsilon`'s arguments.
+        delta: the delta of the (epsilon, delta) guarantee, in (0, 1).
+        accountant: "pld" (privacy loss distributions, numerically tight; the default) or
+            "rdp" (Renyi DP, an upper bound).
+
+    Returns:
+        epsilon of the whole run (a float; 0.0 when no phase has steps).
+
+    Raises:
+        ValueError: if a phase's value is out of its range or not a real scalar, `delta` is not
+            in (0, 1), or `accountant` is not "pld" or "rdp".
+        ImportError: if Google's dp-accounting is not installed (`pip install 'purenet[privacy]'`).
     """
     delta = _real("delta", delta, 0.0, 1.0, True, True)
     merged: list[list] = []
@@ -137,8 +168,30 @@ def epsilon_of(phases: Sequence[tuple[float, float, int]], delta: float, account
 
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int,
                          accountant: str = "pld") -> float:
-    """The smallest noise multiplier sigma whose `epsilon(sigma, sample_rate, steps, delta)` is <= epsilon
-    (to 0.1%, found by bisection on the accountant itself; never below 0.25)."""
+    """The smallest noise multiplier sigma whose `epsilon(sigma, sample_rate, steps, delta)` is <= epsilon.
+
+    Found by bisection in log sigma on the accountant itself, to 0.1%. The search starts at
+    sigma = 1 and halves it while the target still holds, but never to 0.25 or below (there the
+    subsampled Gaussian is all but non-private and PLD's grid explodes): so when sigma = 0.5
+    already reaches the target (a loose epsilon, few steps), 0.5 is returned, not the smallest
+    sigma.
+
+    Args:
+        epsilon: the target epsilon (> 0, finite).
+        delta: the delta of the (epsilon, delta) guarantee, in (0, 1).
+        sample_rate: q, each example's probability of joining a step's batch, in (0, 1].
+        steps: the number of steps T (an int >= 0).
+        accountant: "pld" (privacy loss distributions, numerically tight; the default) or
+            "rdp" (Renyi DP, an upper bound).
+
+    Returns:
+        sigma (a float; 0.0 when steps is 0).
+
+    Raises:
+        ValueError: if an argument is out of its range or not a real scalar (steps not an int),
+            `accountant` is not "pld" or "rdp", or no sigma up to 1e4 reaches `epsilon`.
+        ImportError: if Google's dp-accounting is not installed (`pip install 'purenet[privacy]'`).
+    """
     epsilon = _real("epsilon", epsilon, 0.0, math.inf, True, True)
     _, sample_rate, steps, delta = _check(1.0, sample_rate, steps, delta, accountant)
     if steps == 0:

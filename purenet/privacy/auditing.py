@@ -28,9 +28,10 @@ bound is the largest refuted epsilon over the thresholds, each tested at
   jax_privacy's `CanaryScoreAuditor(in_scores, out_scores).epsilon_one_run(
   significance=1 - confidence, delta=delta)` (tested equal). Which
   thresholds are vertices depends on the memberships the guesses must not
-  see, so dividing by their number undercounts the tests: for an exactly
-  epsilon-DP randomized response with m = 30,000 it exceeded epsilon in 6.6%
-  of 6,000 audits at a nominal 5%. (Bonferroni over every distinct score is
+  see, so dividing by their number undercounts the tests: on an exactly
+  epsilon-DP randomized response it exceeds epsilon more often than the
+  nominal 1 - confidence (benchmarks/README.md, section "DP-SGD audits: how
+  tight, and what they catch"). (Bonferroni over every distinct score is
   valid, but with m of thousands its level falls below Steinke et al.'s
   delta term, 2 m delta alpha, and refutes nothing.)
 - guesses=k, fixed before the run: only the k highest scores are guessed
@@ -80,14 +81,20 @@ class AuditResult(NamedTuple):
     """What `audit` returns.
 
     Attributes:
-      epsilon: the one-run lower bound on epsilon (Steinke et al. 2023) at `confidence`.
-      epsilon_fdp: the f-DP one-run bound (Mahloujifar et al. 2024) at `confidence`: a lower bound
-        on epsilon when the mechanism's trade-off curve is Gaussian (see the module docstring).
-      auroc: the area under the attack's ROC curve (its upper convex hull, as jax_privacy's
-        `attack_auroc`: classifiers may randomise between two thresholds).
-      fpr, tpr: the ROC curve, one point per threshold (both increasing, from (0, 0) to (1, 1)).
-      delta, confidence: the audit's delta and confidence.
-      members, non_members: how many canaries were in and out.
+        epsilon: the one-run lower bound on epsilon (Steinke et al. 2023) at `confidence`.
+        epsilon_fdp: the f-DP one-run bound (Mahloujifar et al. 2024) at `confidence`: a lower
+            bound on epsilon when the mechanism's trade-off curve is Gaussian (see the module
+            docstring).
+        auroc: the area under the attack's ROC curve (its upper convex hull, as jax_privacy's
+            `attack_auroc`: classifiers may randomise between two thresholds).
+        fpr: the ROC curve's false-positive rates, one per threshold (increasing from 0 to 1):
+            the share of non-members scoring at least the threshold.
+        tpr: the ROC curve's true-positive rates at the same thresholds (increasing from 0 to
+            1): the share of members scoring at least the threshold.
+        delta: the audit's delta.
+        confidence: the audit's confidence.
+        members: how many canaries were in the training set.
+        non_members: how many canaries were out.
     """
 
     epsilon: float
@@ -205,7 +212,14 @@ def _top(in_scores: np.ndarray, out_scores: np.ndarray, k: int) -> tuple[int, in
 
 def guess_grid(m: int) -> np.ndarray:
     """The numbers of guesses `thresholds="grid"` tests: m / 2^(j/2) for j = 2, 3, ... down to 1, rounded
-    and distinct (a factor sqrt(2) apart: about 2 log2(m) of them, fixed by m alone)."""
+    and distinct (a factor sqrt(2) apart: about 2 log2(m) of them, fixed by m alone).
+
+    Args:
+        m: the number of canaries (members and non-members together).
+
+    Returns:
+        The distinct guess counts k, int64, increasing from 1 to about m / 2.
+    """
     k = np.round(m * 2.0 ** (-np.arange(2, 2 * math.log2(max(m, 2)) + 2) / 2)).astype(np.int64)
     return np.unique(np.concatenate([[1], k[k >= 1]]))
 
@@ -263,15 +277,23 @@ def epsilon_one_run(in_scores: Any, out_scores: Any, delta: float, confidence: f
     """The one-run lower bound on epsilon from canary scores (see the module docstring).
 
     Args:
-      in_scores, out_scores, delta, confidence, thresholds, guesses: as for `audit`.
-      fdp: False for Steinke et al.'s bound, True for Mahloujifar et al.'s f-DP bound.
+        in_scores: (members,) scores of the canaries that were in the training set (as for
+            `audit`).
+        out_scores: (non_members,) scores of the canaries that were not.
+        delta: the delta of the (epsilon, delta) claim under audit, in (0, 1].
+        confidence: the probability the bound holds, in (0, 1).
+        fdp: False for Steinke et al.'s bound, True for Mahloujifar et al.'s f-DP bound.
+        thresholds: "grid" or "hull" (as for `audit`).
+        guesses: None, or k fixed before the run (as for `audit`).
 
     Returns:
-      The largest epsilon the guesses refute at `confidence` (0.0 when they refute none).
+        The largest epsilon the guesses refute at `confidence` (0.0 when they refute none).
 
     Raises:
-      ValueError: empty, non-1-D or non-finite scores; delta, confidence, thresholds or guesses out of
-        range.
+        ValueError: empty, non-1-D or non-finite scores; delta, confidence, thresholds or guesses
+            out of range.
+        ImportError: if scipy is not installed (`pip install 'purenet[privacy]'`); with
+            fdp=True, also Google's dp-accounting.
     """
     delta, confidence = _check_level(delta, confidence)
     s_in, s_out = _scores("in_scores", in_scores), _scores("out_scores", out_scores)
@@ -285,29 +307,32 @@ def audit(in_scores: Any, out_scores: Any, delta: float, confidence: float = 0.9
     """Audit a run from its canaries' scores: the one-run and f-DP lower bounds on epsilon, and the ROC.
 
     Args:
-      in_scores: (members,) scores of the canaries that were in the training set; higher means
-        "more likely in" (negate a loss).
-      out_scores: (non_members,) scores of the canaries that were not.
-      delta: the delta of the (epsilon, delta) claim under audit, in (0, 1].
-      confidence: the probability the bound holds, in (0, 1); 0.95 by default.
-      thresholds: "grid" (guess "in" for the k highest scores, k = m / 2^(j/2) down to 1, each at
-        (1 - confidence) / their number: candidates fixed by m alone, a valid bound) or "hull" (the
-        vertices of the ROC's upper convex hull, at (1 - confidence) / their number: jax_privacy's
-        estimator; which thresholds are vertices depends on the memberships, so its confidence is
-        not guaranteed).
-      guesses: None (the thresholds above), or k: guess "in" for the k highest scores (and every score
-        tied with the k-th) only, at 1 - confidence; k must be fixed before the run (from a
-        simulation, say): it avoids Bonferroni's price, which grows with the number of canaries.
+        in_scores: (members,) scores of the canaries that were in the training set; higher means
+            "more likely in" (negate a loss).
+        out_scores: (non_members,) scores of the canaries that were not.
+        delta: the delta of the (epsilon, delta) claim under audit, in (0, 1].
+        confidence: the probability the bound holds, in (0, 1); 0.95 by default.
+        thresholds: "grid" (guess "in" for the k highest scores, k = m / 2^(j/2) down to 1, each
+            at (1 - confidence) / their number: candidates fixed by m alone, a valid bound) or
+            "hull" (the vertices of the ROC's upper convex hull, at (1 - confidence) / their
+            number: jax_privacy's estimator; which thresholds are vertices depends on the
+            memberships, so its confidence is not guaranteed).
+        guesses: None (the thresholds above), or k: guess "in" for the k highest scores (and
+            every score tied with the k-th) only, at 1 - confidence; k must be fixed before the
+            run (from a simulation, say): it avoids Bonferroni's price, which grows with the
+            number of canaries.
 
     Returns:
-      An `AuditResult`. `epsilon` above the claimed epsilon means the run is not (epsilon, delta)-DP,
-      with probability `confidence`; `epsilon_fdp` above it means the run's privacy is not the
-      Gaussian trade-off curve through (epsilon, delta) (see the module docstring); a bound below
-      the claim says nothing either way.
+        An `AuditResult`. `epsilon` above the claimed epsilon means the run is not
+            (epsilon, delta)-DP, with probability `confidence`; `epsilon_fdp` above it means the
+            run's privacy is not the Gaussian trade-off curve through (epsilon, delta) (see the
+            module docstring); a bound below the claim says nothing either way.
 
     Raises:
-      ValueError: empty, non-1-D or non-finite scores; delta, confidence, thresholds or guesses out of
-        range.
+        ValueError: empty, non-1-D or non-finite scores; delta, confidence, thresholds or guesses
+            out of range.
+        ImportError: if scipy or Google's dp-accounting is not installed
+            (`pip install 'purenet[privacy]'`).
     """
     delta, confidence = _check_level(delta, confidence)
     s_in, s_out = _scores("in_scores", in_scores), _scores("out_scores", out_scores)

@@ -46,7 +46,14 @@ def _host_rng(key: Array) -> np.random.Generator:
 
 
 class CanaryObservations(NamedTuple):
-    """The observer's optimizer slot: running sums of each canary's gradient entry over the steps."""
+    """The observer's optimizer slot: running sums of each canary's gradient entry over the steps.
+
+    Attributes:
+        total: (count,) float32, `sum_t g_t[c]` for each canary c.
+        squares: (count,) float32, `sum_t g_t[c]^2`.
+        steps: () int32, how many steps were observed.
+        fingerprint: () int32, which canaries these are (`GradientCanaries.fingerprint`).
+    """
 
     total: jax.Array        # (count,) sum_t g_t[c]
     squares: jax.Array      # (count,) sum_t g_t[c]^2
@@ -59,12 +66,12 @@ class GradientCanaries:
     """Dirac gradient canaries: canary c is clip_norm at entry `entry[c]` of trainable leaf `leaf[c]`.
 
     Attributes:
-      leaf: (count,) the index of each canary's leaf in params' flattened leaves.
-      entry: (count,) the flat index of each canary's entry within its leaf.
-      members: (count,) bool: whether the canary is in the training set.
-      sample_rate: q, the rate at which a member joins each step's batch (the run's batch_size / n;
-        `fit` checks it, a loop of your own must pass that value).
-      structure: the parameter tree's structure and leaf shapes, to check the trees it meets.
+        leaf: (count,) the index of each canary's leaf in params' flattened leaves.
+        entry: (count,) the flat index of each canary's entry within its leaf.
+        members: (count,) bool: whether the canary is in the training set.
+        sample_rate: q, the rate at which a member joins each step's batch (the run's
+            batch_size / n; `fit` checks it, a loop of your own must pass that value).
+        structure: the parameter tree's structure and leaf shapes, to check the trees it meets.
     """
 
     leaf: np.ndarray
@@ -98,12 +105,15 @@ class GradientCanaries:
         """sum_c marks_c clip_norm e_c, a tree like `like` (the canaries of this step's batch).
 
         Args:
-          marks: (count,) 0/1: which canaries joined this step's batch.
-          clip_norm: C, each canary gradient's norm (what clipping lets one example contribute).
-          like: the parameter (or gradient) tree the canaries live in.
+            marks: (count,) 0/1: which canaries joined this step's batch.
+            clip_norm: C, each canary gradient's norm (what clipping lets one example contribute).
+            like: the parameter (or gradient) tree the canaries live in.
 
         Returns:
-          A tree like `like`, zero except at the marked canaries' entries.
+            A tree like `like`, zero except at the marked canaries' entries.
+
+        Raises:
+            ValueError: if `like` is not shaped like the params the canaries were placed in.
         """
         return self.add(jax.tree_util.tree_map(jnp.zeros_like, like), marks, clip_norm)
 
@@ -112,12 +122,15 @@ class GradientCanaries:
         leaves without canaries are passed through untouched).
 
         Args:
-          tree: a tree like the params the canaries were placed in (a gradient).
-          marks: (count,) 0/1: which canaries to add.
-          scale: each canary's size (DP-SGD's clip_norm over its divisor).
+            tree: a tree like the params the canaries were placed in (a gradient).
+            marks: (count,) 0/1: which canaries to add.
+            scale: each canary's size (DP-SGD's clip_norm over its divisor).
 
         Returns:
-          A tree like `tree`.
+            A tree like `tree`.
+
+        Raises:
+            ValueError: if `tree` is not shaped like the params the canaries were placed in.
         """
         leaves = self._check(tree)
         out = list(leaves)
@@ -131,10 +144,13 @@ class GradientCanaries:
         """Each canary's entry of a gradient tree.
 
         Args:
-          grads: a tree like the params the canaries were placed in.
+            grads: a tree like the params the canaries were placed in.
 
         Returns:
-          (count,) <grads, e_c> for every canary c.
+            (count,) `<grads, e_c>` for every canary c.
+
+        Raises:
+            ValueError: if `grads` is not shaped like the params the canaries were placed in.
         """
         leaves = self._check(grads)
         out = jnp.zeros((self.count,), jnp.result_type(*leaves) if leaves else jnp.float32)
@@ -148,10 +164,10 @@ class GradientCanaries:
         """Which canaries join one step's batch: each member independently with probability q.
 
         Args:
-          key: the step's canary key (independent of its batch sampling and its noise).
+            key: the step's canary key (independent of its batch sampling and its noise).
 
         Returns:
-          (count,) float32 0/1 marks; non-members are always 0.
+            (count,) float32 0/1 marks; non-members are always 0.
         """
         joined = jax.random.bernoulli(key, self.sample_rate, (self.count,))
         return (joined & jnp.asarray(self.members)).astype(jnp.float32)
@@ -161,9 +177,9 @@ class GradientCanaries:
         gradient it receives and passes the gradient on unchanged.
 
         Returns:
-          A `pn.optim.Transform` whose slot is `CanaryObservations`; chain it first
-          (`pn.optim.chain(canaries.observe(), opt)`), so what it sees is DP-SGD's privatized gradient
-          (after another transform it sees that transform's output: a weaker audit, still valid).
+            A `pn.optim.Transform` whose slot is `CanaryObservations`; chain it first
+            (`pn.optim.chain(canaries.observe(), opt)`), so what it sees is DP-SGD's privatized gradient
+            (after another transform it sees that transform's output: a weaker audit, still valid).
         """
         fingerprint = self.fingerprint
 
@@ -183,11 +199,17 @@ class GradientCanaries:
         """(members' scores, non-members' scores) from the observer's slot in `opt_state`.
 
         Args:
-          opt_state: the state of an optimizer chained after `observe()` (e.g. `fit(...).opt_state`).
-          statistic: "sum" (sum_t g_t[c]) or "variance" (the variance of g_t[c] over the steps).
+            opt_state: the state of an optimizer chained after `observe()` (e.g.
+                `fit(...).opt_state`).
+            statistic: "sum" (`sum_t g_t[c]`) or "variance" (the variance of `g_t[c]` over the
+                steps).
 
         Returns:
-          Two 1-D float64 arrays, for `pn.privacy.audit`.
+            Two 1-D float64 arrays, for `pn.privacy.audit`.
+
+        Raises:
+            ValueError: if `statistic` is not "sum" or "variance", `opt_state` holds no
+                `CanaryObservations`, or its observations are of other canaries.
         """
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
@@ -215,18 +237,22 @@ def gradient_canaries(params: PyTree, count: int, key: Array, sample_rate: float
     first-layer weights of inputs that are zero in every example: the border pixels of MNIST).
 
     Args:
-      params: the parameter tree of the run (its shapes fix the canaries' places).
-      count: how many canaries (at most the number of trainable entries).
-      key: a jax key: the entries and the memberships are drawn from it.
-      sample_rate: q, the run's Poisson rate (batch_size / n): a member joins each step's batch with it.
-      net: the network, to keep canaries off parameters inside `pn.Frozen` (None: every leaf is trainable).
-      where: a tree like params of bools (or None for every entry): the entries canaries may take.
+        params: the parameter tree of the run (its shapes fix the canaries' places).
+        count: how many canaries (at most the number of trainable entries).
+        key: a jax key: the entries and the memberships are drawn from it.
+        sample_rate: q, the run's Poisson rate (batch_size / n): a member joins each step's
+            batch with it.
+        net: the network, to keep canaries off parameters inside `pn.Frozen` (None: every
+            leaf is trainable).
+        where: a tree like params of bools (or None for every entry): the entries canaries
+            may take.
 
     Returns:
-      The `GradientCanaries`, for `pn.DPSGD(..., canaries=)` and its observer.
+        The `GradientCanaries`, for `pn.DPSGD(..., canaries=)` and its observer.
 
     Raises:
-      ValueError: more canaries than allowed trainable entries; `where` not shaped like params.
+        ValueError: `count` not an int >= 1 or more canaries than allowed trainable entries;
+            `sample_rate` not in (0, 1]; `where` not a tree like params of bool arrays.
     """
     count = _count("count", count, 1)
     sample_rate = _real("sample_rate", sample_rate, 0.0, 1.0, True, False)
@@ -264,12 +290,20 @@ def insert_canaries(x: Array, y: Array, canary_x: Array, canary_y: Array,
     """Black-box canaries: each of the m canary examples joins the training set with probability 1/2.
 
     Args:
-      x, y: the training set (n, ...) and its targets.
-      canary_x, canary_y: (m, ...) the canaries (mislabelled or out-of-distribution examples).
-      key: a jax key for the memberships.
+        x: the training inputs, `(n, *in_shape)`.
+        y: their targets, one row per example.
+        canary_x: (m, ...) the canaries' inputs (mislabelled or out-of-distribution examples),
+            shaped like x's rows.
+        canary_y: (m, ...) the canaries' targets, shaped like y's rows.
+        key: a jax key for the memberships.
 
     Returns:
-      (x', y', members): the training set with the member canaries appended, and (m,) bool memberships.
+        (x', y', members): the training set with the member canaries appended (jax arrays),
+            and (m,) bool memberships (numpy).
+
+    Raises:
+        ValueError: if canary_x and canary_y differ in rows, or the canaries are not shaped
+            like the training examples.
     """
     m = np.shape(canary_x)[0]
     if np.shape(canary_y)[0] != m:
@@ -288,16 +322,22 @@ def loss_scores(net: LayerLike, params: PyTree, state: PyTree, canary_x: Array, 
     """Black-box scores: each canary's negated loss under the final model (evaluation mode).
 
     Args:
-      net, params, state: the trained network.
-      canary_x, canary_y: (m, ...) the canaries, as given to `insert_canaries`.
-      members: (m,) bool, from `insert_canaries`.
-      loss: the loss the run trained with.
+        net: the trained network.
+        params: its trained parameters.
+        state: its state.
+        canary_x: (m, ...) the canaries' inputs, as given to `insert_canaries`.
+        canary_y: (m, ...) the canaries' targets, as given to `insert_canaries`.
+        members: (m,) bool, from `insert_canaries`.
+        loss: the loss the run trained with (a registered name or a `pn.Loss`).
 
     Returns:
-      (members' scores, non-members' scores), for `pn.privacy.audit`.
+        (members' scores, non-members' scores): two 1-D float64 arrays, for `pn.privacy.audit`.
 
     Raises:
-      ValueError: members not one bool per canary.
+        ValueError: members not one bool per canary; `loss` unknown; canary_x without a batch
+            axis.
+        TypeError: canary_x not floating point (integer ids for a network that starts with an
+            Embedding).
     """
     from purenet.network import loss_pass
     from purenet.analysis.per_example import per_example_values

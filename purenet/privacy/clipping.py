@@ -42,9 +42,9 @@ def _dense_weighted_sum(p: DenseProduct, params: PyTree) -> tuple[Array, Weighte
 
     Where a sequence product's dW_i = sum_t a_t g_t^T is small (in * out <= 2 T (in + out): at most
     twice the memory of a and g), it is formed once, for its norm and for sum_i w_i dW_i, instead of
-    the (T, T) Gram ghost norm followed by a second a^T (w g) matmul: faster for a GPT's layers on
-    the CPU, about even where in * out / (T (in + out)) reaches 3-4 (benchmarks/README.md, "DP-SGD
-    step"). Rows, and wider products, keep the ghost norm and the batch gradient of the rescaled g.
+    the (T, T) Gram ghost norm followed by a second a^T (w g) matmul, which then costs more
+    (benchmarks/README.md, section "DP-SGD step"). Rows, and wider products, keep the ghost norm
+    and the batch gradient of the rescaled g.
     """
     a3, g3 = structure.positions_of(p.a), structure.positions_of(p.g)
     t, n_in, n_out = a3.shape[1], a3.shape[2], g3.shape[2]
@@ -200,6 +200,51 @@ def clipped_value_and_grad(net: LayerLike, params: PyTree, state: PyTree, x: Arr
     add the marked canaries' gradients, clip_norm e_c each, to the clipped
     sum before the noise (a privacy audit's white-box canaries, as if they
     were examples of the batch).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        state: its state (as `pn.init` returns it).
+        x: inputs, shape `(batch, *in_shape)` (integer token ids when the network starts with
+            an Embedding).
+        y: targets for `loss`, one row per example.
+        clip_norm: C, the bound on each example's gradient norm (> 0).
+        noise_multiplier: sigma, the noise's std over C (>= 0; 0 adds no noise).
+        noise_key: PRNG key for the noise, independent of `key`; required when
+            noise_multiplier > 0.
+        loss: a registered loss name ("cross_entropy", "mse", ...) or a `pn.Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight", added after
+            clipping (unclipped, unnoised).
+        train: training mode (dropout); a Python bool. A layer that mixes the examples in
+            training mode (BatchNorm) is an error.
+        key: PRNG key for the forward's randomness (dropout), or None.
+        chunk_size: examples clipped and summed at a time (a positive int), or None for the
+            whole batch.
+        weight: (batch,) 0/1 marks of a padded Poisson batch's examples, or None (every row
+            counts).
+        expected_batch_size: q n, the divisor of the sum and the noise with `weight`
+            (required then, > 0).
+        one_pass: True for the one-backward book-keeping clipping, False for the two-backward
+            reference.
+        canaries: `GradientCanaries` to add to the clipped sum, or None.
+        canary_marks: (count,) 0/1, which canaries join this batch (`canaries.marks(key)`);
+            required with `canaries`.
+
+    Returns:
+        (value, grads, state): the mean loss (of the marked examples with `weight`) plus the
+            l2 penalty; the noisy clipped sum divided by N (by expected_batch_size with
+            `weight`) plus `l2 W`, a tree like params; the network's new state.
+
+    Raises:
+        ValueError: if clip_norm <= 0, noise_multiplier < 0, or either is NaN; if
+            noise_multiplier > 0 without a noise_key, or noise_key equals key; if `weight`
+            is not (batch,) or holds values other than 0 and 1, or comes without a positive
+            expected_batch_size; if train=True and a layer mixes the examples; if
+            canary_marks is missing, misshaped, not 0/1 or marks a non-member, or a canary
+            sits inside `pn.Frozen`; if chunk_size is neither None nor a positive int; if
+            `loss` is unknown or `x` has no batch axis.
+        TypeError: if `x` is not floating point (integer ids for a network that starts with
+            an Embedding).
     """
     check_hyperparameter("clip_norm", clip_norm, 0.0, None, low_open=True)
     check_hyperparameter("noise_multiplier", noise_multiplier, 0.0, None)
@@ -324,6 +369,23 @@ class DPSGD:
     the member canaries join with the canaries' sample rate (which `fit`
     checks is batch_size / n) and are summed with the clipped gradients
     before the noise (see `purenet.privacy.canaries`).
+
+    Args:
+        clip_norm: C, the bound on each example's gradient norm (> 0).
+        noise_multiplier: sigma, so that the noise's std is `sigma * C` on the clipped sum (>= 0).
+        chunk_size: examples clipped at a time (a positive int), or None for the whole batch.
+        sampling: "poisson" (with privacy accounting) or "shuffle" (fixed-size batches, none).
+        delta: the delta epsilon is reported at, in (0, 1); None for 1e-5.
+        accountant: "pld" or "rdp" (`pn.privacy.epsilon`).
+        one_pass: True for the one-backward clipping, False for the two-backward reference.
+        canaries: `GradientCanaries` from `pn.privacy.gradient_canaries` (Poisson sampling
+            only), or None.
+
+    Raises:
+        ValueError: if clip_norm <= 0 or noise_multiplier < 0 (or NaN), chunk_size is neither
+            None nor a positive int, sampling, delta or accountant is out of range, or
+            canaries come with sampling="shuffle".
+        TypeError: if canaries are not `GradientCanaries`.
     """
 
     clip_norm: float

@@ -95,7 +95,20 @@ def _leaf_normal(words_key: jax.Array, shape: tuple[int, ...], offset: int) -> j
 
 
 def standard_normal_like(tree: PyTree, key: jax.Array) -> PyTree:
-    """A tree of N(0, 1) draws shaped and typed as `tree`'s leaves, independent across entries."""
+    """A tree of N(0, 1) draws shaped and typed as `tree`'s leaves, independent across entries.
+
+    Args:
+        tree: a tree of floating-point arrays (only their shapes and dtypes are read).
+        key: a PRNG key; Threefry keys take the fused path above, other implementations (and
+            float64 leaves) `jax.random.normal`.
+
+    Returns:
+        A tree like `tree` of standard normal draws.
+
+    Raises:
+        ValueError: if the tree's float32-or-narrower leaves need more than 2^32 Threefry
+            blocks (about 2^33 entries) in one call.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     key_words, key_rest = jax.random.split(key)
     words_key = jax.random.key_data(key_words) if is_threefry(key_words) else None  # (2,) uint32
@@ -120,6 +133,19 @@ def standard_normal_like(tree: PyTree, key: jax.Array) -> PyTree:
 
 
 def add_gaussian(tree: PyTree, key: jax.Array, std: Any) -> PyTree:
-    """tree + std * N(0, 1) on every entry (`standard_normal_like`)."""
+    """`tree + std * N(0, 1)` on every entry (`standard_normal_like`).
+
+    Args:
+        tree: a tree of floating-point arrays (a gradient).
+        key: a PRNG key for the noise.
+        std: the noise's standard deviation (a scalar, e.g. DP-SGD's
+            `noise_multiplier * clip_norm / batch_size`).
+
+    Returns:
+        A tree like `tree`, each entry plus independent N(0, std^2) noise.
+
+    Raises:
+        ValueError: if the tree is too large for one call (see `standard_normal_like`).
+    """
     noise = standard_normal_like(tree, key)
     return jax.tree_util.tree_map(lambda g, z: g + std * z, tree, noise)

@@ -28,6 +28,17 @@ def poisson_batch_bound(n: int, sample_rate: float, overflow: float = OVERFLOW_P
     B = ceil(m + t) (at most n). For n = 60,000 and q = 256/60,000: B = 366,
     1.43x the expected batch; a batch larger than B (probability <= 1e-9 a
     step) keeps its first B examples and counts as an overflow.
+
+    Args:
+        n: the number of training examples (an int >= 1).
+        sample_rate: q, each example's probability of joining a step's batch, in (0, 1].
+        overflow: the allowed probability, per step, that a batch exceeds B, in (0, 1).
+
+    Returns:
+        B, the padded batch's static size (an int, at most n).
+
+    Raises:
+        ValueError: if `n` is not an int >= 1, or `sample_rate` or `overflow` is out of range.
     """
     n = _count("n", n, 1)
     sample_rate = _real("sample_rate", sample_rate, 0.0, 1.0, True, False)
@@ -40,7 +51,14 @@ def poisson_batch_bound(n: int, sample_rate: float, overflow: float = OVERFLOW_P
 
 
 class PoissonBatch(NamedTuple):
-    """One step's Poisson sample as a padded batch of static size B."""
+    """One step's Poisson sample as a padded batch of static size B.
+
+    Attributes:
+        rows: (B,) int32 example indices, the sampled examples first in increasing order
+            (padding points at example 0).
+        weight: (B,) float32, 1 for a sampled example, 0 for padding.
+        overflow: () int32, how many sampled examples did not fit in B (0 almost surely).
+    """
 
     rows: jax.Array      # (B,) example indices (padding points at example 0)
     weight: jax.Array    # (B,) 1 for a sampled example, 0 for padding
@@ -48,7 +66,18 @@ class PoissonBatch(NamedTuple):
 
 
 def poisson_batch(key: jax.Array, n: int, sample_rate: float, bound: int) -> PoissonBatch:
-    """Each of n examples joins with probability sample_rate, independently; at most `bound` are kept."""
+    """Each of n examples joins with probability sample_rate, independently; at most `bound` are kept.
+
+    Args:
+        key: the step's PRNG key for the sampling.
+        n: the number of training examples (a static int).
+        sample_rate: q, each example's probability of joining.
+        bound: B, the padded batch's static size (`poisson_batch_bound(n, q)`).
+
+    Returns:
+        The `PoissonBatch` (rows, weight, overflow); a sample larger than B keeps its B
+            lowest-indexed examples.
+    """
     joined = jax.random.bernoulli(key, sample_rate, (n,))
     count = jnp.sum(joined, dtype=jnp.int32)
     (index,) = jnp.nonzero(joined, size=bound, fill_value=0)

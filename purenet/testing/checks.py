@@ -121,6 +121,32 @@ def check_grads(model: "LayerLike", x: Any, y: Any = None, *, loss: "str | Loss 
     summed, not of their result. A leaf whose true gradient is exactly zero
     (attention's key bias bk: softmax ignores a shift of a row's scores)
     computes as ~1e-17 and passes; nonzero garbage there fails.
+
+    Args:
+        model: a layer (without `loss`) or a network (with `loss`).
+        x: inputs, shape `(batch, *in_shape)` (cast to float64 when floating point; integer
+            ids for an Embedding stay integers).
+        y: targets for `loss` (networks only; None for a layer).
+        loss: None to check a layer's backward; a registered loss name or a `pn.Loss` to check
+            a network's `pn.value_and_grad`.
+        params: the parameters to check at (cast to float64), or None for a fresh init from
+            `key`.
+        state: the state (cast to float64), or None for the fresh init's (or {}).
+        key: PRNG key for the init, the dropout masks and the layer's random cotangent; None
+            for `jax.random.key(0)`.
+        l2: weight decay coefficient on the parameters whose role is "weight" (networks only).
+        train: training mode (dropout, batch statistics); a Python bool.
+        rtol: the tolerance on each leaf's relative error (the criterion above).
+        raise_on_failure: raise when a leaf fails, rather than only report it.
+
+    Returns:
+        A `GradCheckReport`: each leaf's relative error (and, for a network, the loss value's),
+            with `ok` and `failures()`.
+
+    Raises:
+        AssertionError: if raise_on_failure and a leaf's error exceeds rtol (naming the
+            leaves); if the gradient's tree structure differs from params'; if a layer with
+            integer inputs returns an input gradient.
     """
     from purenet import network  # late: network imports nothing from here
 
