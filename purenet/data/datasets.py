@@ -27,6 +27,15 @@ __all__ = [
 
 
 class Split(NamedTuple):
+    """A train/test split of a labelled data set (rows are examples).
+
+    Attributes:
+        x_train: training inputs, shape `(n_train, *features)`.
+        y_train: training targets, shape (n_train, ...) (int32 labels for `digits`).
+        x_test: test inputs, shape `(n_test, *features)`.
+        y_test: test targets, shape (n_test, ...).
+    """
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
@@ -34,14 +43,40 @@ class Split(NamedTuple):
 
 
 def standardize(x_train: np.ndarray, x_test: np.ndarray, eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
-    """Scale features by the mean and std of the *training* part only."""
+    """Scale features by the mean and std of the *training* part only.
+
+    Each feature becomes (x - mean) / std with the training rows' mean and
+    (population) std; a feature whose training std is below `eps` (constant,
+    e.g. an always-blank pixel) is only centred.
+
+    Args:
+        x_train: training inputs, shape (n_train, features).
+        x_test: test inputs, shape (n_test, features).
+        eps: the std below which a feature is left unscaled.
+
+    Returns:
+        (x_train, x_test) standardised, the same shapes.
+    """
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     std = np.where(std < eps, 1.0, std)
     return (x_train - mean) / std, (x_test - mean) / std
 
 
 def split(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> Split:
-    """A fixed shuffled split: permutation of np.random.default_rng(seed)."""
+    """A fixed shuffled split: permutation of np.random.default_rng(seed).
+
+    The first round(n * test_fraction) examples of the permutation are the
+    test part, the rest the training part.
+
+    Args:
+        x: inputs, shape (n, ...).
+        y: targets, shape (n, ...).
+        test_fraction: the share of examples held out for testing.
+        seed: the seed of the permutation.
+
+    Returns:
+        A `Split` (x_train, y_train, x_test, y_test).
+    """
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
@@ -72,8 +107,23 @@ def digits(test_fraction: float = 0.2, seed: int = 0, standardized: bool = True,
     """scikit-learn's 8x8 digits as float rows of 64 pixels and int32 labels 0..9.
 
     The split is fixed: a permutation from np.random.default_rng(seed), the
-    first 20% (359 images) for testing and the remaining 1,438 for training.
-    With `standardized`, features are standardised with training statistics.
+    first `test_fraction` of it for testing and the rest for training (by
+    default 20%: 359 images for testing, 1,438 for training). With
+    `standardized`, features are standardised with training statistics.
+
+    Args:
+        test_fraction: the share of the 1,797 images held out for testing.
+        seed: the seed of the split's permutation.
+        standardized: standardise each pixel with the training part's mean and
+            std (`standardize`); False scales the pixels 0..16 to [0, 1].
+        dtype: the dtype of the pixels.
+
+    Returns:
+        A `Split`: x_train (n_train, 64) and x_test (n_test, 64) in `dtype`,
+            y_train (n_train,) and y_test (n_test,) int32 labels.
+
+    Raises:
+        ImportError: if scikit-learn is not installed.
     """
     pixels, labels = _load_digits()
     parts = split(pixels, labels, test_fraction, seed)
@@ -146,6 +196,20 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
 
     The header is read first; a gzip file is decompressed only up to the
     size its header declares (plus one byte, to detect extra data).
+
+    Args:
+        path: the file, gzip-compressed or raw.
+        expected_magic: the magic number the file must start with
+            (`IMAGES_MAGIC` or `LABELS_MAGIC`).
+
+    Returns:
+        The data, uint8 of the shape the header declares (e.g. (n, 28, 28)
+            for images, (n,) for labels).
+
+    Raises:
+        IDXError: if the magic number, the header, the dimensions or the
+            length are wrong, or the gzip data are corrupt or truncated.
+        OSError: if the file cannot be opened (FileNotFoundError when missing).
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -179,6 +243,23 @@ def mnist(path: str | os.PathLike[str], part: str = "test", dtype: DTypeLike = n
     gives (n, 28, 28, 1) NHWC images for convolutions. Magic numbers,
     dimensions, lengths and label values are checked; a bad file raises
     IDXError naming the problem.
+
+    Args:
+        path: a folder holding the part's two IDX files (`MNIST_FILES`),
+            each as `<name>.gz` or `<name>`.
+        part: "test" (10,000 images) or "train" (60,000).
+        dtype: the dtype of the pixels.
+        shape: "rows" or "image".
+
+    Returns:
+        (x, y): x of shape (n, 784) ("rows") or (n, 28, 28, 1) ("image") in
+            `dtype`, pixels / 255; y int32 labels (n,) in 0..9.
+
+    Raises:
+        ValueError: if `part` or `shape` is not one of the values above.
+        FileNotFoundError: if the folder lacks a file.
+        IDXError: if a file is not a valid IDX file, the images are not 3-D,
+            the labels not 1-D, their counts differ or a label exceeds 9.
     """
     if part not in MNIST_FILES:
         raise ValueError(f"part must be one of {sorted(MNIST_FILES)}, got {part!r}")
@@ -203,7 +284,15 @@ def mnist(path: str | os.PathLike[str], part: str = "test", dtype: DTypeLike = n
 
 
 class Text(NamedTuple):
-    """A character-level corpus: int32 ids of the first 90% (train) and the last 10% (val)."""
+    """A character-level corpus: int32 ids of the first 90% (train) and the last 10% (val).
+
+    (The shares are `text`'s `val_fraction`, 0.1 by default.)
+
+    Attributes:
+        train: the training ids, int32 of shape (n_train,).
+        val: the validation ids, int32 of shape (n_val,).
+        vocab: the sorted distinct characters; id i is vocab[i].
+    """
 
     train: np.ndarray
     val: np.ndarray
@@ -214,7 +303,17 @@ class Text(NamedTuple):
         return len(self.vocab)
 
     def encode(self, s: str) -> np.ndarray:
-        """A string -> int32 ids (every character must be in the vocabulary)."""
+        """A string -> int32 ids (every character must be in the vocabulary).
+
+        Args:
+            s: the text to encode.
+
+        Returns:
+            Its ids, int32 of shape (len(s),).
+
+        Raises:
+            ValueError: if `s` holds characters that are not in the vocabulary.
+        """
         index = {c: i for i, c in enumerate(self.vocab)}
         missing = sorted(set(s) - set(index))
         if missing:
@@ -222,17 +321,40 @@ class Text(NamedTuple):
         return np.array([index[c] for c in s], np.int32)
 
     def decode(self, ids: ArrayLike) -> str:
-        """Ids -> the string they spell."""
+        """Ids -> the string they spell.
+
+        Args:
+            ids: integer ids of any shape (read in C order), each in [0, vocab_size).
+
+        Returns:
+            The characters of the ids, joined.
+        """
         return "".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
 
 
 def text(path: str | os.PathLike[str], val_fraction: float = 0.1) -> Text:
-    """Read a UTF-8 text file as characters -> ids (the vocabulary is its sorted
-    distinct characters) and split it: the first 90% for training, the last 10%
-    for validation (nanoGPT's shakespeare_char preparation).
+    """Read a UTF-8 text file as character ids and split it into training and validation.
+
+    The vocabulary is the file's sorted distinct characters. The first
+    1 - val_fraction of the characters (90% by default) are for training,
+    the rest for validation (nanoGPT's shakespeare_char preparation).
 
         data = pn.datasets.text("input.txt")
         x, y = pn.datasets.windows(data.train, key, batch_size=12, context=64)
+
+    Args:
+        path: the text file, UTF-8.
+        val_fraction: the share of the characters, at the end, kept for
+            validation, in (0, 1).
+
+    Returns:
+        A `Text` (train ids, val ids, vocab).
+
+    Raises:
+        ValueError: if `val_fraction` is not in (0, 1) or the file holds fewer
+            than 2 characters.
+        OSError: if the file cannot be read.
+        UnicodeDecodeError: if the file is not UTF-8.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -256,12 +378,27 @@ def _positive_int(name: str, value) -> int:
 
 
 def windows(ids: Any, key: "jax.Array", batch_size: int, context: int) -> "tuple[jax.Array, jax.Array]":
-    """`batch_size` random windows of a 1-D id array: x = ids[s:s+context], y = ids[s+1:s+context+1].
+    """`batch_size` random windows of a 1-D id array: `x = ids[s:s+context]`, `y = ids[s+1:s+context+1]`.
 
     Pure and jittable (`key` is a jax.random key; batch_size and context are
     static positive ints), so a training loop can draw its batches inside
     `lax.scan` from the whole array on the device. Starts are uniform over
     [0, len - context). Each argument is checked by name.
+
+    Args:
+        ids: the token ids, a 1-D integer array of length n > context.
+        key: one jax.random key (typed, or a legacy uint32 key of shape (2,)).
+        batch_size: how many windows, a positive int.
+        context: the window length T, a positive int.
+
+    Returns:
+        (x, y): the inputs and the next-token targets, each of shape
+            (batch_size, context) in ids' integer dtype; y is x shifted by one.
+
+    Raises:
+        ValueError: if batch_size or context is not a positive int, ids is not
+            1-D, or ids holds no more than `context` ids.
+        TypeError: if ids is not integer or key is not one PRNG key.
     """
     import jax
     import jax.numpy as jnp

@@ -7,7 +7,7 @@ against the targets"). Shuffling mini-batches needs a permutation
 that looks random, not cryptographic bits, so here each index is hashed and
 the hashes are sorted:
 
-    h_i = f(... f(f(i xor w_1) xor w_2) ... xor w_k xor salt),   order = argsort(h)
+    h_i = f(f(... f(f(i xor w_1) xor w_2) ... xor w_k) xor salt),   order = argsort(h)
 
 where w_1..w_k are the key's 32-bit words and f is murmur3's finaliser
 
@@ -34,7 +34,19 @@ def _mix(h):
 
 
 def key_words(key: jax.Array) -> jax.Array:
-    """One key's raw 32-bit words (a typed key of any impl, or a legacy uint32 key)."""
+    """One key's raw 32-bit words (a typed key of any impl, or a legacy uint32 key).
+
+    Args:
+        key: one PRNG key: a typed key (`jax.random.key`, shape ()) or a legacy
+            uint32 key (`jax.random.PRNGKey`, shape (words,)).
+
+    Returns:
+        The key's data, uint32 of shape (words,) (2 for threefry).
+
+    Raises:
+        TypeError: if `key` is neither a typed key nor a uint32 array.
+        ValueError: if `key` holds several keys (a batch of keys).
+    """
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     if not typed and key.dtype != jnp.uint32:
         raise TypeError(f"expected a PRNG key (jax.random.key), got an array of dtype {key.dtype}")
@@ -49,6 +61,19 @@ def permutation(key: jax.Array, n: int, salt: int | np.integer | jax.Array = 0) 
 
     `salt` (an int or traced integer, e.g. the epoch) gives independent
     permutations from one key without a threefry fold_in.
+
+    Args:
+        key: one PRNG key, typed or legacy uint32 (see `key_words`).
+        n: the length, a static int in [0, 2^31).
+        salt: an integer mixed in after the key (a Python int is taken mod
+            2^32; an array or traced value is cast to uint32), e.g. the epoch.
+
+    Returns:
+        A permutation of arange(n), int32 of shape (n,).
+
+    Raises:
+        ValueError: if `n` is outside [0, 2^31), or `key` holds several keys.
+        TypeError: if `key` is not a PRNG key.
     """
     if not 0 <= n <= 2**31 - 1:
         raise ValueError(f"permutation length must be in [0, 2^31), got {n}")

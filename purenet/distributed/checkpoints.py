@@ -123,7 +123,23 @@ def _own_shards(leaf: Any) -> list[dict]:
 def save_sharded(path: str | os.PathLike[str], tree: Any) -> str:
     """Save a tree of (sharded) arrays to directory `path`; every process calls it and writes its own shards.
 
-    Returns the save's id. See the module docstring for the format, the leaves and the guarantees.
+    See the module docstring for the format, the leaves and the guarantees.
+    Every leaf is checked before anything is written; older saves' shard
+    files in `path` are removed once the new index is written.
+
+    Args:
+        path: the checkpoint directory (created if missing).
+        tree: a pytree of arrays (sharded `jax.Array`s, numpy arrays, scalars,
+            fixed-width strings, typed PRNG keys); None is structure.
+
+    Returns:
+        The save's id, 16 hexadecimal digits (it names the shard files).
+
+    Raises:
+        TypeError: if a leaf is not an array or has a dtype checkpoints do not store.
+        ValueError: if a leaf has more than 32 dimensions or a string leaf
+            holds a code point that is not a Unicode character.
+        OSError: if a file cannot be written.
     """
     path = os.fspath(path)
     labelled, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -264,12 +280,29 @@ def _host_only(value: Any) -> bool:
 def load_sharded(path: str | os.PathLike[str], like: Any = None, shardings: Any = None) -> Any:
     """The tree saved by `save_sharded`, bit-identical, placed with `shardings`.
 
-    like: a tree of the expected structure (key paths, shapes and dtypes are
-    checked, as `purenet.io.checkpoint.load(like=)` does); None rebuilds the
-    saved structure. shardings: one `jax.sharding.Sharding` for every leaf,
-    a tree of them like the result, or None (arrays on the default device):
-    the mesh may have any shape, unrelated to the one that saved. Leaves JAX
-    cannot hold exactly stay numpy arrays (the module docstring).
+    The mesh of `shardings` may have any shape, unrelated to the one that
+    saved. Leaves JAX cannot hold exactly stay numpy arrays (the module
+    docstring).
+
+    Args:
+        path: the checkpoint directory `save_sharded` wrote.
+        like: a tree of the expected structure (key paths, shapes and dtypes
+            are checked, as `purenet.io.checkpoint.load(like=)` does); None
+            rebuilds the saved structure.
+        shardings: one `jax.sharding.Sharding` for every leaf, a tree of them
+            like the result, or None (arrays on the default device).
+
+    Returns:
+        The saved tree (the structure of `like` when given), each leaf a
+            `jax.Array` placed with its sharding (a PRNG key rebuilt with its
+            implementation), or a numpy array where JAX cannot hold its dtype.
+
+    Raises:
+        CheckpointError: if the index or a shard file is missing, corrupt,
+            truncated, from another save or malformed, the shards do not tile a
+            leaf exactly once, or the tree does not match `like`.
+        ValueError: if `shardings` is a tree with another number of leaves
+            than the checkpoint.
     """
     path = os.fspath(path)
     index_name = os.path.join(path, INDEX)

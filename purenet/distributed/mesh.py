@@ -19,6 +19,20 @@ def mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -
     the first axis spans them, so {"data": n, ...} keeps each process's
     devices together on the later axes. The sizes' product must be the
     device count.
+
+    Args:
+        axes: axis name -> size, in order, e.g. {"data": 2, "model": 4}
+            (`MODEL`, "model", is the axis tensor parallelism splits over).
+        devices: the devices to arrange; None takes `jax.devices()`.
+
+    Returns:
+        A `jax.sharding.Mesh` of shape tuple(axes.values()) with axis names
+            tuple(axes).
+
+    Raises:
+        ValueError: if `axes` is empty, maps a non-string name or a size that
+            is not a positive int, or its sizes' product is not the number of
+            devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     if not axes:

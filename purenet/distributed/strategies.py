@@ -12,7 +12,9 @@ axis, and so are the optimizer's slots (any subtree of the optimizer state
 shaped like params). The batch is split over that axis too. In the forward
 each layer's W is all-gathered just before use; in the backward the weight
 gradient
+
     dW = sum over the global batch of h^T dy
+
 is a per-device partial sum that a reduce-scatter both sums and splits, so
 each device updates only its 1/n of W and of the slots.
 
@@ -62,7 +64,17 @@ STRATEGIES = ("fsdp", "tensor", "fsdp+tensor")
 
 
 def check_strategy(strategy: str, mesh: Mesh | None) -> None:
-    """Raise unless `strategy` is known and `mesh` has the axes it splits over."""
+    """Raise unless `strategy` is known and `mesh` has the axes it splits over.
+
+    Args:
+        strategy: "fsdp", "tensor" or "fsdp+tensor" (`STRATEGIES`).
+        mesh: the device mesh, or None.
+
+    Raises:
+        ValueError: if `strategy` is unknown, `mesh` is None, a tensor strategy's
+            mesh has no "model" axis, or an FSDP strategy's mesh has no data
+            axis (or, with "fsdp+tensor", its data axis is "model").
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; use one of {STRATEGIES}")
     if mesh is None:
@@ -83,7 +95,20 @@ def _axis(shape: tuple[int, ...], a: int | None) -> int | None:
 
 
 def tensor_axes(net: Any, params: PyTree, parts: int) -> PyTree:
-    """Per parameter, the axis tensor parallelism splits into `parts` (None: whole), a tree like params."""
+    """Per parameter, the axis tensor parallelism splits into `parts` (None: whole), a tree like params.
+
+    The layers are visited in forward order; each says how it splits with
+    `layer.tensor_split(params, split_in)` (see the module docstring). A
+    layer whose split axes do not divide by `parts` stays whole.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters (arrays or `jax.ShapeDtypeStruct`s: only shapes are read).
+        parts: the size of the mesh's "model" axis.
+
+    Returns:
+        A tree like params: each leaf the (non-negative) axis to split, or None.
+    """
     split = [False]  # whether the activation flowing into the next layer is split over its features
 
     def leaf(layer: Any, p: PyTree, frozen: bool) -> PyTree:
@@ -108,7 +133,21 @@ def tensor_axes(net: Any, params: PyTree, parts: int) -> PyTree:
 
 
 def param_specs(net: Any, params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
-    """The PartitionSpec of every parameter under `strategy` (see the module docstring), a tree like params."""
+    """The PartitionSpec of every parameter under `strategy` (see the module docstring), a tree like params.
+
+    Args:
+        net: the network whose layers say how they split.
+        params: its parameters (only shapes are read).
+        mesh: the device mesh, with the axes `strategy` needs.
+        strategy: "fsdp", "tensor" or "fsdp+tensor".
+
+    Returns:
+        A tree like params of `PartitionSpec`s, one entry per array axis:
+            "model" (tensor split), the data axis (FSDP split) or None.
+
+    Raises:
+        ValueError: if `strategy` is unknown or `mesh` lacks its axes (`check_strategy`).
+    """
     check_strategy(strategy, mesh)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if "tensor" in strategy:
@@ -132,20 +171,60 @@ def param_specs(net: Any, params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
 
 
 def param_shardings(net: Any, params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
-    """`param_specs` as NamedShardings on `mesh`."""
+    """`param_specs` as NamedShardings on `mesh`.
+
+    Args:
+        net: the network whose layers say how they split.
+        params: its parameters (only shapes are read).
+        mesh: the device mesh, with the axes `strategy` needs.
+        strategy: "fsdp", "tensor" or "fsdp+tensor".
+
+    Returns:
+        A tree like params of `NamedSharding`s.
+
+    Raises:
+        ValueError: if `strategy` is unknown or `mesh` lacks its axes (`check_strategy`).
+    """
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(net, params, mesh, strategy),
                                   is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
 def shard_params(net: Any, params: PyTree, mesh: Mesh, strategy: str = "fsdp") -> PyTree:
-    """params placed on `mesh` as `strategy` splits them ("fsdp", "tensor" or "fsdp+tensor")."""
+    """params placed on `mesh` as `strategy` splits them ("fsdp", "tensor" or "fsdp+tensor").
+
+    Args:
+        net: the network whose layers say how they split.
+        params: its parameters.
+        mesh: the device mesh, with the axes `strategy` needs.
+        strategy: "fsdp", "tensor" or "fsdp+tensor".
+
+    Returns:
+        params as global `jax.Array`s with `param_shardings(net, params, mesh, strategy)`.
+
+    Raises:
+        ValueError: if `strategy` is unknown or `mesh` lacks its axes (`check_strategy`).
+    """
     return jax.tree_util.tree_map(put, params, param_shardings(net, params, mesh, strategy))
 
 
 def like_params(tree: PyTree, params: PyTree, per_param: PyTree, other: Any) -> PyTree:
-    """`tree` with every subtree shaped like params (same structure and leaf shapes: the params
-    themselves, Adam's moments, an EMA, early stopping's best params) replaced by `per_param`,
-    and every other leaf by `other`."""
+    """`tree` with every subtree shaped like params replaced by `per_param`, and every other leaf by `other`.
+
+    A subtree is shaped like params when it has their structure and leaf
+    shapes: the params themselves, Adam's moments, an EMA, early stopping's
+    best params.
+
+    Args:
+        tree: any pytree (an optimizer state, a TrainState).
+        params: the parameters whose structure and shapes are matched.
+        per_param: what replaces each params-shaped subtree (e.g. a tree of
+            shardings like params).
+        other: what replaces every other leaf.
+
+    Returns:
+        tree with its params-shaped subtrees replaced by `per_param` and its other
+            leaves by `other`.
+    """
     treedef: Any = jax.tree_util.tree_structure(params)
     shapes = [jax.numpy.shape(v) for v in jax.tree_util.tree_leaves(params)]
 
@@ -158,17 +237,55 @@ def like_params(tree: PyTree, params: PyTree, per_param: PyTree, other: Any) -> 
 
 
 def tree_shardings(net: Any, tree: PyTree, params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
-    """A sharding for every leaf of `tree`: params-shaped subtrees as the params, the rest replicated."""
+    """A sharding for every leaf of `tree`: params-shaped subtrees as the params, the rest replicated.
+
+    Args:
+        net: the network whose layers say how they split.
+        tree: any pytree (an optimizer state, a TrainState).
+        params: the parameters (only shapes are read).
+        mesh: the device mesh, with the axes `strategy` needs.
+        strategy: "fsdp", "tensor" or "fsdp+tensor".
+
+    Returns:
+        A tree like `tree` (see `like_params`) of `NamedSharding`s.
+
+    Raises:
+        ValueError: if `strategy` is unknown or `mesh` lacks its axes (`check_strategy`).
+    """
     return like_params(tree, params, param_shardings(net, params, mesh, strategy), NamedSharding(mesh, PartitionSpec()))
 
 
 def shard_tree(net: Any, tree: PyTree, params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
-    """`tree` (an optimizer state, a TrainState) placed on `mesh`: params-shaped parts as `strategy`
-    splits the params (so optimizer slots are sharded like them), everything else replicated."""
+    """`tree` (an optimizer state, a TrainState) placed on `mesh`.
+
+    Params-shaped parts are split as `strategy` splits the params (so
+    optimizer slots are sharded like them), everything else is replicated.
+
+    Args:
+        net: the network whose layers say how they split.
+        tree: the pytree to place.
+        params: the parameters (only shapes are read).
+        mesh: the device mesh, with the axes `strategy` needs.
+        strategy: "fsdp", "tensor" or "fsdp+tensor".
+
+    Returns:
+        tree with every leaf a global `jax.Array` placed by `tree_shardings`.
+
+    Raises:
+        ValueError: if `strategy` is unknown or `mesh` lacks its axes (`check_strategy`).
+    """
     shardings = tree_shardings(net, tree, params, mesh, strategy)
     return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def constrain(tree: PyTree, shardings: PyTree) -> PyTree:
-    """`jax.lax.with_sharding_constraint` leaf by leaf (inside jit: pin where XLA keeps each part)."""
+    """`jax.lax.with_sharding_constraint` leaf by leaf (inside jit: pin where XLA keeps each part).
+
+    Args:
+        tree: a pytree of arrays.
+        shardings: a tree of shardings of tree's structure.
+
+    Returns:
+        tree, each leaf constrained to its sharding.
+    """
     return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, tree, shardings)

@@ -11,6 +11,19 @@ __all__ = ["EarlyStopping", "EarlyStoppingState", "MONITOR_MODES"]
 
 
 class EarlyStoppingState(NamedTuple):
+    """Early stopping's state between epochs (`EarlyStopping.init`, `EarlyStopping.update`).
+
+    Attributes:
+        best: the best monitored value so far, float32 scalar (inf, or -inf
+            for mode "max", before the first epoch).
+        best_epoch: the epoch of `best`, int32 scalar (-1 before any improvement).
+        wait: epochs since the last improvement, int32 scalar.
+        stopped: whether early stopping has fired, bool scalar.
+        best_params: the params at `best_epoch` (with restore_best; else the
+            initial params).
+        best_model_state: the model state at `best_epoch` (likewise).
+    """
+
     best: jnp.ndarray
     best_epoch: jnp.ndarray
     wait: jnp.ndarray
@@ -33,6 +46,19 @@ class EarlyStopping:
     best params seen are kept in the state (fit returns them).
     monitor is "loss", "val_loss" or "val_accuracy"; mode (None: from the
     monitor, "min" for losses and "max" for accuracy) says which way is better.
+
+    Args:
+        patience: epochs without improvement before stopping, an int >= 1.
+        min_delta: the least change that counts as an improvement, >= 0.
+        monitor: the history entry watched: "loss", "val_loss" or
+            "val_accuracy" (the last two need validation data).
+        mode: "min" or "max", or None to take it from `monitor`.
+        restore_best: keep the best epoch's params and model state in the
+            state (`fit` then returns them).
+
+    Raises:
+        ValueError: if `monitor` or `mode` is not one of the values above,
+            `patience` < 1 or `min_delta` < 0.
     """
 
     patience: int
@@ -54,6 +80,16 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping min_delta must be >= 0, got {self.min_delta}")
 
     def init(self, params: PyTree, model_state: PyTree) -> EarlyStoppingState:
+        """The state before the first epoch.
+
+        Args:
+            params: the initial parameters (kept as the best until an epoch improves).
+            model_state: the initial model state.
+
+        Returns:
+            An `EarlyStoppingState` with the worst possible `best`, best_epoch -1,
+                wait 0 and stopped False.
+        """
         worst = jnp.inf if self.mode == "min" else -jnp.inf
         return EarlyStoppingState(
             jnp.asarray(worst, jnp.float32), jnp.asarray(-1, jnp.int32), jnp.asarray(0, jnp.int32),
@@ -62,6 +98,22 @@ class EarlyStopping:
 
     def update(self, es: EarlyStoppingState, value: float | Array, epoch: int | Array, params: PyTree,
                model_state: PyTree) -> EarlyStoppingState:
+        """The state after one more epoch whose monitored value is `value` (pure, jittable).
+
+        An epoch improves when `value < best - min_delta` (mode "min") or
+        `value > best + min_delta` (mode "max"); once stopped, the state no
+        longer changes.
+
+        Args:
+            es: the state so far.
+            value: this epoch's monitored value, a scalar.
+            epoch: this epoch's number, a scalar int.
+            params: this epoch's parameters.
+            model_state: this epoch's model state.
+
+        Returns:
+            The next `EarlyStoppingState`.
+        """
         value = jnp.asarray(value, jnp.float32)
         if self.mode == "min":
             improved = value < es.best - self.min_delta

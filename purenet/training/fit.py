@@ -21,9 +21,18 @@ __all__ = ["FitResult", "fit", "place"]
 
 
 class FitResult(NamedTuple):
-    """What `fit` returns: the trained (or best, with early stopping's restore_best) params and model
-    state, the optimizer state, the history (a dict of numpy arrays over the epochs run) and the epoch
-    early stopping fired at (None if it did not)."""
+    """What `fit` returns: the trained (or best) params and model state, the optimizer state, the history.
+
+    Attributes:
+        params: the trained parameters; with early stopping's restore_best the
+            best epoch's, with evaluate_with_ema the parameter average.
+        state: the model state that goes with `params`.
+        opt_state: the final optimizer state (its params are the last epoch's).
+        history: {metric: numpy array over the epochs run}, e.g. "loss",
+            "learning_rate", "val_loss", "val_accuracy", "epsilon".
+        stopped_epoch: the (0-based) epoch early stopping fired at, or None if
+            it did not.
+    """
 
     params: Any
     state: Any
@@ -85,8 +94,8 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     on that batch and each Dense layer's update_ratio every epoch (arrays of
     shape (epochs, layers) in the history); it does not change training.
     statistics=(x_probe, y_probe) records pn.stats.gradient_noise on that
-    batch every epoch: noise_scale (B_simple), trace_cov, grad_sq_norm and
-    fisher_trace (the empirical Fisher's trace, mean_i |g_i|^2). With a
+    batch every epoch: noise_scale (`B_simple`), trace_cov, grad_sq_norm and
+    fisher_trace (the empirical Fisher's trace, `mean_i |g_i|^2`). With a
     K-FAC optimizer (pn.optim.kfac) each step computes the batch's factors.
     accumulate=k runs each batch as k micro-batches in a scan and averages
     their gradients: the update of the whole batch with a k-times smaller
@@ -99,8 +108,48 @@ def fit(net: Any, opt: Any, data: tuple, *, key: jax.Array, epochs: int,
     scale then lives in opt_state, halves and skips the step on an overflow,
     and is recorded each epoch as history["loss_scale"].
 
-    Returns FitResult(params, state, opt_state, history, stopped_epoch), with
-    history a dict of numpy arrays over the epochs run.
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        opt: the optimizer (`pn.optim`).
+        data: (x, y), x of shape `(n, *in_shape)` (floats, or integer ids for
+            a network that starts with an embedding) and y of shape (n, ...).
+        key: the run's key (see `purenet.training.loop` for what derives from it).
+        epochs: the number of epochs, an int >= 0.
+        loss: the loss, a name (e.g. "cross_entropy", "mse") or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        params: starting parameters, or None to draw them from fold_in(key, 0).
+        state: the model state of `params`, or None.
+        batch_size: examples per step (None: full batch).
+        augment: an augmentation `(key, x, y) -> (x, y)` for each training batch, or None.
+        dp: DP-SGD's settings, `pn.DPSGD(clip_norm, noise_multiplier, ...)`, or None.
+        accumulate: k, micro-batches per batch, a positive int.
+        precision: mixed precision, `pn.Precision(...)`, or None.
+        mesh: a device mesh (`pn.distributed.data_mesh()`, `pn.distributed.mesh({...})`), or None.
+        strategy: "fsdp", "tensor" or "fsdp+tensor" (with `mesh`), or None (replicated params).
+        validation: (x_val, y_val), or None.
+        early_stopping: a `pn.EarlyStopping`, or None.
+        evaluate_with_ema: validate, early-stop on and return the EMA of the params.
+        diagnostics: (x_probe, y_probe) for gradient flow and update ratios each epoch, or None.
+        statistics: (x_probe, y_probe) for `pn.stats.gradient_noise` each epoch, or None.
+        progress: show a tqdm progress bar.
+        checkpoint: a file path to save the run to, or None.
+        checkpoint_every: epochs between checkpoints, a positive int.
+        resume: continue from `checkpoint` when the file exists.
+
+    Returns:
+        FitResult(params, state, opt_state, history, stopped_epoch), with
+            history a dict of numpy arrays over the epochs run.
+
+    Raises:
+        TypeError: if the inputs or the labels have the wrong dtype.
+        ValueError: if an argument is out of range, the data do not fit the
+            network or the loss, the batch does not divide over the mesh, the
+            options do not combine, or under dp= validation, diagnostics or
+            statistics data hold training examples.
+        CheckpointError: if resuming from a checkpoint of another run (other
+            data, key, metrics, early stopping or privacy settings), or the
+            checkpoint path is not writable.
+        ImportError: if progress=True and tqdm is not installed.
     """
     if checkpoint is not None:
         from purenet.io.checkpoint import check_writable
@@ -333,8 +382,27 @@ def _pinned(run, net, mesh, strategy):
 
 def place(mesh: Any, data: tuple, batch_size: int | None, train_state: Any, es: Any, net: Any = None,
           strategy: str | None = None) -> tuple:
-    """With a mesh: check the batch divides over it; replicate data and state on it (with a strategy,
-    the params-shaped parts of the state split as `pn.distributed.shard_params` splits the params)."""
+    """With a mesh: check the batch divides over it; replicate data and state on it.
+
+    With a strategy, the params-shaped parts of the state split as
+    `pn.distributed.shard_params` splits the params.
+
+    Args:
+        mesh: the device mesh, or None (nothing is placed).
+        data: the epoch's data tuple (x, y, validation, key, probe, stats_probe).
+        batch_size: examples per step (None: full batch).
+        train_state: the `TrainState`.
+        es: early stopping's state, or None.
+        net: the network, needed with `strategy`.
+        strategy: "fsdp", "tensor" or "fsdp+tensor", or None.
+
+    Returns:
+        (data, train_state, es), placed on `mesh`.
+
+    Raises:
+        ValueError: if the batch does not divide over the mesh, or `strategy`
+            is unknown, lacks its mesh axes or is given without a mesh.
+    """
     if mesh is None:
         if strategy is not None:
             distributed.check_strategy(strategy, mesh)

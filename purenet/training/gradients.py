@@ -41,15 +41,19 @@ class GradFn:
         value, grads, state[, provided] = fn(params, state, x, y, key, **taken)
 
     Attributes:
-      fn: the function.
-      takes: the keywords it takes beside the five arguments, a subset of TAKES: "loss_scale" (the
-        scale of its seed gradient: mixed precision; `make_step` passes the dynamic scale the
-        optimizer state keeps), "weight" (a padded Poisson batch's 0/1 marks: DP-SGD), "count"
-        (the optimizer's step count: K-FAC computes its factors every k-th step).
-      provides: the per-step arguments of the optimizer it returns, as a dict in a fourth value
-        (K-FAC's "factors").
-      micro_batched: k -> the GradFn that runs a batch as k micro-batches itself (DP-SGD clips them
-        one after another and draws the noise once), or None (`accumulate` averages k calls).
+        fn: the function.
+        takes: the keywords it takes beside the five arguments, a subset of TAKES: "loss_scale" (the
+            scale of its seed gradient: mixed precision; `make_step` passes the dynamic scale the
+            optimizer state keeps), "weight" (a padded Poisson batch's 0/1 marks: DP-SGD), "count"
+            (the optimizer's step count: K-FAC computes its factors every k-th step).
+        provides: the per-step arguments of the optimizer it returns, as a dict in a fourth value
+            (K-FAC's "factors").
+        micro_batched: k -> the GradFn that runs a batch as k micro-batches itself (DP-SGD clips them
+            one after another and draws the noise once), or None (`accumulate` averages k calls).
+
+    Raises:
+        TypeError: if `fn` is not callable.
+        ValueError: if `takes` names a keyword outside TAKES.
     """
 
     fn: Callable[..., tuple]
@@ -71,13 +75,35 @@ class GradFn:
 
 
 def as_grad_fn(fn: Callable[..., tuple]) -> GradFn:
-    """`fn` as a GradFn: itself, or a plain function (params, state, x, y, key) -> (loss, grads, state),
-    which takes and provides nothing else (wrap it in GradFn(fn, takes={"loss_scale"}) to say more)."""
+    """`fn` as a GradFn: itself, or a plain function wrapped (it takes and provides nothing else).
+
+    Args:
+        fn: a `GradFn`, or a plain function `(params, state, x, y, key) -> (loss, grads, state)`
+            (wrap it in `GradFn(fn, takes={"loss_scale"})` yourself to say more).
+
+    Returns:
+        `fn` itself when it is a GradFn, else `GradFn(fn)`.
+
+    Raises:
+        TypeError: if `fn` is not callable.
+    """
     return fn if isinstance(fn, GradFn) else GradFn(fn)
 
 
 def grad_fn(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array = 0.0) -> GradFn:
-    """The loss and its handwritten gradient on one batch, in training mode."""
+    """The loss and its handwritten gradient on one batch, in training mode.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        loss: the loss, a name (e.g. "cross_entropy", "mse") or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+
+    Returns:
+        A `GradFn` `fn(params, state, x, y, key) -> (loss, grads, state)`: loss
+            the batch's mean loss (a scalar, the l2 term included), grads like
+            params, state the model state after the forward (BatchNorm's running
+            statistics); `key` draws dropout masks.
+    """
 
     def fn(params, state, x, y, key):
         return network.value_and_grad(net, params, state, x, y, loss=loss, l2=l2, train=True, key=key)
@@ -101,6 +127,21 @@ def dp_sgd(net: LayerLike, dp: clipping.DPSGD, loss: str | Loss = "cross_entropy
     batch's sum: averaging k noised micro-batch gradients would add sqrt(k)
     times the noise DP-SGD asks for. With `dp.canaries` the key splits in
     three: the third draws which member canaries join the step.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        dp: DP-SGD's settings, `pn.DPSGD(clip_norm, noise_multiplier, ...)`.
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        micro_batches: how many micro-batches a batch is clipped in, one after
+            another (`accumulate` sets it; 1: `dp.chunk_size` decides).
+        expected_batch_size: the divisor of the clipped sum and the noise for
+            Poisson batches (`weight` given): the expected batch size q n.
+
+    Returns:
+        A `GradFn` `fn(params, state, x, y, key, weight=None) -> (loss, grads, state)`
+            that takes "weight" and accumulates itself (`micro_batched`): grads
+            the clipped, noised mean gradient, like params.
     """
 
     def fn(params, state, x, y, key, weight=None):
@@ -143,6 +184,21 @@ def accumulate(fn: Callable[..., tuple], micro_batches: int) -> GradFn:
     i draws its randomness from fold_in(key, i). A GradFn with a
     `micro_batched` rule (DP-SGD's) accumulates itself; one that provides
     per-step arguments or takes the step count (K-FAC's) does not accumulate.
+
+    Args:
+        fn: the gradient function, a `GradFn` or a plain function
+            `(params, state, x, y, key) -> (loss, grads, state)`.
+        micro_batches: k, the number of equal micro-batches, a positive int
+            (the batch size must be a multiple of it).
+
+    Returns:
+        A `GradFn` of the same signature (and the same `takes`): `fn` itself
+            when k is 1, the GradFn's own `micro_batched(k)` when it has one.
+            Called on a batch that k does not divide, it raises a ValueError.
+
+    Raises:
+        ValueError: if `micro_batches` is not a positive integer, or k > 1 and
+            `fn` provides per-step arguments or takes anything but "loss_scale".
     """
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, float)) or micro_batches != micro_batches:
         raise ValueError(f"accumulate must be a positive integer (micro-batches per batch), got {micro_batches!r}")
@@ -173,7 +229,21 @@ def kfac(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Array =
     (params, state, x, y, key, count) -> (loss, grads, state, {"factors": factors}), for an
     optimizer whose extra_args name "factors" (`pn.optim.kfac`). With factors_every = k the
     factors are computed only when count % k == 0 (zeros otherwise, which the optimizer ignores);
-    the Monte-Carlo labels draw from fold_in(key, 1), dropout from key."""
+    the Monte-Carlo labels draw from fold_in(key, 1), dropout from key.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        fisher: which Fisher the factors estimate: "empirical", "mc" (labels
+            sampled from the model) or "exact" (see `pn.stats.kfac_value_and_grad`).
+        samples: Monte-Carlo label samples per example, for a sampled Fisher.
+        factors_every: k, compute the factors every k-th step (by the
+            optimizer's step count).
+
+    Returns:
+        A `GradFn` that takes "count" and provides "factors".
+    """
     from purenet.analysis import stats
 
     def with_factors(params, state, x, y, key):
@@ -199,9 +269,29 @@ def gradients(net: LayerLike, loss: str | Loss = "cross_entropy", l2: float | Ar
               dp: clipping.DPSGD | None = None, accumulate_steps: int = 1, precision: "Precision | None" = None,
               extra_args: tuple[str, ...] = (), expected_batch_size: int | None = None,
               extra_options: dict | None = None) -> GradFn:
-    """The gradient function `fit` and `train` build from their options; `extra_args` are the
-    per-step arguments the optimizer needs beside the gradient (K-FAC's "factors"), computed
-    with `extra_options` (the optimizer's: K-FAC's fisher, samples and factors_every)."""
+    """The gradient function `fit` and `train` build from their options.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        dp: DP-SGD's settings (`dp_sgd`), or None.
+        accumulate_steps: micro-batches per batch (`accumulate`).
+        precision: mixed precision (`purenet.training.precision.mixed_precision`), or None.
+        extra_args: the per-step arguments the optimizer needs beside the
+            gradient (K-FAC's "factors").
+        expected_batch_size: DP-SGD's divisor for Poisson batches (`dp_sgd`).
+        extra_options: the options `extra_args` are computed with (the
+            optimizer's: K-FAC's fisher, samples and factors_every).
+
+    Returns:
+        A `GradFn`: `kfac`, `mixed_precision`, `dp_sgd` or `grad_fn`, accumulated.
+
+    Raises:
+        ValueError: if `extra_args` names anything but "factors", K-FAC is
+            combined with dp, accumulate or precision, dp is combined with
+            precision, or `accumulate_steps` is not a positive integer.
+    """
     from purenet.training.precision import mixed_precision
 
     unknown = [n for n in extra_args if n != "factors"]

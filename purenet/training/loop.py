@@ -48,7 +48,14 @@ __all__ = [
 
 
 class TrainState(NamedTuple):
-    """What a run carries between epochs: optimizer state (with params), model state, epochs done."""
+    """What a run carries between epochs: optimizer state (with params), model state, epochs done.
+
+    Attributes:
+        opt_state: the optimizer state; `opt_state.params` are the parameters.
+        model_state: the model state (BatchNorm's running statistics; empty
+            for a stateless network).
+        epoch: the number of epochs done, an int32 scalar.
+    """
 
     opt_state: Any
     model_state: Any
@@ -62,6 +69,22 @@ def run_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: 
     With a step that skips non-finite gradients (apply_if_finite(opt, "skip"),
     dynamic loss scaling) the mean is over the steps it applied; a skipped
     step's loss (often inf in float16) does not make the epoch's loss NaN.
+
+    Args:
+        step: the training step, `step((opt_state, model_state), (x, y, key)) -> (carry, loss)`.
+        train_state: the state before the epoch.
+        x: training inputs, shape `(n, *in_shape)`.
+        y: training targets, shape (n, ...).
+        key: the run's data key (k1 in the module docstring): the shuffle and
+            the steps' keys derive from it and the epoch number.
+        batch_size: examples per step (None: full batch; above n: n).
+
+    Returns:
+        (train_state, loss): the state after the epoch (epoch + 1) and the mean
+            loss of its n // batch_size steps, a scalar.
+
+    Raises:
+        ValueError: if `batch_size` is not a positive int or None.
     """
     train_state, values = run_epoch_steps(step, train_state, x, y, key, batch_size)
     mean = jnp.nanmean(values) if getattr(step, "skips", False) else jnp.mean(values)  # a Step, or a plain function
@@ -74,6 +97,22 @@ def run_epoch_steps(step: Callable[..., tuple], train_state: TrainState, x: Arra
 
     The batches are a shuffle of (x, y) by `key` and the epoch number; step i
     draws its randomness from fold_in(fold_in(key, epoch), i + 1).
+
+    Args:
+        step: the training step, `step((opt_state, model_state), (x, y, key)) -> (carry, loss)`.
+        train_state: the state before the epoch.
+        x: training inputs, shape `(n, *in_shape)`.
+        y: training targets, shape (n, ...).
+        key: the run's data key: the shuffle and the steps' keys derive from it
+            and the epoch number.
+        batch_size: examples per step (None: full batch; above n: n).
+
+    Returns:
+        (train_state, losses): the state after the epoch and each step's loss,
+            shape (n // batch_size,) (NaN for a step a guarded optimizer skipped).
+
+    Raises:
+        ValueError: if `batch_size` is not a positive int or None.
     """
     n = x.shape[0]
     bs = batch_size_of(n, batch_size)
@@ -93,12 +132,31 @@ def run_epoch_steps(step: Callable[..., tuple], train_state: TrainState, x: Arra
 
 def run_poisson_epoch(step: Callable[..., tuple], train_state: TrainState, x: Array, y: Array, key: Array,
                       batch_size: int | None = 64) -> tuple[TrainState, Array, Array]:
-    """One epoch of DP-SGD with Poisson sampling: n // batch_size steps, each on a batch where every
-    example joined with probability q = batch_size / n, padded to `pn.privacy.poisson_batch_bound(n, q)`.
+    """One epoch of DP-SGD with Poisson sampling: n // batch_size steps of Poisson batches.
 
-    Returns (train_state, mean loss of the sampled examples' batches, examples that overflowed the bound).
-    Step i of epoch e samples from fold_in(fold_in(fold_in(key, e), i + 1), 0) and draws its own
-    randomness (dropout, noise) from fold_in(..., 1).
+    In each step's batch every example joined with probability
+    q = batch_size / n; the batch is padded to `pn.privacy.poisson_batch_bound(n, q)`
+    rounded up to a multiple of 8 (at most n), so that it splits over a mesh
+    of up to 8 devices. Step i of epoch e samples from
+    fold_in(fold_in(fold_in(key, e), i + 1), 0) and draws its own randomness
+    (dropout, noise) from fold_in(..., 1).
+
+    Args:
+        step: the training step; its batch is (x, y, key, weight), weight the
+            padded batch's 0/1 marks (`pn.training.dp_sgd` takes them).
+        train_state: the state before the epoch.
+        x: training inputs, shape `(n, *in_shape)`.
+        y: training targets, shape (n, ...).
+        key: the run's data key.
+        batch_size: the expected batch size q n (None: n).
+
+    Returns:
+        (train_state, loss, overflow): the state after the epoch, the mean
+            loss of its steps, and how many sampled examples the padded
+            batches had no room for (int, summed over the steps).
+
+    Raises:
+        ValueError: if `batch_size` is not a positive int or None.
     """
     n = x.shape[0]
     bs = batch_size_of(n, batch_size)
@@ -120,14 +178,34 @@ def run_poisson_epoch(step: Callable[..., tuple], train_state: TrainState, x: Ar
 
 
 def poisson(dp: DPSGD | None) -> bool:
-    """Whether DP-SGD option `dp` samples Poisson batches."""
+    """Whether DP-SGD option `dp` samples Poisson batches.
+
+    Args:
+        dp: DP-SGD's settings, or None.
+
+    Returns:
+        True when `dp` is given with sampling="poisson".
+    """
     return dp is not None and dp.sampling == "poisson"
 
 
 def check_canaries(dp: DPSGD | None, n: int, batch_size: int, opt_state: Any = None) -> None:
-    """DP-SGD's canaries must join each step at the rate the examples do, batch_size / n: an audit of
-    canaries sampled at another rate audits another mechanism. Without an observer in the optimizer
-    (`canaries.observe()`) nothing records their scores: a warning says so."""
+    """Check that DP-SGD's canaries join each step at the rate the examples do, batch_size / n.
+
+    An audit of canaries sampled at another rate audits another mechanism.
+    Without an observer in the optimizer (`canaries.observe()`) nothing
+    records their scores: a warning says so.
+
+    Args:
+        dp: DP-SGD's settings, or None (nothing to check).
+        n: the number of training examples.
+        batch_size: the (expected) batch size.
+        opt_state: the optimizer state, searched for a canary observer; None
+            skips that check.
+
+    Raises:
+        ValueError: if the canaries' sample rate is not batch_size / n.
+    """
     if dp is None or dp.canaries is None:
         return
     from purenet.optim import find_slot
@@ -157,6 +235,29 @@ def build_step(net: LayerLike, opt: Any, *, loss: str | Loss = "cross_entropy", 
     strategy= ("fsdp", "tensor", "fsdp+tensor", with a mesh) keeps params, gradients and optimizer
     slots sharded (see `make_step` and `purenet.distributed.strategies`).
     DP-SGD with Poisson sampling divides by `batch_size`, the expected batch size.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        opt: the optimizer, as the state was built with.
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        augment: an augmentation `(key, x, y) -> (x, y)` for each batch, or None.
+        mesh: a device mesh to split each batch over, or None.
+        dp: DP-SGD's settings (`pn.DPSGD`), or None.
+        accumulate: micro-batches per batch, a positive int.
+        precision: mixed precision (`pn.Precision`), or None.
+        batch_size: the batch size (needed for Poisson-sampled DP-SGD), or None.
+        strategy: "fsdp", "tensor" or "fsdp+tensor" (with `mesh`), or None.
+
+    Returns:
+        A `Step`: `step((opt_state, model_state), (x, y, key[, weight])) -> ((opt_state, model_state), loss)`.
+
+    Raises:
+        ValueError: if Poisson-sampled DP-SGD lacks `batch_size`, `augment`
+            mixes examples under DP-SGD, the options do not combine (see
+            `purenet.training.gradients.gradients`), `accumulate` is not a
+            positive integer, or `strategy` is unknown, lacks its mesh axes or
+            is given without a mesh.
     """
     if poisson(dp) and batch_size is None:
         raise ValueError("DP-SGD with Poisson sampling needs the expected batch size: build_step(..., batch_size=)")
@@ -184,6 +285,32 @@ def train_epoch(net: LayerLike, opt: Any, train_state: TrainState, x: Array, y: 
     batch runs as k micro-batches (see `purenet.training.gradients.accumulate`);
     with precision=pn.Precision(...) in mixed precision (see `purenet.training.precision`;
     with loss_scale="dynamic" initialise the state with precision.optimizer(opt)).
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        opt: the optimizer (without the precision's dynamic loss scale: it is
+            added here).
+        train_state: the state before the epoch (`init_run`).
+        x: training inputs, shape `(n, *in_shape)`.
+        y: training targets, shape (n, ...).
+        key: the run's data key (see `run_epoch`).
+        batch_size: examples per step (None: full batch).
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        augment: an augmentation `(key, x, y) -> (x, y)` for each batch, or None.
+        mesh: a device mesh to split each batch over, or None.
+        dp: DP-SGD's settings (`pn.DPSGD`), or None.
+        accumulate: micro-batches per batch, a positive int.
+        precision: mixed precision (`pn.Precision`), or None.
+        strategy: "fsdp", "tensor" or "fsdp+tensor" (with `mesh`), or None.
+
+    Returns:
+        (train_state, loss): the state after the epoch and the mean training
+            loss of its batches, a scalar.
+
+    Raises:
+        ValueError: as `build_step`, or if `batch_size` is not a positive int
+            or None, or DP-SGD's canaries join at another rate than batch_size / n.
     """
     opt = optimizer_for(opt, precision)
     bs = batch_size_of(x.shape[0], batch_size)
@@ -202,12 +329,24 @@ EVALUATION_BATCH = 128
 
 def evaluate(net: LayerLike, params: PyTree, model_state: PyTree, validation: tuple[Array, Array],
              loss: str | Loss) -> dict[str, Array]:
-    """val_loss and val_accuracy from one forward pass over the validation set, EVALUATION_BATCH rows at
-    a time: the loss from the body's output (logits where the loss is fused with the output layer),
-    and the classes from those same logits as `metrics.predicted_classes` reads them. Where the body's
-    output is not a batch of logit rows (no fused head, sequences), accuracy runs its own pass. One
-    pass is faster than the loss and the accuracy as two (measured in benchmarks/README.md, "Whole
-    processes: the CNN and the autoencoder")."""
+    """val_loss and val_accuracy from one forward pass over the validation set.
+
+    The pass runs EVALUATION_BATCH rows at a time: the loss from the body's output (logits where the
+    loss is fused with the output layer), and the classes from those same logits as
+    `metrics.predicted_classes` reads them. Where the body's output is not a batch of logit rows (no
+    fused head, sequences), accuracy runs its own pass. One pass is faster than the loss and the
+    accuracy as two (measured in benchmarks/README.md, "Whole processes: the CNN and the autoencoder").
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        params: its parameters.
+        model_state: its model state (evaluation mode: BatchNorm uses the running statistics).
+        validation: (x_val, y_val), x_val of shape `(n_val, *in_shape)`.
+        loss: the loss, a name or a `Loss`.
+
+    Returns:
+        {"val_loss": scalar, "val_accuracy": scalar in [0, 1]}.
+    """
     xv, yv = validation
     body, body_params, body_state, loss_fn, head = network.evaluation_body(net, params, model_state, loss)
     out = metrics.predict(body, body_params, body_state, xv, EVALUATION_BATCH)
@@ -228,6 +367,20 @@ def epoch_with_metrics(net: LayerLike, step: Callable[..., tuple], *, batch_size
     neither bakes the data set into the program nor recompiles for new data.
     With evaluate_with_ema the validation metrics and early stopping read the
     parameter average that `pn.optim.ema` keeps.
+
+    Args:
+        net: the network.
+        step: the training step (`build_step`).
+        batch_size: examples per step (None: full batch).
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient (for the diagnostics and statistics probes).
+        early_stopping: the early stopping, or None.
+        evaluate_with_ema: validate and early-stop on the EMA of the params.
+        sampling: "shuffle" (`run_epoch`) or "poisson" (`run_poisson_epoch`).
+
+    Returns:
+        `run`, whose record maps each metric of the epoch ("loss",
+            "learning_rate", the validation metrics, ...) to its value.
     """
 
     def run(carry, data):
@@ -264,7 +417,15 @@ def epoch_with_metrics(net: LayerLike, step: Callable[..., tuple], *, batch_size
 
 
 def check_ema(evaluate_with_ema: bool, opt_state: Any) -> None:
-    """evaluate_with_ema=True needs an optimizer that keeps a parameter average."""
+    """Check that evaluate_with_ema=True has an optimizer that keeps a parameter average.
+
+    Args:
+        evaluate_with_ema: the option.
+        opt_state: the optimizer state.
+
+    Raises:
+        ValueError: if `evaluate_with_ema` and `opt_state` holds no `pn.optim.ema` slot.
+    """
     if evaluate_with_ema and not has_ema(opt_state):
         raise ValueError("evaluate_with_ema=True needs an optimizer that keeps a parameter average: wrap it "
                          "in pn.optim.ema(opt, decay) (it may sit inside masked, chain or apply_if_finite)")
@@ -272,18 +433,28 @@ def check_ema(evaluate_with_ema: bool, opt_state: Any) -> None:
 
 def init_run(net: LayerLike, opt: Any, x: Array, key: Array, params: PyTree, state: PyTree,
              dtype: Any = None) -> TrainState:
-    """A run's starting TrainState: the optimizer state of `params` (drawn by pn.init from fold_in(key, 0)
-    for x's example shape when None), the model `state` (init's, when params are drawn), epoch 0.
+    """A run's starting TrainState: the optimizer state of `params`, the model state, epoch 0.
+
+    When `params` is None they are drawn by pn.init from fold_in(key, 0) for
+    x's example shape, and the model `state` (when None) is init's.
 
     Args:
-      net: the network; opt: the optimizer (as the state will be stepped with).
-      x: the training inputs, checked as fit checks them (floats, or ids for a network that reads them).
-      key: the run's key; params, state: a starting point, or None for a fresh init.
-      dtype: the params' dtype when drawn (default: x's float dtype, else JAX's default float).
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        opt: the optimizer (as the state will be stepped with).
+        x: the training inputs, shape `(n, *in_shape)`, checked as fit checks
+            them (floats, or ids for a network that reads them).
+        key: the run's key.
+        params: a starting point, or None for a fresh init.
+        state: the model state of `params`, or None (init's, when params are drawn).
+        dtype: the params' dtype when drawn (default: x's float dtype, else JAX's default float).
+
     Returns:
-      TrainState(opt.init(params), state, 0).
+        TrainState(opt.init(params), state, 0).
+
     Raises:
-      ValueError: x does not fit a network that declares its in_shape; state without params.
+        TypeError: if x is not floating point (integer ids for an id network).
+        ValueError: if x does not fit a network that declares its in_shape, has
+            no batch axis or is empty, or state is None while params are given.
     """
     check_float_input(x, ids=id_layer(net))
     declared = getattr(net, "in_shape", None)
@@ -301,7 +472,18 @@ def init_run(net: LayerLike, opt: Any, x: Array, key: Array, params: PyTree, sta
 
 
 def as_arrays(data: tuple, validation: tuple | None) -> tuple[Array, Array, tuple[Array, Array] | None]:
-    """The data and validation as jax arrays; integers the cast would wrap (int64 with x64 off) are an error."""
+    """The data and validation as jax arrays; integers the cast would wrap (int64 with x64 off) are an error.
+
+    Args:
+        data: (x, y).
+        validation: (x_val, y_val), or None.
+
+    Returns:
+        (x, y, validation) as jax arrays (validation None when not given).
+
+    Raises:
+        ValueError: if an integer array holds values the cast would wrap.
+    """
     x, y = as_array(data[0], "x"), as_array(data[1], "y")
     if validation is not None:
         validation = (as_array(validation[0], "validation x"), as_array(validation[1], "validation y"))
@@ -309,8 +491,21 @@ def as_arrays(data: tuple, validation: tuple | None) -> tuple[Array, Array, tupl
 
 
 class Run(NamedTuple):
-    """A prepared run (`prepare_run`): the checked data, the optimizer, the initial states, the step and
-    one epoch with its metrics, `epoch((train_state, es), (x, y, validation, key, probe, stats_probe))`."""
+    """A prepared run (`prepare_run`): the checked data, the optimizer, the initial states, the step, one epoch.
+
+    Attributes:
+        x: training inputs (a jax array), shape `(n, *in_shape)`.
+        y: training targets, shape (n, ...).
+        validation: (x_val, y_val) as jax arrays, or None.
+        opt: the optimizer the state was built with (with the precision's
+            dynamic loss scale, if any).
+        train_state: the initial `TrainState`.
+        es: early stopping's initial state, or None.
+        step: the training step (`build_step`).
+        epoch: one epoch with its metrics,
+            `epoch((train_state, es), (x, y, validation, key, probe, stats_probe)) -> ((train_state, es), record)`
+            (`epoch_with_metrics`).
+    """
 
     x: Array
     y: Array
@@ -329,10 +524,44 @@ def prepare_run(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: in
                 mesh: Mesh | None = None, dp: DPSGD | None = None, accumulate: int = 1,
                 evaluate_with_ema: bool = False, precision: Precision | None = None, strategy: str | None = None,
                 checkpoint_every: int = 1) -> Run:
-    """One preparation of a run, shared by `fit` and `train` (and `sweep`, through `train`): the
-    arguments and the data checked, the optimizer for the precision, the initial train state (params
+    """One preparation of a run, shared by `fit` and `train` (and `sweep`, through `train`).
+
+    The arguments and the data checked, the optimizer for the precision, the initial train state (params
     from fold_in(key, 0) unless given), early stopping's state, the step built from the options and
-    one epoch with its metrics. Nothing is compiled."""
+    one epoch with its metrics. Nothing is compiled.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        opt: the optimizer.
+        data: (x, y), x of shape `(n, *in_shape)` and y of shape (n, ...).
+        key: the run's key.
+        epochs: the number of epochs, an int >= 0 (checked here).
+        batch_size: examples per step (None: full batch).
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        params: starting parameters, or None to draw them from fold_in(key, 0).
+        state: the model state of `params`, or None.
+        validation: (x_val, y_val), or None.
+        early_stopping: an `EarlyStopping`, or None.
+        augment: an augmentation `(key, x, y) -> (x, y)` for each batch, or None.
+        mesh: a device mesh to split each batch over, or None.
+        dp: DP-SGD's settings (`pn.DPSGD`), or None.
+        accumulate: micro-batches per batch, a positive int.
+        evaluate_with_ema: validate and early-stop on the EMA of the params.
+        precision: mixed precision (`pn.Precision`), or None.
+        strategy: "fsdp", "tensor" or "fsdp+tensor" (with `mesh`), or None.
+        checkpoint_every: epochs between checkpoints (checked here; `fit` saves).
+
+    Returns:
+        A `Run`.
+
+    Raises:
+        TypeError: if the inputs or the labels have the wrong dtype (`check_data`).
+        ValueError: if an argument is out of range, the data do not fit the
+            network or the loss, early stopping monitors a validation metric
+            without validation data, the batch does not divide over the mesh,
+            or the options do not combine (`build_step`).
+    """
     check_arguments(epochs, batch_size, l2, checkpoint_every, accumulate)
     x, y, validation = as_arrays(data, validation)
     check_monitor(early_stopping, validation)
@@ -369,6 +598,36 @@ def train(net: LayerLike, opt: Any, data: tuple, *, key: Array, epochs: int, bat
     Python, outside the jitted run); `fit` records it, or compute it as
     pn.privacy.epsilon(dp.noise_multiplier, b / n, epochs * (n // b),
     dp.target_delta, dp.accountant) for batch size b and n examples.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        opt: the optimizer.
+        data: (x, y), x of shape `(n, *in_shape)` and y of shape (n, ...).
+        key: the run's key (see the module docstring for what derives from it).
+        epochs: the number of epochs, an int >= 0.
+        batch_size: examples per step (None: full batch).
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+        params: starting parameters, or None to draw them from fold_in(key, 0).
+        state: the model state of `params`, or None.
+        validation: (x_val, y_val), or None; adds val_loss and val_accuracy.
+        early_stopping: an `EarlyStopping`, or None.
+        augment: an augmentation `(key, x, y) -> (x, y)` for each batch, or None.
+        mesh: a device mesh to split each batch over, or None.
+        dp: DP-SGD's settings (`pn.DPSGD`), or None.
+        accumulate: micro-batches per batch, a positive int.
+        evaluate_with_ema: validate and early-stop on the EMA of the params.
+        precision: mixed precision (`pn.Precision`), or None.
+        strategy: "fsdp", "tensor" or "fsdp+tensor" (with `mesh`), or None.
+
+    Returns:
+        (train_state, history, es_state): the final `TrainState`; history,
+            {metric: array of shape (epochs, ...)}; early stopping's state (None
+            without early stopping; its best_params are not restored here).
+
+    Raises:
+        TypeError: as `prepare_run`.
+        ValueError: as `prepare_run`.
     """
     r = prepare_run(net, opt, data, key=key, epochs=epochs, batch_size=batch_size, loss=loss, l2=l2, params=params,
                     state=state, validation=validation, early_stopping=early_stopping, augment=augment, mesh=mesh,

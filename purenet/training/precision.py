@@ -47,9 +47,19 @@ __all__ = ["Precision", "mixed_precision", "optimizer_for"]
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
-    """compute: the dtype of activations and matmuls; params: the master dtype (params and
-    optimizer slots); loss_scale: the factor on the seed gradient (float16 needs one), a
-    positive float or "dynamic" (see the module docstring)."""
+    """Mixed precision's settings: the compute dtype, the master dtype and the loss scale.
+
+    Args:
+        compute: the dtype of activations and matmuls, a floating dtype name
+            ("bfloat16", "float16", "float32").
+        params: the master dtype (params and optimizer slots), a floating dtype name.
+        loss_scale: the factor on the seed gradient (float16 needs one), a
+            positive float or "dynamic" (see the module docstring).
+
+    Raises:
+        ValueError: if `compute` or `params` is not a floating dtype, or
+            `loss_scale` is neither a finite positive number nor "dynamic".
+    """
 
     compute: str = "bfloat16"
     params: str = "float32"
@@ -69,11 +79,22 @@ class Precision:
 
     @property
     def dynamic(self) -> bool:
+        """Whether the loss scale is dynamic (kept in the optimizer state)."""
         return isinstance(self.loss_scale, str)
 
     def optimizer(self, opt: Any) -> Any:
-        """The optimizer training in this precision uses: `opt`, or with loss_scale="dynamic"
-        chain(pn.optim.dynamic_loss_scale(), opt) (guard "skip"). Initialise its state from it."""
+        """The optimizer training in this precision uses; initialise its state from it.
+
+        Args:
+            opt: the optimizer (a `pn.optim.Optimizer` for loss_scale="dynamic").
+
+        Returns:
+            `opt`, or with loss_scale="dynamic"
+                `chain(pn.optim.dynamic_loss_scale(), opt)` (guard "skip").
+
+        Raises:
+            ValueError: with loss_scale="dynamic", if `opt` is not a `pn.optim.Optimizer`.
+        """
         if not self.dynamic:
             return opt
         if not isinstance(opt, optim.Optimizer):
@@ -83,7 +104,18 @@ class Precision:
 
 
 def optimizer_for(opt: Any, precision: Precision | None) -> Any:
-    """`precision.optimizer(opt)`, and `opt` itself without a precision."""
+    """`precision.optimizer(opt)`, and `opt` itself without a precision.
+
+    Args:
+        opt: the optimizer.
+        precision: the mixed precision, or None.
+
+    Returns:
+        The optimizer to build the state with and step.
+
+    Raises:
+        ValueError: as `Precision.optimizer`.
+    """
     return opt if precision is None else precision.optimizer(opt)
 
 
@@ -102,6 +134,17 @@ def mixed_precision(net: LayerLike, precision: Precision, loss: str | Loss = "cr
     The loss value comes back in float32 (at least), the gradients in the
     params' dtype (unscaled in float32 at least), the l2 term added in that
     dtype after unscaling.
+
+    Args:
+        net: the network (a layer or a container, e.g. `pn.Sequential`).
+        precision: the compute dtype and the loss scale (`Precision`).
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient on the parameters whose role is "weight".
+
+    Returns:
+        A `GradFn` `fn(params, state, x, y, key, loss_scale=None) -> (loss, grads, state)`
+            that takes "loss_scale"; calling it without `loss_scale` under
+            loss_scale="dynamic" raises a ValueError.
     """
     compute = jnp.dtype(precision.compute)
 

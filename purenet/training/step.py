@@ -16,9 +16,17 @@ __all__ = ["Step", "make_step"]
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """A training step, step(carry, batch) -> (carry, loss), and whether it skips non-finite updates
-    (`skips`: an optimizer guarded by apply_if_finite(..., "skip"); an epoch then averages the loss over
-    the steps it applied)."""
+    """A training step, step(carry, batch) -> (carry, loss), and whether it skips non-finite updates.
+
+    Calling it calls `fn`. carry is (opt_state, model_state); batch is
+    (x, y, key) or, for DP-SGD's Poisson batches, (x, y, key, weight).
+
+    Args:
+        fn: the step function `(carry, batch) -> (carry, loss)`.
+        skips: whether it skips non-finite updates (an optimizer guarded by
+            apply_if_finite(..., "skip")); an epoch then averages the loss
+            over the steps it applied (a skipped step reports NaN).
+    """
 
     fn: Callable[[tuple, tuple], tuple[tuple, Array]]
     skips: bool = False
@@ -55,6 +63,27 @@ def make_step(grad_fn: Callable[..., tuple], opt: Any, augment: Callable[..., tu
     state split as `pn.distributed.shard_params` places them: the gradients
     are pinned to the params' sharding, so XLA reduce-scatters them (FSDP)
     instead of all-reducing them, and each device updates only its part.
+
+    Args:
+        grad_fn: the gradient function `(params, state, x, y, key, **taken) -> (loss, grads, state[, provided])`,
+            a `GradFn` or a plain function.
+        opt: the optimizer (its state carries the params).
+        augment: an augmentation `(key, x, y) -> (x, y)` applied to each batch, or None.
+        mesh: a device mesh to split each batch over, or None (one device).
+        strategy: "fsdp", "tensor" or "fsdp+tensor" to keep params, gradients
+            and slots sharded (needs `mesh` and `net`), or None.
+        net: the network, needed with `strategy`.
+
+    Returns:
+        A `Step`: `step((opt_state, model_state), (x, y, key[, weight])) -> ((opt_state, model_state), loss)`.
+
+    Raises:
+        ValueError: if the optimizer needs per-step arguments that grad_fn does
+            not provide, `strategy` is unknown or lacks its mesh axes, or
+            `strategy` is given without `net`. The step itself raises a
+            ValueError when a batch has Poisson marks and grad_fn takes no
+            "weight", or the optimizer keeps a dynamic loss scale and grad_fn
+            takes no "loss_scale".
     """
     grad_fn = as_grad_fn(grad_fn)
     needed = tuple(getattr(opt, "extra_args", ()))

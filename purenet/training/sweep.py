@@ -18,7 +18,17 @@ __all__ = ["SweepResult", "sweep"]
 
 @dataclasses.dataclass
 class SweepResult:
-    """Stacked results of a sweep: member i used the config {name: configs[name][i]}."""
+    """Stacked results of a sweep: member i used the config `{name: configs[name][i]}`.
+
+    `len(result)` is the number of members; `result.member(i)` and
+    `result.config(i)` read one.
+
+    Args:
+        configs: {grid entry: numpy array (members,) of its value for each member}.
+        params: the members' parameters, each leaf with a leading axis (members, ...).
+        state: the members' model states, stacked likewise.
+        history: {metric: numpy array (members, epochs, ...)}.
+    """
 
     configs: dict
     params: Any
@@ -29,15 +39,43 @@ class SweepResult:
         return len(next(iter(self.configs.values())))
 
     def config(self, i: int) -> dict[str, Any]:
+        """The grid point of member i.
+
+        Args:
+            i: the member's index.
+
+        Returns:
+            {grid entry: its value for member i, a Python scalar}.
+        """
         return {name: values[i].item() for name, values in self.configs.items()}
 
     def member(self, i: int) -> tuple[PyTree, PyTree]:
-        """(params, state) of member i."""
+        """(params, state) of member i.
+
+        Args:
+            i: the member's index.
+
+        Returns:
+            (params, state): member i's slices of the stacked trees.
+        """
         take = lambda t: jax.tree_util.tree_map(lambda v: v[i], t)  # noqa: E731
         return take(self.params), take(self.state)
 
     def best(self, metric: str = "val_accuracy", mode: str = "max") -> int:
-        """Index of the member with the best final value of `metric`."""
+        """Index of the member with the best final value of `metric`.
+
+        NaN values (e.g. of members early stopping stopped) are ignored.
+
+        Args:
+            metric: a history entry, e.g. "val_accuracy" or "val_loss".
+            mode: "max" (higher is better) or "min".
+
+        Returns:
+            The index of the best member.
+
+        Raises:
+            KeyError: if the history has no `metric`.
+        """
         final = np.asarray(self.history[metric])[:, -1]
         return int(np.nanargmax(final) if mode == "max" else np.nanargmin(final))
 
@@ -60,6 +98,30 @@ def sweep(build: Callable[[dict[str, Array]], tuple[LayerLike, Any]], data: tupl
     Before training, build runs once per grid point with concrete values,
     so the constructors check each one (a negative learning rate, a dropout
     rate of 1), and the data are checked as `fit` checks them.
+
+    Args:
+        build: `build(hp) -> (net, opt)`, hp a dict of one (traced) scalar per
+            grid entry.
+        data: (x, y), x of shape `(n, *in_shape)` and y of shape (n, ...).
+        grid: {name: list of values}; must hold "seed" (integer seeds), may
+            hold "l2", and every entry build reads.
+        epochs: the number of epochs, an int >= 0.
+        batch_size: examples per step (None: full batch); not sweepable.
+        loss: the loss, a name or a `Loss`.
+        l2: weight decay coefficient, unless the grid sweeps "l2".
+        validation: (x_val, y_val), or None.
+        augment: an augmentation `(key, x, y) -> (x, y)` for each batch, or None.
+        **options: any other option of `train` (early_stopping, dp,
+            accumulate, mesh, evaluate_with_ema, ...).
+
+    Returns:
+        A `SweepResult`, one member per point of the grid's Cartesian product
+            (in `itertools.product` order of the grid's entries).
+
+    Raises:
+        ValueError: if the grid lacks "seed", sweeps "batch_size", has an empty
+            entry or non-integer seeds, a grid point fails build's checks, or
+            the data or an argument fail `fit`'s checks.
     """
     if "seed" not in grid:
         raise ValueError("sweep grid needs a 'seed' entry (a list of integer seeds)")
