@@ -1,6 +1,6 @@
 """Evaluation metrics, computed in fixed-size chunks so that a large
 evaluation set never needs one huge forward pass."""
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from purenet._checks import check_float_input
 from purenet.layers.base import Array, LayerLike, PyTree
 from purenet.layers.roles import id_layer
-from purenet.layers import Sequential
-from purenet.network import fused_loss, output_head
+from purenet.network import evaluation_body, fused_loss, output_head
 
 __all__ = ["accuracy", "confusion_matrix", "per_class_accuracy", "predict", "predicted_classes"]
 
@@ -78,9 +77,8 @@ def predicted_classes(net: LayerLike, params: PyTree, state: PyTree, x: Array, b
             outside the vocabulary, or a layer refuses the input.
     """
     head = output_head(net)
-    if head is not None and head is not net:  # the logits decide: the Sequential without its last layer
-        seq = cast(Sequential, net)
-        net, params, state = Sequential(seq.layers[:-1], in_shape=seq.in_shape), params[:-1], state[:-1]
+    if head is not None and head is not net:  # the logits decide: the chain without its output layer
+        net, params, state, _, _ = evaluation_body(net, params, state, fused_loss(head))
     return classes_of(predict(net, params, state, x, batch_size), head if head is not net else None)
 
 
@@ -105,9 +103,10 @@ def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, ba
         state: its state (read in evaluation mode, never updated).
         x: inputs (n, *in_shape): floats, or integer ids for a network that
             starts with an embedding.
-        y: the labels: integer classes (n,), distributions over the classes
-            (n, k) (their argmax is the label), or one unit's targets (n, 1)
-            (class 1 where the target is above 1/2).
+        y: the labels: integer classes (n,) (or (n, T) for a sequence
+            model), distributions over the classes (n, k) (their argmax is the
+            label), or one unit's targets (n, 1) (class 1 where the target is
+            above 1/2).
         batch_size: rows per forward pass (default 1024); larger inputs run
             in chunks of this size under `lax.map`.
 
@@ -124,12 +123,15 @@ def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, ba
 
 
 def labels_of(y: Any) -> Array:
-    """Class labels from labels, from distributions over the classes (their argmax), or from one
-    unit's (n, 1) targets (class 1 where the target is above 1/2)."""
+    """Class labels from integer labels of any shape ((n,), a sequence model's (n, T)), from
+    distributions over the classes (floats (n, ..., k): their argmax), or from one unit's (n, 1)
+    targets (class 1 where the target is above 1/2)."""
     y = jnp.asarray(y)
     if y.ndim == 2 and y.shape[-1] == 1:  # one unit's targets (binary cross-entropy's (n, 1)): class 1 above 1/2
         return (y[:, 0] > 0.5).astype(jnp.int32)
-    return jnp.argmax(y, axis=-1) if y.ndim == 2 else y
+    if jnp.issubdtype(y.dtype, jnp.integer) or y.ndim == 1:
+        return y
+    return jnp.argmax(y, axis=-1)
 
 
 def confusion_matrix(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, num_classes: int,
@@ -145,9 +147,10 @@ def confusion_matrix(net: LayerLike, params: PyTree, state: PyTree, x: Array, y:
         state: its state (read in evaluation mode, never updated).
         x: inputs (n, *in_shape): floats, or integer ids for a network that
             starts with an embedding.
-        y: the labels: integer classes (n,), distributions over the classes
-            (n, k) (their argmax is the label), or one unit's targets (n, 1)
-            (class 1 where the target is above 1/2).
+        y: the labels: integer classes (n,) (or (n, T) for a sequence
+            model), distributions over the classes (n, k) (their argmax is the
+            label), or one unit's targets (n, 1) (class 1 where the target is
+            above 1/2).
         num_classes: k, the number of classes (the matrix is k x k).
         batch_size: rows per forward pass (default 1024); larger inputs run
             in chunks of this size under `lax.map`.

@@ -230,6 +230,8 @@ def test_optax_adapter_both_ways():
     for _ in range(20):
         state2 = wrapped.step(state2, jax.grad(objective)(state2.params))
     assert max(compare_trees(state2.params, state.params).values()) <= 1e-10
+    with pytest.raises(ValueError, match=r"needs \('factors',\)"):  # K-FAC's step needs its factors
+        pn.optim.to_optax(pn.optim.kfac(pn.mlp([2, 3]), 0.1))
 
 
 # ------------------------------------------------------------------ convergence

@@ -56,7 +56,19 @@ def test_noise_multiplier_for_inverts_epsilon(accountant):
     assert privacy.epsilon(sigma / 1.01, q, steps, delta, accountant) > 2.0
 
 
+def test_noise_multiplier_for_a_loose_target_is_the_smallest_sigma_above_the_floor():
+    """A loose epsilon over few steps: sigma below 0.5 is bisected (0.5 was once returned whenever it
+    reached the target), and the floor 0.25 is returned when it already reaches it."""
+    q, steps, delta = 0.01, 10, 1e-5
+    sigma = privacy.noise_multiplier_for(14.8, delta, q, steps, "rdp")
+    assert 0.25 < sigma < 0.5
+    assert privacy.epsilon(sigma, q, steps, delta, "rdp") <= 14.8 < privacy.epsilon(sigma / 1.01, q, steps, delta, "rdp")
+    assert privacy.noise_multiplier_for(1e4, delta, q, steps, "rdp") == 0.25
+
+
 def test_accounting_edge_cases_and_errors():
+    with pytest.raises(ValueError, match="accountant must be one of"):  # even with nothing to account
+        privacy.epsilon_of([], 1e-5, accountant="prv")
     assert privacy.epsilon(1.0, 0.1, 0, 1e-5) == 0.0
     assert privacy.epsilon(0.0, 0.1, 10, 1e-5) == float("inf")
     for kwargs, match in [(dict(sample_rate=1.5), "sample_rate"), (dict(delta=0.0), "delta"),

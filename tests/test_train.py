@@ -237,6 +237,19 @@ def test_batched_metrics_equal_one_pass(small):
                                np.mean(np.argmax(out, 1)[y == 3] == 3))
 
 
+def test_accuracy_of_a_sequence_model_reads_integer_labels_per_position():
+    """Integer labels (n, T) are classes at every position (they were once read as distributions over T)."""
+    net = pn.gpt(vocab_size=5, context=4, layers=1, heads=1, features=4)
+    params, state = pn.init(net, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (6, 4), 0, 5)
+    labels = jnp.roll(ids, -1, axis=1)
+    out, _ = pn.forward(net, params, state, ids)
+    expected = np.mean(np.argmax(out, -1) == labels)
+    np.testing.assert_allclose(pn.metrics.accuracy(net, params, state, ids, labels), expected)
+    cm = pn.metrics.confusion_matrix(net, params, state, ids, labels, 5)
+    assert int(cm.sum()) == labels.size and int(jnp.trace(cm)) == int(round(expected * labels.size))
+
+
 def test_predicted_classes_come_from_the_logits():
     """A final Softmax/Sigmoid is skipped: same classes as the probabilities, and logits break their ties."""
     x = jnp.array([[800.0, 790.0, 0.0], [0.0, 1.0, 2.0], [-3.0, 5.0, 5.5]])

@@ -70,8 +70,17 @@ def _positions(out: Array) -> int:
 
 
 def exact_columns(p: LossPass) -> Array:
-    """H_i's square root: (P k, N, *out) columns with sum_c s_c s_c^T = H_i for every example i, from
-    the loss's declared `hessian_sqrt` at every position."""
+    """H_i's square root as cotangent columns, from the loss's declared `hessian_sqrt`.
+
+    Args:
+        p: the loss pass (`purenet.network.loss_pass`): its output f (N, P.., k) and loss.
+
+    Returns:
+        (P k, N, *out) columns s_c with `sum_c s_c s_c^T = H_i` for every example i.
+
+    Raises:
+        ValueError: if the loss declares no Hessian square root.
+    """
     out = p.out
     n, k, npos = out.shape[0], out.shape[-1], _positions(out)
     root = _declared(p, "hessian_sqrt", "exact")(out).reshape(n, npos, k, k)
@@ -80,13 +89,33 @@ def exact_columns(p: LossPass) -> Array:
 
 
 def sample_targets(p: LossPass, key: Array, samples: int) -> Array:
-    """`samples` targets drawn from the model's predictive distribution, (samples, *targets' shape), by
-    the loss's declared `sample`: class labels (softmax), 0/1 values (sigmoid), or f + N(0, I/2) (mse)."""
+    """Targets drawn from the model's predictive distribution by the loss's declared `sample`.
+
+    Args:
+        p: the loss pass: its output and loss.
+        key: the random key of the draw.
+        samples: how many targets per example.
+
+    Returns:
+        (samples, *targets' shape): class labels (softmax), 0/1 values (sigmoid), or f + N(0, I/2) (mse).
+
+    Raises:
+        ValueError: if the loss declares no sampling.
+    """
     return _declared(p, "sample", "mc")(p.out, key, samples)
 
 
 def mc_columns(p: LossPass, key: Array, samples: int) -> Array:
-    """(samples, N, *out): sqrt(P / samples) dL_i/df_i at each sampled target (E[s s^T] = H_i)."""
+    """Monte-Carlo cotangent columns: the gradients at targets sampled from the model.
+
+    Args:
+        p: the loss pass: its output f (N, P.., k) and loss.
+        key: the random key of the draw.
+        samples: how many columns (sampled targets) per example.
+
+    Returns:
+        (samples, N, *out): `sqrt(P / samples) dL_i/df_i` at each sampled target, so `E[s s^T] = H_i`.
+    """
     targets = sample_targets(p, key, samples)
     scale = math.sqrt(_positions(p.out) / samples)
     return jax.vmap(lambda t: p.per_example_seed(t) * scale)(targets)
@@ -94,7 +123,21 @@ def mc_columns(p: LossPass, key: Array, samples: int) -> Array:
 
 def output_columns(p: LossPass, y: Any, fisher: str = "empirical", key: Array | None = None,
                    samples: int = 1) -> Array:
-    """The cotangent columns (M, N, *out) for `fisher` ("empirical", "mc" or "exact"; see the module)."""
+    """The cotangent columns for `fisher` (see the module): what the backward runs once per column.
+
+    Args:
+        p: the loss pass: its output f (N, P.., k) and loss.
+        y: the labels (the "empirical" column is the gradient at them).
+        fisher: "empirical", "mc" or "exact".
+        key: the random key of "mc"'s sampled targets (required for "mc").
+        samples: "mc"'s sampled targets per example.
+
+    Returns:
+        (M, N, *out): M = 1 ("empirical"), P k ("exact") or `samples` ("mc") columns.
+
+    Raises:
+        ValueError: for an unknown `fisher`, "mc" without a key, or `samples` not a positive int.
+    """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     if fisher == "empirical":
@@ -113,6 +156,14 @@ def column_walk(p: LossPass, visit: Visit, columns: Array) -> PyTree:
 
     `visit` must sum over the columns itself (`lax.psum(., COLUMNS)`), so
     its outs are the same for every column: the first is returned.
+
+    Args:
+        p: the loss pass whose caches the walk reads.
+        visit: the visitor at each leaf layer; it sums over the axis named COLUMNS.
+        columns: (M, N, *out) cotangents at the body's output (`output_columns`).
+
+    Returns:
+        The visitor's outs, summed over the columns by the visitor.
     """
     outs = jax.vmap(lambda s: walk(p.body, visit, p.body_params, (p.cache,), (s,))[0],
                     axis_name=COLUMNS)(columns)

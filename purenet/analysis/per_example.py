@@ -160,9 +160,21 @@ SQ_NORMS = {DenseProduct: _dense_sq_norms, Lookup: _lookup_sq_norms, Convolution
 
 
 def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
-    """(each example's gradients, leaves (batch, ...); dx): the layer's own `per_example_backward`,
-    else the rules of the products it declares (`purenet.layers.structure`), else the generic
-    default (its backward, vmapped over the examples)."""
+    """One layer's per-example gradients: its own method, its products' rules, or the generic default.
+
+    The layer's own `per_example_backward` comes first, then the rules of the
+    products it declares (`purenet.layers.structure`, `GRADS`), then the
+    generic default (its backward, vmapped over the examples).
+
+    Args:
+        layer: a leaf layer.
+        params: its parameters.
+        cache: its forward's cache.
+        dy: dL/dy, batch first; row i the gradient of example i's own loss.
+
+    Returns:
+        (grads, dx): grads like params with a leading batch axis on every leaf; dx = dL/dx.
+    """
     if hasattr(layer, "per_example_backward"):
         return layer.per_example_backward(params, cache, dy)
     if not has_params(params):
@@ -176,8 +188,21 @@ def per_example_backward(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) 
 
 
 def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, l2: Any = 0.0) -> tuple[Array, Any]:
-    """(||g_i + l2 W||^2 per example, dx), W the parameters whose role l2 covers: the layer's own
-    method, else its products' rules, else from its per-example gradients."""
+    """One layer's per-example squared gradient norms, without forming the gradients where a rule can.
+
+    The layer's own method first, then its products' rules (`SQ_NORMS`), else
+    the norms of its per-example gradients.
+
+    Args:
+        layer: a leaf layer.
+        params: its parameters.
+        cache: its forward's cache.
+        dy: dL/dy, batch first; row i the gradient of example i's own loss.
+        l2: the weight decay added to the gradient of the parameters whose role it covers (W).
+
+    Returns:
+        (sq, dx): sq (batch,) = `||g_i + l2 W||^2`; dx = dL/dx.
+    """
     if hasattr(layer, "per_example_sq_norms"):
         return layer.per_example_sq_norms(params, cache, dy, l2)
     found = structure.declared(layer, params, cache, dy) if has_params(params) else None
@@ -210,7 +235,14 @@ PER_EXAMPLE = base.Visit(_one_stream(per_example_backward), _frozen_per_example)
 
 
 def sq_norms_visit(l2: Any) -> base.Visit:
-    """||g_i + l2 W||^2 at each leaf layer (a (batch,) array per leaf; zero inside Frozen)."""
+    """The visitor of per-example squared norms: `||g_i + l2 W||^2` at each leaf layer.
+
+    Args:
+        l2: the weight decay coefficient (`per_example_sq_norms`).
+
+    Returns:
+        A `Visit` whose out at each leaf is a (batch,) array (zero inside Frozen).
+    """
     def leaf(layer, params, cache, dy):
         return per_example_sq_norms(layer, params, cache, dy, l2)
     return base.Visit(_one_stream(leaf), lambda params, dys: jnp.zeros(dys[0].shape[:1], dys[0].dtype),
@@ -218,7 +250,15 @@ def sq_norms_visit(l2: Any) -> base.Visit:
 
 
 def per_example_values(p: Any, y: Any) -> Array:
-    """(batch,) each example's own loss L_i from a loss pass (`network.loss_pass`)."""
+    """Each example's own loss L_i from a loss pass.
+
+    Args:
+        p: the loss pass (`purenet.network.loss_pass`).
+        y: the labels, batch first.
+
+    Returns:
+        (batch,) the losses L_i.
+    """
     return jax.vmap(lambda o, t: p.loss_fn.value(o[None], t[None]))(p.out, jnp.asarray(y))
 
 
@@ -315,7 +355,15 @@ def per_example_grad_norms(net: LayerLike, params: PyTree, state: PyTree, x: Arr
 
 
 def trainable_mask(net: LayerLike, params: PyTree) -> PyTree:
-    """True for every parameter that training moves: False inside `pn.Frozen`, a tree like params."""
+    """Which parameters training moves.
+
+    Args:
+        net: the network.
+        params: its parameters.
+
+    Returns:
+        A tree like params: True for every parameter that training moves, False inside `pn.Frozen`.
+    """
     return base.map_leaves(net, lambda layer, p, frozen: jax.tree_util.tree_map(lambda _: not frozen, p), params)
 
 

@@ -137,7 +137,8 @@ def digits(test_fraction: float = 0.2, seed: int = 0, standardized: bool = True,
 
 # ---------------------------------------------------------------- MNIST IDX
 
-IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+IMAGES_MAGIC = 2051  # the first word of an IDX images file (unsigned bytes, three dimensions)
+LABELS_MAGIC = 2049  # the first word of an IDX labels file (unsigned bytes, one dimension)
 MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

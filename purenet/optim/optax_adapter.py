@@ -19,9 +19,9 @@ def to_optax(opt: Optimizer) -> "optax.GradientTransformation":
 
     The optax state is purenet's OptState; `update` steps from the params it
     is given and returns the difference as the updates (`optax.apply_updates`
-    then lands on purenet's new params, up to rounding). `update` passes no per-step
-    arguments, so an optimizer with `extra_args` (K-FAC) cannot be wrapped
-    usefully: its step raises TypeError.
+    then lands on purenet's new params, up to rounding). `update` has no
+    per-step arguments to pass, so an optimizer with `extra_args` (K-FAC's
+    factors) is refused.
 
     Args:
         opt: the purenet optimizer.
@@ -29,8 +29,15 @@ def to_optax(opt: Optimizer) -> "optax.GradientTransformation":
     Returns:
         An `optax.GradientTransformation` whose `init` is `opt.init` and whose
             `update(grads, state, params)` raises ValueError when `params` is None.
+
+    Raises:
+        ValueError: if `opt` needs per-step arguments beside the gradient (`opt.extra_args`).
     """
     import optax
+
+    if opt.extra_args:
+        raise ValueError(f"to_optax cannot wrap an optimizer whose step needs {opt.extra_args} beside the "
+                         f"gradient (optax's update passes none): step it with purenet's own loop (pn.fit)")
 
     def update(grads, state, params=None):
         if params is None:

@@ -144,6 +144,8 @@ def epsilon_of(phases: Sequence[tuple[float, float, int]], delta: float, account
         ImportError: if Google's dp-accounting is not installed (`pip install 'purenet[privacy]'`).
     """
     delta = _real("delta", delta, 0.0, 1.0, True, True)
+    if accountant not in ACCOUNTANTS:  # checked here too: no phases must not hide a misspelt accountant
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     merged: list[list] = []
     for phase in phases:
         sigma, rate, steps, delta = _check(*phase, delta, accountant)
@@ -171,10 +173,9 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     """The smallest noise multiplier sigma whose `epsilon(sigma, sample_rate, steps, delta)` is <= epsilon.
 
     Found by bisection in log sigma on the accountant itself, to 0.1%. The search starts at
-    sigma = 1 and halves it while the target still holds, but never to 0.25 or below (there the
-    subsampled Gaussian is all but non-private and PLD's grid explodes): so when sigma = 0.5
-    already reaches the target (a loose epsilon, few steps), 0.5 is returned, not the smallest
-    sigma.
+    sigma = 1 and halves it while the target still holds, but never below 0.25 (there the
+    subsampled Gaussian is all but non-private and PLD's grid explodes): when sigma = 0.25
+    already reaches the target (a loose epsilon, few steps), 0.25 is returned.
 
     Args:
         epsilon: the target epsilon (> 0, finite).
@@ -206,11 +207,11 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
         high *= 2
         if high > 1e4:
             raise ValueError(f"no noise multiplier up to 1e4 reaches epsilon={epsilon} at delta={delta}")
-    low = high / 2
-    while low > _SIGMA_FLOOR and eps(low) <= epsilon:
-        high, low = low, low / 2
-    if low <= _SIGMA_FLOOR:
-        return high
+    low = max(high / 2, _SIGMA_FLOOR)
+    while eps(low) <= epsilon:
+        if low == _SIGMA_FLOOR:  # the floor itself reaches the target: sigma is never taken below it
+            return low
+        high, low = low, max(low / 2, _SIGMA_FLOOR)
     while high / low > 1.001:
         mid = math.sqrt(low * high)
         low, high = (low, mid) if eps(mid) <= epsilon else (mid, high)
