@@ -4,7 +4,7 @@
 
 `LAYOUTS` holds PyTorch's weight layouts by name (Linear (out, in) -> Dense W
 (in, out); Conv2d (out, in, kh, kw) -> Conv2D W (kh, kw, in, out)); the
-README's section "Weights in and out" is the recipe.
+docs guide "Weights in and out" (docs/guides/weights.md) is the recipe.
 """
 from typing import Any, Callable, Mapping
 
