@@ -20,7 +20,7 @@ A layer may instead define its own `kfac_factors` and `kfac_dims` methods.
 `pn.stats.kfac_factors` walks a network with these; `pn.optim.kfac`
 preconditions with them.
 """
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -61,7 +61,7 @@ def _conv_dims(p: Convolution, params: PyTree, weights: list) -> dict:
 
 
 # Per product kind: its factors, and their dimensions, for the given weights of it.
-KFAC_RULES = {DenseProduct: (_dense_factors, _dense_dims), Convolution: (_conv_factors, _conv_dims)}
+KFAC_RULES: dict[type, tuple[Callable[..., dict], Callable[..., dict]]] = {DenseProduct: (_dense_factors, _dense_dims), Convolution: (_conv_factors, _conv_dims)}
 
 
 def _weight_keys(p: Any) -> tuple:
@@ -111,7 +111,7 @@ def layer_kfac_factors(layer: Any, params: PyTree, cache: PyTree, dy: Array) -> 
     """(KFACFactors or KFACBlocks, dx): the layer's own `kfac_factors`, else its products' rules."""
     if hasattr(layer, "kfac_factors"):
         return layer.kfac_factors(params, cache, dy)
-    products, dx = structure.declared(layer, params, cache, dy)
+    products, dx = structure.bound(layer, params, cache, dy)
     pairs: dict = {}
     for p, weights in kfac_weights(layer, params, products):
         pairs.update(KFAC_RULES[type(p)][0](p, structure.flat(params), weights))

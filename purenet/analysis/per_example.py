@@ -9,7 +9,7 @@ summing over the batch. No vmap of a gradient is involved.
     values, grads = pn.per_example_grads(net, params, state, x, y)      # leaves (batch, ...)
     norms = pn.per_example_grad_norms(net, params, state, x, y)        # (batch,), no per-example grads formed
 """
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,7 @@ def _tied_grads(p: TiedTable, params: PyTree) -> dict:
 
 
 # Each example's gradients of one product's parameters, {key: (n, *shape)}.
-GRADS = {DenseProduct: _dense_grads, ScaleShift: _scale_shift_grads, Lookup: _lookup_grads,
+GRADS: dict[type, Callable[..., dict]] = {DenseProduct: _dense_grads, ScaleShift: _scale_shift_grads, Lookup: _lookup_grads,
          Convolution: _conv_grads, TiedTable: _tied_grads}
 
 
@@ -155,7 +155,7 @@ def _tied_sq_norms(p: TiedTable, params: PyTree, l2: Any, roles: dict) -> Array:
 
 
 # Each example's ||g_i + l2 W||^2 over one product's parameters, (n,); a kind absent forms its gradients.
-SQ_NORMS = {DenseProduct: _dense_sq_norms, Lookup: _lookup_sq_norms, Convolution: _conv_sq_norms,
+SQ_NORMS: dict[type, Callable[..., Array]] = {DenseProduct: _dense_sq_norms, Lookup: _lookup_sq_norms, Convolution: _conv_sq_norms,
             TiedTable: _tied_sq_norms}
 
 
@@ -214,7 +214,9 @@ def per_example_sq_norms(layer: Any, params: PyTree, cache: PyTree, dy: PyTree, 
         return sq_norms_of(l2_tree(layer, params, l2), grads, params), dx
     products, dx = found
     named, roles = structure.flat(params), structure.flat(layer_roles(layer, params))
-    return sum(SQ_NORMS.get(type(p), _sq_norms_from_grads)(p, named, l2, roles) for p in products), dx
+    n = jax.tree_util.tree_leaves(dy)[0].shape[0]
+    return sum((SQ_NORMS.get(type(p), _sq_norms_from_grads)(p, named, l2, roles) for p in products),
+               jnp.zeros((n,), jax.tree_util.tree_leaves(dy)[0].dtype)), dx
 
 
 def _one_stream(fn):

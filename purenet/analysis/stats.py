@@ -27,7 +27,7 @@ gradients they form (correct, with more memory). Each is a visitor of the
 one traversal (`purenet.layers.base.walk`).
 """
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,7 @@ def _conv_sq(p: Convolution, params: PyTree) -> dict:
 
 
 # sum over the examples of g_i**2 (elementwise) for one product's parameters; a kind absent forms its g_i.
-SQUARE_RULES = {DenseProduct: _dense_sq, Convolution: _conv_sq}
+SQUARE_RULES: dict[type, Callable[..., dict]] = {DenseProduct: _dense_sq, Convolution: _conv_sq}
 
 
 def _dense_sq_columns(p: DenseProduct, params: PyTree, axis_name: str) -> dict:
@@ -88,7 +88,7 @@ def _dense_sq_columns(p: DenseProduct, params: PyTree, axis_name: str) -> dict:
 
 
 # The same summed over the cotangent columns of a `vmap` named axis_name (curvature's column walk).
-COLUMN_RULES = {DenseProduct: _dense_sq_columns}
+COLUMN_RULES: dict[type, Callable[..., dict]] = {DenseProduct: _dense_sq_columns}
 
 
 def _dense_gram(pa: DenseProduct, pb: DenseProduct, params: PyTree) -> Array:
@@ -113,14 +113,15 @@ def _conv_gram(pa: Convolution, pb: Convolution, params: PyTree) -> Array:
     w = structure.conv_weight(pa, params)
     ta, _ = conv.per_example_taps(pa.conv, w, pa.cache, pa.g)
     tb, _ = conv.per_example_taps(pb.conv, w, pb.cache, pb.g)
-    gram = sum(jax.lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb))
+    gram = sum((jax.lax.dot_general(a, b, (((1, 2), (1, 2)), ((), ()))) for a, b in zip(ta, tb)),
+               jnp.zeros((pa.g.shape[0], pb.g.shape[0]), pa.g.dtype))
     if pa.bias is not None:
         gram = gram + jnp.sum(pa.g, axis=(1, 2)) @ jnp.sum(pb.g, axis=(1, 2)).T
     return gram
 
 
 # (na, nb) inner products <g_i, g_j> of one product's parameters over two batches.
-GRAM_RULES = {DenseProduct: _dense_gram, Convolution: _conv_gram}
+GRAM_RULES: dict[type, Callable[..., Array]] = {DenseProduct: _dense_gram, Convolution: _conv_gram}
 
 
 def per_example_sq(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[PyTree, Any]:
@@ -206,7 +207,7 @@ def per_example_gram(layer: Any, params: PyTree, cache_a: PyTree, dy_a: PyTree, 
     zero = jnp.zeros((na, nb), jax.tree_util.tree_leaves(dy_a)[0].dtype)
     found = structure.declared(layer, params, cache_a, dy_a) if has_params(params) else None
     if found is not None:
-        (pas, dxa), (pbs, dxb) = found, structure.declared(layer, params, cache_b, dy_b)
+        (pas, dxa), (pbs, dxb) = found, structure.bound(layer, params, cache_b, dy_b)
         named = structure.flat(params)
         return sum((GRAM_RULES.get(type(pa), _gram_from_grads)(pa, pb, named) for pa, pb in zip(pas, pbs)),
                    zero), dxa, dxb

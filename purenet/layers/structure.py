@@ -36,7 +36,7 @@ from jax import lax
 from purenet.layers.base import Array, PyTree, wide
 
 __all__ = ["Convolution", "DenseProduct", "KINDS", "Lookup", "ScaleShift", "TiedTable", "batch_grads", "bind", "check", "columns",
-           "conv_weight", "declared", "flat", "keys_of", "positions_of", "scaled", "split_columns", "tree_of"]
+           "bound", "conv_weight", "declared", "flat", "keys_of", "positions_of", "scaled", "split_columns", "tree_of"]
 
 
 class DenseProduct(NamedTuple):
@@ -149,6 +149,11 @@ def declared(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[tup
     """(products with their arrays, dx) from the layer's declaration, or None for a layer that declares none."""
     if not hasattr(layer, "structure"):
         return None
+    return bound(layer, params, cache, dy)
+
+
+def bound(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[tuple, Any]:
+    """(products with their arrays, dx) of a layer that declares its structure."""
     inputs, dx = layer.products(params, cache, dy)
     return bind(layer.structure(params), inputs, layer), dx
 

@@ -280,7 +280,7 @@ class TiedEnds(Layer):
         return ((ids, dh0), (h, dlogits)), None
 
     def backward(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[PyTree, None]:
-        products, _ = structure.declared(self, params, cache, dy)
+        products, _ = structure.bound(self, params, cache, dy)
         named = structure.flat(params)
         return structure.tree_of(params, [structure.batch_grads(p, named) for p in products]), None
 

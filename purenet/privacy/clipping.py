@@ -55,7 +55,8 @@ def _dense_weighted_sum(p: DenseProduct, params: PyTree) -> tuple[Array, Weighte
     db = jnp.sum(g3, axis=1, dtype=acc)
     grads = structure.split_columns(p, params, dw, db, (a3.shape[0],))
     grads = {k: g.astype(acc) for k, g in grads.items()}
-    sq = sum(jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=1) for g in grads.values())
+    sq = sum((jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=1) for g in grads.values()),
+             jnp.zeros((a3.shape[0],), acc))
 
     def weighted_sum(w: Array) -> PyTree:
         return {k: jnp.tensordot(w.astype(acc), g, axes=1).astype(params[k].dtype) for k, g in grads.items()}
@@ -70,7 +71,7 @@ def _by_rescaling(p: Any, params: PyTree) -> tuple[Array, WeightedSum]:
 
 
 # One-pass clipping's (||g_i||^2, w -> sum_i w_i g_i) over one product's parameters.
-WEIGHTED_SUMS = {DenseProduct: _dense_weighted_sum}
+WEIGHTED_SUMS: dict[type, Callable[..., tuple[Array, WeightedSum]]] = {DenseProduct: _dense_weighted_sum}
 
 
 def sq_norms_and_weighted_sum(layer: Any, params: PyTree, cache: PyTree, dy: PyTree) -> tuple[Array, Any, WeightedSum]:
