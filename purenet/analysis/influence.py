@@ -375,15 +375,20 @@ def _batches(x: Any, y: Any, n: int, size: int):
         yield start, x[idx], y[idx], np.arange(start, start + size) < n
 
 
-def _run(net, params, state, data, loss, stage, inputs, batch_size, fisher="empirical", key=None):
-    """`_pass` over every batch: [(start, valid rows, outs)]."""
+def _run(net, params, state, data, loss, stage, inputs, batch_size, fisher="empirical", key=None, total=False):
+    """`_pass` over every batch: [(start, valid rows, outs)], or with `total` the outs summed over the
+    batches as they come (the factors' sums: one batch's outs held at a time)."""
     x, y, n = data
     out = []
+    running = None
     for i, (start, xb, yb, mask) in enumerate(_batches(x, y, n, batch_size)):
         k = None if key is None else jax.random.fold_in(key, i)
-        out.append((start, min(batch_size, n - start),
-                    _pass(params, state, xb, yb, mask, k, inputs, net=net, loss=loss, fisher=fisher, stage=stage)))
-    return out
+        outs = _pass(params, state, xb, yb, mask, k, inputs, net=net, loss=loss, fisher=fisher, stage=stage)
+        if total:
+            running = outs if running is None else jax.tree_util.tree_map(jnp.add, running, outs)
+        else:
+            out.append((start, min(batch_size, n - start), outs))
+    return running if total else out
 
 
 def _eigh(m: Array) -> tuple[Array, Array]:
@@ -391,10 +396,6 @@ def _eigh(m: Array) -> tuple[Array, Array]:
     m64 = np.asarray(m, np.float64)
     values, vectors = np.linalg.eigh((m64 + m64.T) / 2)
     return jnp.asarray(values, m.dtype), jnp.asarray(vectors, m.dtype)
-
-
-def _add(trees: list) -> Any:
-    return jax.tree_util.tree_map(lambda *t: sum(t[1:], t[0]), *trees)
 
 
 def fit(net: LayerLike, params: PyTree, state: PyTree, data: tuple[Array, Any],
@@ -451,8 +452,7 @@ def fit(net: LayerLike, params: PyTree, state: PyTree, data: tuple[Array, Any],
     def key_of(i: int) -> Array | None:
         return None if key is None or fisher == "empirical" else jax.random.fold_in(key, i)
     if method in ("kfac", "ekfac"):
-        runs = _run(net, params, state, (x, y, n), loss, "covariance", None, batch_size, fisher, key_of(0))
-        sums = _add([out for _, _, out in runs])
+        sums = _run(net, params, state, (x, y, n), loss, "covariance", None, batch_size, fisher, key_of(0), True)
         for layer, blk in zip(sums, blocks):
             for k, (a_sum, g_sum, rows) in layer.items():
                 eig_a, q_a = _eigh(a_sum / rows)
@@ -461,8 +461,7 @@ def fit(net: LayerLike, params: PyTree, state: PyTree, data: tuple[Array, Any],
     if method in ("diagonal", "ekfac"):
         bases = None if method == "diagonal" else [
             {k: _Preconditioner(b.q_a, b.q_g, None) for k, b in blk.items()} for blk in blocks]
-        runs = _run(net, params, state, (x, y, n), loss, "lambda", bases, batch_size, fisher, key_of(1))
-        sums = _add([out for _, _, out in runs])
+        sums = _run(net, params, state, (x, y, n), loss, "lambda", bases, batch_size, fisher, key_of(1), True)
         blocks = [{k: b._replace(lam=layer[k] / n) for k, b in blk.items()} for layer, blk in zip(sums, blocks)]
     return Factors(_tree(net, params, blocks), method, name, fisher, n)
 
