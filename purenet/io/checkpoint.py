@@ -88,6 +88,8 @@ _NAMED_TUPLES = {
     "purenet.layers.base:KFACBlocks": ("purenet.layers.base", "KFACBlocks"),
     "purenet.data.datasets:Split": ("purenet.data.datasets", "Split"),
     "purenet.privacy.canaries:CanaryObservations": ("purenet.privacy.canaries", "CanaryObservations"),
+    "purenet.analysis.influence:Factors": ("purenet.analysis.influence", "Factors"),
+    "purenet.analysis.influence:Block": ("purenet.analysis.influence", "Block"),
     # the names checkpoints written before the data, io and privacy packages record
     "purenet.datasets:Split": ("purenet.data.datasets", "Split"),
 }
