@@ -100,7 +100,7 @@ def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
 
 @pytest.mark.slow
 def test_influence_benchmark_smoke_mode_runs_every_contender_and_they_agree(tmp_path):
-    """Three fresh processes (purenet EK-FAC, kronfluence EK-FAC, purenet identity; ~2 min on 2 cores, most of
+    """Three fresh processes (purenet EK-FAC, kronfluence EK-FAC, purenet identity; ~40 s on 2 quiet cores, 2 min loaded, much of
     it kronfluence's float64 eigendecomposition of the 1569-wide dense factor); random images without MNIST."""
     pytest.importorskip("kronfluence")
     results = _smoke_results("benchmarks.influence", tmp_path)
