@@ -100,8 +100,9 @@ def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
 
 @pytest.mark.slow
 def test_influence_benchmark_smoke_mode_runs_every_contender_and_they_agree(tmp_path):
-    """Three fresh processes (purenet EK-FAC, kronfluence EK-FAC, purenet identity; ~40 s on 2 quiet cores, 2 min loaded, much of
-    it kronfluence's float64 eigendecomposition of the 1569-wide dense factor); random images without MNIST."""
+    """Three fresh processes (purenet EK-FAC, kronfluence EK-FAC, purenet identity): ~40 s on 2 quiet cores,
+    2 min loaded, much of it kronfluence's float64 eigendecomposition of the 1569-wide dense factor. Random
+    images where the shared MNIST is absent."""
     pytest.importorskip("kronfluence")
     results = _smoke_results("benchmarks.influence", tmp_path)
     assert set(results["contenders"]) == {"purenet ekfac", "kronfluence ekfac", "purenet identity"}
