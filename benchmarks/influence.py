@@ -275,7 +275,8 @@ def run(args):
             for c in order:
                 row = _one(c, args, paths[c])
                 rows[c].append(row)
-                print(f"repeat {r + 1}/{args.repeats} {c:18s} fit {row['fit_s']:7.2f} s  scores {row['scores_s']:7.2f} s"
+                print(f"repeat {r + 1}/{args.repeats} {c:18s} fit {row['fit_s']:7.2f} s  "
+                      f"scores {row['scores_s']:7.2f} s"
                       f"  warm-up {row['warm_up_s']:6.2f} s  peak RSS {row['peak_rss_MiB']:7.0f} MiB"
                       f"  (process {row['process_wall_s']:.1f} s)", flush=True)
         scores = {c: np.load(p) for c, p in paths.items()}
