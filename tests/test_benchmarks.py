@@ -98,6 +98,20 @@ def test_stats_benchmark_smoke_mode_runs_every_statistic(tmp_path):
         assert row["purenet"]["median_s"] > 0 and row["vmap(jax.grad)"]["median_s"] > 0
 
 
+@pytest.mark.slow
+def test_influence_benchmark_smoke_mode_runs_every_contender_and_they_agree(tmp_path):
+    """Three fresh processes (purenet EK-FAC, kronfluence EK-FAC, purenet identity): ~40 s on 2 quiet cores,
+    2 min loaded, much of it kronfluence's float64 eigendecomposition of the 1569-wide dense factor. Random
+    images where the shared MNIST is absent."""
+    pytest.importorskip("kronfluence")
+    results = _smoke_results("benchmarks.influence", tmp_path)
+    assert set(results["contenders"]) == {"purenet ekfac", "kronfluence ekfac", "purenet identity"}
+    for row in results["contenders"].values():
+        assert row["scores_s"]["median"] > 0 and row["peak_rss_MiB"]["median"] > 0
+    assert results["agreement_ekfac"]["pearson"] > 0.9999
+    assert results["agreement_ekfac"]["max_abs_diff_over_max_abs"] < 1e-3
+
+
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
