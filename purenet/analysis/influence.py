@@ -76,7 +76,7 @@ import numpy as np
 
 from purenet import losses
 from purenet.analysis import curvature
-from purenet.analysis.kfac import kfac_weights
+from purenet.analysis.kfac import KFAC_RULES, kfac_weights
 from purenet.layers import conv, structure
 from purenet.layers.base import Array, LayerLike, PyTree, Visit, positions, wide
 from purenet.layers.defaults import has_params
@@ -177,16 +177,10 @@ def _covered(layer: Any, params: PyTree) -> list:
 
 
 def _dims(layer: Any, params: PyTree) -> dict:
-    """{weight key: (d_a, d_g)} of a covered layer's blocks."""
+    """{weight key: (d_a, d_g)} of a covered layer's blocks: K-FAC's factor sizes (`KFAC_RULES`)."""
     named, out = structure.flat(params), {}
     for p, weights in _covered(layer, params):
-        if isinstance(p, DenseProduct):
-            for w, b, _, n in structure.columns(p, named):
-                if w in weights:
-                    out[w] = (named[w].size // n + (b is not None), n)
-        else:
-            w = named[p.weight]
-            out[p.weight] = (w.size // w.shape[-1] + (p.bias is not None), w.shape[-1])
+        out.update({w: dims for (w, _), dims in KFAC_RULES[type(p)][1](p, named, weights).items()})
     return out
 
 
