@@ -19,6 +19,7 @@ from purenet._checks import check_finite_rows
 from purenet import analysis, data, io, models
 from purenet.models import GPT, LLaMA, generate, gpt, llama
 from purenet.analysis.interop import as_function, ggn_vp, hvp
+from purenet.analysis.capture import BackwardRule, Record, capture, hooked, layer_paths
 from purenet.network import forward, init, input_grad, loss, value_and_grad
 from purenet.optim import schedules
 from purenet.analysis.per_example import per_example_grad_norms, per_example_grads
@@ -46,6 +47,8 @@ __all__ = [
     "Loss", "as_function", "check_finite_rows", "check_grads", "clipped_value_and_grad", "decay_mask", "forward",
     "generate", "ggn_vp", "hvp", "init", "input_grad", "loss", "per_example_grad_norms", "per_example_grads", "roles",
     "value_and_grad", "DPSGD",
+    # every layer's activations and gradients, hooks on the backward
+    "BackwardRule", "Record", "capture", "hooked", "layer_paths",
     # training
     "EarlyStopping", "FitResult", "Precision", "SweepResult", "TrainState", "accumulate", "fit", "grad_fn",
     "make_step", "sweep", "train", "train_epoch",

@@ -204,11 +204,13 @@ class LossPass(NamedTuple):
 
 
 def loss_pass(net: Any, params: PyTree, state: PyTree, x: jax.Array, loss: Any, train: bool = False,
-              key: jax.Array | None = None) -> LossPass:
-    """Run the network forward for `loss`, keeping the caches (shared by every backward)."""
+              key: jax.Array | None = None, rebuild: Callable[[Any], Any] | None = None) -> LossPass:
+    """Run the network forward for `loss`, keeping the caches (shared by every backward); `rebuild(body)`,
+    when given, is the body to run instead (the same params and state: `pn.capture`'s taps)."""
     check_float_input(x, ids=id_layer(net))
     body, fused, chosen = _prepare(net, loss)
     bparams, bstate = _body_trees(net, fused, params, state)
+    body = body if rebuild is None else rebuild(body)
     out, new_bstate, cache = body.forward(bparams, bstate, x, train=train, key=key)
     head_state = net.split(state)[-1] if _strips_head(net, fused) and _is_chain(net) else state
     return LossPass(body, fused, bparams, out, cache, _full_trees(net, fused, new_bstate, head_state), chosen)

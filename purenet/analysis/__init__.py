@@ -8,10 +8,13 @@ handwritten backward.
     pn.diagnostics                                    diagnostics.py: per-layer norms while training
     pn.as_function, pn.hvp, pn.ggn_vp                 interop.py: the backward inside jax.grad (the one
                                                       module allowed custom_vjp and jvp)
+    pn.capture, pn.hooked                             capture.py: every layer's input, output and gradients
+                                                      from one pass; hooks that change the backward
     pn.influence                                      influence.py: influence functions (identity, diagonal,
                                                       K-FAC, EK-FAC), kronfluence's conventions
 """
 from purenet.analysis import curvature, per_example, stats, diagnostics, interop  # noqa: I001 (dependency order)
 from purenet.analysis import influence  # after curvature and kfac, which it reads
+from purenet.analysis import capture
 
-__all__ = ["curvature", "diagnostics", "influence", "interop", "per_example", "stats"]
+__all__ = ["capture", "curvature", "diagnostics", "influence", "interop", "per_example", "stats"]

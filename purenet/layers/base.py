@@ -227,11 +227,14 @@ class Visit(NamedTuple):
         None for a visitor that only reads caches, which then sees frozen layers like any other.
     shaped: True when outs are shaped like params (gradients), so containers `join` them;
         otherwise each container returns a tuple of its children's outs (`parts` takes it apart).
+    tap(path, record) -> None: called by the taps `pn.capture` places (`purenet.analysis.capture.Tap`)
+        with each recorded layer's `pn.Record`; None (the default) for every other walk.
     """
 
     leaf: Callable[..., tuple[Any, tuple]]
     frozen: Callable[..., Any] | None
     shaped: bool = True
+    tap: Callable[..., None] | None = None
 
 
 class Container(Layer):
@@ -273,6 +276,13 @@ class Container(Layer):
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         raise NotImplementedError
 
+    def with_children(self, children: tuple | list) -> "Container":
+        """The same container with `children` in place of its own, wired the same way (the children
+        take the same params and state): how `pn.capture` and `pn.hooked` place their taps."""
+        raise NotImplementedError(f"{type(self).__name__} does not define with_children(children), so the "
+                                  f"layers inside it cannot be captured or hooked; define it (return the same "
+                                  f"container built around `children`)")
+
     def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array | None]:
         grads, (dx,) = self.walk_back(PLAIN, params, (cache,), (dy,))
         return grads, dx
@@ -291,6 +301,10 @@ class Wrapper(Container):
 
     def join(self, parts: tuple | list) -> PyTree:
         return parts[0]
+
+    def with_children(self, children: tuple | list) -> "Wrapper":
+        (block,) = children
+        return dataclasses.replace(self, block=block)
 
     def decode_init(self, params: PyTree, batch: int, length: int) -> PyTree:
         return decode_init(self.block, params, batch, length)

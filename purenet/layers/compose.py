@@ -131,6 +131,9 @@ class Parallel(Container):
         out = shapes[0] if self.merge == "sum" else shapes[0][:-1] + (sum(s[-1] for s in shapes),)
         return tuple(params), tuple(states), out
 
+    def with_children(self, children: tuple | list) -> "Parallel":
+        return Parallel(children, merge=self.merge)
+
     def _check(self, tree, what):
         if not isinstance(tree, (tuple, list)) or len(tree) != len(self.branches):
             raise ValueError(f"Parallel with {len(self.branches)} branches needs {what} as a tuple of "

@@ -50,6 +50,8 @@ PROTOCOL: dict[str, Name] = {
                                    "visitor at each leaf layer"),
     "without_output": Name("container", "without_output() -> the chain without its output child (a loss that "
                                         "fuses with that child reads the logits before it)"),
+    "with_children": Name("container", "with_children(children) -> the same container around other children "
+                                       "(taking the same params and state): pn.capture's and pn.hooked's taps"),
     "freezes": Name("container", "True: the children's parameters get no gradient (pn.Frozen)"),
     "chain": Name("container", "True: the children run one after another (pn.Sequential), so second-order "
                                "columns pass through"),
@@ -97,6 +99,8 @@ PROTOCOL: dict[str, Name] = {
     "decode_init": Name("feature", "decode_init(params, batch, length) -> the layer's key/value cache"),
     "decode": Name("feature", "decode(params, state, x, kv, pos) -> (y, kv): one position of generation"),
     "cached_input": Name("feature", "cached_input(cache) -> the layer's input, for diagnostics"),
+    "cached_io": Name("feature", "cached_io(params, cache) -> (x, y): the input and output of a leaf its "
+                                 "container runs itself (GPT's ends), for pn.capture's records"),
     "activation_stats": Name("feature", "activation_stats(cache) -> dead / saturated fractions, for diagnostics"),
 }
 

@@ -104,6 +104,9 @@ class Sequential(Container):
     def join(self, parts: tuple | list) -> PyTree:
         return tuple(parts)
 
+    def with_children(self, children: tuple | list) -> "Sequential":
+        return Sequential(children, in_shape=self.in_shape)
+
     def without_output(self) -> "Sequential":
         """The chain without its last layer (a loss fused with that layer reads the logits before it)."""
         return Sequential(self.layers[:-1], in_shape=self.in_shape)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from purenet.layers.base import Array, PyTree, Visit
 
 __all__ = [
-    "Leaf", "PLAIN", "decode", "decode_init", "frozen_input_grads", "is_container", "leaves", "map_in_walk_order",
-    "map_leaves", "walk", "walk_leaves", "zeros_like_tree",
+    "Leaf", "PLAIN", "decode", "decode_init", "frozen_input_grads", "is_container", "layer_paths", "leaves",
+    "map_in_walk_order", "map_layers", "map_leaves", "walk", "walk_leaves", "zeros_like_tree",
 ]
 
 
@@ -117,6 +117,41 @@ def map_leaves(net: Any, fn: Callable[[Any, PyTree, bool], PyTree], params: PyTr
         return fn(net, params, frozen)
     frozen = frozen or net.freezes
     return net.join([map_leaves(c, fn, p, frozen) for c, p in zip(net.children(), net.split(params))])
+
+
+def layer_paths(net: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Every layer of `net` with its path, containers included (each before its children), in forward order.
+
+    A path is the tuple of child indices from `net` down to a layer, following
+    each container's `children()`: in `pn.Sequential([A, B, C])` B is (1,);
+    layer j of a Sequential inside a Residual at position 2 is (2, 0, j).
+    These are the addresses of `pn.capture` and `pn.hooked`.
+
+        for path, layer in pn.layer_paths(net): print(path, type(layer).__name__)
+
+    Args:
+        net: the network (a layer or a container).
+        path: the path of `net` itself (default (): the root).
+
+    Returns:
+        An iterator of (path, layer) pairs, the root first.
+    """
+    yield path, net
+    if is_container(net):
+        for i, child in enumerate(net.children()):
+            yield from layer_paths(child, path + (i,))
+
+
+def map_layers(net: Any, fn: Callable[[tuple, Any], Any], path: tuple = ()) -> Any:
+    """`net` with fn(path, layer) in place of every layer, children first: a container whose children
+    changed is rebuilt around them (`with_children`) before fn sees it; fn returns a layer unchanged to
+    keep it."""
+    if is_container(net):
+        kids = tuple(net.children())
+        new = tuple(map_layers(child, fn, path + (i,)) for i, child in enumerate(kids))
+        if any(a is not b for a, b in zip(new, kids)):
+            net = net.with_children(new)
+    return fn(path, net)
 
 
 def walk_leaves(net: Any, outs: Any) -> list:

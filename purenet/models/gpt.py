@@ -90,6 +90,9 @@ class GPT(Container):
             branch, in [0, 1) (default 0: no Dropout layers).
         tie_embeddings: True (the default) to use E^T as the output
             projection; False for a separate head W (d, vocab).
+        replaced: (ends, body) in place of the ones the configuration
+            builds, or None (the default): set by `with_children` (the taps
+            of `pn.capture` and `pn.hooked`), not by hand.
 
     Raises:
         ValueError: if `vocab_size`, `context`, `layers`, `heads` or
@@ -104,6 +107,7 @@ class GPT(Container):
     features: int
     dropout: float = 0.0
     tie_embeddings: bool = True
+    replaced: tuple | None = dataclasses.field(default=None, repr=False)
 
     accepts_ids = True
     outputs = "logits"
@@ -121,6 +125,8 @@ class GPT(Container):
 
     @property
     def body(self) -> Sequential:
+        if self.replaced is not None:
+            return self.replaced[1]
         d, drop = self.features, self.dropout
         extra = [Dropout(drop)] if not (isinstance(drop, (int, float)) and drop == 0) else []
         blocks = [
@@ -197,10 +203,14 @@ class GPT(Container):
 
     @property
     def ends(self) -> "TiedEnds":
-        return TiedEnds(self.tie_embeddings)
+        return TiedEnds(self.tie_embeddings) if self.replaced is None else self.replaced[0]
 
     def children(self) -> tuple:
         return (self.ends, self.body)
+
+    def with_children(self, children: tuple | list) -> "GPT":
+        ends, body = children
+        return dataclasses.replace(self, replaced=(ends, body))
 
     def split(self, tree: PyTree) -> tuple:
         if "ends" in tree:  # a visitor's one value for the ends (the untied head's K-FAC factors)
@@ -224,8 +234,8 @@ class GPT(Container):
         dhs = tuple(lax.dot_general(dy, M, (((2,), (1,)), ((), ()))) for dy in dys)  # dy M^T
         body_out, dh0s = walk(self.body, visit, params["body"], tuple(c[1] for c in caches), dhs)
         ends_params, _ = self.split(params)
-        ends_out, _ = visit.leaf(self.ends, ends_params, tuple((c[0], c[2]) for c in caches),
-                                 tuple(zip(dh0s, dys)))
+        ends_out, _ = walk(self.ends, visit, ends_params, tuple((c[0], c[2]) for c in caches),
+                           tuple(zip(dh0s, dys)))
         outs = self.join((ends_out, body_out)) if visit.shaped else (ends_out, body_out)
         return outs, tuple(None for _ in dys)
 
@@ -278,6 +288,13 @@ class TiedEnds(Layer):
         if self.tied:
             return ((ids, dh0, h, dlogits),), None
         return ((ids, dh0), (h, dlogits)), None
+
+    def cached_io(self, params: PyTree, cache: tuple[Array, Array]) -> tuple[tuple, tuple]:
+        """((ids, h), (h0, logits)): the ends' inputs (the ids and the body's output) and outputs (the
+        looked-up vectors and the logits), for `pn.capture`."""
+        ids, h = cache
+        out = params["token"]["E"].T if self.tied else params["head"]["W"]
+        return (ids, h), (jnp.take(params["token"]["E"], ids, axis=0), h @ out)
 
     def backward(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[PyTree, None]:
         products, _ = structure.bound(self, params, cache, dy)

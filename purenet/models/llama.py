@@ -62,6 +62,9 @@ class LLaMA(Wrapper):
             rounded up to a multiple of 8.
         implementation: the attention's formulation: "auto" (the default),
             "dense" or "blockwise" (see `pn.MultiHeadAttention`).
+        replaced: a block in place of the one the configuration builds, or
+            None (the default): set by `with_children` (the taps of
+            `pn.capture` and `pn.hooked`), not by hand.
 
     Raises:
         ValueError: if `vocab_size`, `context`, `layers`, `heads` or
@@ -78,6 +81,7 @@ class LLaMA(Wrapper):
     kv_heads: int | None = None
     hidden: int | None = None
     implementation: str = "auto"
+    replaced: Any = dataclasses.field(default=None, repr=False)
 
     accepts_ids = True
     outputs = "logits"
@@ -95,6 +99,8 @@ class LLaMA(Wrapper):
 
     @property
     def block(self) -> Sequential:
+        if self.replaced is not None:
+            return self.replaced
         attention = MultiHeadAttention(self.heads, causal=True, use_bias=False, num_kv_heads=self.kv_heads,
                                        rope=True, implementation=self.implementation)
         blocks = [
@@ -121,6 +127,10 @@ class LLaMA(Wrapper):
 
     def walk_back(self, visit: Visit, params: PyTree, caches: tuple, dys: tuple) -> tuple[PyTree, tuple]:
         return walk(self.block, visit, params, caches, dys)
+
+    def with_children(self, children: tuple | list) -> "LLaMA":
+        (block,) = children
+        return dataclasses.replace(self, replaced=block)
 
 
 def llama(vocab_size: int, context: int, layers: int, heads: int, features: int, kv_heads: int | None = None,
