@@ -73,6 +73,12 @@ for model, (net, x, y) in MODELS.items():
             got = grad(sharded, pn.distributed.replicate(state, mesh), pn.distributed.shard_batch(x[:16], mesh),
                        pn.distributed.shard_batch(y[:16], mesh))
             assert rel(got, single) <= 1e-10, (model, strategy, rel(got, single))
+        if model == "gpt" and strategy == "fsdp+tensor":  # pn.capture on the mesh: the records of an attention
+            capture = jax.jit(lambda p, s, xx, yy: pn.capture(net, p, s, xx, yy, layers=[(0, 1, 1, 0, 0, 1)]))
+            want = capture(params, state, x[:16], y[:16])
+            got = capture(sharded, pn.distributed.replicate(state, mesh), pn.distributed.shard_batch(x[:16], mesh),
+                          pn.distributed.shard_batch(y[:16], mesh))
+            assert list(got.layers) == [(0, 1, 1, 0, 0, 1)] and rel(got, want) <= 1e-10, rel(got, want)
         # three Adam steps with batch norm equal one device's
         many = pn.fit(net, opt, (x, y), mesh=mesh, strategy=strategy, **kw)
         assert int(many.opt_state.count) == 3

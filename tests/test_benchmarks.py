@@ -112,6 +112,16 @@ def test_influence_benchmark_smoke_mode_runs_every_contender_and_they_agree(tmp_
     assert results["agreement_ekfac"]["max_abs_diff_over_max_abs"] < 1e-3
 
 
+@pytest.mark.slow
+def test_capture_benchmark_smoke_mode_runs_every_contender(tmp_path):
+    results = _smoke_results("benchmarks.capture", tmp_path)
+    for model in ("MLP", "GPT"):
+        assert {"purenet value_and_grad", "purenet capture (every layer)", "purenet capture (one layer)"} <= \
+            set(results[model])
+        every, one = results[model]["purenet capture (every layer)"], results[model]["purenet capture (one layer)"]
+        assert every["output_MiB"] > one["output_MiB"] > results[model]["purenet value_and_grad"]["output_MiB"]
+
+
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 

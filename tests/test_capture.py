@@ -308,3 +308,20 @@ def test_hooked_network_trains_and_a_rule_refuses_per_example_walks():
     result = pn.fit(reversed_net, pn.optim.sgd(0.1), (np.asarray(x), np.asarray(y)), key=jax.random.key(0),
                     epochs=1, batch_size=3, params=params, state=state)
     assert np.isfinite(result.history["loss"]).all()
+
+
+def test_capturing_one_layer_adds_its_record_to_the_outputs_and_no_temporaries():
+    """Compiled sizes (not timings): the program's outputs grow by the selected layer's four arrays,
+    and its temporaries by no more than that (no second pass keeps activations alive)."""
+    net = pn.mlp([32, 64, 64, 10])
+    params, state = pn.init(net, jax.random.key(0), dtype=jnp.float64)
+    x, y = jax.random.normal(jax.random.key(1), (16, 32)), jnp.arange(16) % 10
+
+    def memory(fn):
+        return jax.jit(fn).lower(params).compile().memory_analysis()
+    plain = memory(lambda p: pn.value_and_grad(net, p, state, x, y))
+    one = memory(lambda p: pn.capture(net, p, state, x, y, layers=[(2,)]))
+    record = sum(a.nbytes for a in pn.capture(net, params, state, x, y, layers=[(2,)]).layers[(2,)])
+    grown = one.output_size_in_bytes - plain.output_size_in_bytes
+    assert record <= grown <= record + 4 * 8  # and XLA's output tuple: one 8-byte pointer per added array
+    assert one.temp_size_in_bytes <= plain.temp_size_in_bytes + record
