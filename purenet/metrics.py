@@ -1,6 +1,7 @@
 """Evaluation metrics, computed in fixed-size chunks so that a large
 evaluation set never needs one huge forward pass."""
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,27 @@ from purenet.network import evaluation_body, fused_loss, output_head
 __all__ = ["accuracy", "confusion_matrix", "per_class_accuracy", "predict", "predicted_classes"]
 
 
+def _one_program(*static: str) -> Callable[[Callable], Callable]:
+    """Run an evaluation function of (net, params, state, x, ...) as one compiled program (`jax.jit`, the
+    network and `static` arguments static) instead of one small program per operation when called
+    eagerly, after checking x while it is concrete (token ids against the vocabulary). A network that
+    cannot be hashed (a layer holding arrays) runs as it is."""
+    def wrap(fn: Callable) -> Callable:
+        jitted = jax.jit(fn, static_argnames=("net", *static))
+
+        @functools.wraps(fn)
+        def run(net: LayerLike, params: PyTree, state: PyTree, x: Array, *args: Any, **kwargs: Any) -> Any:
+            check_float_input(x, ids=id_layer(net))
+            try:
+                hash(net)
+            except TypeError:
+                return fn(net, params, state, x, *args, **kwargs)
+            return jitted(net, params, state, x, *args, **kwargs)
+        return run
+    return wrap
+
+
+@_one_program("batch_size")
 def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size: int = 1024) -> Array:
     """The network's outputs on x (evaluation mode), `batch_size` rows at a time.
 
@@ -34,7 +56,6 @@ def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size:
         ValueError: if `x` has no batch axis or an empty one, an id lies
             outside the vocabulary, or a layer refuses the input.
     """
-    check_float_input(x, ids=id_layer(net))
     n = x.shape[0]
     if n <= batch_size:  # one chunk: no loop, no padding
         return net.forward(params, state, x, train=False)[0]
@@ -49,6 +70,7 @@ def predict(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size:
     return out.reshape((chunks * size,) + out.shape[2:])[:n]
 
 
+@_one_program("batch_size")
 def predicted_classes(net: LayerLike, params: PyTree, state: PyTree, x: Array, batch_size: int = 1024) -> Array:
     """The most probable class of each row.
 
@@ -94,6 +116,7 @@ def classes_of(out: Array, head: Any = None) -> Array:
     return (out[:, 0] > (0.0 if kind == "binary_cross_entropy" else 0.5)).astype(jnp.int32)
 
 
+@_one_program("batch_size")
 def accuracy(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, batch_size: int = 1024) -> Array:
     """Fraction of rows whose most probable class is the label (labels or distributions).
 
@@ -134,6 +157,7 @@ def labels_of(y: Any) -> Array:
     return jnp.argmax(y, axis=-1)
 
 
+@_one_program("num_classes", "batch_size")
 def confusion_matrix(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, num_classes: int,
                      batch_size: int = 1024) -> Array:
     """The confusion matrix: C[i, j] = number of examples of class i predicted as class j.
