@@ -410,3 +410,52 @@ def test_matches_kronfluence(tmp_path, kind, method, dampings):
         assert np.abs(got_self - want_self).max() <= 1e-10 * np.abs(want_self).max()
         np.testing.assert_allclose(got_q, want_q, rtol=1e-8, atol=1e-12 * np.abs(want_q).max())
         np.testing.assert_allclose(got_self, want_self, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- a GPT
+
+
+def _gpt(tied):
+    net = pn.gpt(vocab_size=7, context=3, layers=1, heads=2, features=4, tie_embeddings=tied)
+    params, state = pn.init(net, jax.random.key(6))
+    rs = np.random.RandomState(6)
+    return net, params, state, (rs.randint(0, 7, (10, 3)), rs.randint(0, 7, (10, 3))), \
+        (rs.randint(0, 7, (3, 3)), rs.randint(0, 7, (3, 3)))
+
+
+def _covered_on_a_gpt(path):
+    """Every dense product of a GPT is covered (attention's Wq..Wo and their biases, the MLP's Dense, an
+    untied head's W); its norms' gains and shifts, the positional table P and the token table E are not."""
+    return not any(name in path for name in ("['beta']", "['gamma']", "['P']", "['E']"))
+
+
+# ~20 s each (a GPT's passes compile once per stage and method): the untied one, which also covers the
+# head's dense product, in the default run; the tied one (its table left out) in `-m slow`.
+@pytest.mark.parametrize("tied", [pytest.param(True, marks=pytest.mark.slow), False], ids=["tied", "untied"])
+def test_a_gpt_against_the_definition(tmp_path, tied):
+    """A tiny pn.gpt, tied and untied: "identity" scores are the dot products of the covered parameters'
+    per-example gradients (autodiff; the tied table E left out, as kronfluence leaves out whatever is not a
+    Linear), "diagonal" with a fixed damping divides them by the mean squared gradient plus the damping;
+    EK-FAC's scores are symmetric with its self-influence on their diagonal; the factors round-trip through
+    pn.save."""
+    net, params, state, train, queries = _gpt(tied)
+    both = _flat(_per_example_grads(net, params, state, *(np.concatenate(v) for v in zip(train, queries))),
+                 _covered_on_a_gpt)
+    gt, gq = both[:10], both[10:]
+    assert gt.shape[1] == 4 * (4 * 4 + 4) + (4 * 16 + 16) + (16 * 4 + 4) + (0 if tied else 4 * 7)
+    scores, self_influence = pn.influence.scores, pn.influence.self_influence
+    identity = pn.influence.fit(net, params, state, train, method="identity", batch_size=4)
+    want = gq @ gt.T
+    np.testing.assert_allclose(scores(net, params, state, identity, queries, train, batch_size=4), want,
+                               rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    diagonal = pn.influence.fit(net, params, state, train, method="diagonal", batch_size=4)
+    lam = np.mean(gt ** 2, axis=0)
+    want = (gq / (lam + 1e-3)) @ gt.T
+    np.testing.assert_allclose(scores(net, params, state, diagonal, queries, train, 1e-3, batch_size=4), want,
+                               rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    ekfac = pn.influence.fit(net, params, state, train, batch_size=4)
+    assert ("ends" in ekfac.blocks[0]) != tied  # the untied head's block {"head/W": Block} stands for the ends
+    loaded = pn.load(pn.save(tmp_path / "gpt.ckpt", ekfac))
+    s = scores(net, params, state, loaded, train, train, batch_size=4)
+    np.testing.assert_allclose(s, s.T, rtol=1e-9, atol=1e-12 * np.abs(s).max())
+    np.testing.assert_allclose(np.diag(s), self_influence(net, params, state, ekfac, train, batch_size=4), rtol=1e-9)

@@ -59,6 +59,18 @@ block; a float is added as it is (kronfluence's `damping_factor`). Then
 distribution (kronfluence's default, a fresh draw in each pass over the
 data). The scores' gradients are always at the labels.
 
+On a `pn.gpt` the covered blocks are every transformer block's attention
+projections Wq, Wk, Wv and Wo (each with its bias) and the MLP's two Dense
+layers, and with `tie_embeddings=False` the head W (a dense product h W: its
+block, keyed "head/W", stands in the factors' tree for the whole of GPT's
+`TiedEnds`, under "ends"). Left out are the LayerNorms' gains and shifts,
+the positional table P and the token table E, tied or not: a tied E is both
+the lookup and the output projection h E^T (one `TiedTable` product, not a
+dense one), so its read-out counts in no score. kronfluence on a PyTorch
+GPT-2 would differ there: its tied `lm_head` is an `nn.Linear`, which it
+tracks as a block of the read-out's gradient alone. Untie the embeddings to
+score through the output projection.
+
 No per-example gradient of the whole training set is formed: `fit` reads
 the rows batch by batch (the covariance pass, the eigendecomposition, then
 for "diagonal" and "ekfac" the pass that averages Lambda), and `scores`
@@ -81,7 +93,7 @@ from purenet.layers import conv, structure
 from purenet.layers.base import Array, LayerLike, PyTree, Visit, positions, wide
 from purenet.layers.defaults import has_params
 from purenet.layers.structure import Convolution, DenseProduct
-from purenet.layers.traversal import map_in_walk_order
+from purenet.layers.traversal import is_container, map_in_walk_order
 from purenet.network import backward_pass, loss_pass
 
 __all__ = ["Block", "FISHERS", "Factors", "HEURISTIC_DAMPING_SCALE", "METHODS", "fit", "scores", "self_influence"]
@@ -204,24 +216,40 @@ def _tree(net: LayerLike, params: PyTree, blocks: list) -> PyTree:
     return map_in_walk_order(net, lambda layer, p: next(it) if _covered(layer, p) else None, params)
 
 
+def _pairs(net: Any, a: PyTree, b: PyTree):
+    """(a's, b's) value at every leaf layer outside `pn.Frozen`, in forward order, splitting two trees
+    of the network's shape side by side (no walk: a walk would read the trees as parameters)."""
+    if not is_container(net):
+        yield a, b
+        return
+    if net.freezes:
+        return
+    for child, sa, sb in zip(net.children(), net.split(a), net.split(b)):
+        yield from _pairs(child, sa, sb)
+
+
 def _listed(net: LayerLike, params: PyTree, factors: "Factors") -> list:
     """The factors' blocks in walk order, checked against the network's blocks and their sizes."""
     expected = _layout(net, params)
-    found: list = []
-
-    def leaf(layer, sub):
-        if isinstance(sub, dict) and sub and all(isinstance(v, Block) for v in sub.values()):
-            found.append(sub)
+    counter = iter(range(len(expected)))
+    order = map_in_walk_order(net, lambda layer, p: next(counter) if _covered(layer, p) else None, params)
+    found: dict = {}
     try:
-        map_in_walk_order(net, leaf, factors.blocks)
+        for i, sub in _pairs(net, order, factors.blocks):
+            if isinstance(i, int) and not isinstance(i, bool):
+                found[i] = sub
     except (TypeError, KeyError, IndexError, ValueError, AttributeError) as e:
         raise ValueError(f"these factors were not fitted on this network: their blocks do not follow its layers "
                          f"({type(e).__name__}: {e})") from None
-    if [sorted(d) for d in found] != [sorted(d) for d in expected]:
+    listed = [found.get(i) for i in range(len(expected))]
+
+    def keys(d):
+        return sorted(d) if isinstance(d, dict) and all(isinstance(v, Block) for v in d.values()) else d
+    if [keys(d) for d in listed] != [sorted(d) for d in expected]:
         raise ValueError(f"these factors were not fitted on this network: it has {len(expected)} covered layers "
                          f"with weights {[sorted(d) for d in expected]}, the factors "
-                         f"{[sorted(d) for d in found]}")
-    for i, (have, want) in enumerate(zip(found, expected)):
+                         f"{[keys(d) for d in listed]}")
+    for i, (have, want) in enumerate(zip(listed, expected)):
         for k, (da, dg) in want.items():
             b = have[k]
             shapes = {"q_a": (da, da), "eig_a": (da,), "q_g": (dg, dg), "eig_g": (dg,), "lam": (da, dg)}
@@ -230,7 +258,7 @@ def _listed(net: LayerLike, params: PyTree, factors: "Factors") -> list:
                 if value is not None and tuple(np.shape(value)) != shape:
                     raise ValueError(f"factors do not match the parameters: covered layer {i} (walk order), weight "
                                      f"{k!r}: {field} has shape {tuple(np.shape(value))}, the parameters need {shape}")
-    return found
+    return listed
 
 
 # ---------------------------------------------------------------- the rules per pass, on one block's rows
