@@ -412,6 +412,129 @@ def test_matches_kronfluence(tmp_path, kind, method, dampings):
         np.testing.assert_allclose(got_self, want_self, rtol=1e-10)
 
 
+# ---------------------------------------------------------------- on a mesh, progress, checkpoints, top-k
+
+
+# The MLP over positions, every method (~10 s: each stage compiles for one device and for the mesh), in the
+# default run; the CNN on a 2 x 2 mesh (rows over "data" only) and the Monte Carlo Fisher in `-m slow`.
+@pytest.mark.parametrize("checks", [("mlp", "placement", "divisibility"),
+                                    pytest.param(("cnn", "mc"), marks=pytest.mark.slow)], ids="+".join)
+def test_sharded_over_a_mesh_equals_one_device(checks):
+    """On 4 CPU devices (a subprocess, so the rest of the suite keeps one): every method's factors, scores
+    and self-influence with the batches split over the mesh's data axis equal one device's in float64."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = pn.xla_flags.environ(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                    JAX_PLATFORMS="cpu"))
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_influence_sharded.py")), *checks],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in checks:
+        assert f"ok {name}" in out.stdout
+
+
+def test_mesh_errors_name_the_fix():
+    net, params, state, train, queries = _mlp()
+    device = jax.devices()[0]
+    two = pn.distributed.data_mesh([device, device])  # a mesh of 2 (the same device twice): batch_size must be even
+    with pytest.raises(ValueError, match="batch_size 3 is not divisible by the 2 devices"):
+        pn.influence.fit(net, params, state, train, batch_size=3, mesh=two)
+    factors = pn.influence.fit(net, params, state, train, method="identity")
+    with pytest.raises(ValueError, match="batch_size 3 is not divisible"):
+        pn.influence.scores(net, params, state, factors, queries, train, batch_size=3, mesh=two)
+    with pytest.raises(ValueError, match="batch_size 5 is not divisible"):
+        pn.influence.self_influence(net, params, state, factors, train, batch_size=5, mesh=two)
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        pn.influence.fit(net, params, state, train, mesh="data")
+
+
+class _Counted:
+    """x whose batches are counted as fit reads them; past `limit` reads it raises (an interrupted fit)."""
+
+    def __init__(self, x, limit=None):
+        self.x, self.limit, self.reads = x, limit, 0
+        self.shape, self.ndim = x.shape, x.ndim
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.limit is not None and self.reads > self.limit:
+            raise KeyboardInterrupt("interrupted")
+        return self.x[index]
+
+
+def test_checkpoint_resumes_without_recomputing_finished_stages(tmp_path, capsys):
+    """An EK-FAC fit interrupted in its second pass resumes from the stage saved after the first: it reads
+    the data once more (not twice) and gives bit-identical factors; a finished file reads no data."""
+    net, params, state, train, queries = _mlp(seq=True)
+    path = tmp_path / "factors.ckpt"
+    want = pn.influence.fit(net, params, state, train, batch_size=16)  # 3 batches per pass
+    x = _Counted(train[0], limit=4)  # the covariance pass (3 batches), then 1 batch of the lambda pass
+    with pytest.raises(KeyboardInterrupt):
+        pn.influence.fit(net, params, state, (x, train[1]), batch_size=16, checkpoint=path)
+    partial_factors = pn.load(path)
+    assert partial_factors.blocks[0]["W"].q_a is not None and partial_factors.blocks[0]["W"].lam is None
+
+    x = _Counted(train[0])
+    got = pn.influence.fit(net, params, state, (x, train[1]), batch_size=16, checkpoint=path, progress=True)
+    assert x.reads == 3  # the lambda pass alone
+    assert "covariance, eigendecomposition: read from the checkpoint" in capsys.readouterr().err
+    for a, b in zip(jax.tree_util.tree_leaves(got.blocks), jax.tree_util.tree_leaves(want.blocks), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(pn.influence.scores(net, params, state, got, queries, train),
+                                  pn.influence.scores(net, params, state, want, queries, train))
+
+    x = _Counted(train[0])
+    again = pn.influence.fit(net, params, state, (x, train[1]), batch_size=16, checkpoint=path)
+    assert x.reads == 0
+    for a, b in zip(jax.tree_util.tree_leaves(again.blocks), jax.tree_util.tree_leaves(want.blocks), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_mismatched_checkpoint_is_named_and_left_alone(tmp_path):
+    net, params, state, train, _ = _mlp()
+    path = tmp_path / "factors.ckpt"
+    pn.influence.fit(net, params, state, train, method="kfac", batch_size=16, checkpoint=path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"method='kfac', this fit has method='ekfac'.*left as it is"):
+        pn.influence.fit(net, params, state, train, method="ekfac", checkpoint=path)
+    with pytest.raises(ValueError, match="fisher='empirical', this fit has fisher='mc'"):
+        pn.influence.fit(net, params, state, train, method="kfac", fisher="mc", key=jax.random.key(0),
+                         checkpoint=path)
+    with pytest.raises(ValueError, match="examples=40, this fit has examples=39"):
+        pn.influence.fit(net, params, state, (train[0][:39], train[1][:39]), method="kfac", checkpoint=path)
+    wider = pn.Sequential([pn.Dense(7), pn.Tanh(), pn.Dense(3), pn.Softmax()])
+    wp, ws = pn.init(wider, jax.random.key(0), (4,))
+    with pytest.raises(ValueError, match="does not match this network.*shape"):
+        pn.influence.fit(wider, wp, ws, train, method="kfac", checkpoint=path)
+    assert path.read_bytes() == before
+    other = pn.save(tmp_path / "params.ckpt", params)
+    with pytest.raises(ValueError, match="holds a tuple, not the Factors"):
+        pn.influence.fit(net, params, state, train, method="kfac", checkpoint=other)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read back as influence factors"):
+        pn.influence.fit(net, params, state, train, method="kfac", checkpoint=tmp_path / "junk.ckpt")
+
+
+def test_progress_prints_one_line_per_stage(capsys):
+    net, params, state, train, queries = _mlp()
+    factors = pn.influence.fit(net, params, state, train, batch_size=16, progress=True)
+    pn.influence.scores(net, params, state, factors, queries, train, batch_size=16, progress=True)
+    pn.influence.self_influence(net, params, state, factors, train, batch_size=16, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = [line.split("\r")[-1] for line in captured.err.strip("\n").split("\n")]  # each line as it was last drawn
+    assert [line.split(":")[0] for line in lines] == [
+        "fit covariance", "fit eigendecomposition", "fit lambda", "scores queries", "scores train",
+        "self_influence data"]
+    assert "3/3 batches" in lines[0] and "2/2 blocks" in lines[1] and "1/1 batches" in lines[3]
+    assert all(line.endswith(" s") and "|########################|" in line for line in lines)
+    pn.influence.fit(net, params, state, train, batch_size=16)
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------- a GPT
 
 
