@@ -535,6 +535,43 @@ def test_progress_prints_one_line_per_stage(capsys):
     assert capsys.readouterr().err == ""
 
 
+def _top_k_reference(s, k):
+    helpful = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    harmful = np.argsort(s, axis=1, kind="stable")[:, :k]
+    return helpful, np.take_along_axis(s, helpful, 1), harmful, np.take_along_axis(s, harmful, 1)
+
+
+def test_top_k_is_a_stable_sort_by_sign():
+    """Helpful = the largest scores (kronfluence's sign: positive helps), harmful = the most negative; ties
+    to the lower index, as numpy's stable argsort."""
+    rs = np.random.RandomState(0)
+    s = rs.randn(5, 12)
+    s[1] = np.round(s[1])  # many ties
+    s[2] = 0.0  # every score tied
+    s[3, [2, 7, 9]] = s[3].max()  # the largest tied three times
+    for k in (1, 4, 12):
+        got = pn.influence.top_k(s, k)
+        for g, w in zip(got, _top_k_reference(s, k), strict=True):
+            assert g.shape == (5, k)
+            np.testing.assert_array_equal(g, w)
+    helpful, helpful_scores, harmful, harmful_scores = pn.influence.top_k(s, 3)
+    np.testing.assert_array_equal(helpful[3], [2, 7, 9])
+    np.testing.assert_array_equal(helpful[2], [0, 1, 2])
+    assert np.all(np.diff(helpful_scores, axis=1) <= 0) and np.all(np.diff(harmful_scores, axis=1) >= 0)
+    with pytest.raises(ValueError, match="k must be an int in \\[1, n_train = 12\\]"):
+        pn.influence.top_k(s, 13)
+    with pytest.raises(ValueError, match="k must be"):
+        pn.influence.top_k(s, 0)
+    with pytest.raises(ValueError, match="scores\\[None\\]"):
+        pn.influence.top_k(s[0], 2)
+    # on influence scores: the helpful rows are each query's largest scores
+    net, params, state, train, queries = _mlp()
+    f = pn.influence.fit(net, params, state, train, method="identity")
+    scores = np.asarray(pn.influence.scores(net, params, state, f, queries, train))
+    for g, w in zip(pn.influence.top_k(scores, 5), _top_k_reference(scores, 5), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
 # ---------------------------------------------------------------- a GPT
 
 

@@ -13,6 +13,10 @@ chunks; `self_influence` scores each example against itself.
     factors = pn.influence.fit(net, params, state, (x, y), method="ekfac")
     s = pn.influence.scores(net, params, state, factors, (xq, yq), (x, y))   # (n_queries, n_train)
     s_self = pn.influence.self_influence(net, params, state, factors, (x, y))  # (n_train,)
+    helpful, helpful_s, harmful, harmful_s = pn.influence.top_k(s, 5)       # each (n_queries, 5)
+
+A positive score is a helpful training example (its gradient points along
+the query's: a step on it lowers the query's loss), a negative one harmful.
 
 Conventions, kronfluence 1.0.1's (Bae et al.), so the numbers compare with it
 to float64 rounding:
@@ -109,7 +113,7 @@ from purenet.layers.traversal import is_container, map_in_walk_order
 from purenet.network import backward_pass, loss_pass
 
 __all__ = [
-    "Block", "FISHERS", "Factors", "HEURISTIC_DAMPING_SCALE", "METHODS", "fit", "scores", "self_influence",
+    "Block", "FISHERS", "Factors", "HEURISTIC_DAMPING_SCALE", "METHODS", "fit", "scores", "self_influence", "top_k",
 ]
 
 METHODS = ("identity", "diagonal", "kfac", "ekfac")  # kronfluence's strategies
@@ -710,8 +714,10 @@ def scores(net: LayerLike, params: PyTree, state: PyTree, factors: Factors, quer
     streams in chunks of `batch_size`, each chunk's scores one jitted
     contraction of the stored P dW_q with its rows (no training gradient is
     kept). Gradients are of each example's own summed loss at its label; no
-    sign flip, no 1/N. Only the covered blocks count (Dense, Conv2D and the
-    other dense and convolution products; not norms' gains or embeddings).
+    sign flip, no 1/N: a positive score is a helpful training example (its
+    gradient points along the query's), a negative one a harmful one (see
+    `top_k`). Only the covered blocks count (Dense, Conv2D and the other
+    dense and convolution products; not norms' gains or embeddings).
 
     Args:
         net: the network (a layer or a container, e.g. `pn.Sequential`).
@@ -791,3 +797,36 @@ def self_influence(net: LayerLike, params: PyTree, state: PyTree, factors: Facto
                 progress=("self_influence", "data") if progress else None)
     return jnp.concatenate([out[:valid] for _, valid, out in runs])
 
+
+def top_k(scores: Array, k: int) -> tuple[Array, Array, Array, Array]:
+    """The k most helpful and the k most harmful training examples of each query.
+
+    Sign convention (kronfluence's, as `scores` returns them): a positive
+    score is helpful (the training example's gradient points along the
+    query's: training on it lowered the query's loss), a negative one is
+    harmful. So the helpful are the k largest scores of each row, in
+    descending order, and the harmful the k smallest (most negative), in
+    ascending order; ties go to the lower index first (as a stable sort).
+    A row with fewer than k positive scores still returns k "helpful"
+    entries: read their signs.
+
+    Args:
+        scores: (n_queries, n_train) scores, as `scores` returns them.
+        k: how many of each, an int in [1, n_train].
+
+    Returns:
+        (helpful_indices, helpful_scores, harmful_indices, harmful_scores), each
+            (n_queries, k): int32 indices into the training set and their scores.
+
+    Raises:
+        ValueError: if `scores` is not 2-D, or `k` is not an int in [1, n_train].
+    """
+    s = jnp.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (n_queries, n_train), got shape {s.shape} (a single query: scores[None])")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= s.shape[1]:
+        raise ValueError(f"k must be an int in [1, n_train = {s.shape[1]}], got {k!r}")
+    # + 0.0 makes -0.0 a 0.0: top_k orders -0.0 below 0.0, a stable sort ties them
+    _, helpful = jax.lax.top_k(s + 0.0, int(k))
+    _, harmful = jax.lax.top_k(-s + 0.0, int(k))
+    return helpful, jnp.take_along_axis(s, helpful, 1), harmful, jnp.take_along_axis(s, harmful, 1)
