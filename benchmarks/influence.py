@@ -23,8 +23,9 @@ compares across JAX and PyTorch), interleaved repeat by repeat:
   eigendecomposition in float64 as its default) then
   `Analyzer.compute_pairwise_scores` (damping_factor=None: its heuristic),
   PyTorch on the CPU with `torch.set_num_threads` = the cores JAX uses.
-- purenet identity (TracIn-like: plain gradient dot products; "fit" reads
-  no data).
+- purenet identity (plain gradient dot products; "fit" reads no data): the
+  TracIn comparison, as TracIn at one checkpoint is this dot product times
+  the learning rate (K checkpoints: K such passes).
 
 Each process first warms up on one batch of the training set (purenet:
 compiles every program the timed run uses; PyTorch: first-call

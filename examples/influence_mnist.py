@@ -153,8 +153,7 @@ def main():
                                             (x_train, y_train), batch_size=256))
     print(f"\nEK-FAC scores, {len(shown)} held-out x {len(train)} training images, "
           f"in {time.perf_counter() - start:.1f} s")
-    helpful = np.argsort(-scores, axis=1)[:, : args.top]
-    harmful = np.argsort(scores, axis=1)[:, : args.top]
+    helpful, _, harmful, _ = (np.asarray(v) for v in pn.influence.top_k(scores, args.top))
     print(f"  flipped labels among the most harmful: {flipped[harmful].mean():.0%}, among the most helpful: "
           f"{flipped[helpful].mean():.0%} (5% of the training set)")
     for row, i in enumerate(shown):

@@ -49,7 +49,7 @@ def slow(*case):
     slow("deep_residual.py", "deep_residual.png", "residual relu"),
     slow("adversarial_digits.py", "adversarial_digits.png", "input_grad vs autodiff through pn.as_function"),
     slow("hessian_spectrum.py", "hessian_spectrum.png", "sharpness at the end"),
-    slow("data_attribution.py", "data_attribution.png", "top proponents labelled with the true digit"),
+    slow("data_attribution.py", "data_attribution.png", "EK-FAC against identity: top-3 overlap"),
     slow("custom_layer.py", "custom_layer.png", "diagnostics report ['0: LowRankDense', '1: Dense']"),
 ])
 def test_example_runs_in_fast_mode_and_writes_its_plot(tmp_path, script, png, expect):

@@ -410,3 +410,212 @@ def test_matches_kronfluence(tmp_path, kind, method, dampings):
         assert np.abs(got_self - want_self).max() <= 1e-10 * np.abs(want_self).max()
         np.testing.assert_allclose(got_q, want_q, rtol=1e-8, atol=1e-12 * np.abs(want_q).max())
         np.testing.assert_allclose(got_self, want_self, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- on a mesh, progress, checkpoints, top-k
+
+
+# The MLP over positions, every method (~10 s: each stage compiles for one device and for the mesh), in the
+# default run; the CNN on a 2 x 2 mesh (rows over "data" only) and the Monte Carlo Fisher in `-m slow`.
+@pytest.mark.parametrize("checks", [("mlp", "placement", "divisibility"),
+                                    pytest.param(("cnn", "mc"), marks=pytest.mark.slow)], ids="+".join)
+def test_sharded_over_a_mesh_equals_one_device(checks):
+    """On 4 CPU devices (a subprocess, so the rest of the suite keeps one): every method's factors, scores
+    and self-influence with the batches split over the mesh's data axis equal one device's in float64."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = pn.xla_flags.environ(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                    JAX_PLATFORMS="cpu"))
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_influence_sharded.py")), *checks],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in checks:
+        assert f"ok {name}" in out.stdout
+
+
+def test_mesh_errors_name_the_fix():
+    net, params, state, train, queries = _mlp()
+    device = jax.devices()[0]
+    two = pn.distributed.data_mesh([device, device])  # a mesh of 2 (the same device twice): batch_size must be even
+    with pytest.raises(ValueError, match="batch_size 3 is not divisible by the 2 devices"):
+        pn.influence.fit(net, params, state, train, batch_size=3, mesh=two)
+    factors = pn.influence.fit(net, params, state, train, method="identity")
+    with pytest.raises(ValueError, match="batch_size 3 is not divisible"):
+        pn.influence.scores(net, params, state, factors, queries, train, batch_size=3, mesh=two)
+    with pytest.raises(ValueError, match="batch_size 5 is not divisible"):
+        pn.influence.self_influence(net, params, state, factors, train, batch_size=5, mesh=two)
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        pn.influence.fit(net, params, state, train, mesh="data")
+
+
+class _Counted:
+    """x whose batches are counted as fit reads them; past `limit` reads it raises (an interrupted fit)."""
+
+    def __init__(self, x, limit=None):
+        self.x, self.limit, self.reads = x, limit, 0
+        self.shape, self.ndim = x.shape, x.ndim
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.limit is not None and self.reads > self.limit:
+            raise KeyboardInterrupt("interrupted")
+        return self.x[index]
+
+
+def test_checkpoint_resumes_without_recomputing_finished_stages(tmp_path, capsys):
+    """An EK-FAC fit interrupted in its second pass resumes from the stage saved after the first: it reads
+    the data once more (not twice) and gives bit-identical factors; a finished file reads no data."""
+    net, params, state, train, queries = _mlp(seq=True)
+    path = tmp_path / "factors.ckpt"
+    want = pn.influence.fit(net, params, state, train, batch_size=16)  # 3 batches per pass
+    x = _Counted(train[0], limit=4)  # the covariance pass (3 batches), then 1 batch of the lambda pass
+    with pytest.raises(KeyboardInterrupt):
+        pn.influence.fit(net, params, state, (x, train[1]), batch_size=16, checkpoint=path)
+    partial_factors = pn.load(path)
+    assert partial_factors.blocks[0]["W"].q_a is not None and partial_factors.blocks[0]["W"].lam is None
+
+    x = _Counted(train[0])
+    got = pn.influence.fit(net, params, state, (x, train[1]), batch_size=16, checkpoint=path, progress=True)
+    assert x.reads == 3  # the lambda pass alone
+    assert "covariance, eigendecomposition: read from the checkpoint" in capsys.readouterr().err
+    for a, b in zip(jax.tree_util.tree_leaves(got.blocks), jax.tree_util.tree_leaves(want.blocks), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(pn.influence.scores(net, params, state, got, queries, train),
+                                  pn.influence.scores(net, params, state, want, queries, train))
+
+    x = _Counted(train[0])
+    again = pn.influence.fit(net, params, state, (x, train[1]), batch_size=16, checkpoint=path)
+    assert x.reads == 0
+    for a, b in zip(jax.tree_util.tree_leaves(again.blocks), jax.tree_util.tree_leaves(want.blocks), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_mismatched_checkpoint_is_named_and_left_alone(tmp_path):
+    net, params, state, train, _ = _mlp()
+    path = tmp_path / "factors.ckpt"
+    pn.influence.fit(net, params, state, train, method="kfac", batch_size=16, checkpoint=path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"method='kfac', this fit has method='ekfac'.*left as it is"):
+        pn.influence.fit(net, params, state, train, method="ekfac", checkpoint=path)
+    with pytest.raises(ValueError, match="fisher='empirical', this fit has fisher='mc'"):
+        pn.influence.fit(net, params, state, train, method="kfac", fisher="mc", key=jax.random.key(0),
+                         checkpoint=path)
+    with pytest.raises(ValueError, match="examples=40, this fit has examples=39"):
+        pn.influence.fit(net, params, state, (train[0][:39], train[1][:39]), method="kfac", checkpoint=path)
+    wider = pn.Sequential([pn.Dense(7), pn.Tanh(), pn.Dense(3), pn.Softmax()])
+    wp, ws = pn.init(wider, jax.random.key(0), (4,))
+    with pytest.raises(ValueError, match="does not match this network.*shape"):
+        pn.influence.fit(wider, wp, ws, train, method="kfac", checkpoint=path)
+    assert path.read_bytes() == before
+    other = pn.save(tmp_path / "params.ckpt", params)
+    with pytest.raises(ValueError, match="holds a tuple, not the Factors"):
+        pn.influence.fit(net, params, state, train, method="kfac", checkpoint=other)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read back as influence factors"):
+        pn.influence.fit(net, params, state, train, method="kfac", checkpoint=tmp_path / "junk.ckpt")
+
+
+def test_progress_prints_one_line_per_stage(capsys):
+    net, params, state, train, queries = _mlp()
+    factors = pn.influence.fit(net, params, state, train, batch_size=16, progress=True)
+    pn.influence.scores(net, params, state, factors, queries, train, batch_size=16, progress=True)
+    pn.influence.self_influence(net, params, state, factors, train, batch_size=16, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = [line.split("\r")[-1] for line in captured.err.strip("\n").split("\n")]  # each line as it was last drawn
+    assert [line.split(":")[0] for line in lines] == [
+        "fit covariance", "fit eigendecomposition", "fit lambda", "scores queries", "scores train",
+        "self_influence data"]
+    assert "3/3 batches" in lines[0] and "2/2 blocks" in lines[1] and "1/1 batches" in lines[3]
+    assert all(line.endswith(" s") and "|########################|" in line for line in lines)
+    pn.influence.fit(net, params, state, train, batch_size=16)
+    assert capsys.readouterr().err == ""
+
+
+def _top_k_reference(s, k):
+    helpful = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    harmful = np.argsort(s, axis=1, kind="stable")[:, :k]
+    return helpful, np.take_along_axis(s, helpful, 1), harmful, np.take_along_axis(s, harmful, 1)
+
+
+def test_top_k_is_a_stable_sort_by_sign():
+    """Helpful = the largest scores (kronfluence's sign: positive helps), harmful = the most negative; ties
+    to the lower index, as numpy's stable argsort."""
+    rs = np.random.RandomState(0)
+    s = rs.randn(5, 12)
+    s[1] = np.round(s[1])  # many ties
+    s[2] = 0.0  # every score tied
+    s[3, [2, 7, 9]] = s[3].max()  # the largest tied three times
+    for k in (1, 4, 12):
+        got = pn.influence.top_k(s, k)
+        for g, w in zip(got, _top_k_reference(s, k), strict=True):
+            assert g.shape == (5, k)
+            np.testing.assert_array_equal(g, w)
+    helpful, helpful_scores, harmful, harmful_scores = pn.influence.top_k(s, 3)
+    np.testing.assert_array_equal(helpful[3], [2, 7, 9])
+    np.testing.assert_array_equal(helpful[2], [0, 1, 2])
+    assert np.all(np.diff(helpful_scores, axis=1) <= 0) and np.all(np.diff(harmful_scores, axis=1) >= 0)
+    with pytest.raises(ValueError, match="k must be an int in \\[1, n_train = 12\\]"):
+        pn.influence.top_k(s, 13)
+    with pytest.raises(ValueError, match="k must be"):
+        pn.influence.top_k(s, 0)
+    with pytest.raises(ValueError, match="scores\\[None\\]"):
+        pn.influence.top_k(s[0], 2)
+    # on influence scores: the helpful rows are each query's largest scores
+    net, params, state, train, queries = _mlp()
+    f = pn.influence.fit(net, params, state, train, method="identity")
+    scores = np.asarray(pn.influence.scores(net, params, state, f, queries, train))
+    for g, w in zip(pn.influence.top_k(scores, 5), _top_k_reference(scores, 5), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+# ---------------------------------------------------------------- a GPT
+
+
+def _gpt(tied):
+    net = pn.gpt(vocab_size=7, context=3, layers=1, heads=2, features=4, tie_embeddings=tied)
+    params, state = pn.init(net, jax.random.key(6))
+    rs = np.random.RandomState(6)
+    return net, params, state, (rs.randint(0, 7, (10, 3)), rs.randint(0, 7, (10, 3))), \
+        (rs.randint(0, 7, (3, 3)), rs.randint(0, 7, (3, 3)))
+
+
+def _covered_on_a_gpt(path):
+    """Every dense product of a GPT is covered (attention's Wq..Wo and their biases, the MLP's Dense, an
+    untied head's W); its norms' gains and shifts, the positional table P and the token table E are not."""
+    return not any(name in path for name in ("['beta']", "['gamma']", "['P']", "['E']"))
+
+
+# ~20 s each (a GPT's passes compile once per stage and method): the untied one, which also covers the
+# head's dense product, in the default run; the tied one (its table left out) in `-m slow`.
+@pytest.mark.parametrize("tied", [pytest.param(True, marks=pytest.mark.slow), False], ids=["tied", "untied"])
+def test_a_gpt_against_the_definition(tmp_path, tied):
+    """A tiny pn.gpt, tied and untied: "identity" scores are the dot products of the covered parameters'
+    per-example gradients (autodiff; the tied table E left out, as kronfluence leaves out whatever is not a
+    Linear), "diagonal" with a fixed damping divides them by the mean squared gradient plus the damping;
+    EK-FAC's scores are symmetric with its self-influence on their diagonal; the factors round-trip through
+    pn.save."""
+    net, params, state, train, queries = _gpt(tied)
+    both = _flat(_per_example_grads(net, params, state, *(np.concatenate(v) for v in zip(train, queries))),
+                 _covered_on_a_gpt)
+    gt, gq = both[:10], both[10:]
+    assert gt.shape[1] == 4 * (4 * 4 + 4) + (4 * 16 + 16) + (16 * 4 + 4) + (0 if tied else 4 * 7)
+    scores, self_influence = pn.influence.scores, pn.influence.self_influence
+    identity = pn.influence.fit(net, params, state, train, method="identity", batch_size=4)
+    want = gq @ gt.T
+    np.testing.assert_allclose(scores(net, params, state, identity, queries, train, batch_size=4), want,
+                               rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    diagonal = pn.influence.fit(net, params, state, train, method="diagonal", batch_size=4)
+    lam = np.mean(gt ** 2, axis=0)
+    want = (gq / (lam + 1e-3)) @ gt.T
+    np.testing.assert_allclose(scores(net, params, state, diagonal, queries, train, 1e-3, batch_size=4), want,
+                               rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    ekfac = pn.influence.fit(net, params, state, train, batch_size=4)
+    assert ("ends" in ekfac.blocks[0]) != tied  # the untied head's block {"head/W": Block} stands for the ends
+    loaded = pn.load(pn.save(tmp_path / "gpt.ckpt", ekfac))
+    s = scores(net, params, state, loaded, train, train, batch_size=4)
+    np.testing.assert_allclose(s, s.T, rtol=1e-9, atol=1e-12 * np.abs(s).max())
+    np.testing.assert_allclose(np.diag(s), self_influence(net, params, state, ekfac, train, batch_size=4), rtol=1e-9)

@@ -13,6 +13,10 @@ chunks; `self_influence` scores each example against itself.
     factors = pn.influence.fit(net, params, state, (x, y), method="ekfac")
     s = pn.influence.scores(net, params, state, factors, (xq, yq), (x, y))   # (n_queries, n_train)
     s_self = pn.influence.self_influence(net, params, state, factors, (x, y))  # (n_train,)
+    helpful, helpful_s, harmful, harmful_s = pn.influence.top_k(s, 5)       # each (n_queries, 5)
+
+A positive score is a helpful training example (its gradient points along
+the query's: a step on it lowers the query's loss), a negative one harmful.
 
 Conventions, kronfluence 1.0.1's (Bae et al.), so the numbers compare with it
 to float64 rounding:
@@ -59,6 +63,18 @@ block; a float is added as it is (kronfluence's `damping_factor`). Then
 distribution (kronfluence's default, a fresh draw in each pass over the
 data). The scores' gradients are always at the labels.
 
+On a `pn.gpt` the covered blocks are every transformer block's attention
+projections Wq, Wk, Wv and Wo (each with its bias) and the MLP's two Dense
+layers, and with `tie_embeddings=False` the head W (a dense product h W: its
+block, keyed "head/W", stands in the factors' tree for the whole of GPT's
+`TiedEnds`, under "ends"). Left out are the LayerNorms' gains and shifts,
+the positional table P and the token table E, tied or not: a tied E is both
+the lookup and the output projection h E^T (one `TiedTable` product, not a
+dense one), so its read-out counts in no score. kronfluence on a PyTorch
+GPT-2 would differ there: its tied `lm_head` is an `nn.Linear`, which it
+tracks as a block of the read-out's gradient alone. Untie the embeddings to
+score through the output projection.
+
 No per-example gradient of the whole training set is formed: `fit` reads
 the rows batch by batch (the covariance pass, the eigendecomposition, then
 for "diagonal" and "ekfac" the pass that averages Lambda), and `scores`
@@ -66,25 +82,39 @@ holds only the queries' preconditioned gradients. Each batch's work is one
 jitted function of fixed shapes (the last batch padded by repeating its
 last example and masked out). Everything is read from the handwritten
 backward's caches and output gradients (the products' rules); no autodiff.
+
+At scale: `mesh=` splits every batch's rows over a mesh's data axis (the
+params, the state and the queries' preconditioned gradients replicated;
+XLA sums the factors across the devices), `progress=True` prints one line
+per stage on stderr, and `fit(checkpoint=path)` saves the factors after
+each stage and resumes from the stages a matching file already holds.
 """
+import os
+import sys
+import time
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from purenet import losses
 from purenet.analysis import curvature
 from purenet.analysis.kfac import KFAC_RULES, kfac_weights
+from purenet.distributed.data import check_divisible, replicate, shard_batch
+from purenet.io.checkpoint import CheckpointError, load, save
 from purenet.layers import conv, structure
 from purenet.layers.base import Array, LayerLike, PyTree, Visit, positions, wide
 from purenet.layers.defaults import has_params
 from purenet.layers.structure import Convolution, DenseProduct
-from purenet.layers.traversal import map_in_walk_order
+from purenet.layers.traversal import is_container, map_in_walk_order
 from purenet.network import backward_pass, loss_pass
 
-__all__ = ["Block", "FISHERS", "Factors", "HEURISTIC_DAMPING_SCALE", "METHODS", "fit", "scores", "self_influence"]
+__all__ = [
+    "Block", "FISHERS", "Factors", "HEURISTIC_DAMPING_SCALE", "METHODS", "fit", "scores", "self_influence", "top_k",
+]
 
 METHODS = ("identity", "diagonal", "kfac", "ekfac")  # kronfluence's strategies
 FISHERS = ("empirical", "mc")
@@ -204,24 +234,40 @@ def _tree(net: LayerLike, params: PyTree, blocks: list) -> PyTree:
     return map_in_walk_order(net, lambda layer, p: next(it) if _covered(layer, p) else None, params)
 
 
+def _pairs(net: Any, a: PyTree, b: PyTree):
+    """(a's, b's) value at every leaf layer outside `pn.Frozen`, in forward order, splitting two trees
+    of the network's shape side by side (no walk: a walk would read the trees as parameters)."""
+    if not is_container(net):
+        yield a, b
+        return
+    if net.freezes:
+        return
+    for child, sa, sb in zip(net.children(), net.split(a), net.split(b)):
+        yield from _pairs(child, sa, sb)
+
+
 def _listed(net: LayerLike, params: PyTree, factors: "Factors") -> list:
     """The factors' blocks in walk order, checked against the network's blocks and their sizes."""
     expected = _layout(net, params)
-    found: list = []
-
-    def leaf(layer, sub):
-        if isinstance(sub, dict) and sub and all(isinstance(v, Block) for v in sub.values()):
-            found.append(sub)
+    counter = iter(range(len(expected)))
+    order = map_in_walk_order(net, lambda layer, p: next(counter) if _covered(layer, p) else None, params)
+    found: dict = {}
     try:
-        map_in_walk_order(net, leaf, factors.blocks)
+        for i, sub in _pairs(net, order, factors.blocks):
+            if isinstance(i, int) and not isinstance(i, bool):
+                found[i] = sub
     except (TypeError, KeyError, IndexError, ValueError, AttributeError) as e:
         raise ValueError(f"these factors were not fitted on this network: their blocks do not follow its layers "
                          f"({type(e).__name__}: {e})") from None
-    if [sorted(d) for d in found] != [sorted(d) for d in expected]:
+    listed = [found.get(i) for i in range(len(expected))]
+
+    def keys(d):
+        return sorted(d) if isinstance(d, dict) and all(isinstance(v, Block) for v in d.values()) else d
+    if [keys(d) for d in listed] != [sorted(d) for d in expected]:
         raise ValueError(f"these factors were not fitted on this network: it has {len(expected)} covered layers "
                          f"with weights {[sorted(d) for d in expected]}, the factors "
-                         f"{[sorted(d) for d in found]}")
-    for i, (have, want) in enumerate(zip(found, expected)):
+                         f"{[keys(d) for d in listed]}")
+    for i, (have, want) in enumerate(zip(listed, expected)):
         for k, (da, dg) in want.items():
             b = have[k]
             shapes = {"q_a": (da, da), "eig_a": (da,), "q_g": (dg, dg), "eig_g": (dg,), "lam": (da, dg)}
@@ -230,7 +276,7 @@ def _listed(net: LayerLike, params: PyTree, factors: "Factors") -> list:
                 if value is not None and tuple(np.shape(value)) != shape:
                     raise ValueError(f"factors do not match the parameters: covered layer {i} (walk order), weight "
                                      f"{k!r}: {field} has shape {tuple(np.shape(value))}, the parameters need {shape}")
-    return found
+    return listed
 
 
 # ---------------------------------------------------------------- the rules per pass, on one block's rows
@@ -362,6 +408,16 @@ def _check_batch_size(batch_size: Any) -> int:
     return int(batch_size)
 
 
+def _check_mesh(mesh: Any, batch_size: int) -> None:
+    """With a mesh, raise unless it is a `jax.sharding.Mesh` whose data axis divides `batch_size`."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (pn.distributed.data_mesh(), pn.distributed.mesh({{...}})) "
+                        f"or None, got {type(mesh).__name__}")
+    check_divisible(batch_size, mesh, "batch_size")
+
+
 def _batches(x: Any, y: Any, n: int, size: int):
     """(start, x, y, mask) of each batch of `size`, the last padded by repeating its last example."""
     for start in range(0, n, size):
@@ -369,19 +425,68 @@ def _batches(x: Any, y: Any, n: int, size: int):
         yield start, x[idx], y[idx], np.arange(start, start + size) < n
 
 
-def _run(net, params, state, data, loss, stage, inputs, batch_size, fisher="empirical", key=None, total=False):
+class _Progress:
+    """One line on stderr for a stage: its name, the units done of the total and the seconds since it
+    began, redrawn in place (at most ten times a second) and ended with a newline; a no-op when off."""
+
+    def __init__(self, on: bool, what: str, stage: str, total: int, unit: str = "batches"):
+        self.on, self.label, self.total, self.unit = on, f"{what} {stage}", total, unit
+        self.start = self.drawn = time.perf_counter()
+        self.shown = -1
+        if on:
+            self.update(0, force=True)
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.on or (not force and done < self.total and now - self.drawn < 0.1):
+            return
+        self.drawn, self.shown = now, done
+        width = 24
+        filled = width * done // max(self.total, 1)
+        sys.stderr.write(f"\r{self.label}: |{'#' * filled}{'.' * (width - filled)}| {done}/{self.total} "
+                         f"{self.unit}, {now - self.start:.1f} s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.on:
+            if self.shown != self.total:
+                self.update(self.total, force=True)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _note(on: bool, line: str) -> None:
+    if on:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _run(net, params, state, data, loss, stage, inputs, batch_size, fisher="empirical", key=None, total=False,
+         mesh=None, progress=None):
     """`_pass` over every batch: [(start, valid rows, outs)], or with `total` the outs summed over the
-    batches as they come (the factors' sums: one batch's outs held at a time)."""
+    batches as they come (the factors' sums: one batch's outs held at a time). On a mesh each batch's
+    rows are split over its data axis and everything else (params, state, the stage's inputs, the
+    key) is replicated. `progress`: (what, stage name) for a progress line on stderr, or None."""
     x, y, n = data
+    if mesh is not None:
+        params, state, inputs = replicate((params, state, inputs), mesh)
+    bar = _Progress(progress is not None, *(progress or ("", "")), -(-n // batch_size))
     out = []
     running = None
     for i, (start, xb, yb, mask) in enumerate(_batches(x, y, n, batch_size)):
         k = None if key is None else jax.random.fold_in(key, i)
+        if mesh is not None:
+            xb, yb, mask = (shard_batch(v, mesh) for v in (xb, yb, mask))
+            k = None if k is None else replicate(k, mesh)
         outs = _pass(params, state, xb, yb, mask, k, inputs, net=net, loss=loss, fisher=fisher, stage=stage)
         if total:
             running = outs if running is None else jax.tree_util.tree_map(jnp.add, running, outs)
         else:
             out.append((start, min(batch_size, n - start), outs))
+        if bar.on:
+            jax.block_until_ready(outs)  # the line reports work done, not work dispatched
+            bar.update(i + 1)
+    bar.close()
     return running if total else out
 
 
@@ -392,18 +497,62 @@ def _eigh(m: Array) -> tuple[Array, Array]:
     return jnp.asarray(values, m.dtype), jnp.asarray(vectors, m.dtype)
 
 
+def _has(blocks: list, *fields: str) -> bool:
+    """Whether every block holds every one of `fields` (a stage of the fit is done)."""
+    return all(getattr(b, f) is not None for layer in blocks for b in layer.values() for f in fields)
+
+
+def _resumed(path: str, net: LayerLike, params: PyTree, want: dict) -> list:
+    """The blocks (walk order) of the factors checkpointed at `path`, checked against this fit's `want`
+    ({field: value} of method, fisher, loss and examples) and the network's blocks; a mismatch is an
+    error that leaves the file as it is."""
+    keep = "the file is left as it is: pass another checkpoint path, or remove the file to fit afresh"
+    try:
+        saved = load(path)
+    except CheckpointError as e:
+        raise ValueError(f"checkpoint {path} cannot be read back as influence factors ({e}); {keep}") from None
+    if not isinstance(saved, Factors):
+        raise ValueError(f"checkpoint {path} holds a {type(saved).__name__}, not the Factors of "
+                         f"pn.influence.fit; {keep}")
+    for field, value in want.items():
+        have = getattr(saved, field)
+        have = int(have) if isinstance(value, int) else str(have)
+        if have != value:
+            raise ValueError(f"checkpoint {path} holds factors with {field}={have!r}, this fit has "
+                             f"{field}={value!r}; {keep}")
+    try:
+        blocks = _listed(net, params, saved)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path} does not match this network ({e}); {keep}") from None
+    if str(saved.method) == "ekfac" and _has(blocks, "lam") and not _has(blocks, "q_a", "eig_a", "q_g", "eig_g"):
+        raise ValueError(f"checkpoint {path} holds 'ekfac' factors with Lambda but without their eigenbases; {keep}")
+    return blocks
+
+
 def fit(net: LayerLike, params: PyTree, state: PyTree, data: tuple[Array, Any],
         loss: str | losses.Loss = "cross_entropy", method: str = "ekfac", fisher: str = "empirical",
-        batch_size: int = 128, key: Array | None = None) -> Factors:
+        batch_size: int = 128, key: Array | None = None, *, mesh: Mesh | None = None, progress: bool = False,
+        checkpoint: str | os.PathLike[str] | None = None) -> Factors:
     """Fit the curvature of the training loss for influence functions (kronfluence's factors).
 
-    Streams `data` in batches of `batch_size`: for "kfac" and "ekfac" one pass
-    sums each block's A = 1/R sum a a^T and G = 1/R sum g g^T (R = examples x
-    positions) and eigendecomposes them (in float64, symmetrised, as
-    kronfluence does); for "ekfac" a second pass averages the corrected
-    eigenvalues Lambda = 1/N sum_i (Q_A^T dW_i Q_G)**2, for "diagonal" one
-    pass averages Lambda = 1/N sum_i dW_i**2. "identity" reads no data. The
-    module docstring has the conventions (kronfluence 1.0.1's).
+    Streams `data` in batches of `batch_size`, in stages: for "kfac" and
+    "ekfac" one pass sums each block's A = 1/R sum a a^T and G = 1/R sum g
+    g^T (R = examples x positions, the "covariance" stage) and
+    eigendecomposes them (in float64, symmetrised, as kronfluence does: the
+    "eigendecomposition" stage); for "ekfac" a second pass averages the
+    corrected eigenvalues Lambda = 1/N sum_i (Q_A^T dW_i Q_G)**2, for
+    "diagonal" one pass averages Lambda = 1/N sum_i dW_i**2 (the "lambda"
+    stage). "identity" reads no data. The module docstring has the
+    conventions (kronfluence 1.0.1's).
+
+    With `checkpoint`, the factors are saved there (`pn.save`, atomically)
+    after each stage, and a fit that finds the file resumes from it: the
+    stages it holds are not recomputed (a finished file is returned as it
+    is, reading no data). The file must match the fit: its method, fisher,
+    loss name, number of examples and the network's blocks and their sizes
+    are checked, and a mismatch is an error that leaves the file alone. The
+    data themselves are not checked: resume with the data the file was
+    fitted on (and, for "mc", the same key).
 
     Args:
         net: the network (a layer or a container, e.g. `pn.Sequential`).
@@ -419,16 +568,26 @@ def fit(net: LayerLike, params: PyTree, state: PyTree, data: tuple[Array, Any],
         batch_size: examples per batch (a positive int); the last batch is padded and masked,
             so every batch compiles once.
         key: the PRNG key of "mc"'s labels; unused by "empirical".
+        mesh: a device mesh (`pn.distributed.data_mesh()`, `pn.distributed.mesh({...})`), or
+            None: each batch's rows split over its data axis (`batch_size` must divide by its
+            size), params and state replicated; the factors equal one device's up to rounding.
+        progress: print one line per stage on stderr (its name, batches done of the total,
+            seconds elapsed).
+        checkpoint: a file to save the factors to after each stage and to resume from, or None.
 
     Returns:
         `Factors`: the blocks (a tree like params, a dict of `Block` at each covered layer),
             the method, loss name, fisher and the number of examples.
 
     Raises:
+        TypeError: if `mesh` is neither None nor a `jax.sharding.Mesh`.
         ValueError: if `method` or `fisher` is unknown, "mc" has no `key`, `batch_size` is not a
-            positive int, `data` is not an (x, y) pair of equal, nonzero length, `loss` is
-            unknown (or declares no sampling, for "mc"), or the network has no Dense, Conv2D
-            or other layer with a dense or convolution product outside `pn.Frozen`.
+            positive int or does not divide over the mesh's data axis, `data` is not an (x, y)
+            pair of equal, nonzero length, `loss` is unknown (or declares no sampling, for "mc"),
+            the network has no Dense, Conv2D or other layer with a dense or convolution product
+            outside `pn.Frozen`, or `checkpoint` names a file that is not these factors (another
+            method, fisher, loss, number of examples or network, or not influence factors).
+        OSError: if the checkpoint cannot be read or written.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} (kronfluence's strategies), got {method!r}")
@@ -438,25 +597,52 @@ def fit(net: LayerLike, params: PyTree, state: PyTree, data: tuple[Array, Any],
     if fisher == "mc" and key is None:
         raise ValueError("fisher='mc' samples labels from the model: pass key=jax.random.key(...)")
     batch_size = _check_batch_size(batch_size)
+    _check_mesh(mesh, batch_size)
     x, y, n = _data(data, "data")
     losses.get(loss)  # an unknown name raises here
     name = loss if isinstance(loss, str) else ""
     layout = _layout(net, params)
     blocks = [{k: Block() for k in d} for d in layout]
+    path = None if checkpoint is None else os.fspath(checkpoint)
+    resumed = path is not None and os.path.exists(path)
+    if resumed:
+        blocks = _resumed(path, net, params, {"method": method, "fisher": fisher, "loss": name, "examples": n})
+
     def key_of(i: int) -> Array | None:
         return None if key is None or fisher == "empirical" else jax.random.fold_in(key, i)
+
+    def saved() -> None:
+        if path is not None:
+            save(path, Factors(_tree(net, params, blocks), method, name, fisher, n))
+
+    run = partial(_run, net, params, state, (x, y, n), loss, batch_size=batch_size, fisher=fisher, total=True,
+                  mesh=mesh)
     if method in ("kfac", "ekfac"):
-        sums = _run(net, params, state, (x, y, n), loss, "covariance", None, batch_size, fisher, key_of(0), True)
-        for layer, blk in zip(sums, blocks):
-            for k, (a_sum, g_sum, rows) in layer.items():
-                eig_a, q_a = _eigh(a_sum / rows)
-                eig_g, q_g = _eigh(g_sum / rows)
-                blk[k] = Block(q_a, eig_a, q_g, eig_g)
+        if _has(blocks, "q_a", "eig_a", "q_g", "eig_g"):
+            _note(progress, f"fit covariance, eigendecomposition: read from the checkpoint {path}")
+        else:
+            sums = run("covariance", None, key=key_of(0), progress=("fit", "covariance") if progress else None)
+            bar = _Progress(progress, "fit", "eigendecomposition", sum(len(d) for d in layout), "blocks")
+            blocks = [{} for _ in layout]
+            for layer, blk in zip(sums, blocks):
+                for k, (a_sum, g_sum, rows) in layer.items():
+                    eig_a, q_a = _eigh(a_sum / rows)
+                    eig_g, q_g = _eigh(g_sum / rows)
+                    blk[k] = Block(q_a, eig_a, q_g, eig_g)
+                    bar.update(sum(len(d) for d in blocks))
+            bar.close()
+            saved()
     if method in ("diagonal", "ekfac"):
-        bases = None if method == "diagonal" else [
-            {k: _Preconditioner(b.q_a, b.q_g, None) for k, b in blk.items()} for blk in blocks]
-        sums = _run(net, params, state, (x, y, n), loss, "lambda", bases, batch_size, fisher, key_of(1), True)
-        blocks = [{k: b._replace(lam=layer[k] / n) for k, b in blk.items()} for layer, blk in zip(sums, blocks)]
+        if _has(blocks, "lam"):
+            _note(progress, f"fit lambda: read from the checkpoint {path}")
+        else:
+            bases = None if method == "diagonal" else [
+                {k: _Preconditioner(b.q_a, b.q_g, None) for k, b in blk.items()} for blk in blocks]
+            sums = run("lambda", bases, key=key_of(1), progress=("fit", "lambda") if progress else None)
+            blocks = [{k: b._replace(lam=layer[k] / n) for k, b in blk.items()} for layer, blk in zip(sums, blocks)]
+            saved()
+    if method == "identity" and not resumed:
+        saved()
     return Factors(_tree(net, params, blocks), method, name, fisher, n)
 
 
@@ -510,16 +696,17 @@ def _preconditioners(blocks: list, method: str, damping: float | None) -> list:
     return [{k: one(b) for k, b in layer.items()} for layer in blocks]
 
 
-def _prepared(net, params, factors, loss, damping, batch_size):
+def _prepared(net, params, factors, loss, damping, batch_size, mesh):
     method = _method_of(factors)
     loss = _loss_of(factors, loss)
     batch_size = _check_batch_size(batch_size)
+    _check_mesh(mesh, batch_size)
     return loss, _preconditioners(_listed(net, params, factors), method, _check_damping(damping)), batch_size
 
 
 def scores(net: LayerLike, params: PyTree, state: PyTree, factors: Factors, queries: tuple[Array, Any],
            train: tuple[Array, Any], damping: float | None = None, *, loss: str | losses.Loss | None = None,
-           batch_size: int = 128) -> Array:
+           batch_size: int = 128, mesh: Mesh | None = None, progress: bool = False) -> Array:
     """Pairwise influence scores, kronfluence's: `scores[q, j] = sum_blocks <P dW_q, dW_j>`.
 
     Each query's gradient is preconditioned once (P = (Lambda + damping)^-1
@@ -527,8 +714,10 @@ def scores(net: LayerLike, params: PyTree, state: PyTree, factors: Factors, quer
     streams in chunks of `batch_size`, each chunk's scores one jitted
     contraction of the stored P dW_q with its rows (no training gradient is
     kept). Gradients are of each example's own summed loss at its label; no
-    sign flip, no 1/N. Only the covered blocks count (Dense, Conv2D and the
-    other dense and convolution products; not norms' gains or embeddings).
+    sign flip, no 1/N: a positive score is a helpful training example (its
+    gradient points along the query's), a negative one a harmful one (see
+    `top_k`). Only the covered blocks count (Dense, Conv2D and the other
+    dense and convolution products; not norms' gains or embeddings).
 
     Args:
         net: the network (a layer or a container, e.g. `pn.Sequential`).
@@ -542,29 +731,38 @@ def scores(net: LayerLike, params: PyTree, state: PyTree, factors: Factors, quer
         loss: the loss, None for the one the factors were fitted with (needed when that was a
             `pn.Loss`).
         batch_size: queries per batch, and training examples per chunk (a positive int).
+        mesh: a device mesh, or None: each batch of queries and chunk of the training set is
+            split over its data axis (`batch_size` must divide by its size); the queries'
+            preconditioned gradients, the params and the state are replicated.
+        progress: print one line per stage on stderr ("queries", then "train": batches done of
+            the total, seconds elapsed).
 
     Returns:
         (n_queries, n_train) the scores, in the parameters' (at least float32) dtype.
 
     Raises:
-        TypeError: if `factors` is not a `Factors`.
+        TypeError: if `factors` is not a `Factors`, or `mesh` is neither None nor a
+            `jax.sharding.Mesh`.
         ValueError: if the factors do not match the network (other layers or sizes) or lack
             their method's arrays, `damping` is negative or not a number, `batch_size` is not a
-            positive int, `queries` or `train` is not an (x, y) pair of equal, nonzero length,
-            or the factors were fitted with a `pn.Loss` and `loss` is None.
+            positive int or does not divide over the mesh's data axis, `queries` or `train` is
+            not an (x, y) pair of equal, nonzero length, or the factors were fitted with a
+            `pn.Loss` and `loss` is None.
     """
-    loss, pre, batch_size = _prepared(net, params, factors, loss, damping, batch_size)
+    loss, pre, batch_size = _prepared(net, params, factors, loss, damping, batch_size, mesh)
     q, t = _data(queries, "queries"), _data(train, "train")
-    parts = _run(net, params, state, q, loss, "query", pre, batch_size)
+    parts = _run(net, params, state, q, loss, "query", pre, batch_size, mesh=mesh,
+                 progress=("scores", "queries") if progress else None)
     pq = [{k: jnp.concatenate([out[i][k] for _, _, out in parts])[:q[2]] for k in layer}
           for i, layer in enumerate(pre)]
-    chunks = _run(net, params, state, t, loss, "train", pq, batch_size)
+    chunks = _run(net, params, state, t, loss, "train", pq, batch_size, mesh=mesh,
+                  progress=("scores", "train") if progress else None)
     return jnp.concatenate([out[:, :valid] for _, valid, out in chunks], axis=1)
 
 
 def self_influence(net: LayerLike, params: PyTree, state: PyTree, factors: Factors, data: tuple[Array, Any],
                    damping: float | None = None, *, loss: str | losses.Loss | None = None,
-                   batch_size: int = 128) -> Array:
+                   batch_size: int = 128, mesh: Mesh | None = None, progress: bool = False) -> Array:
     """Each example's influence on itself, kronfluence's: `sum_blocks <P dW_j, dW_j>`.
 
     With the blocks' eigenbases orthogonal this is sum (Q_A^T dW_j Q_G)**2 /
@@ -583,14 +781,52 @@ def self_influence(net: LayerLike, params: PyTree, state: PyTree, factors: Facto
         loss: the loss, None for the one the factors were fitted with (needed when that was a
             `pn.Loss`).
         batch_size: examples per batch (a positive int).
+        mesh: a device mesh, or None: each batch is split over its data axis (`batch_size` must
+            divide by its size); the params, state and preconditioners are replicated.
+        progress: print one line on stderr (batches done of the total, seconds elapsed).
 
     Returns:
         (n,) the self-influence of each example.
 
     Raises:
-        TypeError: if `factors` is not a `Factors`.
+        TypeError: as `scores`.
         ValueError: as `scores`.
     """
-    loss, pre, batch_size = _prepared(net, params, factors, loss, damping, batch_size)
-    runs = _run(net, params, state, _data(data, "data"), loss, "self", pre, batch_size)
+    loss, pre, batch_size = _prepared(net, params, factors, loss, damping, batch_size, mesh)
+    runs = _run(net, params, state, _data(data, "data"), loss, "self", pre, batch_size, mesh=mesh,
+                progress=("self_influence", "data") if progress else None)
     return jnp.concatenate([out[:valid] for _, valid, out in runs])
+
+
+def top_k(scores: Array, k: int) -> tuple[Array, Array, Array, Array]:
+    """The k most helpful and the k most harmful training examples of each query.
+
+    Sign convention (kronfluence's, as `scores` returns them): a positive
+    score is helpful (the training example's gradient points along the
+    query's: training on it lowered the query's loss), a negative one is
+    harmful. So the helpful are the k largest scores of each row, in
+    descending order, and the harmful the k smallest (most negative), in
+    ascending order; ties go to the lower index first (as a stable sort).
+    A row with fewer than k positive scores still returns k "helpful"
+    entries: read their signs.
+
+    Args:
+        scores: (n_queries, n_train) scores, as `scores` returns them.
+        k: how many of each, an int in [1, n_train].
+
+    Returns:
+        (helpful_indices, helpful_scores, harmful_indices, harmful_scores), each
+            (n_queries, k): int32 indices into the training set and their scores.
+
+    Raises:
+        ValueError: if `scores` is not 2-D, or `k` is not an int in [1, n_train].
+    """
+    s = jnp.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (n_queries, n_train), got shape {s.shape} (a single query: scores[None])")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= s.shape[1]:
+        raise ValueError(f"k must be an int in [1, n_train = {s.shape[1]}], got {k!r}")
+    # + 0.0 makes -0.0 a 0.0: top_k orders -0.0 below 0.0, a stable sort ties them
+    _, helpful = jax.lax.top_k(s + 0.0, int(k))
+    _, harmful = jax.lax.top_k(-s + 0.0, int(k))
+    return helpful, jnp.take_along_axis(s, helpful, 1), harmful, jnp.take_along_axis(s, harmful, 1)

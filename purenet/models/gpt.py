@@ -224,7 +224,8 @@ class GPT(Container):
         ends, body = parts
         if ends is None:  # a visitor that has nothing for the ends (the tied table's K-FAC factors)
             ends = {"token": None} if self.tie_embeddings else {"token": None, "head": None}
-        if not isinstance(ends, dict):  # one value for the whole leaf (the untied head's K-FAC factors)
+        # one value for the whole leaf: the untied head's K-FAC factors, or its influence blocks {"head/W": ...}
+        if not isinstance(ends, dict) or "token" not in ends:
             return {"ends": ends, "body": body}
         return {"token": ends["token"], "body": body, **({"head": ends["head"]} if "head" in ends else {})}
 
