@@ -19,6 +19,7 @@ parameter whose role is "weight" (`pn.layers.base.decay_mask`), attention's
 Wq, Wk, Wv, Wo included; not biases, gains, embedding tables, or anything
 inside `Frozen`.
 """
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -129,9 +130,25 @@ def init(net: Any, key: jax.Array, in_shape: Any = None, dtype: Any = None, *,
     if in_shape is None:
         raise ValueError(f"pn.init needs in_dim or in_shape for {type(net).__name__} "
                          f"(the shape of one example, e.g. the width of the input rows)")
-    params, state, _ = net.init(key, in_shape, dtype=dtype)
+    params, state = _initialised(net, key, in_shape, dtype)
     map_leaves(net, lambda layer, p, frozen: check_structure(layer, p), params)
     return params, state
+
+
+def _initialised(net: Any, key: jax.Array, in_shape: Any, dtype: Any) -> tuple[PyTree, PyTree]:
+    """net.init's (params, state), as one compiled program when the network can be hashed: every draw,
+    slice and zero of the network compiles together instead of one small program per operation (the
+    first-step latency: benchmarks/README.md, "Compile time"). The same values either way."""
+    try:
+        program = _init_program(net, in_shape, dtype)
+    except TypeError:  # a layer holding arrays (or a traced rate) cannot be a static argument
+        return net.init(key, in_shape, dtype=dtype)[:2]
+    return program(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_program(net: Any, in_shape: Any, dtype: Any) -> Callable[[jax.Array], tuple[PyTree, PyTree]]:
+    return jax.jit(lambda key: net.init(key, in_shape, dtype=dtype)[:2])
 
 
 def forward(net: Any, params: PyTree, state: PyTree, x: jax.Array, train: bool = False,

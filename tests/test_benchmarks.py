@@ -122,6 +122,25 @@ def test_capture_benchmark_smoke_mode_runs_every_contender(tmp_path):
         assert every["output_MiB"] > one["output_MiB"] > results[model]["purenet value_and_grad"]["output_MiB"]
 
 
+@pytest.mark.slow
+def test_compile_time_benchmark_counts_the_programs_an_example_compiles(tmp_path):
+    path = tmp_path / "results.json"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "train_digits", "--fast", "--json", str(path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(path.read_text())["train_digits"]
+    assert row["programs"] == sum(n for _, n, _ in row["by_program"]) > 0
+    assert 0 < row["compile_s"] < row["wall_s"]
+
+
+@pytest.mark.slow
+def test_first_step_benchmark_smoke_mode_times_every_installed_contender(tmp_path):
+    results = _smoke_results("benchmarks.first_step", tmp_path)
+    assert {"purenet", "PyTorch eager"} <= set(results["contenders"])
+    for row in results["contenders"].values():
+        assert row["first_step_s"]["median"] > 0 and row["process_s"]["median"] > row["build_s"]["median"]
+
+
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
