@@ -259,7 +259,7 @@ def _listed(net: LayerLike, params: PyTree, factors: "Factors") -> list:
     except (TypeError, KeyError, IndexError, ValueError, AttributeError) as e:
         raise ValueError(f"these factors were not fitted on this network: their blocks do not follow its layers "
                          f"({type(e).__name__}: {e})") from None
-    listed = [found.get(i) for i in range(len(expected))]
+    listed: list[Any] = [found.get(i) for i in range(len(expected))]
 
     def keys(d):
         return sorted(d) if isinstance(d, dict) and all(isinstance(v, Block) for v in d.values()) else d
@@ -605,7 +605,7 @@ def fit(net: LayerLike, params: PyTree, state: PyTree, data: tuple[Array, Any],
     blocks = [{k: Block() for k in d} for d in layout]
     path = None if checkpoint is None else os.fspath(checkpoint)
     resumed = path is not None and os.path.exists(path)
-    if resumed:
+    if path is not None and resumed:
         blocks = _resumed(path, net, params, {"method": method, "fisher": fisher, "loss": name, "examples": n})
 
     def key_of(i: int) -> Array | None:

@@ -304,7 +304,7 @@ class Wrapper(Container):
 
     def with_children(self, children: tuple | list) -> "Wrapper":
         (block,) = children
-        return dataclasses.replace(self, block=block)
+        return dataclasses.replace(self, block=block)  # type: ignore[type-var]  # subclasses are dataclasses
 
     def decode_init(self, params: PyTree, batch: int, length: int) -> PyTree:
         return decode_init(self.block, params, batch, length)
