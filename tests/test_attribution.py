@@ -222,8 +222,19 @@ def test_integrated_gradients_equal_captum_in_float64(captum64, model, method):
 def test_integrated_gradients_defaults_are_captums(captum64):
     """No baseline, steps and method given: zeros, 50 Gauss-Legendre points, on both sides."""
     net, params, state, x, twin, xt = _case("cnn")
-    got = pn.attribution.integrated_gradients(net, params, state, x, 1)
+    got = _jitted(pn.attribution.integrated_gradients, net, params, state, x, 1)
     _close(got, _from_torch(captum_attr.IntegratedGradients(twin).attribute(xt, target=1)))
+
+
+def test_unpatched_captum_differs_by_its_float32_rule_only():
+    """Captum as installed (alphas and step sizes rounded to float32) against our float64 rule: the
+    difference is that rounding, ~1e-8 relative, far above float64's 1e-16 and far below float32's."""
+    net, params, state, x, twin, xt = _case("cnn")
+    got = _jitted(pn.attribution.integrated_gradients, net, params, state, x, 1, steps=9, method="riemann_middle")
+    want = _from_torch(captum_attr.IntegratedGradients(twin).attribute(xt, target=1, n_steps=9,
+                                                                       method="riemann_middle"))
+    rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    assert 1e-12 < rel < 1e-7, rel
 
 
 @pytest.mark.parametrize("method", pn.attribution.METHODS[:4])

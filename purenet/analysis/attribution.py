@@ -52,7 +52,7 @@ from purenet.layers.traversal import is_container, layer_paths
 from purenet.losses import Loss
 from purenet.network import input_grad, output_head
 
-__all__ = ["METHODS", "grad_cam", "head_attribution", "integrated_gradients", "quadrature", "saliency"]
+__all__ = ["saliency", "integrated_gradients", "quadrature", "METHODS", "grad_cam", "head_attribution"]
 
 PyTree = Any
 Array = jax.Array
