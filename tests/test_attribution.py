@@ -152,6 +152,7 @@ def _close(got, want, tol=TOL):
     assert got.shape == want.shape, (got.shape, want.shape)
     scale = max(float(np.max(np.abs(want))), 1e-300)
     err = float(np.max(np.abs(got - want)))
+    print(f"max |difference| {err:.1e}, relative {err / scale:.1e}")
     assert err <= tol * scale, f"max |difference| {err:.3e}, relative {err / scale:.3e}"
     return err / scale
 
