@@ -84,7 +84,7 @@ def main():
     parser.add_argument("--data", default=os.environ.get("PURENET_MNIST", str(DEFAULT)))
     parser.add_argument("--epochs", type=int, default=epochs(3, fast=1))
     parser.add_argument("--train", type=int, default=8000)
-    parser.add_argument("--held-out", type=int, default=500, help="images explained (a multiple of 100)")
+    parser.add_argument("--held-out", type=int, default=500, help="held-out images explained (100 per call)")
     parser.add_argument("--show", type=int, default=6, help="digits shown in the figure")
     parser.add_argument("--delete", type=float, default=0.05, help="fraction of pixels blanked")
     parser.add_argument("--seed", type=int, default=0)

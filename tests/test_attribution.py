@@ -429,6 +429,9 @@ def test_head_attribution_equals_autodiff_of_a_scale_on_each_head(kind):
     want = per_example({p: jnp.ones((BATCH, heads[p])) for p in paths})
     for p in paths:
         _close(got[p], want[p])
+    one = _jitted(pn.attribution.head_attribution, net, params, state, x, t, position=position, layers=paths[-1])
+    assert list(one) == paths[-1:]
+    np.testing.assert_array_equal(one[paths[-1]], got[paths[-1]])
 
 
 # ---------------------------------------------------------------- jit, traced targets
@@ -493,6 +496,8 @@ def test_errors_name_the_problem():
         A.head_attribution(net, params, state, x, 0)
     with pytest.raises(ValueError, match=r"the layer at \(0,\) is Conv2D, not a pn.MultiHeadAttention"):
         A.head_attribution(net, params, state, x, 0, layers=[(0,)])
+    with pytest.raises(TypeError, match="layers is None, a path or a list of paths"):
+        A.head_attribution(net, params, state, x, 0, layers="attention")
     with pytest.raises(ValueError, match=r"baseline's shape \(2, 3\) is not x's \(2, 4\)"):
         A.head_attribution(gnet, gparams, gstate, ids, 0, baseline=np.zeros((2, 3), np.int32))
     with pytest.raises(ValueError, match="position 4 is out of range for a sequence of 4"):  # found in tracing

@@ -415,7 +415,8 @@ def head_attribution(net: Any, params: PyTree, state: PyTree, x: Array, target: 
         target: the class (token) explained: an int or (batch,) ints,
             concrete or traced.
         layers: the attention layers: None (the default) for every
-            `pn.MultiHeadAttention` in the network, or a list of paths.
+            `pn.MultiHeadAttention` in the network, one path, or a list of
+            paths (`pn.layer_paths(net)` lists them).
         position: the position scored in a sequence output (default -1, the
             last); unused for an output (batch, classes).
         baseline: None (zero ablation) or an input of x's shape whose head
@@ -428,7 +429,8 @@ def head_attribution(net: Any, params: PyTree, state: PyTree, x: Array, target: 
         ValueError: if a path names no layer or a layer that is not
             `pn.MultiHeadAttention`, the network has none, the baseline's
             shape is not x's, or position is out of range.
-        TypeError: if a path is not a tuple of ints or target is not integer.
+        TypeError: if `layers` is not None, a path or a list of paths, or
+            target is not integer.
     """
     what = "pn.attribution.head_attribution"
     body, bparams, bstate = _logits_net(net, params, state)
@@ -437,9 +439,10 @@ def head_attribution(net: Any, params: PyTree, state: PyTree, x: Array, target: 
         if not paths:
             raise ValueError(f"{what}: the network has no pn.MultiHeadAttention layer")
     else:
-        if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
-            raise TypeError(f"{what}: layers is None or a list of paths, got {layers!r}")
-        paths = [_as_path(p, what) for p in layers]
+        if isinstance(layers, str) or not isinstance(layers, (int, tuple, list)):
+            raise TypeError(f"{what}: layers is None, a path or a list of paths, got {layers!r}")
+        one = isinstance(layers, int) or all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        paths = [_as_path(layers, what)] if one else [_as_path(p, what) for p in layers]
         for p in paths:
             if not isinstance(_layer_at(net, body, p, what), MultiHeadAttention):
                 raise ValueError(f"{what}: the layer at {p} is {type(dict(layer_paths(net))[p]).__name__}, not a "
