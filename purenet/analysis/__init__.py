@@ -12,9 +12,12 @@ handwritten backward.
                                                       from one pass; hooks that change the backward
     pn.influence                                      influence.py: influence functions (identity, diagonal,
                                                       K-FAC, EK-FAC), kronfluence's conventions
+    pn.attribution                                    attribution.py: saliency, integrated gradients,
+                                                      Grad-CAM, attention heads (Captum's conventions)
 """
 from purenet.analysis import curvature, per_example, stats, diagnostics, interop  # noqa: I001 (dependency order)
 from purenet.analysis import influence  # after curvature and kfac, which it reads
 from purenet.analysis import capture
+from purenet.analysis import attribution  # on capture
 
-__all__ = ["capture", "curvature", "diagnostics", "influence", "interop", "per_example", "stats"]
+__all__ = ["attribution", "capture", "curvature", "diagnostics", "influence", "interop", "per_example", "stats"]
