@@ -73,8 +73,8 @@ from purenet.layers.roles import layer_roles
 from purenet.layers.sequential import Sequential, _reraise_in_layer
 from purenet.layers.traversal import PLAIN, is_container, walk
 
-__all__ = ["Feedback", "RULES", "RuleSequential", "backprop", "direct_feedback_alignment", "feedback_alignment",
-           "sign_symmetry"]
+__all__ = ["Feedback", "FeedbackCache", "RULES", "RuleSequential", "backprop", "direct_feedback_alignment",
+           "feedback_alignment", "init_std", "sign_symmetry"]
 
 # rule -> its name in messages
 RULES = {"fa": "feedback alignment", "usf": "sign symmetry (uSF)", "frsf": "sign symmetry (frSF)",
