@@ -1,6 +1,7 @@
 """purenet: neural networks as pure JAX functions with handwritten, verified gradients."""
 from purenet import distributed, initializers, losses, metrics, optim, xla_flags
-from purenet.analysis import attribution, curvature, diagnostics, influence, interop, per_example, stats
+from purenet.analysis import (attribution, curvature, diagnostics, influence, interop, learning_rules, per_example,
+                              stats)
 from purenet.data import augment, datasets, shuffle
 from purenet.io import checkpoint, compile_cache
 from purenet.io.checkpoint import CheckpointError, load, save
@@ -54,7 +55,8 @@ __all__ = [
     "make_step", "sweep", "train", "train_epoch",
     # modules and checkpoints
     "CheckpointError", "attribution", "augment", "checkpoint", "compile_cache", "datasets", "diagnostics", "distributed",
-    "enable_compilation_cache", "influence", "initializers", "interop", "load", "losses", "metrics", "optim", "save",
+    "enable_compilation_cache", "influence", "initializers", "interop", "learning_rules", "load", "losses", "metrics",
+    "optim", "save",
     "schedules", "shuffle", "stats", "training", "xla_flags",
     # the packages behind them: the traversal's analyses, data, weights and runs in and out, models
     "analysis", "data", "io", "models",

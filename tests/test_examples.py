@@ -78,6 +78,8 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
     slow("kfac_mnist.py", IMAGES, ["held-out accuracy per epoch", "K-FAC step / Adam step"]),
     slow("influence_mnist.py", IMAGES, ["AUC for finding flipped labels", "EK-FAC scores"]),
     slow("attribution_mnist.py", IMAGES, ["integrated gradients' completeness", "deletion test", "Grad-CAM"]),
+    slow("learning_rules_mnist.py", IMAGES, ["| rule | MLP error % (gap to BP)", "CNN: from best to worst",
+                                             "biotorch, MNIST LeNet"]),
     slow("shakespeare_gpt.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
     slow("shakespeare_lstm.py", SHAKESPEARE, ["vocabulary 65", "validation loss", "sample (temperature 0.8)"]),
     slow("long_context.py", SHAKESPEARE, ["compiled temporary memory", "Training at context 128, blockwise",

@@ -10,6 +10,8 @@ handwritten backward.
                                                       module allowed custom_vjp and jvp)
     pn.capture, pn.hooked                             capture.py: every layer's input, output and gradients
                                                       from one pass; hooks that change the backward
+    pn.learning_rules                                 learning_rules.py: feedback alignment, sign symmetry,
+                                                      direct feedback alignment (feedback other than W^T)
     pn.influence                                      influence.py: influence functions (identity, diagonal,
                                                       K-FAC, EK-FAC), kronfluence's conventions
     pn.attribution                                    attribution.py: saliency, integrated gradients,
@@ -19,5 +21,7 @@ from purenet.analysis import curvature, per_example, stats, diagnostics, interop
 from purenet.analysis import influence  # after curvature and kfac, which it reads
 from purenet.analysis import capture
 from purenet.analysis import attribution  # on capture
+from purenet.analysis import learning_rules  # after capture, whose taps it sees through
 
-__all__ = ["attribution", "capture", "curvature", "diagnostics", "influence", "interop", "per_example", "stats"]
+__all__ = ["attribution", "capture", "curvature", "diagnostics", "influence", "interop", "learning_rules",
+           "per_example", "stats"]

@@ -31,6 +31,7 @@ from purenet import losses
 from purenet._checks import check_float_input
 from purenet.layers.base import Array, LayerLike, PyTree
 from purenet.layers.roles import decay_mask, id_layer
+from purenet.layers.traversal import layer_paths
 from purenet.network import _body_trees, _full_trees, _prepare, value_and_grad
 
 __all__ = ["as_function", "ggn_vp", "hvp"]
@@ -123,6 +124,17 @@ def _bridge(net):
 
 # ---------------------------------------------------------------- curvature
 
+def _refuse_learning_rules(net: Any, what: str) -> None:
+    """A network trained by a learning rule (`pn.learning_rules`) has a backward that is not its loss's
+    gradient, so the curvature built on that backward would silently be something else."""
+    for path, layer in layer_paths(net):
+        rule = getattr(layer, "learning_rule", None)
+        if rule:
+            raise ValueError(f"{what}: the network at {path} learns by {rule}, whose backward is the rule's update, "
+                             f"not the loss's gradient; take the curvature of the plain network "
+                             f"(pn.learning_rules.backprop(net, state)) with the same params")
+
+
 def _tangent(params, v):
     """v checked against params (same key paths and shapes), in params' dtypes."""
     p_leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -172,10 +184,12 @@ def hvp(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, v: PyTr
 
     Raises:
         ValueError: if `v` does not have params' structure and leaf shapes; if `loss` is not
-            a registered name or a `pn.Loss`; if `x` has no batch axis or is empty.
+            a registered name or a `pn.Loss`; if `x` has no batch axis or is empty; if the
+            network learns by a rule other than backprop (`pn.learning_rules`).
         TypeError: if `x` is not floating point (integer ids for a network that starts with
             an Embedding).
     """
+    _refuse_learning_rules(net, "pn.hvp")
     v = _tangent(params, v)
 
     def grad(p):
@@ -221,10 +235,12 @@ def ggn_vp(net: LayerLike, params: PyTree, state: PyTree, x: Array, y: Any, v: P
 
     Raises:
         ValueError: if `v` does not have params' structure and leaf shapes; if `loss` is not
-            a registered name or a `pn.Loss`; if `x` has no batch axis or is empty.
+            a registered name or a `pn.Loss`; if `x` has no batch axis or is empty; if the
+            network learns by a rule other than backprop (`pn.learning_rules`).
         TypeError: if `x` is not floating point (integer ids for a network that starts with
             an Embedding).
     """
+    _refuse_learning_rules(net, "pn.ggn_vp")
     v = _tangent(params, v)
     check_float_input(x, ids=id_layer(net))
     body, fused, loss_fn = _prepare(net, loss)
