@@ -74,6 +74,8 @@ PROTOCOL: dict[str, Name] = {
     "second_derivative": Name("declaration", "second_derivative(cache) -> g''(a) for an elementwise h = g(a)"),
     "mixes_examples": Name("declaration", "True: the output row of one example reads other examples (BatchNorm "
                                           "in training): no per-example gradient, refused by DP-SGD"),
+    "learning_rule": Name("declaration", "the learning rule whose update the layer's backward gives in place of the "
+                                         "loss's gradient (pn.learning_rules): curvature and DP refuse it"),
     "in_shape": Name("declaration", "one example's shape, when the layer knows it (pn.init may omit it)"),
     "context": Name("declaration", "the longest sequence the model reads (pn.generate crops to it)"),
     # fast paths: a feature's own method on a layer, before its products' rules; each equals the generic
