@@ -50,7 +50,7 @@ def listen(event, seconds, **kw):
         events.append((names[event], kw.get("fun_name", "?"), seconds))
 jax.monitoring.register_event_duration_secs_listener(listen)
 sys.argv = [{script!r}]
-sys.path.insert(0, {folder!r})
+sys.path[:0] = [{folder!r}, {root!r}]  # the example's folder, and this tree's purenet
 try:
     runpy.run_path({script!r}, run_name="__main__")
 finally:
@@ -64,7 +64,7 @@ def measure(example: str, fast: bool, cache: str | None) -> dict:
     script = ROOT / "examples" / f"{example}.py"
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "events.json")
-        boot = _BOOT.format(events_map=EVENTS, script=str(script), folder=str(script.parent), out=out)
+        boot = _BOOT.format(events_map=EVENTS, script=str(script), folder=str(script.parent), root=str(ROOT), out=out)
         env = dict(os.environ, MPLBACKEND="Agg")
         env.pop("PURENET_FAST", None)
         if fast:
