@@ -70,7 +70,7 @@ from purenet.layers.base import Array, Layer, PyTree, Static, Visit, as_shape
 from purenet.layers.conv import Conv2D
 from purenet.layers.dense import Dense
 from purenet.layers.roles import layer_roles
-from purenet.layers.sequential import Sequential, _reraise_in_layer
+from purenet.layers.sequential import Sequential
 from purenet.layers.traversal import PLAIN, is_container, walk
 
 __all__ = ["Feedback", "FeedbackCache", "RULES", "RuleSequential", "backprop", "direct_feedback_alignment",
@@ -308,20 +308,12 @@ class RuleSequential(Sequential):
         shape = self.in_shape if in_shape is None else as_shape(in_shape)
         if shape is None:
             raise ValueError("RuleSequential.init needs in_shape (the shape of one example, e.g. its width)")
-        params, states, shapes = [], [], [shape]
-        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, max(len(self.layers), 1)))):
-            try:
-                p, s, shape = layer.init(k, shape, dtype=dtype)
-            except (ValueError, TypeError) as e:
-                _reraise_in_layer(e, i, layer)
-            shape = as_shape(shape, "out_shape")
+        params, states, shapes = self._init_each(key, shape, dtype)
+        for i, (layer, p) in enumerate(zip(self.layers, params)):
             _check_covered(i, _core(layer), p, RULES[self.rule])
-            params.append(p)
-            states.append(s)
-            shapes.append(shape)
         if self.rule == "dfa":
             states = self._draw_direct(key, params, states, shapes)
-        return tuple(params), tuple(states), shape
+        return tuple(params), tuple(states), shapes[-1]
 
     def _draw_direct(self, key: Array, params: list, states: list, shapes: list) -> list:
         """Each Feedback layer's B_l, (|e|, |x_l|): e the last Feedback layer's output, per example."""

@@ -58,17 +58,23 @@ class Sequential(Container):
     def init(self, key: Array, in_shape: Any = None, dtype: Any = None) -> tuple[PyTree, PyTree, tuple[int, ...]]:
         shape = self.in_shape if in_shape is None else as_shape(in_shape)
         if shape is None:
-            raise ValueError("Sequential.init needs in_shape (the shape of one example, e.g. its width)")
-        params, states = [], []
+            raise ValueError(f"{type(self).__name__}.init needs in_shape (the shape of one example, e.g. its width)")
+        params, states, shapes = self._init_each(key, shape, dtype)
+        return tuple(params), tuple(states), shapes[-1]
+
+    def _init_each(self, key: Array, shape: tuple, dtype: Any) -> tuple[list, list, list]:
+        """Each layer's params and state, in order, and the shapes between them (the input's first)."""
+        params, states, shapes = [], [], [shape]
         for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, max(len(self.layers), 1)))):
             try:
                 p, s, shape = layer.init(k, shape, dtype=dtype)
             except (ValueError, TypeError) as e:
                 _reraise_in_layer(e, i, layer)
-            shape = as_shape(shape, "out_shape")
+            shapes.append(as_shape(shape, "out_shape"))
+            shape = shapes[-1]
             params.append(p)
             states.append(s)
-        return tuple(params), tuple(states), shape
+        return params, states, shapes
 
     def _check(self, tree, what):
         if not isinstance(tree, (tuple, list)) or len(tree) != len(self.layers):
