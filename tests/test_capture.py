@@ -122,16 +122,20 @@ def _close(got, want, tol=1e-10):
 
 
 def _check_records(net, params, state, x, y, loss="cross_entropy", train=False, key=None, l2=0.0):
-    rec = pn.capture(net, params, state, x, y, loss=loss, train=train, key=key, l2=l2)
-    value, grads, new_state = pn.value_and_grad(net, params, state, x, y, loss=loss, train=train, key=key, l2=l2)
+    """pn.capture against pn.value_and_grad and the autodiff records, all in one compiled program."""
+    leaves = [p for p, layer in pn.layer_paths(net) if not is_container(layer)]
+    by_path = dict(pn.layer_paths(net))  # GPT's ends are run by GPT itself: checked by the GPT test
+    probed = [p for p in leaves if not _fused_head(net, loss, p) and not hasattr(by_path[p], "cached_io")]
+
+    def compared(params, state, x, y, key):
+        rec = pn.capture(net, params, state, x, y, loss=loss, train=train, key=key, l2=l2)
+        plain = pn.value_and_grad(net, params, state, x, y, loss=loss, train=train, key=key, l2=l2)
+        return rec, plain, _reference_records(net, params, state, x, y, loss, probed, train, key)
+    rec, (value, grads, new_state), want = jax.jit(compared)(params, state, x, y, key)
     _close(rec.value, value)
     _close(rec.grads, grads)
     _close(rec.state, new_state)
-    leaves = [p for p, layer in pn.layer_paths(net) if not is_container(layer)]
     assert list(rec.layers) == leaves
-    by_path = dict(pn.layer_paths(net))  # GPT's ends are run by GPT itself: checked by the GPT test
-    probed = [p for p in leaves if not _fused_head(net, loss, p) and not hasattr(by_path[p], "cached_io")]
-    want = _reference_records(net, params, state, x, y, loss, probed, train, key)
     for path, r in want.items():
         got = rec.layers[path]
         _close(got.x, r.x)
@@ -151,9 +155,17 @@ def _fused_head(net, loss, path):
 # ---------------------------------------------------------------- records equal autodiff
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(net_cases(max_depth=2, compose=True, sequences=True))
 def test_records_equal_autodiff_on_composed_networks(case):
+    params, state, x, y = case.data()
+    _check_records(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(net_cases(max_depth=3, compose=True, sequences=True))
+def test_records_equal_autodiff_on_many_composed_networks(case):
     params, state, x, y = case.data()
     _check_records(case.net, params, state, x, y, loss=case.loss, l2=case.l2)
 
@@ -178,7 +190,7 @@ def _ids_case(net, T=5, vocab=11, batch=2):
     return params, state, ids, jnp.roll(ids, -1, axis=1)
 
 
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tied", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_records_on_gpt_equal_autodiff_and_the_ends_are_recorded(tied):
     net = pn.gpt(vocab_size=11, context=5, layers=1, heads=2, features=8, tie_embeddings=tied)
     params, state, ids, labels = _ids_case(net)
@@ -194,9 +206,13 @@ def test_records_on_gpt_equal_autodiff_and_the_ends_are_recorded(tied):
         pn.capture(net, params, state, ids, labels, hooks={(0, 0): lambda dy: dy})
 
 
-def test_records_on_llama_lstm_and_remat_frozen_networks():
+@pytest.mark.slow
+def test_records_on_llama():
     llama = pn.llama(vocab_size=11, context=5, layers=1, heads=2, features=8, kv_heads=1)
     _check_records(llama, *_ids_case(llama))
+
+
+def test_records_on_lstm_and_remat_frozen_networks():
     lstm = pn.Sequential([pn.LSTM(4), pn.Dense(3), pn.Softmax()], in_shape=(4, 2))
     params, state = pn.init(lstm, jax.random.key(0), dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(1), (3, 4, 2))
