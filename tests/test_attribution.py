@@ -431,7 +431,7 @@ def test_head_attribution_equals_autodiff_of_a_scale_on_each_head(kind):
         _close(got[p], want[p])
     one = _jitted(pn.attribution.head_attribution, net, params, state, x, t, position=position, layers=paths[-1])
     assert list(one) == paths[-1:]
-    np.testing.assert_array_equal(one[paths[-1]], got[paths[-1]])
+    _close(one[paths[-1]], got[paths[-1]])  # another compiled program: equal to float64 rounding, not bit for bit
 
 
 # ---------------------------------------------------------------- jit, traced targets
