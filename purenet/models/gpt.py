@@ -181,7 +181,7 @@ class GPT(Container):
         return token, tuple(body)
 
     def _out_matrix(self, params):
-        return params["token"]["E"].T if self.tie_embeddings else params["head"]["W"]
+        return _readout(params, self.tie_embeddings)
 
     def forward(self, params: PyTree, state: PyTree, x: Array, train: bool = False,
                 key: Array | None = None) -> tuple[Array, PyTree, PyTree]:
@@ -241,6 +241,11 @@ class GPT(Container):
         return outs, tuple(None for _ in dys)
 
 
+def _readout(params: PyTree, tied: bool) -> Array:
+    """The output projection M of logits = h M: E^T when tied, else the head's W."""
+    return params["token"]["E"].T if tied else params["head"]["W"]
+
+
 @dataclasses.dataclass(frozen=True)
 class TiedEnds(Layer):
     """GPT's two ends as one leaf of the traversal: the token lookup and the output projection.
@@ -294,8 +299,7 @@ class TiedEnds(Layer):
         """((ids, h), (h0, logits)): the ends' inputs (the ids and the body's output) and outputs (the
         looked-up vectors and the logits), for `pn.capture`."""
         ids, h = cache
-        out = params["token"]["E"].T if self.tied else params["head"]["W"]
-        return (ids, h), (jnp.take(params["token"]["E"], ids, axis=0), h @ out)
+        return (ids, h), (jnp.take(params["token"]["E"], ids, axis=0), h @ _readout(params, self.tied))
 
     def backward(self, params: PyTree, cache: tuple[Array, Array], dy: Any) -> tuple[PyTree, None]:
         products, _ = structure.bound(self, params, cache, dy)
