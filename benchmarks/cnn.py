@@ -36,21 +36,30 @@ LR = 1e-3
 LENET = dict(c1=16, c2=32, hidden=128)
 
 
+def _split(impl):
+    """"first+rest" (the image layer's formulation, then every other convolution's), or one for all."""
+    first, _, rest = impl.partition("+")
+    return first, rest or first
+
+
 def lenet(impl="auto", c1=16, c2=32, hidden=128, size=28, channels=1):
-    return pn.Sequential([pn.Conv2D(c1, 5, implementation=impl), pn.ReLU(), pn.MaxPool2D(2),
-                          pn.Conv2D(c2, 5, implementation=impl), pn.ReLU(), pn.MaxPool2D(2),
+    first, rest = _split(impl)
+    return pn.Sequential([pn.Conv2D(c1, 5, implementation=first), pn.ReLU(), pn.MaxPool2D(2),
+                          pn.Conv2D(c2, 5, implementation=rest), pn.ReLU(), pn.MaxPool2D(2),
                           pn.Flatten(), pn.Dense(hidden), pn.ReLU(), pn.Dense(10), pn.Softmax()],
                          in_shape=(size, size, channels))
 
 
 def resnet(impl="auto", width=16, size=32):
-    def conv(c, k=3):
+    first, rest = _split(impl)
+
+    def conv(c, k=3, impl=rest):
         return pn.Conv2D(c, k, use_bias=False, implementation=impl)
 
     def block(c):
         return pn.Residual(pn.Sequential([conv(c), pn.BatchNorm(), pn.ReLU(), conv(c), pn.BatchNorm()]))
 
-    return pn.Sequential([conv(width), pn.BatchNorm(), pn.ReLU(), block(width), pn.ReLU(), pn.MaxPool2D(2),
+    return pn.Sequential([conv(width, impl=first), pn.BatchNorm(), pn.ReLU(), block(width), pn.ReLU(), pn.MaxPool2D(2),
                           conv(2 * width), pn.BatchNorm(), pn.ReLU(), block(2 * width), pn.ReLU(),
                           pn.GlobalAvgPool2D(), pn.Dense(10), pn.Softmax()], in_shape=(size, size, 3))
 
@@ -180,12 +189,13 @@ def torch_step(kind, batch, size, channels, compile=False, dtype="float32", **si
 def contenders(case, batch, smoke, dtype="float32"):
     """name -> builder of (step, state, data); the first, purenet (auto), is what paired ratios divide by."""
     sizes = dict(c1=4, c2=8, hidden=16) if smoke else LENET
-    impls = ("auto", "xla", "im2col")
+    # "taps+xla": the image layer's taps, as "auto" picks on the CPU; "im2col+xla": its pick before taps
+    impls = ("auto", "xla", "im2col", "taps+xla", "im2col+xla")
     if case == "lenet":
         made = {f"purenet ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, handwritten, dtype)
                 for impl in impls}
         made.update({f"jax.grad ({impl})": lambda impl=impl: purenet_step(lenet(impl, **sizes), batch, autodiff, dtype)
-                     for impl in impls[1:]})
+                     for impl in impls[1:4]})
         made["flax nnx + optax"] = lambda: flax_lenet(batch, **sizes)
         made["equinox + optax"] = lambda: equinox_lenet(batch, **sizes)
         made["pytorch eager"] = lambda: torch_step("lenet", batch, 28, 1, dtype=dtype, **sizes)
@@ -235,7 +245,7 @@ def train_steps(made, repeats, n):
 def temp_memory(smoke):
     sizes = dict(c1=4, c2=8, hidden=16) if smoke else LENET
     result = {}
-    for impl in ("xla", "im2col"):
+    for impl in ("xla", "im2col", "taps+xla"):
         net = lenet(impl, **sizes)
         params, state = pn.init(net, jax.random.key(0), dtype=jnp.float32)
         x, y = _images(64, 28, 1)

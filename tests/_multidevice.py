@@ -1,6 +1,7 @@
 """Run by test_distributed.py in a subprocess with 8 forced CPU devices.
 
-Each check prints "ok <name>"; any failure raises and exits non-zero.
+Each check prints "ok <name>"; any failure raises and exits non-zero. With the argument "light"
+(the default run), fit and DP-SGD check one network and one sampling each instead of two.
 """
 import os
 import sys
@@ -16,6 +17,7 @@ from jax.sharding import PartitionSpec  # noqa: E402
 import purenet as pn  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
+light = sys.argv[1:] == ["light"]
 mesh = pn.distributed.data_mesh()
 data = pn.datasets.digits(dtype=np.float64)
 x, y = data.x_train[:480], data.y_train[:480]
@@ -51,7 +53,7 @@ assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leav
 check("shardings")
 
 # 3. fit on 8 devices equals fit on one over 50 steps, with batch norm, dropout and a schedule
-for net in (pn.mlp([64, 32, 10], batchnorm=True, dropout=0.2), pn.mlp([64, 32, 10], hidden="tanh")):
+for net in (pn.mlp([64, 32, 10], batchnorm=True, dropout=0.2), pn.mlp([64, 32, 10], hidden="tanh"))[light:]:
     kw = dict(key=jax.random.key(2), epochs=5, batch_size=48, validation=(data.x_test, data.y_test),
               augment=pn.augment.gaussian_noise(0.05))
     opt = pn.optim.adam(pn.schedules.cosine_decay(3e-3, 50))
@@ -85,7 +87,8 @@ for call in (lambda: pn.fit(net, opt, (x, y), key=jax.random.key(0), epochs=1, b
 check("divisibility")
 
 # 6. DP-SGD on 8 devices (Poisson batches, one-pass clipping, noise) equals one device
-for dp in (pn.DPSGD(1.0, noise_multiplier=0.8), pn.DPSGD(1.0, noise_multiplier=0.8, sampling="shuffle", chunk_size=16)):
+for dp in (pn.DPSGD(1.0, noise_multiplier=0.8), pn.DPSGD(1.0, noise_multiplier=0.8, sampling="shuffle",
+                                                          chunk_size=16))[:2 - light]:
     net = pn.mlp([64, 32, 10], dropout=0.1)
     kw = dict(key=jax.random.key(4), epochs=2, batch_size=48, dp=dp)
     one = pn.fit(net, pn.optim.adam(3e-3), (x, y), **kw)

@@ -77,15 +77,15 @@ def test_cnn_benchmark_smoke_mode_runs_every_case(tmp_path):
     results = json.loads((tmp_path / "c.json").read_text())
     for key in ("lenet @ batch 8", "lenet @ batch 8 bfloat16"):  # --gpu adds bfloat16; on the CPU here
         step = results["train_step"][key]
-        for name in ("purenet (auto)", "purenet (xla)", "purenet (im2col)", "jax.grad (xla)", "jax.grad (im2col)",
-                     "pytorch eager"):
+        for name in ("purenet (auto)", "purenet (xla)", "purenet (im2col)", "purenet (taps+xla)", "jax.grad (xla)",
+                     "jax.grad (im2col)", "jax.grad (taps+xla)", "pytorch eager"):
             assert step[name]["median_s"] > 0, (key, name)
         assert step["purenet (auto)"]["paired_vs_first"] == 1.0
     if importlib.util.find_spec("flax"):  # an optional peer (not in the test extras): float32 rows only
         assert "flax nnx + optax" in results["train_step"]["lenet @ batch 8"]
         assert "flax nnx + optax" not in results["train_step"]["lenet @ batch 8 bfloat16"]
-    assert set(results["temp_memory_MiB"]) == {"purenet (xla)", "jax.grad (xla)", "purenet (im2col)",
-                                               "jax.grad (im2col)"}
+    assert set(results["temp_memory_MiB"]) == {f"{name} ({impl})" for name in ("purenet", "jax.grad")
+                                               for impl in ("xla", "im2col", "taps+xla")}
     assert results["epoch"]["purenet scan"]["median_s"] > 0
     assert results["per_example_norms"]["vmap(jax.grad)"]["temp_MiB"] > 0
 

@@ -12,7 +12,7 @@ import purenet as pn
 from tests.conftest import scaled
 from purenet.testing import check_per_example, net_cases
 
-IMPLS = ["im2col", "xla"]
+IMPLS = ["im2col", "xla", "taps"]
 KERNELS = st.sampled_from([1, 2, 3, (2, 3), (3, 1)])
 PADDINGS = st.sampled_from(["SAME", "VALID", 1, ((0, 2), (1, 0))])
 
@@ -100,21 +100,26 @@ def test_conv_per_example_paths_in_chunks_equal_the_generic_default(out_channels
     chex.assert_trees_all_close((dx, dx2), (dx_ref, dx_ref), rtol=1e-12, atol=1e-12)
 
 
-def test_both_formulations_agree_and_auto_picks_one():
+def test_the_formulations_agree_and_auto_picks_one():
     x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
-    a, b, auto = (pn.Conv2D(5, 3, strides=2, implementation=i) for i in ("im2col", "xla", "auto"))
+    a, b, t, auto = (pn.Conv2D(5, 3, strides=2, implementation=i) for i in ("im2col", "xla", "taps", "auto"))
     params, _, _ = a.init(jax.random.key(1), x.shape[1:])
-    (ya, _, ca), (yb, _, cb), (yc, _, _) = (layer.forward(params, {}, x) for layer in (a, b, auto))
+    (ya, _, ca), (yb, _, cb), (yt, _, ct), (yc, _, _) = (layer.forward(params, {}, x) for layer in (a, b, t, auto))
     np.testing.assert_allclose(ya, yb, rtol=1e-12)
+    np.testing.assert_allclose(yt, yb, rtol=1e-12)
     np.testing.assert_allclose(yc, yb, rtol=1e-12)
     dy = jax.random.normal(jax.random.key(2), ya.shape)
     chex.assert_trees_all_close(a.backward(params, ca, dy), b.backward(params, cb, dy), rtol=1e-12)
-    if jax.default_backend() == "cpu":  # auto: im2col (patches cached) for <= 3 channels, xla (x cached) above
-        _, _, rgb = auto.forward(params, {}, x)
-        assert rgb.inputs.shape == (2, 5, 4, 27)
+    chex.assert_trees_all_close(t.backward(params, ct, dy), b.backward(params, cb, dy), rtol=1e-12)
+    if jax.default_backend() == "cpu":
+        # auto: taps (x cached) up to kh kw C = 32, im2col (patches cached) for <= 3 channels, xla (x cached) above
+        assert auto._impl(params["W"]) == "taps" and auto.forward(params, {}, x)[2].inputs.shape == x.shape
+        wide = pn.Conv2D(5, 5, strides=2)
+        p5, _, _ = wide.init(jax.random.key(1), x.shape[1:])
+        assert wide._impl(p5["W"]) == "im2col" and wide.forward(p5, {}, x)[2].inputs.shape == (2, 5, 4, 75)
         x4 = jnp.concatenate([x, x[..., :1]], axis=-1)
         p4, _, _ = auto.init(jax.random.key(1), x4.shape[1:])
-        assert auto.forward(p4, {}, x4)[2].inputs.shape == x4.shape
+        assert auto._impl(p4["W"]) == "xla" and auto.forward(p4, {}, x4)[2].inputs.shape == x4.shape
 
 
 def test_conv_initializers_count_the_receptive_field_as_jax_does():

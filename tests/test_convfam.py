@@ -51,7 +51,7 @@ def test_conv1d_backward_matches_autodiff(data):
     layer = pn.Conv1D(data.draw(st.sampled_from([1, 3])), data.draw(st.sampled_from([1, 2, 3])),
                       strides=data.draw(st.sampled_from([1, 2])), padding=data.draw(st.sampled_from(CONV1D_PADDINGS)),
                       dilation=data.draw(st.sampled_from([1, 2])), use_bias=data.draw(st.booleans()),
-                      implementation=data.draw(st.sampled_from(["im2col", "xla"])))
+                      implementation=data.draw(st.sampled_from(["im2col", "xla", "taps"])))
     x = _normal(data, (data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([5, 8])),
                        data.draw(st.sampled_from([1, 2]))))
     try:
@@ -61,7 +61,7 @@ def test_conv1d_backward_matches_autodiff(data):
     assert pn.check_grads(layer, x).ok
 
 
-@pytest.mark.parametrize("impl", ["im2col", "xla"])
+@pytest.mark.parametrize("impl", ["im2col", "xla", "taps"])
 @pytest.mark.parametrize("kernel,strides,padding,dilation", [(3, 1, "SAME", 1), (3, 2, 1, 2), (2, 1, "CAUSAL", 3),
                                                              (4, 3, "VALID", 1)])
 def test_conv1d_equals_torch(kernel, strides, padding, dilation, impl):

@@ -17,7 +17,8 @@ from purenet.layers.base import Array, Layer, PyTree, Static, as_shape
 from purenet.layers.defaults import feature_split
 from purenet.layers.structure import Convolution
 from purenet.layers.windows import (Geometry, check_images, conv_dw, conv_dx, conv_nhwc, geometry, image_shape, is_int,
-                                    pad, padding_config, pair, patches, per_example_tap_grad, tap_dot, tap_slices, untap)
+                                    pad, padding_config, pair, patches, per_example_tap_grad, tap_dot, tap_slices, tap_sum,
+                                    untap)
 from purenet.layers.pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 
 __all__ = [
@@ -25,9 +26,12 @@ __all__ = [
     "geometry", "in_chunks", "patches", "per_example_taps", "tap_slices", "tap_sq_norms", "taps", "untap",
 ]
 
-IMPLEMENTATIONS = ("auto", "im2col", "xla")
+IMPLEMENTATIONS = ("auto", "im2col", "taps", "xla")
 # What Conv2D(implementation="auto") runs, per backend, from benchmarks/cnn.py (see Conv2D's docstring).
 _FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+# "auto" on the CPU runs the "taps" forward up to this many multiply-adds per output (kh kw C); measured
+# in benchmarks/README.md ("CNN train step": 25 and 27 faster than im2col and xla, 72 and 75 slower).
+TAPS_MAX_TERMS = 32
 # Examples per chunk of the per-example convolution paths (per-example gradients and norms), per
 # backend; absent: the whole batch at once. On the CPU a whole batch's per-tap slices and products no
 # longer fit in the caches, and chunks of 16 were the fastest (measured in benchmarks/README.md,
@@ -59,16 +63,21 @@ class Conv2D(Layer):
         dL/db = sum g
         dL/dx = col2im(g W2^T)        (each pixel collects from every window it falls in)
 
-    Two formulations compute these, both tested against autodiff and PyTorch:
+    Three formulations compute these, all tested against autodiff and PyTorch:
     "xla" (lax.conv_general_dilated, and for the backward XLA's own
     transposes: dx is dy, dilated by the strides, convolved with the
     spatially flipped kernel; dW is x convolved with dy, batch and channels
-    swapped; all three spelled in NHWC / HWIO, see `conv_nhwc`) and "im2col"
-    (the products above on explicit patches). "auto" (the default) picks
-    per backend what measured fastest (benchmarks/cnn.py): xla, except on
-    the CPU for inputs of at most 3 channels, where im2col's patches are
-    small and XLA's convolution of few channels slow (benchmarks/README.md,
-    section "CNN train step"). Autodiff's layouts for the two
+    swapped; all three spelled in NHWC / HWIO, see `conv_nhwc`), "im2col"
+    (the products above on explicit patches) and "taps" (the forward as
+    kh kw C broadcast multiply-adds, y = sum_{tap, c} S_tap[..., c] W[tap, c],
+    which XLA fuses into one loop; the backward xla's). "auto" (the
+    default) picks per backend what measured fastest (benchmarks/cnn.py):
+    xla, except on the CPU for few input channels: taps where kh kw C <=
+    `TAPS_MAX_TERMS` (a LeNet's first 5x5 convolution of one channel: its
+    forward 0.74 ms against im2col's 1.80 and xla's 3.18), else im2col for
+    inputs of at most 3 channels, where the patches are small and XLA's
+    convolution of few channels slow (benchmarks/README.md, section "CNN
+    train step"). Autodiff's layouts for the two
     transposes run far slower inside a `lax.scan` on XLA:CPU; spelled in
     the forward's layout they do not, so a scanned epoch keeps the step's speed.
 
@@ -82,7 +91,7 @@ class Conv2D(Layer):
         init: the name of W's initializer (`purenet.initializers`), default
             "he_normal"; the bias starts at zero.
         use_bias: True (the default) to add a bias b (features,).
-        implementation: "auto" (the default), "xla" or "im2col" (see above).
+        implementation: "auto" (the default), "xla", "im2col" or "taps" (see above).
         initializer: the same as `init` under the field's name (keyword only;
             `dataclasses.replace` passes it); it wins when given.
 
@@ -136,11 +145,14 @@ class Conv2D(Layer):
 
     def _impl(self, W):
         """The formulation this layer runs: its own, or for "auto" `_FASTEST` on this backend,
-        except im2col on the CPU for inputs of at most 3 channels (images), where the patches
-        are small and XLA's convolution slow (benchmarks/cnn.py)."""
+        except on the CPU for few input channels: taps up to `TAPS_MAX_TERMS` multiply-adds per
+        output, else im2col for at most 3 channels (images), where the patches are small and
+        XLA's convolution slow (benchmarks/cnn.py)."""
         if self.implementation != "auto":
             return self.implementation
         backend = jax.default_backend()
+        if backend == "cpu" and W.shape[0] * W.shape[1] * W.shape[2] <= TAPS_MAX_TERMS:
+            return "taps"
         if backend == "cpu" and W.shape[2] <= 3:
             return "im2col"
         return _FASTEST.get(backend, "xla")
@@ -163,9 +175,11 @@ class Conv2D(Layer):
             raise ValueError(f"{self} expects {W.shape[2]} input channels (W has shape {W.shape}), "
                              f"got x of shape {x.shape}")
         g = self._geometry(x.shape[1:3])
-        if self._impl(W) == "xla":
+        impl, inputs = self._impl(W), x
+        if impl == "xla":
             y = conv_nhwc(x, W, g.strides, g.pads, rhs_dilation=g.dilation)
-            inputs = x
+        elif impl == "taps":
+            y = tap_sum(x, W, g)
         else:
             inputs = patches(x, g)
             y = inputs @ W.reshape(-1, W.shape[-1])
@@ -176,7 +190,7 @@ class Conv2D(Layer):
     def backward(self, params: PyTree, cache: PyTree, dy: Array) -> tuple[PyTree, Array]:
         W = params["W"]
         g = self._geometry(cache.in_hw.value)
-        if self._impl(W) == "xla":
+        if self._impl(W) != "im2col":
             dW = conv_dw(cache.inputs, dy, g)
         else:
             p2, dy2 = cache.inputs.reshape(-1, cache.inputs.shape[-1]), dy.reshape(-1, dy.shape[-1])
@@ -187,7 +201,7 @@ class Conv2D(Layer):
         return grads, self._dx(W, cache, dy, g)
 
     def _dx(self, W, cache, dy, g):
-        if self._impl(W) == "xla":
+        if self._impl(W) != "im2col":
             return conv_dx(dy, W, g)
         dp = lax.dot_general(dy, W.reshape(-1, W.shape[-1]), (((3,), (1,)), ((), ())))  # g W2^T
         c = W.shape[2]
@@ -211,7 +225,7 @@ class Conv2D(Layer):
 
 
 def taps(conv: "Conv2D", W: Array, cache: PyTree, g: Geometry) -> list[Array]:
-    """Each tap's (N, Ho, Wo, C) input slice: cut from the cached patches (im2col), else from x."""
+    """Each tap's (N, Ho, Wo, C) input slice: cut from the cached patches (im2col), else from x (xla, taps)."""
     if conv._impl(W) == "im2col":
         p, n = cache.inputs, len(g.taps())
         c = p.shape[-1] // n
@@ -228,9 +242,14 @@ def conv_patches(conv: "Conv2D", W: Array, cache: PyTree) -> Array:
 
 def per_example_taps(conv: "Conv2D", W: Array, cache: PyTree, dy: Array) -> tuple[list[Array], Geometry]:
     """Example i's weight gradient by tap, dW_i[tap] = S_tap,i^T g_i, (N, C, F) each, S_tap the
-    input slice the tap reads. From x (xla) one tap at a time, so no patches are formed; from
-    cached patches (im2col) in one product P_i^T g_i, cut by tap."""
+    input slice the tap reads. From x (xla) one tap at a time, so no patches are formed; from x
+    (taps: few channels) the slices stacked in one product; from cached patches (im2col) in one
+    product P_i^T g_i, cut by tap."""
     g = conv._geometry(cache.in_hw.value)
+    if conv._impl(W) == "taps":  # the slices stacked taps first (contiguous writes), in one product
+        stacked = jnp.stack(tap_slices(pad(cache.inputs, g), g))  # (T, N, Ho, Wo, C)
+        dw = lax.dot_general(stacked, dy, (((2, 3), (1, 2)), ((1,), (0,))))  # (N, T, C, F)
+        return [dw[:, t] for t in range(len(g.taps()))], g
     if conv._impl(W) == "im2col":
         n, c = dy.shape[0], W.shape[2]
         p, d = cache.inputs.reshape(n, -1, cache.inputs.shape[-1]), dy.reshape(n, -1, dy.shape[-1])
@@ -332,7 +351,7 @@ class Conv1D(Layer):
         init: the name of W's initializer (`purenet.initializers`), default
             "he_normal"; the bias starts at zero.
         use_bias: True (the default) to add a bias b (features,).
-        implementation: "auto" (the default), "xla" or "im2col", as Conv2D's.
+        implementation: "auto" (the default), "xla", "im2col" or "taps", as Conv2D's.
         initializer: the same as `init` under the field's name (keyword only;
             `dataclasses.replace` passes it); it wins when given.
 

@@ -194,7 +194,7 @@ def _conv_nets(depth, out_width, output, init, batchnorm):
         layers, shape = [], in_shape
         for _ in range(max(depth, 1)):
             kind = draw(st.sampled_from(["conv", "conv", "pool", "residual"]))
-            impl = draw(st.sampled_from(["im2col", "xla"]))
+            impl = draw(st.sampled_from(["im2col", "xla", "taps"]))
             if kind == "conv":
                 layer = L.Conv2D(draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 3, (2, 3)])),
                                  strides=draw(st.sampled_from([1, 2])),
