@@ -73,11 +73,11 @@ class Conv2D(Layer):
     which XLA fuses into one loop; the backward xla's). "auto" (the
     default) picks per backend what measured fastest (benchmarks/cnn.py):
     xla, except on the CPU for few input channels: taps where kh kw C <=
-    `TAPS_MAX_TERMS` (a LeNet's first 5x5 convolution of one channel: its
-    forward 0.74 ms against im2col's 1.80 and xla's 3.18), else im2col for
-    inputs of at most 3 channels, where the patches are small and XLA's
+    `TAPS_MAX_TERMS` (a LeNet's first 5x5 convolution of one channel runs
+    its forward in well under half of im2col's and xla's time), else im2col
+    for inputs of at most 3 channels, where the patches are small and XLA's
     convolution of few channels slow (benchmarks/README.md, section "CNN
-    train step"). Autodiff's layouts for the two
+    train step", "The image layer as taps"). Autodiff's layouts for the two
     transposes run far slower inside a `lax.scan` on XLA:CPU; spelled in
     the forward's layout they do not, so a scanned epoch keeps the step's speed.
 
