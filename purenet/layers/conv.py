@@ -247,7 +247,7 @@ def per_example_taps(conv: "Conv2D", W: Array, cache: PyTree, dy: Array) -> tupl
     product P_i^T g_i, cut by tap."""
     g = conv._geometry(cache.in_hw.value)
     if conv._impl(W) == "taps":  # the slices stacked taps first (contiguous writes), in one product
-        stacked = jnp.stack(tap_slices(pad(cache.inputs, g), g))  # (T, N, Ho, Wo, C)
+        stacked = jnp.stack(taps(conv, W, cache, g))  # (T, N, Ho, Wo, C)
         dw = lax.dot_general(stacked, dy, (((2, 3), (1, 2)), ((1,), (0,))))  # (N, T, C, F)
         return [dw[:, t] for t in range(len(g.taps()))], g
     if conv._impl(W) == "im2col":
