@@ -5,15 +5,19 @@
 
 Each pair runs, for each model, purenet's example as a user runs it (its
 figure written to a temporary folder) and benchmarks/torch_cnn.py's twin
-(same data, model, optimizer, schedule, batch and epochs), in alternating
-order, each in a fresh process; a run's wall time is its process's, from
+(same data, model, optimizer, schedule, batch and epochs, the same
+per-epoch validation and the same figure), and the twin's bare loop
+(`--bare`: training and one held-out pass only, no per-epoch validation,
+no figure: the twin before 2026-12-07, which did less work than the
+example), in rotating order, each in a fresh process; a run's wall time is its process's, from
 launch to exit: interpreter start, imports, data, compilation, training and
 the held-out evaluation. purenet's runs also report their compilation time
 on the main thread (JAX's compile events: tracing, lowering and XLA) and
 `fit`'s own time (compile included), so the whole process splits into
 start-up (imports, data), fit and the rest (evaluation, figure). Reported:
-medians over pairs and the median of the paired ratios purenet / PyTorch
-(below 1: purenet's process is faster).
+medians over pairs and the median of the paired ratios purenet / PyTorch,
+against the twin and against the bare loop (below 1: purenet's process is
+faster).
 """
 import argparse
 import json
@@ -64,8 +68,9 @@ def purenet_run(model, epochs, folder, smoke=False):
                 xla_compile_s=events.get(COMPILE_EVENTS[2], 0.0), result=metric)
 
 
-def torch_run(model, epochs):
-    wall, out = run([sys.executable, "-m", "benchmarks.torch_cnn", "--model", model, "--epochs", str(epochs)])
+def torch_run(model, epochs, folder, bare=False):
+    wall, out = run([sys.executable, "-m", "benchmarks.torch_cnn", "--model", model, "--epochs", str(epochs),
+                     *(["--bare"] if bare else ["--out", str(Path(folder) / f"{model}_torch.png")])])
     fit = float(re.search(r"epochs in ([\d.]+) s", out).group(1))
     metric = re.search(r"(held-out accuracy: [\d.]+|MSE per pixel\): [\d.]+)", out).group(1)
     return dict(wall_s=wall, fit_s=fit, result=metric)
@@ -79,25 +84,29 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     pairs = 1 if args.smoke else args.pairs
-    runs: dict = {m: {"purenet": [], "pytorch": []} for m in args.models}
+    contenders = ("purenet", "pytorch", "pytorch bare")
+    runs: dict = {m: {who: [] for who in contenders} for m in args.models}
     with tempfile.TemporaryDirectory() as folder:
         for p in range(pairs):
             for model in args.models:
                 epochs = 1 if args.smoke else EXAMPLES[model][1]
-                order = ["purenet", "pytorch"] if p % 2 == 0 else ["pytorch", "purenet"]
-                for who in order:
-                    r = purenet_run(model, epochs, folder, args.smoke) if who == "purenet" else torch_run(model, epochs)
+                for who in contenders[p % 3:] + contenders[:p % 3]:  # each contender first in turn
+                    r = (purenet_run(model, epochs, folder, args.smoke) if who == "purenet"
+                         else torch_run(model, epochs, folder, bare=who == "pytorch bare"))
                     runs[model][who].append(r)
                     print(f"pair {p}: {model} {who}: {r}", flush=True)
     summary = {}
     for model, rs in runs.items():
         med = {who: {k: statistics.median(r[k] for r in v) for k in v[0] if k != "result"} for who, v in rs.items()}
-        ratio = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(rs["purenet"], rs["pytorch"]))
-        summary[model] = dict(median=med, paired_ratio=ratio, results={w: [r["result"] for r in v] for w, v in rs.items()})
-        pm, tm = med["purenet"], med["pytorch"]
+        ratios = {who: statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(rs["purenet"], rs[who]))
+                  for who in contenders[1:]}
+        summary[model] = dict(median=med, paired_ratio=ratios["pytorch"], paired_ratio_bare=ratios["pytorch bare"],
+                              results={w: [r["result"] for r in v] for w, v in rs.items()})
+        pm, tm, bm = med["purenet"], med["pytorch"], med["pytorch bare"]
         print(f"{model}: purenet {pm['wall_s']:.1f} s (fit {pm['fit_s']:.1f} s, compile on the main thread "
               f"{pm['compile_s']:.1f} s) against PyTorch eager {tm['wall_s']:.1f} s (training {tm['fit_s']:.1f} s): "
-              f"paired ratio {ratio:.2f}")
+              f"paired ratio {ratios['pytorch']:.2f}; against the bare loop {bm['wall_s']:.1f} s (training "
+              f"{bm['fit_s']:.1f} s): {ratios['pytorch bare']:.2f}")
     record = dict(benchmark="cnn_run", pairs=pairs, epochs={m: EXAMPLES[m][1] for m in args.models},
                   platform=platform.platform(), cpus=os.cpu_count(), load_before=os.getloadavg(),
                   summary=summary, runs=runs)

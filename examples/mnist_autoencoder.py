@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, mnist_split, save
+from _common import FAST, epochs, mnist_split, reconstruction_figure
 
 pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
 
@@ -69,23 +69,10 @@ def main():
                                                                             jnp.asarray(test)))
     mse = float(np.mean((recon - test) ** 2))
     baseline = float(np.mean((test - test.mean(axis=(1, 2, 3), keepdims=True)) ** 2))
-    print(f"training loss by epoch: " + " ".join(f"{v:.4f}" for v in result.history["loss"]))
+    print("training loss by epoch: " + " ".join(f"{v:.4f}" for v in result.history["loss"]))
     print(f"held-out reconstruction error (MSE per pixel): {mse:.5f} (each image's mean pixel: {baseline:.5f})")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = 10
-    fig, axes = plt.subplots(2, shown, figsize=(1.3 * shown, 3))
-    for i in range(shown):
-        for row, images in enumerate((test, recon)):
-            axes[row, i].imshow(images[i, :, :, 0], cmap="gray", vmin=0, vmax=1)
-            axes[row, i].set_xticks([]), axes[row, i].set_yticks([])
-    axes[0, 0].set_ylabel("held out"), axes[1, 0].set_ylabel("rebuilt")
-    fig.suptitle(f"purenet conv autoencoder on real MNIST: held-out MSE {mse:.4f} per pixel")
-    save(fig, args.out)
+    reconstruction_figure(test, recon, mse, args.out)
     if not FAST and mse > 0.5 * baseline:
         raise SystemExit(f"held-out MSE {mse:.4f} is not below half the mean-pixel baseline {baseline:.4f}")
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, mnist_split, save
+from _common import FAST, epochs, lenet_figure, mnist_split
 
 pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
 
@@ -65,28 +65,7 @@ def main():
         print(f"  {i}: " + " ".join(f"{v:4d}" for v in row))
     print(f"held-out accuracy: {acc:.4f}")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(15, 4.2))
-    ax1, ax2, ax3 = (fig.add_gridspec(1, 3, left=0.06, right=0.72, wspace=0.35, bottom=0.12, top=0.85).subplots())
-    epochs_run = np.arange(1, len(result.history["loss"]) + 1)
-    ax1.plot(epochs_run, result.history["loss"], "o-", label="training")
-    ax1.plot(epochs_run, result.history["val_loss"], "o-", label="held out")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("cross-entropy"), ax1.set_yscale("log"), ax1.legend()
-    ax2.plot(epochs_run, result.history["val_accuracy"], "o-"), ax2.set_xlabel("epoch"), ax2.set_ylabel("held-out accuracy")
-    ax3.imshow(np.log1p(confusion), cmap="Blues"), ax3.set_xlabel("predicted"), ax3.set_ylabel("true")
-    ax3.set_title("confusion (log scale)")
-    filters = np.asarray(result.params[0]["W"])[:, :, 0, :]  # (5, 5, 16)
-    grid = fig.add_gridspec(4, 4, left=0.78, right=0.98, top=0.85, bottom=0.1, wspace=0.1, hspace=0.1)
-    for f in range(16):
-        ax = fig.add_subplot(grid[f // 4, f % 4])
-        ax.imshow(filters[:, :, f], cmap="RdBu"), ax.set_xticks([]), ax.set_yticks([])
-    fig.text(0.83, 0.88, "first-layer filters")
-    fig.suptitle(f"purenet LeNet on real MNIST: {acc:.2%} held-out accuracy")
-    save(fig, args.out, tight=False)
+    lenet_figure(result.history, confusion, np.asarray(result.params[0]["W"])[:, :, 0, :], acc, args.out)
     if not FAST and acc < 0.985:
         raise SystemExit(f"held-out accuracy {acc:.4f} is below the 0.985 target")
 

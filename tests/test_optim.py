@@ -108,6 +108,39 @@ def test_jit_compiles_step_once():
     assert len(traces) == 1
 
 
+def _compiles(fn):
+    """fn()'s result and how many programs XLA compiled while it ran."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return fn(), len(events)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_eager_init_compiles_one_program_for_the_slots_and_one_for_the_schedule():
+    """Op by op, Adam's init compiled one zeros program per leaf shape and cosine_decay one per operation
+    (17 programs for the LeNet example); now one for the slots and one for the rate (shapes unique to this
+    test, so no other test's programs are reused)."""
+    params = {"a": jnp.ones((3, 5, 7)), "b": jnp.ones((11,)), "c": [jnp.ones((2, 13)), jnp.ones((), jnp.float32)]}
+    schedule = pn.schedules.cosine_decay(0.1, 17)
+    state, compiled = _compiles(lambda: pn.optim.adam(schedule).init(params))
+    assert compiled <= 3  # the slots, the rate, and at most the count's zeros
+    mu, nu = state.slots[0]
+    chex.assert_trees_all_equal(mu, jax.tree_util.tree_map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(nu, mu)
+    assert mu["c"][1].dtype == jnp.float32 and mu["a"].dtype == jnp.float64
+    np.testing.assert_allclose(state.learning_rate, schedule(0))
+    # a schedule that needs a concrete step (Python control flow) still initialises, eagerly
+    stepwise = pn.optim.sgd(lambda step: 0.1 if step < 10 else 0.01).init(params)
+    assert float(stepwise.learning_rate) == 0.1
+
+
 def test_opt_state_round_trips_through_tree_util():
     opt = pn.optim.chain(pn.optim.clip_by_global_norm(1.0), pn.optim.adamw(0.01))
     state = opt.init(start(jnp.float64))

@@ -88,6 +88,20 @@ def _rate(learning_rate, count):
     return jnp.asarray(rate, dtype=default_float())
 
 
+_compiled_rate = jax.jit(_rate, static_argnums=0)
+
+
+def _initial_rate(learning_rate, count):
+    """`_rate` at an optimizer's init: a schedule called eagerly runs as one compiled program instead of
+    one per operation (cosine_decay: eight), unless it needs a concrete step (then as it is)."""
+    if not callable(learning_rate) or isinstance(count, jax.core.Tracer):
+        return _rate(learning_rate, count)
+    try:
+        return _compiled_rate(learning_rate, count)
+    except jax.errors.JAXTypeError:  # Python control flow on the step, or another concrete-only schedule
+        return _rate(learning_rate, count)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Optimizer:
     """A chain of transforms and a learning rate (a float, a traced scalar or a schedule).
@@ -147,7 +161,7 @@ class Optimizer:
         """
         slots = tuple(t.init(params) for t in self.transforms)
         count = jnp.zeros((), jnp.int32)
-        return OptState(params, count, slots, _rate(self.learning_rate, count))
+        return OptState(params, count, slots, _initial_rate(self.learning_rate, count))
 
     def step(self, state: OptState, grads: PyTree, **extra: Any) -> OptState:
         """One step: `params <- params - learning_rate(count) * direction`.

@@ -1,4 +1,5 @@
 """Pytree plumbing shared by every optimizer: one place, not one copy per optimizer."""
+import functools
 from typing import Any, Callable, cast
 
 import jax
@@ -22,8 +23,20 @@ def compute_dtype(x: Any) -> np.dtype:
 
 
 def zeros_like(params: PyTree, fill: Any = 0.0) -> PyTree:
-    """A slot tree shaped like params, in the compute dtype, filled with `fill`."""
-    return jax.tree_util.tree_map(lambda p: jnp.full(jnp.shape(p), fill, compute_dtype(p)), params)
+    """A slot tree shaped like params, in the compute dtype, filled with `fill`.
+
+    Called eagerly (an optimizer's `init` before training) it runs as one compiled program for the
+    whole tree, not one per leaf shape (benchmarks/README.md, "Compile time and first-step latency").
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    spec = tuple((tuple(jnp.shape(p)), compute_dtype(p)) for p in leaves)
+    return jax.tree_util.tree_unflatten(treedef, _filled(spec, fill))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _filled(spec: tuple, fill: Any) -> list:
+    """One array per (shape, dtype) of `spec`, each filled with `fill`."""
+    return [jnp.full(shape, fill, dtype) for shape, dtype in spec]
 
 
 def upcast(tree: PyTree) -> PyTree:
