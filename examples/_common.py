@@ -18,6 +18,20 @@ def save(fig, path, tight=True):
     print(f"wrote {path}")
 
 
+def add_cache_option(parser):
+    """`--cache [DIR]`: keep the compiled programs on disk, so a second run skips XLA's compilation."""
+    parser.add_argument("--cache", nargs="?", const="", metavar="DIR",
+                        help="persistent compilation cache (default directory: ~/.cache/purenet/xla)")
+
+
+def use_cache(args):
+    """Switch on the persistent compilation cache when `--cache` was given (pn.enable_compilation_cache)."""
+    if args.cache is not None:
+        import purenet as pn
+
+        print(f"compilation cache: {pn.enable_compilation_cache(args.cache or None)}")
+
+
 def mnist_split(folder, part, seed, n_train, n_test):
     """(x, y, train, held_out): MNIST images (N, 28, 28, 1) from the IDX files in `folder` and the
     indices of a seeded split; without the files, exit saying how to point the example at them."""

@@ -10,7 +10,10 @@ trains on 8,000 and holds out the other 2,000; prints the held-out mean
 squared error (against predicting every image's mean pixel) and saves a
 figure of held-out digits and their reconstructions.
 
-    python examples/mnist_autoencoder.py [--data ../shared/data/mnist] [--epochs 5]
+    python examples/mnist_autoencoder.py [--data ../shared/data/mnist] [--epochs 5] [--cache [DIR]]
+
+With --cache the compiled programs are kept on disk (pn.enable_compilation_cache),
+so a second run skips XLA's compilation.
 """
 import argparse
 import os
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, mnist_split, reconstruction_figure
+from _common import FAST, add_cache_option, epochs, mnist_split, reconstruction_figure, use_cache
 
 pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
 
@@ -48,7 +51,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="mnist_autoencoder.png")
+    add_cache_option(parser)
     args = parser.parse_args()
+    use_cache(args)
 
     n_train, n_test = (1000, 500) if FAST else (args.train, args.held_out)
     x, _, train, test = mnist_split(args.data, args.part, args.seed, n_train, n_test)

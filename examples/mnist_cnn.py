@@ -8,7 +8,10 @@ NHWC images) and trains on 8,000 of them, holding out the other 2,000.
 Prints the held-out accuracy and the confusion matrix; plots the curves,
 the confusion matrix and the first layer's filters.
 
-    python examples/mnist_cnn.py [--data ../shared/data/mnist] [--epochs 10]
+    python examples/mnist_cnn.py [--data ../shared/data/mnist] [--epochs 10] [--cache [DIR]]
+
+With --cache the compiled programs are kept on disk (pn.enable_compilation_cache),
+so a second run skips XLA's compilation.
 """
 import argparse
 import os
@@ -19,7 +22,7 @@ import jax
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, lenet_figure, mnist_split
+from _common import FAST, add_cache_option, epochs, lenet_figure, mnist_split, use_cache
 
 pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
 
@@ -44,7 +47,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="mnist_cnn.png")
+    add_cache_option(parser)
     args = parser.parse_args()
+    use_cache(args)
 
     n_train, n_test = (1000, 500) if FAST else (args.train, args.held_out)
     x, y, train, test = mnist_split(args.data, args.part, args.seed, n_train, n_test)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import purenet as pn
-from _common import FAST, save
+from _common import FAST, add_cache_option, save, use_cache
 
 pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
 
@@ -155,11 +155,9 @@ def main():
                         help="slices of each batch computed side by side (must divide --batch-size)")
     parser.add_argument("--out", default="shakespeare_gpt.png", help="the plot ('' for none)")
     parser.add_argument("--json", help="write the run's times and losses to this file")
-    parser.add_argument("--cache", nargs="?", const="", metavar="DIR",
-                        help="persistent compilation cache (default directory: ~/.cache/purenet/xla)")
+    add_cache_option(parser)
     args = parser.parse_args()
-    if args.cache is not None:
-        print(f"compilation cache: {pn.enable_compilation_cache(args.cache or None)}")
+    use_cache(args)
 
     try:
         data = pn.datasets.text(args.data)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import purenet as pn
-from _common import FAST, epochs, save
+from _common import FAST, add_cache_option, epochs, save, use_cache
 
 pn.xla_flags.configure()  # purenet's recommended XLA flags, before any JAX computation
 
@@ -29,11 +29,9 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="digits_curves.png")
-    parser.add_argument("--cache", nargs="?", const="", metavar="DIR",
-                        help="persistent compilation cache (default directory: ~/.cache/purenet/xla)")
+    add_cache_option(parser)
     args = parser.parse_args()
-    if args.cache is not None:
-        print(f"compilation cache: {pn.enable_compilation_cache(args.cache or None)}")
+    use_cache(args)
 
     data = pn.datasets.digits()
     n_val = 200  # validation rows held out of the training part, for early stopping
