@@ -94,7 +94,7 @@ _compiled_rate = jax.jit(_rate, static_argnums=0)
 def _initial_rate(learning_rate, count):
     """`_rate` at an optimizer's init: a schedule called eagerly runs as one compiled program instead of
     one per operation (cosine_decay: eight), unless it needs a concrete step (then as it is)."""
-    if not callable(learning_rate) or isinstance(count, jax.core.Tracer):
+    if not callable(learning_rate):
         return _rate(learning_rate, count)
     try:
         return _compiled_rate(learning_rate, count)
